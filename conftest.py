@@ -1,0 +1,3 @@
+"""Loads the fluxgate pytest plugin; nothing else lives here."""
+
+pytest_plugins = ["fluxgate.plugin"]

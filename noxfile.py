@@ -1,0 +1,61 @@
+"""fluxgate's nox sessions. `nox -l` lists them; arguments after `--` go to pytest.
+
+On a self-hosted GPU runner whose interpreter already has the dependencies, run
+`nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a fresh virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# Pinned so CI installs the same CPU build every time. GPU runners set FLUXGATE_TORCH to the build they gate
+# (e.g. "torch==2.11.0" from the CUDA index), or run with --no-venv on an interpreter that has it.
+TORCH = os.environ.get("FLUXGATE_TORCH", "torch==2.13.0")
+ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def _install(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+
+
+def _matrix(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "pytest", "perf", *args, *session.posargs, env=ENV)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU unit and integration tests, then the tiny matrix on CPU against baselines/cpu (what CI runs)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "tests", *session.posargs, env=ENV)
+    _matrix(session, "--device", "cpu", "--profile", "tiny")
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """The matrix on the device in hand (CUDA if present, else CPU), tiny profile unless `-- --profile ...`."""
+    _install(session)
+    _matrix(session, "--device", "auto")
+
+
+@nox.session(name="perf-gpu")
+def perf_gpu(session: nox.Session) -> None:
+    """The PR gate on a CUDA runner: the matrix on the GPU, judged against baselines/<gpu-class>. Skips without CUDA."""
+    _install(session)
+    probe = "import torch; print(torch.cuda.is_available())"
+    if session.run("python", "-c", probe, silent=True).strip() != "True":
+        session.skip("no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)")
+    _matrix(session, "--device", "cuda")
+
+
+@nox.session
+def baselines(session: nox.Session) -> None:
+    """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
+    _install(session)
+    _matrix(session, "--device", "auto", "--write-baselines")

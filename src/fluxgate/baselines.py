@@ -1,0 +1,169 @@
+"""Stored baselines, one folder per GPU class: BF16 reference images, thresholds and their provenance.
+
+    baselines/<gpu-class>/thresholds.toml      limits per combo (+ the measured values they came from)
+    baselines/<gpu-class>/provenance.json      who made them: machine, versions, command, settings per model
+    baselines/<gpu-class>/<model>.png          the BF16 reference image of each model
+
+`cpu` is the class of the tiny profile on CPU. Thresholds are derived from measurements with stated margins;
+similarity limits are set per precision tier (reference / 8bit / 4bit) in the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tomli_w
+from PIL import Image, UnidentifiedImageError
+
+from fluxgate.checkpoints import atomic_write
+from fluxgate.errors import BaselineError
+from fluxgate.matrix import Combo
+
+THRESHOLDS_FILE = "thresholds.toml"
+PROVENANCE_FILE = "provenance.json"
+
+# Margins turn a measurement into a limit: min it/s = measured * (1 - speed), max memory = measured * (1 + memory).
+DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.5}, "gpu": {"speed": 0.1, "memory": 0.05}}
+# Similarity floors per precision tier, against the BF16 reference image.
+DEFAULT_SIMILARITY = {
+    "reference": {"min_ms_ssim": 0.999, "min_psnr_db": 45.0},
+    "8bit": {"min_ms_ssim": 0.95, "min_psnr_db": 25.0},
+    "4bit": {"min_ms_ssim": 0.80, "min_psnr_db": 18.0},
+}
+# Settings that change the reference image: a baseline made with other values is stale.
+IMAGE_SETTINGS = ("profile", "seed", "steps", "size_px", "guidance_scale", "prompt")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The limits one combo must meet."""
+
+    min_it_s: float
+    max_peak_mem_gib: float
+    min_ms_ssim: float
+    min_psnr_db: float
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a combo is judged against on one GPU class."""
+
+    folder: Path
+    thresholds: Thresholds
+    reference_image: Path
+
+    def reference(self) -> Image.Image:
+        """The stored BF16 image; a missing or unreadable file raises BaselineError naming it."""
+        try:
+            with Image.open(self.reference_image) as image:
+                return image.convert("RGB")
+        except FileNotFoundError:
+            raise BaselineError(f"{self.reference_image}: reference image missing; run `nox -s baselines`") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise BaselineError(f"{self.reference_image}: unreadable reference image ({error})") from None
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no thresholds for this GPU class; run `nox -s baselines` on it") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise BaselineError(f"{path}: malformed TOML ({error})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: provenance missing; run `nox -s baselines`") from None
+    except ValueError as error:
+        raise BaselineError(f"{path}: malformed JSON ({error})") from None
+
+
+def load(root: Path, gpu_class: str, combo: Combo, settings: dict) -> Baseline:
+    """The baseline of `combo` on `gpu_class`, checked against this run's image `settings` (see IMAGE_SETTINGS)."""
+    folder = root / gpu_class
+    path = folder / THRESHOLDS_FILE
+    table = _read_toml(path)
+    entry = table.get(combo.model, {}).get(combo.precision)
+    if entry is None:
+        raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.precision}\"]; run `nox -s baselines`")
+    try:
+        thresholds = Thresholds(**{name: float(entry[name]) for name in Thresholds.__dataclass_fields__})
+    except (KeyError, TypeError, ValueError) as error:
+        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.precision}\"] needs numeric "
+                            f"{', '.join(Thresholds.__dataclass_fields__)} ({type(error).__name__}: {error})") from None
+    check_fresh(folder / PROVENANCE_FILE, combo.model, settings)
+    return Baseline(folder, thresholds, folder / f"{combo.model}.png")
+
+
+def check_fresh(provenance_path: Path, model: str, settings: dict) -> None:
+    """Raise BaselineError naming every image setting that differs from the one the baseline was made with."""
+    stored = _read_json(provenance_path).get("models", {}).get(model)
+    if stored is None:
+        raise BaselineError(f"{provenance_path}: no settings recorded for {model}; run `nox -s baselines`")
+    differ = [f"{key} {stored.get(key)!r} -> {settings.get(key)!r}" for key in IMAGE_SETTINGS
+              if stored.get(key) != settings.get(key)]
+    if differ:
+        raise BaselineError(f"{provenance_path}: stale baseline for {model} (made with other settings: "
+                            f"{'; '.join(differ)}); regenerate with `nox -s baselines`")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One combo's measurements, as `nox -s baselines` records them."""
+
+    combo: Combo
+    it_s: float
+    peak_mem_gib: float
+    ms_ssim: float
+    psnr_db: float | None
+
+
+def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> dict:
+    """The thresholds entry for one combo: limits from the measurement and margins, plus the measurement."""
+    return {
+        **asdict(Thresholds(
+            min_it_s=round(measured.it_s * (1 - margins["speed"]), 4),
+            max_peak_mem_gib=round(measured.peak_mem_gib * (1 + margins["memory"]), 4),
+            min_ms_ssim=similarity[tier]["min_ms_ssim"],
+            min_psnr_db=similarity[tier]["min_psnr_db"],
+        )),
+        "measured_it_s": round(measured.it_s, 4),
+        "measured_peak_mem_gib": round(measured.peak_mem_gib, 4),
+        "measured_ms_ssim": round(measured.ms_ssim, 6),
+        "measured_psnr_db": None if measured.psnr_db is None else round(measured.psnr_db, 3),
+    }
+
+
+def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str, Image.Image],
+          provenance: dict) -> Path:
+    """Merge new limits, reference images and provenance into `root/gpu_class`; combos not re-measured keep theirs.
+
+    Margins and similarity floors already in the file (perhaps edited by hand) are kept; defaults fill the gaps."""
+    folder = root / gpu_class
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / THRESHOLDS_FILE
+    table = _read_toml(path) if path.exists() else {}
+    margins = {**DEFAULT_MARGINS["cpu" if gpu_class == "cpu" else "gpu"], **table.get("margins", {})}
+    similarity = {tier: {**limits, **table.get("similarity", {}).get(tier, {})}
+                  for tier, limits in DEFAULT_SIMILARITY.items()}
+    table["margins"], table["similarity"] = margins, similarity
+    for m in measured:
+        entry = derive(m, m.combo.precision_spec.tier, margins, similarity)
+        table.setdefault(m.combo.model, {})[m.combo.precision] = {k: v for k, v in entry.items() if v is not None}
+    for model, image in images.items():
+        atomic_write(folder / f"{model}.png", lambda tmp: image.save(tmp, format="PNG"))
+    prov_path = folder / PROVENANCE_FILE
+    old = _read_json(prov_path) if prov_path.exists() else {}
+    provenance = {**old, **provenance, "models": {**old.get("models", {}), **provenance.get("models", {})}}
+    header = (f"# fluxgate thresholds for GPU class '{gpu_class}', written by `nox -s baselines`.\n"
+              "# min_it_s = measured_it_s * (1 - margins.speed); max_peak_mem_gib = measured * (1 + margins.memory);\n"
+              "# similarity floors come from [similarity.<tier>] of the combo's precision. Edit with care.\n")
+    atomic_write(path, lambda tmp: tmp.write_text(header + tomli_w.dumps(table)))
+    atomic_write(prov_path, lambda tmp: tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n"))
+    return folder

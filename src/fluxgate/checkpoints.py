@@ -1,0 +1,152 @@
+"""Fixture checkpoints for the tiny profile: made once from seeded random weights, cached by content hash.
+
+Cache layout (`--fixture-cache`, default `.fluxgate-cache/`, git-ignored):
+    <cache>/<model>/<key>/config.json                   transformer config (for `from_single_file(config=...)`)
+    <cache>/<model>/<key>/transformer-<precision><ext>  the checkpoint in that precision's real format
+    <cache>/<model>/<key>/transformer-<precision>.json  provenance: sha256, size, seed, versions, source sha256
+`key` hashes everything the bytes depend on (config, seed, format version), so a changed config never reuses a
+stale file. Files are written to a temporary name and renamed, so an interrupted build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fluxgate.models import ModelSpec
+from fluxgate.precisions import PRECISIONS, PrecisionSpec
+
+FORMAT_VERSION = 1  # bump when a writer's output changes for the same inputs
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A transformer checkpoint file ready for the loader."""
+
+    path: Path
+    config_dir: Path
+    sha256: str
+    reused: bool  # True when the cache already held it
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename onto `path`: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def fixture_dir(model: ModelSpec, seed: int, cache_dir: Path) -> Path:
+    config = model.module.TINY_TRANSFORMER_CONFIG
+    identity = json.dumps({"config": config, "seed": seed, "format": FORMAT_VERSION, "class":
+                           model.module.TRANSFORMER_CLASS.__name__}, sort_keys=True, default=str)
+    return cache_dir / model.name / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _meta_transformer(model: ModelSpec) -> torch.nn.Module:
+    """The tiny transformer's module tree without memory: for its config and layer shapes."""
+    with torch.device("meta"):
+        return model.module.TRANSFORMER_CLASS(**model.module.TINY_TRANSFORMER_CONFIG)
+
+
+def quantized_keys(model: ModelSpec, state_dict: dict[str, torch.Tensor], block_size: int) -> set[str]:
+    """Weight keys of the nn.Linear layers inside the transformer blocks, as real quantized checkpoints choose them:
+    embedders, final layers and norms stay in high precision."""
+    keys = set()
+    for name, module in _meta_transformer(model).named_modules():
+        key = f"{name}.weight"
+        if (isinstance(module, torch.nn.Linear) and name.startswith(model.quantized_blocks) and key in state_dict
+                and module.in_features % block_size == 0):
+            keys.add(key)
+    return keys
+
+
+def _cached(path: Path) -> str | None:
+    """The file's sha256 if the cache holds an intact copy; warns and returns None for a corrupt one."""
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        expected = json.loads(meta_path.read_text())["sha256"]
+    except (ValueError, KeyError):
+        expected = None
+    actual = sha256_file(path)
+    if actual != expected:
+        warnings.warn(f"{path}: cached checkpoint is corrupt (sha256 {actual[:12]}, provenance says "
+                      f"{str(expected)[:12]}); rebuilding it", stacklevel=2)
+        return None
+    return actual
+
+
+def _provenance(path: Path, seed: int, source_sha: str | None) -> dict:
+    import diffusers
+    import gguf
+
+    return {"file": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size, "seed": seed,
+            "made_from_bf16_sha256": source_sha, "format_version": FORMAT_VERSION, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "gguf": getattr(gguf, "__version__", "unknown")}
+
+
+def _ensure_source(model: ModelSpec, seed: int, folder: Path) -> tuple[Path, str, bool]:
+    """The bf16 transformer made from seeded random weights (also the `bf16` precision's checkpoint)."""
+    path = folder / "transformer-bf16.safetensors"
+    sha = _cached(path)
+    if sha is not None:
+        return path, sha, True
+    torch.manual_seed(seed)
+    transformer = model.module.TRANSFORMER_CLASS(**model.module.TINY_TRANSFORMER_CONFIG)
+    transformer.save_config(folder)
+    state_dict = {key: value.detach() for key, value in transformer.state_dict().items()}
+    atomic_write(path, lambda tmp: PRECISIONS["bf16"].write(state_dict, set(), tmp, model.gguf_arch))
+    provenance = _provenance(path, seed, None)
+    _write_json(path.with_suffix(".json"), provenance)
+    return path, provenance["sha256"], False
+
+
+def ensure(model: ModelSpec, precision: PrecisionSpec, seed: int, cache_dir: Path) -> Checkpoint:
+    """The checkpoint of `model` in `precision`, made (once) from the seeded bf16 weights."""
+    folder = fixture_dir(model, seed, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    source, source_sha, source_reused = _ensure_source(model, seed, folder)
+    if not (folder / "config.json").is_file():
+        _meta_transformer(model).save_config(folder)
+    if precision.name == "bf16":
+        return Checkpoint(source, folder, source_sha, source_reused)
+
+    path = folder / f"transformer-{precision.name}{precision.suffix}"
+    sha = _cached(path)
+    if sha is not None:
+        return Checkpoint(path, folder, sha, True)
+    state_dict = load_file(str(source))
+    keys = quantized_keys(model, state_dict, precision.block_size)
+    atomic_write(path, lambda tmp: precision.write(state_dict, keys, tmp, model.gguf_arch))
+    provenance = _provenance(path, seed, source_sha)
+    provenance["quantized_tensors"] = len(keys)
+    _write_json(path.with_suffix(".json"), provenance)
+    return Checkpoint(path, folder, provenance["sha256"], False)

@@ -1,0 +1,69 @@
+"""The environment fingerprint every history record and baseline carries: what ran, where, on which versions."""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cuda` without a CUDA device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def gpu_class(device: torch.device) -> str:
+    """Baseline folder name: `cpu`, or the GPU's name as a slug (`nvidia-h100-80gb-hbm3`)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+@lru_cache(maxsize=1)
+def git_commit(root: str = ".") -> dict:
+    """HEAD commit and whether the tree has uncommitted changes; empty when not in a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if commit.returncode != 0:
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def fingerprint(device: torch.device, root: Path) -> dict:
+    """Versions, device and commit: two runs are comparable only where these agree."""
+    import diffusers
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "gpu_class": gpu_class(device),
+        "cpu_threads": torch.get_num_threads(),
+        **git_commit(str(root)),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return info

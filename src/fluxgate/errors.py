@@ -1,0 +1,17 @@
+"""Errors a user acts on. Each message is one line that names the file or option and what is wrong."""
+
+
+class FluxgateError(Exception):
+    """Base class: an expected failure whose message is shown without a traceback."""
+
+
+class FixtureError(FluxgateError):
+    """A checkpoint or fixture file that cannot be made or loaded."""
+
+
+class BaselineError(FluxgateError):
+    """A missing, unreadable or stale baseline (reference image or thresholds)."""
+
+
+class HistoryError(FluxgateError):
+    """A history file that cannot be written or read."""

@@ -1,0 +1,118 @@
+"""Judging one combo: measure it, compare with its baseline, record it in history, list what failed.
+
+Two modes: `check` (the gate: every limit is asserted) and `write` (`nox -s baselines`: measurements are collected
+and become the new baseline; nothing is asserted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from PIL import Image
+
+from fluxgate import baselines, similarity
+from fluxgate.errors import FluxgateError
+from fluxgate.history import RunHistory
+from fluxgate.matrix import Combo
+from fluxgate.measure import RunResult
+from fluxgate.runner import Runner
+
+
+@dataclass
+class Outcome:
+    """What happened to one combo: the failed limits and the problems that stopped it."""
+
+    combo: Combo
+    failures: list[str] = field(default_factory=list)  # limits missed
+    error: str | None = None  # could not be measured or judged
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and self.error is None
+
+
+def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:
+    """One line per missed limit: value, limit and where the limit comes from."""
+    t = baseline.thresholds
+    where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
+    failures = []
+    if result.it_s < t.min_it_s:
+        failures.append(f"speed: {result.it_s:.3f} it/s < min {t.min_it_s:.3f} it/s ({where})")
+    if result.peak_mem_gib > t.max_peak_mem_gib:
+        failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
+                        f"{t.max_peak_mem_gib:.3f} GiB ({where})")
+    if sim.ms_ssim < t.min_ms_ssim:
+        failures.append(f"similarity: MS-SSIM {sim.ms_ssim:.4f} < min {t.min_ms_ssim:.4f} vs {baseline.reference_image}")
+    if sim.psnr_db < t.min_psnr_db:
+        failures.append(f"similarity: PSNR {sim.psnr_db:.2f} dB < min {t.min_psnr_db:.2f} dB vs "
+                        f"{baseline.reference_image}")
+    return failures
+
+
+class Gate:
+    """Evaluates combos for one run and keeps what `nox -s baselines` needs."""
+
+    def __init__(self, runner: Runner, baselines_root: Path, gpu_class: str, history: RunHistory, write: bool):
+        self.runner, self.baselines_root, self.gpu_class, self.history = runner, baselines_root, gpu_class, history
+        self.write = write
+        self.references: dict[str, Image.Image] = {}  # bf16 images made in this run (write mode)
+        self.measured: dict[Combo, baselines.Measured] = {}
+
+    def _reference(self, combo: Combo, result: RunResult) -> tuple[Image.Image, baselines.Baseline | None]:
+        if not self.write:
+            baseline = baselines.load(self.baselines_root, self.gpu_class, combo,
+                                      self.runner.settings(combo.model_spec))
+            return baseline.reference(), baseline
+        if combo.precision == "bf16":
+            self.references[combo.model] = result.image
+        if combo.model not in self.references:
+            raise FluxgateError(f"--write-baselines: {combo.model}[bf16] must be selected to make the reference image")
+        return self.references[combo.model], None
+
+    def evaluate(self, combo: Combo) -> Outcome:
+        outcome = Outcome(combo)
+        record = {"combo": combo.id, "model": combo.model, "precision": combo.precision,
+                  "profile": self.runner.profile, "gpu_class": self.gpu_class,
+                  "settings": self.runner.settings(combo.model_spec)}
+        try:
+            result, checkpoint = self.runner.run(combo)
+            record["checkpoint"] = {"file": str(checkpoint.path), "sha256": checkpoint.sha256,
+                                    "reused": checkpoint.reused}
+            outcome.metrics = {"it_s": result.it_s, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
+                               "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
+                               "peak_reserved_gib": result.peak_reserved_gib}
+            reference, baseline = self._reference(combo, result)
+            sim = similarity.compare(result.image, reference)
+            outcome.metrics.update(sim.to_json())
+            if baseline is not None:
+                record["thresholds"] = asdict(baseline.thresholds)
+                outcome.failures = limit_failures(result, sim, baseline, f'["{combo.model}"."{combo.precision}"]')
+            else:
+                self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
+                                                          sim.to_json()["psnr_db"])
+        except FluxgateError as error:
+            outcome.error = str(error)
+        except BaseException as error:  # a bug or an interrupt: recorded, then raised with its traceback
+            outcome.error = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            record.update(metrics=outcome.metrics, failures=outcome.failures, error=outcome.error,
+                          outcome="passed" if outcome.passed else ("error" if outcome.error else "failed"))
+            self.history.append(record)
+        return outcome
+
+    def write_baselines(self) -> Path:
+        """Store this run's measurements and bf16 images as the baselines of its GPU class."""
+        models = {combo.model: combo.model_spec for combo in self.measured}
+        provenance = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "nox -s baselines (pytest --write-baselines)",
+            "run_id": self.history.run_id,
+            "environment": self.history.environment,
+            "models": {name: self.runner.settings(spec) for name, spec in models.items()},
+        }
+        return baselines.write(self.baselines_root, self.gpu_class, list(self.measured.values()), self.references,
+                               provenance)

@@ -1,0 +1,52 @@
+"""The test matrix: which model x precision combos exist and which ones a run selects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fluxgate.models import MODELS, ModelSpec
+from fluxgate.precisions import PRECISIONS, PrecisionSpec
+
+
+@dataclass(frozen=True, order=True)
+class Combo:
+    """One item of the matrix: a model at a weight precision."""
+
+    model: str
+    precision: str
+
+    @property
+    def id(self) -> str:
+        """Test-item id, e.g. `flux2-dev[nvfp4]`."""
+        return f"{self.model}[{self.precision}]"
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return MODELS[self.model]
+
+    @property
+    def precision_spec(self) -> PrecisionSpec:
+        return PRECISIONS[self.precision]
+
+    @property
+    def marks(self) -> tuple[str, ...]:
+        """Marker names that select this combo (`-m "flux2_dev and nvfp4"`)."""
+        return ("gpu", self.model_spec.marker, self.precision_spec.marker)
+
+
+def parse_names(option: str, value: str | None, known: dict[str, object]) -> list[str]:
+    """Comma-separated names from a command-line option, validated against a registry; None means all."""
+    if value is None or value.strip() in ("", "all"):
+        return list(known)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{option}: unknown name(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def combos(models: list[str] | None = None, precisions: list[str] | None = None) -> list[Combo]:
+    """Every selected combo, grouped by model with bf16 first so each model's reference image exists early."""
+    models = list(MODELS) if models is None else models
+    precisions = list(PRECISIONS) if precisions is None else precisions
+    return [Combo(model, precision) for model in models for precision in PRECISIONS if precision in precisions]

@@ -1,0 +1,144 @@
+"""Measuring one image: per-step denoising times, end-to-end seconds, peak memory.
+
+Step times are taken without a host sync inside the denoising loop: on CUDA each boundary records an event
+(`torch.cuda.Event`), and the events are read after the pipeline returns; on CPU the boundaries are
+`time.perf_counter()` stamps (CPU work is synchronous). A step is one pass of the denoising loop (transformer
+forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
+
+Memory: on CUDA, torch's max allocated and max reserved bytes during the timed image; on CPU there is no VRAM, so
+the peak resident set size of the whole process, sampled every 5 ms during the timed image, is reported instead
+(`mem_kind` says which).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+GIB = 1024**3
+
+
+@dataclass
+class RunResult:
+    """The measurements of one timed image."""
+
+    step_times_s: list[float]
+    e2e_s: float
+    peak_mem_gib: float
+    mem_kind: str  # "cuda_max_allocated" or "process_rss_peak"
+    peak_reserved_gib: float | None
+    image: Any = field(repr=False)  # PIL.Image.Image
+
+    @property
+    def it_s(self) -> float:
+        """Denoising steps per second over the timed steps."""
+        return len(self.step_times_s) / sum(self.step_times_s)
+
+
+class _StepClock:
+    """Marks step boundaries: a forward pre-hook on the transformer opens the loop, each step-end callback closes a
+    step. Only events or timestamps are recorded here; nothing waits for the device."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def _mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def loop_start(self, module, args, kwargs=None) -> None:
+        if not self.marks:
+            self._mark()
+
+    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self._mark()
+        return callback_kwargs
+
+    def step_times_s(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class _RssSampler:
+    """Peak resident set size of this process, sampled in a background thread (Linux /proc)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        import os
+        import resource
+
+        try:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: lifetime peak is the best available
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "_RssSampler":
+        self.peak_bytes = self.rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+
+def _seeded(call_kwargs: dict, seed: int, **overrides) -> dict:
+    # A fresh CPU generator per image: the warm-up must not shift the timed image's noise, and CPU noise is the
+    # same on every device.
+    return {**call_kwargs, **overrides, "generator": torch.Generator("cpu").manual_seed(seed)}
+
+
+def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[float], float, Any]:
+    clock = _StepClock(device)
+    handle = pipe.transformer.register_forward_pre_hook(clock.loop_start)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        image = pipe(**call_kwargs, callback_on_step_end=clock.step_end).images[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        e2e_s = time.perf_counter() - start
+    finally:
+        handle.remove()
+    return clock.step_times_s(), e2e_s, image
+
+
+def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1) -> RunResult:
+    """One untimed warm-up image of `warmup_steps` steps, then one timed image with `call_kwargs` and `seed`."""
+    if warmup_steps > 0:
+        pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
+    call_kwargs = _seeded(call_kwargs, seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        step_times, e2e_s, image = _timed_call(pipe, call_kwargs, device)
+        return RunResult(step_times, e2e_s, torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated",
+                         torch.cuda.max_memory_reserved(device) / GIB, image)
+    with _RssSampler() as rss:
+        step_times, e2e_s, image = _timed_call(pipe, call_kwargs, device)
+    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image)

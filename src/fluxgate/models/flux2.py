@@ -1,0 +1,118 @@
+"""FLUX.2-dev at toy size: the real diffusers/transformers classes, seeded random weights, nothing downloaded."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+from fluxgate.models.tokenizers import word_level_tokenizer
+
+PIPELINE_CLASS = Flux2Pipeline
+TRANSFORMER_CLASS = Flux2Transformer2DModel
+
+_TEXT_HIDDEN = 64
+_TEXT_LAYERS = 31  # the pipeline stacks hidden_states[10], [20], [30]; 31 layers keeps all three intermediate
+_LATENT_CHANNELS = 32  # as in FLUX.2: 32 VAE channels, 2x2-patchified to 128 transformer channels
+
+TINY_TRANSFORMER_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 4 * _LATENT_CHANNELS,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 64,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 3 * _TEXT_HIDDEN,  # three stacked text-encoder layers
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (16, 16, 16, 16),  # (t, h, w, l) axes sum to attention_head_dim
+    "guidance_embeds": True,
+}
+
+_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                   "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>"]
+
+# Mistral-Small-3 layout, reading the text parts of `{"type": "text", "text": ...}` content lists.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['content'] is string %}{% set t = m['content'] %}"
+    "{% else %}{% set t = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
+    "{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ t }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ t }}[/INST]"
+    "{% else %}{{ t }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _tokenizer():
+    # The system message's words get their own ids so it is not a run of <unk>s.
+    words = tuple(dict.fromkeys(SYSTEM_MESSAGE.lower().replace(".", " ").replace(",", " ").split()))
+    tok = word_level_tokenizer(_SPECIAL_TOKENS, unk_token="<unk>", pad_token="<pad>", model_max_length=512,
+                               bos_token="<s>", eos_token="</s>", extra_words=words)
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok
+
+
+def _text_encoder(tok) -> Mistral3ForConditionalGeneration:
+    ids = tok.convert_tokens_to_ids
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tok), "hidden_size": _TEXT_HIDDEN, "intermediate_size": 128,
+            "num_hidden_layers": _TEXT_LAYERS, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "max_position_embeddings": 512, "rope_theta": 1e9, "sliding_window": None,
+            "bos_token_id": ids("<s>"), "eos_token_id": ids("</s>"), "pad_token_id": ids("<pad>"),
+        },
+        # Never run for text-to-image, but part of the real class; kept as small as Pixtral allows.
+        vision_config={
+            "model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "head_dim": 16, "image_size": 56, "patch_size": 14,
+        },
+        image_token_index=ids("[IMG]"),
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
+def _vae() -> AutoencoderKLFlux2:
+    # Four levels keep vae_scale_factor at 8, so 256px maps to 32x32 latents / 16x16 tokens as in the real model.
+    return AutoencoderKLFlux2(
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=_LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+
+
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # FLUX.2-dev scheduler_config.json; the pipeline passes `mu`, which needs dynamic shifting.
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+    )
+
+
+def _strengthen_blocks(transformer: Flux2Transformer2DModel) -> Flux2Transformer2DModel:
+    """Optional harness hook (call once, in place): make the transformer blocks matter at random init.
+
+    Default nn.Linear init shrinks RMS by ~sqrt(3) per layer, so temb -> SiLU -> modulation leaves the AdaLN
+    gates near 0.05 and the blocks add only ~2% to the predicted velocity: quantizing them would barely change
+    the image. Scaling the three shared modulation linears (outside the blocks, so not quantization targets)
+    gives O(1) gates as in a trained model. 32 is a power of two, so it is exact in bf16 and commutes with
+    `.to(torch.bfloat16)`.
+    """
+    with torch.no_grad():
+        for mod in (transformer.double_stream_modulation_img, transformer.double_stream_modulation_txt,
+                    transformer.single_stream_modulation):
+            mod.linear.weight.mul_(32)
+    return transformer
+
+
+def tiny_components(seed: int) -> dict:
+    """Every Flux2Pipeline component except the transformer, float32 on CPU in eval mode."""
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    text_encoder = _text_encoder(tok).eval()
+    vae = _vae().eval()
+    return {"scheduler": _scheduler(), "vae": vae, "text_encoder": text_encoder, "tokenizer": tok}

@@ -1,0 +1,169 @@
+"""The fluxgate pytest plugin: options, markers, one item per combo, the session's Gate, the summary.
+
+It wires the modules together and holds no logic of its own: measuring is `runner`/`measure`, judging `gate`,
+storing `history`/`baselines`, showing `report`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fluxgate import report
+from fluxgate.matrix import Combo, combos, parse_names
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+
+COMBO_KEY = pytest.StashKey[Combo]()
+OUTCOMES_KEY = pytest.StashKey[list]()
+GATE_KEY = pytest.StashKey[object]()
+MATRIX_ATTR = "_fluxgate_matrix_test"
+
+
+def matrix_test(function):
+    """Decorator: collect `function` once per selected combo, as items named like `flux2-dev[nvfp4]`."""
+    setattr(function, MATRIX_ATTR, True)
+    return function
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fluxgate", "fluxgate: model x precision perf gate")
+    group.addoption("--models", default=None, metavar="NAMES",
+                    help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
+    group.addoption("--precisions", default=None, metavar="NAMES",
+                    help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
+    group.addoption("--profile", default="tiny", choices=["tiny"],
+                    help="where weights come from: 'tiny' = toy-size real architectures with seeded random weights "
+                         "(runs on CPU) [default: tiny]")
+    group.addoption("--device", default="auto", metavar="DEV",
+                    help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
+                         "and no CUDA device every combo is skipped [default: auto]")
+    group.addoption("--gpu-class", default=None, metavar="NAME",
+                    help="baseline folder under --baselines-dir [default: 'cpu' on CPU, else the GPU name as a slug]")
+    group.addoption("--baselines-dir", default="baselines", metavar="DIR",
+                    help="stored baselines, one folder per GPU class [default: baselines]")
+    group.addoption("--history-dir", default=".fluxgate/history", metavar="DIR",
+                    help="benchmark history: this run adds one JSON file here [default: .fluxgate/history]")
+    group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
+                    help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
+                         ".fluxgate-cache]")
+    group.addoption("--prompts", default="fixtures/prompts.toml", metavar="FILE",
+                    help="seed and prompts of every image [default: fixtures/prompts.toml]")
+    group.addoption("--steps", type=int, default=None, metavar="N",
+                    help="denoising steps per image, overriding the profile's default (makes baselines stale)")
+    group.addoption("--warmup-steps", type=int, default=1, metavar="N",
+                    help="steps of the untimed warm-up image before each timed image [default: 1]")
+    group.addoption("--write-baselines", action="store_true",
+                    help="measure and write baselines for this GPU class instead of asserting against them "
+                         "(what `nox -s baselines` runs)")
+
+
+def _path(config: pytest.Config, option: str) -> Path:
+    path = Path(config.getoption(option))
+    return path if path.is_absolute() else config.rootpath / path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Nothing may reach the network unless the user opts in.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
+    config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
+    for name, spec in MODELS.items():
+        config.addinivalue_line("markers", f"{spec.marker}: combos of model {name}")
+    for name, spec in PRECISIONS.items():
+        config.addinivalue_line("markers", f"{spec.marker}: combos at precision {name}")
+    try:
+        models = parse_names("--models", config.getoption("models"), MODELS)
+        precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    config.stash[OUTCOMES_KEY] = []
+    config._fluxgate_combos = combos(models, precisions)
+
+
+def pytest_pycollect_makeitem(collector, name, obj):
+    if not (callable(obj) and getattr(obj, MATRIX_ATTR, False)):
+        return None
+    items = []
+    for combo in collector.config._fluxgate_combos:
+        item = pytest.Function.from_parent(collector, name=combo.id, callobj=obj)
+        for mark in combo.marks:
+            item.add_marker(mark)
+        item.stash[COMBO_KEY] = combo
+        items.append(item)
+    return items
+
+
+@pytest.fixture
+def combo(request: pytest.FixtureRequest) -> Combo:
+    """The model x precision combo of this item."""
+    return request.node.stash[COMBO_KEY]
+
+
+def _make_gate(config: pytest.Config):
+    from fluxgate.environment import fingerprint, gpu_class, resolve_device
+    from fluxgate.gate import Gate
+    from fluxgate.history import RunHistory, new_run_id
+    from fluxgate.runner import Inputs, Runner
+
+    device = resolve_device(config.getoption("device"))
+    inputs = Inputs.from_file(_path(config, "prompts"))
+    runner = Runner(config.getoption("profile"), device, _path(config, "fixture_cache"), inputs,
+                    warmup_steps=config.getoption("warmup_steps"), steps=config.getoption("steps"))
+    environment = fingerprint(device, config.rootpath)
+    history = RunHistory(_path(config, "history_dir"), new_run_id(), environment)
+    return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
+                write=config.getoption("write_baselines"))
+
+
+@pytest.fixture(scope="session")
+def gate(request: pytest.FixtureRequest):
+    """The run's Gate: built once, on the first combo (so collection stays fast)."""
+    config = request.config
+    if config.getoption("device").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"--device {config.getoption('device')}: no CUDA device (torch {torch.__version__} sees "
+                        "none); run on a GPU runner or use --device cpu")
+    from fluxgate.errors import FluxgateError
+
+    try:
+        config.stash[GATE_KEY] = _make_gate(config)
+    except (FluxgateError, ValueError) as error:
+        raise pytest.UsageError(str(error)) from None
+    return config.stash[GATE_KEY]
+
+
+@pytest.fixture
+def judge(gate, request: pytest.FixtureRequest):
+    """Evaluate this item's combo and fail it, without a traceback, on a missed limit or a broken input."""
+
+    def evaluate(combo: Combo):
+        outcome = gate.evaluate(combo)
+        request.config.stash[OUTCOMES_KEY].append(outcome)
+        if outcome.error:
+            pytest.fail(f"{combo.id}: {outcome.error}", pytrace=False)
+        if outcome.failures:
+            pytest.fail(f"{combo.id}: " + "\n".join(outcome.failures), pytrace=False)
+        return outcome
+
+    return evaluate
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    gate = session.config.stash.get(GATE_KEY, None)
+    if gate is not None and gate.write and gate.measured:
+        session.config._fluxgate_written = gate.write_baselines()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    outcomes = config.stash.get(OUTCOMES_KEY, [])
+    gate = config.stash.get(GATE_KEY, None)
+    if outcomes and gate is not None:
+        report.terminal_summary(terminalreporter, outcomes, gate)
+        written = getattr(config, "_fluxgate_written", None)
+        if written:
+            terminalreporter.write_line(f"fluxgate: baselines written to {written}")

@@ -1,0 +1,129 @@
+"""Weight precisions: how each one writes a real checkpoint file and loads it through diffusers' own loader.
+
+Adding a precision is one `PrecisionSpec` in `PRECISIONS`. Every file is in diffusers key format, so
+`from_single_file(path, config=<folder with config.json>)` loads it without a key conversion. Layouts:
+
+- `bf16`: safetensors, every tensor bfloat16.
+- `fp8-scaled`: safetensors in the BFL `fp8r` layout: quantized linear `weight` float8_e4m3fn `[N, K]` with an fp32
+  per-row `weight_scale` `[N]`; everything else bfloat16.
+- `gguf-q8_0`: GGUF written with the `gguf` package: quantized linear weights Q8_0 (blocks of 32: one fp16 scale and
+  32 int8), everything else F32.
+- `nvfp4`: safetensors in the ModelOpt NVFP4 layout: `weight` uint8 `[N, K/2]` (two E2M1 per byte, even element in
+  the low nibble), `weight_scale` float8_e4m3fn `[N, K/16]`, fp32 scalars `weight_scale_2` and `input_scale`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Must be set before diffusers' GGUF utils are imported: its CUDA-kernels path downloads code from the Hub.
+os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
+
+import gguf  # noqa: E402
+from diffusers import BFLQuantizationConfig, GGUFQuantizationConfig  # noqa: E402
+from diffusers.quantizers.bfl.utils import FP8_MAX, E2M1_MAX, quantize_fp8r, quantize_nvfp4  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+StateDict = dict[str, torch.Tensor]
+# (bf16 state dict, keys of the linear weights to quantize, destination, GGUF architecture name)
+Writer = Callable[[StateDict, set[str], Path, str], None]
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """A weight precision: its file format, writer, loader config and quality tier."""
+
+    name: str
+    tier: str  # similarity limits are set per tier: "reference", "8bit", "4bit"
+    suffix: str
+    block_size: int  # quantized linears need in_features divisible by this
+    write: Writer
+    quantization_config: Callable[[torch.dtype], object | None]
+
+    @property
+    def marker(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _write_bf16(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
+    save_file({key: value.to(torch.bfloat16).contiguous() for key, value in state_dict.items()}, str(path))
+
+
+def _write_fp8_scaled(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
+    tensors: StateDict = {}
+    for key, value in state_dict.items():
+        if key in quantize:
+            prefix = key.removesuffix(".weight")
+            tensors[key], tensors[f"{prefix}.weight_scale"] = quantize_fp8r(value)
+        else:
+            tensors[key] = value.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(path))
+
+
+def _write_nvfp4(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
+    tensors: StateDict = {}
+    for key, value in state_dict.items():
+        if key in quantize:
+            prefix = key.removesuffix(".weight")
+            weight, scale, scale_2 = quantize_nvfp4(value)
+            tensors[key], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"] = weight, scale, scale_2
+            # Not calibrated: only FP4 tensor-core kernels (Blackwell) read it; elsewhere diffusers dequantizes the
+            # weight and ignores it. 1/(448*6) is the scale of activations with amax 1.
+            tensors[f"{prefix}.input_scale"] = torch.tensor(1.0 / (FP8_MAX * E2M1_MAX), dtype=torch.float32)
+        else:
+            tensors[key] = value.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(path))
+
+
+def _write_gguf_q8_0(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, value in state_dict.items():
+        array = value.float().numpy()
+        if key in quantize:
+            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, array, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+PRECISIONS: dict[str, PrecisionSpec] = {
+    spec.name: spec
+    for spec in (
+        PrecisionSpec("bf16", "reference", ".safetensors", 1, _write_bf16, lambda dtype: None),
+        PrecisionSpec("fp8-scaled", "8bit", ".safetensors", 1, _write_fp8_scaled,
+                      lambda dtype: BFLQuantizationConfig(compute_dtype=dtype)),
+        PrecisionSpec("gguf-q8_0", "8bit", ".gguf", 32, _write_gguf_q8_0,
+                      lambda dtype: GGUFQuantizationConfig(compute_dtype=dtype)),
+        PrecisionSpec("nvfp4", "4bit", ".safetensors", 16, _write_nvfp4,
+                      lambda dtype: BFLQuantizationConfig(compute_dtype=dtype)),
+    )
+}
+
+
+def load_transformer(precision: PrecisionSpec, transformer_class: type, path: Path, config_dir: Path,
+                     device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Load a transformer checkpoint through diffusers' `from_single_file`; any failure names the file."""
+    from fluxgate.errors import FixtureError
+
+    if not path.is_file():
+        raise FixtureError(f"{path}: checkpoint file not found")
+    try:
+        model = transformer_class.from_single_file(
+            str(path), config=str(config_dir), torch_dtype=dtype, local_files_only=True, device=device,
+            quantization_config=precision.quantization_config(dtype),
+        )
+    except Exception as error:  # the loaders raise many types; the user needs the file and the reason
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise FixtureError(f"{path}: cannot load as {precision.name} ({type(error).__name__}: {reason[:300]})") from error
+    return model
