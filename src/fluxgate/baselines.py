@@ -26,12 +26,17 @@ THRESHOLDS_FILE = "thresholds.toml"
 PROVENANCE_FILE = "provenance.json"
 
 # Margins turn a measurement into a limit: min it/s = measured * (1 - speed), max memory = measured * (1 + memory).
-DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.5}, "gpu": {"speed": 0.1, "memory": 0.05}}
-# Similarity floors per precision tier, against the BF16 reference image.
+# CPU: tiny steps take milliseconds on shared 2-core machines (it/s seen to vary +-40 % run to run), and process RSS
+# moves +-25 % with the pytest plugins and allocator state, so only a halving of speed or a near-doubling of
+# memory fails there. GPU classes are judged tightly.
+DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.75}, "gpu": {"speed": 0.1, "memory": 0.05}}
+# Similarity floors per precision tier, against the BF16 reference image. Measured on the tiny profile (CPU):
+# fp8-scaled 0.998-0.999 / 40-44 dB, gguf-q8_0 0.9996+ / 45-48 dB, nvfp4 0.983-0.993 / 30-34 dB, while zeroing
+# the quantized blocks gives 0.64-0.89 / 17-22 dB and 30 % weight noise 0.87-0.95.
 DEFAULT_SIMILARITY = {
     "reference": {"min_ms_ssim": 0.999, "min_psnr_db": 45.0},
-    "8bit": {"min_ms_ssim": 0.95, "min_psnr_db": 25.0},
-    "4bit": {"min_ms_ssim": 0.80, "min_psnr_db": 18.0},
+    "8bit": {"min_ms_ssim": 0.995, "min_psnr_db": 36.0},
+    "4bit": {"min_ms_ssim": 0.97, "min_psnr_db": 26.0},
 }
 # Settings that change the reference image: a baseline made with other values is stale.
 IMAGE_SETTINGS = ("profile", "seed", "steps", "size_px", "guidance_scale", "prompt")

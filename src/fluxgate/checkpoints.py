@@ -64,8 +64,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def fixture_dir(model: ModelSpec, seed: int, cache_dir: Path) -> Path:
     config = model.module.TINY_TRANSFORMER_CONFIG
-    identity = json.dumps({"config": config, "seed": seed, "format": FORMAT_VERSION, "class":
-                           model.module.TRANSFORMER_CLASS.__name__}, sort_keys=True, default=str)
+    identity = json.dumps({"config": config, "seed": seed, "format": FORMAT_VERSION, "modulation": model.tiny_modulation,
+                           "class": model.module.TRANSFORMER_CLASS.__name__}, sort_keys=True, default=str)
     return cache_dir / model.name / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -119,8 +119,7 @@ def _ensure_source(model: ModelSpec, seed: int, folder: Path) -> tuple[Path, str
     sha = _cached(path)
     if sha is not None:
         return path, sha, True
-    torch.manual_seed(seed)
-    transformer = model.module.TRANSFORMER_CLASS(**model.module.TINY_TRANSFORMER_CONFIG)
+    transformer = model.tiny_transformer(seed)
     transformer.save_config(folder)
     state_dict = {key: value.detach() for key, value in transformer.state_dict().items()}
     atomic_write(path, lambda tmp: PRECISIONS["bf16"].write(state_dict, set(), tmp, model.gguf_arch))

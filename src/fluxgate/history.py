@@ -11,6 +11,7 @@ warning naming it and returns every other record.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,12 +38,24 @@ class RunHistory:
 
     def append(self, record: dict) -> None:
         """Add one combo's record and persist the whole run file atomically."""
-        self.records.append({"schema": SCHEMA, "run_id": self.run_id,
-                             "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record})
+        record = _finite({"schema": SCHEMA, "run_id": self.run_id,
+                          "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record})
         document = {"schema": SCHEMA, "run_id": self.run_id, "started": self.started,
-                    "environment": self.environment, "records": self.records}
-        text = json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n"
+                    "environment": self.environment, "records": [*self.records, record]}
+        text = json.dumps(document, indent=1, sort_keys=True, allow_nan=False, default=str) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
+        self.records.append(record)  # only once it is on disk: a failed write never poisons later appends
+
+
+def _finite(value):
+    """NaN and infinities become None: strict JSON has no spelling for them (PSNR of identical images is inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def new_run_id() -> str:

@@ -128,17 +128,27 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[flo
     return clock.step_times_s(), e2e_s, image
 
 
-def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1) -> RunResult:
-    """One untimed warm-up image of `warmup_steps` steps, then one timed image with `call_kwargs` and `seed`."""
+def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int):
+    """`count` timed images: all their step times, the median seconds per image, the last image."""
+    step_times, e2e, image = [], [], None
+    for _ in range(count):
+        steps, seconds, image = _timed_call(pipe, _seeded(call_kwargs, seed), device)
+        step_times += steps
+        e2e.append(seconds)
+    return step_times, sorted(e2e)[len(e2e) // 2], image
+
+
+def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
+        timed_images: int = 1) -> RunResult:
+    """One untimed warm-up image of `warmup_steps` steps, then `timed_images` timed images with `call_kwargs`."""
     if warmup_steps > 0:
         pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
-    call_kwargs = _seeded(call_kwargs, seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-        step_times, e2e_s, image = _timed_call(pipe, call_kwargs, device)
+        step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
         return RunResult(step_times, e2e_s, torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated",
                          torch.cuda.max_memory_reserved(device) / GIB, image)
     with _RssSampler() as rss:
-        step_times, e2e_s, image = _timed_call(pipe, call_kwargs, device)
+        step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
     return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image)

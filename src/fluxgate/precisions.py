@@ -26,7 +26,9 @@ os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
 
 import gguf  # noqa: E402
 from diffusers import BFLQuantizationConfig, GGUFQuantizationConfig  # noqa: E402
-from diffusers.quantizers.bfl.utils import FP8_MAX, E2M1_MAX, quantize_fp8r, quantize_nvfp4  # noqa: E402
+from diffusers.quantizers.bfl.utils import (  # noqa: E402
+    E2M1_MAX, FP8_MAX, NVFP4_BLOCK, quantize_fp8r, quantize_nvfp4,
+)
 from safetensors.torch import save_file  # noqa: E402
 
 StateDict = dict[str, torch.Tensor]
@@ -65,12 +67,22 @@ def _write_fp8_scaled(state_dict: StateDict, quantize: set[str], path: Path, arc
     save_file(tensors, str(path))
 
 
+def _quantize_nvfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' NVFP4 quantizer, except that an all-zero weight (global scale 0, where it would divide 0/0 into NaN
+    block scales) is stored as zero codes with zero scales, which dequantize to exact zeros."""
+    if weight.abs().amax() == 0:
+        rows, cols = weight.shape
+        return (torch.zeros(rows, cols // 2, dtype=torch.uint8),
+                torch.zeros(rows, cols // NVFP4_BLOCK, dtype=torch.float8_e4m3fn), torch.zeros((), dtype=torch.float32))
+    return quantize_nvfp4(weight)
+
+
 def _write_nvfp4(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
     tensors: StateDict = {}
     for key, value in state_dict.items():
         if key in quantize:
             prefix = key.removesuffix(".weight")
-            weight, scale, scale_2 = quantize_nvfp4(value)
+            weight, scale, scale_2 = _quantize_nvfp4(value)
             tensors[key], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"] = weight, scale, scale_2
             # Not calibrated: only FP4 tensor-core kernels (Blackwell) read it; elsewhere diffusers dequantizes the
             # weight and ignores it. 1/(448*6) is the scale of activations with amax 1.
@@ -124,6 +136,7 @@ def load_transformer(precision: PrecisionSpec, transformer_class: type, path: Pa
             quantization_config=precision.quantization_config(dtype),
         )
     except Exception as error:  # the loaders raise many types; the user needs the file and the reason
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise FixtureError(f"{path}: cannot load as {precision.name} ({type(error).__name__}: {reason[:300]})") from error
+        causes = [error] + ([error.__cause__] if error.__cause__ is not None else [])
+        reason = "; ".join(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}" for e in causes)
+        raise FixtureError(f"{path}: cannot load as {precision.name} ({reason})") from error
     return model

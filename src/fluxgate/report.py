@@ -41,4 +41,7 @@ def terminal_summary(terminalreporter, outcomes, gate) -> None:
     header = ["combo", "verdict", "it/s", mem_header, "MS-SSIM", "PSNR dB", "s/image"]
     for line in format_table(header, rows(outcomes)):
         terminalreporter.write_line(line)
+    reused = [record.get("checkpoint", {}).get("reused") for record in gate.history.records]
+    terminalreporter.write_line(f"fixtures: {reused.count(True)} checkpoints reused from {gate.runner.cache_dir}, "
+                                f"{reused.count(False)} built")
     terminalreporter.write_line(f"history: {gate.history.path}")

@@ -83,7 +83,8 @@ class Runner:
         pipe = model.module.PIPELINE_CLASS(transformer=transformer, **self._shared_components(model))
         pipe.set_progress_bar_config(disable=True)
         try:
-            result = measure.run(pipe, self.call_kwargs(model), self.inputs.seed, self.device, self.warmup_steps)
+            result = measure.run(pipe, self.call_kwargs(model), self.inputs.seed, self.device, self.warmup_steps,
+                                 model.settings(self.profile).timed_images)
         finally:
             del pipe, transformer
             release_memory(self.device)

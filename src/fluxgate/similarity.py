@@ -1,7 +1,7 @@
 """Image similarity against the BF16 reference: MS-SSIM (primary) and PSNR (secondary), from torchmetrics.
 
-Images are compared as RGB uint8 arrays on the 0..255 scale. MS-SSIM needs more than 160 px on the short side
-(five scales of an 11 px window); PSNR is in dB and infinite for identical images, stored as None in JSON.
+Images are compared as RGB uint8 arrays on the 0..255 scale. MS-SSIM needs at least 176 px on the short side
+(five scales of an 11 px window: torchmetrics requires side // 16 > 10); PSNR is in dB and infinite for identical images, stored as None in JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure, peak_signal_noise_ratio
 
-MIN_SIDE_PX = 161
+MIN_SIDE_PX = 176
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,12 @@ Each model's builder module (`flux1.py`, `flux2.py`, ...) exposes `PIPELINE_CLAS
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,9 @@ class RunSettings:
     guidance_scale: float
     size_px: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Timed images per combo: their steps are pooled. The tiny profile's steps take milliseconds, so one image
+    # is too few samples for a stable it/s on a shared CPU.
+    timed_images: int = 1
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,10 @@ class ModelSpec:
     quantized_blocks: tuple[str, ...]  # state-dict prefixes whose linear layers real quantized checkpoints quantize
     gguf_arch: str  # general.architecture written into GGUF files, as community converters do
     tiny: RunSettings
+    # Random init leaves the AdaLN gates near 0.05, so the blocks barely touch the image and even zeroed blocks
+    # would pass a similarity check. Scaling the modulation linears (a power of two: exact in bf16) gives O(1)
+    # gates as in a trained model: zeroing the blocks then drops MS-SSIM to ~0.65-0.9, 5 % weight noise to ~0.995.
+    tiny_modulation: tuple[str, float] = ("", 1.0)  # (regex on linear module names, weight gain)
     needs_input_image: bool = False
 
     @property
@@ -41,13 +51,27 @@ class ModelSpec:
     def module(self) -> ModuleType:
         return importlib.import_module(f"fluxgate.models.{self.builder}")
 
+    def tiny_transformer(self, seed: int) -> torch.nn.Module:
+        """The tiny transformer with seeded random weights (float32, CPU), modulation gain applied."""
+        torch.manual_seed(seed)
+        transformer = self.module.TRANSFORMER_CLASS(**self.module.TINY_TRANSFORMER_CONFIG)
+        pattern, gain = self.tiny_modulation
+        with torch.no_grad():
+            for name, module in transformer.named_modules():
+                if pattern and isinstance(module, torch.nn.Linear) and re.search(pattern, name):
+                    module.weight.mul_(gain)
+        return transformer
+
     def settings(self, profile: str) -> RunSettings:
         if profile == "tiny":
             return self.tiny
         raise ValueError(f"--profile {profile}: not available for {self.name} yet (only 'tiny')")
 
 
+# Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three timed images per combo.
+_TINY = {"steps": 8, "size_px": 256, "timed_images": 3}
 _FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+_FLUX1_MODULATION = (r"(norm1|norm1_context|norm)\.linear$", 32.0)
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -57,15 +81,17 @@ MODELS: dict[str, ModelSpec] = {
             builder="flux1",
             quantized_blocks=_FLUX_BLOCKS,
             gguf_arch="flux",
-            tiny=RunSettings(steps=4, guidance_scale=3.5, size_px=256, extra={"max_sequence_length": 32}),
+            tiny_modulation=_FLUX1_MODULATION,
+            tiny=RunSettings(**_TINY, guidance_scale=3.5, extra={"max_sequence_length": 32}),
         ),
         ModelSpec(
             name="flux1-kontext-dev",
             builder="flux1_kontext",
             quantized_blocks=_FLUX_BLOCKS,
             gguf_arch="flux",
+            tiny_modulation=_FLUX1_MODULATION,
             # Without max_area/_auto_resize the pipeline renders ~1 MP whatever height/width say.
-            tiny=RunSettings(steps=4, guidance_scale=2.5, size_px=256,
+            tiny=RunSettings(**_TINY, guidance_scale=2.5,
                              extra={"max_sequence_length": 32, "max_area": 256 * 256, "_auto_resize": False}),
             needs_input_image=True,
         ),
@@ -74,14 +100,16 @@ MODELS: dict[str, ModelSpec] = {
             builder="flux2",
             quantized_blocks=_FLUX_BLOCKS,
             gguf_arch="flux2",
-            tiny=RunSettings(steps=4, guidance_scale=4.0, size_px=256, extra={"max_sequence_length": 32}),
+            tiny_modulation=(r"modulation", 32.0),  # FLUX.2 shares three modulation linears across blocks
+            tiny=RunSettings(**_TINY, guidance_scale=4.0, extra={"max_sequence_length": 64}),
         ),
         ModelSpec(
             name="z-image-turbo",
             builder="zimage",
             quantized_blocks=("layers.", "noise_refiner.", "context_refiner."),
             gguf_arch="lumina2",
-            tiny=RunSettings(steps=4, guidance_scale=0.0, size_px=256, extra={"max_sequence_length": 32}),
+            tiny_modulation=(r"adaLN_modulation", 4.0),
+            tiny=RunSettings(**_TINY, guidance_scale=0.0, extra={"max_sequence_length": 32}),
         ),
     )
 }

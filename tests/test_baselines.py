@@ -1,0 +1,77 @@
+"""fluxgate.baselines: thresholds, reference images and provenance written by `nox -s baselines`, loaded by the gate;
+every broken or stale input is a BaselineError naming the file."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxgate import baselines
+from fluxgate.baselines import Measured, Thresholds
+from fluxgate.errors import BaselineError
+from fluxgate.matrix import Combo
+
+SETTINGS = {"profile": "tiny", "seed": 0, "steps": 4, "size_px": 256, "guidance_scale": 3.5, "prompt": "a red fox"}
+BF16, NVFP4 = Combo("flux1-dev", "bf16"), Combo("flux1-dev", "nvfp4")
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def _write(root, measured=(Measured(BF16, 2.0, 1.0, 1.0, None), Measured(NVFP4, 4.0, 0.5, 0.9, 20.0))):
+    return baselines.write(root, "cpu", list(measured), {"flux1-dev": IMAGE}, {"models": {"flux1-dev": SETTINGS}})
+
+
+def test_written_baseline_loads_back_as_margin_and_tier_limits(tmp_path):
+    _write(tmp_path)
+    speed, memory = baselines.DEFAULT_MARGINS["cpu"]["speed"], baselines.DEFAULT_MARGINS["cpu"]["memory"]
+    for combo, it_s, mem_gib, tier in ((BF16, 2.0, 1.0, "reference"), (NVFP4, 4.0, 0.5, "4bit")):
+        floors = baselines.DEFAULT_SIMILARITY[tier]
+        assert baselines.load(tmp_path, "cpu", combo, SETTINGS).thresholds == Thresholds(
+            it_s * (1 - speed), mem_gib * (1 + memory), floors["min_ms_ssim"], floors["min_psnr_db"])
+
+
+def test_written_reference_image_loads_back_pixel_identical(tmp_path):
+    _write(tmp_path)
+    reference = baselines.load(tmp_path, "cpu", BF16, SETTINGS).reference()
+    assert np.array_equal(np.asarray(reference), np.asarray(IMAGE))
+
+
+def test_rewriting_one_combo_keeps_the_other_combos_limits(tmp_path):
+    _write(tmp_path)
+    _write(tmp_path, [Measured(BF16, 10.0, 1.0, 1.0, None)])
+    assert baselines.load(tmp_path, "cpu", BF16, SETTINGS).thresholds.min_it_s == 5.0
+    assert baselines.load(tmp_path, "cpu", NVFP4, SETTINGS).thresholds.min_it_s == 2.0
+
+
+def test_baseline_made_with_another_seed_is_stale_naming_provenance_and_the_change(tmp_path):
+    folder = _write(tmp_path)
+    with pytest.raises(BaselineError, match=r"seed 0 -> 1") as error:
+        baselines.load(tmp_path, "cpu", BF16, {**SETTINGS, "seed": 1})
+    assert str(folder / baselines.PROVENANCE_FILE) in str(error.value)
+
+
+def test_malformed_thresholds_toml_names_the_file(tmp_path):
+    folder = _write(tmp_path)
+    (folder / baselines.THRESHOLDS_FILE).write_text('["flux1-dev".bf16\nmin_it_s = ')
+    with pytest.raises(BaselineError, match="malformed TOML") as error:
+        baselines.load(tmp_path, "cpu", BF16, SETTINGS)
+    assert str(folder / baselines.THRESHOLDS_FILE) in str(error.value)
+
+
+def test_missing_combo_entry_names_the_file_and_the_key(tmp_path):
+    folder = _write(tmp_path)
+    with pytest.raises(BaselineError, match=r'no entry \["flux1-dev"\."gguf-q8_0"\]') as error:
+        baselines.load(tmp_path, "cpu", Combo("flux1-dev", "gguf-q8_0"), SETTINGS)
+    assert str(folder / baselines.THRESHOLDS_FILE) in str(error.value)
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda path: path.unlink(), "missing"),
+    (lambda path: path.write_bytes(b"not a png"), "unreadable"),
+    (lambda path: path.write_bytes(path.read_bytes()[:200]), "unreadable"),  # truncated PNG
+], ids=["missing", "garbage", "truncated"])
+def test_missing_or_broken_reference_image_names_the_image(tmp_path, damage, says):
+    _write(tmp_path)
+    baseline = baselines.load(tmp_path, "cpu", BF16, SETTINGS)
+    damage(baseline.reference_image)
+    with pytest.raises(BaselineError, match=says) as error:
+        baseline.reference()
+    assert str(baseline.reference_image) in str(error.value)

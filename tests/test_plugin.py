@@ -1,0 +1,77 @@
+"""The fluxgate pytest plugin: one item per model x precision combo, selected by options and marks."""
+
+import pytest
+
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+
+
+@pytest.fixture
+def matrix(pytester):
+    """A project whose one matrix test needs no `judge`, so collecting or running it builds nothing."""
+    pytester.makeconftest('pytest_plugins = ["fluxgate.plugin"]')
+    pytester.makepyfile(test_x="""
+        from fluxgate.plugin import matrix_test
+
+        @matrix_test
+        def test_combo(combo):
+            pass
+    """)
+    return pytester
+
+
+def collected(pytester, *args) -> list[str]:
+    result = pytester.runpytest("--collect-only", "-q", *args)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
+    return [line for line in result.outlines if line.startswith("test_x.py::")]
+
+
+def test_one_item_per_combo_named_like_model_bracket_precision(matrix):
+    items = collected(matrix)
+    assert len(items) == len(MODELS) * len(PRECISIONS) == 16
+    assert "test_x.py::flux2-dev[nvfp4]" in items
+    assert set(items) == {f"test_x.py::{m}[{p}]" for m in MODELS for p in PRECISIONS}
+
+
+def test_precision_mark_selects_that_precision_of_every_model(matrix):
+    assert sorted(collected(matrix, "-m", "nvfp4")) == sorted(f"test_x.py::{m}[nvfp4]" for m in MODELS)
+
+
+def test_model_and_not_precision_marks_combine(matrix):
+    assert collected(matrix, "-m", "flux2_dev and not bf16") == [
+        "test_x.py::flux2-dev[fp8-scaled]", "test_x.py::flux2-dev[gguf-q8_0]", "test_x.py::flux2-dev[nvfp4]"]
+
+
+def test_models_and_precisions_options_select_their_product(matrix):
+    assert collected(matrix, "--models", "flux1-dev,z-image-turbo", "--precisions", "bf16") == [
+        "test_x.py::flux1-dev[bf16]", "test_x.py::z-image-turbo[bf16]"]
+
+
+def test_unknown_model_is_a_usage_error_naming_the_option_and_valid_names(matrix):
+    result = matrix.runpytest("--collect-only", "--models", "nope")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--models*nope*{', '.join(MODELS)}*"])
+
+
+def test_markers_are_registered_so_strict_markers_accepts_them(matrix):
+    assert len(collected(matrix, "--strict-markers", "-m", "gpu and flux1_dev")) == len(PRECISIONS)
+
+
+def test_selected_combo_items_run_and_receive_their_combo(matrix):
+    matrix.makepyfile(test_y="""
+        from fluxgate.plugin import matrix_test
+
+        @matrix_test
+        def test_combo(combo, request):
+            assert request.node.name == combo.id
+    """)
+    matrix.runpytest("test_y.py", "--precisions", "bf16,nvfp4").assert_outcomes(passed=2 * len(MODELS))
+
+
+def test_help_lists_every_fluxgate_option(matrix):
+    help_text = matrix.runpytest("--help").stdout.str()
+    for option in ("--models", "--precisions", "--profile", "--device", "--gpu-class", "--baselines-dir",
+                   "--history-dir", "--fixture-cache", "--prompts", "--steps", "--warmup-steps",
+                   "--write-baselines"):
+        assert option in help_text, option
+    assert "fluxgate: model x precision perf gate" in help_text
