@@ -13,5 +13,9 @@ class BaselineError(FluxgateError):
     """A missing, unreadable or stale baseline (reference image or thresholds)."""
 
 
+class SkipCombo(FluxgateError):
+    """This combo cannot run here (no CUDA for a GPU-only profile, a real checkpoint not downloaded); not a failure."""
+
+
 class HistoryError(FluxgateError):
     """A history file that cannot be written or read."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from fluxgate import baselines, similarity
-from fluxgate.errors import FluxgateError
+from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.history import RunHistory
 from fluxgate.matrix import Combo
 from fluxgate.measure import RunResult
@@ -27,11 +27,18 @@ class Outcome:
     combo: Combo
     failures: list[str] = field(default_factory=list)  # limits missed
     error: str | None = None  # could not be measured or judged
+    skipped: str | None = None  # cannot run here (not a failure)
     metrics: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return not self.failures and self.error is None
+        return not self.failures and self.error is None and self.skipped is None
+
+    @property
+    def verdict(self) -> str:
+        if self.skipped:
+            return "skipped"
+        return "error" if self.error else ("failed" if self.failures else "passed")
 
 
 def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:
@@ -78,10 +85,8 @@ class Gate:
                   "profile": self.runner.profile, "gpu_class": self.gpu_class,
                   "settings": self.runner.settings(combo.model_spec)}
         try:
-            result, checkpoint = self.runner.run(combo)
-            record["checkpoint"] = {"file": str(checkpoint.path), "sha256": checkpoint.sha256,
-                                    "reused": checkpoint.reused}
-            outcome.metrics = {"it_s": result.it_s, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
+            result, record["weights"] = self.runner.run(combo)
+            outcome.metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
                                "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
                                "peak_reserved_gib": result.peak_reserved_gib}
             reference, baseline = self._reference(combo, result)
@@ -93,14 +98,16 @@ class Gate:
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
                                                           sim.to_json()["psnr_db"])
+        except SkipCombo as skip:
+            outcome.skipped = str(skip)
         except FluxgateError as error:
             outcome.error = str(error)
         except BaseException as error:  # a bug or an interrupt: recorded, then raised with its traceback
             outcome.error = f"{type(error).__name__}: {error}"
             raise
         finally:
-            record.update(metrics=outcome.metrics, failures=outcome.failures, error=outcome.error,
-                          outcome="passed" if outcome.passed else ("error" if outcome.error else "failed"))
+            record.update(metrics=outcome.metrics, failures=outcome.failures, error=outcome.error or outcome.skipped,
+                          outcome=outcome.verdict)
             self.history.append(record)
         return outcome
 

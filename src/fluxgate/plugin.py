@@ -34,9 +34,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
     group.addoption("--precisions", default=None, metavar="NAMES",
                     help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
-    group.addoption("--profile", default="tiny", choices=["tiny"],
-                    help="where weights come from: 'tiny' = toy-size real architectures with seeded random weights "
-                         "(runs on CPU) [default: tiny]")
+    group.addoption("--profile", default="tiny", choices=["tiny", "synthetic", "real"],
+                    help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
+                         "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
+                         "1024 px, default steps; 'real' = your checkpoints named in --models-file [default: tiny]")
+    group.addoption("--models-file", default="fixtures/models.toml", metavar="FILE",
+                    help="where the real profile finds checkpoints and pipeline folders [default: "
+                         "fixtures/models.toml]")
     group.addoption("--device", default="auto", metavar="DEV",
                     help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
                          "and no CUDA device every combo is skipped [default: auto]")
@@ -107,11 +111,14 @@ def _make_gate(config: pytest.Config):
     from fluxgate.gate import Gate
     from fluxgate.history import RunHistory, new_run_id
     from fluxgate.runner import Inputs, Runner
+    from fluxgate.sources import for_profile
 
     device = resolve_device(config.getoption("device"))
     inputs = Inputs.from_file(_path(config, "prompts"))
-    runner = Runner(config.getoption("profile"), device, _path(config, "fixture_cache"), inputs,
-                    warmup_steps=config.getoption("warmup_steps"), steps=config.getoption("steps"))
+    profile = config.getoption("profile")
+    source = for_profile(profile, _path(config, "fixture_cache"), inputs.seed, _path(config, "models_file"))
+    runner = Runner(profile, device, source, inputs, warmup_steps=config.getoption("warmup_steps"),
+                    steps=config.getoption("steps"))
     environment = fingerprint(device, config.rootpath)
     history = RunHistory(_path(config, "history_dir"), new_run_id(), environment)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
@@ -144,6 +151,8 @@ def judge(gate, request: pytest.FixtureRequest):
     def evaluate(combo: Combo):
         outcome = gate.evaluate(combo)
         request.config.stash[OUTCOMES_KEY].append(outcome)
+        if outcome.skipped:
+            pytest.skip(outcome.skipped)
         if outcome.error:
             pytest.fail(f"{combo.id}: {outcome.error}", pytrace=False)
         if outcome.failures:

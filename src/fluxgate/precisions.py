@@ -123,16 +123,20 @@ PRECISIONS: dict[str, PrecisionSpec] = {
 }
 
 
-def load_transformer(precision: PrecisionSpec, transformer_class: type, path: Path, config_dir: Path,
-                     device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Load a transformer checkpoint through diffusers' `from_single_file`; any failure names the file."""
+def load_transformer(precision: PrecisionSpec, transformer_class: type, checkpoint: Path | StateDict,
+                     config: Path | str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                     config_subfolder: str | None = None, name: str | None = None) -> torch.nn.Module:
+    """Load a transformer through diffusers' `from_single_file` from a file or an in-memory state dict, with the
+    model config from a local folder or Hub id; any failure raises FixtureError naming the file (or `name`)."""
     from fluxgate.errors import FixtureError
 
-    if not path.is_file():
-        raise FixtureError(f"{path}: checkpoint file not found")
+    path = name or str(checkpoint)
+    if isinstance(checkpoint, Path) and not checkpoint.is_file():
+        raise FixtureError(f"{checkpoint}: checkpoint file not found")
     try:
         model = transformer_class.from_single_file(
-            str(path), config=str(config_dir), torch_dtype=dtype, local_files_only=True, device=device,
+            checkpoint if isinstance(checkpoint, dict) else str(checkpoint), config=str(config),
+            subfolder=config_subfolder, torch_dtype=dtype, local_files_only=True, device=device,
             quantization_config=precision.quantization_config(dtype),
         )
     except Exception as error:  # the loaders raise many types; the user needs the file and the reason

@@ -18,7 +18,7 @@ def rows(outcomes) -> list[list[str]]:
     table = []
     for outcome in outcomes:
         m = outcome.metrics
-        verdict = "PASS" if outcome.passed else ("ERROR" if outcome.error else "FAIL")
+        verdict = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}[outcome.verdict]
         table.append([outcome.combo.id, verdict, _fmt(m.get("it_s"), ".3f"), _fmt(m.get("peak_mem_gib"), ".3f"),
                       _fmt(m.get("ms_ssim"), ".4f"),
                       _fmt(m.get("psnr_db"), ".2f", "inf" if "ms_ssim" in m else "-"), _fmt(m.get("e2e_s"), ".2f")])
@@ -41,7 +41,8 @@ def terminal_summary(terminalreporter, outcomes, gate) -> None:
     header = ["combo", "verdict", "it/s", mem_header, "MS-SSIM", "PSNR dB", "s/image"]
     for line in format_table(header, rows(outcomes)):
         terminalreporter.write_line(line)
-    reused = [record.get("checkpoint", {}).get("reused") for record in gate.history.records]
-    terminalreporter.write_line(f"fixtures: {reused.count(True)} checkpoints reused from {gate.runner.cache_dir}, "
-                                f"{reused.count(False)} built")
+    reused = [record.get("weights", {}).get("reused") for record in gate.history.records]
+    if any(flag is not None for flag in reused):
+        terminalreporter.write_line(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, "
+                                    f"{reused.count(False)} built")
     terminalreporter.write_line(f"history: {gate.history.path}")

@@ -1,4 +1,4 @@
-"""Builds each combo's pipeline (checkpoint -> diffusers loader -> real pipeline) and measures one image."""
+"""Builds each combo's pipeline from its profile's source (see `sources`) and measures its images."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ from typing import Any
 
 import torch
 
-from fluxgate import checkpoints, measure
-from fluxgate.checkpoints import Checkpoint
+from fluxgate import measure
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
-from fluxgate.precisions import load_transformer
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,9 @@ class Inputs:
 class Runner:
     """Makes and measures images for one profile on one device; keeps one model's shared components at a time."""
 
-    def __init__(self, profile: str, device: torch.device, cache_dir: Path, inputs: Inputs, warmup_steps: int = 1,
+    def __init__(self, profile: str, device: torch.device, source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None):
-        self.profile, self.device, self.cache_dir, self.inputs = profile, device, cache_dir, inputs
+        self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.warmup_steps, self.steps = warmup_steps, steps
         self._components: tuple[str, dict[str, Any]] | None = None
 
@@ -53,42 +51,35 @@ class Runner:
                 "size_px": run.size_px, "guidance_scale": run.guidance_scale, "prompt": self.inputs.prompt(model.name)}
 
     def _shared_components(self, model: ModelSpec) -> dict[str, Any]:
-        # Text encoders, VAE and scheduler are the same for every precision of a model: build them once. They run in
-        # bf16 like the transformer, as deployed pipelines do (`torch_dtype=torch.bfloat16`).
+        # Text encoders, VAE and scheduler are the same for every precision of a model: build them once.
         if self._components is None or self._components[0] != model.name:
             self._components = None
-            gc.collect()
-            components = model.module.tiny_components(self.inputs.seed)
-            for component in components.values():
-                if isinstance(component, torch.nn.Module):
-                    component.to(self.device, torch.bfloat16)
-            self._components = (model.name, components)
+            release_memory(self.device)
+            self._components = (model.name, self.source.components(model, self.device))
         return self._components[1]
 
     def call_kwargs(self, model: ModelSpec) -> dict:
         settings, run = self.settings(model), model.settings(self.profile)
-        kwargs = {"prompt": settings["prompt"], "height": run.size_px, "width": run.size_px,
-                  "num_inference_steps": settings["steps"], "guidance_scale": run.guidance_scale,
-                  "output_type": "pil", **run.extra}
+        kwargs = {**self.source.prompt_kwargs(model, settings["prompt"], self.device), "height": run.size_px,
+                  "width": run.size_px, "num_inference_steps": settings["steps"],
+                  "guidance_scale": run.guidance_scale, "output_type": "pil", **run.extra}
         if model.needs_input_image:
             kwargs["image"] = model.module.input_image(run.size_px, self.inputs.seed)
         return kwargs
 
-    def run(self, combo: Combo) -> tuple[measure.RunResult, Checkpoint]:
-        """Make (or reuse) the checkpoint, load it through diffusers, and measure one image."""
-        model, precision = combo.model_spec, combo.precision_spec
-        checkpoint = checkpoints.ensure(model, precision, self.inputs.seed, self.cache_dir)
-        transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, checkpoint.path,
-                                       checkpoint.config_dir, self.device)
-        pipe = model.module.PIPELINE_CLASS(transformer=transformer, **self._shared_components(model))
-        pipe.set_progress_bar_config(disable=True)
+    def run(self, combo: Combo) -> tuple[measure.RunResult, dict]:
+        """Get the combo's transformer from the profile's source and measure images; returns where it came from."""
+        model = combo.model_spec
+        transformer, origin = self.source.transformer(combo, self.device)
         try:
+            pipe = model.module.PIPELINE_CLASS(transformer=transformer, **self._shared_components(model))
+            pipe.set_progress_bar_config(disable=True)
             result = measure.run(pipe, self.call_kwargs(model), self.inputs.seed, self.device, self.warmup_steps,
                                  model.settings(self.profile).timed_images)
         finally:
-            del pipe, transformer
+            pipe = transformer = None  # drop every reference before freeing the device
             release_memory(self.device)
-        return result, checkpoint
+        return result, origin
 
 
 def release_memory(device: torch.device) -> None:

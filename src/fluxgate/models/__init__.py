@@ -37,6 +37,7 @@ class ModelSpec:
     quantized_blocks: tuple[str, ...]  # state-dict prefixes whose linear layers real quantized checkpoints quantize
     gguf_arch: str  # general.architecture written into GGUF files, as community converters do
     tiny: RunSettings
+    full: RunSettings  # the synthetic and real profiles: the model's own defaults at 1024 px
     # Random init leaves the AdaLN gates near 0.05, so the blocks barely touch the image and even zeroed blocks
     # would pass a similarity check. Scaling the modulation linears (a power of two: exact in bf16) gives O(1)
     # gates as in a trained model: zeroing the blocks then drops MS-SSIM to ~0.65-0.9, 5 % weight noise to ~0.995.
@@ -63,9 +64,7 @@ class ModelSpec:
         return transformer
 
     def settings(self, profile: str) -> RunSettings:
-        if profile == "tiny":
-            return self.tiny
-        raise ValueError(f"--profile {profile}: not available for {self.name} yet (only 'tiny')")
+        return self.tiny if profile == "tiny" else self.full
 
 
 # Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three timed images per combo.
@@ -83,6 +82,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="flux",
             tiny_modulation=_FLUX1_MODULATION,
             tiny=RunSettings(**_TINY, guidance_scale=3.5, extra={"max_sequence_length": 32}),
+            full=RunSettings(steps=28, guidance_scale=3.5, size_px=1024),
         ),
         ModelSpec(
             name="flux1-kontext-dev",
@@ -93,6 +93,8 @@ MODELS: dict[str, ModelSpec] = {
             # Without max_area/_auto_resize the pipeline renders ~1 MP whatever height/width say.
             tiny=RunSettings(**_TINY, guidance_scale=2.5,
                              extra={"max_sequence_length": 32, "max_area": 256 * 256, "_auto_resize": False}),
+            full=RunSettings(steps=28, guidance_scale=2.5, size_px=1024,
+                             extra={"max_area": 1024 * 1024, "_auto_resize": False}),
             needs_input_image=True,
         ),
         ModelSpec(
@@ -102,6 +104,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="flux2",
             tiny_modulation=(r"modulation", 32.0),  # FLUX.2 shares three modulation linears across blocks
             tiny=RunSettings(**_TINY, guidance_scale=4.0, extra={"max_sequence_length": 64}),
+            full=RunSettings(steps=50, guidance_scale=4.0, size_px=1024),
         ),
         ModelSpec(
             name="z-image-turbo",
@@ -110,6 +113,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="lumina2",
             tiny_modulation=(r"adaLN_modulation", 4.0),
             tiny=RunSettings(**_TINY, guidance_scale=0.0, extra={"max_sequence_length": 32}),
+            full=RunSettings(steps=9, guidance_scale=0.0, size_px=1024),
         ),
     )
 }

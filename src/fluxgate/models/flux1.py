@@ -171,3 +171,74 @@ def tiny_components(seed: int, dtype: torch.dtype = torch.float32) -> dict:
         "image_encoder": None,
         "feature_extractor": None,
     }
+
+
+# --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoders. ---
+
+# black-forest-labs/FLUX.1-dev transformer/config.json: 11,901,408,320 parameters.
+FULL_TRANSFORMER_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,  # T5-XXL hidden size
+    "pooled_projection_dim": 768,  # CLIP-L pooled output
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+# black-forest-labs/FLUX.1-dev vae/config.json (also Z-Image's VAE): 83,819,683 parameters.
+FULL_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": _LATENT_CHANNELS,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+# FluxPipeline pads the T5 prompt to max_sequence_length, 512 by default, whatever the prompt's length.
+FULL_SEQUENCE_LENGTH = 512
+
+
+def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Every FluxPipeline component except the transformer at full size: the real scheduler, the real-config VAE with
+    seeded random weights made on `device` in `dtype`, and no text encoders (the prompt comes as embeddings)."""
+    from fluxgate.synthetic import seeded_module
+
+    return {
+        "scheduler": _scheduler(),
+        "vae": seeded_module(lambda: AutoencoderKL(**FULL_VAE_CONFIG), seed, device, dtype),
+        "text_encoder": None,
+        "tokenizer": None,
+        "text_encoder_2": None,
+        "tokenizer_2": None,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+    """Pipeline kwargs that stand for the prompt: T5 `prompt_embeds` `[1, sequence_length, joint_attention_dim]` and
+    CLIP `pooled_prompt_embeds` `[1, pooled_projection_dim]`, standard normal (unit std, as the encoders' outputs
+    roughly are), drawn on the CPU from `seed` so every device gets the same values. `config` defaults to the full
+    transformer's; no negative embeddings: FLUX.1-dev's guidance is distilled into the model (true_cfg_scale 1)."""
+    config = config or FULL_TRANSFORMER_CONFIG
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randn(1, sequence_length, config["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(1, config["pooled_projection_dim"], generator=generator)
+    return {"prompt_embeds": prompt.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}

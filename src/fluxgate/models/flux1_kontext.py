@@ -20,6 +20,10 @@ tiny_components = flux1.tiny_components
 MAX_SEQUENCE_LENGTH = flux1.MAX_SEQUENCE_LENGTH
 # A copy, so a caller editing one model's config doesn't change the other's.
 TINY_TRANSFORMER_CONFIG: dict = dict(flux1.TINY_TRANSFORMER_CONFIG)
+# black-forest-labs/FLUX.1-Kontext-dev transformer/config.json is FLUX.1-dev's; same VAE, scheduler and prompt inputs.
+FULL_TRANSFORMER_CONFIG: dict = dict(flux1.FULL_TRANSFORMER_CONFIG)
+full_components = flux1.full_components
+prompt_inputs = flux1.prompt_inputs
 
 
 def input_image(size_px: int, seed: int) -> Image.Image:

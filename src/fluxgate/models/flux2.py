@@ -106,3 +106,72 @@ def tiny_components(seed: int) -> dict:
     text_encoder = _text_encoder(tok).eval()
     vae = _vae().eval()
     return {"scheduler": _scheduler(), "vae": vae, "text_encoder": text_encoder, "tokenizer": tok}
+
+
+# --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoder. ---
+
+# black-forest-labs/FLUX.2-dev transformer/config.json: 32,223,281,152 parameters (60.0 GiB in bf16).
+FULL_TRANSFORMER_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "out_channels": None,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,  # three stacked Mistral-Small-3 hidden states of 5120
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "eps": 1e-6,
+    "guidance_embeds": True,  # FLUX.2-dev is guidance-distilled
+}
+# black-forest-labs/FLUX.2-dev vae/config.json: 84,046,115 parameters and batch-norm statistics.
+FULL_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": _LATENT_CHANNELS,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+    "batch_norm_eps": 1e-4,
+    "batch_norm_momentum": 0.1,
+    "patch_size": [2, 2],
+}
+# Flux2Pipeline pads the Mistral prompt to max_sequence_length, 512 by default.
+FULL_SEQUENCE_LENGTH = 512
+
+
+def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Every Flux2Pipeline component except the transformer at full size: the real scheduler, the real-config VAE with
+    seeded random weights made on `device` in `dtype` (batch-norm statistics at their init: mean 0, var 1), and no
+    text encoder (the prompt comes as embeddings)."""
+    from fluxgate.synthetic import seeded_module
+
+    return {
+        "scheduler": _scheduler(),
+        "vae": seeded_module(lambda: AutoencoderKLFlux2(**FULL_VAE_CONFIG), seed, device, dtype),
+        "text_encoder": None,
+        "tokenizer": None,
+    }
+
+
+def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+    """Pipeline kwargs that stand for the prompt: `prompt_embeds` `[1, sequence_length, joint_attention_dim]`,
+    standard normal, drawn on the CPU from `seed` so every device gets the same values. `config` defaults to the full
+    transformer's. Its dtype must be the transformer's: Flux2Pipeline makes the latents in the embeddings' dtype. No
+    negative embeddings: guidance is distilled into FLUX.2-dev."""
+    config = config or FULL_TRANSFORMER_CONFIG
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randn(1, sequence_length, config["joint_attention_dim"], generator=generator)
+    return {"prompt_embeds": prompt.to(device, dtype)}

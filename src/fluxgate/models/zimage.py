@@ -106,6 +106,11 @@ def _vae() -> AutoencoderKL:
     )
 
 
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # Z-Image-Turbo scheduler_config.json: a fixed shift of 3, no resolution-dependent shifting.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
 def tiny_components(seed: int) -> dict:
     """Scheduler, VAE, text encoder and tokenizer at toy size, float32 on CPU in eval mode.
 
@@ -119,8 +124,60 @@ def tiny_components(seed: int) -> dict:
         tokenizer = _tokenizer()
         text_encoder = _text_encoder(len(tokenizer))
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        "scheduler": _scheduler(),
         "vae": vae.float().eval(),
         "text_encoder": text_encoder.float().eval(),
         "tokenizer": tokenizer,
     }
+
+
+# --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoder. ---
+
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: 6,154,908,736 parameters.
+FULL_TRANSFORMER_CONFIG: dict = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,  # Qwen3-4B hidden size
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+# ZImagePipeline drops the padding of the encoded prompt, so the caption is as long as the chat-templated prompt:
+# fluxgate's default prompt is ~17 Qwen tokens, plus 8 of the template ("<|im_start|>user\n ... <|im_end|>\n
+# <|im_start|>assistant\n"). The transformer pads captions to a multiple of 32 itself.
+FULL_SEQUENCE_LENGTH = 25
+
+
+def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Every ZImagePipeline component except the transformer at full size: the real scheduler, the FLUX VAE (Z-Image
+    ships FLUX.1's) with seeded random weights made on `device` in `dtype`, and no text encoder."""
+    from fluxgate.models import flux1
+    from fluxgate.synthetic import seeded_module
+
+    return {
+        "scheduler": _scheduler(),
+        "vae": seeded_module(lambda: AutoencoderKL(**flux1.FULL_VAE_CONFIG), seed, device, dtype),
+        "text_encoder": None,
+        "tokenizer": None,
+    }
+
+
+def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+    """Pipeline kwargs that stand for the prompt: `prompt_embeds`, a list of one `[sequence_length, cap_feat_dim]`
+    tensor (the pipeline takes one unpadded caption per image), standard normal, drawn on the CPU from `seed` so every
+    device gets the same values. `config` defaults to the full transformer's. No negative embeddings: Z-Image-Turbo
+    runs at guidance 0 (a guidance > 0 without `negative_prompt_embeds` is refused by the pipeline)."""
+    config = config or FULL_TRANSFORMER_CONFIG
+    generator = torch.Generator().manual_seed(seed)
+    caption = torch.randn(sequence_length, config["cap_feat_dim"], generator=generator)
+    return {"prompt_embeds": [caption.to(device, dtype)]}
