@@ -1,0 +1,83 @@
+"""The real profile on CPU: a local pipeline folder and checkpoint files named in a models.toml, including a
+ComfyUI scaled-fp8 file, loaded and run end to end; missing files skip their combo with a message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fluxgate import checkpoints, comfy
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfy_scaled_fp8(fp8r_file: Path, target: Path) -> None:
+    """Rewrite an fp8r file the way ComfyUI stores scaled fp8: one scale per tensor plus the marker key."""
+    tensors = {}
+    for key, value in load_file(str(fp8r_file)).items():
+        if key.endswith(".weight_scale"):
+            prefix = key.removesuffix(".weight_scale")
+            weight = load_file(str(fp8r_file))[f"{prefix}.weight"]
+            scale = value.max()  # one scale: requantize the rows onto it
+            tensors[f"{prefix}.weight"] = (weight.float() * value[:, None] / scale).to(torch.float8_e4m3fn)
+            tensors[f"{prefix}.scale_weight"] = scale.reshape(1)
+        elif key not in tensors:
+            tensors[key] = value
+    tensors[comfy.MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(target))
+
+
+def test_comfy_scaled_fp8_becomes_per_row_fp8r_scales(tmp_path):
+    model = MODELS["flux1-dev"]
+    fp8r = checkpoints.ensure(model, PRECISIONS["fp8-scaled"], 0, tmp_path / "cache").path
+    comfy_scaled_fp8(fp8r, tmp_path / "comfy.safetensors")
+
+    assert comfy.is_scaled_fp8(tmp_path / "comfy.safetensors") and not comfy.is_scaled_fp8(fp8r)
+    state = comfy.load_scaled_fp8(tmp_path / "comfy.safetensors")
+    scales = [key for key in state if key.endswith(".weight_scale")]
+    assert scales and comfy.MARKER not in state and not any(key.endswith(".scale_weight") for key in state)
+    for key in scales:
+        assert state[key].shape == (state[key.replace(".weight_scale", ".weight")].shape[0],)
+
+
+@pytest.fixture(scope="module")
+def real_setup(tmp_path_factory) -> Path:
+    """A local flux1-dev pipeline folder plus bf16 and ComfyUI fp8 files, as a user would have them."""
+    root = tmp_path_factory.mktemp("real")
+    model = MODELS["flux1-dev"]
+    bf16 = checkpoints.ensure(model, PRECISIONS["bf16"], 0, root / "cache")
+    fp8r = checkpoints.ensure(model, PRECISIONS["fp8-scaled"], 0, root / "cache")
+    pipe = model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0))
+    pipe.save_pretrained(root / "pipeline")
+    comfy_scaled_fp8(fp8r.path, root / "comfy.safetensors")
+    (root / "models.toml").write_text(f"""
+["flux1-dev"]
+pipeline = "{root / 'pipeline'}"
+["flux1-dev".checkpoints]
+bf16 = {{ path = "{bf16.path}" }}
+fp8-scaled = {{ path = "{root / 'comfy.safetensors'}" }}
+gguf-q8_0 = {{ path = "{root / 'missing.gguf'}", source = "the moon" }}
+""")
+    return root
+
+
+def test_real_profile_runs_local_files_and_skips_missing_ones(real_setup):
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "perf", "-q", "-rs", "--profile", "real", "--device", "cpu",
+         "--models", "flux1-dev", "--models-file", str(real_setup / "models.toml"), "--steps", "2",
+         "--baselines-dir", str(real_setup / "baselines"), "--history-dir", str(real_setup / "history"),
+         "--write-baselines"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    assert "2 passed, 2 skipped" in done.stdout, done.stdout[-3000:]
+    assert f"{real_setup / 'missing.gguf'} not found; get it from the moon" in done.stdout
+    assert "flux1-dev[nvfp4]: no checkpoint named in" in done.stdout
+    history = next((real_setup / "history").glob("*.json")).read_text()
+    assert "ComfyUI scaled fp8 -> fp8r adapter -> from_single_file" in history
