@@ -1,1 +1,31 @@
+"""Shared fixtures: pytester for the plugin tests, and the tiny FLUX.1 pipeline several modules measure."""
+
+import pytest
+import torch
+
+from fluxgate.matrix import Combo
+from fluxgate.sources import TinySource
+
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1(tmp_path_factory):
+    """`precision -> FluxPipeline` at toy size on CPU, built exactly as the tiny profile builds it."""
+    source, device = TinySource(tmp_path_factory.mktemp("cache"), seed=0), torch.device("cpu")
+    model = Combo("flux1-dev", "bf16").model_spec
+    components = source.components(model, device)
+
+    def build(precision: str):
+        transformer, _ = source.transformer(Combo("flux1-dev", precision), device)
+        pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return build
+
+
+@pytest.fixture
+def tiny_call_kwargs() -> dict:
+    return {"prompt": "a red fox", "height": 256, "width": 256, "num_inference_steps": 8, "guidance_scale": 3.5,
+            "max_sequence_length": 32, "output_type": "pil"}

@@ -71,6 +71,9 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         **git_commit(str(root)),
     }
     if device.type == "cuda":
+        from fluxgate.telemetry import gpu_fingerprint
+
         info["cuda"] = torch.version.cuda
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["gpu"] = gpu_fingerprint(device)
     return info

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxgate import baselines, similarity
+from fluxgate import baselines, flops, similarity
 from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.history import RunHistory
 from fluxgate.matrix import Combo
@@ -79,6 +79,21 @@ class Gate:
             raise FluxgateError(f"--write-baselines: {combo.model}[bf16] must be selected to make the reference image")
         return self.references[combo.model], None
 
+    def _metrics(self, result: RunResult) -> dict:
+        """Everything measured about one combo, as history stores it."""
+        metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
+                   "step_stats": result.stats.to_json(), "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
+                   "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
+                   "timed_steps_s": sum(result.step_times_s), "kernel_path": result.kernel_path,
+                   "step_flops": result.step_flops,
+                   "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
+        roof = self.history.environment.get("roof") or {}
+        if result.step_flops and roof.get("bf16_tflops"):
+            metrics["mfu_bf16"] = flops.mfu(result.step_flops, result.it_s, roof["bf16_tflops"])
+            if roof.get("fp8_tflops") and (result.kernel_path or {}).get("label", "").startswith("fp8 GEMM"):
+                metrics["mfu_fp8"] = flops.mfu(result.step_flops, result.it_s, roof["fp8_tflops"])
+        return metrics
+
     def evaluate(self, combo: Combo) -> Outcome:
         outcome = Outcome(combo)
         record = {"combo": combo.id, "model": combo.model, "precision": combo.precision,
@@ -86,9 +101,7 @@ class Gate:
                   "settings": self.runner.settings(combo.model_spec)}
         try:
             result, record["weights"] = self.runner.run(combo)
-            outcome.metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
-                               "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
-                               "peak_reserved_gib": result.peak_reserved_gib}
+            outcome.metrics = self._metrics(result)
             reference, baseline = self._reference(combo, result)
             sim = similarity.compare(result.image, reference)
             outcome.metrics.update(sim.to_json())

@@ -5,7 +5,8 @@ Step times are taken without a host sync inside the denoising loop: on CUDA each
 `time.perf_counter()` stamps (CPU work is synchronous). A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
 
-Memory: on CUDA, torch's max allocated and max reserved bytes during the timed image; on CPU there is no VRAM, so
+Memory: on CUDA, torch's max allocated and max reserved bytes during the timed images, and NVML's per-process
+used memory (in `telemetry`, sampled with clocks, power, temperature, throttle reasons and energy); on CPU there is no VRAM, so
 the peak resident set size of the whole process, sampled every 5 ms during the timed image, is reported instead
 (`mem_kind` says which).
 """
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fluxgate import telemetry
+from fluxgate.stats import StepStats, step_stats
 
 GIB = 1024**3
 
@@ -32,6 +36,13 @@ class RunResult:
     mem_kind: str  # "cuda_max_allocated" or "process_rss_peak"
     peak_reserved_gib: float | None
     image: Any = field(repr=False)  # PIL.Image.Image
+    telemetry: telemetry.Telemetry | None = None  # NVML samples during the timed images (unavailable on CPU)
+    kernel_path: dict | None = None  # which GEMM path the quantized layers ran (kernels.KernelPath.to_json())
+    step_flops: float | None = None  # model FLOPs of one denoising step (same for every precision of a model)
+
+    @property
+    def stats(self) -> StepStats:
+        return step_stats(self.step_times_s)
 
     @property
     def it_s(self) -> float:
@@ -148,16 +159,17 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
 
 
 def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
-        timed_images: int = 1) -> RunResult:
+        timed_images: int = 1, baseline_used_bytes: int | None = None) -> RunResult:
     """One untimed warm-up image of `warmup_steps` steps, then `timed_images` timed images with `call_kwargs`."""
     if warmup_steps > 0:
         pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-        step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+        with telemetry.GpuSampler(device, baseline_used_bytes=baseline_used_bytes) as gpu:
+            step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
         return RunResult(step_times, e2e_s, torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated",
-                         torch.cuda.max_memory_reserved(device) / GIB, image)
+                         torch.cuda.max_memory_reserved(device) / GIB, image, gpu.telemetry)
     with _RssSampler() as rss:
         step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
     return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image)

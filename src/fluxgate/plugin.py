@@ -7,6 +7,7 @@ storing `history`/`baselines`, showing `report`.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from fluxgate.precisions import PRECISIONS
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[object]()
+STARTED_KEY = pytest.StashKey[float]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
 
 
@@ -84,6 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     config.stash[OUTCOMES_KEY] = []
+    config.stash[STARTED_KEY] = time.time()
     config._fluxgate_combos = combos(models, precisions)
 
 
@@ -120,6 +123,10 @@ def _make_gate(config: pytest.Config):
     runner = Runner(profile, device, source, inputs, warmup_steps=config.getoption("warmup_steps"),
                     steps=config.getoption("steps"))
     environment = fingerprint(device, config.rootpath)
+    if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU
+        from fluxgate.flops import measure_roof
+
+        environment["roof"] = measure_roof(device)
     history = RunHistory(_path(config, "history_dir"), new_run_id(), environment)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
                 write=config.getoption("write_baselines"))
@@ -172,7 +179,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     outcomes = config.stash.get(OUTCOMES_KEY, [])
     gate = config.stash.get(GATE_KEY, None)
     if outcomes and gate is not None:
-        report.terminal_summary(terminalreporter, outcomes, gate)
+        report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
         written = getattr(config, "_fluxgate_written", None)
         if written:
             terminalreporter.write_line(f"fluxgate: baselines written to {written}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
+
+VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -13,36 +16,53 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def rows(outcomes) -> list[list[str]]:
-    """One row per combo: id, verdict, it/s, peak memory, MS-SSIM, PSNR, seconds per image."""
+    """One row per combo: id, verdict, it/s, step CV, peak memory, MS-SSIM, PSNR, MFU, energy, GEMM path."""
     table = []
     for outcome in outcomes:
         m = outcome.metrics
-        verdict = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}[outcome.verdict]
-        table.append([outcome.combo.id, verdict, _fmt(m.get("it_s"), ".3f"), _fmt(m.get("peak_mem_gib"), ".3f"),
-                      _fmt(m.get("ms_ssim"), ".4f"),
-                      _fmt(m.get("psnr_db"), ".2f", "inf" if "ms_ssim" in m else "-"), _fmt(m.get("e2e_s"), ".2f")])
+        energy = (m.get("telemetry") or {}).get("energy_j")
+        path = (m.get("kernel_path") or {}).get("label", "-")
+        table.append([outcome.combo.id, VERDICTS[outcome.verdict], _fmt(m.get("it_s"), ".3f"),
+                      _percent((m.get("step_stats") or {}).get("cv")), _fmt(m.get("peak_mem_gib"), ".3f"),
+                      _fmt(m.get("ms_ssim"), ".4f"), _fmt(m.get("psnr_db"), ".2f", "inf" if "ms_ssim" in m else "-"),
+                      _percent(m.get("mfu_bf16")), _fmt(energy, ".0f"), _fmt(m.get("e2e_s"), ".2f"), path])
     return table
 
 
 def format_table(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    line = lambda row: "  ".join(cell.ljust(width) for cell, width in zip(row, widths))  # noqa: E731
+    line = lambda row: "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()  # noqa: E731
     return [line(header), line(["-" * width for width in widths]), *map(line, body)]
 
 
-def terminal_summary(terminalreporter, outcomes, gate) -> None:
+def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
+    write = terminalreporter.write_line
     mem_kind = next((o.metrics["mem_kind"] for o in outcomes if "mem_kind" in o.metrics), "")
-    mem_header = "peak GiB (VRAM)" if mem_kind.startswith("cuda") else "peak GiB (RSS)"
+    environment = gate.history.environment
     terminalreporter.section("fluxgate")
-    terminalreporter.write_line(f"profile {gate.runner.profile} on {gate.history.environment.get('device_name')} "
-                                f"(baselines: {gate.baselines_root / gate.gpu_class}"
-                                f"{', WRITING' if gate.write else ''})")
-    header = ["combo", "verdict", "it/s", mem_header, "MS-SSIM", "PSNR dB", "s/image"]
+    write(f"profile {gate.runner.profile} on {environment.get('device_name')} "
+          f"(baselines: {gate.baselines_root / gate.gpu_class}{', WRITING' if gate.write else ''})")
+    roof = environment.get("roof") or {}
+    if roof:
+        write(f"roof: bf16 {_fmt(roof.get('bf16_tflops'), '.0f')} TFLOP/s, fp8 {_fmt(roof.get('fp8_tflops'), '.0f')}"
+              " TFLOP/s (measured now; MFU = model FLOPs per step x it/s / bf16 roof)")
+    header = ["combo", "verdict", "it/s", "step CV", "peak GiB (VRAM)" if mem_kind.startswith("cuda")
+              else "peak GiB (RSS)", "MS-SSIM", "PSNR dB", "MFU", "J/image", "s/image", "GEMM path"]
     for line in format_table(header, rows(outcomes)):
-        terminalreporter.write_line(line)
+        write(line)
+    wall_s = time.time() - started
+    timed_s = sum(o.metrics.get("timed_steps_s", 0.0) for o in outcomes)
+    write(f"wall {wall_s:.0f} s, of which {timed_s:.0f} s ({100 * timed_s / max(wall_s, 1e-9):.0f}%) inside timed "
+          "denoising steps")
     reused = [record.get("weights", {}).get("reused") for record in gate.history.records]
     if any(flag is not None for flag in reused):
-        terminalreporter.write_line(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, "
-                                    f"{reused.count(False)} built")
-    terminalreporter.write_line(f"history: {gate.history.path}")
+        write(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, {reused.count(False)} built")
+    fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
+    if fallbacks:
+        write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
+    write(f"history: {gate.history.path}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fluxgate import measure
+from fluxgate import flops, kernels, measure, telemetry
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
@@ -43,6 +43,10 @@ class Runner:
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.warmup_steps, self.steps = warmup_steps, steps
         self._components: tuple[str, dict[str, Any]] | None = None
+        self._step_flops: dict[str, float] = {}  # per model: the same for every precision
+        # Device memory in use before this run allocated anything: NVML's fallback when it cannot attribute
+        # memory to this process (containers with their own pid namespace).
+        self.baseline_used_bytes = telemetry.device_memory_used_bytes(device) if device.type == "cuda" else None
 
     def settings(self, model: ModelSpec) -> dict:
         """Everything that decides the image (compared with the baseline's provenance to detect staleness)."""
@@ -71,13 +75,21 @@ class Runner:
         """Get the combo's transformer from the profile's source and measure images; returns where it came from."""
         model = combo.model_spec
         transformer, origin = self.source.transformer(combo, self.device)
+        pipe = calls = None
         try:
             pipe = model.module.PIPELINE_CLASS(transformer=transformer, **self._shared_components(model))
             pipe.set_progress_bar_config(disable=True)
-            result = measure.run(pipe, self.call_kwargs(model), self.inputs.seed, self.device, self.warmup_steps,
-                                 model.settings(self.profile).timed_images)
+            kwargs = self.call_kwargs(model)
+            result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
+                                 model.settings(self.profile).timed_images, self.baseline_used_bytes)
+            # After the timed images, so profiling never touches their times or peak memory.
+            calls = flops.capture_transformer_calls(pipe, kwargs)
+            result.kernel_path = kernels.kernel_path(pipe, kwargs, combo.precision, calls=calls).to_json()
+            if model.name not in self._step_flops:
+                self._step_flops[model.name] = flops.count_step_flops(pipe, kwargs, calls=calls)
+            result.step_flops = self._step_flops[model.name]
         finally:
-            pipe = transformer = None  # drop every reference before freeing the device
+            pipe = transformer = calls = None  # drop every reference before freeing the device
             release_memory(self.device)
         return result, origin
 

@@ -282,9 +282,10 @@ class GpuSampler:
             baseline = self.baseline_used_bytes if self.baseline_used_bytes is not None else self._enter_used
             if baseline is not None:
                 peak_process, source = max(0, max(device_used) - baseline) / GIB, "device_used_delta"
-                since = "the given baseline" if self.baseline_used_bytes is not None else "the start of the window"
+                minus = ("the baseline read before this process allocated" if self.baseline_used_bytes is not None
+                         else "its value when sampling started (memory held before, such as weights, is left out)")
                 notes.append(f"pid {os.getpid()} is not in NVML's process list (PID namespace of a container?): "
-                             f"process memory is the device's used memory minus its value at {since}")
+                             f"process memory is the device's used memory minus {minus}")
         energy = None if end_mj is None or self._energy_mj is None else (end_mj - self._energy_mj) / 1000.0
         return Telemetry(
             available=True, nvml_device=self._how, samples=len(samples), interval_s=self.interval_s,

@@ -1,0 +1,148 @@
+"""Which GEMM path a combo's quantized linear layers actually ran, from a profile of one denoising step.
+
+diffusers' quantized linears pick their path at run time: `BFLFP8RLinear` runs `torch._scaled_mm` on CUDA compute
+capability 8.9+ (and dequantizes elsewhere), `BFLNVFP4Linear` runs FlashInfer's FP4 GEMM only on compute capability 10+
+with FlashInfer installed, and `GGUFLinear` always dequantizes (with or without its CUDA dequantize kernels). A
+dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fluxgate.flops import TransformerCall, capture_transformer_calls
+
+GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
+# Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
+# `_scaled_mm`), FlashInfer FP4; for the record next to the op counts.
+GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", "e2m1")
+BF16_GEMM = "bf16 GEMM"
+FP8_GEMM = "fp8 GEMM (_scaled_mm)"
+FP4_GEMM = "fp4 GEMM"
+DEQUANT_FALLBACK = "dequantize -> bf16 GEMM (fallback)"
+
+
+def quantized_linear_classes() -> tuple[type, ...]:
+    """diffusers' quantized linear layers: BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear."""
+    import fluxgate.precisions  # noqa: F401  (sets DIFFUSERS_GGUF_CUDA_KERNELS before diffusers' GGUF utils load)
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLNVFP4Linear
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    return BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear
+
+
+@dataclass
+class KernelPath:
+    """The GEMM path of one combo's transformer over one denoising step."""
+
+    precision: str
+    label: str  # BF16_GEMM, FP8_GEMM, FP4_GEMM or DEQUANT_FALLBACK, with a note when only part fell back
+    fallback: bool  # quantized weights ran (some or all of) their GEMMs as dequantize -> bf16 GEMM
+    op_counts: dict[str, int]  # GEMM-family aten ops (and FP4 ops) -> calls in the step
+    quantized_linears: int  # quantized linear modules in the transformer
+    quantized_linear_calls: int = 0  # their forward calls in the step
+    quantized_kinds: dict[str, int] = field(default_factory=dict)  # module class -> count
+    gpu_gemm_kernels: dict[str, int] = field(default_factory=dict)  # CUDA GEMM kernel name -> launches (CUDA only)
+    method: str = "profiler"  # "profiler", or "dispatch" when torch.profiler failed and aten ops were counted
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops as they are dispatched (after composite ops such as linear decompose into mm / addmm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket).replace(".", "::", 1)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _is_fp4_gemm(name: str) -> bool:
+    lower = name.lower()
+    return ("fp4" in lower or "e2m1" in lower) and ("mm" in lower or "gemm" in lower)
+
+
+def _run_step(transformer: torch.nn.Module, calls: list[TransformerCall], device: torch.device) -> None:
+    with torch.inference_mode():
+        for args, kwargs in calls:
+            transformer(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[str, int], str]:
+    """(CPU-side op name -> calls, CUDA kernel name -> launches, method) over the step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            _run_step(transformer, calls, device)
+    except RuntimeError:  # e.g. the profiler cannot start in this process; count dispatched aten ops instead
+        with _OpCounter() as counter:
+            _run_step(transformer, calls, device)
+        return dict(counter.counts), {}, "dispatch"
+    cpu_ops, kernels = Counter(), Counter()
+    for event in prof.key_averages():
+        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA
+        (kernels if is_kernel else cpu_ops)[event.key] += event.count
+    return dict(cpu_ops), dict(kernels), "profiler"
+
+
+def _classify(precision: str, quantized_linears: int, quantized_calls: int, fast_calls: int,
+              scaled_mm_calls: int) -> tuple[str, bool]:
+    """(label, fallback) from the layer count, their calls in the step, and the fast (fp8 / fp4) GEMMs among them."""
+    if quantized_linears == 0:
+        if precision == "bf16":
+            return BF16_GEMM, False
+        return f"{BF16_GEMM} (no quantized layers: weights dequantized at load)", True
+    if fast_calls == 0:
+        return DEQUANT_FALLBACK, True
+    label = FP8_GEMM if scaled_mm_calls else FP4_GEMM
+    if fast_calls < quantized_calls:
+        return f"{label}; dequantize fallback in {quantized_calls - fast_calls} of {quantized_calls} calls", True
+    return label, False
+
+
+def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
+                calls: list[TransformerCall] | None = None) -> KernelPath:
+    """Profile one denoising step of `pipe.transformer` (CPU and, on CUDA, kernel activity) and name the GEMM path
+    its quantized linears ran. `calls` reuses inputs from `flops.capture_transformer_calls`."""
+    calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
+    transformer = pipe.transformer
+    device = next(transformer.parameters(), torch.empty(0)).device
+    classes = quantized_linear_classes()
+    quantized = [module for module in transformer.modules() if isinstance(module, classes)]
+    quantized_calls = 0
+
+    def count_call(module, args):
+        nonlocal quantized_calls
+        quantized_calls += 1
+
+    handles = [module.register_forward_pre_hook(count_call) for module in quantized]
+    try:
+        cpu_ops, kernels, method = _profiled_counts(transformer, calls, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    op_counts = {name: count for name, count in cpu_ops.items() if name in GEMM_OPS or _is_fp4_gemm(name)}
+    gemm_kernels = {name: count for name, count in kernels.items()
+                    if any(mark in name.lower() for mark in GEMM_KERNEL_MARKS)}
+    scaled_mm_calls = op_counts.get("aten::_scaled_mm", 0)
+    # FlashInfer's FP4 GEMM shows as a CPU-side op where it is a torch op, else only as its kernels.
+    fp4_calls = sum(c for n, c in op_counts.items() if _is_fp4_gemm(n)) or \
+        sum(c for n, c in gemm_kernels.items() if _is_fp4_gemm(n))
+    label, fallback = _classify(precision_name, len(quantized), quantized_calls, scaled_mm_calls + fp4_calls,
+                                scaled_mm_calls)
+    return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
+                      quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
+                      quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
+                      gpu_gemm_kernels=gemm_kernels, method=method)

@@ -1,0 +1,86 @@
+"""fluxgate.kernels: which GEMM path the quantized linears of a combo ran. On CPU every quantized combo dequantizes
+(the forced-fallback case); layers that run `torch._scaled_mm` (the H100 fp8 path) are told apart from it."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers.quantizers.bfl.utils import FP8_MAX, BFLFP8RLinear, quantize_fp8r
+
+from fluxgate import kernels
+from fluxgate.kernels import BF16_GEMM, DEQUANT_FALLBACK, FP8_GEMM, kernel_path
+
+QUANTIZED_CLASS = {"fp8-scaled": "BFLFP8RLinear", "nvfp4": "BFLNVFP4Linear", "gguf-q8_0": "GGUFLinear"}
+
+
+@pytest.mark.parametrize("precision", list(QUANTIZED_CLASS))
+def test_quantized_combo_on_cpu_is_flagged_as_dequantize_fallback(tiny_call_kwargs, tiny_flux1, precision):
+    path = kernel_path(tiny_flux1(precision), tiny_call_kwargs, precision)
+
+    assert path.fallback is True and path.label == DEQUANT_FALLBACK
+    assert path.quantized_linears > 0 and path.quantized_linear_calls == path.quantized_linears
+    assert path.quantized_kinds == {QUANTIZED_CLASS[precision]: path.quantized_linears}
+    assert "aten::_scaled_mm" not in path.op_counts and path.op_counts["aten::addmm"] > 0
+
+
+def test_bf16_combo_runs_plain_bf16_gemm(tiny_call_kwargs, tiny_flux1):
+    path = kernel_path(tiny_flux1("bf16"), tiny_call_kwargs, "bf16")
+
+    assert path.fallback is False and path.label == BF16_GEMM
+    assert path.quantized_linears == 0 and path.op_counts["aten::addmm"] > 0
+    assert path.to_json()["label"] == BF16_GEMM
+
+
+class ScaledMMLinear(BFLFP8RLinear):
+    """BFLFP8RLinear's CUDA path (per-row E4M3 activations, `torch._scaled_mm`) without the CUDA check."""
+
+    def forward(self, inputs):
+        x = inputs.reshape(-1, self.in_features).float()
+        x_scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        x_q = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(x_q, self.weight.T, x_scale, self.weight_scale[None, :], out_dtype=torch.bfloat16)
+        return out.reshape(*inputs.shape[:-1], self.out_features)
+
+
+def fp8_layer(cls: type, features: int = 32) -> BFLFP8RLinear:
+    layer = cls(features, features, bias=False, compute_dtype=torch.bfloat16)
+    weight, scale = quantize_fp8r(torch.randn(features, features, generator=torch.Generator().manual_seed(0)))
+    layer.weight.data, layer.weight_scale.data = weight, scale
+    return layer
+
+
+def path_of(*layers: torch.nn.Module, precision: str = "fp8-scaled") -> kernels.KernelPath:
+    transformer = torch.nn.Sequential(*layers)
+    return kernel_path(SimpleNamespace(transformer=transformer), {}, precision,
+                       calls=[((torch.randn(4, 32, dtype=torch.bfloat16),), {})])
+
+
+def test_fp8_layers_that_run_scaled_mm_are_labelled_fp8_gemm():
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(ScaledMMLinear))
+
+    assert path.label == FP8_GEMM and path.fallback is False
+    assert path.op_counts["aten::_scaled_mm"] == 2 and path.quantized_linear_calls == 2
+
+
+def test_some_layers_falling_back_flags_the_combo_and_says_how_many():
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(BFLFP8RLinear))
+
+    assert path.fallback is True
+    assert path.label == f"{FP8_GEMM}; dequantize fallback in 1 of 2 calls"
+
+
+def test_quantized_precision_without_quantized_layers_is_a_fallback():
+    path = path_of(torch.nn.Linear(32, 32).to(torch.bfloat16), precision="nvfp4")
+
+    assert path.fallback is True and path.label.startswith(BF16_GEMM) and "dequantized at load" in path.label
+
+
+def test_without_the_profiler_dispatched_ops_are_counted_instead(monkeypatch):
+    def broken_profiler(*args, **kwargs):
+        raise RuntimeError("profiler unavailable")
+
+    monkeypatch.setattr(kernels, "profile", broken_profiler)
+
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(BFLFP8RLinear))
+
+    assert path.method == "dispatch" and path.op_counts["aten::_scaled_mm"] == 1 and path.fallback is True
