@@ -75,16 +75,17 @@ def _meta_transformer(model: ModelSpec) -> torch.nn.Module:
         return model.module.TRANSFORMER_CLASS(**model.module.TINY_TRANSFORMER_CONFIG)
 
 
+def quantized_linear_keys(transformer: torch.nn.Module, blocks: tuple[str, ...], block_size: int) -> set[str]:
+    """Weight keys of the nn.Linear layers under `blocks` (the transformer blocks) whose in_features the format's
+    block size divides, as real quantized checkpoints choose them: embedders, final layers and norms stay in high
+    precision."""
+    return {f"{name}.weight" for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith(blocks) and module.in_features % block_size == 0}
+
+
 def quantized_keys(model: ModelSpec, state_dict: dict[str, torch.Tensor], block_size: int) -> set[str]:
-    """Weight keys of the nn.Linear layers inside the transformer blocks, as real quantized checkpoints choose them:
-    embedders, final layers and norms stay in high precision."""
-    keys = set()
-    for name, module in _meta_transformer(model).named_modules():
-        key = f"{name}.weight"
-        if (isinstance(module, torch.nn.Linear) and name.startswith(model.quantized_blocks) and key in state_dict
-                and module.in_features % block_size == 0):
-            keys.add(key)
-    return keys
+    """`quantized_linear_keys` of the tiny transformer, among the keys of `state_dict`."""
+    return quantized_linear_keys(_meta_transformer(model), model.quantized_blocks, block_size) & state_dict.keys()
 
 
 def _cached(path: Path) -> str | None:

@@ -15,6 +15,11 @@ Loader layouts (the tensors each precision's file writer in `precisions` stores,
 - `nvfp4`: `weight` uint8 `[N, K/2]`, float8_e4m3fn `weight_scale` `[N, K/16]`, fp32 scalars `weight_scale_2` and
   `input_scale`.
 Everything that is not quantized (embedders, norms, final layers, biases) is bfloat16.
+
+On the CPU every quantized tensor is byte-identical to what the file writer makes from the same bf16 weights. On CUDA,
+Q8_0 still is, but diffusers' fp8r and nvfp4 quantizers divide by Python floats, which CUDA computes as a multiply by
+the reciprocal: some scales land one ulp away from the CPU's (and ~0.1 % of fp8 codes with them). Weights drawn on a
+GPU differ from those drawn on the CPU anyway (another generator); the build is deterministic on one device type.
 """
 
 from __future__ import annotations
@@ -24,16 +29,15 @@ import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
+import gguf
 import torch
+from diffusers.quantizers.bfl.utils import E2M1_MAX, FP8_MAX, quantize_fp8r
+from diffusers.quantizers.gguf.utils import GGUFParameter
 
-from fluxgate.checkpoints import atomic_write, quantized_keys
+from fluxgate.checkpoints import atomic_write, quantized_linear_keys
 from fluxgate.models import ModelSpec
 from fluxgate.precisions import PrecisionSpec, _quantize_nvfp4, load_transformer
-from diffusers.quantizers.bfl.utils import E2M1_MAX, FP8_MAX, quantize_fp8r  # noqa: I001 - after precisions' env setup
-from diffusers.quantizers.gguf.utils import GGUFParameter
-import gguf
 
 StateDict = dict[str, torch.Tensor]
 DTYPE = torch.bfloat16  # what the pipelines compute in, and the precision of every unquantized tensor
@@ -86,8 +90,11 @@ def random_tensor(key: str, shape: torch.Size, seed: int, device: torch.device |
 
 def _q8_0_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """fp32 `[B, 32]` -> uint8 `[B, 34]`, step for step gguf.quants.Q8_0.quantize_blocks (ggml's reference)."""
-    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
-    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    # Divide by a tensor, not the Python number 127: CUDA computes tensor / scalar as tensor * (1 / scalar), which
+    # can land one ulp away from the correctly rounded quotient that numpy (and the CPU) computes.
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    scale = amax / amax.new_tensor(127.0)
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), scale.reciprocal())
     scaled = blocks * inverse
     # np_roundf: round half away from zero, computed as floor(a) + floor(2 * (a - floor(a))). floor(a + 0.5) is not
     # the same: a + 0.5 can round up in fp32 (0.49999997 + 0.5 == 1.0).
@@ -143,28 +150,21 @@ def meta_transformer(model: ModelSpec, config: dict | None = None) -> torch.nn.M
         return model.module.TRANSFORMER_CLASS(**(config or model.module.FULL_TRANSFORMER_CONFIG))
 
 
-def _quantized_keys(model: ModelSpec, config: dict, state_dict: StateDict, block_size: int) -> set[str]:
-    # checkpoints.quantized_keys holds the rule (linears under model.quantized_blocks, in_features a multiple of the
-    # block); it reads the transformer class and config from model.module, so hand it a view with this config.
-    view = SimpleNamespace(quantized_blocks=model.quantized_blocks, module=SimpleNamespace(
-        TRANSFORMER_CLASS=model.module.TRANSFORMER_CLASS, TINY_TRANSFORMER_CONFIG=config))
-    return quantized_keys(view, state_dict, block_size)
-
-
 def random_state_dict(model: ModelSpec, precision: PrecisionSpec, device: torch.device | str, seed: int,
                       config: dict | None = None) -> StateDict:
     """The transformer's state dict in `precision`'s loader layout, every tensor made on `device` (module docstring).
 
     `config` overrides the full-size config (tests use the tiny one). Quantized weights are those real quantized
-    checkpoints quantize (`checkpoints.quantized_keys`), made from the same bf16 values the bf16 state dict holds.
+    checkpoints quantize (`checkpoints.quantized_linear_keys`), made from the same bf16 values the bf16 state dict holds.
     """
     config = config or model.module.FULL_TRANSFORMER_CONFIG
-    shapes = meta_transformer(model, config).state_dict()
+    meta = meta_transformer(model, config)
+    shapes = meta.state_dict()
     layout = _LAYOUTS.get(precision.name)
     if layout is None and precision.name != "bf16":
         raise ValueError(f"{precision.name}: the synthetic profile has no in-memory layout for this precision; "
                          f"add one to fluxgate.synthetic._LAYOUTS")
-    quantize = _quantized_keys(model, config, shapes, precision.block_size) if layout else set()
+    quantize = quantized_linear_keys(meta, model.quantized_blocks, precision.block_size) if layout else set()
     state_dict: StateDict = {}
     for key, meta in shapes.items():
         if not meta.is_floating_point():

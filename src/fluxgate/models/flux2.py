@@ -127,7 +127,7 @@ FULL_TRANSFORMER_CONFIG: dict = {
     "eps": 1e-6,
     "guidance_embeds": True,  # FLUX.2-dev is guidance-distilled
 }
-# black-forest-labs/FLUX.2-dev vae/config.json: 84,046,115 parameters and batch-norm statistics.
+# black-forest-labs/FLUX.2-dev vae/config.json: 84,046,115 parameters, plus batch-norm statistics of the latents.
 FULL_VAE_CONFIG: dict = {
     "in_channels": 3,
     "out_channels": 3,
@@ -139,7 +139,7 @@ FULL_VAE_CONFIG: dict = {
     "latent_channels": _LATENT_CHANNELS,
     "norm_num_groups": 32,
     "sample_size": 1024,
-    "force_upcast": True,
+    # The file also says "force_upcast": true, which this class does not take (from_pretrained drops it).
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
