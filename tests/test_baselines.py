@@ -15,8 +15,9 @@ BF16, NVFP4 = Combo("flux1-dev", "bf16"), Combo("flux1-dev", "nvfp4")
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
-def _write(root, measured=(Measured(BF16, 2.0, 1.0, 1.0, None), Measured(NVFP4, 4.0, 0.5, 0.9, 20.0))):
-    return baselines.write(root, "cpu", list(measured), {"flux1-dev": IMAGE}, {"models": {"flux1-dev": SETTINGS}})
+def _write(root, measured=(Measured(BF16, 2.0, 1.0, 1.0, None), Measured(NVFP4, 4.0, 0.5, 0.99, 30.0))):
+    folder, _ = baselines.write(root, "cpu", list(measured), {"flux1-dev": IMAGE}, {"models": {"flux1-dev": SETTINGS}})
+    return folder
 
 
 def test_written_baseline_loads_back_as_margin_and_tier_limits(tmp_path):
@@ -75,3 +76,14 @@ def test_missing_or_broken_reference_image_names_the_image(tmp_path, damage, say
     with pytest.raises(BaselineError, match=says) as error:
         baseline.reference()
     assert str(baseline.reference_image) in str(error.value)
+
+
+def test_similarity_already_below_its_tier_is_floored_at_the_measurement_less_the_margin(tmp_path):
+    _, below = baselines.write(tmp_path, "cpu", [Measured(NVFP4, 4.0, 0.5, 0.9, 20.0)], {"flux1-dev": IMAGE},
+                               {"models": {"flux1-dev": SETTINGS}})
+
+    margins = baselines.DEFAULT_MARGINS["cpu"]
+    thresholds = baselines.load(tmp_path, "cpu", NVFP4, SETTINGS).thresholds
+    assert below == ["flux1-dev[nvfp4]"]
+    assert thresholds.min_ms_ssim == pytest.approx(0.9 - margins["ms_ssim"])
+    assert thresholds.min_psnr_db == pytest.approx(20.0 - margins["psnr_db"])

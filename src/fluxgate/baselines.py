@@ -1,7 +1,8 @@
 """Stored baselines, one folder per GPU class: BF16 reference images, thresholds and their provenance.
 
     baselines/<gpu-class>/thresholds.toml      limits per combo (+ the measured values they came from)
-    baselines/<gpu-class>/provenance.json      who made them: machine, versions, command, settings per model
+    baselines/<gpu-class>/provenance.json      who made them: per run the machine, versions, command and history
+                                               file; per model its image settings and the run that made it
     baselines/<gpu-class>/<model>.png          the BF16 reference image of each model
 
 `cpu` is the class of the tiny profile on CPU. Thresholds are derived from measurements with stated margins;
@@ -29,7 +30,8 @@ PROVENANCE_FILE = "provenance.json"
 # CPU: tiny steps take milliseconds on shared 2-core machines (it/s seen to vary +-40 % run to run), and process RSS
 # moves +-25 % with the pytest plugins and allocator state, so only a halving of speed or a near-doubling of
 # memory fails there. GPU classes are judged tightly.
-DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.75}, "gpu": {"speed": 0.1, "memory": 0.05}}
+DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.75, "ms_ssim": 0.005, "psnr_db": 1.0},
+                   "gpu": {"speed": 0.1, "memory": 0.05, "ms_ssim": 0.005, "psnr_db": 1.0}}
 # Similarity floors per precision tier, against the BF16 reference image. Measured on the tiny profile (CPU):
 # fp8-scaled 0.998-0.999 / 40-44 dB, gguf-q8_0 0.9996+ / 45-48 dB, nvfp4 0.983-0.993 / 30-34 dB, while zeroing
 # the quantized blocks gives 0.64-0.89 / 17-22 dB and 30 % weight noise 0.87-0.95.
@@ -129,15 +131,27 @@ class Measured:
     psnr_db: float | None
 
 
+def _floor(tier_floor: float, measured: float | None, margin: float) -> tuple[float, bool]:
+    """The tier's floor, or, when the measurement is already below it, the measurement less the margin (a regression
+    gate: random-weight full-size models amplify quantization error beyond what the tier promises for real weights).
+    Returns the floor and whether it is below the tier."""
+    if measured is None or measured >= tier_floor:  # None: PSNR of identical images
+        return tier_floor, False
+    return round(measured - margin, 4), True
+
+
 def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> dict:
     """The thresholds entry for one combo: limits from the measurement and margins, plus the measurement."""
+    min_ms_ssim, ssim_below = _floor(similarity[tier]["min_ms_ssim"], measured.ms_ssim, margins["ms_ssim"])
+    min_psnr_db, psnr_below = _floor(similarity[tier]["min_psnr_db"], measured.psnr_db, margins["psnr_db"])
     return {
         **asdict(Thresholds(
             min_it_s=round(measured.it_s * (1 - margins["speed"]), 4),
             max_peak_mem_gib=round(measured.peak_mem_gib * (1 + margins["memory"]), 4),
-            min_ms_ssim=similarity[tier]["min_ms_ssim"],
-            min_psnr_db=similarity[tier]["min_psnr_db"],
+            min_ms_ssim=min_ms_ssim,
+            min_psnr_db=min_psnr_db,
         )),
+        "below_tier": ssim_below or psnr_below,
         "measured_it_s": round(measured.it_s, 4),
         "measured_peak_mem_gib": round(measured.peak_mem_gib, 4),
         "measured_ms_ssim": round(measured.ms_ssim, 6),
@@ -146,8 +160,9 @@ def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> di
 
 
 def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str, Image.Image],
-          provenance: dict) -> Path:
+          provenance: dict) -> tuple[Path, list[str]]:
     """Merge new limits, reference images and provenance into `root/gpu_class`; combos not re-measured keep theirs.
+    Returns the folder and the combos whose similarity was already below their tier's floor.
 
     Margins and similarity floors already in the file (perhaps edited by hand) are kept; defaults fill the gaps."""
     folder = root / gpu_class
@@ -158,17 +173,23 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
     similarity = {tier: {**limits, **table.get("similarity", {}).get(tier, {})}
                   for tier, limits in DEFAULT_SIMILARITY.items()}
     table["margins"], table["similarity"] = margins, similarity
+    below_tier = []
     for m in measured:
         entry = derive(m, m.combo.precision_spec.tier, margins, similarity)
         table.setdefault(m.combo.model, {})[m.combo.precision] = {k: v for k, v in entry.items() if v is not None}
+        if entry["below_tier"]:
+            below_tier.append(m.combo.id)
     for model, image in images.items():
         atomic_write(folder / f"{model}.png", lambda tmp: image.save(tmp, format="PNG"))
     prov_path = folder / PROVENANCE_FILE
     old = _read_json(prov_path) if prov_path.exists() else {}
-    provenance = {**old, **provenance, "models": {**old.get("models", {}), **provenance.get("models", {})}}
+    provenance = {**old, **provenance, "models": {**old.get("models", {}), **provenance.get("models", {})},
+                  "runs": {**old.get("runs", {}), **provenance.get("runs", {})}}
     header = (f"# fluxgate thresholds for GPU class '{gpu_class}', written by `nox -s baselines`.\n"
               "# min_it_s = measured_it_s * (1 - margins.speed); max_peak_mem_gib = measured * (1 + margins.memory);\n"
-              "# similarity floors come from [similarity.<tier>] of the combo's precision. Edit with care.\n")
+              "# similarity floors come from [similarity.<tier>] of the combo's precision, except where the measured\n"
+              "# value is already below the tier (below_tier = true): there the floor is measured - margins.ms_ssim\n"
+              "# (or psnr_db), a regression gate. Edit with care.\n")
     atomic_write(path, lambda tmp: tmp.write_text(header + tomli_w.dumps(table)))
     atomic_write(prov_path, lambda tmp: tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n"))
-    return folder
+    return folder, below_tier

@@ -7,6 +7,7 @@ and become the new baseline; nothing is asserted).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -124,15 +125,14 @@ class Gate:
             self.history.append(record)
         return outcome
 
-    def write_baselines(self) -> Path:
+    def write_baselines(self) -> tuple[Path, list[str]]:
         """Store this run's measurements and bf16 images as the baselines of its GPU class."""
         models = {combo.model: combo.model_spec for combo in self.measured}
-        provenance = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "nox -s baselines (pytest --write-baselines)",
-            "run_id": self.history.run_id,
-            "environment": self.history.environment,
-            "models": {name: self.runner.settings(spec) for name, spec in models.items()},
-        }
+        run = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": "pytest " + " ".join(sys.argv[1:]), "environment": self.history.environment,
+               "history_file": self.history.path.name, "combos": sorted(combo.id for combo in self.measured)}
+        provenance = {"runs": {self.history.run_id: run},
+                      "models": {name: {**self.runner.settings(spec), "run_id": self.history.run_id}
+                                 for name, spec in models.items()}}
         return baselines.write(self.baselines_root, self.gpu_class, list(self.measured.values()), self.references,
                                provenance)

@@ -13,6 +13,7 @@ the peak resident set size of the whole process, sampled every 5 ms during the t
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass, field
@@ -149,12 +150,20 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[flo
 
 
 def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int):
-    """`count` timed images: all their step times, the median seconds per image, the last image."""
+    """`count` timed images: all their step times, the median seconds per image, the last image.
+
+    Python's garbage collector is off while they run (as `timeit` does): eager quantized layers launch many small
+    kernels from Python, and a collection pass inside a step shows up as a 20-30 % slower step."""
     step_times, e2e, image = [], [], None
-    for _ in range(count):
-        steps, seconds, image = _timed_call(pipe, _seeded(call_kwargs, seed), device)
-        step_times += steps
-        e2e.append(seconds)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(count):
+            steps, seconds, image = _timed_call(pipe, _seeded(call_kwargs, seed), device)
+            step_times += steps
+            e2e.append(seconds)
+    finally:
+        gc.enable()
     return step_times, sorted(e2e)[len(e2e) // 2], image
 
 
@@ -166,7 +175,8 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-        with telemetry.GpuSampler(device, baseline_used_bytes=baseline_used_bytes) as gpu:
+        # 100 ms: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
+        with telemetry.GpuSampler(device, interval_s=0.1, baseline_used_bytes=baseline_used_bytes) as gpu:
             step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
         return RunResult(step_times, e2e_s, torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated",
                          torch.cuda.max_memory_reserved(device) / GIB, image, gpu.telemetry)

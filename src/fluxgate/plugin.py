@@ -36,10 +36,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
     group.addoption("--precisions", default=None, metavar="NAMES",
                     help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
-    group.addoption("--profile", default="tiny", choices=["tiny", "synthetic", "real"],
+    group.addoption("--profile", default="auto", choices=["auto", "tiny", "synthetic", "real"],
                     help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
                          "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
-                         "1024 px, default steps; 'real' = your checkpoints named in --models-file [default: tiny]")
+                         "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
+                         "synthetic on a CUDA device, tiny on CPU [default: auto]")
     group.addoption("--models-file", default="fixtures/models.toml", metavar="FILE",
                     help="where the real profile finds checkpoints and pipeline folders [default: "
                          "fixtures/models.toml]")
@@ -119,6 +120,8 @@ def _make_gate(config: pytest.Config):
     device = resolve_device(config.getoption("device"))
     inputs = Inputs.from_file(_path(config, "prompts"))
     profile = config.getoption("profile")
+    if profile == "auto":
+        profile = "synthetic" if device.type == "cuda" else "tiny"
     source = for_profile(profile, _path(config, "fixture_cache"), inputs.seed, _path(config, "models_file"))
     runner = Runner(profile, device, source, inputs, warmup_steps=config.getoption("warmup_steps"),
                     steps=config.getoption("steps"))
@@ -182,4 +185,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
         written = getattr(config, "_fluxgate_written", None)
         if written:
-            terminalreporter.write_line(f"fluxgate: baselines written to {written}")
+            folder, below_tier = written
+            terminalreporter.write_line(f"fluxgate: baselines written to {folder}")
+            if below_tier:
+                terminalreporter.write_line("similarity below the tier floor, so floored at measured - margin "
+                                            f"(a regression gate, not a quality pass): {', '.join(below_tier)}")
