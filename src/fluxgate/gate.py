@@ -85,6 +85,7 @@ class Gate:
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
                    "step_stats": result.stats.to_json(), "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
+                   "denoise_peak_gib": result.denoise_peak_gib,
                    "timed_steps_s": sum(result.step_times_s), "kernel_path": result.kernel_path,
                    "step_flops": result.step_flops,
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}

@@ -40,6 +40,7 @@ class RunResult:
     telemetry: telemetry.Telemetry | None = None  # NVML samples during the timed images (unavailable on CPU)
     kernel_path: dict | None = None  # which GEMM path the quantized layers ran (kernels.KernelPath.to_json())
     step_flops: float | None = None  # model FLOPs of one denoising step (same for every precision of a model)
+    denoise_peak_gib: float | None = None  # CUDA: peak allocated during the denoising steps alone (no VAE decode)
 
     @property
     def stats(self) -> StepStats:
@@ -67,6 +68,10 @@ class _StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
+        # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
+        self.before_loop_peak_bytes = 0
+        self.denoise_peak_bytes = 0
 
     def _mark(self) -> None:
         if self.cuda:
@@ -77,11 +82,16 @@ class _StepClock:
             self.marks.append(time.perf_counter())
 
     def loop_start(self, module, args, kwargs=None) -> None:
+        if not self.marks and self.cuda:
+            self.before_loop_peak_bytes = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         if not self.marks:
             self._mark()
 
     def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self._mark()
+        if self.cuda:
+            self.denoise_peak_bytes = torch.cuda.max_memory_allocated()
         return callback_kwargs
 
     def step_times_s(self) -> list[float]:
@@ -133,7 +143,7 @@ def _seeded(call_kwargs: dict, seed: int, **overrides) -> dict:
     return {**call_kwargs, **overrides, "generator": torch.Generator("cpu").manual_seed(seed)}
 
 
-def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[float], float, Any]:
+def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[float], float, Any, _StepClock]:
     clock = _StepClock(device)
     handle = pipe.transformer.register_forward_pre_hook(clock.loop_start)
     try:
@@ -146,25 +156,27 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[flo
         e2e_s = time.perf_counter() - start
     finally:
         handle.remove()
-    return clock.step_times_s(), e2e_s, image
+    return clock.step_times_s(), e2e_s, image, clock
 
 
 def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int):
     """`count` timed images: all their step times, the median seconds per image, the last image.
 
-    Python's garbage collector is off while they run (as `timeit` does): eager quantized layers launch many small
-    kernels from Python, and a collection pass inside a step shows up as a 20-30 % slower step."""
-    step_times, e2e, image = [], [], None
+    Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
+    timed step of a launch-bound eager pipeline."""
+    step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
     gc.collect()
     gc.disable()
     try:
         for _ in range(count):
-            steps, seconds, image = _timed_call(pipe, _seeded(call_kwargs, seed), device)
+            steps, seconds, image, clock = _timed_call(pipe, _seeded(call_kwargs, seed), device)
             step_times += steps
             e2e.append(seconds)
+            peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
+            peaks["denoise"] = max(peaks["denoise"], clock.denoise_peak_bytes)
     finally:
         gc.enable()
-    return step_times, sorted(e2e)[len(e2e) // 2], image
+    return step_times, sorted(e2e)[len(e2e) // 2], image, peaks
 
 
 def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
@@ -177,9 +189,12 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
         torch.cuda.reset_peak_memory_stats(device)
         # 100 ms: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
         with telemetry.GpuSampler(device, interval_s=0.1, baseline_used_bytes=baseline_used_bytes) as gpu:
-            step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
-        return RunResult(step_times, e2e_s, torch.cuda.max_memory_allocated(device) / GIB, "cuda_max_allocated",
-                         torch.cuda.max_memory_reserved(device) / GIB, image, gpu.telemetry)
+            step_times, e2e_s, image, peaks = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+        # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
+        peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
+        reserved = torch.cuda.max_memory_reserved(device) / GIB
+        return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
+                         denoise_peak_gib=peaks["denoise"] / GIB)
     with _RssSampler() as rss:
-        step_times, e2e_s, image = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+        step_times, e2e_s, image, _ = _timed_images(pipe, call_kwargs, seed, device, timed_images)
     return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image)
