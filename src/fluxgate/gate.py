@@ -104,6 +104,7 @@ class Gate:
         try:
             result, record["weights"] = self.runner.run(combo)
             outcome.metrics = self._metrics(result)
+            record["image"] = self.history.save_image(combo.id, result.image)
             reference, baseline = self._reference(combo, result)
             sim = similarity.compare(result.image, reference)
             outcome.metrics.update(sim.to_json())

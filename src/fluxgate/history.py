@@ -2,6 +2,7 @@
 
     <history-dir>/<run_id>.json = {"schema": 1, "run_id": ..., "started": ..., "environment": {...},
                                    "records": [{combo, model, precision, profile, outcome, metrics, ...}, ...]}
+    <history-dir>/<run_id>/<model>.<precision>.png   each combo's image (the record's "image" field)
 
 A run rewrites only its own file, and does so atomically after every combo (temporary file + rename), so an
 interrupted run leaves a readable file holding every combo that finished. Reading skips a corrupt file with a
@@ -35,6 +36,12 @@ class RunHistory:
     @property
     def path(self) -> Path:
         return self.directory / f"{self.run_id}.json"
+
+    def save_image(self, combo_id: str, image) -> str:
+        """Keep a combo's image beside the history (`<run_id>/<combo>.png`) for reports; returns the relative path."""
+        relative = f"{self.run_id}/{combo_id.replace('[', '.').replace(']', '')}.png"
+        atomic_write(self.directory / relative, lambda tmp: image.save(tmp, format="PNG"))
+        return relative
 
     def append(self, record: dict) -> None:
         """Add one combo's record and persist the whole run file atomically."""
