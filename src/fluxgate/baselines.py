@@ -27,10 +27,11 @@ THRESHOLDS_FILE = "thresholds.toml"
 PROVENANCE_FILE = "provenance.json"
 
 # Margins turn a measurement into a limit: min it/s = measured * (1 - speed), max memory = measured * (1 + memory).
-# CPU: tiny steps take milliseconds on shared 2-core machines (it/s seen to vary +-40 % run to run), and process RSS
-# moves +-25 % with the pytest plugins and allocator state, so only a halving of speed or a near-doubling of
-# memory fails there. GPU classes are judged tightly.
-DEFAULT_MARGINS = {"cpu": {"speed": 0.5, "memory": 0.75, "ms_ssim": 0.005, "psnr_db": 1.0},
+# CPU: tiny steps take milliseconds on shared 2-core machines (it/s seen to vary +-40 % run to run, and 3x slower
+# while other processes load both cores), and process RSS moves +-25 % with the pytest plugins and allocator state,
+# so on CPU speed is a smoke check (fails below a quarter of the measured rate) and memory fails near doubling.
+# GPU classes are judged tightly.
+DEFAULT_MARGINS = {"cpu": {"speed": 0.75, "memory": 0.75, "ms_ssim": 0.005, "psnr_db": 1.0},
                    "gpu": {"speed": 0.1, "memory": 0.05, "ms_ssim": 0.005, "psnr_db": 1.0}}
 # Similarity floors per precision tier, against the BF16 reference image. Measured on the tiny profile (CPU):
 # fp8-scaled 0.998-0.999 / 40-44 dB, gguf-q8_0 0.9996+ / 45-48 dB, nvfp4 0.983-0.993 / 30-34 dB, while zeroing
