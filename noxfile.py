@@ -55,6 +55,14 @@ def perf_gpu(session: nox.Session) -> None:
 
 
 @nox.session
+def report(session: nox.Session) -> None:
+    """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""
+    _install(session)
+    session.run("python", "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
+                "--baselines-dir", "baselines", *session.posargs, env=ENV)
+
+
+@nox.session
 def baselines(session: nox.Session) -> None:
     """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
     _install(session)

@@ -39,7 +39,7 @@ class RunHistory:
 
     def save_image(self, combo_id: str, image) -> str:
         """Keep a combo's image beside the history (`<run_id>/<combo>.png`) for reports; returns the relative path."""
-        relative = f"{self.run_id}/{combo_id.replace('[', '.').replace(']', '')}.png"
+        relative = f"{self.run_id}/{file_name(combo_id)}.png"
         atomic_write(self.directory / relative, lambda tmp: image.save(tmp, format="PNG"))
         return relative
 
@@ -52,6 +52,11 @@ class RunHistory:
         text = json.dumps(document, indent=1, sort_keys=True, allow_nan=False, default=str) + "\n"
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
         self.records.append(record)  # only once it is on disk: a failed write never poisons later appends
+
+
+def file_name(combo_id: str) -> str:
+    """`flux1-dev[nvfp4]` -> `flux1-dev.nvfp4`: a combo's name in file names and URLs (no brackets)."""
+    return combo_id.replace("[", ".").replace("]", "")
 
 
 def _finite(value):

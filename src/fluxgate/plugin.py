@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
     group.addoption("--warmup-steps", type=int, default=1, metavar="N",
                     help="steps of the untimed warm-up image before each timed image [default: 1]")
+    group.addoption("--report-dir", default=None, metavar="DIR",
+                    help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
+                         "(off by default; `nox -s report` makes the same from history alone)")
     group.addoption("--write-baselines", action="store_true",
                     help="measure and write baselines for this GPU class instead of asserting against them "
                          "(what `nox -s baselines` runs)")
@@ -176,6 +180,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     gate = session.config.stash.get(GATE_KEY, None)
     if gate is not None and gate.write and gate.measured:
         session.config._fluxgate_written = gate.write_baselines()
+    if gate is not None and session.config.getoption("report_dir"):
+        from fluxgate.errors import FluxgateError
+        from fluxgate.publish import write_report
+
+        try:  # a reporting problem must never change the gate's result
+            written = write_report(gate.history.directory, _path(session.config, "report_dir"), gate.baselines_root,
+                                   run_id=gate.history.run_id)
+            session.config._fluxgate_report = written[0]
+        except (FluxgateError, OSError) as error:
+            warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -183,6 +197,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     gate = config.stash.get(GATE_KEY, None)
     if outcomes and gate is not None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
+        report_path = getattr(config, "_fluxgate_report", None)
+        if report_path:
+            terminalreporter.write_line(f"fluxgate: report written to {report_path}")
         written = getattr(config, "_fluxgate_written", None)
         if written:
             folder, below_tier = written

@@ -1,0 +1,397 @@
+"""Regression verdicts against history: is a run's combo slower, heavier or less faithful than its recent past?
+
+A pure library: history records in (as `fluxgate.history.read` returns them), `Verdict`s out; no I/O, no pytest.
+Every result depends only on the set of records given, never on their order.
+
+Speed (`step_time_s`, from each record's per-step `step_times_s`) is a regression only when all three hold:
+
+1. **Significant, by ranks.** A one-sided Mann-Whitney U test of the candidate's step times against the pooled
+   step times of the baseline window, p < `alpha` (0.01). Ranks, not a t-test: step times are right-skewed (on an
+   H100, per-step CV 1.3-2 % with a tail up to +10 %: a preempted step, a clock dip), and a few slow steps would
+   move a mean and inflate a standard deviation; ranks give a spike the weight of one step.
+2. **Large enough to matter.** The Hodges-Lehmann shift (the median of every candidate-minus-baseline step
+   difference) is at least `min_speed_effect` (2 %) of the baseline median.
+3. **Beyond every baseline run.** The candidate's median is slower than the slowest run median in the window by
+   more than `min_run_margin` (1 %) or the window's run-to-run spread, whichever is larger (the range of its run
+   medians, scaled to what two runs would show by the control-chart constant d2). The U test treats the
+   steps of one run as independent draws, but they are not: they share the process's offset (per-process medians
+   on one H100 differ by up to 0.9 %; on two H100s of the same class, 2 % for bf16 and up to 6.5 % for the nvfp4
+   dequantize fallback) and neighbouring steps are autocorrelated. With 28 steps a 1.5 % offset is already
+   "significant" (p < 1e-3): in simulation the test alone flags 6-12 % of normal runs against two others. This check
+   makes the run, not the step, the unit of evidence: a candidate inside the window's own run-to-run spread is
+   never a regression, and a combo whose runs scatter by 4 % needs a 4 % move. Condition 2 is what carries the
+   gate with a one-run window, where there is no spread to measure: give it two runs or more.
+
+Improvement is the mirror image; an improvement of more than `unexplained_improvement` (10 %) is reported as
+"improvement (unexplained, check)": a big speed-up in a gate more often means work was skipped than made faster.
+A suspected speed regression is final only after `confirm` sees it again in a re-measurement.
+
+Peak memory (`peak_mem_gib`, one near-deterministic value per run) is a regression when it exceeds the window's
+maximum by more than both `memory_tolerance` (2 %) and `memory_tolerance_gib` (0.25 GiB), an improvement when it
+is below the window's minimum by as much. MS-SSIM (`ms_ssim`, deterministic for a given device and versions) is a
+regression when it is below the window's minimum by more than `similarity_tolerance` (0.002), an improvement when
+above its maximum by as much.
+
+The window holds runs of the same combo, GPU class, profile and settings whose outcome is "passed" or "failed"
+(error and skipped runs measured nothing usable), other than the candidate's own run: the last `last_n` recorded
+before it, or every clean run of a named base commit. They must agree with the
+candidate on every comparability field (`COMPARABILITY_FIELDS`). When only disagreeing runs exist, the verdict is
+"not comparable" and names the fields; `ignore_fields` compares across a deliberate upgrade and lists the
+differences as notes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import integrate
+from scipy import stats as scipy_stats
+
+REGRESSION = "regression"
+IMPROVEMENT = "improvement"
+UNEXPLAINED_IMPROVEMENT = "improvement (unexplained, check)"
+NO_CHANGE = "no change"
+NOT_COMPARABLE = "not comparable"
+
+# Worst first: a verdict's outcome is the worst of its metrics'.
+_SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
+
+USABLE_OUTCOMES = ("passed", "failed")  # a failed limit is still a valid measurement; error/skipped are not
+
+# Fingerprint field -> its path in a record's "environment". Two runs that differ in any of these measure a
+# different system, so a difference is not the code's doing.
+COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "diffusers": ("diffusers",),
+    "cuda": ("cuda",),
+    "device_name": ("device_name",),
+    "driver_version": ("gpu", "driver_version"),
+    "compute_capability": ("compute_capability",),
+    "power_limit_w": ("gpu", "power_limit_w"),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The decision rule's parameters; fractions are relative (0.02 = 2 %)."""
+
+    alpha: float = 0.01  # one-sided Mann-Whitney U level per comparison
+    min_speed_effect: float = 0.02  # Hodges-Lehmann shift of step time / baseline median
+    min_run_margin: float = 0.01  # beyond the slowest (fastest) baseline run median, at least
+    unexplained_improvement: float = 0.10  # a speed or memory gain beyond this asks for a human
+    memory_tolerance: float = 0.02  # of the window's max (min)
+    memory_tolerance_gib: float = 0.25  # and at least this many GiB
+    similarity_tolerance: float = 0.002  # MS-SSIM units below the window's min (above its max)
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class MetricVerdict:
+    """One metric of one combo: candidate vs the window's median, in the metric's unit (named in `metric`).
+
+    `relative_delta` = candidate / baseline - 1. `effect_size` is the quantity the rule's size threshold applies to:
+    step time: Hodges-Lehmann shift / baseline median; memory: distance past the window's max (or min) / that bound;
+    MS-SSIM: candidate minus the window's min (or max), in MS-SSIM units. `p_value` is set for step time only.
+    """
+
+    metric: str  # "step_time_s", "peak_mem_gib" or "ms_ssim"
+    outcome: str
+    candidate: float | None
+    baseline: float | None
+    relative_delta: float | None
+    p_value: float | None
+    effect_size: float | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One combo of one run against its baseline window."""
+
+    combo: str
+    run_id: str
+    outcome: str
+    metrics: tuple[MetricVerdict, ...] = ()
+    reason: str = ""  # why "not comparable"
+    notes: tuple[str, ...] = ()  # ignored fingerprint differences, confirmation
+    baseline_run_ids: tuple[str, ...] = ()
+    baseline_step_times_s: tuple[tuple[float, ...], ...] = ()  # per window run, sorted; `confirm` reuses them
+    policy: Policy = DEFAULT_POLICY
+
+    def metric(self, name: str) -> MetricVerdict | None:
+        return next((m for m in self.metrics if m.metric == name), None)
+
+    @property
+    def message(self) -> str:
+        """One line for a person: outcome, then why or per metric."""
+        if self.outcome == NOT_COMPARABLE:
+            return f"{self.combo}: {NOT_COMPARABLE} ({self.reason})"
+        parts = [f"{m.metric} {m.message}" for m in self.metrics]
+        notes = f" [{'; '.join(self.notes)}]" if self.notes else ""
+        return f"{self.combo}: {self.outcome} - " + "; ".join(parts) + notes
+
+
+# ---- window ----
+
+def _environment_field(environment: dict, path: tuple[str, ...]):
+    value = environment or {}
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def fingerprint_differences(baseline_env: dict, candidate_env: dict, ignore_fields: Iterable[str] = ()) -> list[str]:
+    """`"torch 2.11.0 -> 2.12.0"` for each comparability field that differs (baseline -> candidate)."""
+    ignored = set(ignore_fields)
+    unknown = ignored - set(COMPARABILITY_FIELDS)
+    if unknown:
+        raise ValueError(f"ignore_fields: unknown field(s) {sorted(unknown)}; known: {sorted(COMPARABILITY_FIELDS)}")
+    differences = []
+    for name, path in COMPARABILITY_FIELDS.items():
+        before, after = _environment_field(baseline_env, path), _environment_field(candidate_env, path)
+        if name not in ignored and before != after:
+            differences.append(f"{name} {_show(before)} -> {_show(after)}")
+    return differences
+
+
+def _show(value) -> str:
+    return "absent" if value is None else str(value)
+
+
+def _time_order(record: dict) -> tuple[str, str]:
+    return (str(record.get("recorded") or ""), str(record.get("run_id") or ""))
+
+
+def _eligible(records: Iterable[dict], candidate: dict, base_commit: str | None) -> list[dict]:
+    """Same measurement (combo, GPU class, profile, settings), usable outcome, another run, earlier or of the base
+    commit; oldest first."""
+    keys = ("combo", "gpu_class", "profile", "settings")
+    chosen = [r for r in records
+              if all(r.get(k) == candidate.get(k) for k in keys)
+              and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")]
+    if base_commit is None:
+        # Without a named base, the baseline is the past: history replayed for an old run sees what existed then.
+        chosen = [r for r in chosen if _time_order(r) < _time_order(candidate)]
+    else:
+        # A dirty tree at the base commit is not the base commit.
+        chosen = [r for r in chosen if str((r.get("environment") or {}).get("git_commit") or "").startswith(base_commit)
+                  and not (r.get("environment") or {}).get("git_dirty")]
+    return sorted(chosen, key=_time_order)
+
+
+def select_window(records: Iterable[dict], candidate: dict, last_n: int = 5, base_commit: str | None = None,
+                  ignore_fields: Iterable[str] = ()) -> list[dict]:
+    """The baseline runs for `candidate`, oldest first: the last `last_n` comparable runs recorded before it, or with
+    `base_commit` (a full or abbreviated SHA) every comparable run of that commit whose tree was clean."""
+    if last_n < 1:
+        raise ValueError(f"last_n must be at least 1, got {last_n}")
+    if base_commit is not None and len(base_commit) < 4:
+        raise ValueError(f"base_commit {base_commit!r}: give at least 4 hex digits of the commit")
+    ignore_fields = tuple(ignore_fields)
+    comparable = [r for r in _eligible(records, candidate, base_commit)
+                  if not fingerprint_differences(r.get("environment"), candidate.get("environment"), ignore_fields)]
+    return comparable if base_commit is not None else comparable[-last_n:]
+
+
+# ---- metrics ----
+
+def _metric(metric: str, outcome: str, candidate, baseline, p_value, effect, message: str) -> MetricVerdict:
+    delta = None if candidate is None or not baseline else candidate / baseline - 1
+    return MetricVerdict(metric, outcome, candidate, baseline, delta, p_value, effect, message)
+
+
+@lru_cache(maxsize=None)
+def _expected_range(k: int) -> float:
+    """E[max - min] of k standard normal draws (the control-chart constant d2: 1.128 for 2, 2.326 for 5)."""
+    def integrand(x: float) -> float:
+        cdf = scipy_stats.norm.cdf(x)
+        return 1.0 - cdf**k - (1.0 - cdf) ** k
+    return float(integrate.quad(integrand, -np.inf, np.inf)[0])
+
+
+def _run_to_run_spread(run_medians: np.ndarray) -> float:
+    """The typical relative difference between two runs' medians, estimated from the window's range.
+
+    The range of k run medians grows with k; scaling it by d2(2) / d2(k) gives what the range of two runs would be,
+    so a longer window makes the rule sharper, not blunter. 0 for a single run."""
+    k = len(run_medians)
+    if k < 2:
+        return 0.0
+    relative_range = float((run_medians.max() - run_medians.min()) / np.median(run_medians))
+    return relative_range * _expected_range(2) / _expected_range(k)
+
+
+def speed_verdict(candidate_step_times_s: Sequence[float], baseline_runs_step_times_s: Sequence[Sequence[float]],
+                  policy: Policy = DEFAULT_POLICY) -> MetricVerdict:
+    """Step times (seconds) of one candidate run against the window's runs (one sequence of seconds per run)."""
+    candidate = np.sort(np.asarray(candidate_step_times_s, dtype=np.float64))
+    runs = [np.sort(np.asarray(run, dtype=np.float64)) for run in baseline_runs_step_times_s if len(run)]
+    for times in (candidate, *runs):
+        if not np.all(np.isfinite(times) & (times > 0)):
+            raise ValueError(f"speed_verdict: step times must be finite and > 0 seconds, got {times.tolist()}")
+    if candidate.size == 0 or not runs:
+        missing = "candidate" if candidate.size == 0 else "baseline window"
+        return _metric("step_time_s", NOT_COMPARABLE, None, None, None, None, f"no step times in the {missing}")
+    pooled = np.sort(np.concatenate(runs))
+    base, cand = float(np.median(pooled)), float(np.median(candidate))
+    shift = float(np.median(np.subtract.outer(candidate, pooled))) / base  # Hodges-Lehmann, relative
+    run_medians = np.array([np.median(run) for run in runs])
+    margin = max(policy.min_run_margin, _run_to_run_spread(run_medians))
+    p_slower = float(scipy_stats.mannwhitneyu(candidate, pooled, alternative="greater").pvalue)
+    p_faster = float(scipy_stats.mannwhitneyu(candidate, pooled, alternative="less").pvalue)
+    slower = (p_slower < policy.alpha and shift >= policy.min_speed_effect
+              and cand / run_medians.max() - 1 > margin)
+    faster = (p_faster < policy.alpha and shift <= -policy.min_speed_effect
+              and cand / run_medians.min() - 1 < -margin)
+    if slower:
+        outcome = REGRESSION
+    elif faster:
+        outcome = UNEXPLAINED_IMPROVEMENT if 1 - cand / base > policy.unexplained_improvement else IMPROVEMENT
+    else:
+        outcome = NO_CHANGE
+    p_value = p_slower if shift >= 0 else p_faster
+    message = (f"{outcome}: {cand / base - 1:+.1%} ({cand * 1e3:.2f} vs {base * 1e3:.2f} ms/step, median of "
+               f"{len(runs)} run(s); {1 / cand:.3f} vs {1 / base:.3f} it/s), shift {shift:+.1%}, p={p_value:.2g}")
+    if outcome == NO_CHANGE:
+        message += (f" (flags at |shift| >= {policy.min_speed_effect:.1%} with p < {policy.alpha:g} and "
+                    f"{margin:.1%} beyond every baseline run)")
+    return _metric("step_time_s", outcome, cand, base, p_value, shift, message)
+
+
+def memory_verdict(candidate_gib: float | None, window_gib: Sequence[float | None],
+                   policy: Policy = DEFAULT_POLICY) -> MetricVerdict:
+    """Peak memory (GiB) of the candidate against the window's runs."""
+    window = sorted(v for v in window_gib if v is not None)
+    if candidate_gib is None or not window:
+        return _metric("peak_mem_gib", NOT_COMPARABLE, candidate_gib, None, None, None, "no peak memory to compare")
+    low, high, base = window[0], window[-1], float(np.median(window))
+
+    def margin(bound: float) -> float:
+        return max(policy.memory_tolerance * bound, policy.memory_tolerance_gib)
+
+    if candidate_gib > high + margin(high):
+        outcome, effect = REGRESSION, (candidate_gib - high) / high
+    elif candidate_gib < low - margin(low):
+        effect = (candidate_gib - low) / low
+        outcome = UNEXPLAINED_IMPROVEMENT if -effect > policy.unexplained_improvement else IMPROVEMENT
+    else:
+        outcome, effect = NO_CHANGE, 0.0
+    message = (f"{outcome}: {candidate_gib:.3f} GiB vs window {low:.3f}-{high:.3f} GiB "
+               f"(tolerance {policy.memory_tolerance:.0%} and {policy.memory_tolerance_gib:g} GiB)")
+    return _metric("peak_mem_gib", outcome, candidate_gib, base, None, effect, message)
+
+
+def similarity_verdict(candidate_ms_ssim: float | None, window_ms_ssim: Sequence[float | None],
+                       policy: Policy = DEFAULT_POLICY) -> MetricVerdict:
+    """MS-SSIM against the BF16 reference (1.0 = identical) of the candidate against the window's runs."""
+    window = sorted(v for v in window_ms_ssim if v is not None)
+    if candidate_ms_ssim is None or not window:
+        return _metric("ms_ssim", NOT_COMPARABLE, candidate_ms_ssim, None, None, None, "no MS-SSIM to compare")
+    low, high = window[0], window[-1]
+    if candidate_ms_ssim < low - policy.similarity_tolerance:
+        outcome, effect = REGRESSION, candidate_ms_ssim - low
+    elif candidate_ms_ssim > high + policy.similarity_tolerance:
+        outcome, effect = IMPROVEMENT, candidate_ms_ssim - high
+    else:
+        outcome, effect = NO_CHANGE, 0.0
+    message = (f"{outcome}: {candidate_ms_ssim:.4f} vs window {low:.4f}-{high:.4f} "
+               f"(tolerance {policy.similarity_tolerance:g})")
+    return _metric("ms_ssim", outcome, candidate_ms_ssim, float(np.median(window)), None, effect, message)
+
+
+def _overall(metrics: Sequence[MetricVerdict]) -> str:
+    outcomes = {m.outcome for m in metrics}
+    return next((o for o in _SEVERITY if o in outcomes), NO_CHANGE)
+
+
+# ---- run and combo ----
+
+def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5, base_commit: str | None = None,
+                   ignore_fields: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> Verdict:
+    """The verdict for one combo record of a run against its baseline window in `records`."""
+    records, ignore_fields = list(records), tuple(ignore_fields)
+    combo, run_id = str(candidate.get("combo")), str(candidate.get("run_id"))
+    verdict = Verdict(combo, run_id, NOT_COMPARABLE, policy=policy)
+    if candidate.get("outcome") not in USABLE_OUTCOMES:
+        why = candidate.get("error") or "no measurement"
+        return replace(verdict, reason=f"candidate run {run_id} has outcome {candidate.get('outcome')}: {why}")
+    window = select_window(records, candidate, last_n, base_commit, ignore_fields)
+    if not window:
+        return replace(verdict, reason=_no_window_reason(records, candidate, base_commit, ignore_fields))
+    ignored = [f"ignored {d}" for d in sorted({d for r in window for d in fingerprint_differences(
+        r.get("environment"), candidate.get("environment"))})]
+    metrics_of = [r.get("metrics") or {} for r in window]
+    candidate_metrics = candidate.get("metrics") or {}
+    baseline_steps = tuple(tuple(sorted(m.get("step_times_s") or ())) for m in metrics_of)
+    metrics = (
+        speed_verdict(candidate_metrics.get("step_times_s") or (), baseline_steps, policy),
+        memory_verdict(candidate_metrics.get("peak_mem_gib"), [m.get("peak_mem_gib") for m in metrics_of], policy),
+        similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
+    )
+    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored),
+                   baseline_run_ids=tuple(str(r.get("run_id")) for r in window), baseline_step_times_s=baseline_steps)
+
+
+def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | None, ignore_fields) -> str:
+    eligible = _eligible(records, candidate, base_commit)
+    where = f"{candidate.get('gpu_class')} (profile {candidate.get('profile')}, same settings)"
+    if base_commit is not None:
+        where += f" at commit {base_commit}"
+    if not eligible:
+        return f"no baseline runs of {candidate.get('combo')} on {where}"
+    latest = eligible[-1]
+    differences = fingerprint_differences(latest.get("environment"), candidate.get("environment"), ignore_fields)
+    return f"{', '.join(differences)} (vs run {latest.get('run_id')}; pass ignore_fields to compare anyway)"
+
+
+def compare_run(records: Iterable[dict], run_id: str, *, last_n: int = 5, base_commit: str | None = None,
+                ignore_fields: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> list[Verdict]:
+    """A verdict for every combo of run `run_id`, sorted by combo."""
+    records = list(records)
+    candidates = sorted((r for r in records if r.get("run_id") == run_id), key=lambda r: str(r.get("combo")))
+    if not candidates:
+        raise ValueError(f"run {run_id}: no records in the history given")
+    return [compare_record(records, c, last_n=last_n, base_commit=base_commit, ignore_fields=ignore_fields,
+                           policy=policy) for c in candidates]
+
+
+def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
+            base_step_times_s: Sequence[Sequence[float]] | None = None) -> Verdict:
+    """Keep `first`'s speed regression (or improvement) only if a re-measurement shows it too.
+
+    `remeasured_step_times_s`: the candidate's step times (seconds) from a fresh process. `base_step_times_s`: one
+    sequence per base run measured alongside it (ideally interleaved, base/candidate/base/..., on the same machine
+    so that drift hits both); without it the re-measurement is judged against `first`'s window. Both measurements
+    must clear the whole rule on their own rather than be pooled: pooling would let one process's offset carry the
+    other, while two independent processes each landing beyond the window is what a real change looks like. The
+    combined p-value is the larger of the two (an intersection-union test) and the effect the smaller shift.
+    """
+    speed = first.metric("step_time_s")
+    if first.outcome == NOT_COMPARABLE or speed is None or speed.outcome == NOT_COMPARABLE:
+        return first
+    baseline = first.baseline_step_times_s if base_step_times_s is None else base_step_times_s
+    again = speed_verdict(remeasured_step_times_s, baseline, first.policy)
+    agreed = speed.outcome != NO_CHANGE and _direction(again.outcome) == _direction(speed.outcome)
+    outcome = speed.outcome if agreed else NO_CHANGE
+    p_values = [p for p in (speed.p_value, again.p_value) if p is not None]
+    shifts = [s for s in (speed.effect_size, again.effect_size) if s is not None]
+    word = "confirmed" if agreed else ("not confirmed" if speed.outcome != NO_CHANGE else "still no change")
+    combined = replace(again, outcome=outcome, p_value=max(p_values) if p_values else None,
+                       effect_size=min(shifts, key=abs) if shifts else None,
+                       message=f"{outcome} ({word} by re-measurement): first {speed.message}; re-measured "
+                               f"{again.message}")
+    metrics = tuple(combined if m.metric == "step_time_s" else m for m in first.metrics)
+    against = "interleaved base runs" if base_step_times_s is not None else "the same window"
+    return replace(first, outcome=_overall(metrics), metrics=metrics,
+                   notes=(*first.notes, f"speed re-measured against {against}"))
+
+
+def _direction(outcome: str) -> str:
+    return IMPROVEMENT if outcome in (IMPROVEMENT, UNEXPLAINED_IMPROVEMENT) else outcome

@@ -1,0 +1,222 @@
+"""fluxgate.compare: regression verdicts against history that flag real shifts and stay quiet on run-to-run noise."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fluxgate.compare import (
+    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, UNEXPLAINED_IMPROVEMENT, Policy, compare_record, compare_run,
+    confirm, memory_verdict, select_window, similarity_verdict, speed_verdict,
+)
+
+ENVIRONMENT = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3",
+               "compute_capability": "9.0", "gpu_class": "nvidia-h100-80gb-hbm3", "git_commit": "a" * 40,
+               "git_dirty": False, "gpu": {"driver_version": "580.159.04", "power_limit_w": 700.0}}
+SETTINGS = {"seed": 0, "steps": 28, "size_px": 1024, "guidance_scale": 3.5, "prompt": "a red fox",
+            "profile": "synthetic"}
+FAST = settings(max_examples=40, deadline=None)
+
+
+def step_times(rng, slowdown=0.0, offset=0.009, median_s=0.18, cv=0.015, steps=28):
+    """One simulated run on the H100: lognormal steps (CV 1.5 %, AR(1) 0.3 within the run), a per-process offset
+    uniform in +-`offset`, and 5 % of steps slowed by 3-10 %."""
+    phi = 0.3
+    log_noise = np.empty(steps)
+    log_noise[0] = rng.normal(0, cv)
+    for i in range(1, steps):
+        log_noise[i] = phi * log_noise[i - 1] + rng.normal(0, cv * np.sqrt(1 - phi**2))
+    spikes = np.where(rng.random(steps) < 0.05, 1 + rng.uniform(0.03, 0.10, steps), 1.0)
+    process = 1 + rng.uniform(-offset, offset)
+    return (median_s * (1 + slowdown) * process * np.exp(log_noise) * spikes).tolist()
+
+
+def record(index, steps, combo="flux1-dev[bf16]", mem_gib=24.75, ms_ssim=1.0, outcome="passed", environment=None,
+           **fields):
+    model, precision = combo.rstrip("]").split("[")
+    return {"run_id": f"20261124T01{index:02d}00Z-run{index:02d}", "recorded": f"2026-11-24T01:{index:02d}:30+00:00",
+            "combo": combo, "model": model, "precision": precision, "profile": "synthetic",
+            "gpu_class": "nvidia-h100-80gb-hbm3", "outcome": outcome, "settings": SETTINGS,
+            "metrics": {"step_times_s": list(steps), "peak_mem_gib": mem_gib, "ms_ssim": ms_ssim},
+            "environment": ENVIRONMENT if environment is None else environment, **fields}
+
+
+def outcomes(verdicts):
+    return {v.combo: v.outcome for v in verdicts}
+
+
+positive_steps = st.lists(st.floats(0.1, 0.11, allow_nan=False), min_size=5, max_size=40)
+
+
+@FAST
+@given(positive_steps, st.integers(1, 4))
+def test_identical_step_times_are_never_a_change(steps, copies):
+    history = [record(i, steps) for i in range(copies)] + [record(9, steps)]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == NO_CHANGE, verdict.message
+    assert verdict.metric("step_time_s").effect_size == 0
+
+
+def test_a_3_percent_slowdown_against_two_normal_runs_is_a_regression_of_that_combo_only():
+    rng = np.random.default_rng(3)
+    combos = ["flux1-dev[bf16]", "flux1-dev[nvfp4]"]
+    history = [record(i, step_times(rng), combo) for i in range(2) for combo in combos]
+    history += [record(5, step_times(rng), "flux1-dev[bf16]"), record(5, step_times(rng, 0.03), "flux1-dev[nvfp4]")]
+    verdicts = compare_run(history, history[-1]["run_id"])
+    assert outcomes(verdicts) == {"flux1-dev[bf16]": NO_CHANGE, "flux1-dev[nvfp4]": REGRESSION}
+    slow = verdicts[1].metric("step_time_s")
+    assert slow.relative_delta > 0.02 and slow.p_value < 0.01 and "regression: +" in verdicts[1].message
+
+
+def test_ten_aa_runs_with_per_process_offsets_raise_no_false_alarm():
+    rng = np.random.default_rng(20261124)
+    history = [record(i, step_times(rng)) for i in range(10)]
+    verdicts = [v for r in history[1:] for v in compare_run(history, r["run_id"])]
+    assert [v.outcome for v in verdicts] == [NO_CHANGE] * 9, [v.message for v in verdicts]
+
+
+def test_a_process_offset_that_the_rank_test_calls_significant_is_not_a_regression():
+    rng = np.random.default_rng(1)
+    base = step_times(rng, offset=0)
+    verdict = speed_verdict([t * 1.015 for t in base], [base])
+    assert verdict.p_value < 1e-3 and verdict.outcome == NO_CHANGE  # 1.5 %: below the 2 % minimum effect
+
+
+def test_a_candidate_inside_the_windows_own_run_to_run_spread_is_not_a_regression():
+    rng = np.random.default_rng(2)
+    base = step_times(rng, offset=0)
+    window = [base, [t * 1.05 for t in base]]  # a noisy combo: its runs differ by 5 %
+    assert speed_verdict([t * 1.04 for t in base], window).outcome == NO_CHANGE
+    assert speed_verdict([t * 1.12 for t in base], window).outcome == REGRESSION
+
+
+@FAST
+@given(st.data(), st.sampled_from([1.25, 1.6]), st.integers(1, 3))
+def test_a_large_shift_is_always_flagged_regardless_of_the_sample_values(data, factor, runs):
+    window = [data.draw(positive_steps) for _ in range(runs)]
+    candidate = data.draw(positive_steps)
+    assert speed_verdict([t * factor for t in candidate], window).outcome == REGRESSION
+    assert speed_verdict([t / factor for t in candidate], window).outcome == UNEXPLAINED_IMPROVEMENT
+
+
+def test_a_moderate_speed_up_is_an_improvement_and_a_big_one_asks_for_a_check():
+    rng = np.random.default_rng(4)
+    window = [step_times(rng, offset=0) for _ in range(2)]
+    assert speed_verdict(step_times(rng, -0.05, offset=0), window).outcome == IMPROVEMENT
+    assert speed_verdict(step_times(rng, -0.20, offset=0), window).outcome == UNEXPLAINED_IMPROVEMENT
+
+
+@FAST
+@given(st.randoms(use_true_random=False))
+def test_order_of_samples_and_records_does_not_change_the_verdicts(random):
+    rng = np.random.default_rng(5)
+    history = [record(i, step_times(rng, 0.03 if i == 3 else 0.0), combo)
+               for i in range(4) for combo in ("flux1-dev[bf16]", "flux2-dev[bf16]")]
+    shuffled = [{**r, "metrics": {**r["metrics"], "step_times_s": random.sample(r["metrics"]["step_times_s"], 28)}}
+                for r in random.sample(history, len(history))]
+    run_id = history[-1]["run_id"]
+    assert compare_run(shuffled, run_id) == compare_run(history, run_id)
+
+
+@pytest.mark.parametrize(("path", "new", "named"), [
+    (("torch",), "2.12.0+cu130", "torch 2.11.0+cu130 -> 2.12.0+cu130"),
+    (("gpu", "driver_version"), "590.10", "driver_version 580.159.04 -> 590.10"),
+    (("gpu", "power_limit_w"), 500.0, "power_limit_w 700.0 -> 500.0"),
+    (("compute_capability",), "9.0a", "compute_capability 9.0 -> 9.0a"),
+])
+def test_a_fingerprint_difference_is_not_comparable_and_names_the_field(path, new, named):
+    environment = {**ENVIRONMENT, "gpu": dict(ENVIRONMENT["gpu"])}
+    (environment if len(path) == 1 else environment["gpu"])[path[-1]] = new
+    history = [record(0, [0.18] * 28), record(1, [0.18] * 28, environment=environment)]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == NOT_COMPARABLE and named in verdict.reason and named in verdict.message
+
+
+def test_ignore_fields_compares_across_a_deliberate_upgrade_and_notes_it():
+    upgraded = {**ENVIRONMENT, "torch": "2.12.0+cu130"}
+    history = [record(0, [0.18] * 28), record(1, [0.18 * 1.05] * 28, environment=upgraded)]
+    (verdict,) = compare_run(history, history[-1]["run_id"], ignore_fields=["torch"])
+    assert verdict.outcome == REGRESSION
+    assert verdict.notes == ("ignored torch 2.11.0+cu130 -> 2.12.0+cu130",)
+    with pytest.raises(ValueError, match="tourch"):
+        compare_run(history, history[-1]["run_id"], ignore_fields=["tourch"])
+
+
+def test_no_earlier_runs_is_not_comparable_naming_the_gpu_class():
+    history = [record(0, [0.18] * 28, combo="flux2-dev[nvfp4]"), record(1, [0.18] * 28)]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == NOT_COMPARABLE
+    assert verdict.reason.startswith("no baseline runs of flux1-dev[bf16] on nvidia-h100-80gb-hbm3")
+
+
+def test_a_candidate_that_errored_is_not_comparable():
+    history = [record(0, [0.18] * 28), record(1, [], outcome="error", error="corrupt checkpoint x.gguf")]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == NOT_COMPARABLE and "corrupt checkpoint x.gguf" in verdict.reason
+
+
+@pytest.mark.parametrize(("window", "candidate", "expected"), [
+    ([24.75, 24.74], 24.75 * 1.03, REGRESSION),  # +3 % and +0.74 GiB over the max
+    ([24.75, 24.74], 24.75 * 1.015, NO_CHANGE),  # +1.5 %: inside 2 %
+    ([8.9], 9.12, NO_CHANGE),  # +2.5 % but only 0.22 GiB: inside 0.25 GiB
+    ([0.05], 0.08, NO_CHANGE),  # +60 % of a tiny model is 0.03 GiB
+    ([24.75], 24.75 * 0.95, IMPROVEMENT),
+    ([24.75], 24.75 * 0.80, UNEXPLAINED_IMPROVEMENT),
+])
+def test_memory_flags_only_beyond_the_window_by_both_tolerances(window, candidate, expected):
+    assert memory_verdict(candidate, window).outcome == expected
+
+
+@pytest.mark.parametrize(("candidate", "expected"), [
+    (0.9770, REGRESSION), (0.9790, NO_CHANGE), (0.9830, NO_CHANGE), (0.9860, IMPROVEMENT)])
+def test_similarity_flags_only_beyond_the_window_by_the_tolerance(candidate, expected):
+    assert similarity_verdict(candidate, [0.9801, 0.9815]).outcome == expected
+
+
+def test_similarity_and_memory_regressions_reach_the_combo_verdict():
+    history = [record(0, [0.18] * 28, ms_ssim=0.98), record(1, [0.18] * 28, ms_ssim=0.95)]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == REGRESSION and "ms_ssim regression: 0.9500 vs window 0.9800" in verdict.message
+    assert compare_run(history, history[-1]["run_id"], policy=Policy(similarity_tolerance=0.05))[0].outcome == NO_CHANGE
+
+
+def test_window_is_the_last_n_earlier_usable_runs_of_the_same_measurement():
+    steps = [0.18] * 28
+    history = [record(i, steps) for i in range(6)]
+    history[4]["outcome"] = "error"
+    history += [record(6, steps, outcome="skipped"), record(6, steps, profile="real"),
+                record(6, steps, combo="flux1-dev[nvfp4]"), record(6, steps, gpu_class="cpu"),
+                record(6, steps, settings={**SETTINGS, "steps": 4}), record(9, steps)]  # 9: later than the candidate
+    candidate = record(8, steps)
+    window = select_window(history + [candidate], candidate, last_n=3)
+    assert [r["run_id"][-5:] for r in window] == ["run02", "run03", "run05"]
+    assert [r["run_id"][-5:] for r in select_window(history, candidate, last_n=1)] == ["run05"]
+
+
+def test_window_of_a_base_commit_holds_its_clean_runs_only():
+    steps = [0.18] * 28
+    base = {**ENVIRONMENT, "git_commit": "b" * 40}
+    history = [record(0, steps), record(1, steps, environment=base), record(2, steps),
+               record(3, steps, environment={**base, "git_dirty": True}), record(4, steps, environment=base)]
+    candidate = record(3, steps)  # base runs before and after it count
+    window = select_window(history, candidate, base_commit="bbbbbbb")
+    assert [r["run_id"][-5:] for r in window] == ["run01", "run04"]
+    own = record(4, steps, environment=base)  # a candidate at the base commit is not its own baseline
+    assert [r["run_id"][-5:] for r in select_window(history, own, base_commit="b" * 40)] == ["run01"]
+    with pytest.raises(ValueError, match="4 hex digits"):
+        select_window(history, candidate, base_commit="")
+
+
+def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
+    rng = np.random.default_rng(6)
+    history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
+    (first,) = compare_run(history, history[-1]["run_id"])
+    assert first.outcome == REGRESSION
+    confirmed = confirm(first, step_times(rng, 0.05))
+    assert confirmed.outcome == REGRESSION and "confirmed by re-measurement" in confirmed.message
+    speed = confirmed.metric("step_time_s")
+    assert speed.p_value >= first.metric("step_time_s").p_value
+    not_again = confirm(first, step_times(rng))
+    assert not_again.outcome == NO_CHANGE and "not confirmed" in not_again.message
+    interleaved_base = [step_times(rng, 0.05), step_times(rng, 0.05)]  # the base got slower too: the machine did
+    assert confirm(first, step_times(rng, 0.05), interleaved_base).outcome == NO_CHANGE
