@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -138,3 +139,26 @@ class Gate:
                                  for name, spec in models.items()}}
         return baselines.write(self.baselines_root, self.gpu_class, list(self.measured.values()), self.references,
                                provenance)
+
+    def verdicts(self) -> list:
+        """This run's combos judged against the history (advisory: nothing fails on them yet)."""
+        from fluxgate import compare, history
+
+        with warnings.catch_warnings():  # a corrupt old history file was already reported when it was skipped
+            warnings.simplefilter("ignore")
+            records = history.read(self.history.directory)
+        return compare.compare_run(records, self.history.run_id)
+
+
+def verdicts_for_report(verdicts: list) -> dict[str, dict]:
+    """compare.Verdict list -> the mapping `publish.write_report(verdicts=...)` reads."""
+    table = {}
+    for verdict in verdicts:
+        speed, memory = verdict.metric("step_time_s"), verdict.metric("peak_mem_gib")
+        table[verdict.combo] = {
+            "verdict": verdict.outcome,
+            "message": "" if verdict.outcome == "no change" else verdict.message.removeprefix(f"{verdict.combo}: "),
+            "baseline_it_s": 1 / speed.baseline if speed and speed.baseline else None,
+            "baseline_peak_mem_gib": memory.baseline if memory else None,
+        }
+    return table

@@ -180,13 +180,18 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     gate = session.config.stash.get(GATE_KEY, None)
     if gate is not None and gate.write and gate.measured:
         session.config._fluxgate_written = gate.write_baselines()
-    if gate is not None and session.config.getoption("report_dir"):
+    if gate is None or not gate.history.records:
+        return
+    from fluxgate.gate import verdicts_for_report
+
+    verdicts = session.config._fluxgate_verdicts = gate.verdicts()
+    if session.config.getoption("report_dir"):
         from fluxgate.errors import FluxgateError
         from fluxgate.publish import write_report
 
         try:  # a reporting problem must never change the gate's result
             written = write_report(gate.history.directory, _path(session.config, "report_dir"), gate.baselines_root,
-                                   run_id=gate.history.run_id)
+                                   run_id=gate.history.run_id, verdicts=verdicts_for_report(verdicts))
             session.config._fluxgate_report = written[0]
         except (FluxgateError, OSError) as error:
             warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)
@@ -197,6 +202,11 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     gate = config.stash.get(GATE_KEY, None)
     if outcomes and gate is not None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
+        verdicts = [v for v in getattr(config, "_fluxgate_verdicts", []) if v.outcome != "no change"]
+        if verdicts:
+            terminalreporter.write_line("against history (advisory, last 5 comparable runs):")
+            for verdict in verdicts:
+                terminalreporter.write_line(f"  {verdict.message}")
         report_path = getattr(config, "_fluxgate_report", None)
         if report_path:
             terminalreporter.write_line(f"fluxgate: report written to {report_path}")
