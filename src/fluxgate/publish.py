@@ -244,6 +244,8 @@ def _write_grid(path: Path, record: dict, reference: np.ndarray, candidate: np.n
     vmax = max(float(np.percentile(difference, 99.9)), 1.0)  # a few hot pixels must not wash out the rest
     figure = Figure(figsize=(13, 4.8), layout="constrained")
     axes = figure.subplots(1, 3)
+    # The last two path parts (`<gpu-class>/<model>.png`) say which reference; a full path overflows the panel.
+    reference_name = "/".join(Path(reference_name).parts[-2:])
     for ax, image, title in ((axes[0], reference, f"BF16 reference\n{reference_name}"),
                              (axes[1], candidate, f"candidate\n{record.get('image')}")):
         ax.imshow(image)
