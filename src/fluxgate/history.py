@@ -88,5 +88,40 @@ def read(directory: Path) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError) as error:
             warnings.warn(f"{path}: skipped unreadable history file ({type(error).__name__}: {error})", stacklevel=2)
             continue
-        records.extend({**record, "environment": environment} for record in run_records)
+        # A merged run keeps each shard's fingerprint on its records; those win over the run's.
+        records.extend({"environment": environment, **record} for record in run_records)
     return records
+
+
+def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path:
+    """Combine the run files of shards (one run split across runners or GPUs) into one new run file in `directory`.
+
+    Each record keeps its shard's environment fingerprint (device UUIDs differ between shards) and its source run
+    id; the merged run's environment is the first shard's. A combo present in two shards is an error: shards must
+    cover the matrix exactly once. The shard files themselves are left as they are."""
+    from fluxgate.errors import HistoryError
+
+    documents = []
+    for path in paths:
+        try:
+            documents.append(json.loads(Path(path).read_text()))
+            documents[-1]["records"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise HistoryError(f"{path}: not a readable history run file ({type(error).__name__}: {error})") from None
+    seen: dict[str, str] = {}
+    merged = RunHistory(directory, run_id or new_run_id(), documents[0].get("environment", {}),
+                        started=min(document.get("started", "") for document in documents))
+    for path, document in zip(paths, documents):
+        for record in document["records"]:
+            if record["combo"] in seen:
+                raise HistoryError(f"{path}: {record['combo']} is also in {seen[record['combo']]}; shards must not "
+                                   "overlap")
+            seen[record["combo"]] = str(path)
+            merged.records.append({**record, "run_id": merged.run_id, "source_run_id": document["run_id"],
+                                   "environment": document.get("environment", {})})
+    document = {"schema": SCHEMA, "run_id": merged.run_id, "started": merged.started,
+                "environment": merged.environment, "merged_from": [d["run_id"] for d in documents],
+                "records": merged.records}
+    text = json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write(merged.path, lambda tmp: tmp.write_text(text))
+    return merged.path

@@ -50,3 +50,22 @@ def combos(models: list[str] | None = None, precisions: list[str] | None = None)
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions
     return [Combo(model, precision) for model in models for precision in PRECISIONS if precision in precisions]
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """`--shard i/n` (1 <= i <= n) -> (i, n); None means no sharding."""
+    if value is None:
+        return None
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {value}: expected i/n with whole numbers, e.g. 1/2") from None
+    if not 1 <= index <= count:
+        raise ValueError(f"--shard {value}: i must be between 1 and n (got {index} of {count})")
+    return index, count
+
+
+def shard(selected: list[Combo], index: int, count: int) -> list[Combo]:
+    """Shard `index` of `count`: every count-th combo of the selection, so each shard gets a share of every model
+    (the expensive models are spread out) and the shards together cover the selection exactly once."""
+    return selected[index - 1::count]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fluxgate import report
-from fluxgate.matrix import Combo, combos, parse_names
+from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 
@@ -37,6 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
     group.addoption("--precisions", default=None, metavar="NAMES",
                     help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
+    group.addoption("--shard", default=None, metavar="I/N",
+                    help="run only shard I of N of the selected combos (every N-th, starting at I), for splitting "
+                         "the matrix across runners; merge their histories with `python -m fluxgate.merge`")
     group.addoption("--profile", default="auto", choices=["auto", "tiny", "synthetic", "real"],
                     help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
                          "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
@@ -88,11 +91,13 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         models = parse_names("--models", config.getoption("models"), MODELS)
         precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
+        shard_of = parse_shard(config.getoption("shard"))
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
+    selected = combos(models, precisions)
+    config._fluxgate_combos = shard(selected, *shard_of) if shard_of else selected
     config.stash[OUTCOMES_KEY] = []
     config.stash[STARTED_KEY] = time.time()
-    config._fluxgate_combos = combos(models, precisions)
 
 
 def pytest_pycollect_makeitem(collector, name, obj):

@@ -1,0 +1,33 @@
+"""`python -m fluxgate.merge`: combine the history files of shards into one run (see `history.merge`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fluxgate.errors import FluxgateError
+from fluxgate.history import merge
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxgate.merge",
+        description="Combine the history run files written by shards (--shard i/n, one runner or GPU each) into "
+                    "one run file, so verdicts and reports see one run with every combo.")
+    parser.add_argument("files", nargs="+", type=Path, help="the shards' run files (<history-dir>/<run-id>.json)")
+    parser.add_argument("--history-dir", type=Path, default=Path(".fluxgate/history"),
+                        help="where the merged run file is written (default: .fluxgate/history)")
+    parser.add_argument("--run-id", default=None, help="id of the merged run (default: a new time-stamped id)")
+    args = parser.parse_args(argv)
+    try:
+        path = merge(args.files, args.history_dir, args.run_id)
+    except FluxgateError as error:
+        print(f"fluxgate.merge: error: {error}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.files)} shard(s) into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
