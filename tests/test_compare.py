@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxgate.compare import (
-    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, UNEXPLAINED_IMPROVEMENT, Policy, compare_record, compare_run,
+    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, UNEXPLAINED_IMPROVEMENT, Policy, compare_run,
     confirm, memory_verdict, select_window, similarity_verdict, speed_verdict,
 )
 

@@ -40,7 +40,7 @@ def test_replaced_reference_image_fails_only_that_models_similarity(tmp_path, ba
     failed = sorted(line.split(" ")[1] for line in done.stdout.splitlines() if line.startswith("FAILED"))
     assert failed == ["perf/test_matrix.py::z-image-turbo[bf16]", "perf/test_matrix.py::z-image-turbo[nvfp4]"], \
         done.stdout[-3000:]
-    assert f"MS-SSIM" in done.stdout and str(reference) in done.stdout
+    assert "MS-SSIM" in done.stdout and str(reference) in done.stdout
     assert "2 failed, 2 passed" in done.stdout
 
 

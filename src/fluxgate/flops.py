@@ -152,7 +152,7 @@ def measure_roof(device: torch.device, size: int = 8192, warmup: int = 3, iters:
                 roof["fp8_tflops"] = flops / _time_ms(call, warmup, iters) / 1e9
             except RuntimeError as error:
                 roof["fp8_error"] = " ".join(str(error).split())[:200]
-        del a, b, out
+        a = b = out = None  # free the operands (the timing closures above are done with them)
         torch.cuda.empty_cache()
     return roof
 

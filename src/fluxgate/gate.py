@@ -140,14 +140,31 @@ class Gate:
         return baselines.write(self.baselines_root, self.gpu_class, list(self.measured.values()), self.references,
                                provenance)
 
-    def verdicts(self) -> list:
-        """This run's combos judged against the history (advisory: nothing fails on them yet)."""
+    def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True) -> list:
+        """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
+        (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
+        recorded in history with outcome "remeasure" (never part of a later baseline window)."""
         from fluxgate import compare, history
 
-        with warnings.catch_warnings():  # a corrupt old history file was already reported when it was skipped
-            warnings.simplefilter("ignore")
-            records = history.read(self.history.directory)
-        return compare.compare_run(records, self.history.run_id)
+        def records():
+            with warnings.catch_warnings():  # a corrupt old history file was already reported when it was skipped
+                warnings.simplefilter("ignore")
+                return history.read(self.history.directory)
+
+        verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit)
+        judged = []
+        for verdict in verdicts:
+            speed = verdict.metric("step_time_s")
+            if confirm and speed is not None and speed.outcome == compare.REGRESSION:
+                combo = Combo.parse(verdict.combo)
+                result, _ = self.runner.run(combo)
+                verdict = compare.confirm(verdict, result.step_times_s)
+                self.history.append({"combo": combo.id, "model": combo.model, "precision": combo.precision,
+                                     "profile": self.runner.profile, "gpu_class": self.gpu_class,
+                                     "outcome": "remeasure", "verdict": verdict.outcome,
+                                     "metrics": {"it_s": result.it_s, "step_times_s": result.step_times_s}})
+            judged.append(verdict)
+        return judged
 
 
 def verdicts_for_report(verdicts: list) -> dict[str, dict]:

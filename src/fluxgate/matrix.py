@@ -15,6 +15,12 @@ class Combo:
     model: str
     precision: str
 
+    @classmethod
+    def parse(cls, combo_id: str) -> "Combo":
+        """`flux2-dev[nvfp4]` -> Combo("flux2-dev", "nvfp4")."""
+        model, _, precision = combo_id.rstrip("]").partition("[")
+        return cls(model, precision)
+
     @property
     def id(self) -> str:
         """Test-item id, e.g. `flux2-dev[nvfp4]`."""

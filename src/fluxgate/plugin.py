@@ -69,6 +69,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
+    group.addoption("--history-gate", default="on", choices=["on", "off"],
+                    help="also judge this run against the history (last --history-window comparable runs, or the runs "
+                         "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
+                         "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
+                         "[default: on]")
+    group.addoption("--history-window", type=int, default=5, metavar="N",
+                    help="how many earlier comparable runs form the baseline window [default: 5]")
+    group.addoption("--base-commit", default=None, metavar="SHA",
+                    help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
     group.addoption("--write-baselines", action="store_true",
                     help="measure and write baselines for this GPU class instead of asserting against them "
                          "(what `nox -s baselines` runs)")
@@ -189,7 +198,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     from fluxgate.gate import verdicts_for_report
 
-    verdicts = session.config._fluxgate_verdicts = gate.verdicts()
+    gating = session.config.getoption("history_gate") == "on" and not gate.write
+    verdicts = session.config._fluxgate_verdicts = gate.verdicts(
+        last_n=session.config.getoption("history_window"), base_commit=session.config.getoption("base_commit"),
+        confirm=gating)
+    if gating and any(verdict.outcome == "regression" for verdict in verdicts):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if session.config.getoption("report_dir"):
         from fluxgate.errors import FluxgateError
         from fluxgate.publish import write_report
@@ -209,7 +223,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
         verdicts = [v for v in getattr(config, "_fluxgate_verdicts", []) if v.outcome != "no change"]
         if verdicts:
-            terminalreporter.write_line("against history (advisory, last 5 comparable runs):")
+            gating = config.getoption("history_gate") == "on" and not gate.write
+            terminalreporter.write_line("against history (" + ("a confirmed regression fails the run" if gating
+                                        else "advisory: --history-gate off") + "):")
             for verdict in verdicts:
                 terminalreporter.write_line(f"  {verdict.message}")
         report_path = getattr(config, "_fluxgate_report", None)

@@ -1,0 +1,80 @@
+"""The gate against history, end to end on the tiny matrix: after two normal runs, a run in which one combo's steps
+are made slower fails the session with a confirmed regression for that combo only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Loaded into the pytest run under test with -p: slows every denoising step of one combo (measurement and
+# re-measurement alike), the way a real regression would.
+INJECTOR = '''
+import os, time
+from fluxgate import measure, runner
+
+TARGET, DELAY_S = os.environ["FLUXGATE_SLOW_COMBO"], float(os.environ["FLUXGATE_SLOW_DELAY_S"])
+active = [False]
+original_run, original_step_end = runner.Runner.run, measure._StepClock.step_end
+
+
+def run(self, combo):
+    active[0] = combo.id == TARGET
+    try:
+        return original_run(self, combo)
+    finally:
+        active[0] = False
+
+
+def step_end(self, *args):
+    if active[0]:
+        time.sleep(DELAY_S)
+    return original_step_end(self, *args)
+
+
+runner.Runner.run, measure._StepClock.step_end = run, step_end
+'''
+
+
+def run_matrix(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pytest", "perf", "-q", "--device", "cpu", "--models", "flux1-dev",
+               "--precisions", "bf16,nvfp4", "--history-dir", str(tmp_path / "history"), *extra]
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               **(env or {})}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ)
+
+
+def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path):
+    (tmp_path / "slow_combo.py").write_text(INJECTOR)
+    for _ in range(2):  # history only: CPU noise between two plain runs is not what this test is about
+        run_matrix(tmp_path, "--history-gate", "off")
+
+    # +30 ms on steps of ~15-25 ms (about 2.5x slower): inside the CPU class's fixed speed limit (a quarter of the
+    # baseline), so only the judgement against history can fail the run.
+    done = run_matrix(tmp_path, "-p", "slow_combo",
+                      env={"FLUXGATE_SLOW_COMBO": "flux1-dev[nvfp4]", "FLUXGATE_SLOW_DELAY_S": "0.03"})
+
+    assert done.returncode == 1 and "2 passed" in done.stdout, done.stdout[-3000:]
+    verdict_lines = [line.strip() for line in done.stdout.splitlines() if line.startswith("  flux1-dev[")]
+    assert any(line.startswith("flux1-dev[nvfp4]: regression") and "confirmed by re-measurement" in line
+               for line in verdict_lines), done.stdout[-3000:]
+    assert not any(line.startswith("flux1-dev[bf16]: regression") for line in verdict_lines)
+    newest = max((tmp_path / "history").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    outcomes = [(r["combo"], r["outcome"]) for r in json.loads(newest.read_text())["records"]]
+    assert ("flux1-dev[nvfp4]", "remeasure") in outcomes
+
+
+def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path):
+    (tmp_path / "slow_combo.py").write_text(INJECTOR)
+    for _ in range(2):
+        run_matrix(tmp_path, "--history-gate", "off")
+
+    done = run_matrix(tmp_path, "-p", "slow_combo", "--history-gate", "off",
+                      env={"FLUXGATE_SLOW_COMBO": "flux1-dev[nvfp4]", "FLUXGATE_SLOW_DELAY_S": "0.03"})
+
+    assert done.returncode == 0 and "advisory: --history-gate off" in done.stdout
+    assert "flux1-dev[nvfp4]: regression" in done.stdout
