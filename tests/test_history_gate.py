@@ -11,45 +11,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Loaded into the pytest run under test with -p: slows every denoising step of one combo (measurement and
-# re-measurement alike), the way a real regression would.
-INJECTOR = '''
-import os, time
-from fluxgate import measure, runner
-
-TARGET, DELAY_S = os.environ["FLUXGATE_SLOW_COMBO"], float(os.environ["FLUXGATE_SLOW_DELAY_S"])
-active = [False]
-original_run, original_step_end = runner.Runner.run, measure._StepClock.step_end
-
-
-def run(self, combo):
-    active[0] = combo.id == TARGET
-    try:
-        return original_run(self, combo)
-    finally:
-        active[0] = False
-
-
-def step_end(self, *args):
-    if active[0]:
-        time.sleep(DELAY_S)
-    return original_step_end(self, *args)
-
-
-runner.Runner.run, measure._StepClock.step_end = run, step_end
-'''
+INJECTORS = Path(__file__).resolve().parent / "injectors"  # slow_combo.py: `-p slow_combo` slows one combo
 
 
 def run_matrix(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pytest", "perf", "-q", "--device", "cpu", "--models", "flux1-dev",
                "--precisions", "bf16,nvfp4", "--history-dir", str(tmp_path / "history"), *extra]
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(INJECTORS), os.environ.get("PYTHONPATH", "")]),
                **(env or {})}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ)
 
 
 def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path):
-    (tmp_path / "slow_combo.py").write_text(INJECTOR)
     for _ in range(2):  # history only: CPU noise between two plain runs is not what this test is about
         run_matrix(tmp_path, "--history-gate", "off")
 
@@ -69,7 +42,6 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path):
 
 
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path):
-    (tmp_path / "slow_combo.py").write_text(INJECTOR)
     for _ in range(2):
         run_matrix(tmp_path, "--history-gate", "off")
 

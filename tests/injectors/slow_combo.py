@@ -1,0 +1,56 @@
+"""A pytest plugin (`-p slow_combo`, with this folder on PYTHONPATH) that makes one combo's denoising steps slower,
+the way a real regression would, in its measurement and any re-measurement alike.
+
+FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
+of the combo's first step (CUDA: a GPU-side spin kernel, so it lands in the event-timed stream; CPU: a sleep), or
+FLUXGATE_SLOW_DELAY_S: a fixed delay per step.
+"""
+
+import os
+import time
+
+import torch
+
+from fluxgate import measure, runner
+
+TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
+FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
+DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
+state = {"active": False, "first_step_s": None}
+original_run, original_step_end = runner.Runner.run, measure._StepClock.step_end
+
+
+def run(self, combo):
+    state["active"] = combo.id == TARGET
+    try:
+        return original_run(self, combo)
+    finally:
+        state["active"] = False
+
+
+def _delay_s(clock) -> float:
+    if DELAY_S or not FRACTION:
+        return DELAY_S
+    if state["first_step_s"] is None and len(clock.marks) >= 2:  # calibrate once on an unslowed step
+        first, second = clock.marks[0], clock.marks[1]
+        if clock.cuda:
+            second.synchronize()
+            state["first_step_s"] = first.elapsed_time(second) / 1000
+        else:
+            state["first_step_s"] = second - first
+    return FRACTION * (state["first_step_s"] or 0.0)
+
+
+def step_end(self, *args):
+    if state["active"] and len(self.marks) >= 2:
+        delay = _delay_s(self)
+        if self.cuda:
+            clock_hz = torch.cuda.get_device_properties(0).clock_rate * 1000 if hasattr(
+                torch.cuda.get_device_properties(0), "clock_rate") else 1.98e9
+            torch.cuda._sleep(int(delay * clock_hz))
+        else:
+            time.sleep(delay)
+    return original_step_end(self, *args)
+
+
+runner.Runner.run, measure._StepClock.step_end = run, step_end
