@@ -42,14 +42,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def perf(session: nox.Session) -> None:
-    """The matrix on the device in hand (CUDA if present, else CPU), tiny profile unless `-- --profile ...`."""
+    """The matrix on the device in hand: the synthetic profile on CUDA, else the tiny profile on CPU."""
     _install(session)
     _matrix(session, "--device", "auto")
 
 
 @nox.session(name="perf-gpu")
 def perf_gpu(session: nox.Session) -> None:
-    """The PR gate on a CUDA runner: the matrix on the GPU, judged against baselines/<gpu-class>. Skips without CUDA."""
+    """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
+    Skips without CUDA."""
     _install(session)
     probe = "import torch; print(torch.cuda.is_available())"
     if session.run("python", "-c", probe, silent=True).strip() != "True":
