@@ -52,44 +52,46 @@ class PrecisionSpec:
         return self.name.replace("-", "_")
 
 
-def _write_bf16(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
-    save_file({key: value.to(torch.bfloat16).contiguous() for key, value in state_dict.items()}, str(path))
-
-
-def _write_fp8_scaled(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
-    tensors: StateDict = {}
-    for key, value in state_dict.items():
-        if key in quantize:
-            prefix = key.removesuffix(".weight")
-            tensors[key], tensors[f"{prefix}.weight_scale"] = quantize_fp8r(value)
-        else:
-            tensors[key] = value.to(torch.bfloat16).contiguous()
-    save_file(tensors, str(path))
-
-
 def _quantize_nvfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """diffusers' NVFP4 quantizer, except that an all-zero weight (global scale 0, where it would divide 0/0 into NaN
     block scales) is stored as zero codes with zero scales, which dequantize to exact zeros."""
     if weight.abs().amax() == 0:
         rows, cols = weight.shape
-        return (torch.zeros(rows, cols // 2, dtype=torch.uint8),
-                torch.zeros(rows, cols // NVFP4_BLOCK, dtype=torch.float8_e4m3fn), torch.zeros((), dtype=torch.float32))
+        return (torch.zeros(rows, cols // 2, dtype=torch.uint8, device=weight.device),
+                torch.zeros(rows, cols // NVFP4_BLOCK, dtype=torch.float8_e4m3fn, device=weight.device),
+                torch.zeros((), dtype=torch.float32, device=weight.device))
     return quantize_nvfp4(weight)
 
 
-def _write_nvfp4(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
-    tensors: StateDict = {}
-    for key, value in state_dict.items():
-        if key in quantize:
-            prefix = key.removesuffix(".weight")
-            weight, scale, scale_2 = _quantize_nvfp4(value)
-            tensors[key], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"] = weight, scale, scale_2
-            # Not calibrated: only FP4 tensor-core kernels (Blackwell) read it; elsewhere diffusers dequantizes the
-            # weight and ignores it. 1/(448*6) is the scale of activations with amax 1.
-            tensors[f"{prefix}.input_scale"] = torch.tensor(1.0 / (FP8_MAX * E2M1_MAX), dtype=torch.float32)
-        else:
-            tensors[key] = value.to(torch.bfloat16).contiguous()
-    save_file(tensors, str(path))
+def fp8r_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
+    """One linear's tensors in the fp8r layout (see module docstring), on the weight's device."""
+    weight_q, weight_scale = quantize_fp8r(weight)
+    return {f"{prefix}.weight": weight_q, f"{prefix}.weight_scale": weight_scale}
+
+
+def nvfp4_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
+    """One linear's tensors in the ModelOpt NVFP4 layout (see module docstring), on the weight's device."""
+    weight_q, weight_scale, weight_scale_2 = _quantize_nvfp4(weight)
+    # Not calibrated: only FP4 tensor-core kernels (Blackwell) read it; elsewhere diffusers dequantizes the weight
+    # and ignores it. 1/(448*6) is the scale of activations with amax 1.
+    input_scale = torch.tensor(1.0 / (FP8_MAX * E2M1_MAX), dtype=torch.float32, device=weight.device)
+    return {f"{prefix}.weight": weight_q, f"{prefix}.weight_scale": weight_scale,
+            f"{prefix}.weight_scale_2": weight_scale_2, f"{prefix}.input_scale": input_scale}
+
+
+def _safetensors_writer(layout: Callable[[str, torch.Tensor], StateDict] | None) -> Writer:
+    """A writer that puts each linear weight in `quantize` into `layout` and everything else in bf16."""
+
+    def write(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
+        tensors: StateDict = {}
+        for key, value in state_dict.items():
+            if layout is not None and key in quantize:
+                tensors.update(layout(key.removesuffix(".weight"), value))
+            else:
+                tensors[key] = value.to(torch.bfloat16).contiguous()
+        save_file(tensors, str(path))
+
+    return write
 
 
 def _write_gguf_q8_0(state_dict: StateDict, quantize: set[str], path: Path, arch: str) -> None:
@@ -112,12 +114,12 @@ def _write_gguf_q8_0(state_dict: StateDict, quantize: set[str], path: Path, arch
 PRECISIONS: dict[str, PrecisionSpec] = {
     spec.name: spec
     for spec in (
-        PrecisionSpec("bf16", "reference", ".safetensors", 1, _write_bf16, lambda dtype: None),
-        PrecisionSpec("fp8-scaled", "8bit", ".safetensors", 1, _write_fp8_scaled,
+        PrecisionSpec("bf16", "reference", ".safetensors", 1, _safetensors_writer(None), lambda dtype: None),
+        PrecisionSpec("fp8-scaled", "8bit", ".safetensors", 1, _safetensors_writer(fp8r_tensors),
                       lambda dtype: BFLQuantizationConfig(compute_dtype=dtype)),
         PrecisionSpec("gguf-q8_0", "8bit", ".gguf", 32, _write_gguf_q8_0,
                       lambda dtype: GGUFQuantizationConfig(compute_dtype=dtype)),
-        PrecisionSpec("nvfp4", "4bit", ".safetensors", 16, _write_nvfp4,
+        PrecisionSpec("nvfp4", "4bit", ".safetensors", 16, _safetensors_writer(nvfp4_tensors),
                       lambda dtype: BFLQuantizationConfig(compute_dtype=dtype)),
     )
 }

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import gguf
 import torch
-from diffusers.quantizers.bfl.utils import E2M1_MAX, FP8_MAX, quantize_fp8r
 from diffusers.quantizers.gguf.utils import GGUFParameter
 
 from fluxgate.checkpoints import atomic_write, quantized_linear_keys
 from fluxgate.models import ModelSpec
-from fluxgate.precisions import PrecisionSpec, _quantize_nvfp4, load_transformer
+from fluxgate.precisions import PrecisionSpec, fp8r_tensors, load_transformer, nvfp4_tensors
 
 StateDict = dict[str, torch.Tensor]
 DTYPE = torch.bfloat16  # what the pipelines compute in, and the precision of every unquantized tensor
@@ -119,28 +118,15 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(rows, cols // Q8_0_BLOCK * (Q8_0_BLOCK + 2))
 
 
-def _fp8r_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
-    weight_q, weight_scale = quantize_fp8r(weight)
-    return {f"{prefix}.weight": weight_q, f"{prefix}.weight_scale": weight_scale}
-
-
-def _nvfp4_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
-    weight_q, weight_scale, weight_scale_2 = (t.to(weight.device) for t in _quantize_nvfp4(weight))
-    # Not calibrated, as in the file writer: only FP4 tensor-core kernels read it.
-    input_scale = torch.tensor(1.0 / (FP8_MAX * E2M1_MAX), dtype=torch.float32, device=weight.device)
-    return {f"{prefix}.weight": weight_q, f"{prefix}.weight_scale": weight_scale,
-            f"{prefix}.weight_scale_2": weight_scale_2, f"{prefix}.input_scale": input_scale}
-
-
 def _q8_0_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
     return {f"{prefix}.weight": GGUFParameter(quantize_q8_0(weight), quant_type=gguf.GGMLQuantizationType.Q8_0)}
 
 
 # Precision name -> (linear prefix, bf16 weight) -> its tensors in the loader's layout. bf16 quantizes nothing.
 _LAYOUTS: dict[str, Callable[[str, torch.Tensor], StateDict]] = {
-    "fp8-scaled": _fp8r_tensors,
+    "fp8-scaled": fp8r_tensors,
     "gguf-q8_0": _q8_0_tensors,
-    "nvfp4": _nvfp4_tensors,
+    "nvfp4": nvfp4_tensors,
 }
 
 
