@@ -47,6 +47,21 @@ def test_models_and_precisions_options_select_their_product(matrix):
         "test_x.py::flux1-dev[bf16]", "test_x.py::z-image-turbo[bf16]"]
 
 
+def test_runtimes_option_adds_compiled_items_with_their_own_ids_and_mark(matrix):
+    assert collected(matrix, "--models", "flux1-dev", "--precisions", "bf16,fp8-scaled", "--runtimes", "eager,compile") == [
+        "test_x.py::flux1-dev[bf16]", "test_x.py::flux1-dev[bf16-compile]", "test_x.py::flux1-dev[fp8-scaled]",
+        "test_x.py::flux1-dev[fp8-scaled-compile]"]
+    assert collected(matrix, "--runtimes", "all", "-m", "compile and fp8_scaled and z_image_turbo") == [
+        "test_x.py::z-image-turbo[fp8-scaled-compile]"]
+    assert len(collected(matrix, "--runtimes", "all", "-m", "eager")) == 16
+
+
+def test_unknown_runtime_is_a_usage_error(matrix):
+    result = matrix.runpytest("--collect-only", "--runtimes", "jit")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--runtimes: unknown name(s) jit; choose from eager, compile*"])
+
+
 def test_unknown_model_is_a_usage_error_naming_the_option_and_valid_names(matrix):
     result = matrix.runpytest("--collect-only", "--models", "nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -72,6 +87,6 @@ def test_help_lists_every_fluxgate_option(matrix):
     help_text = matrix.runpytest("--help").stdout.str()
     for option in ("--models", "--precisions", "--profile", "--device", "--gpu-class", "--baselines-dir",
                    "--history-dir", "--fixture-cache", "--prompts", "--steps", "--warmup-steps",
-                   "--write-baselines"):
+                   "--write-baselines", "--runtimes", "--compile-mode", "--vram-budget-gib", "--decision-file"):
         assert option in help_text, option
     assert "fluxgate: model x precision perf gate" in help_text

@@ -66,3 +66,11 @@ def test_overlapping_or_unreadable_shards_are_refused_naming_the_file(tmp_path):
     with pytest.raises(HistoryError, match="broken.json"):
         history.merge([run.path, broken], tmp_path / "merged")
     assert not (tmp_path / "merged").exists() or not list((tmp_path / "merged").glob("*.json"))
+
+
+def test_compiled_combo_ids_parse_back_to_their_runtime():
+    from fluxgate.matrix import Combo
+
+    for combo in (Combo("flux1-dev", "fp8-scaled", "compile"), Combo("flux2-dev", "gguf-q8_0"),
+                  Combo("z-image-turbo", "bf16", "compile")):
+        assert Combo.parse(combo.id) == combo

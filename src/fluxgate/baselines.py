@@ -97,16 +97,33 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict) -> Baseline:
     folder = root / gpu_class
     path = folder / THRESHOLDS_FILE
     table = _read_toml(path)
-    entry = table.get(combo.model, {}).get(combo.precision)
+    entry = table.get(combo.model, {}).get(combo.variant)
     if entry is None:
-        raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.precision}\"]; run `nox -s baselines`")
+        raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; run `nox -s baselines`"
+                            + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
         thresholds = Thresholds(**{name: float(entry[name]) for name in Thresholds.__dataclass_fields__})
-    except (KeyError, TypeError, ValueError) as error:
-        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.precision}\"] needs numeric "
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs numeric "
                             f"{', '.join(Thresholds.__dataclass_fields__)} ({type(error).__name__}: {error})") from None
     check_fresh(folder / PROVENANCE_FILE, combo.model, settings)
     return Baseline(folder, thresholds, folder / f"{combo.model}.png")
+
+
+def stored_reference(root: Path, gpu_class: str, model: str, settings: dict) -> Image.Image:
+    """The stored BF16 image of `model`, when it was made with this run's image `settings`."""
+    folder = root / gpu_class
+    check_fresh(folder / PROVENANCE_FILE, model, settings)
+    return Baseline(folder, None, folder / f"{model}.png").reference()
+
+
+def measured_peak_gib(root: Path, gpu_class: str, combo: Combo) -> tuple[float, Path] | None:
+    """The peak memory `combo` was measured with when its baseline was made, if there is one (best effort)."""
+    path = root / gpu_class / THRESHOLDS_FILE
+    try:
+        return float(_read_toml(path)[combo.model][combo.variant]["measured_peak_mem_gib"]), path
+    except (BaselineError, KeyError, TypeError, ValueError):
+        return None
 
 
 def check_fresh(provenance_path: Path, model: str, settings: dict) -> None:
@@ -177,7 +194,7 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
     below_tier = []
     for m in measured:
         entry = derive(m, m.combo.precision_spec.tier, margins, similarity)
-        table.setdefault(m.combo.model, {})[m.combo.precision] = {k: v for k, v in entry.items() if v is not None}
+        table.setdefault(m.combo.model, {})[m.combo.variant] = {k: v for k, v in entry.items() if v is not None}
         if entry["below_tier"]:
             below_tier.append(m.combo.id)
     for model, image in images.items():

@@ -19,6 +19,7 @@ from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.history import RunHistory
 from fluxgate.matrix import Combo
 from fluxgate.measure import RunResult
+from fluxgate.memory import OutOfMemory
 from fluxgate.runner import Runner
 
 
@@ -71,15 +72,19 @@ class Gate:
         self.measured: dict[Combo, baselines.Measured] = {}
 
     def _reference(self, combo: Combo, result: RunResult) -> tuple[Image.Image, baselines.Baseline | None]:
+        settings = self.runner.settings(combo.model_spec)
         if not self.write:
-            baseline = baselines.load(self.baselines_root, self.gpu_class, combo,
-                                      self.runner.settings(combo.model_spec))
+            baseline = baselines.load(self.baselines_root, self.gpu_class, combo, settings)
             return baseline.reference(), baseline
-        if combo.precision == "bf16":
+        if combo.is_reference:
             self.references[combo.model] = result.image
-        if combo.model not in self.references:
-            raise FluxgateError(f"--write-baselines: {combo.model}[bf16] must be selected to make the reference image")
-        return self.references[combo.model], None
+        if combo.model in self.references:
+            return self.references[combo.model], None
+        try:  # e.g. `--runtimes compile` alone: judged against the stored image, which stays as it is
+            return baselines.stored_reference(self.baselines_root, self.gpu_class, combo.model, settings), None
+        except FluxgateError as error:
+            raise FluxgateError(f"--write-baselines: select {combo.model}[bf16] (eager) to make the reference image, "
+                                f"or keep a fresh stored one ({error})") from None
 
     def _metrics(self, result: RunResult) -> dict:
         """Everything measured about one combo, as history stores it."""
@@ -88,7 +93,7 @@ class Gate:
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,
                    "timed_steps_s": sum(result.step_times_s), "kernel_path": result.kernel_path,
-                   "step_flops": result.step_flops,
+                   "step_flops": result.step_flops, "images": result.images, "compile_s": result.compile_s,
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
         roof = self.history.environment.get("roof") or {}
         if result.step_flops and roof.get("bf16_tflops"):
@@ -99,7 +104,7 @@ class Gate:
 
     def evaluate(self, combo: Combo) -> Outcome:
         outcome = Outcome(combo)
-        record = {"combo": combo.id, "model": combo.model, "precision": combo.precision,
+        record = {"combo": combo.id, "model": combo.model, "precision": combo.precision, "runtime": combo.runtime,
                   "profile": self.runner.profile, "gpu_class": self.gpu_class,
                   "settings": self.runner.settings(combo.model_spec)}
         try:
@@ -111,12 +116,14 @@ class Gate:
             outcome.metrics.update(sim.to_json())
             if baseline is not None:
                 record["thresholds"] = asdict(baseline.thresholds)
-                outcome.failures = limit_failures(result, sim, baseline, f'["{combo.model}"."{combo.precision}"]')
+                outcome.failures = limit_failures(result, sim, baseline, f'["{combo.model}"."{combo.variant}"]')
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
                                                           sim.to_json()["psnr_db"])
         except SkipCombo as skip:
             outcome.skipped = str(skip)
+        except OutOfMemory as error:
+            outcome.error = self._out_of_memory(combo, error)
         except FluxgateError as error:
             outcome.error = str(error)
         except BaseException as error:  # a bug or an interrupt: recorded, then raised with its traceback
@@ -124,9 +131,17 @@ class Gate:
             raise
         finally:
             record.update(metrics=outcome.metrics, failures=outcome.failures, error=outcome.error or outcome.skipped,
-                          outcome=outcome.verdict)
+                          outcome=outcome.verdict, teardown=self.runner.last_teardown)
             self.history.append(record)
         return outcome
+
+    def _out_of_memory(self, combo: Combo, error: OutOfMemory) -> str:
+        """The OOM message, with the peak the combo's baseline measured when there is one (the better estimate)."""
+        measured = baselines.measured_peak_gib(self.baselines_root, self.gpu_class, combo)
+        if measured is None or measured[0] <= error.needed_gib:
+            return str(error)
+        return str(error).replace(f"needs more than {error.needed_gib:.1f} GiB",
+                                  f"needs ≈{measured[0]:.1f} GiB (its measured peak in {measured[1]})")
 
     def write_baselines(self) -> tuple[Path, list[str]]:
         """Store this run's measurements and bf16 images as the baselines of its GPU class."""
@@ -160,7 +175,7 @@ class Gate:
                 result, _ = self.runner.run(combo)
                 verdict = compare.confirm(verdict, result.step_times_s)
                 self.history.append({"combo": combo.id, "model": combo.model, "precision": combo.precision,
-                                     "profile": self.runner.profile, "gpu_class": self.gpu_class,
+                                     "runtime": combo.runtime, "profile": self.runner.profile, "gpu_class": self.gpu_class,
                                      "outcome": "remeasure", "verdict": verdict.outcome,
                                      "metrics": {"it_s": result.it_s, "step_times_s": result.step_times_s}})
             judged.append(verdict)

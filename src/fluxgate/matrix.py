@@ -1,4 +1,4 @@
-"""The test matrix: which model x precision combos exist and which ones a run selects."""
+"""The test matrix: which model x precision x runtime combos exist and which ones a run selects."""
 
 from __future__ import annotations
 
@@ -6,25 +6,40 @@ from dataclasses import dataclass
 
 from fluxgate.models import MODELS, ModelSpec
 from fluxgate.precisions import PRECISIONS, PrecisionSpec
+from fluxgate.runtimes import DEFAULT_RUNTIMES, RUNTIMES, RuntimeSpec
 
 
 @dataclass(frozen=True, order=True)
 class Combo:
-    """One item of the matrix: a model at a weight precision."""
+    """One item of the matrix: a model at a weight precision, run eager or compiled."""
 
     model: str
     precision: str
+    runtime: str = "eager"
 
     @classmethod
     def parse(cls, combo_id: str) -> "Combo":
-        """`flux2-dev[nvfp4]` -> Combo("flux2-dev", "nvfp4")."""
-        model, _, precision = combo_id.rstrip("]").partition("[")
-        return cls(model, precision)
+        """`flux2-dev[nvfp4]` -> Combo("flux2-dev", "nvfp4"); `flux1-dev[bf16-compile]` -> runtime "compile"."""
+        model, _, variant = combo_id.rstrip("]").partition("[")
+        for runtime in RUNTIMES.values():
+            if runtime.suffix and variant.endswith(runtime.suffix):
+                return cls(model, variant.removesuffix(runtime.suffix), runtime.name)
+        return cls(model, variant)
+
+    @property
+    def variant(self) -> str:
+        """Precision and runtime as one name (`fp8-scaled`, `fp8-scaled-compile`): the key of baselines."""
+        return self.precision + self.runtime_spec.suffix
 
     @property
     def id(self) -> str:
-        """Test-item id, e.g. `flux2-dev[nvfp4]`."""
-        return f"{self.model}[{self.precision}]"
+        """Test-item id, e.g. `flux2-dev[nvfp4]`, `flux1-dev[fp8-scaled-compile]`."""
+        return f"{self.model}[{self.variant}]"
+
+    @property
+    def is_reference(self) -> bool:
+        """The combo whose image is the model's reference: BF16, eager."""
+        return self.precision == "bf16" and self.runtime == "eager"
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -35,9 +50,13 @@ class Combo:
         return PRECISIONS[self.precision]
 
     @property
+    def runtime_spec(self) -> RuntimeSpec:
+        return RUNTIMES[self.runtime]
+
+    @property
     def marks(self) -> tuple[str, ...]:
-        """Marker names that select this combo (`-m "flux2_dev and nvfp4"`)."""
-        return ("gpu", self.model_spec.marker, self.precision_spec.marker)
+        """Marker names that select this combo (`-m "flux2_dev and nvfp4 and compile"`)."""
+        return ("gpu", self.model_spec.marker, self.precision_spec.marker, self.runtime_spec.marker)
 
 
 def parse_names(option: str, value: str | None, known: dict[str, object]) -> list[str]:
@@ -51,11 +70,14 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
     return list(dict.fromkeys(names))
 
 
-def combos(models: list[str] | None = None, precisions: list[str] | None = None) -> list[Combo]:
-    """Every selected combo, grouped by model with bf16 first so each model's reference image exists early."""
+def combos(models: list[str] | None = None, precisions: list[str] | None = None,
+           runtimes: list[str] | None = None) -> list[Combo]:
+    """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early."""
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions
-    return [Combo(model, precision) for model in models for precision in PRECISIONS if precision in precisions]
+    runtimes = DEFAULT_RUNTIMES if runtimes is None else runtimes
+    return [Combo(model, precision, runtime) for model in models for precision in PRECISIONS
+            if precision in precisions for runtime in RUNTIMES if runtime in runtimes]
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

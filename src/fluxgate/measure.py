@@ -41,6 +41,8 @@ class RunResult:
     kernel_path: dict | None = None  # which GEMM path the quantized layers ran (kernels.KernelPath.to_json())
     step_flops: float | None = None  # model FLOPs of one denoising step (same for every precision of a model)
     denoise_peak_gib: float | None = None  # CUDA: peak allocated during the denoising steps alone (no VAE decode)
+    images: int = 1  # timed images whose steps are pooled in step_times_s
+    compile_s: float | None = None  # compile runtime: seconds spent compiling, before (never inside) the timed images
 
     @property
     def stats(self) -> StepStats:
@@ -194,7 +196,7 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
         return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
-                         denoise_peak_gib=peaks["denoise"] / GIB)
+                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images)
     with _RssSampler() as rss:
         step_times, e2e_s, image, _ = _timed_images(pipe, call_kwargs, seed, device, timed_images)
-    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image)
+    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images)

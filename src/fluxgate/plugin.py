@@ -17,6 +17,7 @@ from fluxgate import report
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
+from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES
 
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
@@ -37,6 +38,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
     group.addoption("--precisions", default=None, metavar="NAMES",
                     help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
+    group.addoption("--runtimes", default="eager", metavar="NAMES",
+                    help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
+                         "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
+                         "compiled items are named like flux1-dev[fp8-scaled-compile] [default: eager]")
+    group.addoption("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
+                    help=f"torch.compile mode of the 'compile' runtime [default: {DEFAULT_COMPILE_MODE}]")
     group.addoption("--shard", default=None, metavar="I/N",
                     help="run only shard I of N of the selected combos (every N-th, starting at I), for splitting "
                          "the matrix across runners; merge their histories with `python -m fluxgate.merge`")
@@ -69,6 +76,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
+    group.addoption("--decision-file", default="fixtures/decision.toml", metavar="FILE",
+                    help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
+                         "ship' section [default: fixtures/decision.toml]")
+    group.addoption("--vram-budget-gib", type=float, default=None, metavar="GIB",
+                    help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
     group.addoption("--history-gate", default="on", choices=["on", "off"],
                     help="also judge this run against the history (last --history-window comparable runs, or the runs "
                          "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
@@ -97,13 +109,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{spec.marker}: combos of model {name}")
     for name, spec in PRECISIONS.items():
         config.addinivalue_line("markers", f"{spec.marker}: combos at precision {name}")
+    for name, spec in RUNTIMES.items():
+        config.addinivalue_line("markers", f"{spec.marker}: combos run {name}")
     try:
         models = parse_names("--models", config.getoption("models"), MODELS)
         precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
+        runtimes = parse_names("--runtimes", config.getoption("runtimes"), RUNTIMES)
         shard_of = parse_shard(config.getoption("shard"))
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
-    selected = combos(models, precisions)
+    selected = combos(models, precisions, runtimes)
     config._fluxgate_combos = shard(selected, *shard_of) if shard_of else selected
     config.stash[OUTCOMES_KEY] = []
     config.stash[STARTED_KEY] = time.time()
@@ -142,7 +157,7 @@ def _make_gate(config: pytest.Config):
         profile = "synthetic" if device.type == "cuda" else "tiny"
     source = for_profile(profile, _path(config, "fixture_cache"), inputs.seed, _path(config, "models_file"))
     runner = Runner(profile, device, source, inputs, warmup_steps=config.getoption("warmup_steps"),
-                    steps=config.getoption("steps"))
+                    steps=config.getoption("steps"), compile_mode=config.getoption("compile_mode"))
     environment = fingerprint(device, config.rootpath)
     if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU
         from fluxgate.flops import measure_roof
@@ -205,12 +220,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if gating and any(verdict.outcome == "regression" for verdict in verdicts):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if session.config.getoption("report_dir"):
+        from fluxgate.decision import Settings
         from fluxgate.errors import FluxgateError
         from fluxgate.publish import write_report
 
         try:  # a reporting problem must never change the gate's result
+            settings = Settings.from_file(_path(session.config, "decision_file"),
+                                          session.config.getoption("vram_budget_gib"))
             written = write_report(gate.history.directory, _path(session.config, "report_dir"), gate.baselines_root,
-                                   run_id=gate.history.run_id, verdicts=verdicts_for_report(verdicts))
+                                   run_id=gate.history.run_id, verdicts=verdicts_for_report(verdicts),
+                                   decision_settings=settings)
             session.config._fluxgate_report = written[0]
         except (FluxgateError, OSError) as error:
             warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)

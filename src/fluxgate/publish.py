@@ -6,6 +6,9 @@
     <out>/grids/<model>.<precision>.png     BF16 reference | candidate | |difference| heatmap, for combos whose
                                             similarity moved (MS-SSIM below 1 - SIMILARITY_EPS, or a failed
                                             similarity limit)
+    <out>/decision.md                       which precision to ship, per GPU class and model (`decision`); also
+                                            the last section of summary.md
+    <out>/decision/<gpu-class>.<model>.png  it/s vs MS-SSIM scatter, marker area = peak VRAM
 
 "Base" for the Δ columns is the median of the earlier runs of the same combo, GPU class and profile in the history,
 unless the caller passes `verdicts` from a comparison module (see `write_report`).
@@ -27,7 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from fluxgate import history
+from fluxgate import decision, history
 from fluxgate.errors import FluxgateError
 from fluxgate.report import VERDICTS
 
@@ -233,7 +236,7 @@ def _reference_path(record: dict, run: list[dict], history_dir: Path, baselines_
     if stored.is_file():
         return stored
     bf16 = next((r for r in run if r.get("model") == record.get("model") and r.get("precision") == "bf16"
-                 and r.get("image") and r is not record), None)
+                 and r.get("runtime", "eager") == "eager" and r.get("image") and r is not record), None)
     return history_dir / bf16["image"] if bf16 else None
 
 
@@ -300,8 +303,10 @@ def _footnote(earlier_counts: list[int], written: list[Path], from_verdicts: boo
 
 
 def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: str | None = None,
-                 verdicts: dict[str, dict] | None = None, progress: Callable[[Path], None] | None = None) -> list[Path]:
-    """Write summary.md, trends/*.png and grids/*.png for one run (default: the newest); returns the paths written.
+                 verdicts: dict[str, dict] | None = None, progress: Callable[[Path], None] | None = None,
+                 decision_settings: decision.Settings | None = None) -> list[Path]:
+    """Write summary.md, trends/*.png and grids/*.png for one run (default: the newest), and with
+    `decision_settings` decision.md and decision/*.png (also appended to summary.md); returns the paths written.
 
     `verdicts` (optional, from a comparison module) maps a combo id to a dict; every key is optional:
         "verdict": str                  shown (upper-cased) instead of the record's outcome
@@ -347,8 +352,10 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
             else:
                 wrote(out_dir / "grids" / name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    section = "" if decision_settings is None else "\n" + decision.write(run, records, decision_settings, out_dir, wrote)
     summary = out_dir / "summary.md"
-    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes))
+    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes)
+                       + section)
     wrote(summary)
     return [written[-1], *written[:-1]]
 
@@ -369,6 +376,11 @@ def _parser() -> argparse.ArgumentParser:
                              "the run's own bf16 image [default: baselines]")
     parser.add_argument("--run-id", default=None, metavar="ID",
                         help="the run to publish (a history file name without .json) [default: the newest run]")
+    parser.add_argument("--decision-file", default=decision.DEFAULT_FILE, type=Path, metavar="FILE",
+                        help="$/GPU-hour per GPU class and quality floor per model for the 'which precision to ship' "
+                             f"section [default: {decision.DEFAULT_FILE}]")
+    parser.add_argument("--vram-budget-gib", default=None, type=float, metavar="GIB",
+                        help="recommend only combos whose peak VRAM fits this budget [default: no budget]")
     return parser
 
 
@@ -381,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # restored on exit; a skipped file is news, not a traceback
+            settings = decision.Settings.from_file(args.decision_file, args.vram_budget_gib)
             write_report(args.history_dir, args.out, args.baselines_dir, args.run_id,
-                         progress=lambda path: print(f"wrote {path}", flush=True))
-    except PublishError as error:
+                         progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
+    except FluxgateError as error:
         print(f"fluxgate.publish: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fluxgate import flops, kernels, measure, telemetry
+from fluxgate import flops, kernels, measure, memory, runtimes, telemetry
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
@@ -39,9 +38,10 @@ class Runner:
     """Makes and measures images for one profile on one device; keeps one model's shared components at a time."""
 
     def __init__(self, profile: str, device: torch.device, source, inputs: Inputs, warmup_steps: int = 1,
-                 steps: int | None = None):
+                 steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE):
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
-        self.warmup_steps, self.steps = warmup_steps, steps
+        self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
+        self.last_teardown: dict | None = None  # memory before the last combo and after its teardown
         self._components: tuple[str, dict[str, Any]] | None = None
         self._step_flops: dict[str, float] = {}  # per model: the same for every precision
         # Device memory in use before this run allocated anything: NVML's fallback when it cannot attribute
@@ -58,7 +58,7 @@ class Runner:
         # Text encoders, VAE and scheduler are the same for every precision of a model: build them once.
         if self._components is None or self._components[0] != model.name:
             self._components = None
-            release_memory(self.device)
+            memory.release(self.device)
             self._components = (model.name, self.source.components(model, self.device))
         return self._components[1]
 
@@ -72,31 +72,43 @@ class Runner:
         return kwargs
 
     def run(self, combo: Combo) -> tuple[measure.RunResult, dict]:
-        """Get the combo's transformer from the profile's source and measure images; returns where it came from."""
+        """Get the combo's transformer from the profile's source and measure images; returns where it came from.
+
+        The model's shared components are built first, so the memory snapshot taken before the combo and the one
+        after its teardown differ only by what the combo left behind (`last_teardown`)."""
         model = combo.model_spec
-        transformer, origin = self.source.transformer(combo, self.device)
-        pipe = calls = None
+        components = self._shared_components(model)
+        before = memory.Snapshot.take(self.device)
+        self.last_teardown = None
+        transformer = pipe = calls = out_of_memory = None
         try:
-            pipe = model.module.PIPELINE_CLASS(transformer=transformer, **self._shared_components(model))
+            transformer, origin = self.source.transformer(combo, self.device)
+            runtimes.prepare(transformer, combo.runtime, self.compile_mode)
+            pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
             pipe.set_progress_bar_config(disable=True)
             kwargs = self.call_kwargs(model)
+            compile_s = runtimes.warm_up(pipe, kwargs, self.device) if combo.runtime_spec.compiles else None
             result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
                                  model.settings(self.profile).timed_images, self.baseline_used_bytes)
+            result.compile_s = compile_s
             # After the timed images, so profiling never touches their times or peak memory.
             calls = flops.capture_transformer_calls(pipe, kwargs)
             result.kernel_path = kernels.kernel_path(pipe, kwargs, combo.precision, calls=calls).to_json()
             if model.name not in self._step_flops:
                 self._step_flops[model.name] = flops.count_step_flops(pipe, kwargs, calls=calls)
             result.step_flops = self._step_flops[model.name]
+        except torch.OutOfMemoryError as error:
+            out_of_memory = memory.out_of_memory(error, self.device, combo.id, before)
+        except BaseException:
+            pipe = transformer = calls = None
+            memory.release(self.device)
+            raise
         finally:
             pipe = transformer = calls = None  # drop every reference before freeing the device
-            release_memory(self.device)
+            runtimes.reset(combo.runtime)
+        # Out here the exception and the frames holding the combo's tensors are gone, so everything can be freed.
+        memory.release(self.device)
+        self.last_teardown = memory.teardown(before, memory.Snapshot.take(self.device))
+        if out_of_memory is not None:
+            raise out_of_memory
         return result, origin
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what the last combo left behind so the next one starts from a clean device."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()

@@ -1,0 +1,91 @@
+"""Device memory hygiene between combos: what a combo leaves behind, and what an out-of-memory combo needed.
+
+Every combo starts from the memory state the one before it found: the runner snapshots device memory before it builds
+the combo's transformer and again after tearing the combo down, and the record carries both (`teardown`). A CUDA
+out-of-memory error fails that combo only, with how much it needed against what the GPU has; its memory is released
+after the exception (and the frames holding its tensors) is gone, so the next combo starts clean.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fluxgate import telemetry
+from fluxgate.errors import FluxgateError
+
+GIB = 1024**3
+LEAK_TOLERANCE = 0.01  # teardown may leave at most 1 % more device memory in use than before the combo
+
+
+class OutOfMemory(FluxgateError):
+    """A combo ran out of device memory; `needed_gib` is a lower bound (in use at the failure + the request)."""
+
+    def __init__(self, message: str, needed_gib: float, total_gib: float):
+        super().__init__(message)
+        self.needed_gib, self.total_gib = needed_gib, total_gib
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Device memory in use at one moment: torch's allocated and reserved bytes, NVML's used bytes (every process)."""
+
+    allocated: int
+    reserved: int
+    used: int | None  # NVML; None without NVML
+
+    @classmethod
+    def take(cls, device: torch.device) -> "Snapshot | None":
+        if device.type != "cuda":
+            return None
+        torch.cuda.synchronize(device)
+        return cls(torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device),
+                   telemetry.device_memory_used_bytes(device))
+
+
+def release(device: torch.device) -> None:
+    """Free everything unreferenced: Python garbage, cuBLAS workspaces, the caching allocator's free blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+        torch.cuda.empty_cache()
+
+
+def teardown(before: Snapshot | None, after: Snapshot | None) -> dict | None:
+    """The record's `teardown` entry (GiB): torch's allocated and reserved memory and NVML's used memory before the
+    combo and after its teardown. `clean`: the memory torch holds (reserved) grew by at most LEAK_TOLERANCE of
+    before. NVML's figure also moves with the CUDA context, which grows as kernels are first loaded (lazy module
+    loading), so it is reported, not judged."""
+    if before is None or after is None:
+        return None
+    entry = {f"{kind}_{when}_gib": getattr(snapshot, kind) / GIB
+             for kind in ("allocated", "reserved") for when, snapshot in (("before", before), ("after", after))}
+    if before.used is not None and after.used is not None:
+        entry.update(used_before_gib=before.used / GIB, used_after_gib=after.used / GIB)
+    entry["clean"] = after.reserved - before.reserved <= LEAK_TOLERANCE * before.reserved
+    return entry
+
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) (KiB|MiB|GiB)")
+_UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": GIB}
+
+
+def out_of_memory(error: torch.OutOfMemoryError, device: torch.device, combo_id: str,
+                  before: Snapshot | None) -> OutOfMemory:
+    """The one-line error for a combo that ran out of memory. Call it inside the `except` block, while the tensors
+    that filled the device are still alive: the need is what was allocated then plus the failed request."""
+    match = _TRIED.search(str(error))
+    tried = float(match.group(1)) * _UNITS[match.group(2)] if match else 0
+    needed = (torch.cuda.memory_allocated(device) + tried) / GIB
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    notes = [] if before is None or before.used is None else [f"{total - before.used / GIB:.1f} GiB free at the start"]
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if fraction < 1:
+        notes.append(f"this process is capped at {fraction * total:.1f} GiB by set_per_process_memory_fraction")
+    notes = f" ({'; '.join(notes)})" if notes else ""
+    return OutOfMemory(f"{combo_id}: CUDA out of memory: needs more than {needed:.1f} GiB, the GPU has {total:.1f} "
+                       f"GiB{notes}", needed, total)

@@ -1,0 +1,70 @@
+"""The runtime axis of the matrix: how the transformer is executed, eager (the default) or under torch.compile.
+
+`compile` uses diffusers' regional compilation (`ModelMixin.compile_repeated_blocks`): every repeated transformer
+block is compiled once with `torch.compile` and the compiled code is shared by all blocks of that class, which keeps
+the compile time of a 57-block FLUX.1 transformer to that of two blocks while running at full-compile speed (the
+blocks hold nearly all FLOPs). Compilation happens on the first call; `warm_up` makes that call outside the timed
+images and reports how long compiling took, so compile time never lands inside a timed step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_COMPILE_MODE = "default"
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA graphs: step timing needs one launch per op
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """One value of the runtime axis."""
+
+    name: str
+    compiles: bool
+
+    @property
+    def marker(self) -> str:
+        return self.name
+
+    @property
+    def suffix(self) -> str:
+        """What the runtime adds to a combo's precision in ids and baseline keys: `fp8-scaled-compile`."""
+        return "" if self.name == "eager" else f"-{self.name}"
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (RuntimeSpec("eager", False),
+                                                                RuntimeSpec("compile", True))}
+DEFAULT_RUNTIMES = ["eager"]
+
+
+def prepare(transformer: torch.nn.Module, runtime: str, mode: str = DEFAULT_COMPILE_MODE) -> torch.nn.Module:
+    """Make `transformer` run under `runtime` (in place; compilation itself happens on the first call)."""
+    if RUNTIMES[runtime].compiles:
+        transformer.compile_repeated_blocks(mode=mode)
+    return transformer
+
+
+def warm_up(pipe, call_kwargs: dict, device: torch.device) -> float:
+    """Compile time in seconds: the first one-step call (compilation + a step) less a second one (a step)."""
+
+    def one_step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        pipe(**{**call_kwargs, "num_inference_steps": 1})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first = one_step()
+    return max(first - one_step(), 0.0)
+
+
+def reset(runtime: str) -> None:
+    """Forget compiled code after a compiled combo, so it neither holds the combo's weights nor counts towards the
+    next combo's recompile limit."""
+    if RUNTIMES[runtime].compiles:
+        torch._dynamo.reset()

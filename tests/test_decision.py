@@ -1,0 +1,187 @@
+"""The 'which precision to ship' decision: the rule on synthetic records, the markdown, the plots, the settings file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from fluxgate import decision, publish
+from fluxgate.errors import FixtureError
+
+GPU = "nvidia-h100-80gb-hbm3"
+SETTINGS = decision.Settings({"default": 3.0, GPU: 3.0}, {"default": {"min_ms_ssim": 0.97, "min_psnr_db": 26.0}})
+
+
+def record(variant: str, it_s: float, peak: float, ms_ssim: float, psnr: float | None, outcome: str = "passed",
+           fallback: bool = False, model: str = "flux1-dev", energy_j: float = 600.0, **extra) -> dict:
+    precision, _, runtime = variant.partition("-compile")
+    runtime = "compile" if variant.endswith("-compile") else "eager"
+    precision = variant.removesuffix("-compile")
+    steps = 28
+    return {"combo": f"{model}[{variant}]", "model": model, "precision": precision, "runtime": runtime,
+            "gpu_class": GPU, "profile": "synthetic", "outcome": outcome, "run_id": "r2",
+            "settings": {"steps": steps}, "failures": ["speed: ..."] if outcome == "failed" else [],
+            "metrics": {"it_s": it_s, "peak_mem_gib": peak, "ms_ssim": ms_ssim, "psnr_db": psnr,
+                        "e2e_s": steps / it_s + 0.5, "images": 1, "telemetry": {"energy_j": energy_j},
+                        "kernel_path": {"fallback": fallback}, "compile_s": 20.0 if runtime == "compile" else None,
+                        **extra}}
+
+
+# FLUX.1-dev on the H100 (DESIGN.md's numbers): eager fp8 is slower than bf16, compiled fp8 the fastest.
+H100_FLUX1 = [
+    record("bf16", 5.5, 22.7, 1.0, None),
+    record("fp8-scaled", 3.5, 12.3, 0.998, 39.5),
+    record("gguf-q8_0", 3.9, 12.4, 0.9996, 46.0),
+    record("nvfp4", 2.3, 7.3, 0.985, 31.0, fallback=True),
+    record("bf16-compile", 7.6, 22.9, 0.9995, 44.0),
+    record("fp8-scaled-compile", 9.7, 12.3, 0.998, 39.4),
+]
+
+
+def only(decisions: list[decision.Decision]) -> decision.Decision:
+    assert len(decisions) == 1
+    return decisions[0]
+
+
+def test_the_fastest_passing_combo_above_the_quality_floor_is_recommended_with_its_saving():
+    d = only(decision.decide(H100_FLUX1, SETTINGS))
+
+    assert d.recommended.combo == "flux1-dev[fp8-scaled-compile]"
+    assert d.reference.combo == "flux1-dev[bf16]"
+    assert d.recommended.speedup == pytest.approx(9.7 / 5.5)
+    assert "1.76× BF16 eager's speed" in d.text and "-10.4 GiB" in d.text and "less per 1000 images" in d.text
+    # $/1000 images = seconds per image x $/hour / 3.6
+    assert d.recommended.usd_per_1000 == pytest.approx((28 / 9.7 + 0.5) * 3.0 / 3.6)
+
+
+def test_a_combo_that_failed_its_asserts_is_never_recommended_however_fast():
+    records = [*H100_FLUX1[:-1], record("fp8-scaled-compile", 9.7, 12.5, 0.998, 39.4, outcome="failed")]
+
+    d = only(decision.decide(records, SETTINGS))
+
+    assert d.recommended.combo == "flux1-dev[bf16-compile]"
+    assert not any(r.frontier for r in d.rows if not r.passed)
+
+
+def test_errored_and_skipped_combos_are_left_out():
+    records = [*H100_FLUX1, {"combo": "flux1-dev[nvfp4-compile]", "model": "flux1-dev", "precision": "nvfp4",
+                             "runtime": "compile", "gpu_class": GPU, "outcome": "error", "metrics": {}}]
+
+    assert "flux1-dev[nvfp4-compile]" not in [r.combo for r in only(decision.decide(records, SETTINGS)).rows]
+
+
+def test_the_quality_floor_of_the_model_decides_between_fast_and_close():
+    strict = decision.Settings(SETTINGS.gpu_hour_usd, {**SETTINGS.quality_floor,
+                                                       "flux1-dev": {"min_ms_ssim": 0.9995}})
+
+    d = only(decision.decide(H100_FLUX1, strict))
+
+    assert d.recommended.combo == "flux1-dev[bf16-compile]"  # fp8 (0.998) is below this model's floor
+    assert {r.combo for r in d.rows if not r.quality_ok} == {"flux1-dev[fp8-scaled]", "flux1-dev[nvfp4]",
+                                                             "flux1-dev[fp8-scaled-compile]"}
+
+
+def test_a_vram_budget_picks_the_fastest_combo_that_fits():
+    budget = decision.Settings(SETTINGS.gpu_hour_usd, SETTINGS.quality_floor, vram_budget_gib=10)
+
+    d = only(decision.decide(H100_FLUX1, budget))
+
+    assert d.recommended.combo == "flux1-dev[nvfp4]"
+    assert "dequantize fallback" in d.text  # its speed is not what FP4 promises on a GPU with FP4 tensor cores
+
+
+def test_a_budget_below_every_peak_says_nothing_fits_and_why():
+    budget = decision.Settings(SETTINGS.gpu_hour_usd, SETTINGS.quality_floor, vram_budget_gib=5)
+
+    d = only(decision.decide(H100_FLUX1, budget))
+
+    assert d.recommended is None
+    assert d.text == "nothing fits the 5 GiB VRAM budget: the smallest peak is 7.3 GiB (`flux1-dev[nvfp4]`)."
+
+
+def test_when_nothing_qualifies_the_reasons_are_counted():
+    records = [record("bf16", 5.5, 22.7, 1.0, None, outcome="failed"), record("nvfp4", 2.3, 7.3, 0.9, 20.0)]
+
+    d = only(decision.decide(records, SETTINGS))
+
+    assert d.recommended is None
+    assert d.text == ("no combo qualifies: 1 failed an assert or did not run; 1 below the quality floor "
+                      "(MS-SSIM 0.97, PSNR 26 dB).")
+
+
+def test_the_frontier_holds_the_combos_no_other_beats_on_speed_quality_and_vram_at_once():
+    d = only(decision.decide(H100_FLUX1, SETTINGS))
+
+    # Eager fp8 is slower than compiled fp8, no closer to BF16 and no smaller: dominated. Eager bf16 stays (nothing
+    # is as close to the reference), nvfp4 too (the smallest), gguf (closer than anything faster).
+    assert {r.combo for r in d.rows if not r.frontier} == {"flux1-dev[fp8-scaled]"}
+
+
+def test_models_and_gpu_classes_are_decided_apart():
+    other = [record("bf16", 6.6, 14.0, 1.0, None, model="z-image-turbo"),
+             record("gguf-q8_0", 5.3, 8.0, 0.999, 45.0, model="z-image-turbo")]
+
+    decisions = decision.decide([*H100_FLUX1, *other], SETTINGS)
+
+    assert [(d.model, d.recommended.combo) for d in decisions] == [
+        ("flux1-dev", "flux1-dev[fp8-scaled-compile]"), ("z-image-turbo", "z-image-turbo[bf16]")]
+    assert "BF16 eager itself is the best qualifying combo" in decisions[1].text
+
+
+def test_the_markdown_states_the_rule_and_marks_recommended_fallback_and_failed_rows():
+    records = [*H100_FLUX1, record("gguf-q8_0-compile", 6.0, 12.6, 0.9996, 46.0, outcome="failed")]
+    decisions = decision.decide(records, SETTINGS)
+
+    text = decision.markdown(decisions, SETTINGS)
+
+    assert decision.RULE in text
+    row = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "recommended" in row["**`flux1-dev[fp8-scaled-compile]`**"]
+    assert "fallback GEMM" in row["`flux1-dev[nvfp4]`"]
+    assert "failed asserts" in row["`flux1-dev[gguf-q8_0-compile]`"]
+    assert "| 20.0 |" in row["**`flux1-dev[fp8-scaled-compile]`**"]  # compile seconds
+
+
+def test_the_scatter_plot_is_a_png(tmp_path):
+    d = only(decision.decide(H100_FLUX1, SETTINGS))
+
+    decision.scatter(tmp_path / "plot.png", d, SETTINGS)
+
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG" and image.width > 600
+
+
+def test_the_settings_file_in_fixtures_loads_and_bad_ones_name_the_file(tmp_path):
+    settings = decision.Settings.from_file(decision.DEFAULT_FILE, vram_budget_gib=24)
+    assert settings.price(GPU) > 0 and settings.price("some-new-gpu") == settings.gpu_hour_usd["default"]
+    assert settings.floor("flux1-dev")["min_ms_ssim"] > 0
+
+    bad = tmp_path / "decision.toml"
+    bad.write_text("[gpu_hour_usd]\ndefault = 'cheap'\n")
+    with pytest.raises(FixtureError, match=rf"^{bad}: needs \[gpu_hour_usd\]"):
+        decision.Settings.from_file(bad)
+    bad.write_text("[gpu_hour_usd\n")
+    with pytest.raises(FixtureError, match="malformed TOML"):
+        decision.Settings.from_file(bad)
+    with pytest.raises(FixtureError, match="--vram-budget-gib -1"):
+        decision.Settings.from_file(decision.DEFAULT_FILE, vram_budget_gib=-1)
+
+
+def test_the_report_from_history_alone_has_the_decision_and_takes_bf16_from_an_earlier_run(tmp_path):
+    history = tmp_path / "history"
+    history.mkdir()
+    earlier = {**H100_FLUX1[0], "run_id": "r1"}
+    compiled = [r for r in H100_FLUX1 if r["runtime"] == "compile"]
+    for run_id, records in (("r1", [earlier]), ("r2", compiled)):
+        (history / f"{run_id}.json").write_text(json.dumps({"version": 1, "run_id": run_id, "environment": {},
+                                                            "records": records}))
+
+    written = publish.write_report(history, tmp_path / "report", tmp_path / "baselines", decision_settings=SETTINGS)
+
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "### Which precision to ship" in summary
+    assert "BF16 eager reference from an earlier run: 5.500 it/s" in summary
+    assert "**`flux1-dev[fp8-scaled-compile]`** at 9.70 it/s" in summary
+    assert tmp_path / "report" / "decision" / f"{GPU}.flux1-dev.png" in written
