@@ -159,7 +159,7 @@ def _recommendation(rec: Row | None, ref: Row | None, rows: list[Row], settings:
     saving = ""
     if rec.usd_per_1000 is not None and ref.usd_per_1000:
         saving = (f", ${ref.usd_per_1000 - rec.usd_per_1000:.2f} less per 1000 images "
-                  f"({100 * (1 - rec.usd_per_1000 / ref.usd_per_1000):.0f} % of BF16's cost)")
+                  f"({100 * (1 - rec.usd_per_1000 / ref.usd_per_1000):.0f} % cheaper)")
     return (text + f": {rec.it_s / ref.it_s:.2f}× BF16 eager's speed, {rec.peak_gib - ref.peak_gib:+.1f} GiB "
             f"VRAM{saving}.")
 

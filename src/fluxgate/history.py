@@ -113,10 +113,11 @@ def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path
                         started=min(document.get("started", "") for document in documents))
     for path, document in zip(paths, documents):
         for record in document["records"]:
-            if record["combo"] in seen:
+            # A confirmation re-measurement sits beside its combo's record in the same shard.
+            if record["combo"] in seen and record.get("outcome") != "remeasure":
                 raise HistoryError(f"{path}: {record['combo']} is also in {seen[record['combo']]}; shards must not "
                                    "overlap")
-            seen[record["combo"]] = str(path)
+            seen.setdefault(record["combo"], str(path))
             merged.records.append({**record, "run_id": merged.run_id, "source_run_id": document["run_id"],
                                    "environment": document.get("environment", {})})
     document = {"schema": SCHEMA, "run_id": merged.run_id, "started": merged.started,

@@ -46,6 +46,11 @@ class Snapshot:
                    telemetry.device_memory_used_bytes(device))
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device number of `device` ("cuda" means the current device)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def release(device: torch.device) -> None:
     """Free everything unreferenced: Python garbage, cuBLAS workspaces, the caching allocator's free blocks."""
     gc.collect()
@@ -57,17 +62,25 @@ def release(device: torch.device) -> None:
 
 def teardown(before: Snapshot | None, after: Snapshot | None) -> dict | None:
     """The record's `teardown` entry (GiB): torch's allocated and reserved memory and NVML's used memory before the
-    combo and after its teardown. `clean`: the memory torch holds (reserved) grew by at most LEAK_TOLERANCE of
-    before. NVML's figure also moves with the CUDA context, which grows as kernels are first loaded (lazy module
-    loading), so it is reported, not judged."""
+    combo and after its teardown. `clean`: device memory in use (NVML's used, else torch's reserved) is within
+    LEAK_TOLERANCE of before."""
     if before is None or after is None:
         return None
     entry = {f"{kind}_{when}_gib": getattr(snapshot, kind) / GIB
              for kind in ("allocated", "reserved") for when, snapshot in (("before", before), ("after", after))}
     if before.used is not None and after.used is not None:
         entry.update(used_before_gib=before.used / GIB, used_after_gib=after.used / GIB)
-    entry["clean"] = after.reserved - before.reserved <= LEAK_TOLERANCE * before.reserved
+        entry["clean"] = after.used <= (1 + LEAK_TOLERANCE) * before.used
+    else:
+        entry["clean"] = after.reserved <= (1 + LEAK_TOLERANCE) * before.reserved
     return entry
+
+
+def describe(entry: dict) -> str:
+    """`1.534 GiB in use after teardown vs 1.411 GiB before (NVML)` from a `teardown` entry."""
+    kind, source = ("used", "NVML") if "used_after_gib" in entry else ("reserved", "torch reserved")
+    return (f"{entry[f'{kind}_after_gib']:.3f} GiB in use after teardown vs {entry[f'{kind}_before_gib']:.3f} GiB "
+            f"before ({source})")
 
 
 _TRIED = re.compile(r"Tried to allocate ([\d.]+) (KiB|MiB|GiB)")
@@ -83,7 +96,7 @@ def out_of_memory(error: torch.OutOfMemoryError, device: torch.device, combo_id:
     needed = (torch.cuda.memory_allocated(device) + tried) / GIB
     total = torch.cuda.get_device_properties(device).total_memory / GIB
     notes = [] if before is None or before.used is None else [f"{total - before.used / GIB:.1f} GiB free at the start"]
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(cuda_index(device))
     if fraction < 1:
         notes.append(f"this process is capped at {fraction * total:.1f} GiB by set_per_process_memory_fraction")
     notes = f" ({'; '.join(notes)})" if notes else ""

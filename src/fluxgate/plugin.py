@@ -105,6 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
     config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
+    config.addinivalue_line("markers", "faults: GPU fault injection after the matrix (out of memory, teardown)")
     for name, spec in MODELS.items():
         config.addinivalue_line("markers", f"{spec.marker}: combos of model {name}")
     for name, spec in PRECISIONS.items():

@@ -322,7 +322,8 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     if run_id not in runs:
         raise PublishError(f"--run-id {run_id}: no such run in {history_dir} (newest is {runs[-1]})")
     verdicts = verdicts or {}
-    run = list({r["combo"]: r for r in records if r["run_id"] == run_id}.values())  # a combo's last record wins
+    # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
+    run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != "remeasure"}.values())
     notes = [f"skipped: {message}" for message in skipped_files]
     written: list[Path] = []
 

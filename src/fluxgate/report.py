@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import time
 
+from fluxgate import memory
+
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 
 
@@ -65,4 +67,11 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
     if fallbacks:
         write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
+    compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
+    if compiled:
+        write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
+    leaks = [f"{r['combo']} {memory.describe(r['teardown'])}" for r in gate.history.records
+             if r.get("teardown") and not r["teardown"]["clean"]]
+    if leaks:
+        write(f"teardown left more than 1 % of the device memory in use behind: {'; '.join(leaks)}")
     write(f"history: {gate.history.path}")

@@ -80,7 +80,7 @@ class Runner:
         components = self._shared_components(model)
         before = memory.Snapshot.take(self.device)
         self.last_teardown = None
-        transformer = pipe = calls = out_of_memory = None
+        transformer = pipe = calls = kwargs = out_of_memory = None
         try:
             transformer, origin = self.source.transformer(combo, self.device)
             runtimes.prepare(transformer, combo.runtime, self.compile_mode)
@@ -100,11 +100,11 @@ class Runner:
         except torch.OutOfMemoryError as error:
             out_of_memory = memory.out_of_memory(error, self.device, combo.id, before)
         except BaseException:
-            pipe = transformer = calls = None
+            pipe = transformer = calls = kwargs = None
             memory.release(self.device)
             raise
         finally:
-            pipe = transformer = calls = None  # drop every reference before freeing the device
+            pipe = transformer = calls = kwargs = None  # drop every reference (prompt embeddings too) before freeing
             runtimes.reset(combo.runtime)
         # Out here the exception and the frames holding the combo's tensors are gone, so everything can be freed.
         memory.release(self.device)
