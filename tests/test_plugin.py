@@ -90,3 +90,16 @@ def test_help_lists_every_fluxgate_option(matrix):
                    "--write-baselines", "--runtimes", "--compile-mode", "--vram-budget-gib", "--decision-file"):
         assert option in help_text, option
     assert "fluxgate: model x precision perf gate" in help_text
+
+
+def test_pytest_benchmark_saved_runs_carry_the_fluxgate_fingerprint(matrix):
+    import json
+
+    matrix.makepyfile(test_bench="""
+        def test_sum(benchmark):
+            benchmark(sum, range(100))
+    """)
+    result = matrix.runpytest("test_bench.py", "--benchmark-json=bench.json", "--device", "cpu")
+    result.assert_outcomes(passed=1)
+    machine_info = json.loads((matrix.path / "bench.json").read_text())["machine_info"]
+    assert machine_info["fluxgate"]["device_type"] == "cpu" and "torch" in machine_info["fluxgate"]

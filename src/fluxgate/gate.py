@@ -164,7 +164,9 @@ class Gate:
         def records():
             with warnings.catch_warnings():  # a corrupt old history file was already reported when it was skipped
                 warnings.simplefilter("ignore")
-                return history.read(self.history.directory)
+                earlier = [r for r in history.read(self.history.directory) if r["run_id"] != self.history.run_id]
+            # This run's own records, also when its file is not in the history folder (an xdist worker's).
+            return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
 
         verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit)
         judged = []

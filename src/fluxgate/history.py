@@ -32,10 +32,11 @@ class RunHistory:
     environment: dict
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     records: list[dict] = field(default_factory=list)
+    file_dir: Path | None = None  # where the run file goes when not `directory` (an xdist worker's, until merged)
 
     @property
     def path(self) -> Path:
-        return self.directory / f"{self.run_id}.json"
+        return (self.file_dir or self.directory) / f"{self.run_id}.json"
 
     def save_image(self, combo_id: str, image) -> str:
         """Keep a combo's image beside the history (`<run_id>/<combo>.png`) for reports; returns the relative path."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate import report
+from fluxgate import report, workers
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
@@ -22,6 +22,7 @@ from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[object]()
+WORKER_OUTPUTS_KEY = pytest.StashKey[list]()
 STARTED_KEY = pytest.StashKey[float]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
 
@@ -101,6 +102,13 @@ def _path(config: pytest.Config, option: str) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    workers.pin_this_worker(config)  # first: before anything initializes CUDA in this process
+    if workers.controller_workers(config):
+        if config.getoption("write_baselines"):
+            raise pytest.UsageError("--write-baselines with xdist (-n): workers would rewrite the same thresholds "
+                                    "file at once; write baselines in one process")
+        if config.option.dist == "load":
+            config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
     # Nothing may reach the network unless the user opts in.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
@@ -129,10 +137,14 @@ def pytest_pycollect_makeitem(collector, name, obj):
     if not (callable(obj) and getattr(obj, MATRIX_ATTR, False)):
         return None
     items = []
-    for combo in collector.config._fluxgate_combos:
+    me = workers.worker(collector.config)
+    shares = me[1] if me else workers.controller_workers(collector.config)
+    for position, combo in enumerate(collector.config._fluxgate_combos):
         item = pytest.Function.from_parent(collector, name=combo.id, callobj=obj)
         for mark in combo.marks:
             item.add_marker(mark)
+        if shares:
+            item.add_marker(workers.group_marker(position, shares))
         item.stash[COMBO_KEY] = combo
         items.append(item)
     return items
@@ -164,7 +176,12 @@ def _make_gate(config: pytest.Config):
         from fluxgate.flops import measure_roof
 
         environment["roof"] = measure_roof(device)
-    history = RunHistory(_path(config, "history_dir"), new_run_id(), environment)
+    history_dir, me = _path(config, "history_dir"), workers.worker(config)
+    if me is not None:
+        environment["xdist_worker"] = f"{me[0] + 1}/{me[1]}"
+        environment["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    history = RunHistory(history_dir, new_run_id(), environment,
+                         file_dir=workers.worker_history_dir(history_dir) if me else None)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
                 write=config.getoption("write_baselines"))
 
@@ -206,37 +223,105 @@ def judge(gate, request: pytest.FixtureRequest):
     return evaluate
 
 
+def _write_report(config: pytest.Config, history_dir: Path, run_id: str, verdicts: dict | None) -> None:
+    from fluxgate.decision import Settings
+    from fluxgate.errors import FluxgateError
+    from fluxgate.publish import write_report
+
+    try:  # a reporting problem must never change the gate's result
+        settings = Settings.from_file(_path(config, "decision_file"), config.getoption("vram_budget_gib"))
+        written = write_report(history_dir, _path(config, "report_dir"), _path(config, "baselines_dir"),
+                               run_id=run_id, verdicts=verdicts, decision_settings=settings)
+        config._fluxgate_report = written[0]
+    except (FluxgateError, OSError) as error:
+        warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    gate = session.config.stash.get(GATE_KEY, None)
+    config = session.config
+    if workers.controller_workers(config):
+        _finish_distributed(session)
+        return
+    gate = config.stash.get(GATE_KEY, None)
     if gate is not None and gate.write and gate.measured:
-        session.config._fluxgate_written = gate.write_baselines()
+        config._fluxgate_written = gate.write_baselines()
     if gate is None or not gate.history.records:
         return
     from fluxgate.gate import verdicts_for_report
 
-    gating = session.config.getoption("history_gate") == "on" and not gate.write
-    verdicts = session.config._fluxgate_verdicts = gate.verdicts(
-        last_n=session.config.getoption("history_window"), base_commit=session.config.getoption("base_commit"),
-        confirm=gating)
-    if gating and any(verdict.outcome == "regression" for verdict in verdicts):
+    gating = config.getoption("history_gate") == "on" and not gate.write
+    verdicts = config._fluxgate_verdicts = gate.verdicts(
+        last_n=config.getoption("history_window"), base_commit=config.getoption("base_commit"), confirm=gating)
+    regression = any(verdict.outcome == "regression" for verdict in verdicts)
+    if gating and regression:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if session.config.getoption("report_dir"):
-        from fluxgate.decision import Settings
-        from fluxgate.errors import FluxgateError
-        from fluxgate.publish import write_report
+    if workers.worker(config) is not None:  # the controller merges, judges and reports
+        config.workeroutput["fluxgate"] = {"history": str(gate.history.path), "regression": regression,
+                                           "verdicts": [v.message for v in verdicts if v.outcome != "no change"]}
+        return
+    if config.getoption("report_dir"):
+        _write_report(config, gate.history.directory, gate.history.run_id, verdicts_for_report(verdicts))
 
-        try:  # a reporting problem must never change the gate's result
-            settings = Settings.from_file(_path(session.config, "decision_file"),
-                                          session.config.getoption("vram_budget_gib"))
-            written = write_report(gate.history.directory, _path(session.config, "report_dir"), gate.baselines_root,
-                                   run_id=gate.history.run_id, verdicts=verdicts_for_report(verdicts),
-                                   decision_settings=settings)
-            session.config._fluxgate_report = written[0]
-        except (FluxgateError, OSError) as error:
-            warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """pytest-benchmark's saved runs carry fluxgate's fingerprint too (GPU name, UUID, driver, clocks, power limit,
+    versions), so a benchmark written with the `benchmark` fixture beside the matrix is comparable the same way."""
+    from fluxgate.environment import fingerprint, resolve_device
+
+    try:
+        machine_info["fluxgate"] = fingerprint(resolve_device(config.getoption("device")), config.rootpath)
+    except ValueError as error:  # --device cuda without CUDA: say so instead of a fingerprint
+        machine_info["fluxgate"] = {"error": str(error)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist controller: keep what each worker reported about its history file and verdicts."""
+    output = getattr(node, "workeroutput", {}).get("fluxgate")
+    if output:
+        node.config.stash.setdefault(WORKER_OUTPUTS_KEY, []).append(output)
+
+
+def _finish_distributed(session: pytest.Session) -> None:
+    """Merge the workers' run files into one run (then remove them), fail on a confirmed regression, report."""
+    from fluxgate import history
+    from fluxgate.errors import FluxgateError
+
+    config = session.config
+    outputs = config.stash.get(WORKER_OUTPUTS_KEY, [])
+    if not outputs:
+        return
+    history_dir, paths = _path(config, "history_dir"), [Path(output["history"]) for output in outputs]
+    try:
+        merged = history.merge(paths, history_dir)
+    except FluxgateError as error:  # the worker files stay where they are, nothing is lost
+        warnings.warn(f"fluxgate: worker histories not merged ({error})", stacklevel=1)
+        return
+    for path in paths:  # only now: the merged file is complete on disk
+        path.unlink(missing_ok=True)
+    config._fluxgate_merged = merged
+    config._fluxgate_worker_verdicts = [message for output in outputs for message in output["verdicts"]]
+    if config.getoption("history_gate") == "on" and any(output["regression"] for output in outputs):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if config.getoption("report_dir"):
+        _write_report(config, history_dir, merged.stem, None)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    merged = getattr(config, "_fluxgate_merged", None)
+    if merged is not None:
+        import json
+
+        report.distributed_summary(terminalreporter, merged, json.loads(merged.read_text())["records"],
+                                   config.stash[STARTED_KEY])
+        messages = config._fluxgate_worker_verdicts
+        if messages:
+            terminalreporter.write_line("against history (each worker judged its own combos):")
+            for message in messages:
+                terminalreporter.write_line(f"  {message}")
+        if getattr(config, "_fluxgate_report", None):
+            terminalreporter.write_line(f"fluxgate: report written to {config._fluxgate_report}")
     outcomes = config.stash.get(OUTCOMES_KEY, [])
     gate = config.stash.get(GATE_KEY, None)
     if outcomes and gate is not None:

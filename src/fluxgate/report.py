@@ -22,18 +22,23 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def rows(outcomes) -> list[list[str]]:
-    """One row per combo: id, verdict, it/s, step CV, peak memory, MS-SSIM, PSNR, MFU, energy, GEMM path."""
+def rows(entries) -> list[list[str]]:
+    """One row per (combo id, outcome, metrics): verdict, it/s, step CV, peak memory, MS-SSIM, PSNR, MFU, energy,
+    seconds per image, GEMM path."""
     table = []
-    for outcome in outcomes:
-        m = outcome.metrics
+    for combo_id, verdict, m in entries:
         energy = (m.get("telemetry") or {}).get("energy_j")
         path = (m.get("kernel_path") or {}).get("label", "-")
-        table.append([outcome.combo.id, VERDICTS[outcome.verdict], _fmt(m.get("it_s"), ".3f"),
+        table.append([combo_id, VERDICTS.get(verdict, verdict.upper()), _fmt(m.get("it_s"), ".3f"),
                       _percent((m.get("step_stats") or {}).get("cv")), _fmt(m.get("peak_mem_gib"), ".3f"),
                       _fmt(m.get("ms_ssim"), ".4f"), _fmt(m.get("psnr_db"), ".2f", "inf" if "ms_ssim" in m else "-"),
                       _percent(m.get("mfu_bf16")), _fmt(energy, ".0f"), _fmt(m.get("e2e_s"), ".2f"), path])
     return table
+
+
+def _header(cuda: bool) -> list[str]:
+    return ["combo", "verdict", "it/s", "step CV", "peak GiB (VRAM)" if cuda else "peak GiB (RSS)", "MS-SSIM",
+            "PSNR dB", "MFU", "J/image", "s/image", "GEMM path"]
 
 
 def format_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -53,9 +58,8 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     if roof:
         write(f"roof: bf16 {_fmt(roof.get('bf16_tflops'), '.0f')} TFLOP/s, fp8 {_fmt(roof.get('fp8_tflops'), '.0f')}"
               " TFLOP/s (measured now; MFU = model FLOPs per step x it/s / bf16 roof)")
-    header = ["combo", "verdict", "it/s", "step CV", "peak GiB (VRAM)" if mem_kind.startswith("cuda")
-              else "peak GiB (RSS)", "MS-SSIM", "PSNR dB", "MFU", "J/image", "s/image", "GEMM path"]
-    for line in format_table(header, rows(outcomes)):
+    entries = [(o.combo.id, o.verdict, o.metrics) for o in outcomes]
+    for line in format_table(_header(mem_kind.startswith("cuda")), rows(entries)):
         write(line)
     wall_s = time.time() - started
     timed_s = sum(o.metrics.get("timed_steps_s", 0.0) for o in outcomes)
@@ -75,3 +79,28 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     if leaks:
         write(f"teardown left more than 1 % of the device memory in use behind: {'; '.join(leaks)}")
     write(f"history: {gate.history.path}")
+
+
+def distributed_summary(terminalreporter, merged_path, records: list[dict], started: float) -> None:
+    """The summary of an xdist run: the merged run's table, then which worker ran where."""
+    write = terminalreporter.write_line
+    terminalreporter.section("fluxgate")
+    measured = [r for r in records if r.get("outcome") != "remeasure"]
+    cuda = any(str((r.get("metrics") or {}).get("mem_kind", "")).startswith("cuda") for r in measured)
+    entries = [(r["combo"], r.get("outcome", "?"), r.get("metrics") or {}) for r in measured]
+    for line in format_table(_header(cuda), rows(entries)):
+        write(line)
+    wall_s = time.time() - started
+    timed_s = sum((r.get("metrics") or {}).get("timed_steps_s", 0.0) for r in measured)
+    write(f"wall {wall_s:.0f} s; {timed_s:.0f} s of timed denoising steps over all workers")
+    placements: dict[str, list[str]] = {}
+    for record in measured:
+        environment = record.get("environment") or {}
+        gpu = environment.get("gpu") or {}
+        where = (f"worker {environment.get('xdist_worker', '?')} on CUDA_VISIBLE_DEVICES="
+                 f"{environment.get('cuda_visible_devices')} {environment.get('device_name', '')} "
+                 f"{gpu.get('uuid', '')}").rstrip()
+        placements.setdefault(where, []).append(record["combo"])
+    for where, combos in sorted(placements.items()):
+        write(f"{where}: {', '.join(combos)}")
+    write(f"history: {merged_path} (one run merged from {len(placements)} worker file(s))")
