@@ -1,6 +1,8 @@
 """fluxgate.publish: one run from the history -> summary.md, trend plots and image grids; the CLI around it."""
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -175,7 +177,9 @@ def test_cli_prints_each_file_written(history_dir, baselines_dir, tmp_path, caps
     assert main(["--history-dir", str(history_dir), "--out", str(tmp_path / "report"),
                  "--baselines-dir", str(baselines_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(line.startswith("wrote ") for line in lines)
+    written = sorted(path for path in (tmp_path / "report").rglob("*") if path.is_file())
+    assert sorted(Path(line.removeprefix("wrote ")) for line in lines) == written
+    assert tmp_path / "report" / "decision.md" in written
 
 
 @pytest.mark.parametrize("make", [lambda d: d.mkdir(), lambda d: None], ids=["empty", "missing"])

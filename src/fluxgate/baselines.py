@@ -43,6 +43,9 @@ DEFAULT_SIMILARITY = {
 }
 # Settings that change the reference image: a baseline made with other values is stale.
 IMAGE_SETTINGS = ("profile", "seed", "steps", "size_px", "guidance_scale", "prompt")
+# The hardware a GPU baseline was measured on: a baseline of another GPU (e.g. through --gpu-class) is stale. Software
+# versions (torch, diffusers, CUDA, driver) are not: judging a new version against the old one is the gate's purpose.
+HARDWARE_FIELDS = ("device_name", "compute_capability")
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,9 @@ def _read_json(path: Path) -> dict:
         raise BaselineError(f"{path}: malformed JSON ({error})") from None
 
 
-def load(root: Path, gpu_class: str, combo: Combo, settings: dict) -> Baseline:
-    """The baseline of `combo` on `gpu_class`, checked against this run's image `settings` (see IMAGE_SETTINGS)."""
+def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: dict | None = None) -> Baseline:
+    """The baseline of `combo` on `gpu_class`, checked against this run's image `settings` (see IMAGE_SETTINGS) and,
+    on a GPU, the hardware in its `environment` fingerprint (see HARDWARE_FIELDS)."""
     folder = root / gpu_class
     path = folder / THRESHOLDS_FILE
     table = _read_toml(path)
@@ -106,14 +110,15 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict) -> Baseline:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs numeric "
                             f"{', '.join(Thresholds.__dataclass_fields__)} ({type(error).__name__}: {error})") from None
-    check_fresh(folder / PROVENANCE_FILE, combo.model, settings)
+    check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
     return Baseline(folder, thresholds, folder / f"{combo.model}.png")
 
 
-def stored_reference(root: Path, gpu_class: str, model: str, settings: dict) -> Image.Image:
-    """The stored BF16 image of `model`, when it was made with this run's image `settings`."""
+def stored_reference(root: Path, gpu_class: str, model: str, settings: dict,
+                     environment: dict | None = None) -> Image.Image:
+    """The stored BF16 image of `model`, when it was made with this run's image `settings` on this hardware."""
     folder = root / gpu_class
-    check_fresh(folder / PROVENANCE_FILE, model, settings)
+    check_fresh(folder / PROVENANCE_FILE, model, settings, environment)
     return Baseline(folder, None, folder / f"{model}.png").reference()
 
 
@@ -126,13 +131,19 @@ def measured_peak_gib(root: Path, gpu_class: str, combo: Combo) -> tuple[float, 
         return None
 
 
-def check_fresh(provenance_path: Path, model: str, settings: dict) -> None:
-    """Raise BaselineError naming every image setting that differs from the one the baseline was made with."""
-    stored = _read_json(provenance_path).get("models", {}).get(model)
+def check_fresh(provenance_path: Path, model: str, settings: dict, environment: dict | None = None) -> None:
+    """Raise BaselineError naming every image setting, and on a GPU every hardware field, that differs from the ones
+    the baseline was made with."""
+    provenance = _read_json(provenance_path)
+    stored = provenance.get("models", {}).get(model)
     if stored is None:
         raise BaselineError(f"{provenance_path}: no settings recorded for {model}; run `nox -s baselines`")
     differ = [f"{key} {stored.get(key)!r} -> {settings.get(key)!r}" for key in IMAGE_SETTINGS
               if stored.get(key) != settings.get(key)]
+    made_on = provenance.get("runs", {}).get(stored.get("run_id"), {}).get("environment") or {}
+    if environment and environment.get("device_type") == "cuda" and made_on:
+        differ += [f"{key} {made_on.get(key)!r} -> {environment.get(key)!r}" for key in HARDWARE_FIELDS
+                   if made_on.get(key) != environment.get(key)]
     if differ:
         raise BaselineError(f"{provenance_path}: stale baseline for {model} (made with other settings: "
                             f"{'; '.join(differ)}); regenerate with `nox -s baselines`")

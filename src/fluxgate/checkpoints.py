@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fluxgate.errors import FixtureError
 from fluxgate.models import ModelSpec
 from fluxgate.precisions import PRECISIONS, PrecisionSpec
 
@@ -56,6 +57,15 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_checkpoint(path: Path, write) -> None:
+    """`atomic_write` of a checkpoint; a tensor the writer refuses (NaN, out of the format's range) is a FixtureError
+    naming the file as well as the tensor."""
+    try:
+        atomic_write(path, write)
+    except FixtureError as error:
+        raise FixtureError(f"{path}: cannot write this checkpoint ({error})") from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -123,7 +133,7 @@ def _ensure_source(model: ModelSpec, seed: int, folder: Path) -> tuple[Path, str
     transformer = model.tiny_transformer(seed)
     transformer.save_config(folder)
     state_dict = {key: value.detach() for key, value in transformer.state_dict().items()}
-    atomic_write(path, lambda tmp: PRECISIONS["bf16"].write(state_dict, set(), tmp, model.gguf_arch))
+    _write_checkpoint(path, lambda tmp: PRECISIONS["bf16"].write(state_dict, set(), tmp, model.gguf_arch))
     provenance = _provenance(path, seed, None)
     _write_json(path.with_suffix(".json"), provenance)
     return path, provenance["sha256"], False
@@ -145,7 +155,7 @@ def ensure(model: ModelSpec, precision: PrecisionSpec, seed: int, cache_dir: Pat
         return Checkpoint(path, folder, sha, True)
     state_dict = load_file(str(source))
     keys = quantized_keys(model, state_dict, precision.block_size)
-    atomic_write(path, lambda tmp: precision.write(state_dict, keys, tmp, model.gguf_arch))
+    _write_checkpoint(path, lambda tmp: precision.write(state_dict, keys, tmp, model.gguf_arch))
     provenance = _provenance(path, seed, source_sha)
     provenance["quantized_tensors"] = len(keys)
     _write_json(path.with_suffix(".json"), provenance)

@@ -74,14 +74,16 @@ class Gate:
     def _reference(self, combo: Combo, result: RunResult) -> tuple[Image.Image, baselines.Baseline | None]:
         settings = self.runner.settings(combo.model_spec)
         if not self.write:
-            baseline = baselines.load(self.baselines_root, self.gpu_class, combo, settings)
+            baseline = baselines.load(self.baselines_root, self.gpu_class, combo, settings,
+                                      self.history.environment)
             return baseline.reference(), baseline
         if combo.is_reference:
             self.references[combo.model] = result.image
         if combo.model in self.references:
             return self.references[combo.model], None
         try:  # e.g. `--runtimes compile` alone: judged against the stored image, which stays as it is
-            return baselines.stored_reference(self.baselines_root, self.gpu_class, combo.model, settings), None
+            return baselines.stored_reference(self.baselines_root, self.gpu_class, combo.model, settings,
+                                              self.history.environment), None
         except FluxgateError as error:
             raise FluxgateError(f"--write-baselines: select {combo.model}[bf16] (eager) to make the reference image, "
                                 f"or keep a fresh stored one ({error})") from None

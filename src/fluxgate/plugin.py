@@ -7,17 +7,22 @@ storing `history`/`baselines`, showing `report`.
 from __future__ import annotations
 
 import os
-import time
-import warnings
-from pathlib import Path
 
-import pytest
+# Nothing may reach the network unless the user opts in (HF_HUB_OFFLINE=0). Set before anything imports
+# huggingface_hub, which reads it once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fluxgate import report, workers
-from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard
-from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
-from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fluxgate import report, workers  # noqa: E402
+from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
+from fluxgate.models import MODELS  # noqa: E402
+from fluxgate.precisions import PRECISIONS  # noqa: E402
+from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES  # noqa: E402
 
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
@@ -103,14 +108,13 @@ def _path(config: pytest.Config, option: str) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     workers.pin_this_worker(config)  # first: before anything initializes CUDA in this process
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # again: the module-level default ran once per process
     if workers.controller_workers(config):
         if config.getoption("write_baselines"):
             raise pytest.UsageError("--write-baselines with xdist (-n): workers would rewrite the same thresholds "
                                     "file at once; write baselines in one process")
         if config.option.dist == "load":
             config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
-    # Nothing may reach the network unless the user opts in.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
     config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
     config.addinivalue_line("markers", "faults: GPU fault injection after the matrix (out of memory, teardown)")
