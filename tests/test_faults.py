@@ -485,8 +485,12 @@ def test_ctrl_c_mid_combo_keeps_every_finished_record_and_marks_the_interrupted_
     assert no_temporary_files(run.history_dir, run.baselines_root) == []
 
 
-def test_ctrl_c_during_write_baselines_leaves_every_baseline_file_readable(interrupted_runs):
+def test_ctrl_c_during_write_baselines_leaves_the_old_baselines_as_they_were(interrupted_runs):
     run = interrupted_runs["SIGINT"]
+    root = run.baselines_root.parent
+    after = {str(p.relative_to(root)): p.read_bytes() for p in run.baselines_root.rglob("*") if p.is_file()}
+    assert after == run.baselines_before  # half a matrix is no baseline
+    assert "run interrupted, baselines left as they were" in run.output
     folder = run.baselines_root / "cpu"
     tomllib.loads((folder / baselines.THRESHOLDS_FILE).read_text())
     json.loads((folder / baselines.PROVENANCE_FILE).read_text())

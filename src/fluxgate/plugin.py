@@ -248,7 +248,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     gate = config.stash.get(GATE_KEY, None)
     if gate is not None and gate.write and gate.measured:
-        config._fluxgate_written = gate.write_baselines()
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:  # half a matrix is no baseline: keep the old one
+            warnings.warn("--write-baselines: run interrupted, baselines left as they were", stacklevel=1)
+        else:
+            config._fluxgate_written = gate.write_baselines()
     if gate is None or not gate.history.records:
         return
     from fluxgate.gate import verdicts_for_report
