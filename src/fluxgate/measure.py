@@ -182,15 +182,17 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
 
 
 def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
-        timed_images: int = 1, baseline_used_bytes: int | None = None) -> RunResult:
+        timed_images: int = 1, baseline_used_bytes: int | None = None, telemetry_interval_s: float = 0.1
+        ) -> RunResult:
     """One untimed warm-up image of `warmup_steps` steps, then `timed_images` timed images with `call_kwargs`."""
     if warmup_steps > 0:
         pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-        # 100 ms: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
-        with telemetry.GpuSampler(device, interval_s=0.1, baseline_used_bytes=baseline_used_bytes) as gpu:
+        # 100 ms by default: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
+        with telemetry.GpuSampler(device, interval_s=telemetry_interval_s,
+                                  baseline_used_bytes=baseline_used_bytes) as gpu:
             step_times, e2e_s, image, peaks = _timed_images(pipe, call_kwargs, seed, device, timed_images)
         # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))

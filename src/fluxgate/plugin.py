@@ -79,6 +79,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
     group.addoption("--warmup-steps", type=int, default=1, metavar="N",
                     help="steps of the untimed warm-up image before each timed image [default: 1]")
+    group.addoption("--telemetry-interval-ms", type=float, default=100.0, metavar="MS",
+                    help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
+                         "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
+                         "at the end [default: 100]")
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
@@ -174,7 +178,8 @@ def _make_gate(config: pytest.Config):
         profile = "synthetic" if device.type == "cuda" else "tiny"
     source = for_profile(profile, _path(config, "fixture_cache"), inputs.seed, _path(config, "models_file"))
     runner = Runner(profile, device, source, inputs, warmup_steps=config.getoption("warmup_steps"),
-                    steps=config.getoption("steps"), compile_mode=config.getoption("compile_mode"))
+                    steps=config.getoption("steps"), compile_mode=config.getoption("compile_mode"),
+                    telemetry_interval_s=config.getoption("telemetry_interval_ms") / 1000)
     environment = fingerprint(device, config.rootpath)
     if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU
         from fluxgate.flops import measure_roof

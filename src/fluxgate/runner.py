@@ -38,9 +38,11 @@ class Runner:
     """Makes and measures images for one profile on one device; keeps one model's shared components at a time."""
 
     def __init__(self, profile: str, device: torch.device, source, inputs: Inputs, warmup_steps: int = 1,
-                 steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE):
+                 steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
+                 telemetry_interval_s: float = 0.1):
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
+        self.telemetry_interval_s = telemetry_interval_s
         self.last_teardown: dict | None = None  # memory before the last combo and after its teardown
         self._components: tuple[str, dict[str, Any]] | None = None
         self._step_flops: dict[str, float] = {}  # per model: the same for every precision
@@ -89,7 +91,8 @@ class Runner:
             kwargs = self.call_kwargs(model)
             compile_s = runtimes.warm_up(pipe, kwargs, self.device) if combo.runtime_spec.compiles else None
             result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
-                                 model.settings(self.profile).timed_images, self.baseline_used_bytes)
+                                 model.settings(self.profile).timed_images, self.baseline_used_bytes,
+                                 self.telemetry_interval_s)
             result.compile_s = compile_s
             # After the timed images, so profiling never touches their times or peak memory.
             calls = flops.capture_transformer_calls(pipe, kwargs)

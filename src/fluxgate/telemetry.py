@@ -237,7 +237,8 @@ class GpuSampler:
                 memory = self._probe("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(self._handle))
                 self._enter_used = None if memory is None else int(memory.used)
             self._thread = threading.Thread(target=self._run, name="fluxgate-gpu-sampler", daemon=True)
-            self._thread.start()
+            if self.interval_s > 0:  # else: one sample at exit and the energy counter, no thread during the steps
+                self._thread.start()
         except Exception as error:
             self._close()
             self.telemetry = Telemetry(available=False, reason=f"NVML sampling failed: {type(error).__name__}: {error}")
@@ -248,7 +249,8 @@ class GpuSampler:
             return
         try:
             self._stop.set()
-            self._thread.join()
+            if self._thread.is_alive():
+                self._thread.join()
             self._sample()
             end_mj = self._energy()
             self.telemetry = self._summary(end_mj)
