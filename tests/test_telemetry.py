@@ -231,3 +231,14 @@ def test_fingerprint_holds_driver_clocks_and_power_limit(fake_gpu):
     assert info["persistence_mode"] is True and info["ecc_mode"] == {"current": True, "pending": True}
     assert "nvml_errors" not in info and "nvml_error" not in info
     json.dumps(info)
+
+
+def test_with_a_zero_interval_no_thread_samples_during_the_block_but_energy_and_one_sample_remain(fake_gpu):
+    fake_gpu()
+
+    with GpuSampler(CUDA, interval_s=0) as gpu:
+        assert gpu._thread is not None and not gpu._thread.is_alive()
+        time.sleep(0.05)
+
+    assert gpu.telemetry.available and gpu.telemetry.samples == 1
+    assert gpu.telemetry.energy_j == pytest.approx(5.0)
