@@ -185,3 +185,11 @@ def test_the_report_from_history_alone_has_the_decision_and_takes_bf16_from_an_e
     assert "BF16 eager reference from an earlier run: 5.500 it/s" in summary
     assert "**`flux1-dev[fp8-scaled-compile]`** at 9.70 it/s" in summary
     assert tmp_path / "report" / "decision" / f"{GPU}.flux1-dev.png" in written
+
+
+def test_without_the_default_settings_file_the_report_skips_the_section_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no fixtures/decision.toml here
+    with pytest.warns(UserWarning, match="no 'which precision to ship' section"):
+        assert decision.load(decision.DEFAULT_FILE, missing_ok=True) is None
+    with pytest.raises(FixtureError, match="decision settings not found"):
+        decision.load(tmp_path / "mine.toml")

@@ -13,6 +13,7 @@ promises on a GPU that has the kernel.
 from __future__ import annotations
 
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,6 +63,16 @@ class Settings:
 
     def floor(self, model: str) -> dict[str, float]:
         return {**self.quality_floor["default"], **self.quality_floor.get(model, {})}
+
+
+def load(path: Path, vram_budget_gib: float | None = None, missing_ok: bool = False) -> Settings | None:
+    """Settings from `path`; with `missing_ok` (the default file, not one the user named) a missing file skips the
+    decision section with a warning instead of failing the report."""
+    if missing_ok and not Path(path).exists():
+        warnings.warn(f"{path}: not found, so the report has no 'which precision to ship' section "
+                      "(pass --decision-file)", stacklevel=2)
+        return None
+    return Settings.from_file(path, vram_budget_gib)
 
 
 @dataclass

@@ -233,12 +233,13 @@ def judge(gate, request: pytest.FixtureRequest):
 
 
 def _write_report(config: pytest.Config, history_dir: Path, run_id: str, verdicts: dict | None) -> None:
-    from fluxgate.decision import Settings
+    from fluxgate import decision
     from fluxgate.errors import FluxgateError
     from fluxgate.publish import write_report
 
     try:  # a reporting problem must never change the gate's result
-        settings = Settings.from_file(_path(config, "decision_file"), config.getoption("vram_budget_gib"))
+        settings = decision.load(_path(config, "decision_file"), config.getoption("vram_budget_gib"),
+                                 missing_ok=config.getoption("decision_file") == str(decision.DEFAULT_FILE))
         written = write_report(history_dir, _path(config, "report_dir"), _path(config, "baselines_dir"),
                                run_id=run_id, verdicts=verdicts, decision_settings=settings)
         config._fluxgate_report = written[0]

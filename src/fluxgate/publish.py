@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # restored on exit; a skipped file is news, not a traceback
-            settings = decision.Settings.from_file(args.decision_file, args.vram_budget_gib)
+            settings = decision.load(args.decision_file, args.vram_budget_gib,
+                                     missing_ok=args.decision_file == decision.DEFAULT_FILE)
             write_report(args.history_dir, args.out, args.baselines_dir, args.run_id,
                          progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
     except FluxgateError as error:

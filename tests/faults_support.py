@@ -1,0 +1,55 @@
+"""What tests/test_faults.py (the end-to-end runs) and tests/test_fault_units.py (the in-process faults) share: the
+repository's paths, the prompts, the shared fixture cache, a flux1-dev linear to damage, and the pytester project
+with the real matrix test."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fluxgate import checkpoints, history
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+from fluxgate.runner import Inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+MATRIX = "perf/test_matrix.py"
+SHARED_CACHE = Path(os.environ.get("FLUXGATE_CACHE", ROOT / ".fluxgate-cache")).resolve()
+INPUTS = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+CPU = torch.device("cpu")
+FLUX1_LINEAR = "single_transformer_blocks.0.attn.to_k.weight"
+
+
+def bf16_weights(cache: Path, model: str) -> dict[str, torch.Tensor]:
+    spec = MODELS[model]
+    return load_file(str(checkpoints.ensure(spec, PRECISIONS["bf16"], INPUTS.seed, cache).path))
+
+
+def with_rows_cut(weights: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """`weights` with 16 output rows of `key` missing: a checkpoint whose shapes do not fit the model config."""
+    return {**weights, key: weights[key][:-16].contiguous()}
+
+
+def no_temporary_files(*folders: Path) -> list[Path]:
+    """Whatever `atomic_write` (or anything else) left behind half-written under `folders`."""
+    return [path for folder in folders for path in folder.rglob("*") if path.name.endswith(".tmp")]
+
+
+def read_history_strictly(directory: Path) -> list[dict]:
+    """Every history record under `directory`; a file the reader would skip with a warning fails the test instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return history.read(directory)
+
+
+@pytest.fixture
+def plugin_project(pytester):
+    """A pytester project with the real matrix test and the fluxgate plugin."""
+    pytester.makeconftest('pytest_plugins = ["fluxgate.plugin"]')
+    pytester.makepyfile(test_matrix=(ROOT / MATRIX).read_text())
+    return pytester
