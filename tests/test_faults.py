@@ -36,7 +36,7 @@ from PIL import Image
 from fluxgate import baselines, checkpoints, history
 from fluxgate.matrix import Combo
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS, q8_0_gguf_tensors, write_gguf
 from fluxgate.runner import Runner
 
 INJECTORS = Path(__file__).resolve().parent / "injectors"
@@ -126,23 +126,11 @@ def truncate(path: Path) -> None:
 
 def gguf_with_unsupported_type(weights: dict[str, torch.Tensor], quantized: set[str], odd_key: str, path: Path):
     """A Q8_0 GGUF file except that `odd_key` is stored as Q8_1, a llama.cpp type diffusers cannot dequantize."""
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    for key, value in weights.items():
-        array = value.float().numpy()
-        if key == odd_key:
-            block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
-            rows, cols = array.shape
-            writer.add_tensor(key, np.zeros((rows, cols // block * type_bytes), np.uint8),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_1)
-        elif key in quantized:
-            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(key, array, raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
+    rows, cols = weights[odd_key].shape
+    odd = (odd_key, np.zeros((rows, cols // block * type_bytes), np.uint8), gguf.GGMLQuantizationType.Q8_1)
+    write_gguf(path, "flux", [odd if tensor[0] == odd_key else tensor
+                              for tensor in q8_0_gguf_tensors(weights, quantized)])
 
 
 def junit_results(path: Path) -> dict[str, tuple[str, str]]:

@@ -21,6 +21,7 @@ from typing import Callable
 from matplotlib.figure import Figure
 
 from fluxgate.errors import FixtureError
+from fluxgate.matrix import Combo
 
 DEFAULT_FILE = Path("fixtures/decision.toml")
 MEASURED = ("passed", "failed")  # record outcomes that carry measurements
@@ -45,7 +46,9 @@ class Settings:
             prices = {name: float(value) for name, value in data["gpu_hour_usd"].items()}
             floors = {name: {key: float(limit) for key, limit in value.items()}
                       for name, value in data["quality_floor"].items()}
-            floors["default"]["min_ms_ssim"], floors["default"]["min_psnr_db"]  # noqa: B018 - both are required
+            missing = {"min_ms_ssim", "min_psnr_db"} - floors["default"].keys()
+            if missing:
+                raise KeyError(f"quality_floor.default.{sorted(missing)[0]}")
         except FileNotFoundError:
             raise FixtureError(f"{path}: decision settings not found (prices and quality floors)") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -113,7 +116,7 @@ class Row:
 
     @property
     def is_reference(self) -> bool:
-        return self.precision == "bf16" and self.runtime == "eager"
+        return Combo.parse(self.combo).is_reference
 
     def quality_text(self) -> str:
         psnr = "inf" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
@@ -298,13 +301,13 @@ def write(run: list[dict], records: list[dict], settings: Settings, out_dir: Pat
           wrote: Callable[[Path], None]) -> str:
     """decision.md and the scatter plots; returns the markdown. A model whose BF16 eager combo is not in this run is
     compared with the newest such record of the same GPU class, profile and image settings in the history."""
+    def same_images(a: dict, b: dict) -> bool:
+        return all(a.get(key) == b.get(key) for key in ("model", "gpu_class", "profile", "settings"))
+
     references = {}
     for record in records:
-        if (record.get("precision") == "bf16" and record.get("runtime", "eager") == "eager"
-                and record.get("outcome") in MEASURED and any(
-                    r.get("model") == record.get("model") and r.get("gpu_class") == record.get("gpu_class")
-                    and r.get("profile") == record.get("profile") and r.get("settings") == record.get("settings")
-                    for r in run)):
+        if (Combo.parse(record["combo"]).is_reference and record.get("outcome") in MEASURED
+                and any(same_images(record, r) for r in run)):
             references[str(record.get("gpu_class")), record["model"]] = record  # newest wins
     decisions = decide(run, settings, references)
     plots = {}

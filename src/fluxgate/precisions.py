@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Must be set before diffusers' GGUF utils are imported: its CUDA-kernels path downloads code from the Hub.
 os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
 
 import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as GGMLType  # noqa: E402
 from diffusers import BFLQuantizationConfig, GGUFQuantizationConfig  # noqa: E402
 from diffusers.quantizers.bfl.utils import (  # noqa: E402
     E2M1_MAX, FP8_MAX, NVFP4_BLOCK, BFLFP8RLinear, BFLNVFP4Linear, quantize_fp8r, quantize_nvfp4,
@@ -120,16 +122,26 @@ def _write_gguf_q8_0(state_dict: StateDict, quantize: set[str], path: Path, arch
         if amax > Q8_0_MAX_ABS:
             raise FixtureError(f"{key}: |value| up to {amax:.3g} exceeds what Q8_0 can hold ({Q8_0_MAX_ABS:.4g}: 127 x "
                                "the fp16 maximum of its block scale)")
-    writer = gguf.GGUFWriter(str(path), arch=arch)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    write_gguf(path, arch, q8_0_gguf_tensors(state_dict, quantize))
+
+
+def q8_0_gguf_tensors(state_dict: StateDict, quantize: set[str]) -> Iterator[tuple[str, np.ndarray, GGMLType]]:
+    """(name, data in the type's layout, type): Q8_0 for the keys in `quantize`, F32 for the rest."""
     for key, value in state_dict.items():
         array = value.float().numpy()
         if key in quantize:
-            writer.add_tensor(key, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            yield key, gguf.quants.quantize(array, GGMLType.Q8_0), GGMLType.Q8_0
         else:
-            writer.add_tensor(key, array, raw_dtype=gguf.GGMLQuantizationType.F32)
+            yield key, array, GGMLType.F32
+
+
+def write_gguf(path: Path, arch: str, tensors: Iterable[tuple[str, np.ndarray, GGMLType]]) -> None:
+    """A GGUF file (file type Q8_0) holding `tensors`, as community converters write them."""
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, array, kind in tensors:
+        writer.add_tensor(key, array, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

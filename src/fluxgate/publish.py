@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fluxgate import decision, history
 from fluxgate.errors import FluxgateError
+from fluxgate.matrix import Combo
 from fluxgate.report import VERDICTS
 
 SIMILARITY_EPS = 1e-4  # MS-SSIM further below 1.0 than this counts as "moved" and gets an image grid
@@ -235,8 +236,8 @@ def _reference_path(record: dict, run: list[dict], history_dir: Path, baselines_
     stored = baselines_dir / str(record.get("gpu_class")) / f"{record['model']}.png"
     if stored.is_file():
         return stored
-    bf16 = next((r for r in run if r.get("model") == record.get("model") and r.get("precision") == "bf16"
-                 and r.get("runtime", "eager") == "eager" and r.get("image") and r is not record), None)
+    bf16 = next((r for r in run if r.get("model") == record.get("model") and Combo.parse(r["combo"]).is_reference
+                 and r.get("image") and r is not record), None)
     return history_dir / bf16["image"] if bf16 else None
 
 

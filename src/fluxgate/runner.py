@@ -101,16 +101,12 @@ class Runner:
                 self._step_flops[model.name] = flops.count_step_flops(pipe, kwargs, calls=calls)
             result.step_flops = self._step_flops[model.name]
         except torch.OutOfMemoryError as error:
+            # Handled here, so by `finally` the exception and the frames holding the combo's tensors are gone.
             out_of_memory = memory.out_of_memory(error, self.device, combo.id, before)
-        except BaseException:
-            pipe = transformer = calls = kwargs = None
-            memory.release(self.device)
-            raise
         finally:
             pipe = transformer = calls = kwargs = None  # drop every reference (prompt embeddings too) before freeing
             runtimes.reset(combo.runtime)
-        # Out here the exception and the frames holding the combo's tensors are gone, so everything can be freed.
-        memory.release(self.device)
+            memory.release(self.device)
         self.last_teardown = memory.teardown(before, memory.Snapshot.take(self.device))
         if out_of_memory is not None:
             raise out_of_memory
