@@ -88,3 +88,26 @@ def test_similarity_already_below_its_tier_is_floored_at_the_measurement_less_th
     assert below == ["flux1-dev[nvfp4]"]
     assert thresholds.min_ms_ssim == pytest.approx(0.9 - margins["ms_ssim"])
     assert thresholds.min_psnr_db == pytest.approx(20.0 - margins["psnr_db"])
+
+
+def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_made_the_image(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from fluxgate.gate import Gate
+    from fluxgate.history import RunHistory
+
+    baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": IMAGE},
+                    {"runs": {"run1": {}}, "models": {"flux1-dev": {**SETTINGS, "run_id": "run1"}}})
+    compiled = Combo("flux1-dev", "bf16", "compile")
+    gate = Gate(SimpleNamespace(settings=lambda spec: SETTINGS), tmp_path, "cpu",
+                RunHistory(tmp_path / "history", "run2", {}), write=True)
+    gate.measured = {compiled: Measured(compiled, 3.0, 1.0, 0.9999, 50.0)}
+
+    gate.write_baselines()
+
+    provenance = json.loads((tmp_path / "cpu" / baselines.PROVENANCE_FILE).read_text())
+    assert provenance["models"]["flux1-dev"]["run_id"] == "run1"  # the image is still run1's
+    assert provenance["runs"]["run2"]["combos"] == ["flux1-dev[bf16-compile]"]
+    assert baselines.load(tmp_path, "cpu", compiled, SETTINGS).thresholds.min_it_s == pytest.approx(
+        3.0 * (1 - baselines.DEFAULT_MARGINS["cpu"]["speed"]))

@@ -146,8 +146,10 @@ class Gate:
                                   f"needs ≈{measured[0]:.1f} GiB (its measured peak in {measured[1]})")
 
     def write_baselines(self) -> tuple[Path, list[str]]:
-        """Store this run's measurements and bf16 images as the baselines of its GPU class."""
-        models = {combo.model: combo.model_spec for combo in self.measured}
+        """Store this run's measurements and bf16 images as the baselines of its GPU class. A model's image settings and
+        run id are recorded only when this run made its reference image; one judged against the stored image (e.g.
+        `--runtimes compile` alone) keeps the entry of the run that made that image."""
+        models = {combo.model: combo.model_spec for combo in self.measured if combo.model in self.references}
         run = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "pytest " + " ".join(sys.argv[1:]), "environment": self.history.environment,
                "history_file": self.history.path.name, "combos": sorted(combo.id for combo in self.measured)}
