@@ -159,7 +159,8 @@ class Gate:
         return baselines.write(self.baselines_root, self.gpu_class, list(self.measured.values()), self.references,
                                provenance)
 
-    def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True) -> list:
+    def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True,
+                 policy=None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
         recorded in history with outcome "remeasure" (never part of a later baseline window)."""
@@ -172,7 +173,8 @@ class Gate:
             # This run's own records, also when its file is not in the history folder (an xdist worker's).
             return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
 
-        verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit)
+        verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit,
+                                       policy=policy or compare.DEFAULT_POLICY)
         judged = []
         for verdict in verdicts:
             speed = verdict.metric("step_time_s")

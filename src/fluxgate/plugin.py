@@ -98,6 +98,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "[default: on]")
     group.addoption("--history-window", type=int, default=5, metavar="N",
                     help="how many earlier comparable runs form the baseline window [default: 5]")
+    group.addoption("--min-speed-effect", default="auto", metavar="PCT",
+                    help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
+                         "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 on CPU (tiny-profile "
+                         "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
     group.addoption("--base-commit", default=None, metavar="SHA",
                     help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
     group.addoption("--write-baselines", action="store_true",
@@ -133,6 +137,7 @@ def pytest_configure(config: pytest.Config) -> None:
         precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
         runtimes = parse_names("--runtimes", config.getoption("runtimes"), RUNTIMES)
         shard_of = parse_shard(config.getoption("shard"))
+        config._fluxgate_min_speed_effect = _fraction("--min-speed-effect", config.getoption("min_speed_effect"))
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     selected = combos(models, precisions, runtimes)
@@ -193,6 +198,27 @@ def _make_gate(config: pytest.Config):
                          file_dir=workers.worker_history_dir(history_dir) if me else None)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
                 write=config.getoption("write_baselines"))
+
+
+def _fraction(option: str, value: str) -> float | None:
+    """A percentage option as a fraction; None for 'auto'."""
+    if value == "auto":
+        return None
+    try:
+        percent = float(value)
+    except ValueError:
+        percent = float("nan")
+    if not 0 < percent < 1000:
+        raise ValueError(f"{option} {value!r}: expected 'auto' or a percentage > 0, e.g. 2 or 50")
+    return percent / 100
+
+
+def _policy(config: pytest.Config, device):
+    """The history gate's decision rule, with --min-speed-effect (or the device type's default) applied."""
+    from fluxgate.compare import Policy, min_speed_effect_for
+
+    effect = config._fluxgate_min_speed_effect
+    return Policy(min_speed_effect=min_speed_effect_for(device.type) if effect is None else effect)
 
 
 @pytest.fixture(scope="session")
@@ -264,7 +290,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     gating = config.getoption("history_gate") == "on" and not gate.write
     verdicts = config._fluxgate_verdicts = gate.verdicts(
-        last_n=config.getoption("history_window"), base_commit=config.getoption("base_commit"), confirm=gating)
+        last_n=config.getoption("history_window"), base_commit=config.getoption("base_commit"), confirm=gating,
+        policy=_policy(config, gate.runner.device))
     regression = any(verdict.outcome == "regression" for verdict in verdicts)
     if gating and regression:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
