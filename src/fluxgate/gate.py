@@ -91,7 +91,9 @@ class Gate:
     def _metrics(self, result: RunResult) -> dict:
         """Everything measured about one combo, as history stores it."""
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
-                   "step_stats": result.stats.to_json(), "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
+                   "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
+                   "host_step_times_s": result.host_step_times_s, "queue_drained": result.queue_drained,
+                   "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,
                    "timed_steps_s": sum(result.step_times_s), "kernel_path": result.kernel_path,

@@ -2,7 +2,10 @@
 
 Step times are taken without a host sync inside the denoising loop: on CUDA each boundary records an event
 (`torch.cuda.Event`), and the events are read after the pipeline returns; on CPU the boundaries are
-`time.perf_counter()` stamps (CPU work is synchronous). A step is one pass of the denoising loop (transformer
+`time.perf_counter()` stamps (CPU work is synchronous). On CUDA each boundary also notes the host's clock and whether
+the GPU had already finished the previous step when the host finished enqueuing this one (`cudaEventQuery`, which does
+not wait): if it had, the GPU's queue ran dry during the step and its time is the host's (a host-bound step), which is
+what tells a host stall from slower kernels when a step spikes (`stats.spikes`). A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
 
 Memory: on CUDA, torch's max allocated and max reserved bytes during the timed images, and NVML's per-process
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from fluxgate import telemetry
-from fluxgate.stats import StepStats, step_stats
+from fluxgate.stats import Spikes, StepStats, spikes, step_stats
 
 GIB = 1024**3
 
@@ -43,10 +46,16 @@ class RunResult:
     denoise_peak_gib: float | None = None  # CUDA: peak allocated during the denoising steps alone (no VAE decode)
     images: int = 1  # timed images whose steps are pooled in step_times_s
     compile_s: float | None = None  # compile runtime: seconds spent compiling, before (never inside) the timed images
+    host_step_times_s: list[float] | None = None  # CUDA: host-clock seconds between the same step boundaries
+    queue_drained: list[bool] | None = None  # CUDA: per step, the GPU had caught up with the host (host-bound step)
 
     @property
     def stats(self) -> StepStats:
         return step_stats(self.step_times_s)
+
+    @property
+    def spikes(self) -> Spikes:
+        return spikes(self.step_times_s, self.queue_drained)
 
     @property
     def it_s(self) -> float:
@@ -70,6 +79,8 @@ class _StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.host_marks: list[float] = []
+        self.queue_drained: list[bool] = []  # per step (CUDA): the previous boundary had completed on the GPU
         # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
         self.before_loop_peak_bytes = 0
@@ -80,6 +91,9 @@ class _StepClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
+            self.host_marks.append(time.perf_counter())
+            if len(self.marks) > 1:  # the GPU already ran past this step's start: its queue was empty meanwhile
+                self.queue_drained.append(self.marks[-2].query())
         else:
             self.marks.append(time.perf_counter())
 
@@ -101,6 +115,9 @@ class _StepClock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    def host_step_times_s(self) -> list[float] | None:
+        return [b - a for a, b in zip(self.host_marks, self.host_marks[1:])] if self.cuda else None
 
 
 class _RssSampler:
@@ -162,11 +179,13 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[flo
 
 
 def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int):
-    """`count` timed images: all their step times, the median seconds per image, the last image.
+    """`count` timed images: all their step times, the median seconds per image, the last image, the allocator peaks,
+    and (CUDA) the steps' host-clock times and queue-drained flags.
 
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
+    host: dict[str, list | None] = {"host_step_times_s": [], "queue_drained": []}
     gc.collect()
     gc.disable()
     try:
@@ -176,9 +195,13 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
             e2e.append(seconds)
             peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
             peaks["denoise"] = max(peaks["denoise"], clock.denoise_peak_bytes)
+            host["host_step_times_s"] += clock.host_step_times_s() or []
+            host["queue_drained"] += clock.queue_drained
     finally:
         gc.enable()
-    return step_times, sorted(e2e)[len(e2e) // 2], image, peaks
+    if device.type != "cuda":
+        host = {"host_step_times_s": None, "queue_drained": None}
+    return step_times, sorted(e2e)[len(e2e) // 2], image, peaks, host
 
 
 def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
@@ -193,12 +216,12 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
         # 100 ms by default: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
         with telemetry.GpuSampler(device, interval_s=telemetry_interval_s,
                                   baseline_used_bytes=baseline_used_bytes) as gpu:
-            step_times, e2e_s, image, peaks = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
         # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
         return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
-                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images)
+                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, **host)
     with _RssSampler() as rss:
-        step_times, e2e_s, image, _ = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+        step_times, e2e_s, image, _, _ = _timed_images(pipe, call_kwargs, seed, device, timed_images)
     return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images)

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from fluxgate import decision, history
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import Combo
-from fluxgate.report import VERDICTS
+from fluxgate.report import VERDICTS, spike_line
 
 SIMILARITY_EPS = 1e-4  # MS-SSIM further below 1.0 than this counts as "moved" and gets an image grid
 NONE = "—"
@@ -149,6 +149,9 @@ def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: 
             problems.append(f"- `{record['combo']}` {given['message']}")
     if problems:
         lines += ["", "**Failures, errors and verdict notes**", *problems]
+    spiked = [f"- `{r['combo']}` {line}" for r in run if (line := spike_line(r.get("metrics") or {}))]
+    if spiked:
+        lines += ["", "**Step spikes** (host-bound: the GPU ran dry waiting for the host)", *spiked]
     if notes:
         lines += ["", "<details><summary>Report notes</summary>", "", *(f"- {note}" for note in notes), "",
                   "</details>"]

@@ -6,6 +6,7 @@ import math
 import time
 
 from fluxgate import memory
+from fluxgate.stats import Spikes
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 
@@ -47,6 +48,13 @@ def format_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * width for width in widths]), *map(line, body)]
 
 
+def spike_line(metrics: dict) -> str | None:
+    """The spike line of a combo measured on CUDA, where the host-bound flags explain it (one step 10 % over the
+    median already puts a 28-step CV near 2 %), or None. On CPU the CV column says enough."""
+    found = Spikes(**metrics["spikes"]) if metrics.get("spikes") else None
+    return found.describe() if found is not None and found.host_bound is not None else None
+
+
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     write = terminalreporter.write_line
     mem_kind = next((o.metrics["mem_kind"] for o in outcomes if "mem_kind" in o.metrics), "")
@@ -71,6 +79,10 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
     if fallbacks:
         write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
+    for outcome in outcomes:
+        spiked = spike_line(outcome.metrics)
+        if spiked:
+            write(f"step spikes {outcome.combo.id}: {spiked}")
     compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
     if compiled:
         write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")

@@ -57,3 +57,50 @@ def step_stats(step_times_s: list[float]) -> StepStats:
         p10_s=p10, p90_s=p90, max_s=float(times.max()), cv=None if std is None else std / mean,
         robust_cv=iqr / NORMAL_IQR_PER_SIGMA / median,
     )
+
+
+SPIKE_THRESHOLD = 0.10  # a step this much over the median is a spike
+
+
+@dataclass(frozen=True)
+class Spikes:
+    """The steps at least `threshold` over the median (0-based indexes), and, on CUDA, which of them the host made
+    slow: in a host-bound step the GPU had caught up with the host (its queue ran dry), so the step took as long as
+    the host took to enqueue it (a Python pause, a preempted thread, a sync inside the step) rather than because its
+    kernels ran longer."""
+
+    threshold: float
+    steps: list[int]
+    max_excess: float  # the slowest step over the median, as a fraction
+    host_bound: list[int] | None  # the spikes that were host-bound; None without the information (CPU)
+    host_bound_total: int | None  # host-bound steps among all the steps
+    n: int
+
+    def describe(self) -> str | None:
+        """One line for the run summary, or None when no step spiked."""
+        if not self.steps:
+            return None
+        line = (f"{len(self.steps)} of {self.n} steps ≥{self.threshold:.0%} over the median "
+                f"(slowest +{self.max_excess:.0%})")
+        if self.host_bound is None:
+            return line
+        cause = ("host-bound: the GPU had run dry waiting for the host" if len(self.host_bound) == len(self.steps)
+                 else "GPU-side: the GPU was still busy with earlier steps, so its kernels ran longer"
+                 if not self.host_bound else f"{len(self.host_bound)} of them host-bound, the rest GPU-side")
+        return f"{line}; {cause} ({self.host_bound_total} of {self.n} steps host-bound in all)"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def spikes(step_times_s: list[float], queue_drained: list[bool] | None = None,
+           threshold: float = SPIKE_THRESHOLD) -> Spikes:
+    """Which steps spiked, and (given the per-step queue-drained flags) which of those were host-bound."""
+    times = np.asarray(step_times_s, dtype=np.float64)
+    median = float(np.median(times))
+    over = times / median - 1
+    steps = [int(i) for i in np.flatnonzero(over >= threshold)]
+    known = queue_drained is not None and len(queue_drained) == times.size
+    return Spikes(threshold=threshold, steps=steps, max_excess=float(over.max()),
+                  host_bound=[i for i in steps if queue_drained[i]] if known else None,
+                  host_bound_total=sum(map(bool, queue_drained)) if known else None, n=int(times.size))
