@@ -99,3 +99,31 @@ def test_the_summary_shows_aspike_line_only_for_a_cuda_combo_with_spikes():
     assert spike_line(metrics(steady, [False] * 28)) is None
     assert spike_line({"step_stats": step_stats(noisy).to_json()}) is None  # a record from before spikes existed
     assert spike_line(metrics(noisy, None)) is None  # CPU: no flags, the CV column says enough
+
+
+def test_the_run_summary_lists_host_bound_combos_and_explains_their_spikes(tmp_path):
+    from types import SimpleNamespace
+
+    from fluxgate.gate import Outcome
+    from fluxgate.matrix import Combo
+    from fluxgate.report import terminal_summary
+
+    def outcome(combo_id, times, drained):
+        return Outcome(Combo.parse(combo_id), metrics={"mem_kind": "cuda_max_allocated", "it_s": 1 / min(times),
+                                                       "step_stats": step_stats(times).to_json(),
+                                                       "spikes": spikes(times, drained).to_json()})
+
+    outcomes = [outcome("flux1-dev[nvfp4]", [0.46] * 26 + [0.52, 0.55], [True] * 28),
+                outcome("flux1-dev[bf16]", [0.18, 0.181] * 14, [False] * 28)]
+    lines = []
+    reporter = SimpleNamespace(write_line=lines.append, section=lambda title: lines.append(f"== {title}"))
+    history = SimpleNamespace(environment={"device_name": "H100"}, records=[], path=tmp_path / "run.json")
+    gate = SimpleNamespace(runner=SimpleNamespace(profile="synthetic"), history=history, baselines_root=tmp_path,
+                           gpu_class="h100", write=False)
+
+    terminal_summary(reporter, outcomes, gate, started=0.0)
+
+    assert any(line.startswith("host-bound steps") and line.endswith(": flux1-dev[nvfp4] 28/28") for line in lines)
+    assert "step spikes flux1-dev[nvfp4]: 2 of 28 steps ≥10% over the median (slowest +20%); host-bound: the GPU " \
+           "had run dry waiting for the host (28 of 28 steps host-bound in all)" in lines
+    assert not any("flux1-dev[bf16]" in line and ("spikes" in line or "host-bound" in line) for line in lines)

@@ -79,6 +79,11 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
     if fallbacks:
         write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
+    bound = [f"{o.combo.id} {o.metrics['spikes']['host_bound_total']}/{o.metrics['spikes']['n']}" for o in outcomes
+             if (o.metrics.get("spikes") or {}).get("host_bound_total")]
+    if bound:
+        write(f"host-bound steps (the GPU ran dry waiting for the host: less host work per step, e.g. compile or CUDA graphs, would speed them up): "
+              f"{', '.join(bound)}")
     for outcome in outcomes:
         spiked = spike_line(outcome.metrics)
         if spiked:
