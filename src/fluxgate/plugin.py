@@ -208,7 +208,7 @@ def _fraction(option: str, value: str) -> float | None:
         percent = float(value)
     except ValueError:
         percent = float("nan")
-    if not 0 < percent < 1000:
+    if not 0 < percent < float("inf"):
         raise ValueError(f"{option} {value!r}: expected 'auto' or a percentage > 0, e.g. 2 or 50")
     return percent / 100
 
