@@ -209,13 +209,13 @@ def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_pa
 
     times = [0.28] * 26 + [0.40, 0.36]
     spiked = _record("flux1-dev[fp8-scaled]", 3.5, 12.3)
-    spiked["metrics"]["spikes"] = spikes(times, [False] * 26 + [True, True]).to_json()
+    spiked["metrics"]["spikes"] = spikes(times, [0.001] * 28, [False] * 26 + [True, True]).to_json()
     steady = _record("flux1-dev[bf16]", 5.5, 22.7)
-    steady["metrics"]["spikes"] = spikes([0.18] * 28, [False] * 28).to_json()
+    steady["metrics"]["spikes"] = spikes([0.18] * 28, [0.001] * 28, [False] * 28).to_json()
     _write_run(tmp_path / "history", RUNS[0], [steady, spiked])
 
     summary = write_report(tmp_path / "history", tmp_path / "report", baselines_dir)[0].read_text()
 
     section = summary.split("**Step spikes**")[1]
-    assert "- `flux1-dev[fp8-scaled]` 2 of 28 steps ≥10% over the median (slowest +43%); host-bound" in section
+    assert "- `flux1-dev[fp8-scaled]` 2 of 28 steps ≥10% over the median (slowest +43%): 2 host-bound" in section
     assert "flux1-dev[bf16]" not in section

@@ -92,7 +92,8 @@ class Gate:
         """Everything measured about one combo, as history stores it."""
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
                    "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
-                   "host_step_times_s": result.host_step_times_s, "queue_drained": result.queue_drained,
+                   "off_cpu_s": result.off_cpu_s, "host_step_times_s": result.host_step_times_s,
+                   "gpu_idle_at_end": result.gpu_idle_at_end,
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,

@@ -2,10 +2,14 @@
 
 Step times are taken without a host sync inside the denoising loop: on CUDA each boundary records an event
 (`torch.cuda.Event`), and the events are read after the pipeline returns; on CPU the boundaries are
-`time.perf_counter()` stamps (CPU work is synchronous). On CUDA each boundary also notes the host's clock and whether
-the GPU had already finished the previous step when the host finished enqueuing this one (`cudaEventQuery`, which does
-not wait): if it had, the GPU's queue ran dry during the step and its time is the host's (a host-bound step), which is
-what tells a host stall from slower kernels when a step spikes (`stats.spikes`). A step is one pass of the denoising loop (transformer
+`time.perf_counter()` stamps (CPU work is synchronous).
+
+What a spiking step was waiting for (`stats.spikes`): each boundary also notes the main thread's CPU time
+(`time.thread_time()`), so a step's wall time minus its CPU time is how long the thread was off the CPU (preempted,
+waiting for the GIL, sleeping): a host pause. On CUDA each boundary's event is then polled for up to
+`IDLE_PROBE_S` (`cudaEventQuery`, which does not wait): an event that completes that soon found the GPU with nothing
+left to run, i.e. the GPU was waiting for the host at the end of the step (host-bound); a GPU with queued work is
+still busy then. The probe costs at most 20 µs per step and only when the GPU is busy anyway. A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
 
 Memory: on CUDA, torch's max allocated and max reserved bytes during the timed images, and NVML's per-process
@@ -46,8 +50,9 @@ class RunResult:
     denoise_peak_gib: float | None = None  # CUDA: peak allocated during the denoising steps alone (no VAE decode)
     images: int = 1  # timed images whose steps are pooled in step_times_s
     compile_s: float | None = None  # compile runtime: seconds spent compiling, before (never inside) the timed images
+    off_cpu_s: list[float] | None = None  # per step: wall minus the main thread's CPU time (off the CPU)
     host_step_times_s: list[float] | None = None  # CUDA: host-clock seconds between the same step boundaries
-    queue_drained: list[bool] | None = None  # CUDA: per step, the GPU had caught up with the host (host-bound step)
+    gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end (host-bound)
 
     @property
     def stats(self) -> StepStats:
@@ -55,7 +60,7 @@ class RunResult:
 
     @property
     def spikes(self) -> Spikes:
-        return spikes(self.step_times_s, self.queue_drained)
+        return spikes(self.step_times_s, self.off_cpu_s, self.gpu_idle_at_end)
 
     @property
     def it_s(self) -> float:
@@ -79,23 +84,25 @@ class _StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
-        self.host_marks: list[float] = []
-        self.queue_drained: list[bool] = []  # per step (CUDA): the previous boundary had completed on the GPU
+        self.host_marks: list[float] = []  # perf_counter() at each boundary
+        self.cpu_marks: list[float] = []  # the main thread's thread_time() at each boundary
+        self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within IDLE_PROBE_S
         # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
         self.before_loop_peak_bytes = 0
         self.denoise_peak_bytes = 0
 
     def _mark(self) -> None:
+        self.cpu_marks.append(time.thread_time())
+        self.host_marks.append(time.perf_counter())
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
-            self.host_marks.append(time.perf_counter())
-            if len(self.marks) > 1:  # the GPU already ran past this step's start: its queue was empty meanwhile
-                self.queue_drained.append(self.marks[-2].query())
+            if len(self.marks) > 1:
+                self.gpu_idle_at_end.append(_completes_within(event, IDLE_PROBE_S))
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append(self.host_marks[-1])
 
     def loop_start(self, module, args, kwargs=None) -> None:
         if not self.marks and self.cuda:
@@ -117,7 +124,25 @@ class _StepClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
     def host_step_times_s(self) -> list[float] | None:
-        return [b - a for a, b in zip(self.host_marks, self.host_marks[1:])] if self.cuda else None
+        return _deltas(self.host_marks) if self.cuda else None
+
+    def off_cpu_s(self) -> list[float]:
+        return [max(0.0, wall - cpu) for wall, cpu in zip(_deltas(self.host_marks), _deltas(self.cpu_marks))]
+
+
+IDLE_PROBE_S = 20e-6  # an event recorded on an idle GPU completes within a few microseconds
+
+
+def _completes_within(event, seconds: float) -> bool:
+    deadline = time.perf_counter() + seconds
+    while not event.query():
+        if time.perf_counter() > deadline:
+            return False
+    return True
+
+
+def _deltas(marks: list[float]) -> list[float]:
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 class _RssSampler:
@@ -185,7 +210,7 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
-    host: dict[str, list | None] = {"host_step_times_s": [], "queue_drained": []}
+    host: dict[str, list | None] = {"off_cpu_s": [], "host_step_times_s": [], "gpu_idle_at_end": []}
     gc.collect()
     gc.disable()
     try:
@@ -195,12 +220,13 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
             e2e.append(seconds)
             peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
             peaks["denoise"] = max(peaks["denoise"], clock.denoise_peak_bytes)
+            host["off_cpu_s"] += clock.off_cpu_s()
             host["host_step_times_s"] += clock.host_step_times_s() or []
-            host["queue_drained"] += clock.queue_drained
+            host["gpu_idle_at_end"] += clock.gpu_idle_at_end
     finally:
         gc.enable()
     if device.type != "cuda":
-        host = {"host_step_times_s": None, "queue_drained": None}
+        host.update(host_step_times_s=None, gpu_idle_at_end=None)
     return step_times, sorted(e2e)[len(e2e) // 2], image, peaks, host
 
 
@@ -223,5 +249,6 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
         return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
                          denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, **host)
     with _RssSampler() as rss:
-        step_times, e2e_s, image, _, _ = _timed_images(pipe, call_kwargs, seed, device, timed_images)
-    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images)
+        step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images,
+                     **host)

@@ -151,7 +151,7 @@ def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: 
         lines += ["", "**Failures, errors and verdict notes**", *problems]
     spiked = [f"- `{r['combo']}` {line}" for r in run if (line := spike_line(r.get("metrics") or {}))]
     if spiked:
-        lines += ["", "**Step spikes** (host-bound: the GPU ran dry waiting for the host)", *spiked]
+        lines += ["", "**Step spikes** (steps ≥10 % over the median, and what each was waiting for)", *spiked]
     if notes:
         lines += ["", "<details><summary>Report notes</summary>", "", *(f"- {note}" for note in notes), "",
                   "</details>"]

@@ -62,45 +62,55 @@ def step_stats(step_times_s: list[float]) -> StepStats:
 SPIKE_THRESHOLD = 0.10  # a step this much over the median is a spike
 
 
+HOST_PAUSE, HOST_BOUND, OTHER = "host pause", "host-bound", "other"
+
+
 @dataclass(frozen=True)
 class Spikes:
-    """The steps at least `threshold` over the median (0-based indexes), and, on CUDA, which of them the host made
-    slow: in a host-bound step the GPU had caught up with the host (its queue ran dry), so the step took as long as
-    the host took to enqueue it (a Python pause, a preempted thread, a sync inside the step) rather than because its
-    kernels ran longer."""
+    """The steps at least `threshold` over the median (0-based indexes) and what each was waiting for:
+    "host pause" (the main thread was off the CPU for at least half the step's excess: preempted, waiting for the GIL,
+    sleeping), "host-bound" (CUDA: the GPU had nothing queued at the end of the step, so it had been waiting for the
+    host), or "other" (the thread ran and, on CUDA, the GPU was still busy: longer kernels or more host work)."""
 
     threshold: float
     steps: list[int]
+    causes: list[str]  # one per spiking step
     max_excess: float  # the slowest step over the median, as a fraction
-    host_bound: list[int] | None  # the spikes that were host-bound; None without the information (CPU)
-    host_bound_total: int | None  # host-bound steps among all the steps
+    idle_total: int | None  # CUDA: steps (of all) whose end found the GPU idle; None on CPU
     n: int
 
     def describe(self) -> str | None:
         """One line for the run summary, or None when no step spiked."""
         if not self.steps:
             return None
+        counts = {cause: self.causes.count(cause) for cause in (HOST_PAUSE, HOST_BOUND, OTHER)}
+        meaning = {HOST_PAUSE: "main thread off the CPU", HOST_BOUND: "GPU idle at the step's end",
+                   OTHER: "thread on the CPU" + (", GPU busy at the step's end" if self.idle_total is not None else "")}
+        parts = [f"{count} {cause} ({meaning[cause]})" for cause, count in counts.items() if count]
         line = (f"{len(self.steps)} of {self.n} steps ≥{self.threshold:.0%} over the median "
-                f"(slowest +{self.max_excess:.0%})")
-        if self.host_bound is None:
-            return line
-        cause = ("host-bound: the GPU had run dry waiting for the host" if len(self.host_bound) == len(self.steps)
-                 else "GPU-side: the GPU was still busy with earlier steps, so its kernels ran longer"
-                 if not self.host_bound else f"{len(self.host_bound)} of them host-bound, the rest GPU-side")
-        return f"{line}; {cause} ({self.host_bound_total} of {self.n} steps host-bound in all)"
+                f"(slowest +{self.max_excess:.0%}): {', '.join(parts)}")
+        return line if self.idle_total is None else f"{line}; GPU idle at {self.idle_total} of {self.n} step ends"
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def spikes(step_times_s: list[float], queue_drained: list[bool] | None = None,
+def spikes(step_times_s: list[float], off_cpu_s: list[float] | None = None, gpu_idle_at_end: list[bool] | None = None,
            threshold: float = SPIKE_THRESHOLD) -> Spikes:
-    """Which steps spiked, and (given the per-step queue-drained flags) which of those were host-bound."""
+    """Which steps spiked and what each was waiting for, from the main thread's off-CPU seconds per step and (CUDA)
+    whether the GPU was idle at each step's end; lists that do not line up with the steps are not used."""
     times = np.asarray(step_times_s, dtype=np.float64)
     median = float(np.median(times))
     over = times / median - 1
     steps = [int(i) for i in np.flatnonzero(over >= threshold)]
-    known = queue_drained is not None and len(queue_drained) == times.size
-    return Spikes(threshold=threshold, steps=steps, max_excess=float(over.max()),
-                  host_bound=[i for i in steps if queue_drained[i]] if known else None,
-                  host_bound_total=sum(map(bool, queue_drained)) if known else None, n=int(times.size))
+    off_cpu = np.asarray(off_cpu_s, dtype=np.float64) if off_cpu_s is not None and len(off_cpu_s) == times.size else None
+    idle = gpu_idle_at_end if gpu_idle_at_end is not None and len(gpu_idle_at_end) == times.size else None
+    usual_off_cpu = float(np.median(off_cpu)) if off_cpu is not None else 0.0
+
+    def cause(i: int) -> str:
+        if off_cpu is not None and off_cpu[i] - usual_off_cpu >= 0.5 * (times[i] - median):
+            return HOST_PAUSE
+        return HOST_BOUND if idle is not None and idle[i] else OTHER
+
+    return Spikes(threshold=threshold, steps=steps, causes=[cause(i) for i in steps], max_excess=float(over.max()),
+                  idle_total=sum(map(bool, idle)) if idle is not None else None, n=int(times.size))
