@@ -103,3 +103,33 @@ def test_pytest_benchmark_saved_runs_carry_the_fluxgate_fingerprint(matrix):
     result.assert_outcomes(passed=1)
     machine_info = json.loads((matrix.path / "bench.json").read_text())["machine_info"]
     assert machine_info["fluxgate"]["device_type"] == "cpu" and "torch" in machine_info["fluxgate"]
+
+
+def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from fluxgate import compare
+    from fluxgate.gate import Gate
+    from fluxgate.plugin import _fraction, _policy
+
+    assert _fraction("--min-speed-effect", "auto") is None
+    assert _fraction("--min-speed-effect", "2") == pytest.approx(0.02)
+    assert _fraction("--min-speed-effect", "50%") == pytest.approx(0.5)
+    for bad in ("0", "-3", "nan", "inf", "two", ""):
+        with pytest.raises(ValueError, match="--min-speed-effect"):
+            _fraction("--min-speed-effect", bad)
+
+    auto, fixed = SimpleNamespace(_fluxgate_min_speed_effect=None), SimpleNamespace(_fluxgate_min_speed_effect=0.07)
+    assert _policy(auto, torch.device("cpu")).min_speed_effect == 0.5
+    assert _policy(auto, torch.device("cuda")).min_speed_effect == 0.02
+    assert _policy(fixed, torch.device("cpu")).min_speed_effect == 0.07
+
+    # Gate.verdicts without a policy uses the device type's, like the plugin's auto
+    seen = {}
+    monkeypatch.setattr(compare, "compare_run", lambda records, run_id, **kw: seen.update(kw) or [])
+    gate = Gate.__new__(Gate)
+    gate.runner = SimpleNamespace(device=torch.device("cpu"))
+    gate.history = SimpleNamespace(directory=tmp_path, run_id="r", records=[], environment={})
+    assert gate.verdicts(confirm=False) == [] and seen["policy"].min_speed_effect == 0.5

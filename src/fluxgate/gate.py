@@ -93,7 +93,7 @@ class Gate:
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
                    "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
                    "off_cpu_s": result.off_cpu_s, "host_step_times_s": result.host_step_times_s,
-                   "gpu_idle_at_end": result.gpu_idle_at_end,
+                   "gpu_idle_at_end": result.gpu_idle_at_end, "idle_probe_s": result.idle_probe_s,
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,
@@ -176,8 +176,10 @@ class Gate:
             # This run's own records, also when its file is not in the history folder (an xdist worker's).
             return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
 
+        if policy is None:  # the device type's minimum effect (2 % on CUDA, 50 % on CPU)
+            policy = compare.Policy(min_speed_effect=compare.min_speed_effect_for(self.runner.device.type))
         verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit,
-                                       policy=policy or compare.DEFAULT_POLICY)
+                                       policy=policy)
         judged = []
         for verdict in verdicts:
             speed = verdict.metric("step_time_s")

@@ -6,10 +6,11 @@ Step times are taken without a host sync inside the denoising loop: on CUDA each
 
 What a spiking step was waiting for (`stats.spikes`): each boundary also notes the main thread's CPU time
 (`time.thread_time()`), so a step's wall time minus its CPU time is how long the thread was off the CPU (preempted,
-waiting for the GIL, sleeping): a host pause. On CUDA each boundary's event is then polled for up to
-`IDLE_PROBE_S` (`cudaEventQuery`, which does not wait): an event that completes that soon found the GPU with nothing
-left to run, i.e. the GPU was waiting for the host at the end of the step (host-bound); a GPU with queued work is
-still busy then. The probe costs at most 20 µs per step and only when the GPU is busy anyway. A step is one pass of the denoising loop (transformer
+waiting for the GIL, sleeping): a host pause. On CUDA each boundary's event is then polled (`cudaEventQuery`, which
+does not wait) for as long as an event recorded on an idle GPU takes to complete, measured once per run
+(`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing queued, i.e. the GPU
+was waiting for the host at the end of the step; a GPU with queued work is still busy then. The poll costs at most
+that long per step, a few µs when the GPU is idle. A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
 
 Memory: on CUDA, torch's max allocated and max reserved bytes during the timed images, and NVML's per-process
@@ -32,6 +33,7 @@ from fluxgate import telemetry
 from fluxgate.stats import Spikes, StepStats, spikes, step_stats
 
 GIB = 1024**3
+IDLE_PROBE_MIN_S, IDLE_PROBE_MAX_S = 20e-6, 500e-6  # bounds of the per-run idle probe (`idle_probe_s`)
 
 
 @dataclass
@@ -52,7 +54,8 @@ class RunResult:
     compile_s: float | None = None  # compile runtime: seconds spent compiling, before (never inside) the timed images
     off_cpu_s: list[float] | None = None  # per step: wall minus the main thread's CPU time (off the CPU)
     host_step_times_s: list[float] | None = None  # CUDA: host-clock seconds between the same step boundaries
-    gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end (host-bound)
+    gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end
+    idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled (measured per run)
 
     @property
     def stats(self) -> StepStats:
@@ -81,12 +84,12 @@ class _StepClock:
     """Marks step boundaries: a forward pre-hook on the transformer opens the loop, each step-end callback closes a
     step. Only events or timestamps are recorded here; nothing waits for the device."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, idle_probe_s: float = IDLE_PROBE_MIN_S):
+        self.cuda, self.idle_probe_s = device.type == "cuda", idle_probe_s
         self.marks: list[Any] = []
         self.host_marks: list[float] = []  # perf_counter() at each boundary
         self.cpu_marks: list[float] = []  # the main thread's thread_time() at each boundary
-        self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within IDLE_PROBE_S
+        self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within idle_probe_s
         # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
         self.before_loop_peak_bytes = 0
@@ -100,7 +103,7 @@ class _StepClock:
             event.record()
             self.marks.append(event)
             if len(self.marks) > 1:
-                self.gpu_idle_at_end.append(_completes_within(event, IDLE_PROBE_S))
+                self.gpu_idle_at_end.append(_completes_within(event, self.idle_probe_s))
         else:
             self.marks.append(self.host_marks[-1])
 
@@ -130,15 +133,29 @@ class _StepClock:
         return [max(0.0, wall - cpu) for wall, cpu in zip(_deltas(self.host_marks), _deltas(self.cpu_marks))]
 
 
-IDLE_PROBE_S = 20e-6  # an event recorded on an idle GPU completes within a few microseconds
-
-
 def _completes_within(event, seconds: float) -> bool:
+    """Whether `event` completes within `seconds` of now. A completion seen only after the deadline (this thread was
+    preempted while polling, and a busy GPU finished meanwhile) does not count."""
     deadline = time.perf_counter() + seconds
     while not event.query():
         if time.perf_counter() > deadline:
             return False
-    return True
+    return time.perf_counter() <= deadline
+
+
+def idle_probe_s(device: torch.device, samples: int = 20) -> float:
+    """How long to poll a step's end event: 3x the slowest completion of an event recorded on the idle GPU (this
+    machine's launch latency), within [IDLE_PROBE_MIN_S, IDLE_PROBE_MAX_S]."""
+    slowest = 0.0
+    for _ in range(samples):
+        torch.cuda.synchronize(device)
+        event = torch.cuda.Event()
+        started = time.perf_counter()
+        event.record()
+        while not event.query() and time.perf_counter() - started < IDLE_PROBE_MAX_S:
+            pass
+        slowest = max(slowest, time.perf_counter() - started)
+    return min(max(IDLE_PROBE_MIN_S, 3 * slowest), IDLE_PROBE_MAX_S)
 
 
 def _deltas(marks: list[float]) -> list[float]:
@@ -187,8 +204,9 @@ def _seeded(call_kwargs: dict, seed: int, **overrides) -> dict:
     return {**call_kwargs, **overrides, "generator": torch.Generator("cpu").manual_seed(seed)}
 
 
-def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[float], float, Any, _StepClock]:
-    clock = _StepClock(device)
+def _timed_call(pipe, call_kwargs: dict, device: torch.device, probe_s: float = IDLE_PROBE_MIN_S
+                ) -> tuple[list[float], float, Any, _StepClock]:
+    clock = _StepClock(device, probe_s)
     handle = pipe.transformer.register_forward_pre_hook(clock.loop_start)
     try:
         if device.type == "cuda":
@@ -203,9 +221,10 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device) -> tuple[list[flo
     return clock.step_times_s(), e2e_s, image, clock
 
 
-def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int):
+def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int,
+                  probe_s: float = IDLE_PROBE_MIN_S):
     """`count` timed images: all their step times, the median seconds per image, the last image, the allocator peaks,
-    and (CUDA) the steps' host-clock times and queue-drained flags.
+    and the per-step host lists (off-CPU seconds; CUDA: host-clock times and GPU-idle-at-end flags).
 
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
@@ -215,7 +234,7 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     gc.disable()
     try:
         for _ in range(count):
-            steps, seconds, image, clock = _timed_call(pipe, _seeded(call_kwargs, seed), device)
+            steps, seconds, image, clock = _timed_call(pipe, _seeded(call_kwargs, seed), device, probe_s)
             step_times += steps
             e2e.append(seconds)
             peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
@@ -239,15 +258,17 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+        probe_s = idle_probe_s(device)
         # 100 ms by default: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
         with telemetry.GpuSampler(device, interval_s=telemetry_interval_s,
                                   baseline_used_bytes=baseline_used_bytes) as gpu:
-            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, timed_images,
+                                                                  probe_s)
         # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
         return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
-                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, **host)
+                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, idle_probe_s=probe_s, **host)
     with _RssSampler() as rss:
         step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
     return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images,

@@ -100,7 +100,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="how many earlier comparable runs form the baseline window [default: 5]")
     group.addoption("--min-speed-effect", default="auto", metavar="PCT",
                     help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
-                         "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 on CPU (tiny-profile "
+                         "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 elsewhere, e.g. CPU (tiny-profile "
                          "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
     group.addoption("--base-commit", default=None, metavar="SHA",
                     help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
@@ -205,11 +205,11 @@ def _fraction(option: str, value: str) -> float | None:
     if value == "auto":
         return None
     try:
-        percent = float(value)
+        percent = float(value.removesuffix("%"))
     except ValueError:
         percent = float("nan")
     if not 0 < percent < float("inf"):
-        raise ValueError(f"{option} {value!r}: expected 'auto' or a percentage > 0, e.g. 2 or 50")
+        raise ValueError(f"{option} {value!r}: expected 'auto' or a percentage > 0, e.g. 2 or 50%")
     return percent / 100
 
 

@@ -6,7 +6,7 @@ import math
 import time
 
 from fluxgate import memory
-from fluxgate.stats import Spikes
+from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 
@@ -48,14 +48,41 @@ def format_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * width for width in widths]), *map(line, body)]
 
 
-def spike_line(metrics: dict) -> str | None:
-    """The spike line of a combo measured on CUDA (one step 10 % over the median already puts a 28-step CV near 2 %),
-    or None. On CPU, where every step is host work, the CV column says enough."""
+def _spikes(metrics: dict) -> Spikes | None:
+    """The record's spike summary, or None when it has none or one written by another version."""
     try:
         found = Spikes(**metrics["spikes"]) if metrics.get("spikes") else None
-    except TypeError:  # a record written by another version: no line rather than a broken summary
+    except TypeError:
         return None
-    return found.describe() if found is not None and found.idle_total is not None else None
+    counts_ok = found is not None and isinstance(found.n, int) and isinstance(found.idle_total, (int, type(None)))
+    return found if counts_ok else None
+
+
+def spike_line(metrics: dict) -> str | None:
+    """The spike line of a combo measured on CUDA (one step 10 % over the median already puts a 28-step CV near 2 %),
+    or None. On CPU, where every step is host work, the CV column says enough. Never raises on an odd record."""
+    found = _spikes(metrics)
+    if found is None or found.idle_total is None:
+        return None
+    try:
+        return found.describe()
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def waiting_line(entries) -> str | None:
+    """The combos (id, metrics) whose GPU was idle at most step ends, or None."""
+    waiting = [f"{combo_id} {found.idle_total}/{found.n}" for combo_id, metrics in entries
+               if (found := _spikes(metrics)) is not None and mostly_idle(found)]
+    return None if not waiting else (
+        "GPU idle at most step ends (it waits for the host: a sync inside each step, or launches slower than the "
+        f"kernels; compile or CUDA graphs cut host work): {', '.join(waiting)}")
+
+
+def spike_lines(entries) -> list[str]:
+    lines = [waiting_line(entries)]
+    lines += [f"step spikes {combo_id}: {line}" for combo_id, metrics in entries if (line := spike_line(metrics))]
+    return [line for line in lines if line]
 
 
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
@@ -82,15 +109,8 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
     if fallbacks:
         write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
-    bound = [f"{o.combo.id} {o.metrics['spikes']['idle_total']}/{o.metrics['spikes']['n']}" for o in outcomes
-             if (o.metrics.get("spikes") or {}).get("idle_total")]
-    if bound:
-        write("host-bound steps (the GPU idle at the step's end, waiting for the host; less host work per step, e.g. "
-              f"compile or CUDA graphs, would speed them up): {', '.join(bound)}")
-    for outcome in outcomes:
-        spiked = spike_line(outcome.metrics)
-        if spiked:
-            write(f"step spikes {outcome.combo.id}: {spiked}")
+    for line in spike_lines([(o.combo.id, o.metrics) for o in outcomes]):
+        write(line)
     compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
     if compiled:
         write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
@@ -113,6 +133,8 @@ def distributed_summary(terminalreporter, merged_path, records: list[dict], star
     wall_s = time.time() - started
     timed_s = sum((r.get("metrics") or {}).get("timed_steps_s", 0.0) for r in measured)
     write(f"wall {wall_s:.0f} s; {timed_s:.0f} s of timed denoising steps over all workers")
+    for line in spike_lines([(combo_id, metrics) for combo_id, _, metrics in entries]):
+        write(line)
     placements: dict[str, list[str]] = {}
     for record in measured:
         environment = record.get("environment") or {}

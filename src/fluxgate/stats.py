@@ -62,15 +62,18 @@ def step_stats(step_times_s: list[float]) -> StepStats:
 SPIKE_THRESHOLD = 0.10  # a step this much over the median is a spike
 
 
-HOST_PAUSE, HOST_BOUND, OTHER = "host pause", "host-bound", "other"
+HOST_PAUSE, HOST_BOUND, SERIALIZED, OTHER = "host pause", "host-bound", "not separable", "other"
 
 
 @dataclass(frozen=True)
 class Spikes:
     """The steps at least `threshold` over the median (0-based indexes) and what each was waiting for:
-    "host pause" (the main thread was off the CPU for at least half the step's excess: preempted, waiting for the GIL,
-    sleeping), "host-bound" (CUDA: the GPU had nothing queued at the end of the step, so it had been waiting for the
-    host), or "other" (the thread ran and, on CUDA, the GPU was still busy: longer kernels or more host work)."""
+    "host pause" (the main thread's off-CPU time exceeded its usual, the median step's, by at least half the step's
+    excess: preempted, waiting for the GIL, sleeping); "host-bound" (CUDA: the GPU had nothing queued at the end of
+    this step, unlike most steps, so it had been waiting for the host); "not separable" (CUDA: the GPU was idle at
+    most step ends, as with a sync inside every step, so host and GPU take turns and either may have been slower);
+    "other" (the thread ran and, on CUDA, the GPU was still busy at the step's end: longer kernels or more host
+    work)."""
 
     threshold: float
     steps: list[int]
@@ -83,8 +86,9 @@ class Spikes:
         """One line for the run summary, or None when no step spiked."""
         if not self.steps:
             return None
-        counts = {cause: self.causes.count(cause) for cause in (HOST_PAUSE, HOST_BOUND, OTHER)}
+        counts = {cause: self.causes.count(cause) for cause in (HOST_PAUSE, HOST_BOUND, SERIALIZED, OTHER)}
         meaning = {HOST_PAUSE: "main thread off the CPU", HOST_BOUND: "GPU idle at the step's end",
+                   SERIALIZED: "GPU idle at most step ends: host and GPU take turns",
                    OTHER: "thread on the CPU" + (", GPU busy at the step's end" if self.idle_total is not None else "")}
         parts = [f"{count} {cause} ({meaning[cause]})" for cause, count in counts.items() if count]
         line = (f"{len(self.steps)} of {self.n} steps ≥{self.threshold:.0%} over the median "
@@ -106,11 +110,19 @@ def spikes(step_times_s: list[float], off_cpu_s: list[float] | None = None, gpu_
     off_cpu = np.asarray(off_cpu_s, dtype=np.float64) if off_cpu_s is not None and len(off_cpu_s) == times.size else None
     idle = gpu_idle_at_end if gpu_idle_at_end is not None and len(gpu_idle_at_end) == times.size else None
     usual_off_cpu = float(np.median(off_cpu)) if off_cpu is not None else 0.0
+    mostly_idle = idle is not None and sum(map(bool, idle)) > times.size / 2
 
     def cause(i: int) -> str:
         if off_cpu is not None and off_cpu[i] - usual_off_cpu >= 0.5 * (times[i] - median):
             return HOST_PAUSE
+        if mostly_idle:
+            return SERIALIZED
         return HOST_BOUND if idle is not None and idle[i] else OTHER
 
     return Spikes(threshold=threshold, steps=steps, causes=[cause(i) for i in steps], max_excess=float(over.max()),
                   idle_total=sum(map(bool, idle)) if idle is not None else None, n=int(times.size))
+
+
+def mostly_idle(found: Spikes) -> bool:
+    """CUDA: the GPU was idle at the end of most steps (it waits for the host: a sync in every step, or launches)."""
+    return found.idle_total is not None and found.idle_total > found.n / 2
