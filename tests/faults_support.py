@@ -1,18 +1,22 @@
 """What tests/test_faults.py (the end-to-end runs) and tests/test_fault_units.py (the in-process faults) share: the
-repository's paths, the prompts, the shared fixture cache, a flux1-dev linear to damage, and the pytester project
-with the real matrix test."""
+repository's paths, the prompts, the shared fixture cache, a flux1-dev linear to damage, a copy of the CPU baselines
+without speed and memory limits (also used by tests/test_history_gate.py), and the pytester project with the real
+matrix test."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from fluxgate import checkpoints, history
+from fluxgate import baselines, checkpoints, history
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 from fluxgate.runner import Inputs
@@ -23,6 +27,20 @@ SHARED_CACHE = Path(os.environ.get("FLUXGATE_CACHE", ROOT / ".fluxgate-cache")).
 INPUTS = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
 CPU = torch.device("cpu")
 FLUX1_LINEAR = "single_transformer_blocks.0.attn.to_k.weight"
+
+
+def copy_baselines(target: Path) -> Path:
+    """A private copy of baselines/cpu (the root to pass as --baselines-dir) without speed and memory limits: what
+    is under test with it is how a run treats broken inputs or judges history, not how fast a shared 2-core machine
+    is today."""
+    shutil.copytree(ROOT / "baselines" / "cpu", target / "cpu")
+    path = target / "cpu" / baselines.THRESHOLDS_FILE
+    table = tomllib.loads(path.read_text())
+    for model in MODELS:
+        for entry in table.get(model, {}).values():
+            entry.update(min_it_s=0.0, max_peak_mem_gib=1e6)
+    path.write_text(tomli_w.dumps(table))
+    return target
 
 
 def bf16_weights(cache: Path, model: str) -> dict[str, torch.Tensor]:

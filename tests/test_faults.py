@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from faults_support import (CPU, FLUX1_LINEAR, INPUTS, MATRIX, ROOT, SHARED_CACHE, bf16_weights, no_temporary_files,
-                            read_history_strictly, with_rows_cut)
+from faults_support import (CPU, FLUX1_LINEAR, INPUTS, MATRIX, ROOT, SHARED_CACHE, bf16_weights, copy_baselines,
+                            no_temporary_files, read_history_strictly, with_rows_cut)
 from PIL import Image
 
 from fluxgate import baselines, checkpoints, history
@@ -82,19 +82,6 @@ def blocked_network_env(folder: Path) -> dict[str, str]:
 def matrix_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cpu", "--profile", "tiny",
             "--prompts", str(ROOT / "fixtures" / "prompts.toml"), *args]
-
-
-def copy_baselines(target: Path) -> Path:
-    """A private copy of baselines/cpu (the root to pass as --baselines-dir) without speed and memory limits: what
-    is under test here is how a run treats broken inputs, not how fast a shared 2-core machine is today."""
-    shutil.copytree(ROOT / "baselines" / "cpu", target / "cpu")
-    path = target / "cpu" / baselines.THRESHOLDS_FILE
-    table = tomllib.loads(path.read_text())
-    for model in MODELS:
-        for entry in table.get(model, {}).values():
-            entry.update(min_it_s=0.0, max_peak_mem_gib=1e6)
-    path.write_text(tomli_w.dumps(table))
-    return target
 
 
 def copy_cache(target: Path, *models: str) -> Path:

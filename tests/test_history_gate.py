@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults_support import copy_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,16 +22,9 @@ SLOWED = {"FLUXGATE_SLOW_COMBO": "flux1-dev[nvfp4]", "FLUXGATE_SLOW_DELAY_S": "0
 
 @pytest.fixture
 def baselines_dir(tmp_path) -> Path:
-    """The CPU baselines with flux1-dev[nvfp4]'s fixed speed limit moved out of the way, so that only the judgement
-    against history can fail a run in which that combo is slowed."""
-    folder = tmp_path / "baselines"
-    shutil.copytree(ROOT / "baselines" / "cpu", folder / "cpu")
-    thresholds = folder / "cpu" / "thresholds.toml"
-    text = thresholds.read_text()
-    entry = text.index("[flux1-dev.nvfp4]")
-    limit = text.index("min_it_s = ", entry)
-    thresholds.write_text(text[:limit] + "min_it_s = 0.01" + text[text.index("\n", limit):])
-    return folder
+    """The CPU baselines without fixed speed and memory limits, so that only the judgement against history can fail
+    a run in which a combo is slowed."""
+    return copy_baselines(tmp_path / "baselines")
 
 
 def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | None = None

@@ -65,13 +65,13 @@ class ScriptedClocks:
 
 
 def test_a_step_whose_end_finds_the_gpu_idle_is_flagged_and_a_busy_one_is_not(scripted_gpu):
-    clock = measure._StepClock(torch.device("cuda"), idle_probe_s=20e-6)
+    clock = measure._StepClock(torch.device("cuda"), probe_s=20e-6)
     clock.loop_start(None, ())
     scripted_gpu.idle = True
     clock.step_end(None, 0, None, {})  # the GPU had run everything: its end event completes at once
     scripted_gpu.idle = False
     started = time.perf_counter()
-    clock.step_end(None, 1, None, {})  # queued work: the probe gives up after idle_probe_s
+    clock.step_end(None, 1, None, {})  # queued work: the probe gives up after probe_s
     probe_s = time.perf_counter() - started
     scripted_gpu.at_ms = [0.0, 100.0, 180.0]
 

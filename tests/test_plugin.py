@@ -112,7 +112,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
 
     from fluxgate import compare
     from fluxgate.gate import Gate
-    from fluxgate.plugin import _fraction, _policy
+    from fluxgate.plugin import _fraction
 
     assert _fraction("--min-speed-effect", "auto") is None
     assert _fraction("--min-speed-effect", "2") == pytest.approx(0.02)
@@ -121,15 +121,17 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
         with pytest.raises(ValueError, match="--min-speed-effect"):
             _fraction("--min-speed-effect", bad)
 
-    auto, fixed = SimpleNamespace(_fluxgate_min_speed_effect=None), SimpleNamespace(_fluxgate_min_speed_effect=0.07)
-    assert _policy(auto, torch.device("cpu")).min_speed_effect == 0.5
-    assert _policy(auto, torch.device("cuda")).min_speed_effect == 0.02
-    assert _policy(fixed, torch.device("cpu")).min_speed_effect == 0.07
-
-    # Gate.verdicts without a policy uses the device type's, like the plugin's auto
+    # Gate.verdicts: None ('auto') takes the device type's minimum effect, a number is used as given
     seen = {}
     monkeypatch.setattr(compare, "compare_run", lambda records, run_id, **kw: seen.update(kw) or [])
-    gate = Gate.__new__(Gate)
-    gate.runner = SimpleNamespace(device=torch.device("cpu"))
-    gate.history = SimpleNamespace(directory=tmp_path, run_id="r", records=[], environment={})
-    assert gate.verdicts(confirm=False) == [] and seen["policy"].min_speed_effect == 0.5
+
+    def effect(device: str, given: float | None) -> float:
+        gate = Gate.__new__(Gate)
+        gate.runner = SimpleNamespace(device=torch.device(device))
+        gate.history = SimpleNamespace(directory=tmp_path, run_id="r", records=[], environment={})
+        assert gate.verdicts(confirm=False, min_speed_effect=given) == []
+        return seen["policy"].min_speed_effect
+
+    assert effect("cpu", None) == 0.5
+    assert effect("cuda", None) == 0.02
+    assert effect("cpu", 0.07) == 0.07

@@ -163,10 +163,11 @@ class Gate:
                                provenance)
 
     def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True,
-                 policy=None) -> list:
+                 min_speed_effect: float | None = None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
-        recorded in history with outcome "remeasure" (never part of a later baseline window)."""
+        recorded in history with outcome "remeasure" (never part of a later baseline window). `min_speed_effect`: the
+        rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA, 50 % elsewhere)."""
         from fluxgate import compare, history
 
         def records():
@@ -176,8 +177,9 @@ class Gate:
             # This run's own records, also when its file is not in the history folder (an xdist worker's).
             return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
 
-        if policy is None:  # the device type's minimum effect (2 % on CUDA, 50 % on CPU)
-            policy = compare.Policy(min_speed_effect=compare.min_speed_effect_for(self.runner.device.type))
+        if min_speed_effect is None:
+            min_speed_effect = compare.min_speed_effect_for(self.runner.device.type)
+        policy = compare.Policy(min_speed_effect=min_speed_effect)
         verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit,
                                        policy=policy)
         judged = []

@@ -7,8 +7,8 @@ Step times are taken without a host sync inside the denoising loop: on CUDA each
 What a spiking step was waiting for (`stats.spikes`): each boundary also notes the main thread's CPU time
 (`time.thread_time()`), so a step's wall time minus its CPU time is how long the thread was off the CPU (preempted,
 waiting for the GIL, sleeping): a host pause. On CUDA each boundary's event is then polled (`cudaEventQuery`, which
-does not wait) for as long as an event recorded on an idle GPU takes to complete, measured once per run
-(`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing queued, i.e. the GPU
+does not wait) for as long as an event recorded on an idle GPU takes to complete, measured before each combo's
+timed images (`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing queued, i.e. the GPU
 was waiting for the host at the end of the step; a GPU with queued work is still busy then. The poll costs at most
 that long per step, a few µs when the GPU is idle. A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
@@ -84,12 +84,12 @@ class _StepClock:
     """Marks step boundaries: a forward pre-hook on the transformer opens the loop, each step-end callback closes a
     step. Only events or timestamps are recorded here; nothing waits for the device."""
 
-    def __init__(self, device: torch.device, idle_probe_s: float = IDLE_PROBE_MIN_S):
-        self.cuda, self.idle_probe_s = device.type == "cuda", idle_probe_s
+    def __init__(self, device: torch.device, probe_s: float = IDLE_PROBE_MIN_S):
+        self.cuda, self.probe_s = device.type == "cuda", probe_s
         self.marks: list[Any] = []
         self.host_marks: list[float] = []  # perf_counter() at each boundary
         self.cpu_marks: list[float] = []  # the main thread's thread_time() at each boundary
-        self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within idle_probe_s
+        self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within probe_s
         # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
         self.before_loop_peak_bytes = 0
@@ -103,7 +103,7 @@ class _StepClock:
             event.record()
             self.marks.append(event)
             if len(self.marks) > 1:
-                self.gpu_idle_at_end.append(_completes_within(event, self.idle_probe_s))
+                self.gpu_idle_at_end.append(_completes_within(event, self.probe_s))
         else:
             self.marks.append(self.host_marks[-1])
 
@@ -124,7 +124,7 @@ class _StepClock:
         if self.cuda:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return _deltas(self.marks)
 
     def host_step_times_s(self) -> list[float] | None:
         return _deltas(self.host_marks) if self.cuda else None

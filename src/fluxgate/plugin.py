@@ -213,14 +213,6 @@ def _fraction(option: str, value: str) -> float | None:
     return percent / 100
 
 
-def _policy(config: pytest.Config, device):
-    """The history gate's decision rule, with --min-speed-effect (or the device type's default) applied."""
-    from fluxgate.compare import Policy, min_speed_effect_for
-
-    effect = config._fluxgate_min_speed_effect
-    return Policy(min_speed_effect=min_speed_effect_for(device.type) if effect is None else effect)
-
-
 @pytest.fixture(scope="session")
 def gate(request: pytest.FixtureRequest):
     """The run's Gate: built once, on the first combo (so collection stays fast)."""
@@ -291,7 +283,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     gating = config.getoption("history_gate") == "on" and not gate.write
     verdicts = config._fluxgate_verdicts = gate.verdicts(
         last_n=config.getoption("history_window"), base_commit=config.getoption("base_commit"), confirm=gating,
-        policy=_policy(config, gate.runner.device))
+        min_speed_effect=config._fluxgate_min_speed_effect)
     regression = any(verdict.outcome == "regression" for verdict in verdicts)
     if gating and regression:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -110,19 +110,24 @@ def spikes(step_times_s: list[float], off_cpu_s: list[float] | None = None, gpu_
     off_cpu = np.asarray(off_cpu_s, dtype=np.float64) if off_cpu_s is not None and len(off_cpu_s) == times.size else None
     idle = gpu_idle_at_end if gpu_idle_at_end is not None and len(gpu_idle_at_end) == times.size else None
     usual_off_cpu = float(np.median(off_cpu)) if off_cpu is not None else 0.0
-    mostly_idle = idle is not None and sum(map(bool, idle)) > times.size / 2
+    idle_total = sum(map(bool, idle)) if idle is not None else None
+    serialized = _mostly_idle(idle_total, int(times.size))
 
     def cause(i: int) -> str:
         if off_cpu is not None and off_cpu[i] - usual_off_cpu >= 0.5 * (times[i] - median):
             return HOST_PAUSE
-        if mostly_idle:
+        if serialized:
             return SERIALIZED
         return HOST_BOUND if idle is not None and idle[i] else OTHER
 
     return Spikes(threshold=threshold, steps=steps, causes=[cause(i) for i in steps], max_excess=float(over.max()),
-                  idle_total=sum(map(bool, idle)) if idle is not None else None, n=int(times.size))
+                  idle_total=idle_total, n=int(times.size))
 
 
 def mostly_idle(found: Spikes) -> bool:
     """CUDA: the GPU was idle at the end of most steps (it waits for the host: a sync in every step, or launches)."""
-    return found.idle_total is not None and found.idle_total > found.n / 2
+    return _mostly_idle(found.idle_total, found.n)
+
+
+def _mostly_idle(idle_total: int | None, n: int) -> bool:
+    return idle_total is not None and idle_total > n / 2
