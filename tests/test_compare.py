@@ -12,6 +12,7 @@ from fluxgate.compare import (
 
 ENVIRONMENT = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3",
                "compute_capability": "9.0", "gpu_class": "nvidia-h100-80gb-hbm3", "git_commit": "a" * 40,
+               "cuda_alloc_conf": "expandable_segments:True",
                "git_dirty": False, "gpu": {"driver_version": "580.159.04", "power_limit_w": 700.0}}
 SETTINGS = {"seed": 0, "steps": 28, "size_px": 1024, "guidance_scale": 3.5, "prompt": "a red fox",
             "profile": "synthetic"}
@@ -123,6 +124,7 @@ def test_order_of_samples_and_records_does_not_change_the_verdicts(random):
     (("gpu", "driver_version"), "590.10", "driver_version 580.159.04 -> 590.10"),
     (("gpu", "power_limit_w"), 500.0, "power_limit_w 700.0 -> 500.0"),
     (("compute_capability",), "9.0a", "compute_capability 9.0 -> 9.0a"),
+    (("cuda_alloc_conf",), "default", "cuda_alloc_conf expandable_segments:True -> default"),
 ])
 def test_a_fingerprint_difference_is_not_comparable_and_names_the_field(path, new, named):
     environment = {**ENVIRONMENT, "gpu": dict(ENVIRONMENT["gpu"])}
@@ -220,3 +222,28 @@ def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
     assert not_again.outcome == NO_CHANGE and "not confirmed" in not_again.message
     interleaved_base = [step_times(rng, 0.05), step_times(rng, 0.05)]  # the base got slower too: the machine did
     assert confirm(first, step_times(rng, 0.05), interleaved_base).outcome == NO_CHANGE
+
+
+def host_synchronous(entry, syncs=494):
+    entry["metrics"]["kernel_path"] = {"host_syncs_per_step": syncs}
+    return entry
+
+
+def test_a_host_synchronous_combo_needs_the_larger_minimum_effect_and_the_verdict_says_why():
+    # FLUX.1-dev nvfp4 eager on two fresh H100 machines, same code: 452 then 510 ms/step (+12.9 %)
+    rng, combo_cv = np.random.default_rng(7), 0.03
+    base = host_synchronous(record(0, step_times(rng, median_s=0.452, cv=combo_cv), combo="flux1-dev[nvfp4]"))
+    machine = host_synchronous(record(1, step_times(rng, median_s=0.510, cv=combo_cv), combo="flux1-dev[nvfp4]"))
+    (verdict,) = compare_run([base, machine], machine["run_id"])
+    assert verdict.outcome == NO_CHANGE
+    assert verdict.policy.min_speed_effect == 0.15 and "494 host syncs per step" in verdict.message
+
+    slower = host_synchronous(record(2, step_times(rng, median_s=0.452 * 1.25, cv=combo_cv), combo="flux1-dev[nvfp4]"))
+    assert compare_run([base, slower], slower["run_id"])[0].outcome == REGRESSION
+
+    # the same +12.9 % on a combo whose steps never wait for the host is a regression
+    gpu_bound = record(3, step_times(rng, median_s=0.510, cv=combo_cv), combo="flux1-dev[nvfp4]")
+    assert compare_run([base, host_synchronous(gpu_bound, 0)], gpu_bound["run_id"])[0].outcome == REGRESSION
+    # a policy already stricter than the host-synchronous minimum (e.g. CPU's 50 %) is kept as it is
+    cpu = Policy(min_speed_effect=0.5)
+    assert compare_run([base, machine], machine["run_id"], policy=cpu)[0].policy.min_speed_effect == 0.5

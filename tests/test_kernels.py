@@ -29,6 +29,15 @@ def test_bf16_combo_runs_plain_bf16_gemm(tiny_call_kwargs, tiny_flux1):
     assert path.fallback is False and path.label == BF16_GEMM
     assert path.quantized_linears == 0 and path.op_counts["aten::addmm"] > 0
     assert path.to_json()["label"] == BF16_GEMM
+    assert path.host_syncs_per_step is None  # CPU: no host-device syncs to count
+
+
+def test_host_syncs_count_the_cuda_calls_that_make_the_host_wait():
+    # what torch.profiler lists for one FLUX.1 nvfp4 eager step on the H100 (a blocking lookup-table copy per linear)
+    cpu_ops = {"cudaStreamSynchronize": 494, "cudaMemcpyAsync": 494, "cudaLaunchKernel": 9000, "aten::mm": 494}
+    assert kernels.host_syncs(cpu_ops) == 494
+    assert kernels.host_syncs({"cudaLaunchKernel": 6000, "aten::_scaled_mm": 500}) == 0
+    assert kernels.host_syncs({"cudaEventSynchronize": 2, "cudaDeviceSynchronize": 1}) == 3
 
 
 class ScaledMMLinear(BFLFP8RLinear):

@@ -202,3 +202,45 @@ def test_odd_spike_records_give_no_line_rather_than_a_broken_summary():
     odd = {"threshold": None, "steps": [1], "causes": None, "max_excess": 0.5, "idle_total": 1, "n": 2}
     assert spike_line({"spikes": odd}) is None
     assert spike_line({"spikes": {**odd, "n": "2"}}) is None
+
+
+class ScriptedPipe:
+    """A pipeline whose transformer forward takes `step_s[i]` scripted seconds (on the CPU) in step i."""
+
+    def __init__(self, clocks: ScriptedClocks, step_s: list[float]):
+        self.clocks, self.step_s = clocks, step_s
+        self.transformer = torch.nn.Identity()
+
+    def __call__(self, num_inference_steps: int | None = None, callback_on_step_end=None, **kwargs):
+        for index, seconds in enumerate(self.step_s[:num_inference_steps]):
+            self.transformer(torch.zeros(1))
+            self.clocks.run(wall_s=seconds, cpu_s=seconds)
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, index, None, {})
+        return SimpleNamespace(images=["image"])
+
+
+@pytest.mark.parametrize(("step_s", "first", "settled"), [
+    ([0.09, 0.05, 0.06], [0.09, 0.09], [0.05, 0.06, 0.05, 0.06]),
+    ([0.07], [], [0.07, 0.07]),  # a one-step image has nothing to set apart
+])
+def test_each_timed_image_s_first_step_is_kept_apart_from_the_steps_the_stats_judge(monkeypatch, step_s, first,
+                                                                                    settled):
+    clocks = ScriptedClocks()
+    monkeypatch.setattr(measure, "time", clocks)
+    result = measure.run(ScriptedPipe(clocks, step_s), {}, seed=0, device=torch.device("cpu"), warmup_steps=1,
+                         timed_images=2)
+    assert result.first_steps_s == pytest.approx(first)
+    assert result.step_times_s == pytest.approx(settled)
+    assert len(result.off_cpu_s) == len(settled) and result.stats.n == len(settled)
+
+
+def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often():
+    from fluxgate.report import spike_lines
+
+    entries = [("flux1-dev[nvfp4]", {"kernel_path": {"host_syncs_per_step": 494}}),
+               ("flux1-dev[fp8-scaled]", {"kernel_path": {"host_syncs_per_step": 0}}),
+               ("z-image-turbo[bf16]", {"kernel_path": {"host_syncs_per_step": None}}), ("odd", {"kernel_path": "?"})]
+    (line,) = spike_lines(entries)
+    assert line.startswith("host syncs inside each step") and line.endswith(": flux1-dev[nvfp4] 494")
+    assert "15%" in line

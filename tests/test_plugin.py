@@ -135,3 +135,29 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
     assert effect("cpu", None) == 0.5
     assert effect("cuda", None) == 0.02
     assert effect("cpu", 0.07) == 0.07
+
+
+def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(matrix, monkeypatch):
+    import os
+
+    from fluxgate import memory
+
+    monkeypatch.setenv(memory.ALLOC_CONF_ENV, "")  # so the test's end restores this process's own setting
+    monkeypatch.delenv(memory.ALLOC_CONF_ENV)
+    assert memory.allocator_settings() == "default"
+    assert memory.configure_allocator("default") == "default"  # torch's own: nothing set
+    assert memory.ALLOC_CONF_ENV not in os.environ
+    assert memory.configure_allocator(memory.DEFAULT_ALLOC_CONF) == "expandable_segments:True"
+    monkeypatch.setenv(memory.ALLOC_CONF_ENV, "garbage_collection_threshold:0.8")
+    assert memory.configure_allocator(memory.DEFAULT_ALLOC_CONF) == "garbage_collection_threshold:0.8"
+
+    # the option is applied in pytest_configure, before anything initializes CUDA
+    monkeypatch.delenv(memory.ALLOC_CONF_ENV)
+    matrix.makepyfile(test_alloc="""
+        import os
+
+        def test_conf():
+            assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    """)
+    matrix.runpytest("test_alloc.py", "--cuda-alloc-conf", "max_split_size_mb:512").assert_outcomes(passed=1)
+    assert "--cuda-alloc-conf" in matrix.runpytest("--help").stdout.str()

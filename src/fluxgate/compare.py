@@ -71,6 +71,7 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "driver_version": ("gpu", "driver_version"),
     "compute_capability": ("compute_capability",),
     "power_limit_w": ("gpu", "power_limit_w"),
+    "cuda_alloc_conf": ("cuda_alloc_conf",),  # the allocator's settings change how steady eager steps are
 }
 
 
@@ -85,6 +86,12 @@ class Policy:
     memory_tolerance: float = 0.02  # of the window's max (min)
     memory_tolerance_gib: float = 0.25  # and at least this many GiB
     similarity_tolerance: float = 0.002  # MS-SSIM units below the window's min (above its max)
+    # The minimum speed effect for a host-synchronous combo: one whose step makes the host wait for the GPU (the
+    # record's kernel_path.host_syncs_per_step > 0), so the GPU idles while the host launches and the step time
+    # follows the host CPU. Measured on the device H100: FLUX.1-dev nvfp4 eager (diffusers 0.42.1 copies the FP4
+    # lookup table to the GPU in each of its 494 linear calls per step) took 452 and 510 ms/step in two runs of the
+    # same code on two fresh machines (+12.9 %), while GPU-bound combos stayed within 1 %.
+    host_sync_min_speed_effect: float = 0.15
 
 
 DEFAULT_POLICY = Policy()
@@ -327,6 +334,7 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
     """The verdict for one combo record of a run against its baseline window in `records`."""
     records, ignore_fields = list(records), tuple(ignore_fields)
     combo, run_id = str(candidate.get("combo")), str(candidate.get("run_id"))
+    policy, host_note = _policy_for(candidate, policy)
     verdict = Verdict(combo, run_id, NOT_COMPARABLE, policy=policy)
     if candidate.get("outcome") not in USABLE_OUTCOMES:
         why = candidate.get("error") or "no measurement"
@@ -344,8 +352,25 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
         memory_verdict(candidate_metrics.get("peak_mem_gib"), [m.get("peak_mem_gib") for m in metrics_of], policy),
         similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
     )
-    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored),
+    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
                    baseline_run_ids=tuple(str(r.get("run_id")) for r in window), baseline_step_times_s=baseline_steps)
+
+
+def host_syncs_per_step(record: dict) -> int | None:
+    """The record's host syncs inside one step (from its kernel-path profile), or None when not measured."""
+    path = (record.get("metrics") or {}).get("kernel_path")
+    syncs = path.get("host_syncs_per_step") if isinstance(path, dict) else None
+    return syncs if isinstance(syncs, int) and not isinstance(syncs, bool) else None
+
+
+def _policy_for(candidate: dict, policy: Policy) -> tuple[Policy, list[str]]:
+    """`policy`, with the host-synchronous minimum speed effect where the candidate's step waits for the GPU."""
+    syncs = host_syncs_per_step(candidate)
+    if not syncs or policy.min_speed_effect >= policy.host_sync_min_speed_effect:
+        return policy, []
+    note = (f"host-synchronous ({syncs} host syncs per step): its speed follows the host CPU, so a speed change "
+            f"must reach {policy.host_sync_min_speed_effect:.0%}")
+    return replace(policy, min_speed_effect=policy.host_sync_min_speed_effect), [note]
 
 
 def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | None, ignore_fields) -> str:

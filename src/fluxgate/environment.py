@@ -73,7 +73,10 @@ def fingerprint(device: torch.device, root: Path) -> dict:
     if device.type == "cuda":
         from fluxgate.telemetry import gpu_fingerprint
 
+        from fluxgate.memory import allocator_settings
+
         info["cuda"] = torch.version.cuda
+        info["cuda_alloc_conf"] = allocator_settings()
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
         info["gpu"] = gpu_fingerprint(device)
     return info

@@ -94,10 +94,11 @@ class Gate:
                    "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
                    "off_cpu_s": result.off_cpu_s, "host_step_times_s": result.host_step_times_s,
                    "gpu_idle_at_end": result.gpu_idle_at_end, "idle_probe_s": result.idle_probe_s,
+                   "first_steps_s": result.first_steps_s,
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,
-                   "timed_steps_s": sum(result.step_times_s), "kernel_path": result.kernel_path,
+                   "timed_steps_s": sum(result.step_times_s) + sum(result.first_steps_s or ()), "kernel_path": result.kernel_path,
                    "step_flops": result.step_flops, "images": result.images, "compile_s": result.compile_s,
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
         roof = self.history.environment.get("roof") or {}

@@ -21,6 +21,9 @@ GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::l
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
 # `_scaled_mm`), FlashInfer FP4; for the record next to the op counts.
 GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", "e2m1")
+# CUDA runtime calls that make the host wait for the GPU. One inside a step drains the GPU's queue, and the GPU then
+# idles while the host launches what follows: such a step's time follows the host CPU's speed.
+HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 BF16_GEMM = "bf16 GEMM"
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
 FP4_GEMM = "fp4 GEMM"
@@ -49,6 +52,7 @@ class KernelPath:
     quantized_kinds: dict[str, int] = field(default_factory=dict)  # module class -> count
     gpu_gemm_kernels: dict[str, int] = field(default_factory=dict)  # CUDA GEMM kernel name -> launches (CUDA only)
     method: str = "profiler"  # "profiler", or "dispatch" when torch.profiler failed and aten ops were counted
+    host_syncs_per_step: int | None = None  # CUDA, profiler: host waits for the GPU inside the step (HOST_SYNC_CALLS)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -66,6 +70,11 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def host_syncs(cpu_ops: dict[str, int]) -> int:
+    """How often the profiled step made the host wait for the GPU (CUDA runtime calls in HOST_SYNC_CALLS)."""
+    return sum(cpu_ops.get(name, 0) for name in HOST_SYNC_CALLS)
+
+
 def _is_fp4_gemm(name: str) -> bool:
     lower = name.lower()
     return ("fp4" in lower or "e2m1" in lower) and ("mm" in lower or "gemm" in lower)
@@ -80,7 +89,8 @@ def _run_step(transformer: torch.nn.Module, calls: list[TransformerCall], device
 
 
 def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[str, int], str]:
-    """(CPU-side op name -> calls, CUDA kernel name -> launches, method) over the step."""
+    """(CPU-side op and CUDA runtime call name -> calls, CUDA kernel name -> launches, method) over the step; the
+    step's closing `torch.cuda.synchronize` is not counted."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
         with profile(activities=activities) as prof:
@@ -93,6 +103,8 @@ def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[s
     for event in prof.key_averages():
         is_kernel = event.device_type == torch.autograd.DeviceType.CUDA
         (kernels if is_kernel else cpu_ops)[event.key] += event.count
+    if cpu_ops.get("cudaDeviceSynchronize"):
+        cpu_ops["cudaDeviceSynchronize"] -= 1  # _run_step's own, after the step
     return dict(cpu_ops), dict(kernels), "profiler"
 
 
@@ -145,4 +157,6 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
-                      gpu_gemm_kernels=gemm_kernels, method=method)
+                      gpu_gemm_kernels=gemm_kernels, method=method,
+                      host_syncs_per_step=(host_syncs(cpu_ops) if device.type == "cuda" and method == "profiler"
+                                           else None))

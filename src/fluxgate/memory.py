@@ -9,6 +9,7 @@ after the exception (and the frames holding its tensors) is gone, so the next co
 from __future__ import annotations
 
 import gc
+import os
 import re
 from dataclasses import dataclass
 
@@ -18,6 +19,12 @@ from fluxgate import telemetry
 from fluxgate.errors import FluxgateError
 
 GIB = 1024**3
+ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+# Measured on the device H100 (FLUX.1-dev eager fp8-scaled, 56 steps): with torch's default segments the caching
+# allocator now and then frees and re-reserves blocks for the per-linear fp32 activations inside a step, the GPU sits
+# idle in 100 us - 4 ms gaps there, and the step takes up to +45 % (step CV 3.4-6.5 %); with expandable segments
+# the same steps run with CV 0.29 %.
+DEFAULT_ALLOC_CONF = "expandable_segments:True"
 LEAK_TOLERANCE = 0.01  # teardown may leave at most 1 % more device memory in use than before the combo
 
 
@@ -27,6 +34,20 @@ class OutOfMemory(FluxgateError):
     def __init__(self, message: str, needed_gib: float, total_gib: float):
         super().__init__(message)
         self.needed_gib, self.total_gib = needed_gib, total_gib
+
+
+def configure_allocator(conf: str) -> str:
+    """Set torch's CUDA caching-allocator settings for this process unless the environment already sets them;
+    returns the settings in force ("default" = torch's own). Must run before CUDA is initialized: torch reads them
+    once, at its first CUDA allocation."""
+    if conf != "default":
+        os.environ.setdefault(ALLOC_CONF_ENV, conf)
+    return allocator_settings()
+
+
+def allocator_settings() -> str:
+    """The CUDA caching-allocator settings this process runs with ("default" = torch's own)."""
+    return os.environ.get(ALLOC_CONF_ENV) or "default"
 
 
 @dataclass(frozen=True)

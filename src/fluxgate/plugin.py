@@ -18,10 +18,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fluxgate import report, workers  # noqa: E402
+from fluxgate import memory, report, workers  # noqa: E402
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
 from fluxgate.models import MODELS  # noqa: E402
 from fluxgate.precisions import PRECISIONS  # noqa: E402
+from fluxgate.memory import DEFAULT_ALLOC_CONF  # noqa: E402
 from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES  # noqa: E402
 
 COMBO_KEY = pytest.StashKey[Combo]()
@@ -83,6 +84,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
                          "at the end [default: 100]")
+    group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
+                    help="torch's CUDA caching-allocator settings for the run (PYTORCH_CUDA_ALLOC_CONF, which wins "
+                         "when set); the default keeps the allocator from freeing and re-reserving memory inside a "
+                         "timed step, which made eager fp8 steps jitter by up to 45 %%; 'default' = torch's own "
+                         "settings. Recorded in each run's environment [default: %(default)s]")
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
@@ -124,6 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.option.dist == "load":
             config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
+    memory.configure_allocator(config.getoption("cuda_alloc_conf"))
     config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
     config.addinivalue_line("markers", "faults: GPU fault injection after the matrix (out of memory, teardown)")
     for name, spec in MODELS.items():

@@ -6,6 +6,7 @@ import math
 import time
 
 from fluxgate import memory
+from fluxgate.compare import DEFAULT_POLICY, host_syncs_per_step
 from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
@@ -79,8 +80,17 @@ def waiting_line(entries) -> str | None:
         f"kernels; compile or CUDA graphs cut host work): {', '.join(waiting)}")
 
 
+def sync_line(entries) -> str | None:
+    """The combos (id, metrics) whose step makes the host wait for the GPU, with how often, or None."""
+    syncing = [f"{combo_id} {syncs}" for combo_id, metrics in entries
+               if (syncs := host_syncs_per_step({"metrics": metrics}))]
+    return None if not syncing else (
+        "host syncs inside each step (the GPU drains and waits while the host launches, so speed follows the host "
+        f"CPU; the history gate needs a {DEFAULT_POLICY.host_sync_min_speed_effect:.0%} change): {', '.join(syncing)}")
+
+
 def spike_lines(entries) -> list[str]:
-    lines = [waiting_line(entries)]
+    lines = [sync_line(entries), waiting_line(entries)]
     lines += [f"step spikes {combo_id}: {line}" for combo_id, metrics in entries if (line := spike_line(metrics))]
     return [line for line in lines if line]
 
