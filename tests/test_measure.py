@@ -239,8 +239,8 @@ def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often()
     from fluxgate.report import spike_lines
 
     entries = [("flux1-dev[nvfp4]", {"kernel_path": {"host_syncs_per_step": 494}}),
-               ("flux1-dev[fp8-scaled]", {"kernel_path": {"host_syncs_per_step": 0}}),
+               ("flux1-dev[fp8-scaled]", {"kernel_path": {"host_syncs_per_step": 1}}),  # one per step: not listed
                ("z-image-turbo[bf16]", {"kernel_path": {"host_syncs_per_step": None}}), ("odd", {"kernel_path": "?"})]
     (line,) = spike_lines(entries)
-    assert line.startswith("host syncs inside each step") and line.endswith(": flux1-dev[nvfp4] 494")
+    assert line.startswith("host-synchronous") and line.endswith(": flux1-dev[nvfp4] 494")
     assert "15%" in line

@@ -86,11 +86,13 @@ class Policy:
     memory_tolerance: float = 0.02  # of the window's max (min)
     memory_tolerance_gib: float = 0.25  # and at least this many GiB
     similarity_tolerance: float = 0.002  # MS-SSIM units below the window's min (above its max)
-    # The minimum speed effect for a host-synchronous combo: one whose step makes the host wait for the GPU (the
-    # record's kernel_path.host_syncs_per_step > 0), so the GPU idles while the host launches and the step time
-    # follows the host CPU. Measured on the device H100: FLUX.1-dev nvfp4 eager (diffusers 0.42.1 copies the FP4
-    # lookup table to the GPU in each of its 494 linear calls per step) took 452 and 510 ms/step in two runs of the
-    # same code on two fresh machines (+12.9 %), while GPU-bound combos stayed within 1 %.
+    # A host-synchronous combo: its step makes the host wait for the GPU at least `host_synchronous_syncs` times (the
+    # record's kernel_path.host_syncs_per_step), e.g. in every layer, so the GPU idles while the host launches and
+    # the step time follows the host CPU; it is judged with the larger minimum speed effect. Measured on the device
+    # H100 (diffusers 0.42.1): nvfp4 eager copies the FP4 lookup table to the GPU in every linear call, 495 syncs
+    # per FLUX.1 step (271 Z-Image, 193 FLUX.2), and FLUX.1-dev nvfp4 took 452 and 510 ms/step in runs of the same
+    # code on two fresh machines (+12.9 %); every other combo has 1 sync per step and moved less than 1 %.
+    host_synchronous_syncs: int = 8
     host_sync_min_speed_effect: float = 0.15
 
 
@@ -363,10 +365,15 @@ def host_syncs_per_step(record: dict) -> int | None:
     return syncs if isinstance(syncs, int) and not isinstance(syncs, bool) else None
 
 
+def is_host_synchronous(record: dict, policy: Policy = DEFAULT_POLICY) -> bool:
+    syncs = host_syncs_per_step(record)
+    return syncs is not None and syncs >= policy.host_synchronous_syncs
+
+
 def _policy_for(candidate: dict, policy: Policy) -> tuple[Policy, list[str]]:
     """`policy`, with the host-synchronous minimum speed effect where the candidate's step waits for the GPU."""
     syncs = host_syncs_per_step(candidate)
-    if not syncs or policy.min_speed_effect >= policy.host_sync_min_speed_effect:
+    if not is_host_synchronous(candidate, policy) or policy.min_speed_effect >= policy.host_sync_min_speed_effect:
         return policy, []
     note = (f"host-synchronous ({syncs} host syncs per step): its speed follows the host CPU, so a speed change "
             f"must reach {policy.host_sync_min_speed_effect:.0%}")

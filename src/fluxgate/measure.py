@@ -232,10 +232,11 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     """`count` timed images: their step times, the median seconds per image, the last image, the allocator peaks,
     and the per-step host lists (off-CPU seconds; CUDA: host-clock times and GPU-idle-at-end flags).
 
-    Each image's first step is timed but kept apart (`first_steps_s`): on the H100 it is 2-7 % slower than the
-    steps after it in every image (most likely because it starts with the GPU's queue empty, so launch-bound
-    stretches that later steps hide behind the host's lead cost it time), an offset, not noise. The step
-    statistics, it/s and the history judge the steps after it.
+    Each image's first step is timed but kept apart (`first_steps_s`): it is a start-up transient, not a sample of
+    the steady state. On the H100 it ran 1-10 % slower than the steps after it for eager fp8 and gguf (it starts
+    with the GPU's queue empty, so launch-bound stretches that later steps hide behind the host's lead cost it
+    time) and up to 4 % faster for bf16 combos held at the 700 W power cap (the GPU starts the image below it).
+    The step statistics, it/s and the history judge the steps after it.
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}

@@ -20,11 +20,11 @@ from fluxgate.errors import FluxgateError
 
 GIB = 1024**3
 ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
-# Measured on the device H100 (FLUX.1-dev eager fp8-scaled, 56 steps): with torch's default segments the caching
-# allocator now and then frees and re-reserves blocks for the per-linear fp32 activations inside a step, the GPU sits
-# idle in 100 us - 4 ms gaps there, and the step takes up to +45 % (step CV 3.4-6.5 %); with expandable segments
-# the same steps run with CV 0.29 %.
-DEFAULT_ALLOC_CONF = "expandable_segments:True"
+# torch's own allocator settings. Tried on the device H100 for FLUX.1-dev eager fp8-scaled, whose steps spike:
+# `expandable_segments:True` gave step CV 0.29 % in one process but 8.4, 5.7 and 6.7 % over three full runs (and
+# 4.5/6.4/2.4 % vs 8.1/5.4/2.3 % without it in three pairs), so it is not the default; the setting is recorded
+# with every run and runs with different settings are not compared.
+DEFAULT_ALLOC_CONF = "default"
 LEAK_TOLERANCE = 0.01  # teardown may leave at most 1 % more device memory in use than before the combo
 
 

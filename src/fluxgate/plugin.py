@@ -85,10 +85,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
                          "at the end [default: 100]")
     group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
-                    help="torch's CUDA caching-allocator settings for the run (PYTORCH_CUDA_ALLOC_CONF, which wins "
-                         "when set); the default keeps the allocator from freeing and re-reserving memory inside a "
-                         "timed step, which made eager fp8 steps jitter by up to 45 %%; 'default' = torch's own "
-                         "settings. Recorded in each run's environment [default: %(default)s]")
+                    help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
+                         "(sets PYTORCH_CUDA_ALLOC_CONF; an already set PYTORCH_CUDA_ALLOC_CONF wins); 'default' = "
+                         "torch's own. Recorded in each run's environment; runs with different settings are not "
+                         "compared [default: %(default)s]")
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")

@@ -6,7 +6,7 @@ import math
 import time
 
 from fluxgate import memory
-from fluxgate.compare import DEFAULT_POLICY, host_syncs_per_step
+from fluxgate.compare import DEFAULT_POLICY, host_syncs_per_step, is_host_synchronous
 from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
@@ -81,12 +81,13 @@ def waiting_line(entries) -> str | None:
 
 
 def sync_line(entries) -> str | None:
-    """The combos (id, metrics) whose step makes the host wait for the GPU, with how often, or None."""
-    syncing = [f"{combo_id} {syncs}" for combo_id, metrics in entries
-               if (syncs := host_syncs_per_step({"metrics": metrics}))]
+    """The host-synchronous combos (id, metrics) with their host syncs per step, or None."""
+    syncing = [f"{combo_id} {host_syncs_per_step({'metrics': metrics})}" for combo_id, metrics in entries
+               if is_host_synchronous({"metrics": metrics})]
     return None if not syncing else (
-        "host syncs inside each step (the GPU drains and waits while the host launches, so speed follows the host "
-        f"CPU; the history gate needs a {DEFAULT_POLICY.host_sync_min_speed_effect:.0%} change): {', '.join(syncing)}")
+        "host-synchronous (host syncs per step: the GPU drains and waits while the host launches, so speed follows "
+        f"the host CPU; the history gate needs a {DEFAULT_POLICY.host_sync_min_speed_effect:.0%} change): "
+        f"{', '.join(syncing)}")
 
 
 def spike_lines(entries) -> list[str]:
