@@ -247,3 +247,11 @@ def test_a_host_synchronous_combo_needs_the_larger_minimum_effect_and_the_verdic
     # a policy already stricter than the host-synchronous minimum (e.g. CPU's 50 %) is kept as it is
     cpu = Policy(min_speed_effect=0.5)
     assert compare_run([base, machine], machine["run_id"], policy=cpu)[0].policy.min_speed_effect == 0.5
+
+
+def test_a_runs_remeasurement_record_is_evidence_not_another_candidate():
+    rng = np.random.default_rng(8)
+    history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
+    history.append({**record(2, step_times(rng, 0.05)), "outcome": "remeasure"})
+    verdicts = compare_run(history, history[-1]["run_id"])
+    assert [v.combo for v in verdicts] == ["flux1-dev[bf16]"] and verdicts[0].outcome == REGRESSION

@@ -59,6 +59,7 @@ NOT_COMPARABLE = "not comparable"
 # Worst first: a verdict's outcome is the worst of its metrics'.
 _SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
 
+REMEASURE = "remeasure"  # the outcome of a re-measurement record: evidence for its run's verdict, never a candidate
 USABLE_OUTCOMES = ("passed", "failed")  # a failed limit is still a valid measurement; error/skipped are not
 
 # Fingerprint field -> its path in a record's "environment". Two runs that differ in any of these measure a
@@ -396,7 +397,8 @@ def compare_run(records: Iterable[dict], run_id: str, *, last_n: int = 5, base_c
                 ignore_fields: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> list[Verdict]:
     """A verdict for every combo of run `run_id`, sorted by combo."""
     records = list(records)
-    candidates = sorted((r for r in records if r.get("run_id") == run_id), key=lambda r: str(r.get("combo")))
+    candidates = sorted((r for r in records if r.get("run_id") == run_id and r.get("outcome") != REMEASURE),
+                        key=lambda r: str(r.get("combo")))
     if not candidates:
         raise ValueError(f"run {run_id}: no records in the history given")
     return [compare_record(records, c, last_n=last_n, base_commit=base_commit, ignore_fields=ignore_fields,

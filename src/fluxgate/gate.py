@@ -192,7 +192,7 @@ class Gate:
                 verdict = compare.confirm(verdict, result.step_times_s)
                 self.history.append({"combo": combo.id, "model": combo.model, "precision": combo.precision,
                                      "runtime": combo.runtime, "profile": self.runner.profile, "gpu_class": self.gpu_class,
-                                     "outcome": "remeasure", "verdict": verdict.outcome,
+                                     "outcome": compare.REMEASURE, "verdict": verdict.outcome,
                                      "metrics": {"it_s": result.it_s, "step_times_s": result.step_times_s}})
             judged.append(verdict)
         return judged

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from fluxgate import decision, history
+from fluxgate.compare import REMEASURE
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import Combo
 from fluxgate.report import VERDICTS, spike_line
@@ -327,7 +328,7 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
         raise PublishError(f"--run-id {run_id}: no such run in {history_dir} (newest is {runs[-1]})")
     verdicts = verdicts or {}
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
-    run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != "remeasure"}.values())
+    run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != REMEASURE}.values())
     notes = [f"skipped: {message}" for message in skipped_files]
     written: list[Path] = []
 

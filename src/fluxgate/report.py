@@ -6,7 +6,7 @@ import math
 import time
 
 from fluxgate import memory
-from fluxgate.compare import DEFAULT_POLICY, host_syncs_per_step, is_host_synchronous
+from fluxgate.compare import DEFAULT_POLICY, REMEASURE, host_syncs_per_step, is_host_synchronous
 from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
@@ -136,7 +136,7 @@ def distributed_summary(terminalreporter, merged_path, records: list[dict], star
     """The summary of an xdist run: the merged run's table, then which worker ran where."""
     write = terminalreporter.write_line
     terminalreporter.section("fluxgate")
-    measured = [r for r in records if r.get("outcome") != "remeasure"]
+    measured = [r for r in records if r.get("outcome") != REMEASURE]
     cuda = any(str((r.get("metrics") or {}).get("mem_kind", "")).startswith("cuda") for r in measured)
     entries = [(r["combo"], r.get("outcome", "?"), r.get("metrics") or {}) for r in measured]
     for line in format_table(_header(cuda), rows(entries)):
