@@ -219,3 +219,16 @@ def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_pa
     section = summary.split("**Step spikes**")[1]
     assert "- `flux1-dev[fp8-scaled]` 2 of 28 steps ≥10% over the median (slowest +43%): 2 host-bound" in section
     assert "flux1-dev[bf16]" not in section
+    assert "Host-synchronous" not in summary  # no combo's profiled step waited for the GPU
+
+
+def test_host_synchronous_combos_are_named_with_their_syncs_per_step(tmp_path, baselines_dir):
+    nvfp4, bf16 = _record("flux1-dev[nvfp4]", 2.2, 8.9), _record("flux1-dev[bf16]", 5.5, 22.7)
+    nvfp4["metrics"]["kernel_path"] = {"host_syncs_per_step": 495}
+    bf16["metrics"]["kernel_path"] = {"host_syncs_per_step": 1}
+    _write_run(tmp_path / "history", RUNS[0], [bf16, nvfp4])
+
+    summary = write_report(tmp_path / "history", tmp_path / "report", baselines_dir)[0].read_text()
+
+    (line,) = [line for line in summary.splitlines() if line.startswith("**Host-synchronous combos**")]
+    assert line.endswith(": flux1-dev[nvfp4] 495") and "15%" in line

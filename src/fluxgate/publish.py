@@ -34,7 +34,7 @@ from fluxgate import decision, history
 from fluxgate.compare import REMEASURE
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import Combo
-from fluxgate.report import VERDICTS, spike_line
+from fluxgate.report import VERDICTS, spike_line, sync_line
 
 SIMILARITY_EPS = 1e-4  # MS-SSIM further below 1.0 than this counts as "moved" and gets an image grid
 NONE = "—"
@@ -153,6 +153,8 @@ def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: 
     spiked = [f"- `{r['combo']}` {line}" for r in run if (line := spike_line(r.get("metrics") or {}))]
     if spiked:
         lines += ["", "**Step spikes** (steps ≥10 % over the median, and what each was waiting for)", *spiked]
+    if synced := sync_line([(r["combo"], r.get("metrics") or {}) for r in run]):
+        lines += ["", f"**Host-synchronous combos**: {synced.removeprefix('host-synchronous ')}"]
     if notes:
         lines += ["", "<details><summary>Report notes</summary>", "", *(f"- {note}" for note in notes), "",
                   "</details>"]
