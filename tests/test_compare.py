@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fluxgate.compare import (
-    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, UNEXPLAINED_IMPROVEMENT, Policy, compare_run,
+    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, REMEASURE, UNEXPLAINED_IMPROVEMENT, Policy, compare_run,
     confirm, memory_verdict, select_window, similarity_verdict, speed_verdict,
 )
 
@@ -125,6 +125,7 @@ def test_order_of_samples_and_records_does_not_change_the_verdicts(random):
     (("gpu", "power_limit_w"), 500.0, "power_limit_w 700.0 -> 500.0"),
     (("compute_capability",), "9.0a", "compute_capability 9.0 -> 9.0a"),
     (("cuda_alloc_conf",), "default", "cuda_alloc_conf expandable_segments:True -> default"),
+    (("step_timing",), "first-step-apart", "step_timing absent -> first-step-apart"),
 ])
 def test_a_fingerprint_difference_is_not_comparable_and_names_the_field(path, new, named):
     environment = {**ENVIRONMENT, "gpu": dict(ENVIRONMENT["gpu"])}
@@ -244,14 +245,28 @@ def test_a_host_synchronous_combo_needs_the_larger_minimum_effect_and_the_verdic
     # the same +12.9 % on a combo whose step waits for the GPU once (as every other combo does) is a regression
     gpu_bound = record(3, step_times(rng, median_s=0.510, cv=combo_cv), combo="flux1-dev[nvfp4]")
     assert compare_run([base, host_synchronous(gpu_bound, 1)], gpu_bound["run_id"])[0].outcome == REGRESSION
+    # a combo that became host-synchronous is judged strictly: the new syncs may be the regression
+    window = host_synchronous(record(4, step_times(rng, median_s=0.28, cv=combo_cv), combo="flux1-dev[nvfp4]"), 1)
+    synced = host_synchronous(record(5, step_times(rng, median_s=0.28 * 1.10, cv=combo_cv), combo="flux1-dev[nvfp4]"),
+                              60)
+    (verdict,) = compare_run([window, synced], synced["run_id"])
+    assert verdict.outcome == REGRESSION and "host syncs per step rose to 60 (baseline runs: 1)" in verdict.message
     # a policy already stricter than the host-synchronous minimum (e.g. CPU's 50 %) is kept as it is
     cpu = Policy(min_speed_effect=0.5)
     assert compare_run([base, machine], machine["run_id"], policy=cpu)[0].policy.min_speed_effect == 0.5
 
 
+def test_records_made_before_the_allocator_setting_was_recorded_ran_torchs_default():
+    old = {key: value for key, value in ENVIRONMENT.items() if key != "cuda_alloc_conf"}
+    steps = [0.18] * 28
+    history = [record(0, steps, environment=old), record(1, steps, environment={**ENVIRONMENT,
+                                                                              "cuda_alloc_conf": "default"})]
+    assert compare_run(history, history[-1]["run_id"])[0].outcome == NO_CHANGE
+
+
 def test_a_runs_remeasurement_record_is_evidence_not_another_candidate():
     rng = np.random.default_rng(8)
     history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
-    history.append({**record(2, step_times(rng, 0.05)), "outcome": "remeasure"})
+    history.append({**record(2, step_times(rng, 0.05)), "outcome": REMEASURE})
     verdicts = compare_run(history, history[-1]["run_id"])
     assert [v.combo for v in verdicts] == ["flux1-dev[bf16]"] and verdicts[0].outcome == REGRESSION

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from faults_support import copy_baselines
+from fluxgate.compare import REMEASURE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
     assert not any(line.startswith("flux1-dev[bf16]: regression") for line in verdict_lines), done.stdout[-3000:]
     newest = max((tmp_path / "history").glob("*.json"), key=lambda p: p.stat().st_mtime)
     outcomes = [(r["combo"], r["outcome"]) for r in json.loads(newest.read_text())["records"]]
-    assert ("flux1-dev[nvfp4]", "remeasure") in outcomes
+    assert ("flux1-dev[nvfp4]", REMEASURE) in outcomes
 
 
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):

@@ -151,7 +151,8 @@ def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(
     assert memory.ALLOC_CONF_ENV not in os.environ
     assert memory.configure_allocator("expandable_segments:True") == "expandable_segments:True"
     monkeypatch.setenv(memory.ALLOC_CONF_ENV, "garbage_collection_threshold:0.8")
-    assert memory.configure_allocator("expandable_segments:True") == "garbage_collection_threshold:0.8"
+    with pytest.warns(UserWarning, match="--cuda-alloc-conf expandable_segments:True not applied"):
+        assert memory.configure_allocator("expandable_segments:True") == "garbage_collection_threshold:0.8"
 
     # the option is applied in pytest_configure, before anything initializes CUDA
     monkeypatch.delenv(memory.ALLOC_CONF_ENV)

@@ -72,8 +72,12 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "driver_version": ("gpu", "driver_version"),
     "compute_capability": ("compute_capability",),
     "power_limit_w": ("gpu", "power_limit_w"),
-    "cuda_alloc_conf": ("cuda_alloc_conf",),  # the allocator's settings change how steady eager steps are
+    "cuda_alloc_conf": ("cuda_alloc_conf",),  # torch's CUDA allocator settings
+    "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measure.STEP_TIMING)
 }
+# A field's value where a record has none: CUDA records made before the allocator setting was recorded ran torch's
+# own settings; CPU records never carry it.
+COMPARABILITY_DEFAULTS = {"cuda_alloc_conf": "default"}
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,11 @@ class Policy:
     similarity_tolerance: float = 0.002  # MS-SSIM units below the window's min (above its max)
     # A host-synchronous combo: its step makes the host wait for the GPU at least `host_synchronous_syncs` times (the
     # record's kernel_path.host_syncs_per_step), e.g. in every layer, so the GPU idles while the host launches and
-    # the step time follows the host CPU; it is judged with the larger minimum speed effect. Measured on the device
-    # H100 (diffusers 0.42.1): nvfp4 eager copies the FP4 lookup table to the GPU in every linear call, 495 syncs
-    # per FLUX.1 step (271 Z-Image, 193 FLUX.2), and FLUX.1-dev nvfp4 took 452 and 510 ms/step in runs of the same
-    # code on two fresh machines (+12.9 %); every other combo has 1 sync per step and moved less than 1 %.
+    # the step time follows the host CPU; where its baseline runs were host-synchronous too, it is judged with the
+    # larger minimum speed effect. Measured on the device H100 (diffusers 0.42.1): nvfp4 eager copies the FP4 lookup
+    # table to the GPU in every linear call, 495 syncs per FLUX.1 step (271 Z-Image, 193 FLUX.2), and FLUX.1-dev
+    # nvfp4 took 452 and 510 ms/step in runs of the same code on two fresh machines (+12.9 %); every other combo
+    # counted 1 (most likely the profiler's own closing sync, no longer counted) and moved less than 1 %.
     host_synchronous_syncs: int = 8
     host_sync_min_speed_effect: float = 0.15
 
@@ -174,7 +179,8 @@ def fingerprint_differences(baseline_env: dict, candidate_env: dict, ignore_fiel
         raise ValueError(f"ignore_fields: unknown field(s) {sorted(unknown)}; known: {sorted(COMPARABILITY_FIELDS)}")
     differences = []
     for name, path in COMPARABILITY_FIELDS.items():
-        before, after = _environment_field(baseline_env, path), _environment_field(candidate_env, path)
+        before, after = (_environment_field(env, path) for env in (baseline_env, candidate_env))
+        before, after = (COMPARABILITY_DEFAULTS.get(name) if value is None else value for value in (before, after))
         if name not in ignored and before != after:
             differences.append(f"{name} {_show(before)} -> {_show(after)}")
     return differences
@@ -337,7 +343,6 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
     """The verdict for one combo record of a run against its baseline window in `records`."""
     records, ignore_fields = list(records), tuple(ignore_fields)
     combo, run_id = str(candidate.get("combo")), str(candidate.get("run_id"))
-    policy, host_note = _policy_for(candidate, policy)
     verdict = Verdict(combo, run_id, NOT_COMPARABLE, policy=policy)
     if candidate.get("outcome") not in USABLE_OUTCOMES:
         why = candidate.get("error") or "no measurement"
@@ -345,6 +350,7 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
     window = select_window(records, candidate, last_n, base_commit, ignore_fields)
     if not window:
         return replace(verdict, reason=_no_window_reason(records, candidate, base_commit, ignore_fields))
+    policy, host_note = _policy_for(candidate, window, policy)
     ignored = [f"ignored {d}" for d in sorted({d for r in window for d in fingerprint_differences(
         r.get("environment"), candidate.get("environment"))})]
     metrics_of = [r.get("metrics") or {} for r in window]
@@ -356,7 +362,7 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
         similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
     )
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
-                   baseline_run_ids=tuple(str(r.get("run_id")) for r in window), baseline_step_times_s=baseline_steps)
+                   policy=policy, baseline_run_ids=tuple(str(r.get("run_id")) for r in window), baseline_step_times_s=baseline_steps)
 
 
 def host_syncs_per_step(record: dict) -> int | None:
@@ -371,13 +377,21 @@ def is_host_synchronous(record: dict, policy: Policy = DEFAULT_POLICY) -> bool:
     return syncs is not None and syncs >= policy.host_synchronous_syncs
 
 
-def _policy_for(candidate: dict, policy: Policy) -> tuple[Policy, list[str]]:
-    """`policy`, with the host-synchronous minimum speed effect where the candidate's step waits for the GPU."""
+def _policy_for(candidate: dict, window: list[dict], policy: Policy) -> tuple[Policy, list[str]]:
+    """`policy`, with the host-synchronous minimum speed effect where the candidate's step and every baseline run's
+    waited for the GPU. A combo that became host-synchronous keeps `policy` (the new syncs may be the regression),
+    with a note."""
     syncs = host_syncs_per_step(candidate)
-    if not is_host_synchronous(candidate, policy) or policy.min_speed_effect >= policy.host_sync_min_speed_effect:
+    if not is_host_synchronous(candidate, policy):
         return policy, []
-    note = (f"host-synchronous ({syncs} host syncs per step): its speed follows the host CPU, so a speed change "
-            f"must reach {policy.host_sync_min_speed_effect:.0%}")
+    if not all(is_host_synchronous(record, policy) for record in window):
+        before = sorted({str(host_syncs_per_step(record)) for record in window})
+        return policy, [f"host syncs per step rose to {syncs} (baseline runs: {', '.join(before)}); judged with "
+                        f"the {policy.min_speed_effect:.0%} minimum effect"]
+    if policy.min_speed_effect >= policy.host_sync_min_speed_effect:
+        return policy, []
+    note = (f"host-synchronous ({syncs} host syncs per step, as in its baseline runs): its speed follows the host "
+            f"CPU, so a speed change must reach {policy.host_sync_min_speed_effect:.0%}")
     return replace(policy, min_speed_effect=policy.host_sync_min_speed_effect), [note]
 
 

@@ -59,6 +59,8 @@ def fingerprint(device: torch.device, root: Path) -> dict:
     """Versions, device and commit: two runs are comparable only where these agree."""
     import diffusers
 
+    from fluxgate.measure import STEP_TIMING
+
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -68,6 +70,7 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         "device_name": device_name(device),
         "gpu_class": gpu_class(device),
         "cpu_threads": torch.get_num_threads(),
+        "step_timing": STEP_TIMING,
         **git_commit(str(root)),
     }
     if device.type == "cuda":

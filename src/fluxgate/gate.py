@@ -167,7 +167,7 @@ class Gate:
                  min_speed_effect: float | None = None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
-        recorded in history with outcome "remeasure" (never part of a later baseline window). `min_speed_effect`: the
+        recorded in history with outcome `compare.REMEASURE` (never part of a later baseline window). `min_speed_effect`: the
         rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA, 50 % elsewhere)."""
         from fluxgate import compare, history
 

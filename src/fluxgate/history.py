@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fluxgate.checkpoints import atomic_write
+from fluxgate.compare import REMEASURE
 
 SCHEMA = 1
 
@@ -115,7 +116,7 @@ def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path
     for path, document in zip(paths, documents):
         for record in document["records"]:
             # A confirmation re-measurement sits beside its combo's record in the same shard.
-            if record["combo"] in seen and record.get("outcome") != "remeasure":
+            if record["combo"] in seen and record.get("outcome") != REMEASURE:
                 raise HistoryError(f"{path}: {record['combo']} is also in {seen[record['combo']]}; shards must not "
                                    "overlap")
             seen.setdefault(record["combo"], str(path))

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxgate.flops import TransformerCall, capture_transformer_calls
@@ -24,6 +24,7 @@ GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", 
 # CUDA runtime calls that make the host wait for the GPU. One inside a step drains the GPU's queue, and the GPU then
 # idles while the host launches what follows: such a step's time follows the host CPU's speed.
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+STEP_RANGE = "fluxgate::step"  # the profiled step's transformer calls; syncs outside it (the profiler's own) are not its
 BF16_GEMM = "bf16 GEMM"
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
 FP4_GEMM = "fp4 GEMM"
@@ -52,7 +53,7 @@ class KernelPath:
     quantized_kinds: dict[str, int] = field(default_factory=dict)  # module class -> count
     gpu_gemm_kernels: dict[str, int] = field(default_factory=dict)  # CUDA GEMM kernel name -> launches (CUDA only)
     method: str = "profiler"  # "profiler", or "dispatch" when torch.profiler failed and aten ops were counted
-    host_syncs_per_step: int | None = None  # CUDA, profiler: host waits for the GPU inside the step (HOST_SYNC_CALLS)
+    host_syncs_per_step: int | None = None  # CUDA, profiler: host waits for the GPU inside STEP_RANGE (HOST_SYNC_CALLS)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,9 +71,12 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs(cpu_ops: dict[str, int]) -> int:
-    """How often the profiled step made the host wait for the GPU (CUDA runtime calls in HOST_SYNC_CALLS)."""
-    return sum(cpu_ops.get(name, 0) for name in HOST_SYNC_CALLS)
+def host_syncs(events) -> int:
+    """How often the profiled step made the host wait for the GPU: CUDA runtime calls in HOST_SYNC_CALLS within the
+    STEP_RANGE range of `events` (torch.profiler's FunctionEvents)."""
+    steps = [event.time_range for event in events if event.name == STEP_RANGE]
+    return sum(1 for event in events if event.name in HOST_SYNC_CALLS
+               and any(step.start <= event.time_range.start and event.time_range.end <= step.end for step in steps))
 
 
 def _is_fp4_gemm(name: str) -> bool:
@@ -81,16 +85,15 @@ def _is_fp4_gemm(name: str) -> bool:
 
 
 def _run_step(transformer: torch.nn.Module, calls: list[TransformerCall], device: torch.device) -> None:
-    with torch.inference_mode():
+    with torch.inference_mode(), record_function(STEP_RANGE):
         for args, kwargs in calls:
             transformer(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[str, int], str]:
-    """(CPU-side op and CUDA runtime call name -> calls, CUDA kernel name -> launches, method) over the step; the
-    step's closing `torch.cuda.synchronize` is not counted."""
+def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[str, int], str, int | None]:
+    """(CPU-side op name -> calls, CUDA kernel name -> launches, method, host syncs inside the step) over the step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
         with profile(activities=activities) as prof:
@@ -98,14 +101,12 @@ def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[s
     except RuntimeError:  # e.g. the profiler cannot start in this process; count dispatched aten ops instead
         with _OpCounter() as counter:
             _run_step(transformer, calls, device)
-        return dict(counter.counts), {}, "dispatch"
+        return dict(counter.counts), {}, "dispatch", None
     cpu_ops, kernels = Counter(), Counter()
     for event in prof.key_averages():
         is_kernel = event.device_type == torch.autograd.DeviceType.CUDA
         (kernels if is_kernel else cpu_ops)[event.key] += event.count
-    if cpu_ops.get("cudaDeviceSynchronize"):
-        cpu_ops["cudaDeviceSynchronize"] -= 1  # _run_step's own, after the step
-    return dict(cpu_ops), dict(kernels), "profiler"
+    return dict(cpu_ops), dict(kernels), "profiler", host_syncs(prof.events()) if device.type == "cuda" else None
 
 
 def _classify(precision: str, quantized_linears: int, quantized_calls: int, fast_calls: int,
@@ -140,7 +141,7 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
 
     handles = [module.register_forward_pre_hook(count_call) for module in quantized]
     try:
-        cpu_ops, kernels, method = _profiled_counts(transformer, calls, device)
+        cpu_ops, kernels, method, syncs = _profiled_counts(transformer, calls, device)
     finally:
         for handle in handles:
             handle.remove()
@@ -158,5 +159,4 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
                       gpu_gemm_kernels=gemm_kernels, method=method,
-                      host_syncs_per_step=(host_syncs(cpu_ops) if device.type == "cuda" and method == "profiler"
-                                           else None))
+                      host_syncs_per_step=syncs)

@@ -222,6 +222,11 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device, probe_s: float = 
     return clock.step_times_s(), e2e_s, image, clock
 
 
+# What a record's step_times_s holds (the run's fingerprint carries it, and history compares like with like): each
+# timed image's steps after its first, which is kept apart (`_timed_images`). Records made before had no such field.
+STEP_TIMING = "first-step-apart"
+
+
 def _settled(steps: list) -> list:
     """An image's per-step values from its second step on (all of them for a one-step image)."""
     return steps[1:] if len(steps) > 1 else steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,12 @@ def configure_allocator(conf: str) -> str:
     """Set torch's CUDA caching-allocator settings for this process unless the environment already sets them;
     returns the settings in force ("default" = torch's own). Must run before CUDA is initialized: torch reads them
     once, at its first CUDA allocation."""
-    if conf != "default":
-        os.environ.setdefault(ALLOC_CONF_ENV, conf)
+    given = os.environ.get(ALLOC_CONF_ENV)
+    if conf != "default" and given and given != conf:
+        warnings.warn(f"--cuda-alloc-conf {conf} not applied: {ALLOC_CONF_ENV}={given} is set in the environment "
+                      "and wins", stacklevel=2)
+    elif conf != "default":
+        os.environ[ALLOC_CONF_ENV] = conf
     return allocator_settings()
 
 

@@ -86,9 +86,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "at the end [default: 100]")
     group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
                     help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
-                         "(sets PYTORCH_CUDA_ALLOC_CONF; an already set PYTORCH_CUDA_ALLOC_CONF wins); 'default' = "
-                         "torch's own. Recorded in each run's environment; runs with different settings are not "
-                         "compared [default: %(default)s]")
+                         "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
+                         "Recorded in each run's environment; the history gate does not compare runs with different "
+                         "settings [default: 'default', torch's own settings]")
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
