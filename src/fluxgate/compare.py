@@ -105,8 +105,8 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 # The minimum speed effect by device type. CUDA: the H100's run medians agree within 1 % (README, "Judging against
-# history"). CPU: the tiny profile's 10-25 ms steps on a shared 2-core machine differ by up to ±25 % between runs of the
-# same code (measured: bf16 14.05 -> 10.59 ms/step), so only a gross slowdown is a finding there.
+# history"). CPU: the tiny profile's 10-25 ms steps on a shared 2-core machine differ by up to ±25 % between runs of
+# the same code (measured: bf16 14.05 -> 10.59 ms/step), so only a gross slowdown is a finding there.
 MIN_SPEED_EFFECT = {"cuda": 0.02, "cpu": 0.50}
 
 
@@ -362,7 +362,8 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
         similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
     )
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
-                   policy=policy, baseline_run_ids=tuple(str(r.get("run_id")) for r in window), baseline_step_times_s=baseline_steps)
+                   policy=policy, baseline_run_ids=tuple(str(r.get("run_id")) for r in window),
+                   baseline_step_times_s=baseline_steps)
 
 
 def host_syncs_per_step(record: dict) -> int | None:
@@ -381,9 +382,9 @@ def _policy_for(candidate: dict, window: list[dict], policy: Policy) -> tuple[Po
     """`policy`, with the host-synchronous minimum speed effect where the candidate's step and every baseline run's
     waited for the GPU. A combo that became host-synchronous keeps `policy` (the new syncs may be the regression),
     with a note."""
-    syncs = host_syncs_per_step(candidate)
     if not is_host_synchronous(candidate, policy):
         return policy, []
+    syncs = host_syncs_per_step(candidate)
     if not all(is_host_synchronous(record, policy) for record in window):
         before = sorted({str(host_syncs_per_step(record)) for record in window})
         return policy, [f"host syncs per step rose to {syncs} (baseline runs: {', '.join(before)}); judged with "

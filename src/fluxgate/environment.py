@@ -74,9 +74,8 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         **git_commit(str(root)),
     }
     if device.type == "cuda":
-        from fluxgate.telemetry import gpu_fingerprint
-
         from fluxgate.memory import allocator_settings
+        from fluxgate.telemetry import gpu_fingerprint
 
         info["cuda"] = torch.version.cuda
         info["cuda_alloc_conf"] = allocator_settings()

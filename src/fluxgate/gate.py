@@ -98,7 +98,8 @@ class Gate:
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
                    "mem_kind": result.mem_kind, "peak_reserved_gib": result.peak_reserved_gib,
                    "denoise_peak_gib": result.denoise_peak_gib,
-                   "timed_steps_s": sum(result.step_times_s) + sum(result.first_steps_s or ()), "kernel_path": result.kernel_path,
+                   "timed_steps_s": sum(result.step_times_s) + sum(result.first_steps_s or ()),
+                   "kernel_path": result.kernel_path,
                    "step_flops": result.step_flops, "images": result.images, "compile_s": result.compile_s,
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
         roof = self.history.environment.get("roof") or {}
@@ -167,8 +168,9 @@ class Gate:
                  min_speed_effect: float | None = None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
-        recorded in history with outcome `compare.REMEASURE` (never part of a later baseline window). `min_speed_effect`: the
-        rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA, 50 % elsewhere)."""
+        recorded in history with outcome `compare.REMEASURE` (never part of a later baseline window).
+        `min_speed_effect`: the rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA,
+        50 % elsewhere)."""
         from fluxgate import compare, history
 
         def records():

@@ -24,7 +24,8 @@ GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", 
 # CUDA runtime calls that make the host wait for the GPU. One inside a step drains the GPU's queue, and the GPU then
 # idles while the host launches what follows: such a step's time follows the host CPU's speed.
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
-STEP_RANGE = "fluxgate::step"  # the profiled step's transformer calls; syncs outside it (the profiler's own) are not its
+# The profiled step's transformer calls; syncs outside this range (the profiler's own, at its exit) are not the step's.
+STEP_RANGE = "fluxgate::step"
 BF16_GEMM = "bf16 GEMM"
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
 FP4_GEMM = "fp4 GEMM"
@@ -158,5 +159,4 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
-                      gpu_gemm_kernels=gemm_kernels, method=method,
-                      host_syncs_per_step=syncs)
+                      gpu_gemm_kernels=gemm_kernels, method=method, host_syncs_per_step=syncs)

@@ -8,8 +8,8 @@ What a spiking step was waiting for (`stats.spikes`): each boundary also notes t
 (`time.thread_time()`), so a step's wall time minus its CPU time is how long the thread was off the CPU (preempted,
 waiting for the GIL, sleeping): a host pause. On CUDA each boundary's event is then polled (`cudaEventQuery`, which
 does not wait) for as long as an event recorded on an idle GPU takes to complete, measured before each combo's
-timed images (`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing queued, i.e. the GPU
-was waiting for the host at the end of the step; a GPU with queued work is still busy then. The poll costs at most
+timed images (`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing
+queued, i.e. the GPU was waiting for the host at the end of the step; a GPU with queued work is still busy then. The poll costs at most
 that long per step, a few µs when the GPU is idle. A step is one pass of the denoising loop (transformer
 forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
 
@@ -227,9 +227,10 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device, probe_s: float = 
 STEP_TIMING = "first-step-apart"
 
 
-def _settled(steps: list) -> list:
-    """An image's per-step values from its second step on (all of them for a one-step image)."""
-    return steps[1:] if len(steps) > 1 else steps
+def _split_first(steps: list) -> tuple[list, list]:
+    """An image's per-step values as (its first step's, as a list; the steps' after it). A one-step image has
+    nothing to set apart."""
+    return (steps[:1], steps[1:]) if len(steps) > 1 else ([], steps)
 
 
 def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int,
@@ -252,14 +253,15 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     try:
         for _ in range(count):
             steps, seconds, image, clock = _timed_call(pipe, _seeded(call_kwargs, seed), device, probe_s)
-            host["first_steps_s"] += steps[:1] if len(steps) > 1 else []
-            step_times += _settled(steps)
+            first, settled = _split_first(steps)
+            host["first_steps_s"] += first
+            step_times += settled
             e2e.append(seconds)
             peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
             peaks["denoise"] = max(peaks["denoise"], clock.denoise_peak_bytes)
-            host["off_cpu_s"] += _settled(clock.off_cpu_s())
-            host["host_step_times_s"] += _settled(clock.host_step_times_s() or [])
-            host["gpu_idle_at_end"] += _settled(clock.gpu_idle_at_end)
+            host["off_cpu_s"] += _split_first(clock.off_cpu_s())[1]
+            host["host_step_times_s"] += _split_first(clock.host_step_times_s() or [])[1]
+            host["gpu_idle_at_end"] += _split_first(clock.gpu_idle_at_end)[1]
     finally:
         gc.enable()
     if device.type != "cuda":

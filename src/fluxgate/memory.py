@@ -42,17 +42,17 @@ def configure_allocator(conf: str) -> str:
     returns the settings in force ("default" = torch's own). Must run before CUDA is initialized: torch reads them
     once, at its first CUDA allocation."""
     given = os.environ.get(ALLOC_CONF_ENV)
-    if conf != "default" and given and given != conf:
+    if conf != DEFAULT_ALLOC_CONF and given and given != conf:
         warnings.warn(f"--cuda-alloc-conf {conf} not applied: {ALLOC_CONF_ENV}={given} is set in the environment "
                       "and wins", stacklevel=2)
-    elif conf != "default":
+    elif conf != DEFAULT_ALLOC_CONF:
         os.environ[ALLOC_CONF_ENV] = conf
     return allocator_settings()
 
 
 def allocator_settings() -> str:
     """The CUDA caching-allocator settings this process runs with ("default" = torch's own)."""
-    return os.environ.get(ALLOC_CONF_ENV) or "default"
+    return os.environ.get(ALLOC_CONF_ENV) or DEFAULT_ALLOC_CONF
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from fluxgate import memory, report, workers  # noqa: E402
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
 from fluxgate.models import MODELS  # noqa: E402
 from fluxgate.precisions import PRECISIONS  # noqa: E402
-from fluxgate.memory import DEFAULT_ALLOC_CONF  # noqa: E402
 from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES  # noqa: E402
 
 COMBO_KEY = pytest.StashKey[Combo]()
@@ -84,7 +83,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
                          "at the end [default: 100]")
-    group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
+    group.addoption("--cuda-alloc-conf", default=memory.DEFAULT_ALLOC_CONF, metavar="CONF",
                     help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
                          "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
                          "Recorded in each run's environment; the history gate does not compare runs with different "

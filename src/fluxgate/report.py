@@ -82,8 +82,9 @@ def waiting_line(entries) -> str | None:
 
 def sync_line(entries) -> str | None:
     """The host-synchronous combos (id, metrics) with their host syncs per step, or None."""
-    syncing = [f"{combo_id} {host_syncs_per_step({'metrics': metrics})}" for combo_id, metrics in entries
-               if is_host_synchronous({"metrics": metrics})]
+    records = [(combo_id, {"metrics": metrics}) for combo_id, metrics in entries]
+    syncing = [f"{combo_id} {host_syncs_per_step(record)}" for combo_id, record in records
+               if is_host_synchronous(record)]
     return None if not syncing else (
         "host-synchronous (host syncs per step: the GPU drains and waits while the host launches, so speed follows "
         f"the host CPU, and the history gate needs a larger change): {', '.join(syncing)}")
