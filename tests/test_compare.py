@@ -126,6 +126,7 @@ def test_order_of_samples_and_records_does_not_change_the_verdicts(random):
     (("compute_capability",), "9.0a", "compute_capability 9.0 -> 9.0a"),
     (("cuda_alloc_conf",), "default", "cuda_alloc_conf expandable_segments:True -> default"),
     (("step_timing",), "first-step-apart", "step_timing absent -> first-step-apart"),
+    (("cupti_teardown",), True, "cupti_teardown False -> True"),
 ])
 def test_a_fingerprint_difference_is_not_comparable_and_names_the_field(path, new, named):
     environment = {**ENVIRONMENT, "gpu": dict(ENVIRONMENT["gpu"])}
@@ -262,6 +263,15 @@ def test_records_made_before_the_allocator_setting_was_recorded_ran_torchs_defau
     history = [record(0, steps, environment=old), record(1, steps, environment={**ENVIRONMENT,
                                                                               "cuda_alloc_conf": "default"})]
     assert compare_run(history, history[-1]["run_id"])[0].outcome == NO_CHANGE
+
+
+def test_records_made_before_cupti_teardown_was_recorded_left_cupti_attached():
+    old = dict(ENVIRONMENT)
+    steps = [0.18] * 28
+    history = [record(0, steps, environment=old), record(1, steps, environment={**old, "cupti_teardown": False})]
+    assert compare_run(history, history[-1]["run_id"])[0].outcome == NO_CHANGE
+    history.append(record(2, steps, environment={**old, "cupti_teardown": True}))
+    assert compare_run(history, history[-1]["run_id"])[0].outcome == NOT_COMPARABLE
 
 
 def test_a_runs_remeasurement_record_is_evidence_not_another_candidate():

@@ -100,3 +100,16 @@ def test_without_the_profiler_dispatched_ops_are_counted_instead(monkeypatch):
     path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(BFLFP8RLinear))
 
     assert path.method == "dispatch" and path.op_counts["aten::_scaled_mm"] == 1 and path.fallback is True
+
+
+def test_profiles_detach_cupti_unless_the_environment_says_otherwise(monkeypatch):
+    import os
+
+    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")  # so the test's end restores this process's own setting
+    monkeypatch.delenv(kernels.CUPTI_TEARDOWN_ENV)
+    assert not kernels.profiler_teardown()
+    assert kernels.configure_profiler_teardown() and os.environ[kernels.CUPTI_TEARDOWN_ENV] == "1"
+    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "0")
+    with pytest.warns(UserWarning, match="TEARDOWN_CUPTI=0 is set in the environment: CUPTI stays attached"):
+        assert not kernels.configure_profiler_teardown()
+    assert os.environ[kernels.CUPTI_TEARDOWN_ENV] == "0"

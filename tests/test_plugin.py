@@ -164,3 +164,17 @@ def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(
     """)
     matrix.runpytest("test_alloc.py", "--cuda-alloc-conf", "max_split_size_mb:512").assert_outcomes(passed=1)
     assert "--cuda-alloc-conf" in matrix.runpytest("--help").stdout.str()
+
+
+def test_cupti_teardown_is_set_before_the_first_combo(matrix, monkeypatch):
+    from fluxgate import kernels
+
+    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")  # so the test's end restores this process's own setting
+    monkeypatch.delenv(kernels.CUPTI_TEARDOWN_ENV)
+    matrix.makepyfile(test_teardown="""
+        import os
+
+        def test_teardown():
+            assert os.environ["TEARDOWN_CUPTI"] == "1"
+    """)
+    matrix.runpytest("test_teardown.py").assert_outcomes(passed=1)

@@ -74,10 +74,11 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "power_limit_w": ("gpu", "power_limit_w"),
     "cuda_alloc_conf": ("cuda_alloc_conf",),  # torch's CUDA allocator settings
     "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measure.STEP_TIMING)
+    "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.kernels), or leave it on
 }
-# A field's value where a record has none: CUDA records made before the allocator setting was recorded ran torch's
-# own settings; CPU records never carry it.
-COMPARABILITY_DEFAULTS = {"cuda_alloc_conf": "default"}
+# A field's value where a record has none: CUDA records made before these were recorded ran torch's own allocator
+# settings and left CUPTI attached; CPU records never carry them.
+COMPARABILITY_DEFAULTS = {"cuda_alloc_conf": "default", "cupti_teardown": False}
 
 
 @dataclass(frozen=True)

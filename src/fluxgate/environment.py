@@ -74,11 +74,13 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         **git_commit(str(root)),
     }
     if device.type == "cuda":
+        from fluxgate.kernels import profiler_teardown
         from fluxgate.memory import allocator_settings
         from fluxgate.telemetry import gpu_fingerprint
 
         info["cuda"] = torch.version.cuda
         info["cuda_alloc_conf"] = allocator_settings()
+        info["cupti_teardown"] = profiler_teardown()
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
         info["gpu"] = gpu_fingerprint(device)
     return info

@@ -4,10 +4,16 @@ diffusers' quantized linears pick their path at run time: `BFLFP8RLinear` runs `
 capability 8.9+ (and dequantizes elsewhere), `BFLNVFP4Linear` runs FlashInfer's FP4 GEMM only on compute capability 10+
 with FlashInfer installed, and `GGUFLinear` always dequantizes (with or without its CUDA dequantize kernels). A
 dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains.
+
+The profile runs after a combo's timed images, so it never touches their times; but torch's profiler (Kineto) keeps
+NVIDIA's CUPTI attached to the process after it stops unless `TEARDOWN_CUPTI=1`, and attached CUPTI adds a callback
+to every CUDA API call of every later combo. `configure_profiler_teardown` makes the profiler detach it on exit.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +32,8 @@ GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", 
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 # The profiled step's transformer calls; syncs outside this range (the profiler's own, at its exit) are not the step's.
 STEP_RANGE = "fluxgate::step"
+# Kineto's switch: "1" = call cuptiFinalize when a profile stops (its default before Kineto #1539 is to keep CUPTI).
+CUPTI_TEARDOWN_ENV = "TEARDOWN_CUPTI"
 BF16_GEMM = "bf16 GEMM"
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
 FP4_GEMM = "fp4 GEMM"
@@ -83,6 +91,24 @@ def host_syncs(events) -> int:
 def _is_fp4_gemm(name: str) -> bool:
     lower = name.lower()
     return ("fp4" in lower or "e2m1" in lower) and ("mm" in lower or "gemm" in lower)
+
+
+def configure_profiler_teardown() -> bool:
+    """Make every kernel-path profile detach CUPTI when it stops, unless the environment says otherwise (it wins,
+    with a warning); returns whether profiles detach it. On the H100, FLUX.1-dev's combos measured after an earlier
+    combo's profile with CUPTI left attached ran their nvfp4 steps with 3.1 % step CV (1.2-2.0 % detached) and
+    once had ten fp8 steps in a row 20-35 % slow (README, "Step-time noise")."""
+    given = os.environ.setdefault(CUPTI_TEARDOWN_ENV, "1")
+    if given != "1":
+        warnings.warn(f"{CUPTI_TEARDOWN_ENV}={given} is set in the environment: CUPTI stays attached after each "
+                      "combo's kernel-path profile and adds a callback to every CUDA call of the combos measured "
+                      "after it (recorded as cupti_teardown false)", stacklevel=2)
+    return profiler_teardown()
+
+
+def profiler_teardown() -> bool:
+    """Whether this process's profiles detach CUPTI when they stop (history records carry it: `cupti_teardown`)."""
+    return os.environ.get(CUPTI_TEARDOWN_ENV) == "1"
 
 
 def _run_step(transformer: torch.nn.Module, calls: list[TransformerCall], device: torch.device) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fluxgate import memory, report, workers  # noqa: E402
+from fluxgate import kernels, memory, report, workers  # noqa: E402
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
 from fluxgate.models import MODELS  # noqa: E402
 from fluxgate.precisions import PRECISIONS  # noqa: E402
@@ -130,6 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
     memory.configure_allocator(config.getoption("cuda_alloc_conf"))
+    kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
     config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
     config.addinivalue_line("markers", "faults: GPU fault injection after the matrix (out of memory, teardown)")
     for name, spec in MODELS.items():
