@@ -50,6 +50,8 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
                for line in verdict_lines), done.stdout[-3000:]
     # the unslowed combo's CPU noise stays under the CPU's 50 % minimum effect
     assert not any(line.startswith("flux1-dev[bf16]: regression") for line in verdict_lines), done.stdout[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("against history ("))
+    assert header.startswith("against history (a confirmed regression fails the run): ") and "1 regression" in header
     newest = max((tmp_path / "history").glob("*.json"), key=lambda p: p.stat().st_mtime)
     outcomes = [(r["combo"], r["outcome"]) for r in json.loads(newest.read_text())["records"]]
     assert ("flux1-dev[nvfp4]", REMEASURE) in outcomes

@@ -12,7 +12,7 @@ import torch
 from fluxgate import measure
 from fluxgate.gate import Outcome
 from fluxgate.matrix import Combo
-from fluxgate.report import spike_line, terminal_summary
+from fluxgate.report import history_lines, spike_line, terminal_summary
 from fluxgate.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
 
 
@@ -244,3 +244,13 @@ def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often()
     (line,) = spike_lines(entries)
     assert line.startswith("host-synchronous") and line.endswith(": flux1-dev[nvfp4] 494")
     assert "larger change" in line
+
+
+def test_the_history_lines_tally_every_verdict_so_an_all_clear_run_says_so():
+    assert history_lines([], [], gating=True) == []
+    assert history_lines(["no change"] * 16, [], gating=True) == [
+        "against history (a confirmed regression fails the run): 16 no change"]
+    lines = history_lines(["no change", "regression", "no change", "not comparable"],
+                          ["a[x]: regression - ...", "b[y]: not comparable (...)"], gating=False, scope="; per worker")
+    assert lines == ["against history (advisory: --history-gate off; per worker): 2 no change, 1 regression, "
+                     "1 not comparable", "  a[x]: regression - ...", "  b[y]: not comparable (...)"]

@@ -296,6 +296,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if workers.worker(config) is not None:  # the controller merges, judges and reports
         config.workeroutput["fluxgate"] = {"history": str(gate.history.path), "regression": regression,
+                                           "outcomes": [v.outcome for v in verdicts],
                                            "verdicts": [v.message for v in verdicts if v.outcome != "no change"]}
         return
     if config.getoption("report_dir"):
@@ -340,7 +341,8 @@ def _finish_distributed(session: pytest.Session) -> None:
     for path in paths:  # only now: the merged file is complete on disk
         path.unlink(missing_ok=True)
     config._fluxgate_merged = merged
-    config._fluxgate_worker_verdicts = [message for output in outputs for message in output["verdicts"]]
+    config._fluxgate_worker_verdicts = ([outcome for output in outputs for outcome in output.get("outcomes", [])],
+                                        [message for output in outputs for message in output["verdicts"]])
     if config.getoption("history_gate") == "on" and any(output["regression"] for output in outputs):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if config.getoption("report_dir"):
@@ -354,24 +356,21 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
         report.distributed_summary(terminalreporter, merged, json.loads(merged.read_text())["records"],
                                    config.stash[STARTED_KEY])
-        messages = config._fluxgate_worker_verdicts
-        if messages:
-            terminalreporter.write_line("against history (each worker judged its own combos):")
-            for message in messages:
-                terminalreporter.write_line(f"  {message}")
+        for line in report.history_lines(*config._fluxgate_worker_verdicts,
+                                         gating=config.getoption("history_gate") == "on",
+                                         scope="; each worker judged its own combos"):
+            terminalreporter.write_line(line)
         if getattr(config, "_fluxgate_report", None):
             terminalreporter.write_line(f"fluxgate: report written to {config._fluxgate_report}")
     outcomes = config.stash.get(OUTCOMES_KEY, [])
     gate = config.stash.get(GATE_KEY, None)
     if outcomes and gate is not None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
-        verdicts = [v for v in getattr(config, "_fluxgate_verdicts", []) if v.outcome != "no change"]
-        if verdicts:
-            gating = config.getoption("history_gate") == "on" and not gate.write
-            terminalreporter.write_line("against history (" + ("a confirmed regression fails the run" if gating
-                                        else "advisory: --history-gate off") + "):")
-            for verdict in verdicts:
-                terminalreporter.write_line(f"  {verdict.message}")
+        verdicts = getattr(config, "_fluxgate_verdicts", [])
+        for line in report.history_lines([v.outcome for v in verdicts],
+                                         [v.message for v in verdicts if v.outcome != "no change"],
+                                         gating=config.getoption("history_gate") == "on" and not gate.write):
+            terminalreporter.write_line(line)
         report_path = getattr(config, "_fluxgate_report", None)
         if report_path:
             terminalreporter.write_line(f"fluxgate: report written to {report_path}")

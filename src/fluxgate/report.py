@@ -96,6 +96,19 @@ def spike_lines(entries) -> list[str]:
     return [line for line in lines if line]
 
 
+def history_lines(outcomes: list[str], messages: list[str], gating: bool, scope: str = "") -> list[str]:
+    """The run's verdicts against history: a tally of every combo's outcome (so an all-clear run says so), then the
+    message of each combo that did not come out "no change"."""
+    if not outcomes:
+        return []
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    tally = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items(), key=lambda item: -item[1]))
+    rule = "a confirmed regression fails the run" if gating else "advisory: --history-gate off"
+    return [f"against history ({rule}{scope}): {tally}"] + [f"  {message}" for message in messages]
+
+
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     write = terminalreporter.write_line
     mem_kind = next((o.metrics["mem_kind"] for o in outcomes if "mem_kind" in o.metrics), "")
