@@ -282,8 +282,9 @@ def _first_record_written(history_dir: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
-    """Two `--write-baselines` runs of flux1-dev bf16 then nvfp4 (slowed by 0.5 s a step), started together; once
-    bf16 is in history and nvfp4 is being measured, one gets SIGINT (Ctrl-C), the other SIGKILL."""
+    """Two `--write-baselines` runs of flux1-dev bf16 then nvfp4 (slowed by 1 s a step), started together; once
+    bf16 is in history and nvfp4's timed steps have begun (the injector's mark file), one gets SIGINT (Ctrl-C), the
+    other SIGKILL: on a loaded 2-core machine a fixed wait after the bf16 record could miss nvfp4 altogether."""
     for precision in ("bf16", "nvfp4"):  # the runs must not be writing a checkpoint when they are killed
         checkpoints.ensure(MODELS["flux1-dev"], PRECISIONS[precision], INPUTS.seed, SHARED_CACHE)
     runs = {}
@@ -292,7 +293,7 @@ def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
         copy_baselines(root / "baselines")
         before = {str(p.relative_to(root)): p.read_bytes() for p in (root / "baselines").rglob("*") if p.is_file()}
         env = {**blocked_network_env(root / "network"), "FLUXGATE_SLOW_COMBO": "flux1-dev[nvfp4]",
-               "FLUXGATE_SLOW_DELAY_S": "0.5"}
+               "FLUXGATE_SLOW_DELAY_S": "1.0", "FLUXGATE_SLOW_MARK": str(root / "slowed")}
         output = (root / "output.txt").open("w")
         process = subprocess.Popen(
             matrix_command(MATRIX, "-p", "slow_combo", "--models", "flux1-dev", "--precisions", "bf16,nvfp4",
@@ -303,9 +304,8 @@ def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
     pending, deadline = dict(runs), time.monotonic() + 300
     while pending and time.monotonic() < deadline:
         for name, (process, root, _, _) in list(pending.items()):
-            if _first_record_written(root / "history") or process.poll() is not None:
-                time.sleep(1.0)  # into nvfp4: load, warm-up, slowed steps
-                process.send_signal(getattr(signal, name))
+            if ((root / "slowed").exists() and _first_record_written(root / "history")) or process.poll() is not None:
+                process.send_signal(getattr(signal, name))  # inside a slowed nvfp4 step
                 del pending[name]
         time.sleep(0.1)
     results = {}

@@ -104,11 +104,17 @@ def test_without_the_profiler_dispatched_ops_are_counted_instead(monkeypatch):
 
 def test_profiles_detach_cupti_unless_the_environment_says_otherwise(monkeypatch):
     import os
+    import warnings
 
     monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")  # so the test's end restores this process's own setting
     monkeypatch.delenv(kernels.CUPTI_TEARDOWN_ENV)
     assert not kernels.profiler_teardown()
     assert kernels.configure_profiler_teardown() and os.environ[kernels.CUPTI_TEARDOWN_ENV] == "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already "1", or empty (Kineto's default): set quietly
+        assert kernels.configure_profiler_teardown()
+        monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")
+        assert kernels.configure_profiler_teardown() and os.environ[kernels.CUPTI_TEARDOWN_ENV] == "1"
     monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "0")
     with pytest.warns(UserWarning, match="TEARDOWN_CUPTI=0 is set in the environment: CUPTI stays attached"):
         assert not kernels.configure_profiler_teardown()

@@ -247,10 +247,12 @@ def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often()
 
 
 def test_the_history_lines_tally_every_verdict_so_an_all_clear_run_says_so():
-    assert history_lines([], [], gating=True) == []
-    assert history_lines(["no change"] * 16, [], gating=True) == [
+    rule = "a confirmed regression fails the run"
+    assert history_lines([], rule) == []
+    assert history_lines([("no change", "x[y]: no change - ...")] * 16, rule) == [
         "against history (a confirmed regression fails the run): 16 no change"]
-    lines = history_lines(["no change", "regression", "no change", "not comparable"],
-                          ["a[x]: regression - ...", "b[y]: not comparable (...)"], gating=False, scope="; per worker")
-    assert lines == ["against history (advisory: --history-gate off; per worker): 2 no change, 1 regression, "
-                     "1 not comparable", "  a[x]: regression - ...", "  b[y]: not comparable (...)"]
+    verdicts = [("no change", "n[1]: no change"), ("regression", "a[x]: regression - ..."), ("no change", "n[2]: -"),
+                ("not comparable", "b[y]: not comparable (...)")]
+    assert history_lines(verdicts, "advisory: --history-gate off", scope="; per worker") == [
+        "against history (advisory: --history-gate off; per worker): 2 no change, 1 regression, 1 not comparable",
+        "  a[x]: regression - ...", "  b[y]: not comparable (...)"]

@@ -242,3 +242,21 @@ def test_with_a_zero_interval_no_thread_samples_during_the_block_but_energy_and_
 
     assert gpu.telemetry.available and gpu.telemetry.samples == 1
     assert gpu.telemetry.energy_j == pytest.approx(5.0)
+
+
+def test_a_cuda_runs_environment_records_the_settings_history_compares_on(monkeypatch, tmp_path):
+    from fluxgate import environment, kernels, memory
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(telemetry, "gpu_fingerprint", lambda device: {"driver_version": "580.65.06"})
+    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "1")
+    monkeypatch.setenv(memory.ALLOC_CONF_ENV, "expandable_segments:True")
+
+    info = environment.fingerprint(torch.device("cuda"), tmp_path)
+
+    assert info["cupti_teardown"] is True and info["cuda_alloc_conf"] == "expandable_segments:True"
+    assert info["gpu_class"] == "nvidia-h100-80gb-hbm3" and info["compute_capability"] == "9.0"
+    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "0")
+    assert environment.fingerprint(torch.device("cuda"), tmp_path)["cupti_teardown"] is False
+    assert "cupti_teardown" not in environment.fingerprint(torch.device("cpu"), tmp_path)

@@ -43,7 +43,7 @@ def test_two_workers_run_on_their_own_devices_and_leave_one_merged_run(tmp_path)
 
     assert "one run merged from 2 worker file(s)" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
     assert ("against history (advisory: --history-gate off; each worker judged its own combos): 2 not comparable"
-            in done.stdout)
+            in done.stdout), done.stdout[-3000:]
     runs = list(history.glob("*.json"))
     assert len(runs) == 1 and not list((history / workers.WORKERS_DIR).glob("*.json"))
     records = json.loads(runs[0].read_text())["records"]

@@ -96,9 +96,9 @@ class Policy:
     # record's kernel_path.host_syncs_per_step), e.g. in every layer, so the GPU idles while the host launches and
     # the step time follows the host CPU; where its baseline runs were host-synchronous too, it is judged with the
     # larger minimum speed effect. Measured on the device H100 (diffusers 0.42.1): nvfp4 eager copies the FP4 lookup
-    # table to the GPU in every linear call, 495 syncs per FLUX.1 step (271 Z-Image, 193 FLUX.2), and FLUX.1-dev
-    # nvfp4 took 452 and 510 ms/step in runs of the same code on two fresh machines (+12.9 %); every other combo
-    # counted 1 (most likely the profiler's own closing sync, no longer counted) and moved less than 1 %.
+    # table to the GPU in every linear call, 494 syncs per FLUX.1 step (270 Z-Image, 192 FLUX.2), and FLUX.1-dev
+    # nvfp4 took 452 and 510 ms/step in runs of the same code on two fresh machines (+12.9 %); every bf16, fp8 and
+    # gguf combo counted 0 and moved less than 1 %.
     host_synchronous_syncs: int = 8
     host_sync_min_speed_effect: float = 0.15
 

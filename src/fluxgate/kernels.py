@@ -6,8 +6,10 @@ with FlashInfer installed, and `GGUFLinear` always dequantizes (with or without 
 dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains.
 
 The profile runs after a combo's timed images, so it never touches their times; but torch's profiler (Kineto) keeps
-NVIDIA's CUPTI attached to the process after it stops unless `TEARDOWN_CUPTI=1`, and attached CUPTI adds a callback
-to every CUDA API call of every later combo. `configure_profiler_teardown` makes the profiler detach it on exit.
+NVIDIA's CUPTI attached to the process after it stops unless `TEARDOWN_CUPTI=1` (pytorch/pytorch#144455), and
+attached CUPTI adds a callback to every CUDA API call of every later combo. `configure_profiler_teardown` makes the
+profiler detach it on exit. torch itself sets it back to "0" where CUDA graphs meet CUDA < 12.6 (no fluxgate compile
+mode uses CUDA graphs), so each combo's kernel path records what held at its own profile (`cupti_teardown`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", 
 HOST_SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 # The profiled step's transformer calls; syncs outside this range (the profiler's own, at its exit) are not the step's.
 STEP_RANGE = "fluxgate::step"
-# Kineto's switch: "1" = call cuptiFinalize when a profile stops (its default before Kineto #1539 is to keep CUPTI).
+# Kineto's switch, read at each profile: "1" = call cuptiFinalize when a profile stops; unset, CUPTI stays attached.
 CUPTI_TEARDOWN_ENV = "TEARDOWN_CUPTI"
 BF16_GEMM = "bf16 GEMM"
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
@@ -63,6 +65,7 @@ class KernelPath:
     gpu_gemm_kernels: dict[str, int] = field(default_factory=dict)  # CUDA GEMM kernel name -> launches (CUDA only)
     method: str = "profiler"  # "profiler", or "dispatch" when torch.profiler failed and aten ops were counted
     host_syncs_per_step: int | None = None  # CUDA, profiler: host waits for the GPU inside STEP_RANGE (HOST_SYNC_CALLS)
+    cupti_teardown: bool | None = None  # CUDA, profiler: this profile detached CUPTI when it stopped
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -98,11 +101,13 @@ def configure_profiler_teardown() -> bool:
     with a warning); returns whether profiles detach it. On the H100, FLUX.1-dev's combos measured after an earlier
     combo's profile with CUPTI left attached ran their nvfp4 steps with 3.1 % step CV (1.2-2.0 % detached) and
     once had ten fp8 steps in a row 20-35 % slow (README, "Step-time noise")."""
-    given = os.environ.setdefault(CUPTI_TEARDOWN_ENV, "1")
-    if given != "1":
+    given = os.environ.get(CUPTI_TEARDOWN_ENV)
+    if not given:  # unset or empty: Kineto's default, which keeps CUPTI
+        os.environ[CUPTI_TEARDOWN_ENV] = "1"
+    elif given != "1":
         warnings.warn(f"{CUPTI_TEARDOWN_ENV}={given} is set in the environment: CUPTI stays attached after each "
                       "combo's kernel-path profile and adds a callback to every CUDA call of the combos measured "
-                      "after it (recorded as cupti_teardown false)", stacklevel=2)
+                      "after it (CUDA runs record cupti_teardown false)", stacklevel=2)
     return profiler_teardown()
 
 
@@ -185,4 +190,5 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
-                      gpu_gemm_kernels=gemm_kernels, method=method, host_syncs_per_step=syncs)
+                      gpu_gemm_kernels=gemm_kernels, method=method, host_syncs_per_step=syncs,
+                      cupti_teardown=profiler_teardown() if device.type == "cuda" and method == "profiler" else None)

@@ -296,8 +296,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if workers.worker(config) is not None:  # the controller merges, judges and reports
         config.workeroutput["fluxgate"] = {"history": str(gate.history.path), "regression": regression,
-                                           "outcomes": [v.outcome for v in verdicts],
-                                           "verdicts": [v.message for v in verdicts if v.outcome != "no change"]}
+                                           "verdicts": [(v.outcome, v.message) for v in verdicts]}
         return
     if config.getoption("report_dir"):
         _write_report(config, gate.history.directory, gate.history.run_id, verdicts_for_report(verdicts))
@@ -341,12 +340,20 @@ def _finish_distributed(session: pytest.Session) -> None:
     for path in paths:  # only now: the merged file is complete on disk
         path.unlink(missing_ok=True)
     config._fluxgate_merged = merged
-    config._fluxgate_worker_verdicts = ([outcome for output in outputs for outcome in output.get("outcomes", [])],
-                                        [message for output in outputs for message in output["verdicts"]])
+    config._fluxgate_worker_verdicts = [tuple(verdict) for output in outputs for verdict in output["verdicts"]]
     if config.getoption("history_gate") == "on" and any(output["regression"] for output in outputs):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if config.getoption("report_dir"):
         _write_report(config, history_dir, merged.stem, None)
+
+
+def _history_rule(config: pytest.Config, write: bool) -> str:
+    """What a confirmed regression against history does to this run, as the summary says it."""
+    if write:
+        return "advisory: --write-baselines"
+    if config.getoption("history_gate") != "on":
+        return "advisory: --history-gate off"
+    return "a confirmed regression fails the run"
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -356,8 +363,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
         report.distributed_summary(terminalreporter, merged, json.loads(merged.read_text())["records"],
                                    config.stash[STARTED_KEY])
-        for line in report.history_lines(*config._fluxgate_worker_verdicts,
-                                         gating=config.getoption("history_gate") == "on",
+        for line in report.history_lines(config._fluxgate_worker_verdicts, _history_rule(config, write=False),
                                          scope="; each worker judged its own combos"):
             terminalreporter.write_line(line)
         if getattr(config, "_fluxgate_report", None):
@@ -367,9 +373,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if outcomes and gate is not None:
         report.terminal_summary(terminalreporter, outcomes, gate, config.stash[STARTED_KEY])
         verdicts = getattr(config, "_fluxgate_verdicts", [])
-        for line in report.history_lines([v.outcome for v in verdicts],
-                                         [v.message for v in verdicts if v.outcome != "no change"],
-                                         gating=config.getoption("history_gate") == "on" and not gate.write):
+        for line in report.history_lines([(v.outcome, v.message) for v in verdicts],
+                                         _history_rule(config, write=gate.write)):
             terminalreporter.write_line(line)
         report_path = getattr(config, "_fluxgate_report", None)
         if report_path:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 from fluxgate import memory
-from fluxgate.compare import REMEASURE, host_syncs_per_step, is_host_synchronous
+from fluxgate.compare import NO_CHANGE, REMEASURE, host_syncs_per_step, is_host_synchronous
 from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
@@ -96,17 +97,14 @@ def spike_lines(entries) -> list[str]:
     return [line for line in lines if line]
 
 
-def history_lines(outcomes: list[str], messages: list[str], gating: bool, scope: str = "") -> list[str]:
-    """The run's verdicts against history: a tally of every combo's outcome (so an all-clear run says so), then the
-    message of each combo that did not come out "no change"."""
-    if not outcomes:
+def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -> list[str]:
+    """The run's (outcome, message) verdicts against history under `rule` (what a regression does to the run): a tally
+    of every combo's outcome (so an all-clear run says so), then the message of each that is not "no change"."""
+    if not verdicts:
         return []
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        counts[outcome] = counts.get(outcome, 0) + 1
-    tally = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items(), key=lambda item: -item[1]))
-    rule = "a confirmed regression fails the run" if gating else "advisory: --history-gate off"
-    return [f"against history ({rule}{scope}): {tally}"] + [f"  {message}" for message in messages]
+    tally = ", ".join(f"{count} {outcome}" for outcome, count in Counter(o for o, _ in verdicts).most_common())
+    return [f"against history ({rule}{scope}): {tally}"] + [f"  {message}" for outcome, message in verdicts
+                                                            if outcome != NO_CHANGE]
 
 
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:

@@ -3,11 +3,13 @@ the way a real regression would, in its measurement and any re-measurement alike
 
 FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
 of the combo's first step (CUDA: a GPU-side spin kernel, so it lands in the event-timed stream; CPU: a sleep), or
-FLUXGATE_SLOW_DELAY_S: a fixed delay per step.
+FLUXGATE_SLOW_DELAY_S: a fixed delay per step. FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step
+starts (a test that interrupts the combo mid-measurement waits for it).
 """
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,7 @@ from fluxgate import measure, runner
 TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
 FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
 DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
+MARK = os.environ.get("FLUXGATE_SLOW_MARK")
 state = {"active": False, "first_step_s": None}
 original_run, original_step_end = runner.Runner.run, measure._StepClock.step_end
 
@@ -44,6 +47,8 @@ def _delay_s(clock) -> float:
 def step_end(self, *args):
     if state["active"] and len(self.marks) >= 2:
         delay = _delay_s(self)
+        if MARK:
+            Path(MARK).touch()
         if self.cuda:
             clock_hz = torch.cuda.get_device_properties(0).clock_rate * 1000 if hasattr(
                 torch.cuda.get_device_properties(0), "clock_rate") else 1.98e9
