@@ -280,6 +280,12 @@ def _first_record_written(history_dir: Path) -> bool:
     return False
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a non-interactive shell (`cmd &`, nohup) ignores SIGINT, children inherit
+    # that, and Python installs no KeyboardInterrupt handler for an ignored signal: Ctrl-C would never arrive.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
     """Two `--write-baselines` runs of flux1-dev bf16 then nvfp4 (slowed by 1 s a step), started together; once
@@ -299,7 +305,7 @@ def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
             matrix_command(MATRIX, "-p", "slow_combo", "--models", "flux1-dev", "--precisions", "bf16,nvfp4",
                            "--write-baselines", "--baselines-dir", str(root / "baselines"), "--history-dir",
                            str(root / "history"), "--fixture-cache", str(SHARED_CACHE)),
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
         runs[name] = (process, root, before, output)
     pending, deadline = dict(runs), time.monotonic() + 300
     while pending and time.monotonic() < deadline:
