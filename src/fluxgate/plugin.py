@@ -128,6 +128,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                     "file at once; write baselines in one process")
         if config.option.dist == "load":
             config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
+        workers.pin_worker_processes(config)  # CUDA_VISIBLE_DEVICES set as each worker process starts
     os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
     memory.configure_allocator(config.getoption("cuda_alloc_conf"))
     kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
@@ -201,6 +202,10 @@ def _make_gate(config: pytest.Config):
     if me is not None:
         environment["xdist_worker"] = f"{me[0] + 1}/{me[1]}"
         environment["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if device.type == "cuda":
+            import torch
+
+            workers.check_pinned(str(torch.cuda.get_device_properties(device).uuid))
     history = RunHistory(history_dir, new_run_id(), environment,
                          file_dir=workers.worker_history_dir(history_dir) if me else None)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
@@ -315,6 +320,12 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller, before a worker starts collecting: see `workers.configure_node`."""
+    workers.configure_node(node)
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """xdist controller: keep what each worker reported about its history file and verdicts."""
     output = getattr(node, "workeroutput", {}).get("fluxgate")
@@ -341,6 +352,11 @@ def _finish_distributed(session: pytest.Session) -> None:
         path.unlink(missing_ok=True)
     config._fluxgate_merged = merged
     config._fluxgate_worker_verdicts = [tuple(verdict) for output in outputs for verdict in output["verdicts"]]
+    import json
+
+    config._fluxgate_shared_gpus = workers.shared_gpus(json.loads(merged.read_text())["records"])
+    if config._fluxgate_shared_gpus:  # timings from a shared GPU measure nothing: the run cannot pass
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if config.getoption("history_gate") == "on" and any(output["regression"] for output in outputs):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if config.getoption("report_dir"):
@@ -366,6 +382,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         for line in report.history_lines(config._fluxgate_worker_verdicts, _history_rule(config, write=False),
                                          scope="; each worker judged its own combos"):
             terminalreporter.write_line(line)
+        if getattr(config, "_fluxgate_shared_gpus", None):
+            terminalreporter.write_line(f"FAIL: {config._fluxgate_shared_gpus}", red=True, bold=True)
         if getattr(config, "_fluxgate_report", None):
             terminalreporter.write_line(f"fluxgate: report written to {config._fluxgate_report}")
     outcomes = config.stash.get(OUTCOMES_KEY, [])

@@ -1,11 +1,18 @@
 """One pytest-xdist worker per GPU (`-n N`): each worker is pinned to its own GPU, runs a fixed share of the matrix,
 writes its own history file; the controller merges them into one run when the workers are done.
 
-- Pinning: worker `gwK` sets CUDA_VISIBLE_DEVICES to the K-th visible GPU (wrapping round when there are more
-  workers than GPUs, e.g. two workers sharing one GPU) before anything touches CUDA, so `cuda` in that worker is its
-  GPU. The visible GPUs are the CUDA_VISIBLE_DEVICES list the run was started with, else every GPU NVML counts.
+- Pinning: worker `gwK` runs on the K-th visible GPU (wrapping round when there are more workers than GPUs, e.g. two
+  workers sharing one GPU). The controller writes CUDA_VISIBLE_DEVICES into each worker's execnet spec
+  (`popen//env:CUDA_VISIBLE_DEVICES=...`), so the variable is set when the worker process starts, before any import:
+  importing diffusers asks `torch.accelerator.is_available()`, which starts the CUDA driver, and the driver reads the
+  variable once, then ignores later changes (seen on a 2-GPU H200: both workers ran on GPU 0). The visible GPUs are
+  the CUDA_VISIBLE_DEVICES list the run was started with, else every GPU NVML counts, by UUID (unambiguous whatever
+  CUDA_DEVICE_ORDER says). A worker checks that CUDA runs on its GPU (`check_pinned`); the controller checks that the
+  workers ran on as many GPUs as they were pinned to (`shared_gpus`).
 - Shares: the selected combos are grouped as `--shard K+1/N` would group them (every N-th, so each worker gets some
-  of every model) and xdist's `loadgroup` scheduling sends each group to one worker, in collection order.
+  of every model) and xdist's `loadgroup` scheduling sends each group to one worker. Workers are told to tag items
+  with their group (`loadgroup` in their own options, through `workerinput`): xdist derives that from the worker's
+  command line, which says `-n N`, not the `loadgroup` fluxgate chooses.
 - History: a worker's run file goes to `<history-dir>/.workers/`, where readers do not look; the controller merges
   the worker files into one run in `<history-dir>` (each record keeps its worker's fingerprint: GPU UUIDs differ) and
   only then removes them. Each worker judges its own combos against the history (and re-measures a suspected
@@ -22,6 +29,7 @@ import pytest
 
 WORKERS_DIR = ".workers"
 GROUP_PREFIX = "fluxgate-share-"
+PIN_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 def worker(config: pytest.Config) -> tuple[int, int] | None:
@@ -40,20 +48,26 @@ def controller_workers(config: pytest.Config) -> int:
 
 
 def visible_gpus(environ: dict | None = None) -> list[str]:
-    """The GPUs this run may use: CUDA_VISIBLE_DEVICES as given, else NVML's device indices ([] without NVML)."""
+    """The GPUs this run may use: the CUDA_VISIBLE_DEVICES entries as given, else the UUID (`GPU-...`) of every GPU
+    NVML counts; [] without NVML (a CPU machine)."""
     environ = os.environ if environ is None else environ
-    if environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        return [gpu.strip() for gpu in environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    if environ.get(PIN_ENV, "").strip():
+        return [gpu.strip() for gpu in environ[PIN_ENV].split(",") if gpu.strip()]
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return [str(index) for index in range(pynvml.nvmlDeviceGetCount())]
+            return [_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index)))
+                    for index in range(pynvml.nvmlDeviceGetCount())]
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML, no driver: a CPU machine
         return []
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def pin(index: int, gpus: list[str]) -> str | None:
@@ -61,18 +75,79 @@ def pin(index: int, gpus: list[str]) -> str | None:
     return gpus[index % len(gpus)] if gpus else None
 
 
+def worker_specs(specs: list[str], gpus: list[str]) -> list[str]:
+    """The controller's execnet specs with each plain `popen` worker pinned to its GPU by environment: worker K gets
+    `popen//env:CUDA_VISIBLE_DEVICES=<gpus[K mod len]>`. Specs that are not plain `popen` (a user's own `--tx`) and
+    runs without GPUs are left as they are."""
+    if not gpus:
+        return list(specs)
+    return [f"{spec}//env:{PIN_ENV}={pin(index, gpus)}" if spec == "popen" else spec
+            for index, spec in enumerate(specs)]
+
+
+def pin_worker_processes(config: pytest.Config) -> None:
+    """Controller: pin the workers xdist is about to start (`worker_specs`); call from pytest_configure."""
+    specs = config.getoption("tx", None) or []
+    config.option.tx = worker_specs(list(specs), visible_gpus())
+
+
+def configure_node(node) -> None:
+    """Controller, per worker (xdist's pytest_configure_node): what the worker needs to know before it collects."""
+    node.workerinput["fluxgate_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
+
+
 def pin_this_worker(config: pytest.Config) -> None:
-    """In an xdist worker, restrict CUDA to its GPU (must run before CUDA is initialized), and give it its share of
-    the CPU cores: workers that each start one torch thread per core slow each other down many times over."""
+    """In an xdist worker: tag items with their share (`loadgroup`), set CUDA_VISIBLE_DEVICES to its GPU where the
+    controller could not (a user's own `--tx`; only effective if nothing has started CUDA yet, see `check_pinned`),
+    and give it its share of the CPU cores: workers that each start one torch thread per core slow each other down
+    many times over."""
     me = worker(config)
     if me is None:
         return
-    gpu = pin(me[0], visible_gpus())
+    if config.workerinput.get("fluxgate_loadgroup"):
+        config.option.loadgroup = True
+    gpus = visible_gpus()
+    gpu = pin(me[0], gpus) if len(gpus) > 1 else None  # one entry: already this worker's own
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ[PIN_ENV] = gpu
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // me[1]))
+
+
+def check_pinned(torch_uuid: str, environ: dict | None = None) -> None:
+    """A worker's check that CUDA runs on the GPU it was pinned to: `torch_uuid` is the UUID torch reports for its
+    device 0 (`torch.cuda.get_device_properties(0).uuid`, with or without the `GPU-` prefix). Checked only where the
+    pin is a UUID (an index depends on CUDA_DEVICE_ORDER).
+
+    Raises FluxgateError naming both GPUs when they differ: the driver started before the pin was set."""
+    from fluxgate.errors import FluxgateError
+
+    environ = os.environ if environ is None else environ
+    pinned = environ.get(PIN_ENV, "").strip()
+    if not pinned.startswith("GPU-") or "," in pinned:
+        return
+    running = torch_uuid if torch_uuid.startswith("GPU-") else f"GPU-{torch_uuid}"
+    if running.lower() != pinned.lower():
+        raise FluxgateError(f"xdist worker pinned to {PIN_ENV}={pinned} runs CUDA on {running}: the CUDA driver "
+                            "started before the pin was set, so its timings would share another worker's GPU")
+
+
+def shared_gpus(records: list[dict]) -> str | None:
+    """Controller, on the merged records: a one-line problem when the workers ran on fewer distinct GPUs (UUIDs) than
+    the distinct GPUs they were pinned to, else None. Records without a UUID (CPU) are not judged."""
+    pinned: dict[str, set[str]] = {}
+    for record in records:
+        environment = record.get("environment") or {}
+        uuid = (environment.get("gpu") or {}).get("uuid")
+        if uuid and environment.get("xdist_worker"):
+            pinned.setdefault(str(environment.get("cuda_visible_devices")), set()).add(uuid)
+    uuids = set().union(*pinned.values()) if pinned else set()
+    if len(pinned) <= len(uuids):
+        return None
+    where = "; ".join(f"{PIN_ENV}={pin_} ran on {', '.join(sorted(found))}" for pin_, found in sorted(pinned.items()))
+    return (f"workers pinned to {len(pinned)} GPUs ran on {len(uuids)} ({where}): their timings shared a GPU and "
+            "are not valid")
 
 
 def group_marker(position: int, count: int) -> pytest.MarkDecorator:
