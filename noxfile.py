@@ -50,11 +50,14 @@ def perf(session: nox.Session) -> None:
 @nox.session(name="perf-gpu")
 def perf_gpu(session: nox.Session) -> None:
     """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
-    Skips without CUDA."""
+    Fails without CUDA (a runner that lost its driver must not pass PRs); `-- --allow-empty` makes that a skip."""
     _install(session)
     probe = "import torch; print(torch.cuda.is_available())"
     if session.run("python", "-c", probe, silent=True).strip() != "True":
-        session.skip("no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)")
+        reason = "no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)"
+        if "--allow-empty" in session.posargs:
+            session.skip(reason)
+        session.error(f"{reason}; a gate that measured nothing passes nothing (`-- --allow-empty` skips instead)")
     _matrix(session, "--device", "cuda")
 
 

@@ -280,3 +280,30 @@ def test_a_runs_remeasurement_record_is_evidence_not_another_candidate():
     history.append({**record(2, step_times(rng, 0.05)), "outcome": REMEASURE})
     verdicts = compare_run(history, history[-1]["run_id"])
     assert [v.combo for v in verdicts] == ["flux1-dev[bf16]"] and verdicts[0].outcome == REGRESSION
+
+
+def test_a_run_made_under_host_contention_or_with_the_gate_off_never_enters_a_window():
+    # One contaminated run in a short window hid a 2.8x slowdown: such runs are kept out, and the verdict says why
+    # when nothing else is left.
+    normal, slow = [0.18] * 28, [0.18 * 2.8] * 28
+    contended = record(1, [0.5] * 28)
+    contended["metrics"]["run_wait_s"] = [0.3] * 28  # waited for a CPU 60 % of each step
+    gate_off = record(2, [0.5] * 28, environment={**ENVIRONMENT, "history_gate": "off"})
+    history = [record(0, normal), contended, gate_off, record(9, slow)]
+    (verdict,) = compare_run(history, history[-1]["run_id"])
+    assert verdict.outcome == REGRESSION and verdict.baseline_run_ids == (history[0]["run_id"],)
+    (verdict,) = compare_run(history[1:], history[-1]["run_id"])
+    assert verdict.outcome == NOT_COMPARABLE
+    assert "2 kept out of windows, e.g. run with --history-gate off" in verdict.reason
+
+
+def test_a_candidate_that_ran_under_host_contention_is_not_judged_and_says_so():
+    candidate = record(9, [0.5] * 28)
+    candidate["metrics"]["run_wait_s"] = [0.25] * 28
+    (verdict,) = compare_run([record(0, [0.18] * 28), candidate], candidate["run_id"])
+    assert verdict.outcome == NOT_COMPARABLE
+    assert verdict.reason.startswith("not judged: host contention: the main thread waited for a CPU 50% of each step")
+    sleeping = record(9, [0.5] * 28)  # slow code that sleeps or blocks is no contention: it is judged
+    sleeping["metrics"]["run_wait_s"] = [0.001] * 28
+    (verdict,) = compare_run([record(0, [0.18] * 28), sleeping], sleeping["run_id"])
+    assert verdict.outcome == REGRESSION

@@ -39,8 +39,8 @@ def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | Non
 
 
 def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, baselines_dir):
-    for _ in range(2):  # history only: CPU noise between two plain runs is not what this test is about
-        run_matrix(tmp_path, baselines_dir, "--history-gate", "off")
+    for _ in range(2):  # history only (their verdicts are not what this test is about)
+        run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
 
     done = run_matrix(tmp_path, baselines_dir, "-p", "slow_combo", env=SLOWED)
 
@@ -59,7 +59,7 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
 
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):
     for _ in range(2):
-        run_matrix(tmp_path, baselines_dir, "--history-gate", "off")
+        run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
 
     # The same slowdown under a minimum effect larger than itself is no finding (the option reaches the rule).
     shutil.copytree(tmp_path / "history", tmp_path / "lenient" / "history")

@@ -51,3 +51,22 @@ def test_json_holds_every_figure_as_plain_numbers():
     assert set(data) >= {"n", "median_s", "iqr_s", "mean_s", "std_s", "min_s", "p10_s", "cv", "robust_cv",
                          "median_it_s"}
     assert all(isinstance(value, (int, float)) for value in data.values())
+
+
+def test_contention_is_the_median_share_of_a_step_spent_waiting_for_a_cpu():
+    from fluxgate.stats import HOST_CONTENTION, contention_note, run_wait_share
+
+    assert run_wait_share([0.1, 0.1, 0.3], [0.01, 0.02, 0.2]) == pytest.approx(0.2)
+    assert run_wait_share([0.1], None) is None and run_wait_share([0.1, 0.1], [0.0]) is None
+    assert contention_note({"step_times_s": [0.1] * 3, "run_wait_s": [0.1 * HOST_CONTENTION * 0.99] * 3}) is None
+    assert "waited for a CPU 30% of each step" in contention_note({"step_times_s": [0.1] * 3, "run_wait_s": [0.03] * 3})
+
+
+def test_run_queue_wait_is_read_from_linux_schedstat_and_only_grows():
+    from fluxgate.measure import run_queue_wait_s
+
+    first = run_queue_wait_s()
+    if first is None:
+        pytest.skip("no /proc/thread-self/schedstat on this kernel")
+    sum(range(200_000))
+    assert run_queue_wait_s() >= first

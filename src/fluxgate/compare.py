@@ -50,6 +50,8 @@ import numpy as np
 from scipy import integrate
 from scipy import stats as scipy_stats
 
+from fluxgate import stats
+
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
 UNEXPLAINED_IMPROVEMENT = "improvement (unexplained, check)"
@@ -59,6 +61,7 @@ NOT_COMPARABLE = "not comparable"
 # Worst first: a verdict's outcome is the worst of its metrics'.
 _SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
 
+FIRST_RUN = "no baseline runs of"  # the start of a not-comparable reason where the combo has no history at all
 REMEASURE = "remeasure"  # the outcome of a re-measurement record: evidence for its run's verdict, never a candidate
 USABLE_OUTCOMES = ("passed", "failed")  # a failed limit is still a valid measurement; error/skipped are not
 
@@ -195,13 +198,23 @@ def _time_order(record: dict) -> tuple[str, str]:
     return (str(record.get("recorded") or ""), str(record.get("run_id") or ""))
 
 
+def unfit_for_window(record: dict) -> str | None:
+    """Why a record may not stand in anyone's baseline window, or None: its run had the history gate off (a CI
+    `tests` run, whose speed nobody vouches for), or its steps ran under host contention (`stats.contention_note`).
+    One such run in a window of few would blind the gate to a real slowdown."""
+    if (record.get("environment") or {}).get("history_gate") == "off":
+        return "run with --history-gate off"
+    return stats.contention_note(record.get("metrics") or {})
+
+
 def _eligible(records: Iterable[dict], candidate: dict, base_commit: str | None) -> list[dict]:
-    """Same measurement (combo, GPU class, profile, settings), usable outcome, another run, earlier or of the base
-    commit; oldest first."""
+    """Same measurement (combo, GPU class, profile, settings), usable outcome, fit for a window (`unfit_for_window`),
+    another run, earlier or of the base commit; oldest first."""
     keys = ("combo", "gpu_class", "profile", "settings")
     chosen = [r for r in records
               if all(r.get(k) == candidate.get(k) for k in keys)
-              and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")]
+              and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")
+              and unfit_for_window(r) is None]
     if base_commit is None:
         # Without a named base, the baseline is the past: history replayed for an old run sees what existed then.
         chosen = [r for r in chosen if _time_order(r) < _time_order(candidate)]
@@ -348,6 +361,9 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
     if candidate.get("outcome") not in USABLE_OUTCOMES:
         why = candidate.get("error") or "no measurement"
         return replace(verdict, reason=f"candidate run {run_id} has outcome {candidate.get('outcome')}: {why}")
+    contention = stats.contention_note(candidate.get("metrics") or {})
+    if contention:  # its speed says how busy the host was, not what the code does
+        return replace(verdict, reason=f"not judged: {contention}")
     window = select_window(records, candidate, last_n, base_commit, ignore_fields)
     if not window:
         return replace(verdict, reason=_no_window_reason(records, candidate, base_commit, ignore_fields))
@@ -403,7 +419,12 @@ def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | N
     if base_commit is not None:
         where += f" at commit {base_commit}"
     if not eligible:
-        return f"no baseline runs of {candidate.get('combo')} on {where}"
+        kept_out = [why for r in records if r.get("combo") == candidate.get("combo") and r.get("run_id") !=
+                    candidate.get("run_id") and (why := unfit_for_window(r))]
+        if kept_out:
+            return (f"no usable baseline runs of {candidate.get('combo')} on {where}: {len(kept_out)} kept out of "
+                    f"windows, e.g. {kept_out[-1]}")
+        return f"{FIRST_RUN} {candidate.get('combo')} on {where}"
     latest = eligible[-1]
     differences = fingerprint_differences(latest.get("environment"), candidate.get("environment"), ignore_fields)
     return f"{', '.join(differences)} (vs run {latest.get('run_id')}; pass ignore_fields to compare anyway)"

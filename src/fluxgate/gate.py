@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxgate import baselines, flops, similarity
+from fluxgate import baselines, flops, similarity, stats
 from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.history import RunHistory
 from fluxgate.matrix import Combo
@@ -50,7 +50,9 @@ def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: base
     where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
     failures = []
     if result.it_s < t.min_it_s:
-        failures.append(f"speed: {result.it_s:.3f} it/s < min {t.min_it_s:.3f} it/s ({where})")
+        contention = stats.contention_note({"step_times_s": result.step_times_s, "run_wait_s": result.run_wait_s})
+        failures.append(f"speed: {result.it_s:.3f} it/s < min {t.min_it_s:.3f} it/s ({where})"
+                        + (f"; {contention}, not necessarily the code" if contention else ""))
     if result.peak_mem_gib > t.max_peak_mem_gib:
         failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
                         f"{t.max_peak_mem_gib:.3f} GiB ({where})")
@@ -92,7 +94,7 @@ class Gate:
         """Everything measured about one combo, as history stores it."""
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
                    "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
-                   "off_cpu_s": result.off_cpu_s, "host_step_times_s": result.host_step_times_s,
+                   "off_cpu_s": result.off_cpu_s, "run_wait_s": result.run_wait_s, "host_step_times_s": result.host_step_times_s,
                    "gpu_idle_at_end": result.gpu_idle_at_end, "idle_probe_s": result.idle_probe_s,
                    "first_steps_s": result.first_steps_s,
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,

@@ -53,6 +53,7 @@ class RunResult:
     images: int = 1  # timed images whose steps are pooled in step_times_s
     compile_s: float | None = None  # compile runtime: seconds spent compiling, before (never inside) the timed images
     off_cpu_s: list[float] | None = None  # per step: wall minus the main thread's CPU time (off the CPU)
+    run_wait_s: list[float] | None = None  # per step: the main thread's seconds runnable but not running (Linux)
     host_step_times_s: list[float] | None = None  # CUDA: host-clock seconds between the same step boundaries
     gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end
     idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled (measured per run)
@@ -90,6 +91,7 @@ class _StepClock:
         self.marks: list[Any] = []
         self.host_marks: list[float] = []  # perf_counter() at each boundary
         self.cpu_marks: list[float] = []  # the main thread's thread_time() at each boundary
+        self.wait_marks: list[float | None] = []  # the main thread's run-queue wait so far (`run_queue_wait_s`)
         self.gpu_idle_at_end: list[bool] = []  # per step (CUDA): its end event completed within probe_s
         # CUDA allocator peaks, read on the host (no device sync): before the loop (text/image encoding) and
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
@@ -98,6 +100,7 @@ class _StepClock:
 
     def _mark(self) -> None:
         self.cpu_marks.append(time.thread_time())
+        self.wait_marks.append(run_queue_wait_s())
         self.host_marks.append(time.perf_counter())
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
@@ -132,6 +135,22 @@ class _StepClock:
 
     def off_cpu_s(self) -> list[float]:
         return [max(0.0, wall - cpu) for wall, cpu in zip(_deltas(self.host_marks), _deltas(self.cpu_marks))]
+
+    def run_wait_s(self) -> list[float] | None:
+        if not self.wait_marks or any(mark is None for mark in self.wait_marks):
+            return None
+        return _deltas(self.wait_marks)
+
+
+def run_queue_wait_s() -> float | None:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (the second field of Linux's
+    /proc/thread-self/schedstat, nanoseconds), or None where the kernel does not say. Unlike off-CPU time, sleeping
+    or blocking in a wait does not count: only other work holding the cores does."""
+    try:
+        with open("/proc/thread-self/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _completes_within(event, seconds: float) -> bool:
@@ -246,8 +265,8 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
-    host: dict[str, list | None] = {"off_cpu_s": [], "host_step_times_s": [], "gpu_idle_at_end": [],
-                                    "first_steps_s": []}
+    host: dict[str, list | None] = {"off_cpu_s": [], "run_wait_s": [], "host_step_times_s": [],
+                                    "gpu_idle_at_end": [], "first_steps_s": []}
     gc.collect()
     gc.disable()
     try:
@@ -260,6 +279,9 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
             peaks["before_loop"] = max(peaks["before_loop"], clock.before_loop_peak_bytes)
             peaks["denoise"] = max(peaks["denoise"], clock.denoise_peak_bytes)
             host["off_cpu_s"] += _split_first(clock.off_cpu_s())[1]
+            waits = clock.run_wait_s()
+            host["run_wait_s"] = None if waits is None or host["run_wait_s"] is None else \
+                host["run_wait_s"] + _split_first(waits)[1]
             host["host_step_times_s"] += _split_first(clock.host_step_times_s() or [])[1]
             host["gpu_idle_at_end"] += _split_first(clock.gpu_idle_at_end)[1]
     finally:

@@ -6,6 +6,8 @@ storing `history`/`baselines`, showing `report`.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 
 # Nothing may reach the network unless the user opts in (HF_HUB_OFFLINE=0). Set before anything imports
@@ -13,6 +15,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,6 +31,7 @@ COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[object]()
 WORKER_OUTPUTS_KEY = pytest.StashKey[list]()
+ITEMS_KEY = pytest.StashKey[dict]()  # matrix items of this session: {"measured": int, "skipped": Counter of reasons}
 STARTED_KEY = pytest.StashKey[float]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
 
@@ -36,6 +40,46 @@ def matrix_test(function):
     """Decorator: collect `function` once per selected combo, as items named like `flux2-dev[nvfp4]`."""
     setattr(function, MATRIX_ATTR, True)
     return function
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= `minimum` (a bad value is a usage error naming the option before any combo)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _amount(positive: bool):
+    """An argparse type: a finite number > 0 (`positive`) or >= 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'> 0' if positive else '>= 0'}")
+        return value
+    parse.__name__ = "number > 0" if positive else "number >= 0"
+    return parse
+
+
+def _threads(text: str) -> str:
+    """An argparse type: 'auto' or a whole number >= 1 (kept as text; see `_cpu_threads`)."""
+    return text if text == "auto" else str(_count(1)(text))
+
+
+def _device(text: str) -> str:
+    """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N (N a GPU number, e.g. cuda:1)")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,7 +105,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--models-file", default="fixtures/models.toml", metavar="FILE",
                     help="where the real profile finds checkpoints and pipeline folders [default: "
                          "fixtures/models.toml]")
-    group.addoption("--device", default="auto", metavar="DEV",
+    group.addoption("--device", default="auto", metavar="DEV", type=_device,
                     help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
                          "and no CUDA device every combo is skipped [default: auto]")
     group.addoption("--gpu-class", default=None, metavar="NAME",
@@ -75,11 +119,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          ".fluxgate-cache]")
     group.addoption("--prompts", default="fixtures/prompts.toml", metavar="FILE",
                     help="seed and prompts of every image [default: fixtures/prompts.toml]")
-    group.addoption("--steps", type=int, default=None, metavar="N",
+    group.addoption("--steps", type=_count(1), default=None, metavar="N",
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
-    group.addoption("--warmup-steps", type=int, default=1, metavar="N",
+    group.addoption("--warmup-steps", type=_count(0), default=1, metavar="N",
                     help="steps of the untimed warm-up image before each timed image [default: 1]")
-    group.addoption("--telemetry-interval-ms", type=float, default=100.0, metavar="MS",
+    group.addoption("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
                     help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
                          "at the end [default: 100]")
@@ -94,14 +138,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--decision-file", default="fixtures/decision.toml", metavar="FILE",
                     help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
                          "ship' section [default: fixtures/decision.toml]")
-    group.addoption("--vram-budget-gib", type=float, default=None, metavar="GIB",
+    group.addoption("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
                     help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
     group.addoption("--history-gate", default="on", choices=["on", "off"],
                     help="also judge this run against the history (last --history-window comparable runs, or the runs "
                          "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
                          "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
                          "[default: on]")
-    group.addoption("--history-window", type=int, default=5, metavar="N",
+    group.addoption("--history-window", type=_count(1), default=5, metavar="N",
                     help="how many earlier comparable runs form the baseline window [default: 5]")
     group.addoption("--min-speed-effect", default="auto", metavar="PCT",
                     help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
@@ -109,6 +153,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
     group.addoption("--base-commit", default=None, metavar="SHA",
                     help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
+    group.addoption("--cpu-threads", default="auto", type=_threads, metavar="N",
+                    help="torch threads for a CPU device: a number, or 'auto' = half the cores this process may use, "
+                         "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
+                         "environment [default: auto]")
+    group.addoption("--allow-empty", action="store_true",
+                    help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
+                         "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
+                         "nothing")
     group.addoption("--write-baselines", action="store_true",
                     help="measure and write baselines for this GPU class instead of asserting against them "
                          "(what `nox -s baselines` runs)")
@@ -119,8 +171,12 @@ def _path(config: pytest.Config, option: str) -> Path:
     return path if path.is_absolute() else config.rootpath / path
 
 
+_CONFIG: list[pytest.Config] = []  # this process's config, for report hooks that are not handed one
+
+
 def pytest_configure(config: pytest.Config) -> None:
     workers.pin_this_worker(config)  # first: before anything initializes CUDA in this process
+    _CONFIG[:] = [config]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # again: the module-level default ran once per process
     if workers.controller_workers(config):
         if config.getoption("write_baselines"):
@@ -151,7 +207,34 @@ def pytest_configure(config: pytest.Config) -> None:
     selected = combos(models, precisions, runtimes)
     config._fluxgate_combos = shard(selected, *shard_of) if shard_of else selected
     config.stash[OUTCOMES_KEY] = []
+    config.stash[ITEMS_KEY] = {"measured": 0, "skipped": Counter()}
     config.stash[STARTED_KEY] = time.time()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the matrix items that measured and those skipped (in one process, and in the xdist controller, which
+    receives every worker's reports), for the rule that a run which measured nothing cannot pass."""
+    config = _CONFIG[0] if _CONFIG else None
+    if config is None or "gpu" not in report.keywords or workers.worker(config) is not None:
+        return
+    items = config.stash[ITEMS_KEY]
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        items["skipped"][reason.removeprefix("Skipped: ")] += 1
+    elif report.when == "call":
+        items["measured"] += 1
+
+
+def _empty_run(config: pytest.Config) -> str | None:
+    """The one-line reason this run fails for having measured nothing, or None (something was measured, nothing was
+    selected, or --allow-empty)."""
+    items = config.stash.get(ITEMS_KEY, None)
+    if not items or items["measured"] or not items["skipped"] or config.getoption("allow_empty"):
+        return None
+    total = sum(items["skipped"].values())
+    reasons = "; ".join(f"{count}x {reason}" for reason, count in items["skipped"].most_common(3))
+    return (f"no combo was measured: {total} of {total} selected skipped ({reasons}). A gate that measured nothing "
+            "passes nothing; --allow-empty accepts such a run")
 
 
 def pytest_pycollect_makeitem(collector, name, obj):
@@ -185,6 +268,10 @@ def _make_gate(config: pytest.Config):
     from fluxgate.sources import for_profile
 
     device = resolve_device(config.getoption("device"))
+    if device.type == "cpu" and workers.worker(config) is None:  # workers took their share already
+        import torch
+
+        torch.set_num_threads(_cpu_threads(config.getoption("cpu_threads")))
     inputs = Inputs.from_file(_path(config, "prompts"))
     profile = config.getoption("profile")
     if profile == "auto":
@@ -194,6 +281,8 @@ def _make_gate(config: pytest.Config):
                     steps=config.getoption("steps"), compile_mode=config.getoption("compile_mode"),
                     telemetry_interval_s=config.getoption("telemetry_interval_ms") / 1000)
     environment = fingerprint(device, config.rootpath)
+    # A run whose speed nobody gated is kept out of later baseline windows (compare.unfit_for_window).
+    environment["history_gate"] = config.getoption("history_gate")
     if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU
         from fluxgate.flops import measure_roof
 
@@ -210,6 +299,16 @@ def _make_gate(config: pytest.Config):
                          file_dir=workers.worker_history_dir(history_dir) if me else None)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
                 write=config.getoption("write_baselines"))
+
+
+def _cpu_threads(option: str) -> int:
+    """torch's intra-op threads on a CPU device: the option's number, or for 'auto' half the cores this process may
+    use (at least 1). On a shared 2-core CI machine two threads lose 4-6x to one busy process (each step waits for
+    the preempted thread), one thread keeps most of its speed; the count is recorded as environment.cpu_threads."""
+    if option != "auto":
+        return int(option)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // 2)
 
 
 def _fraction(option: str, value: str) -> float | None:
@@ -279,6 +378,10 @@ def _write_report(config: pytest.Config, history_dir: Path, run_id: str, verdict
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
+    if workers.worker(config) is None:
+        config._fluxgate_empty = _empty_run(config)
+        if config._fluxgate_empty and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if workers.controller_workers(config):
         _finish_distributed(session)
         return
@@ -373,6 +476,13 @@ def _history_rule(config: pytest.Config, write: bool) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    _summary(terminalreporter, config)
+    for problem in (getattr(config, "_fluxgate_empty", None), getattr(config, "_fluxgate_shared_gpus", None)):
+        if problem:  # last, where the eye lands: why a run that may show no failed item failed
+            terminalreporter.write_line(f"FAIL: {problem}", red=True, bold=True)
+
+
+def _summary(terminalreporter, config: pytest.Config) -> None:
     merged = getattr(config, "_fluxgate_merged", None)
     if merged is not None:
         import json
@@ -382,8 +492,6 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         for line in report.history_lines(config._fluxgate_worker_verdicts, _history_rule(config, write=False),
                                          scope="; each worker judged its own combos"):
             terminalreporter.write_line(line)
-        if getattr(config, "_fluxgate_shared_gpus", None):
-            terminalreporter.write_line(f"FAIL: {config._fluxgate_shared_gpus}", red=True, bold=True)
         if getattr(config, "_fluxgate_report", None):
             terminalreporter.write_line(f"fluxgate: report written to {config._fluxgate_report}")
     outcomes = config.stash.get(OUTCOMES_KEY, [])

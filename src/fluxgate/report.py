@@ -7,7 +7,8 @@ import time
 from collections import Counter
 
 from fluxgate import memory
-from fluxgate.compare import NO_CHANGE, REMEASURE, host_syncs_per_step, is_host_synchronous
+from fluxgate.compare import (FIRST_RUN, NO_CHANGE, NOT_COMPARABLE, REMEASURE, host_syncs_per_step,
+                              is_host_synchronous)
 from fluxgate.stats import Spikes, mostly_idle
 
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
@@ -103,8 +104,12 @@ def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -
     if not verdicts:
         return []
     tally = ", ".join(f"{count} {outcome}" for outcome, count in Counter(o for o, _ in verdicts).most_common())
-    return [f"against history ({rule}{scope}): {tally}"] + [f"  {message}" for outcome, message in verdicts
-                                                            if outcome != NO_CHANGE]
+    first = [message for outcome, message in verdicts if outcome == NOT_COMPARABLE and f"({FIRST_RUN} " in message]
+    lines = [f"against history ({rule}{scope}): {tally}"]
+    if first:  # a first run on a GPU class: one line, not one per combo
+        lines.append(f"  {len(first)} combos have no earlier comparable run yet (the first on this GPU class, "
+                     "profile and settings): nothing to judge against")
+    return lines + [f"  {message}" for outcome, message in verdicts if outcome != NO_CHANGE and message not in first]
 
 
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
