@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,46 @@ def test_a_record_json_cannot_hold_does_not_stop_later_records_being_stored(tmp_
         history.append({"combo": "flux1-dev[nvfp4]", "metrics": {"ms_ssim": float("nan")}})
     history.append(_record("flux2-dev[bf16]"))
     assert "flux2-dev[bf16]" in [record["combo"] for record in read(tmp_path)]
+
+
+def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    history = tmp_path / "history"
+    history.mkdir()
+    (history / "20260101T000000Z-bad000.json").write_text('{"records": [')
+    done = subprocess.run([sys.executable, "-m", "pytest", "perf", "-q", "-p", "no:cacheprovider", "-m", "not faults",
+                           "--device", "cpu", "--models", "z-image-turbo", "--precisions", "bf16", "--history-dir",
+                           str(history)], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((line for line in done.stdout.splitlines() if line.startswith("WARNING: ")), "")
+    assert "20260101T000000Z-bad000.json: skipped unreadable history file" in line, done.stdout[-3000:]
+
+
+def test_image_folders_beyond_the_newest_runs_are_pruned_and_records_stay(tmp_path):
+    from fluxgate.history import prune_images
+
+    for run_id in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
+        (tmp_path / f"{run_id}.json").write_text('{"records": []}')
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "flux1-dev.bf16.png").write_bytes(b"png")
+    removed = prune_images(tmp_path, keep_runs=2)
+    assert [path.name for path in removed] == ["20260101T000000Z-aaaaaa"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["20260102T000000Z-bbbbbb",
+                                                                        "20260103T000000Z-cccccc"]
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    assert prune_images(tmp_path, keep_runs=0) and not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_history_files_get_the_mode_a_plain_open_would_give(tmp_path):
+    import os
+    import stat
+
+    RunHistory(tmp_path, new_run_id(), ENVIRONMENT).append(_record("flux1-dev[bf16]"))
+    (path,) = tmp_path.glob("*.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -232,3 +232,14 @@ def test_host_synchronous_combos_are_named_with_their_syncs_per_step(tmp_path, b
 
     (line,) = [line for line in summary.splitlines() if line.startswith("**Host-synchronous combos**")]
     assert line.endswith(": flux1-dev[nvfp4] 495") and "host CPU" in line
+
+
+def test_the_report_folder_holds_only_the_run_it_describes(history_dir, baselines_dir, tmp_path):
+    out = tmp_path / "report"
+    for folder in ("trends", "grids", "decision"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "z-image-turbo.gone.png").write_bytes(b"an earlier run's plot")
+    (out / "notes.txt").write_text("the user's own file")
+    written = write_report(history_dir, out, baselines_dir)
+    assert not list(out.rglob("*.gone.png"))
+    assert (out / "notes.txt").is_file() and all(path.is_file() for path in written)

@@ -72,6 +72,7 @@ class Gate:
         self.write = write
         self.references: dict[str, Image.Image] = {}  # bf16 images made in this run (write mode)
         self.measured: dict[Combo, baselines.Measured] = {}
+        self.history_warnings: list[str] = []  # problems met reading the history (a corrupt file skipped), one line each
 
     def _reference(self, combo: Combo, result: RunResult) -> tuple[Image.Image, baselines.Baseline | None]:
         settings = self.runner.settings(combo.model_spec)
@@ -176,9 +177,10 @@ class Gate:
         from fluxgate import compare, history
 
         def records():
-            with warnings.catch_warnings():  # a corrupt old history file was already reported when it was skipped
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
+                warnings.simplefilter("always")
                 earlier = [r for r in history.read(self.history.directory) if r["run_id"] != self.history.run_id]
+            self.history_warnings = [str(warning.message) for warning in caught]
             # This run's own records, also when its file is not in the history folder (an xdist worker's).
             return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
 

@@ -95,6 +95,22 @@ def read(directory: Path) -> list[dict]:
     return records
 
 
+def prune_images(directory: Path, keep_runs: int) -> list[Path]:
+    """Delete the image folders (`<run_id>/`) of all but the newest `keep_runs` runs in `directory` (run ids sort by
+    time); their records stay, with an `image` that no longer exists (reports say so). Returns the folders removed.
+    A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound."""
+    import shutil
+
+    runs = sorted(path.stem for path in directory.glob("*.json"))
+    removed = []
+    for run_id in runs[:max(0, len(runs) - keep_runs)]:
+        folder = directory / run_id
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path:
     """Combine the run files of shards (one run split across runners or GPUs) into one new run file in `directory`.
 

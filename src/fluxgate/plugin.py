@@ -157,6 +157,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torch threads for a CPU device: a number, or 'auto' = half the cores this process may use, "
                          "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
                          "environment [default: auto]")
+    group.addoption("--history-images", default=20, type=_count(0), metavar="N",
+                    help="keep the combo images (PNGs, ~40 MB per GPU run) of the newest N runs in --history-dir and "
+                         "delete older runs' image folders after the run; their records stay. 0 keeps none "
+                         "[default: 20]")
     group.addoption("--allow-empty", action="store_true",
                     help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
                          "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
@@ -378,10 +382,23 @@ def _write_report(config: pytest.Config, history_dir: Path, run_id: str, verdict
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
+    _finish(session)
     if workers.worker(config) is None:
         config._fluxgate_empty = _empty_run(config)
         if config._fluxgate_empty and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        history_dir = _path(config, "history_dir")
+        if history_dir.is_dir():
+            from fluxgate import history
+
+            try:
+                history.prune_images(history_dir, config.getoption("history_images"))
+            except OSError as error:
+                warnings.warn(f"--history-images: old image folders not removed ({error})", stacklevel=1)
+
+
+def _finish(session: pytest.Session) -> None:
+    config = session.config
     if workers.controller_workers(config):
         _finish_distributed(session)
         return
@@ -404,7 +421,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if workers.worker(config) is not None:  # the controller merges, judges and reports
         config.workeroutput["fluxgate"] = {"history": str(gate.history.path), "regression": regression,
-                                           "verdicts": [(v.outcome, v.message) for v in verdicts]}
+                                           "verdicts": [(v.outcome, v.message) for v in verdicts],
+                                           "warnings": gate.history_warnings}
         return
     if config.getoption("report_dir"):
         _write_report(config, gate.history.directory, gate.history.run_id, verdicts_for_report(verdicts))
@@ -455,6 +473,7 @@ def _finish_distributed(session: pytest.Session) -> None:
         path.unlink(missing_ok=True)
     config._fluxgate_merged = merged
     config._fluxgate_worker_verdicts = [tuple(verdict) for output in outputs for verdict in output["verdicts"]]
+    config._fluxgate_history_warnings = sorted({w for output in outputs for w in output.get("warnings", [])})
     import json
 
     config._fluxgate_shared_gpus = workers.shared_gpus(json.loads(merged.read_text())["records"])
@@ -477,6 +496,9 @@ def _history_rule(config: pytest.Config, write: bool) -> str:
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     _summary(terminalreporter, config)
+    gate = config.stash.get(GATE_KEY, None)
+    for warning in getattr(config, "_fluxgate_history_warnings", None) or (gate.history_warnings if gate else []):
+        terminalreporter.write_line(f"WARNING: {warning}", yellow=True)
     for problem in (getattr(config, "_fluxgate_empty", None), getattr(config, "_fluxgate_shared_gpus", None)):
         if problem:  # last, where the eye lands: why a run that may show no failed item failed
             terminalreporter.write_line(f"FAIL: {problem}", red=True, bold=True)

@@ -329,6 +329,7 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     if run_id not in runs:
         raise PublishError(f"--run-id {run_id}: no such run in {history_dir} (newest is {runs[-1]})")
     verdicts = verdicts or {}
+    _clear_previous_report(out_dir)
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
     run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != REMEASURE}.values())
     notes = [f"skipped: {message}" for message in skipped_files]
@@ -368,6 +369,20 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     return [written[-1], *written[:-1]]
 
 
+REPORT_FOLDERS = ("trends", "grids", "decision")  # what write_report puts in its out folder, besides these files:
+REPORT_FILES = ("summary.md", "decision.md")
+
+
+def _clear_previous_report(out_dir: Path) -> None:
+    """Remove what an earlier report left in `out_dir` (its PNGs and markdown, nothing else), so the folder holds only
+    the run it describes: a run with fewer plots must not sit beside the previous run's."""
+    for folder in REPORT_FOLDERS:
+        for png in (out_dir / folder).glob("*.png"):
+            png.unlink()
+    for name in REPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fluxgate.publish",
@@ -378,7 +393,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="benchmark history written by the pytest run (<run_id>.json files and image folders), "
                              "e.g. .fluxgate/history")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="where to write summary.md, trends/ and grids/ (created if missing; files overwritten)")
+                        help="where to write summary.md, trends/ and grids/ (created if missing; an earlier report's "
+                             "summary, decision and PNGs there are removed first)")
     parser.add_argument("--baselines-dir", default=Path("baselines"), type=Path, metavar="DIR",
                         help="stored baselines; grids use <DIR>/<gpu-class>/<model>.png as the BF16 reference, else "
                              "the run's own bf16 image [default: baselines]")
