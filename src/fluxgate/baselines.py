@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
@@ -56,6 +56,11 @@ class Thresholds:
     max_peak_mem_gib: float
     min_ms_ssim: float
     min_psnr_db: float
+    speed_statistic: str = "median"  # which it/s min_it_s bounds: "median" or "p10" step time (`fluxgate.spread`)
+
+
+LIMITS = ("min_it_s", "max_peak_mem_gib", "min_ms_ssim", "min_psnr_db")
+SPEED_STATISTICS = ("median", "p10")
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,14 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
         raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; run `nox -s baselines`"
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
-        thresholds = Thresholds(**{name: float(entry[name]) for name in Thresholds.__dataclass_fields__})
+        thresholds = Thresholds(**{name: float(entry[name]) for name in LIMITS},
+                                speed_statistic=str(entry.get("speed_statistic", "median")))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs numeric "
-                            f"{', '.join(Thresholds.__dataclass_fields__)} ({type(error).__name__}: {error})") from None
+                            f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None
+    if thresholds.speed_statistic not in SPEED_STATISTICS:
+        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "
+                            f"{thresholds.speed_statistic!r}: expected one of {', '.join(SPEED_STATISTICS)}")
     check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
     return Baseline(folder, thresholds, folder / f"{combo.model}.png")
 
@@ -174,12 +183,10 @@ def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> di
     min_ms_ssim, ssim_below = _floor(similarity[tier]["min_ms_ssim"], measured.ms_ssim, margins["ms_ssim"])
     min_psnr_db, psnr_below = _floor(similarity[tier]["min_psnr_db"], measured.psnr_db, margins["psnr_db"])
     return {
-        **asdict(Thresholds(
-            min_it_s=round(measured.it_s * (1 - margins["speed"]), 4),
-            max_peak_mem_gib=round(measured.peak_mem_gib * (1 + margins["memory"]), 4),
-            min_ms_ssim=min_ms_ssim,
-            min_psnr_db=min_psnr_db,
-        )),
+        "min_it_s": round(measured.it_s * (1 - margins["speed"]), 4),
+        "max_peak_mem_gib": round(measured.peak_mem_gib * (1 + margins["memory"]), 4),
+        "min_ms_ssim": min_ms_ssim,
+        "min_psnr_db": min_psnr_db,
         "below_tier": ssim_below or psnr_below,
         "measured_it_s": round(measured.it_s, 4),
         "measured_peak_mem_gib": round(measured.peak_mem_gib, 4),

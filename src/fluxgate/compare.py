@@ -247,7 +247,7 @@ def _metric(metric: str, outcome: str, candidate, baseline, p_value, effect, mes
 
 
 @lru_cache(maxsize=None)
-def _expected_range(k: int) -> float:
+def expected_range(k: int) -> float:
     """E[max - min] of k standard normal draws (the control-chart constant d2: 1.128 for 2, 2.326 for 5)."""
     def integrand(x: float) -> float:
         cdf = scipy_stats.norm.cdf(x)
@@ -264,7 +264,7 @@ def _run_to_run_spread(run_medians: np.ndarray) -> float:
     if k < 2:
         return 0.0
     relative_range = float((run_medians.max() - run_medians.min()) / np.median(run_medians))
-    return relative_range * _expected_range(2) / _expected_range(k)
+    return relative_range * expected_range(2) / expected_range(k)
 
 
 def speed_verdict(candidate_step_times_s: Sequence[float], baseline_runs_step_times_s: Sequence[Sequence[float]],

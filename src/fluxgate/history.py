@@ -83,16 +83,21 @@ def read(directory: Path) -> list[dict]:
     """Every record in `directory`, oldest run first; corrupt files are skipped with a warning naming them."""
     records: list[dict] = []
     for path in sorted(directory.glob("*.json")):
-        try:
-            document = json.loads(path.read_text())
-            run_records = document["records"]
-            environment = document.get("environment", {})
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            warnings.warn(f"{path}: skipped unreadable history file ({type(error).__name__}: {error})", stacklevel=2)
-            continue
-        # A merged run keeps each shard's fingerprint on its records; those win over the run's.
-        records.extend({"environment": environment, **record} for record in run_records)
+        records += read_file(path)
     return records
+
+
+def read_file(path: Path) -> list[dict]:
+    """The records of one run file, each with its environment; a corrupt file gives [] and a warning naming it."""
+    try:
+        document = json.loads(path.read_text())
+        run_records = document["records"]
+        environment = document.get("environment", {})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"{path}: skipped unreadable history file ({type(error).__name__}: {error})", stacklevel=3)
+        return []
+    # A merged run keeps each shard's fingerprint on its records; those win over the run's.
+    return [{"environment": environment, **record} for record in run_records]
 
 
 def prune_images(directory: Path, keep_runs: int) -> list[Path]:

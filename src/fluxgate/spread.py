@@ -1,0 +1,186 @@
+"""Speed limits from measured spread: a GPU class's minimum it/s per combo, derived from several recorded runs on
+several GPUs of that class instead of one run less a fixed margin.
+
+    python -m fluxgate.spread baselines/nvidia-h200/runs --baselines-dir baselines --gpu-class nvidia-h200 [--write]
+
+For each combo, every usable record (outcome passed or failed, no host contention) gives one value: the it/s at the
+10th-percentile step time of its timed steps (`STATISTIC`). A low quantile, not the median: on eager host-bound
+combos the median wanders with host jitter (FLUX.1-dev fp8 eager: medians 245-291 ms/step on two H200 machines of
+unchanged code, minima 244.4-245.1 ms), while a slower GPU or more host work per step moves the fast steps too.
+
+    center  = median of the per-run values
+    sigma   = (max - min) / d2(n)        the range estimate of sigma (d2: expected range of n normal draws)
+    margin  = max(MIN_MARGIN, Z * sigma / center)
+    min_it_s = center * (1 - margin)
+
+Z = 3.09 puts a new run of the same code on another GPU of the class below the limit about once in 1000 (if per-run
+values are normal). The range covers run-to-run and GPU-to-GPU spread together, so a class needs runs on at least
+`MIN_GPUS` GPUs (by UUID). MIN_MARGIN keeps a lucky agreement of few runs from making a limit tighter than the
+history gate's own minimum effect. A host-synchronous combo (its step waits for the GPU in every layer, so its speed
+follows the host CPU: `compare.is_host_synchronous`) has the history gate's larger minimum effect as its floor
+(`compare.Policy.host_sync_min_speed_effect`: FLUX.1-dev nvfp4 eager ran 12.9 % apart on two fresh H100 machines).
+The derivation is written beside each limit in thresholds.toml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fluxgate import stats
+
+STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
+Z = 3.09  # one-sided normal quantile of 0.1 %
+MIN_MARGIN = 0.03
+MIN_RUNS = 3
+MIN_GPUS = 2
+USABLE = ("passed", "failed")
+
+
+def run_it_s(step_times_s: list[float], statistic: str = STATISTIC) -> float:
+    """Steps per second of one record's timed steps (seconds each) at `statistic`: 'median' or 'p10' (the
+    10th-percentile step time, i.e. the fast steps). Raises ValueError for an unknown statistic or no steps."""
+    summary = stats.step_stats(step_times_s)
+    if statistic == "median":
+        return 1.0 / summary.median_s
+    if statistic == "p10":
+        return 1.0 / summary.p10_s
+    raise ValueError(f"unknown speed statistic {statistic!r}: 'median' or 'p10'")
+
+
+@dataclass(frozen=True)
+class SpeedLimit:
+    """One combo's derived limit: `min_it_s` and what it rests on (it/s values per run, the GPUs they ran on)."""
+
+    combo: str
+    min_it_s: float
+    center_it_s: float
+    margin: float
+    values_it_s: tuple[float, ...]
+    run_ids: tuple[str, ...]
+    gpus: tuple[str, ...]  # distinct GPU UUIDs
+    floor: float = MIN_MARGIN  # the smallest margin allowed (larger for a host-synchronous combo)
+
+    @property
+    def derivation(self) -> str:
+        spread = (max(self.values_it_s) - min(self.values_it_s)) / self.center_it_s
+        at_floor = " (the floor)" if self.margin == self.floor else ""
+        kind = ", host-synchronous" if self.floor != MIN_MARGIN else ""
+        return (f"{STATISTIC} it/s of {len(self.values_it_s)} runs on {len(self.gpus)} GPUs: median "
+                f"{self.center_it_s:.4f}, range {spread:.2%}; margin max({self.floor:.0%}{kind}, {Z} sigma) = "
+                f"{self.margin:.2%}{at_floor}")
+
+    def to_toml(self) -> dict:
+        return {"min_it_s": round(self.min_it_s, 4), "speed_statistic": STATISTIC,
+                "speed_center_it_s": round(self.center_it_s, 4), "speed_margin": round(self.margin, 4),
+                "speed_runs": list(self.run_ids), "speed_gpus": list(self.gpus), "speed_derivation": self.derivation}
+
+
+def _d2(n: int) -> float:
+    from fluxgate.compare import expected_range
+
+    return expected_range(n)
+
+
+def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
+    """The speed limit of every combo with enough usable records of `gpu_class` (see the module docs), by combo id.
+
+    Raises ValueError naming the combos that lack MIN_RUNS runs or MIN_GPUS distinct GPUs."""
+    from fluxgate.compare import DEFAULT_POLICY, is_host_synchronous
+
+    values: dict[str, list[tuple[float, str, str]]] = {}
+    host_synchronous: set[str] = set()
+    for record in records:
+        metrics = record.get("metrics") or {}
+        if (record.get("gpu_class") != gpu_class or record.get("outcome") not in USABLE
+                or not metrics.get("step_times_s") or stats.contention_note(metrics)):
+            continue
+        if is_host_synchronous(record):
+            host_synchronous.add(record["combo"])
+        uuid = str(((record.get("environment") or {}).get("gpu") or {}).get("uuid") or "")
+        values.setdefault(record["combo"], []).append(
+            (run_it_s(metrics["step_times_s"]), str(record["run_id"]), uuid))
+    short = [f"{combo} ({len(v)} runs, {len({u for _, _, u in v if u})} GPUs)" for combo, v in sorted(values.items())
+             if len(v) < MIN_RUNS or len({u for _, _, u in v if u}) < MIN_GPUS]
+    if short or not values:
+        raise ValueError(f"{gpu_class}: too few runs to derive speed limits (need {MIN_RUNS} runs on {MIN_GPUS} GPUs "
+                         f"per combo): {', '.join(short) or 'no usable records'}")
+    limits = {}
+    for combo, entries in sorted(values.items()):
+        it_s = np.array([value for value, _, _ in entries])
+        center = float(np.median(it_s))
+        sigma = float(it_s.max() - it_s.min()) / _d2(len(it_s))
+        floor = DEFAULT_POLICY.host_sync_min_speed_effect if combo in host_synchronous else MIN_MARGIN
+        margin = max(floor, Z * sigma / center)
+        limits[combo] = SpeedLimit(combo, center * (1 - margin), center, margin, tuple(float(v) for v in it_s),
+                                   tuple(run for _, run, _ in entries), tuple(sorted({u for _, _, u in entries if u})),
+                                   floor)
+    return limits
+
+
+def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
+    """The thresholds file's text with each combo's speed limit replaced by its derived one (memory and similarity
+    limits untouched). Raises ValueError naming a combo missing from the file."""
+    import tomli_w
+
+    from fluxgate.matrix import Combo
+
+    text = thresholds_path.read_text()
+    table = tomllib.loads(text)
+    for combo_id, limit in limits.items():
+        combo = Combo.parse(combo_id)
+        entry = table.get(combo.model, {}).get(combo.variant)
+        if entry is None:
+            raise ValueError(f"{thresholds_path}: no entry for {combo_id}; write baselines for it first")
+        entry.update(limit.to_toml())
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.spread` from the runs\n"
+            "# named in speed_runs (see speed_derivation); the speed failure compares that statistic.\n")
+    return header + ("" if note in header else note) + tomli_w.dumps(table)
+
+
+def _read_runs(paths: list[Path]) -> list[dict]:
+    from fluxgate import history
+
+    records = []
+    for path in paths:
+        if path.is_dir():
+            records += history.read(path)
+        else:
+            records += history.read_file(path)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluxgate.spread", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="history run files (<run_id>.json) or folders of them, from several GPUs of the class")
+    parser.add_argument("--gpu-class", required=True, help="the class whose limits to derive, e.g. nvidia-h200")
+    parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"),
+                        help="baselines root holding <gpu-class>/thresholds.toml [default: baselines]")
+    parser.add_argument("--write", action="store_true", help="rewrite the thresholds file (default: only print)")
+    args = parser.parse_args(argv)
+    try:
+        limits = derive(_read_runs(args.runs), args.gpu_class)
+        path = args.baselines_dir / args.gpu_class / "thresholds.toml"
+        text = apply(path, limits)
+    except (ValueError, OSError) as error:
+        print(f"fluxgate.spread: error: {error}", file=sys.stderr)
+        return 2
+    for limit in limits.values():
+        print(f"{limit.combo}: min {limit.min_it_s:.3f} it/s ({limit.derivation})")
+    if args.write:
+        from fluxgate.checkpoints import atomic_write
+
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""fluxgate.spread: speed limits from the spread of several runs on several GPUs of a class."""
+
+from __future__ import annotations
+
+import pytest
+
+from fluxgate import spread
+from fluxgate.baselines import Baseline, Thresholds
+from fluxgate.compare import expected_range
+
+
+def record(run: str, gpu: str, step_s: float, combo="flux1-dev[bf16]", syncs=0, **extra):
+    return {"combo": combo, "run_id": run, "gpu_class": "nvidia-h200", "outcome": "passed",
+            "environment": {"gpu": {"uuid": gpu}},
+            "metrics": {"step_times_s": [step_s] * 27, "kernel_path": {"host_syncs_per_step": syncs}, **extra}}
+
+
+def test_the_margin_is_z_sigma_from_the_range_of_the_runs_with_a_floor():
+    runs = [record("a", "GPU-1", 0.170), record("b", "GPU-2", 0.175), record("c", "GPU-2", 0.180)]
+    (limit,) = spread.derive(runs, "nvidia-h200").values()
+    values = [1 / 0.170, 1 / 0.175, 1 / 0.180]
+    sigma = (max(values) - min(values)) / expected_range(3)
+    assert limit.center_it_s == pytest.approx(1 / 0.175)
+    assert limit.margin == pytest.approx(spread.Z * sigma / limit.center_it_s)
+    assert limit.min_it_s == pytest.approx(limit.center_it_s * (1 - limit.margin))
+    assert min(values) > limit.min_it_s  # never tighter than the runs it came from
+    assert limit.gpus == ("GPU-1", "GPU-2") and "3 runs on 2 GPUs" in limit.derivation
+    steady = [record(r, g, 0.175) for r, g in (("a", "GPU-1"), ("b", "GPU-2"), ("c", "GPU-2"))]
+    assert spread.derive(steady, "nvidia-h200")["flux1-dev[bf16]"].margin == spread.MIN_MARGIN
+
+
+def test_a_host_synchronous_combo_keeps_the_larger_floor():
+    runs = [record(r, g, 0.4, combo="flux1-dev[nvfp4]", syncs=494) for r, g in (("a", "1"), ("b", "2"), ("c", "2"))]
+    limit = spread.derive(runs, "nvidia-h200")["flux1-dev[nvfp4]"]
+    assert limit.margin == 0.15 and "host-synchronous" in limit.derivation
+
+
+def test_one_gpu_or_too_few_runs_or_contended_runs_are_not_enough():
+    one_gpu = [record(r, "GPU-1", 0.175) for r in "abc"]
+    with pytest.raises(ValueError, match=r"flux1-dev\[bf16\] \(3 runs, 1 GPUs\)"):
+        spread.derive(one_gpu, "nvidia-h200")
+    contended = [record("a", "GPU-1", 0.175), record("b", "GPU-2", 0.175),
+                 record("c", "GPU-2", 0.5, run_wait_s=[0.3] * 27)]
+    with pytest.raises(ValueError, match="2 runs, 2 GPUs"):
+        spread.derive(contended, "nvidia-h200")
+
+
+def test_the_speed_limit_compares_the_statistic_it_was_derived_for(tmp_path):
+    from fluxgate.gate import limit_failures
+    from fluxgate.measure import RunResult
+    from fluxgate.similarity import Similarity
+
+    # Host jitter: half the steps slow, the fast steps unchanged. The median falls below the limit, the p10 does not.
+    steps = [0.100] * 13 + [0.130] * 14
+    result = RunResult(steps, 3.0, 1.0, "cuda_max_allocated", 1.0, None)
+    similar = Similarity(1.0, float("inf"))
+    for statistic, fails in (("median", True), ("p10", False)):
+        baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic=statistic), tmp_path / "x.png")
+        failures = limit_failures(result, similar, baseline, "[flux1-dev.bf16]")
+        assert bool(failures) is fails, failures
+    assert "it/s (p10 step) < min" in limit_failures(
+        RunResult([0.2] * 27, 3.0, 1.0, "cuda_max_allocated", 1.0, None), similar,
+        Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic="p10"), tmp_path / "x.png"), "e")[0]
+
+
+def test_the_committed_h200_limits_pass_every_run_they_came_from():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "baselines" / "nvidia-h200"
+    limits = spread.derive(spread._read_runs([root / "runs"]), "nvidia-h200")
+    assert len(limits) == 16
+    for limit in limits.values():
+        assert min(limit.values_it_s) >= limit.min_it_s and len(limit.gpus) >= 2
