@@ -193,3 +193,22 @@ def test_without_the_default_settings_file_the_report_skips_the_section_with_a_w
         assert decision.load(decision.DEFAULT_FILE, missing_ok=True) is None
     with pytest.raises(FixtureError, match="decision settings not found"):
         decision.load(tmp_path / "mine.toml")
+
+
+def test_a_combo_that_regressed_against_history_in_this_run_is_never_recommended():
+    d = only(decision.decide(H100_FLUX1, SETTINGS, regressed={"flux1-dev[fp8-scaled-compile]"}))
+    assert d.recommended.combo == "flux1-dev[bf16-compile]"
+    regressed = next(r for r in d.rows if r.combo == "flux1-dev[fp8-scaled-compile]")
+    assert not regressed.passed and "regression against history in this run" in regressed.failures
+
+
+def test_the_summary_headline_says_whether_the_run_passed_the_gate():
+    run = [record("bf16", 5.5, 22.7, 1.0, None), record("nvfp4", 2.3, 7.3, 0.985, 31.0)]
+    assert publish.gate_headline(run, set()) == "**Gate: passed**"
+    # every combo inside its limits, yet a confirmed regression against history: the gate failed
+    assert publish.gate_headline(run, {"flux1-dev[nvfp4]"}) == "**Gate: FAILED** (1 regressed against history)"
+    remeasure = {"combo": "flux1-dev[nvfp4]", "run_id": "r2", "outcome": "remeasure", "verdict": "regression"}
+    assert publish.regressions([*run, remeasure], "r2") == {"flux1-dev[nvfp4]"}
+    failed = [record("bf16", 5.5, 22.7, 1.0, None, outcome="failed")]
+    assert publish.gate_headline(failed, set()) == "**Gate: FAILED** (1 missed a limit)"
+    assert publish.gate_headline([], set()) == "**Gate: FAILED** (nothing was measured)"

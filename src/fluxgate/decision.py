@@ -178,11 +178,16 @@ def _recommendation(rec: Row | None, ref: Row | None, rows: list[Row], settings:
             f"VRAM{saving}.")
 
 
-def decide(records: list[dict], settings: Settings, references: dict[tuple[str, str], dict] | None = None
-           ) -> list[Decision]:
+def decide(records: list[dict], settings: Settings, references: dict[tuple[str, str], dict] | None = None,
+           regressed: set[str] = frozenset()) -> list[Decision]:
     """One Decision per (GPU class, model) among measured `records` (one per combo); `references` may supply the
-    BF16 eager record of a (GPU class, model) the records lack (e.g. from an earlier run)."""
+    BF16 eager record of a (GPU class, model) the records lack (e.g. from an earlier run). A combo in `regressed`
+    regressed against history in this run: it is not passed, so never recommended."""
     rows = [Row.from_record(r) for r in records if r.get("outcome") in MEASURED and r.get("metrics")]
+    for row in rows:
+        if row.combo in regressed:
+            row.passed = False
+            row.failures.append("regression against history in this run")
     decisions = []
     for gpu_class, model in dict.fromkeys((r.gpu_class, r.model) for r in rows):
         group = sorted((r for r in rows if (r.gpu_class, r.model) == (gpu_class, model)), key=lambda r: -r.it_s)
@@ -298,9 +303,10 @@ def scatter(path: Path, decision: Decision, settings: Settings) -> None:
 
 
 def write(run: list[dict], records: list[dict], settings: Settings, out_dir: Path,
-          wrote: Callable[[Path], None]) -> str:
+          wrote: Callable[[Path], None], regressed: set[str] = frozenset()) -> str:
     """decision.md and the scatter plots; returns the markdown. A model whose BF16 eager combo is not in this run is
-    compared with the newest such record of the same GPU class, profile and image settings in the history."""
+    compared with the newest such record of the same GPU class, profile and image settings in the history. Combos in
+    `regressed` (a regression against history in this run) count as not passed: never recommended."""
     def same_images(a: dict, b: dict) -> bool:
         return all(a.get(key) == b.get(key) for key in ("model", "gpu_class", "profile", "settings"))
 
@@ -309,7 +315,7 @@ def write(run: list[dict], records: list[dict], settings: Settings, out_dir: Pat
         if (Combo.parse(record["combo"]).is_reference and record.get("outcome") in MEASURED
                 and any(same_images(record, r) for r in run)):
             references[str(record.get("gpu_class")), record["model"]] = record  # newest wins
-    decisions = decide(run, settings, references)
+    decisions = decide(run, settings, references, regressed)
     plots = {}
     for d in decisions:
         (out_dir / "decision").mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,28 @@ def _verdict(record: dict, given: dict | None) -> str:
     return text if text in CALM_VERDICTS else f"**{text}**"
 
 
-def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: dict, notes: list[str]) -> str:
+def regressions(records: list[dict], run_id: str, verdicts: dict[str, dict] | None = None) -> set[str]:
+    """The combos of run `run_id` with a regression against history: from `verdicts` where given, else from the run's
+    re-measurement records (a confirmed speed regression leaves one with verdict "regression")."""
+    found = {combo for combo, given in (verdicts or {}).items() if (given or {}).get("verdict") == "regression"}
+    return found | {r["combo"] for r in records if r.get("run_id") == run_id and r.get("outcome") == REMEASURE
+                    and r.get("verdict") == "regression"}
+
+
+def gate_headline(run: list[dict], regressed: set[str]) -> str:
+    """One line: did this run pass the gate (every combo inside its limits, no error, no confirmed regression)."""
+    missed = sum(r.get("outcome") == "failed" for r in run)
+    errors = sum(r.get("outcome") == "error" for r in run)
+    measured = sum(r.get("outcome") in MEASURED for r in run)
+    reasons = [text for count, text in ((missed, f"{missed} missed a limit"), (errors, f"{errors} errors"),
+                                        (len(regressed), f"{len(regressed)} regressed against history")) if count]
+    if not measured:
+        reasons.append("nothing was measured")
+    return f"**Gate: FAILED** ({', '.join(reasons)})" if reasons else "**Gate: passed**"
+
+
+def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: dict, notes: list[str],
+             regressed: set[str] = frozenset()) -> str:
     environment = run[0].get("environment") or {}
     commit = (environment.get("git_commit") or "")[:10] or "unknown"
     commit += " (dirty)" if environment.get("git_dirty") else ""
@@ -129,6 +150,7 @@ def _summary(run: list[dict], bases: dict[str, dict], base_note: str, verdicts: 
     lines = [f"### fluxgate · {environment.get('device_name', 'unknown device')} · profile {profiles}",
              f"run `{run[0]['run_id']}` · commit `{commit}` · GPU class `{run[0].get('gpu_class')}` · "
              f"torch {environment.get('torch', '?')} · diffusers {environment.get('diffusers', '?')}", "",
+             gate_headline(run, regressed) + " · "
              f"{len(run)} combos: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n), "",
              f"| combo | it/s | Δ vs base | peak {'VRAM' if cuda else 'RSS'} GiB | Δ | MS-SSIM | PSNR dB | MFU | "
              "J/image | GEMM path | verdict |",
@@ -332,6 +354,7 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     _clear_previous_report(out_dir)
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
     run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != REMEASURE}.values())
+    regressed = regressions(records, run_id, verdicts)
     notes = [f"skipped: {message}" for message in skipped_files]
     written: list[Path] = []
 
@@ -361,9 +384,11 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
             else:
                 wrote(out_dir / "grids" / name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    section = "" if decision_settings is None else "\n" + decision.write(run, records, decision_settings, out_dir, wrote)
+    section = "" if decision_settings is None else "\n" + decision.write(run, records, decision_settings, out_dir, wrote,
+                                                                        regressed=regressed)
     summary = out_dir / "summary.md"
-    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes)
+    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes,
+                                regressed)
                        + section)
     wrote(summary)
     return [written[-1], *written[:-1]]
