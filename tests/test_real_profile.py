@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxgate import checkpoints, comfy
+from fluxgate import checkpoints, identify, layouts
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 
@@ -30,7 +30,7 @@ def comfy_scaled_fp8(fp8r_file: Path, target: Path) -> None:
             tensors[f"{prefix}.scale_weight"] = scale.reshape(1)
         elif key not in tensors:
             tensors[key] = value
-    tensors[comfy.MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file(tensors, str(target))
 
 
@@ -39,10 +39,14 @@ def test_comfy_scaled_fp8_becomes_per_row_fp8r_scales(tmp_path):
     fp8r = checkpoints.ensure(model, PRECISIONS["fp8-scaled"], 0, tmp_path / "cache").path
     comfy_scaled_fp8(fp8r, tmp_path / "comfy.safetensors")
 
-    assert comfy.is_scaled_fp8(tmp_path / "comfy.safetensors") and not comfy.is_scaled_fp8(fp8r)
-    state = comfy.load_scaled_fp8(tmp_path / "comfy.safetensors")
+    found = identify.identify(tmp_path / "comfy.safetensors")
+    assert (found.precision, found.layout) == ("fp8-scaled", "comfy-scaled-fp8")
+    assert identify.identify(fp8r).layout == "bfl-fp8"
+    state, note = layouts.adapt(found, tmp_path / "comfy.safetensors")
     scales = [key for key in state if key.endswith(".weight_scale")]
-    assert scales and comfy.MARKER not in state and not any(key.endswith(".scale_weight") for key in state)
+    assert scales and "scaled_fp8" not in state and not any(key.endswith(".scale_weight") for key in state)
+    assert note == "comfy-scaled-fp8 -> fp8r: 7 per-tensor scales repeated per row -> from_single_file" or \
+        note.startswith("comfy-scaled-fp8 -> fp8r: ")
     for key in scales:
         assert state[key].shape == (state[key.replace(".weight_scale", ".weight")].shape[0],)
 
@@ -80,4 +84,4 @@ def test_real_profile_runs_local_files_and_skips_missing_ones(real_setup):
     assert f"{real_setup / 'missing.gguf'} not found; get it from the moon" in done.stdout
     assert "flux1-dev[nvfp4]: no checkpoint named in" in done.stdout
     history = next((real_setup / "history").glob("*.json")).read_text()
-    assert "ComfyUI scaled fp8 -> fp8r adapter -> from_single_file" in history
+    assert "comfy-scaled-fp8 -> fp8r: " in history and '"layout": "comfy-scaled-fp8"' in history

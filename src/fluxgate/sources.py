@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fluxgate import checkpoints
+from fluxgate import checkpoints, identify, layouts
 from fluxgate.errors import FixtureError, SkipCombo
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
@@ -96,8 +96,8 @@ class RealSource:
         return entry
 
     def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        from fluxgate import comfy
-
+        """The combo's transformer from the user's file: identified from its contents (`identify`), refused when it
+        is not what its slot says, adapted from its layout (`layouts`), loaded through diffusers."""
         entry = self._entry(combo.model_spec)
         checkpoint = entry.get("checkpoints", {}).get(combo.precision)
         if not isinstance(checkpoint, dict) or "path" not in checkpoint:
@@ -105,18 +105,23 @@ class RealSource:
                             f"[{combo.model}.checkpoints] {combo.precision} = {{ path = ... }}")
         raw = checkpoint["path"].replace("$FLUXGATE_MODELS", os.environ.get("FLUXGATE_MODELS", "~/models"))
         path = Path(os.path.expanduser(os.path.expandvars(raw)))
-        if not path.is_file():
+        if not path.exists():
             how = checkpoint.get("source", "see fixtures/models.toml")
             raise SkipCombo(f"{combo.id}: real checkpoint {path} not found; get it from {how} and set its path in "
                             f"{self.models_file}")
+        found = identify.identify(path)  # FixtureError for an index json, one shard, an unreadable file
+        identify.check_slot(found, combo.model, combo.precision)  # nothing is measured under a label it does not carry
         model, precision = combo.model_spec, combo.precision_spec
-        if comfy.is_scaled_fp8(path):
-            state_dict, origin = comfy.load_scaled_fp8(path), "ComfyUI scaled fp8 -> fp8r adapter -> from_single_file"
+        if found.layout == "diffusers-folder":
+            transformer, how_loaded = _from_folder(model.module.TRANSFORMER_CLASS, path, device), "diffusers folder"
         else:
-            state_dict, origin = path, "checkpoint file -> from_single_file"
-        transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, state_dict, self._pipeline(model),
-                                       device, config_subfolder="transformer", name=str(path))
-        return transformer, {"path": origin, "file": str(path), "size_bytes": path.stat().st_size}
+            loadable, how_loaded = layouts.adapt(found, path)
+            transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, loadable,
+                                           self._pipeline(model), device, config_subfolder="transformer",
+                                           name=str(path))
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+        return transformer, {"path": how_loaded, "file": str(path), "size_bytes": size,
+                             "identity": found.to_json(), "sha256": identify.sha256(path)}
 
     def _pipeline(self, model: ModelSpec) -> str:
         """The model's pipeline folder or cached Hub id; SkipCombo, saying how to get it, when it is not here."""
@@ -139,6 +144,15 @@ class RealSource:
 
     def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
         return {"prompt": prompt}
+
+
+def _from_folder(transformer_class: type, folder: Path, device: torch.device) -> torch.nn.Module:
+    """A diffusers model folder (sharded or not) through `from_pretrained`; FixtureError naming it on failure."""
+    try:
+        return transformer_class.from_pretrained(str(folder), torch_dtype=DTYPE, local_files_only=True).to(device)
+    except Exception as error:  # noqa: BLE001 - the loader raises many types; the user needs the folder and reason
+        raise FixtureError(f"{folder}: cannot load the diffusers folder ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:200]})") from None
 
 
 def _pipeline_available(pipeline: str) -> bool:

@@ -1,0 +1,136 @@
+"""Adapters from the checkpoint layouts in circulation onto what diffusers' own loaders read.
+
+`adapt(identity, path)` returns what `from_single_file` takes (the path itself, or a state dict) and a one-line note
+of what was changed. Each adapter is the smallest mapping for its layout (`fluxgate.identify` names the layouts):
+
+- a key prefix (`model.diffusion_model.` and the like, safetensors or GGUF): stripped.
+- `comfy-scaled-fp8` (legacy) and `comfy-mixed-fp8`: e4m3 weights with ONE fp32 scale per tensor (`scale_weight`
+  or a scalar `weight_scale`) -> diffusers' BFL fp8r layout, whose `weight_scale` is per row `[N]`: the scalar is
+  repeated for every row (exact: the same number). `input_scale` / `scale_input` (static activation scaling) has no
+  counterpart in fp8r and is dropped; ComfyUI's `comfy_quant` markers are dropped.
+- `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads): the two E2M1 values of each byte
+  swapped (ComfyUI packs the first value in the HIGH nibble, ModelOpt in the LOW one), the E4M3 block scales taken
+  out of cuBLAS's 128x4-tile layout into row-major `[N, K/16]` (comfy-kitchen `to_blocked`: a scale at row r,
+  column c of the padded `[ceil128(N), ceil4(K/16)]` matrix sits at tile (r // 128, c // 4), offset
+  (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4 of the tile's 512). A missing `input_scale` (ComfyUI computes
+  activation scales at run time) is given as 1.0, since diffusers' loader requires the key: only an FP4 GEMM reads
+  it, and the note says so.
+Everything else is passed to diffusers as the file it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fluxgate.errors import FixtureError
+from fluxgate.identify import Identity
+
+NVFP4_BLOCK = 16
+
+
+def blocked_to_rows(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """cuBLAS 128x4-tiled block scales `[ceil128(rows), ceil4(cols)]` (any 1-byte dtype) -> row-major `[rows, cols]`
+    of the same dtype. Raises ValueError when the shape is not the tiled shape of `[rows, cols]`."""
+    prow, pcol = -(-rows // 128) * 128, -(-cols // 4) * 4
+    if tuple(blocked.shape) != (prow, pcol):
+        raise ValueError(f"tiled block scales of a [{rows}, {cols}] matrix are [{prow}, {pcol}], got "
+                         f"{list(blocked.shape)}")
+    r = torch.arange(prow)[:, None]
+    c = torch.arange(pcol)[None, :]
+    offset = ((r // 128) * (pcol // 4) + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
+    flat = blocked.reshape(-1).view(torch.uint8)
+    return flat[offset.reshape(-1)].reshape(prow, pcol)[:rows, :cols].contiguous().view(blocked.dtype)
+
+
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes with their two 4-bit halves exchanged (high-first E2M1 pairs <-> low-first)."""
+    return ((packed & 0x0F) << 4) | (packed >> 4)
+
+
+def _comfy_marker_keys(state_dict: dict) -> list[str]:
+    return [key for key in state_dict if key.endswith(".comfy_quant")]
+
+
+def comfy_nvfp4_to_modelopt(state_dict: dict, path: Path) -> tuple[dict, int]:
+    """The state dict with every ComfyUI NVFP4 linear in the ModelOpt layout; returns it and how many linears had
+    no `input_scale`. Raises FixtureError naming the file and tensor when a layer's tensors do not fit."""
+    out = {key: value for key, value in state_dict.items() if not key.endswith(".comfy_quant")}
+    missing_input_scale = 0
+    for marker in _comfy_marker_keys(state_dict):
+        layer = marker.removesuffix(".comfy_quant")
+        weight, scale = state_dict.get(f"{layer}.weight"), state_dict.get(f"{layer}.weight_scale")
+        if weight is None or scale is None or weight.dtype != torch.uint8 or weight.ndim != 2:
+            raise FixtureError(f"{path}: {layer}: an nvfp4 layer needs a uint8 [N, K/2] weight and a weight_scale")
+        rows, cols = weight.shape[0], weight.shape[1] * 2 // NVFP4_BLOCK
+        try:
+            out[f"{layer}.weight_scale"] = blocked_to_rows(scale, rows, cols)
+        except ValueError as error:
+            raise FixtureError(f"{path}: {layer}.weight_scale: {error}") from None
+        out[f"{layer}.weight"] = swap_nibbles(weight)
+        if f"{layer}.input_scale" not in state_dict:
+            out[f"{layer}.input_scale"] = torch.tensor(1.0, dtype=torch.float32)
+            missing_input_scale += 1
+    return out, missing_input_scale
+
+
+def per_tensor_fp8_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
+    """e4m3 weights with one fp32 scale per tensor (`scale_weight` or a scalar `weight_scale`) -> fp8r per-row
+    `weight_scale` `[N]`; static activation scales and ComfyUI markers dropped. Returns it and the linears changed."""
+    out, changed = {}, 0
+    for key, value in state_dict.items():
+        if key == "scaled_fp8" or key.endswith((".comfy_quant", ".scale_input", ".input_scale")):
+            continue
+        if key.endswith((".scale_weight", ".weight_scale")) and value.numel() == 1:
+            layer = key.rsplit(".", 1)[0]
+            weight = state_dict.get(f"{layer}.weight")
+            if weight is None or weight.dtype != torch.float8_e4m3fn:
+                raise FixtureError(f"{path}: {key} is a per-tensor scale without an e4m3 `{layer}.weight`")
+            out[f"{layer}.weight_scale"] = value.float().reshape(()).expand(weight.shape[0]).contiguous()
+            changed += 1
+            continue
+        out[key] = value
+    return out, changed
+
+
+def _strip(state_dict: dict, prefix: str) -> dict:
+    return {key.removeprefix(prefix): value for key, value in state_dict.items()} if prefix else state_dict
+
+
+def _load(path: Path) -> dict:
+    if path.suffix == ".gguf":
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(path))
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def adapt(identity: Identity, path: Path) -> tuple[Path | dict, str]:
+    """What to hand diffusers' `from_single_file` for this checkpoint, and a note of any change made (module docs).
+    Raises FixtureError naming the file for a layout with no adapter."""
+    changes = []
+    needs_dict = identity.prefix or identity.layout in ("comfy-scaled-fp8", "comfy-mixed-fp8", "comfy-nvfp4")
+    if not needs_dict:
+        return path, "checkpoint file -> from_single_file"
+    state_dict = _strip(_load(path), identity.prefix)
+    if identity.prefix:
+        changes.append(f"key prefix '{identity.prefix}' stripped")
+    if identity.layout in ("comfy-scaled-fp8", "comfy-mixed-fp8"):
+        state_dict, count = per_tensor_fp8_to_fp8r(state_dict, path)
+        changes.append(f"{identity.layout} -> fp8r: {count} per-tensor scales repeated per row")
+    elif identity.layout == "comfy-nvfp4":
+        state_dict, missing = comfy_nvfp4_to_modelopt(state_dict, path)
+        changes.append("comfy-nvfp4 -> ModelOpt layout (nibbles swapped, tiled block scales to rows)")
+        if missing:
+            changes.append(f"{missing} linears had no input_scale (ComfyUI scales activations at run time): 1.0 given, "
+                           "read only by FP4 GEMMs")
+    return state_dict, "; ".join(changes) + " -> from_single_file"
+
+
+def comfy_quant_json(fmt: str) -> torch.Tensor:
+    """ComfyUI's per-layer marker tensor: the JSON `{"format": fmt}` as uint8 bytes (for writing test files)."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)

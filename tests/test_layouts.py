@@ -1,0 +1,217 @@
+"""Checkpoints as users hold them: identified from their contents, refused when they are not what their slot says,
+and adapted from the layouts ComfyUI, comfy-kitchen, city96 and diffusers write onto diffusers' loaders.
+
+The layouts are written here from their published facts (see fluxgate.identify / fluxgate.layouts docstrings),
+independently of the adapters: a tiled scale matrix is built with the cuBLAS tile formula, ComfyUI NVFP4 packs the
+first value of a pair in the high nibble, ComfyUI fp8 stores one fp32 scale per tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.quantizers.bfl.utils import dequantize_fp8r, dequantize_nvfp4, quantize_nvfp4
+from safetensors.torch import load_file, save_file
+
+from fluxgate import checkpoints, identify, layouts
+from fluxgate.errors import FixtureError
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+
+
+def tiled(scales: torch.Tensor) -> torch.Tensor:
+    """[R, C] one-byte scales into cuBLAS's 128x4-tile layout (what comfy-kitchen's to_blocked stores)."""
+    rows, cols = scales.shape
+    prow, pcol = -(-rows // 128) * 128, -(-cols // 4) * 4
+    padded = np.zeros((prow, pcol), dtype=np.uint8)
+    padded[:rows, :cols] = scales.view(torch.uint8).numpy()
+    out = np.empty(prow * pcol, dtype=np.uint8)
+    for r in range(prow):
+        for c in range(pcol):
+            tile = (r // 128) * (pcol // 4) + c // 4
+            out[tile * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4] = padded[r, c]
+    return torch.from_numpy(out.reshape(prow, pcol)).view(scales.dtype)
+
+
+def comfy_marker(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("rows, cols", [(128, 4), (200, 6), (300, 10)])
+def test_tiled_block_scales_come_back_to_rows(rows, cols):
+    scales = torch.randint(0, 255, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(layouts.blocked_to_rows(tiled(scales), rows, cols), scales)
+    with pytest.raises(ValueError, match="tiled block scales"):
+        layouts.blocked_to_rows(scales, rows, cols + 8)
+
+
+def test_comfy_nvfp4_becomes_the_modelopt_tensors_exactly(tmp_path):
+    weight = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    packed, block, global_scale = quantize_nvfp4(weight)  # ModelOpt: first value in the low nibble
+    comfy = {"l.weight": ((packed & 0x0F) << 4) | (packed >> 4), "l.weight_scale": tiled(block),
+             "l.weight_scale_2": global_scale.float().reshape(()), "l.comfy_quant": comfy_marker("nvfp4")}
+    adapted, missing = layouts.comfy_nvfp4_to_modelopt(comfy, tmp_path / "x.safetensors")
+    assert torch.equal(adapted["l.weight"], packed) and torch.equal(adapted["l.weight_scale"].view(torch.uint8),
+                                                                    block.view(torch.uint8))
+    assert missing == 1 and "l.comfy_quant" not in adapted
+    restored = dequantize_nvfp4(adapted["l.weight"], adapted["l.weight_scale"], adapted["l.weight_scale_2"]).float()
+    assert float((restored - weight).norm() / weight.norm()) < 0.12  # NVFP4's own rounding (~0.10)
+
+
+def test_one_scale_per_tensor_fp8_becomes_per_row_fp8r_with_the_same_values(tmp_path):
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    scale = weight.abs().max() / 448
+    comfy = {"l.weight": (weight / scale).to(torch.float8_e4m3fn), "l.weight_scale": scale.reshape(()),
+             "l.input_scale": torch.tensor(1.0), "l.comfy_quant": comfy_marker("float8_e4m3fn"),
+             "l.bias": torch.zeros(32, dtype=torch.bfloat16)}
+    adapted, changed = layouts.per_tensor_fp8_to_fp8r(comfy, tmp_path / "x.safetensors")
+    assert changed == 1 and set(adapted) == {"l.weight", "l.weight_scale", "l.bias"}
+    assert adapted["l.weight_scale"].shape == (32,)
+    restored = dequantize_fp8r(adapted["l.weight"], adapted["l.weight_scale"]).float()
+    assert float((restored - weight).norm() / weight.norm()) < 0.04  # e4m3's own rounding (~0.026)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    cache = tmp_path_factory.mktemp("cache")
+    return {f"{model}.{precision}": checkpoints.ensure(MODELS[model], PRECISIONS[precision], 0, cache).path
+            for model in ("z-image-turbo", "flux2-dev") for precision in PRECISIONS}
+
+
+def test_every_file_fluxgate_writes_is_identified_as_what_it_is(tiny_files):
+    expected_layout = {"bf16": "bf16", "fp8-scaled": "bfl-fp8", "gguf-q8_0": "gguf", "nvfp4": "modelopt-nvfp4"}
+    for name, path in tiny_files.items():
+        model, precision = name.split(".")
+        found = identify.identify(path)
+        assert (found.family, found.precision, found.layout) == (
+            identify.MODEL_FAMILY[model], precision, expected_layout[precision]), found
+        identify.check_slot(found, model, precision)
+
+
+@pytest.mark.parametrize("slot_model, slot_precision, source, problem", [
+    ("z-image-turbo", "bf16", "z-image-turbo.fp8-scaled", "the bf16 slot needs bf16"),
+    ("z-image-turbo", "gguf-q8_0", "z-image-turbo.nvfp4", "the gguf-q8_0 slot needs gguf-q8_0"),
+    ("flux2-dev", "bf16", "z-image-turbo.bf16", "the flux2-dev slot needs a flux2 model"),
+    ("flux1-dev", "nvfp4", "flux2-dev.nvfp4", "the flux1-dev slot needs a flux1 model"),
+])
+def test_a_file_that_is_not_what_its_slot_says_is_refused_naming_both(tiny_files, slot_model, slot_precision, source,
+                                                                      problem):
+    found = identify.identify(tiny_files[source])
+    with pytest.raises(FixtureError, match=problem) as error:
+        identify.check_slot(found, slot_model, slot_precision)
+    assert str(tiny_files[source]) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_q4_0_gguf_is_no_q8_0_whatever_its_name(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "flux2-dev-Q8_0.gguf"), "flux")
+    data = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    writer.add_tensor("double_stream_modulation_img.lin.weight", gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    writer.add_tensor("double_blocks.0.img_attn.norm.key_norm.scale", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    found = identify.identify(tmp_path / "flux2-dev-Q8_0.gguf")
+    assert (found.family, found.precision, found.layout) == ("flux2", None, "gguf-Q4_0")
+    with pytest.raises(FixtureError, match=r"is flux2, no fluxgate precision \(gguf-Q4_0; arch flux.*the gguf-q8_0 "
+                                           "slot needs gguf-q8_0"):
+        identify.check_slot(found, "flux2-dev", "gguf-q8_0")
+
+
+def test_prefixes_index_files_shards_and_folders_are_named(tiny_files, tmp_path):
+    state = load_file(str(tiny_files["flux2-dev.bf16"]))
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(tmp_path / "saved.safetensors"))
+    found = identify.identify(tmp_path / "saved.safetensors")
+    assert (found.family, found.precision, found.prefix) == ("flux2", "bf16", "model.diffusion_model.")
+    adapted, note = layouts.adapt(found, tmp_path / "saved.safetensors")
+    assert set(adapted) == set(state) and note.startswith("key prefix 'model.diffusion_model.' stripped")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    save_file(state, str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    assert identify.identify(folder).layout == "diffusers-folder"
+    for part in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00002.safetensors"):
+        with pytest.raises(FixtureError, match=f"give the folder {folder} instead"):
+            identify.identify(folder / part)
+    with pytest.raises(FixtureError, match="not a diffusers model folder"):
+        identify.identify(tmp_path)
+
+
+def test_a_comfy_nvfp4_file_with_a_prefix_loads_as_its_modelopt_twin(tiny_files, tmp_path):
+    """End to end through the real profile's loader: fluxgate's own ModelOpt file rewritten as ComfyUI writes NVFP4
+    (high nibble first, tiled scales, comfy_quant, no input_scale, ModelSave prefix) loads to the same weights."""
+    from diffusers.quantizers.bfl.utils import BFLNVFP4Linear
+
+    from fluxgate.precisions import load_transformer
+
+    model = MODELS["z-image-turbo"]
+    twin = load_file(str(tiny_files["z-image-turbo.nvfp4"]))
+    comfy = {}
+    for key, value in twin.items():
+        layer = key.rsplit(".", 1)[0]
+        if key.endswith(".input_scale"):
+            continue
+        if key.endswith(".weight") and value.dtype == torch.uint8:
+            comfy[key], comfy[f"{layer}.comfy_quant"] = ((value & 0x0F) << 4) | (value >> 4), comfy_marker("nvfp4")
+        elif key.endswith(".weight_scale") and value.dtype == torch.float8_e4m3fn:
+            comfy[key] = tiled(value)
+        else:
+            comfy[key] = value
+    path = tmp_path / "z_image_nvfp4_comfy.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in comfy.items()}, str(path))
+    found = identify.identify(path)
+    identify.check_slot(found, "z-image-turbo", "nvfp4")
+    assert found.layout == "comfy-nvfp4"
+    pipeline = tmp_path / "pipeline"
+    model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0)
+                                ).save_pretrained(pipeline)
+    loadable, note = layouts.adapt(found, path)
+    assert "input_scale" in note and "prefix" in note
+    device = torch.device("cpu")
+    loaded = load_transformer(PRECISIONS["nvfp4"], model.module.TRANSFORMER_CLASS, loadable, pipeline, device,
+                              config_subfolder="transformer")
+    reference = load_transformer(PRECISIONS["nvfp4"], model.module.TRANSFORMER_CLASS, tiny_files["z-image-turbo.nvfp4"],
+                                 pipeline, device, config_subfolder="transformer")
+    pairs = [(a, b) for (_, a), (_, b) in zip(loaded.named_modules(), reference.named_modules())
+             if isinstance(a, BFLNVFP4Linear)]
+    assert pairs
+    for a, b in pairs:
+        assert torch.equal(dequantize_nvfp4(a.weight, a.weight_scale, a.weight_scale_2),
+                           dequantize_nvfp4(b.weight, b.weight_scale, b.weight_scale_2))
+
+
+def test_a_nvfp4_layer_whose_scales_do_not_fit_is_named(tmp_path):
+    bad = {"l.weight": torch.zeros(128, 32, dtype=torch.uint8), "l.weight_scale": torch.zeros(128, 3).to(
+        torch.float8_e4m3fn), "l.weight_scale_2": torch.tensor(1.0), "l.comfy_quant": comfy_marker("nvfp4")}
+    with pytest.raises(FixtureError, match=r"x.safetensors: l.weight_scale: tiled block scales of a \[128, 4\]"):
+        layouts.comfy_nvfp4_to_modelopt(bad, tmp_path / "x.safetensors")
+
+
+def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fills(tiny_files, tmp_path):
+    import shutil
+    import tomllib
+
+    from fluxgate import scan
+
+    tree = tmp_path / "ComfyUI" / "models"
+    (tree / "diffusion_models").mkdir(parents=True)
+    (tree / "unet").mkdir()
+    shutil.copy(tiny_files["z-image-turbo.nvfp4"], tree / "diffusion_models" / "anything.safetensors")
+    shutil.copy(tiny_files["flux2-dev.gguf-q8_0"], tree / "unet" / "flux2-dev-Q4_K_M.gguf")  # the name lies
+    (tree / "unet" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    out = tmp_path / "models.toml"
+    assert scan.main([str(tree), "--out", str(out)]) == 0
+    table = tomllib.loads(out.read_text())
+    assert table["z-image-turbo"]["checkpoints"] == {"nvfp4": {"path": str(tree / "diffusion_models" /
+                                                                             "anything.safetensors")}}
+    assert table["flux2-dev"]["checkpoints"]["gguf-q8_0"]["path"].endswith("flux2-dev-Q4_K_M.gguf")
+    assert table["flux2-dev"]["pipeline"] == "black-forest-labs/FLUX.2-dev"  # no pipeline folder in the tree
+    listed, _ = scan.scan(tree)
+    assert any(isinstance(i, str) and "broken.safetensors: unreadable safetensors header" in i for _, i in listed)
