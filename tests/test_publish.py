@@ -1,5 +1,6 @@
 """fluxgate.publish: one run from the history -> summary.md, trend plots and image grids; the CLI around it."""
 
+import json
 import numpy as np
 from pathlib import Path
 
@@ -243,3 +244,16 @@ def test_the_report_folder_holds_only_the_run_it_describes(history_dir, baseline
     written = write_report(history_dir, out, baselines_dir)
     assert not list(out.rglob("*.gone.png"))
     assert (out / "notes.txt").is_file() and all(path.is_file() for path in written)
+
+
+def test_the_delta_uses_the_window_the_gate_judges_against_leaving_out_a_gate_off_run(history_dir, baselines_dir,
+                                                                                    tmp_path):
+    # A run made with the history gate off (a CI `tests` run) stands in no window: the Δ beside a verdict must not
+    # use it either (it/s 10 earlier, 14 in the gate-off run; this run 11 -> +10.0 % against 10 alone).
+    path = history_dir / f"{RUNS[1]}.json"
+    document = json.loads(path.read_text())
+    document["environment"] = {**document["environment"], "history_gate": "off"}
+    path.write_text(json.dumps(document))
+    write_report(history_dir, tmp_path / "report", baselines_dir)
+    table = _table((tmp_path / "report" / "summary.md").read_text())
+    assert table["flux1-dev[bf16]"][1:3] == ["11.000", "+10.0%"]

@@ -30,7 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from fluxgate import decision, history
+from fluxgate import compare, decision, history
 from fluxgate.compare import REMEASURE
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import Combo
@@ -368,7 +368,10 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
         series = _series(record, records, runs) if record.get("outcome") in MEASURED else []
         earlier = series[:-1]
         given = verdicts.get(record["combo"])
-        bases[record["combo"]] = {metric: given.get(f"baseline_{metric}") if given else _median(earlier, metric)
+        # Without verdicts, the base is the window the history gate judges against (the last comparable runs, none
+        # made under host contention or with the gate off), so the Δ beside a verdict measures what it judged.
+        window = compare.select_window(records, record) if series and not given else []
+        bases[record["combo"]] = {metric: given.get(f"baseline_{metric}") if given else _median(window, metric)
                                   for metric in ("it_s", "peak_mem_gib")}
         if not series:
             continue  # error / skipped: listed in the summary, nothing to plot
