@@ -178,3 +178,15 @@ def test_cupti_teardown_is_set_before_the_first_combo(matrix, monkeypatch):
             assert os.environ["TEARDOWN_CUPTI"] == "1"
     """)
     matrix.runpytest("test_teardown.py").assert_outcomes(passed=1)
+
+
+def test_an_installed_fluxgate_gives_its_plugin_to_any_repository(tmp_path):
+    # The pytest11 entry point: a team's own repository gets the options and marks without copying conftest.py.
+    import subprocess
+    import sys
+
+    (tmp_path / "test_own.py").write_text("import pytest\n\n@pytest.mark.nvfp4\ndef test_own():\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--strict-markers",
+                           "--allow-empty", str(tmp_path / "test_own.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

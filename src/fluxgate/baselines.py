@@ -19,7 +19,7 @@ from pathlib import Path
 import tomli_w
 from PIL import Image, UnidentifiedImageError
 
-from fluxgate.checkpoints import atomic_write
+from fluxgate.files import atomic_write
 from fluxgate.errors import BaselineError
 from fluxgate.matrix import Combo
 

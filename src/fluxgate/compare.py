@@ -51,6 +51,7 @@ from scipy import integrate
 from scipy import stats as scipy_stats
 
 from fluxgate import stats
+from fluxgate.outcomes import MEASURED, REMEASURE  # noqa: F401 - REMEASURE re-exported
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -62,8 +63,7 @@ NOT_COMPARABLE = "not comparable"
 _SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
 
 FIRST_RUN = "no baseline runs of"  # the start of a not-comparable reason where the combo has no history at all
-REMEASURE = "remeasure"  # the outcome of a re-measurement record: evidence for its run's verdict, never a candidate
-USABLE_OUTCOMES = ("passed", "failed")  # a failed limit is still a valid measurement; error/skipped are not
+USABLE_OUTCOMES = MEASURED  # a failed limit is still a valid measurement; error/skipped are not
 
 # Fingerprint field -> its path in a record's "environment". Two runs that differ in any of these measure a
 # different system, so a difference is not the code's doing.

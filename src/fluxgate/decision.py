@@ -20,11 +20,11 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
+from fluxgate.outcomes import MEASURED, PASSED
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 
 DEFAULT_FILE = Path("fixtures/decision.toml")
-MEASURED = ("passed", "failed")  # record outcomes that carry measurements
 RULE = ("Recommended: the fastest combo (median it/s) that passed its item's speed, VRAM and similarity asserts, "
         "meets the model's quality floor against the BF16 image and fits the VRAM budget; ties go to the smaller "
         "peak VRAM. Cost per 1000 images = median seconds per image × $/GPU-hour ÷ 3.6.")
@@ -111,7 +111,7 @@ class Row:
         return cls(record["combo"], record["model"], record["precision"], record.get("runtime", "eager"),
                    str(record.get("gpu_class")), m["it_s"], m["peak_mem_gib"], m.get("ms_ssim"), m.get("psnr_db"),
                    m["e2e_s"], None if energy is None else energy / images, m.get("compile_s"),
-                   bool((m.get("kernel_path") or {}).get("fallback")), record.get("outcome") == "passed",
+                   bool((m.get("kernel_path") or {}).get("fallback")), record.get("outcome") == PASSED,
                    list(record.get("failures") or []))
 
     @property

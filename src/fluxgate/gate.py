@@ -16,6 +16,7 @@ from PIL import Image
 
 from fluxgate import baselines, flops, similarity, spread, stats
 from fluxgate.errors import FluxgateError, SkipCombo
+from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
 from fluxgate.history import RunHistory
 from fluxgate.matrix import Combo
 from fluxgate.measure import RunResult
@@ -40,8 +41,8 @@ class Outcome:
     @property
     def verdict(self) -> str:
         if self.skipped:
-            return "skipped"
-        return "error" if self.error else ("failed" if self.failures else "passed")
+            return SKIPPED
+        return ERROR if self.error else (FAILED if self.failures else PASSED)
 
 
 def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:

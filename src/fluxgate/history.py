@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxgate.checkpoints import atomic_write
+from fluxgate.files import atomic_write
 from fluxgate.compare import REMEASURE
 
 SCHEMA = 1

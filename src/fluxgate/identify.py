@@ -267,7 +267,7 @@ def sha256(path: Path) -> str:
             digest.update(chunk)
     known[key] = digest.hexdigest()
     try:
-        from fluxgate.checkpoints import atomic_write
+        from fluxgate.files import atomic_write
 
         atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(known, indent=0, sort_keys=True)))
     except OSError:

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fluxgate import compare, decision, history
 from fluxgate.compare import REMEASURE
+from fluxgate.outcomes import ERROR, FAILED, MEASURED
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import Combo
 from fluxgate.report import VERDICTS, spike_line, sync_line
@@ -39,7 +40,6 @@ from fluxgate.report import VERDICTS, spike_line, sync_line
 SIMILARITY_EPS = 1e-4  # MS-SSIM further below 1.0 than this counts as "moved" and gets an image grid
 NONE = "—"
 CALM_VERDICTS = ("PASS", "OK", "NO CHANGE", "IMPROVEMENT")  # shown plain; every other verdict in bold
-MEASURED = ("passed", "failed")  # outcomes whose metrics are measurements (error / skipped have none)
 
 
 class PublishError(FluxgateError):
@@ -129,8 +129,8 @@ def regressions(records: list[dict], run_id: str, verdicts: dict[str, dict] | No
 
 def gate_headline(run: list[dict], regressed: set[str]) -> str:
     """One line: did this run pass the gate (every combo inside its limits, no error, no confirmed regression)."""
-    missed = sum(r.get("outcome") == "failed" for r in run)
-    errors = sum(r.get("outcome") == "error" for r in run)
+    missed = sum(r.get("outcome") == FAILED for r in run)
+    errors = sum(r.get("outcome") == ERROR for r in run)
     measured = sum(r.get("outcome") in MEASURED for r in run)
     reasons = [text for count, text in ((missed, f"{missed} missed a limit"), (errors, f"{errors} errors"),
                                         (len(regressed), f"{len(regressed)} regressed against history")) if count]
@@ -211,7 +211,7 @@ def _write_trend(path: Path, candidate: dict, series: list[dict], base: dict) ->
     figure = Figure(figsize=(9, 7.2), layout="constrained")
     axes = figure.subplots(3, 1, sharex=True)
     xs = np.arange(len(series))
-    failed = np.array([r.get("outcome") == "failed" for r in series])
+    failed = np.array([r.get("outcome") == FAILED for r in series])
     thresholds = candidate.get("thresholds") or {}
     mem_kind = str((candidate.get("metrics") or {}).get("mem_kind", ""))
     for ax, (metric, label, limit_key) in zip(axes, TREND_PANELS):

@@ -6,12 +6,13 @@ import math
 import time
 from collections import Counter
 
+from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
 from fluxgate import memory
 from fluxgate.compare import (FIRST_RUN, NO_CHANGE, NOT_COMPARABLE, REMEASURE, host_syncs_per_step,
                               is_host_synchronous)
 from fluxgate.stats import Spikes, mostly_idle
 
-VERDICTS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
+VERDICTS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", SKIPPED: "SKIP"}
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

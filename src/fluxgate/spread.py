@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from fluxgate import stats
+from fluxgate.outcomes import MEASURED
 
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
 Z = 3.09  # one-sided normal quantile of 0.1 %
 MIN_MARGIN = 0.03
 MIN_RUNS = 3
 MIN_GPUS = 2
-USABLE = ("passed", "failed")
 
 
 def run_it_s(step_times_s: list[float], statistic: str = STATISTIC) -> float:
@@ -97,7 +97,7 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
     host_synchronous: set[str] = set()
     for record in records:
         metrics = record.get("metrics") or {}
-        if (record.get("gpu_class") != gpu_class or record.get("outcome") not in USABLE
+        if (record.get("gpu_class") != gpu_class or record.get("outcome") not in MEASURED
                 or not metrics.get("step_times_s") or stats.contention_note(metrics)):
             continue
         if is_host_synchronous(record):
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for limit in limits.values():
         print(f"{limit.combo}: min {limit.min_it_s:.3f} it/s ({limit.derivation})")
     if args.write:
-        from fluxgate.checkpoints import atomic_write
+        from fluxgate.files import atomic_write
 
         atomic_write(path, lambda tmp: tmp.write_text(text))
         print(f"wrote {path}")

@@ -34,7 +34,8 @@ import gguf
 import torch
 from diffusers.quantizers.gguf.utils import GGUFParameter
 
-from fluxgate.checkpoints import atomic_write, quantized_linear_keys
+from fluxgate.checkpoints import quantized_linear_keys
+from fluxgate.files import atomic_write
 from fluxgate.models import ModelSpec
 from fluxgate.precisions import PrecisionSpec, fp8r_tensors, load_transformer, nvfp4_tensors
 
