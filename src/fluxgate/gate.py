@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxgate import baselines, flops, similarity, spread, stats
+from fluxgate import baselines, flops, similarity, spread, stats, tripwire
 from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
 from fluxgate.history import RunHistory
@@ -127,9 +127,16 @@ class Gate:
             reference, baseline = self._reference(combo, result)
             sim = similarity.compare(result.image, reference)
             outcome.metrics.update(sim.to_json())
+            broken = tripwire.check(result.image, None if combo.is_reference else reference, result.nonfinite_latents)
+            outcome.metrics["broken_image"] = broken
+            if self.write and broken:  # never a baseline: neither its image nor its numbers
+                if self.references.get(combo.model) is result.image:
+                    del self.references[combo.model]
+                raise FluxgateError(f"broken image, not stored as a baseline: {'; '.join(broken)}")
             if baseline is not None:
                 record["thresholds"] = asdict(baseline.thresholds)
-                outcome.failures = limit_failures(result, sim, baseline, f'["{combo.model}"."{combo.variant}"]')
+                outcome.failures = [f"broken image: {problem}" for problem in broken] + limit_failures(
+                    result, sim, baseline, f'["{combo.model}"."{combo.variant}"]')
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
                                                           sim.to_json()["psnr_db"])

@@ -58,6 +58,7 @@ class RunResult:
     gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end
     idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled (measured per run)
     first_steps_s: list[float] | None = None  # each timed image's first step, kept out of the lists above
+    nonfinite_latents: int = 0  # NaN/Inf values in the last timed image's final latents (fluxgate.tripwire)
 
     @property
     def stats(self) -> StepStats:
@@ -97,6 +98,7 @@ class _StepClock:
         # during the denoising steps alone (transformer forwards, comparable with a bare-transformer measurement).
         self.before_loop_peak_bytes = 0
         self.denoise_peak_bytes = 0
+        self.last_latents = None  # the latents after the last step (held, not read: no sync inside the loop)
 
     def _mark(self) -> None:
         self.cpu_marks.append(time.thread_time())
@@ -120,6 +122,7 @@ class _StepClock:
 
     def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self._mark()
+        self.last_latents = callback_kwargs.get("latents")
         if self.cuda:
             self.denoise_peak_bytes = torch.cuda.max_memory_allocated()
         return callback_kwargs
@@ -266,7 +269,7 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
     host: dict[str, list | None] = {"off_cpu_s": [], "run_wait_s": [], "host_step_times_s": [],
-                                    "gpu_idle_at_end": [], "first_steps_s": []}
+                                    "gpu_idle_at_end": [], "first_steps_s": [], "nonfinite_latents": 0}
     gc.collect()
     gc.disable()
     try:
@@ -284,6 +287,8 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
                 host["run_wait_s"] + _split_first(waits)[1]
             host["host_step_times_s"] += _split_first(clock.host_step_times_s() or [])[1]
             host["gpu_idle_at_end"] += _split_first(clock.gpu_idle_at_end)[1]
+            if clock.last_latents is not None:  # read after the image, outside every timed step
+                host["nonfinite_latents"] = int((~torch.isfinite(clock.last_latents)).sum())
     finally:
         gc.enable()
     if device.type != "cuda":

@@ -134,8 +134,9 @@ def _mostly_idle(idle_total: int | None, n: int) -> bool:
 
 
 # A combo whose main thread waited this share of its step time for a CPU (runnable, not running; median over the
-# steps) ran on cores other work held. Measured with the tiny profile on a 2-core machine (2 torch threads): off the
-# CPU 1.5 % of each step alone, 51 % beside one busy loop (steps 2.4-3.9x slower); synthetic H200 combos 0.0-0.2 %.
+# steps) ran on cores other work held. Measured with the tiny profile on a 2-core machine, one torch thread: 0.0 %
+# of each step alone (all 16 combos), 15-31 % beside two busy loops (z-image-turbo, steps 1.5-3.5x slower). On the
+# H200 runs (before this was recorded) the main thread's off-CPU time was 0.0-0.2 % of each step.
 HOST_CONTENTION = 0.10
 
 
