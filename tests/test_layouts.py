@@ -89,6 +89,9 @@ def test_every_file_fluxgate_writes_is_identified_as_what_it_is(tiny_files):
         assert (found.family, found.precision, found.layout) == (
             identify.MODEL_FAMILY[model], precision, expected_layout[precision]), found
         identify.check_slot(found, model, precision)
+    # The tiny profile writes GGUF as the community converters do: FLUX.2 as arch `flux` (city96, ComfyUI-GGUF)
+    assert identify.identify(tiny_files["flux2-dev.gguf-q8_0"]).detail.startswith("arch flux,")
+    assert identify.identify(tiny_files["z-image-turbo.gguf-q8_0"]).detail.startswith("arch lumina2,")
 
 
 @pytest.mark.parametrize("slot_model, slot_precision, source, problem", [

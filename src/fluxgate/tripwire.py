@@ -30,9 +30,11 @@ def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 def check(image: Image.Image, reference: Image.Image | None = None, nonfinite_latents: int = 0) -> list[str]:
     """One line per tripped check of `image` (RGB, any size), [] for an image that looks like an image.
-    `reference`: the BF16 image of the same model and size, for the noise check (the image's PSNR against it must
-    beat uniform noise's by NOISE_MARGIN_DB: a committed reference image beats it by 2.6-9.5 dB even against another model's reference, a working quantized combo by 10 dB or more); `nonfinite_latents`: how many
-    NaN/Inf values the final latents held."""
+
+    `reference`: the BF16 image of the same model and size, for the noise check: the image's PSNR against it must
+    beat uniform noise's by NOISE_MARGIN_DB (a committed reference image beats it by 2.6-9.5 dB even against another
+    model's reference, a working quantized combo by 10 dB or more). `nonfinite_latents`: how many NaN/Inf values the
+    final latents held."""
     problems = []
     if nonfinite_latents:
         problems.append(f"non-finite latents: {nonfinite_latents} NaN/Inf values after the last step")

@@ -101,7 +101,7 @@ MODELS: dict[str, ModelSpec] = {
             name="flux2-dev",
             builder="flux2",
             quantized_blocks=_FLUX_BLOCKS,
-            gguf_arch="flux2",
+            gguf_arch="flux",  # city96 and ComfyUI-GGUF write FLUX.2 as arch "flux" (ComfyUI-GGUF knows no "flux2")
             tiny_modulation=(r"modulation", 32.0),  # FLUX.2 shares three modulation linears across blocks
             tiny=RunSettings(**_TINY, guidance_scale=4.0, extra={"max_sequence_length": 64}),
             full=RunSettings(steps=50, guidance_scale=4.0, size_px=1024),
