@@ -218,3 +218,22 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     assert table["flux2-dev"]["pipeline"] == "black-forest-labs/FLUX.2-dev"  # no pipeline folder in the tree
     listed, _ = scan.scan(tree)
     assert any(isinstance(i, str) and "broken.safetensors: unreadable safetensors header" in i for _, i in listed)
+
+
+def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_files, tmp_path):
+    from fluxgate.matrix import Combo
+    from fluxgate.sources import RealSource
+
+    model = MODELS["z-image-turbo"]
+    state = load_file(str(tiny_files["z-image-turbo.bf16"]))
+    key = next(k for k in state if k.endswith(".weight") and state[k].ndim == 2 and k.startswith("layers."))
+    state[key] = state[key].clone()
+    state[key][0, :3] = float("nan")
+    save_file(state, str(tmp_path / "z_image_nan.safetensors"))
+    pipeline = tmp_path / "pipeline"
+    model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0)
+                                ).save_pretrained(pipeline)
+    (tmp_path / "models.toml").write_text(f'["z-image-turbo"]\npipeline = "{pipeline}"\n["z-image-turbo".checkpoints]\n'
+                                          f'bf16 = {{ path = "{tmp_path / "z_image_nan.safetensors"}" }}\n')
+    with pytest.raises(FixtureError, match=rf"z_image_nan.safetensors: {key} holds 3 NaN/Inf values"):
+        RealSource(tmp_path / "models.toml").transformer(Combo("z-image-turbo", "bf16"), torch.device("cpu"))

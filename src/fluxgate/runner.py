@@ -82,7 +82,7 @@ class Runner:
         components = self._shared_components(model)
         before = memory.Snapshot.take(self.device)
         self.last_teardown = None
-        transformer = pipe = calls = kwargs = out_of_memory = None
+        transformer = pipe = calls = kwargs = out_of_memory = origin = failure = None
         try:
             transformer, origin = self.source.transformer(combo, self.device)
             runtimes.prepare(transformer, combo.runtime, self.compile_mode)
@@ -103,6 +103,12 @@ class Runner:
         except torch.OutOfMemoryError as error:
             # Handled here, so by `finally` the exception and the frames holding the combo's tensors are gone.
             out_of_memory = memory.out_of_memory(error, self.device, combo.id, before)
+        except Exception as error:  # noqa: BLE001 - a user's file that loads but breaks the pipeline: one line
+            if not (origin or {}).get("identity"):
+                raise  # fluxgate's own files (tiny, synthetic): a bug, with its traceback
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+            failure = FixtureError(f"{origin['file']}: loaded as {origin['identity']['layout']}, but the pipeline "
+                                   f"fails with it ({reason})")
         finally:
             pipe = transformer = calls = kwargs = None  # drop every reference (prompt embeddings too) before freeing
             runtimes.reset(combo.runtime)
@@ -110,4 +116,6 @@ class Runner:
         self.last_teardown = memory.teardown(before, memory.Snapshot.take(self.device))
         if out_of_memory is not None:
             raise out_of_memory
+        if failure is not None:
+            raise failure
         return result, origin

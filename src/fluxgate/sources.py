@@ -119,6 +119,9 @@ class RealSource:
             transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, loadable,
                                            self._pipeline(model), device, config_subfolder="transformer",
                                            name=str(path))
+        bad = _nonfinite(transformer)
+        if bad:
+            raise FixtureError(f"{path}: {bad[0]} holds {bad[1]} NaN/Inf values (of {bad[2]})")
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
         return transformer, {"path": how_loaded, "file": str(path), "size_bytes": size,
                              "identity": found.to_json(), "sha256": identify.sha256(path)}
@@ -144,6 +147,18 @@ class RealSource:
 
     def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
         return {"prompt": prompt}
+
+
+def _nonfinite(module: torch.nn.Module) -> tuple[str, int, int] | None:
+    """The first floating-point tensor of a loaded model (fp8 weights and scales included; GGUF's packed blocks are
+    not floats) holding NaN/Inf: (name, how many, of how many), else None."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point() or type(tensor).__name__ == "GGUFParameter":
+            continue
+        count = int((~torch.isfinite(tensor.detach().float() if tensor.element_size() == 1 else tensor.detach())).sum())
+        if count:
+            return name, count, tensor.numel()
+    return None
 
 
 def _from_folder(transformer_class: type, folder: Path, device: torch.device) -> torch.nn.Module:
