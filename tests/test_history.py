@@ -112,3 +112,15 @@ def test_history_files_get_the_mode_a_plain_open_would_give(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("module", ["fluxgate.merge", "fluxgate.publish"])
+def test_reading_merging_and_publishing_history_import_neither_torch_nor_diffusers(module):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    heavy = [line for line in done.stderr.splitlines() if line.rstrip().endswith(("| torch", "| diffusers", "| gguf"))]
+    assert not heavy, heavy

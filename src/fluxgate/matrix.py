@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fluxgate.models import MODELS, ModelSpec
-from fluxgate.precisions import PRECISIONS, PrecisionSpec
 from fluxgate.runtimes import DEFAULT_RUNTIMES, RUNTIMES, RuntimeSpec
+
+if TYPE_CHECKING:  # the precisions import diffusers and gguf: only code that writes or loads weights needs them
+    from fluxgate.precisions import PrecisionSpec
 
 
 @dataclass(frozen=True, order=True)
@@ -46,7 +49,9 @@ class Combo:
         return MODELS[self.model]
 
     @property
-    def precision_spec(self) -> PrecisionSpec:
+    def precision_spec(self) -> "PrecisionSpec":
+        from fluxgate.precisions import PRECISIONS
+
         return PRECISIONS[self.precision]
 
     @property
@@ -73,6 +78,8 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
 def combos(models: list[str] | None = None, precisions: list[str] | None = None,
            runtimes: list[str] | None = None) -> list[Combo]:
     """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early."""
+    from fluxgate.precisions import PRECISIONS
+
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions
     runtimes = DEFAULT_RUNTIMES if runtimes is None else runtimes

@@ -7,7 +7,6 @@ import time
 from collections import Counter
 
 from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
-from fluxgate import memory
 from fluxgate.compare import (FIRST_RUN, NO_CHANGE, NOT_COMPARABLE, REMEASURE, host_syncs_per_step,
                               is_host_synchronous)
 from fluxgate.stats import Spikes, mostly_idle
@@ -142,6 +141,8 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
     if compiled:
         write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
+    from fluxgate import memory
+
     leaks = [f"{r['combo']} {memory.describe(r['teardown'])}" for r in gate.history.records
              if r.get("teardown") and not r["teardown"]["clean"]]
     if leaks:

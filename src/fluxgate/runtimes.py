@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_COMPILE_MODE = "default"
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA graphs: step timing needs one launch per op
@@ -40,15 +42,16 @@ RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (RuntimeSpec("ea
 DEFAULT_RUNTIMES = ["eager"]
 
 
-def prepare(transformer: torch.nn.Module, runtime: str, mode: str = DEFAULT_COMPILE_MODE) -> torch.nn.Module:
+def prepare(transformer: "torch.nn.Module", runtime: str, mode: str = DEFAULT_COMPILE_MODE) -> "torch.nn.Module":
     """Make `transformer` run under `runtime` (in place; compilation itself happens on the first call)."""
     if RUNTIMES[runtime].compiles:
         transformer.compile_repeated_blocks(mode=mode)
     return transformer
 
 
-def warm_up(pipe, call_kwargs: dict, device: torch.device) -> float:
+def warm_up(pipe, call_kwargs: dict, device: "torch.device") -> float:
     """Compile time in seconds: the first one-step call (compilation + a step) less a second one (a step)."""
+    import torch
 
     def one_step() -> float:
         if device.type == "cuda":
@@ -67,4 +70,6 @@ def reset(runtime: str) -> None:
     """Forget compiled code after a compiled combo, so it neither holds the combo's weights nor counts towards the
     next combo's recompile limit."""
     if RUNTIMES[runtime].compiles:
+        import torch
+
         torch._dynamo.reset()

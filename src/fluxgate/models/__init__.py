@@ -10,9 +10,10 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ class ModelSpec:
     def module(self) -> ModuleType:
         return importlib.import_module(f"fluxgate.models.{self.builder}")
 
-    def tiny_transformer(self, seed: int) -> torch.nn.Module:
+    def tiny_transformer(self, seed: int) -> "torch.nn.Module":
         """The tiny transformer with seeded random weights (float32, CPU), modulation gain applied."""
+        import torch
+
         torch.manual_seed(seed)
         transformer = self.module.TRANSFORMER_CLASS(**self.module.TINY_TRANSFORMER_CONFIG)
         pattern, gain = self.tiny_modulation
