@@ -125,3 +125,20 @@ def test_reading_merging_and_publishing_history_import_neither_torch_nor_diffuse
     heavy = [line for line in done.stderr.splitlines()
              if line.startswith("import time:") and line.split("|")[-1].strip() in ("torch", "diffusers", "gguf")]
     assert not heavy, heavy
+
+
+def test_pruning_removes_the_image_folders_an_xdist_run_keeps_under_its_workers_run_ids(tmp_path):
+    import json as _json
+
+    from fluxgate.history import prune_images
+
+    old, new = "20260101T000000Z-merged", "20260102T000000Z-newest"
+    (tmp_path / f"{old}.json").write_text(_json.dumps({"records": [
+        {"combo": "a[bf16]", "image": "20260101T000000Z-gw0aaa/a.bf16.png"},
+        {"combo": "a[nvfp4]", "image": "20260101T000000Z-gw1bbb/a.nvfp4.png"}]}))
+    (tmp_path / f"{new}.json").write_text('{"records": []}')
+    for folder in ("20260101T000000Z-gw0aaa", "20260101T000000Z-gw1bbb", new):
+        (tmp_path / folder).mkdir()
+    removed = prune_images(tmp_path, keep_runs=1)
+    assert sorted(p.name for p in removed) == ["20260101T000000Z-gw0aaa", "20260101T000000Z-gw1bbb"]
+    assert (tmp_path / new).is_dir()

@@ -237,3 +237,12 @@ def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_f
                                           f'bf16 = {{ path = "{tmp_path / "z_image_nan.safetensors"}" }}\n')
     with pytest.raises(FixtureError, match=rf"z_image_nan.safetensors: {key} holds 3 NaN/Inf values"):
         RealSource(tmp_path / "models.toml").transformer(Combo("z-image-turbo", "bf16"), torch.device("cpu"))
+
+
+def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
+    from fluxgate import scan
+
+    found = identify.Identity("/cache/models--black-forest-labs--FLUX.1-Kontext-dev/snapshots/x/transformer",
+                              "flux1", "bf16", "diffusers-folder")
+    assert scan.model_of(found) == "flux1-kontext-dev"
+    assert scan.model_of(identify.Identity("/models/flux1-dev.safetensors", "flux1", "bf16", "bf16")) == "flux1-dev"

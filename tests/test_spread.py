@@ -71,3 +71,13 @@ def test_the_committed_h200_limits_pass_every_run_they_came_from():
     assert len(limits) == 16
     for limit in limits.values():
         assert min(limit.values_it_s) >= limit.min_it_s and len(limit.gpus) >= 2
+
+
+def test_an_outlier_run_or_mixed_settings_make_no_limit():
+    outlier = [record("a", "GPU-1", 0.1), record("b", "GPU-2", 0.1), record("c", "GPU-2", 0.2)]
+    with pytest.raises(ValueError, match=r"runs too far apart for a speed limit .* margin \d+% > 25%"):
+        spread.derive(outlier, "nvidia-h200")
+    mixed = [record("a", "GPU-1", 0.175), record("b", "GPU-2", 0.175), record("c", "GPU-2", 0.175)]
+    mixed[2]["settings"] = {"steps": 4}
+    with pytest.raises(ValueError, match=r"other profiles or image settings mixed in for flux1-dev\[bf16\]"):
+        spread.derive(mixed, "nvidia-h200")

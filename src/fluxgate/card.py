@@ -93,7 +93,8 @@ def markdown(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
              f"Made by `nox -s card -- {gpu_class}` from {runs} recorded runs (`baselines/{gpu_class}/runs/`). Each "
              "run of a combo is judged against the others (leave one out, other machines included), as recorded "
              "(A/A) and with its step times stretched by each effect; an alarm is a history-rule regression or a "
-             "missed fixed speed limit. See `python -m fluxgate.card --help`.", "",
+             "missed fixed speed limit. The fixed limits were derived from these same runs (`nox -s thresholds`), so "
+             "their share of the figures is in-sample. See `python -m fluxgate.card --help`.", "",
              f"A/A false alarms over all combos: **{alarms} of {total}** comparisons.", "",
              "| combo | comparisons | A/A false alarms | " + " | ".join(f"detected at +{e:.0%}" for e in effects)
              + " | note |",

@@ -78,7 +78,10 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "cuda_alloc_conf": ("cuda_alloc_conf",),  # torch's CUDA allocator settings
     "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measure.STEP_TIMING)
     "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.kernels), or leave it on
+    "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
 }
+# Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.
+CPU_ONLY_FIELDS = {"cpu_threads"}
 # A field's value where a record has none: CUDA records made before these were recorded ran torch's own allocator
 # settings and left CUPTI attached; CPU records never carry them.
 COMPARABILITY_DEFAULTS = {"cuda_alloc_conf": "default", "cupti_teardown": False}
@@ -182,7 +185,10 @@ def fingerprint_differences(baseline_env: dict, candidate_env: dict, ignore_fiel
     if unknown:
         raise ValueError(f"ignore_fields: unknown field(s) {sorted(unknown)}; known: {sorted(COMPARABILITY_FIELDS)}")
     differences = []
+    on_cpu = (candidate_env or {}).get("device_type") == "cpu"
     for name, path in COMPARABILITY_FIELDS.items():
+        if name in CPU_ONLY_FIELDS and not on_cpu:
+            continue
         before, after = (_environment_field(env, path) for env in (baseline_env, candidate_env))
         before, after = (COMPARABILITY_DEFAULTS.get(name) if value is None else value for value in (before, after))
         if name not in ignored and before != after:
@@ -202,8 +208,11 @@ def unfit_for_window(record: dict) -> str | None:
     """Why a record may not stand in anyone's baseline window, or None: its run had the history gate off (a CI
     `tests` run, whose speed nobody vouches for), or its steps ran under host contention (`stats.contention_note`).
     One such run in a window of few would blind the gate to a real slowdown."""
-    if (record.get("environment") or {}).get("history_gate") == "off":
+    environment = record.get("environment") or {}
+    if environment.get("history_gate") == "off":
         return "run with --history-gate off"
+    if environment.get("shared_gpu"):
+        return "run whose xdist workers shared a GPU"
     return stats.contention_note(record.get("metrics") or {})
 
 
@@ -361,9 +370,6 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
     if candidate.get("outcome") not in USABLE_OUTCOMES:
         why = candidate.get("error") or "no measurement"
         return replace(verdict, reason=f"candidate run {run_id} has outcome {candidate.get('outcome')}: {why}")
-    contention = stats.contention_note(candidate.get("metrics") or {})
-    if contention:  # its speed says how busy the host was, not what the code does
-        return replace(verdict, reason=f"not judged: {contention}")
     window = select_window(records, candidate, last_n, base_commit, ignore_fields)
     if not window:
         return replace(verdict, reason=_no_window_reason(records, candidate, base_commit, ignore_fields))
@@ -378,6 +384,10 @@ def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5,
         memory_verdict(candidate_metrics.get("peak_mem_gib"), [m.get("peak_mem_gib") for m in metrics_of], policy),
         similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
     )
+    # A contended candidate is still judged (a change that oversubscribes the cores must not switch off its own
+    # judgement); the verdict says so, and a suspected regression is re-measured before it fails the run.
+    contention = stats.contention_note(candidate_metrics)
+    host_note = host_note + ([f"{contention}: the speed verdict may be the host's, not the code's"] if contention else [])
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
                    policy=policy, baseline_run_ids=tuple(str(r.get("run_id")) for r in window),
                    baseline_step_times_s=baseline_steps)
@@ -419,8 +429,10 @@ def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | N
     if base_commit is not None:
         where += f" at commit {base_commit}"
     if not eligible:
-        kept_out = [why for r in records if r.get("combo") == candidate.get("combo") and r.get("run_id") !=
-                    candidate.get("run_id") and (why := unfit_for_window(r))]
+        same = ("combo", "gpu_class", "profile", "settings")
+        kept_out = [why for r in records if all(r.get(k) == candidate.get(k) for k in same)
+                    and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")
+                    and (why := unfit_for_window(r))]
         if kept_out:
             return (f"no usable baseline runs of {candidate.get('combo')} on {where}: {len(kept_out)} kept out of "
                     f"windows, e.g. {kept_out[-1]}")

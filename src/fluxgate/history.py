@@ -106,22 +106,24 @@ def prune_images(directory: Path, keep_runs: int) -> list[Path]:
     A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound."""
     import shutil
 
-    runs = sorted(path.stem for path in directory.glob("*.json"))
+    runs = sorted(directory.glob("*.json"))
     removed = []
-    for run_id in runs[:max(0, len(runs) - keep_runs)]:
-        folder = directory / run_id
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    for path in runs[:max(0, len(runs) - keep_runs)]:
+        folders = {path.stem} | {str(r["image"]).split("/")[0] for r in read_file(path) if r.get("image")}
+        for folder in sorted(directory / name for name in folders):
+            if folder.is_dir() and folder.parent == directory:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
     return removed
 
 
-def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path:
+def merge(paths: list[Path], directory: Path, run_id: str | None = None, mark: dict | None = None) -> Path:
     """Combine the run files of shards (one run split across runners or GPUs) into one new run file in `directory`.
 
     Each record keeps its shard's environment fingerprint (device UUIDs differ between shards) and its source run
     id; the merged run's environment is the first shard's. A combo present in two shards is an error: shards must
-    cover the matrix exactly once. The shard files themselves are left as they are."""
+    cover the matrix exactly once. `mark` is added to every record's environment (e.g. {"shared_gpu": True}).
+    The shard files themselves are left as they are."""
     from fluxgate.errors import HistoryError
 
     documents = []
@@ -142,7 +144,7 @@ def merge(paths: list[Path], directory: Path, run_id: str | None = None) -> Path
                                    "overlap")
             seen.setdefault(record["combo"], str(path))
             merged.records.append({**record, "run_id": merged.run_id, "source_run_id": document["run_id"],
-                                   "environment": document.get("environment", {})})
+                                   "environment": {**document.get("environment", {}), **(mark or {})}})
     document = {"schema": SCHEMA, "run_id": merged.run_id, "started": merged.started,
                 "environment": merged.environment, "merged_from": [d["run_id"] for d in documents],
                 "records": merged.records}

@@ -175,12 +175,8 @@ def _path(config: pytest.Config, option: str) -> Path:
     return path if path.is_absolute() else config.rootpath / path
 
 
-_CONFIG: list[pytest.Config] = []  # this process's config, for report hooks that are not handed one
-
-
 def pytest_configure(config: pytest.Config) -> None:
     workers.pin_this_worker(config)  # first: before anything initializes CUDA in this process
-    _CONFIG[:] = [config]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # again: the module-level default ran once per process
     if workers.controller_workers(config):
         if config.getoption("write_baselines"):
@@ -212,21 +208,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config._fluxgate_combos = shard(selected, *shard_of) if shard_of else selected
     config.stash[OUTCOMES_KEY] = []
     config.stash[ITEMS_KEY] = {"measured": 0, "skipped": Counter()}
+    config.pluginmanager.register(_ItemCounter(config), f"fluxgate-item-counter-{id(config)}")
     config.stash[STARTED_KEY] = time.time()
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count the matrix items that measured and those skipped (in one process, and in the xdist controller, which
-    receives every worker's reports), for the rule that a run which measured nothing cannot pass."""
-    config = _CONFIG[0] if _CONFIG else None
-    if config is None or "gpu" not in report.keywords or workers.worker(config) is not None:
-        return
-    items = config.stash[ITEMS_KEY]
-    if report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        items["skipped"][reason.removeprefix("Skipped: ")] += 1
-    elif report.when == "call":
-        items["measured"] += 1
+class _ItemCounter:
+    """Counts this session's matrix items that measured and those skipped (in one process, and in the xdist
+    controller, which receives every worker's reports), for the rule that a run which measured nothing cannot pass.
+    One per config: a pytest run started inside this one (pytester) counts its own."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if "gpu" not in report.keywords or workers.worker(self.config) is not None:
+            return
+        items = self.config.stash[ITEMS_KEY]
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            items["skipped"][reason.removeprefix("Skipped: ")] += 1
+        elif report.when == "call":
+            items["measured"] += 1
 
 
 def _empty_run(config: pytest.Config) -> str | None:
@@ -464,8 +466,9 @@ def _finish_distributed(session: pytest.Session) -> None:
     if not outputs:
         return
     history_dir, paths = _path(config, "history_dir"), [Path(output["history"]) for output in outputs]
+    shared = workers.shared_gpus([record for path in paths for record in history.read_file(path)])
     try:
-        merged = history.merge(paths, history_dir)
+        merged = history.merge(paths, history_dir, mark={"shared_gpu": True} if shared else None)
     except FluxgateError as error:  # the worker files stay where they are, nothing is lost
         warnings.warn(f"fluxgate: worker histories not merged ({error})", stacklevel=1)
         return
@@ -474,9 +477,7 @@ def _finish_distributed(session: pytest.Session) -> None:
     config._fluxgate_merged = merged
     config._fluxgate_worker_verdicts = [tuple(verdict) for output in outputs for verdict in output["verdicts"]]
     config._fluxgate_history_warnings = sorted({w for output in outputs for w in output.get("warnings", [])})
-    import json
-
-    config._fluxgate_shared_gpus = workers.shared_gpus(json.loads(merged.read_text())["records"])
+    config._fluxgate_shared_gpus = shared
     if config._fluxgate_shared_gpus:  # timings from a shared GPU measure nothing: the run cannot pass
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if config.getoption("history_gate") == "on" and any(output["regression"] for output in outputs):

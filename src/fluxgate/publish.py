@@ -119,12 +119,11 @@ def _verdict(record: dict, given: dict | None) -> str:
     return text if text in CALM_VERDICTS else f"**{text}**"
 
 
-def regressions(records: list[dict], run_id: str, verdicts: dict[str, dict] | None = None) -> set[str]:
-    """The combos of run `run_id` with a regression against history: from `verdicts` where given, else from the run's
-    re-measurement records (a confirmed speed regression leaves one with verdict "regression")."""
-    found = {combo for combo, given in (verdicts or {}).items() if (given or {}).get("verdict") == "regression"}
-    return found | {r["combo"] for r in records if r.get("run_id") == run_id and r.get("outcome") == REMEASURE
-                    and r.get("verdict") == "regression"}
+def regressions(records: list[dict], run_id: str) -> set[str]:
+    """The combos of run `run_id` with a confirmed regression against history, the kind that fails a run: a gating
+    run re-measures a suspected one and records the re-measurement with verdict "regression"."""
+    return {r["combo"] for r in records if r.get("run_id") == run_id and r.get("outcome") == REMEASURE
+            and r.get("verdict") == "regression"}
 
 
 def gate_headline(run: list[dict], regressed: set[str]) -> str:
@@ -354,7 +353,7 @@ def write_report(history_dir: Path, out_dir: Path, baselines_dir: Path, run_id: 
     _clear_previous_report(out_dir)
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
     run = list({r["combo"]: r for r in records if r["run_id"] == run_id and r.get("outcome") != REMEASURE}.values())
-    regressed = regressions(records, run_id, verdicts)
+    regressed = regressions(records, run_id)
     notes = [f"skipped: {message}" for message in skipped_files]
     written: list[Path] = []
 

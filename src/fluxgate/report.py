@@ -104,7 +104,8 @@ def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -
     if not verdicts:
         return []
     tally = ", ".join(f"{count} {outcome}" for outcome, count in Counter(o for o, _ in verdicts).most_common())
-    first = [message for outcome, message in verdicts if outcome == NOT_COMPARABLE and f"({FIRST_RUN} " in message]
+    first = [message for outcome, message in verdicts if outcome == NOT_COMPARABLE and f"({FIRST_RUN} " in message
+             and " at commit " not in message]  # a --base-commit with no runs is no first run: said on its own
     lines = [f"against history ({rule}{scope}): {tally}"]
     if first:  # a first run on a GPU class: one line, not one per combo
         lines.append(f"  {len(first)} combos have no earlier comparable run yet (the first on this GPU class, "

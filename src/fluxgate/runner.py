@@ -82,17 +82,25 @@ class Runner:
         components = self._shared_components(model)
         before = memory.Snapshot.take(self.device)
         self.last_teardown = None
-        transformer = pipe = calls = kwargs = out_of_memory = origin = failure = None
+        transformer = pipe = calls = kwargs = out_of_memory = origin = None
         try:
             transformer, origin = self.source.transformer(combo, self.device)
             runtimes.prepare(transformer, combo.runtime, self.compile_mode)
             pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
             pipe.set_progress_bar_config(disable=True)
             kwargs = self.call_kwargs(model)
-            compile_s = runtimes.warm_up(pipe, kwargs, self.device) if combo.runtime_spec.compiles else None
-            result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
-                                 model.settings(self.profile).timed_images, self.baseline_used_bytes,
-                                 self.telemetry_interval_s)
+            try:  # the first forwards through a user's file: where a file that loads but does not fit shows
+                compile_s = runtimes.warm_up(pipe, kwargs, self.device) if combo.runtime_spec.compiles else None
+                result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
+                                     model.settings(self.profile).timed_images, self.baseline_used_bytes,
+                                     self.telemetry_interval_s)
+            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
+                if not (origin or {}).get("identity") or isinstance(error, torch.OutOfMemoryError):
+                    raise  # fluxgate's own files (tiny, synthetic): a bug, with its traceback
+                reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+                failure = FixtureError(f"{origin['file']}: loaded as {origin['identity']['layout']}, but the "
+                                       f"pipeline fails with it ({reason})")
+                raise failure from error
             result.compile_s = compile_s
             # After the timed images, so profiling never touches their times or peak memory.
             calls = flops.capture_transformer_calls(pipe, kwargs)
@@ -103,12 +111,6 @@ class Runner:
         except torch.OutOfMemoryError as error:
             # Handled here, so by `finally` the exception and the frames holding the combo's tensors are gone.
             out_of_memory = memory.out_of_memory(error, self.device, combo.id, before)
-        except Exception as error:  # noqa: BLE001 - a user's file that loads but breaks the pipeline: one line
-            if not (origin or {}).get("identity"):
-                raise  # fluxgate's own files (tiny, synthetic): a bug, with its traceback
-            reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-            failure = FixtureError(f"{origin['file']}: loaded as {origin['identity']['layout']}, but the pipeline "
-                                   f"fails with it ({reason})")
         finally:
             pipe = transformer = calls = kwargs = None  # drop every reference (prompt embeddings too) before freeing
             runtimes.reset(combo.runtime)
@@ -116,6 +118,4 @@ class Runner:
         self.last_teardown = memory.teardown(before, memory.Snapshot.take(self.device))
         if out_of_memory is not None:
             raise out_of_memory
-        if failure is not None:
-            raise failure
         return result, origin

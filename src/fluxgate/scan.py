@@ -4,7 +4,8 @@
 
 DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cache. Files are identified from their
 contents (`fluxgate.identify`), never from their names, except that FLUX.1-dev and FLUX.1-Kontext-dev share one
-architecture: a FLUX.1 file whose name says "kontext" goes to flux1-kontext-dev. Pipeline folders (a
+architecture: a FLUX.1 file whose path says "kontext" (its name, or a folder such as an HF cache's
+`models--black-forest-labs--FLUX.1-Kontext-dev`) goes to flux1-kontext-dev. Pipeline folders (a
 `model_index.json`) found in DIR are used for their model; else the Hub id fluxgate's own models file names.
 For each slot the first file found wins; the others are listed.
 """
@@ -29,7 +30,7 @@ FAMILY_MODEL = {"flux2": "flux2-dev", "z-image": "z-image-turbo"}
 def model_of(identity: Identity) -> str | None:
     """The fluxgate model a checkpoint fills (module docs), None for an unrecognised family."""
     if identity.family == "flux1":
-        return "flux1-kontext-dev" if "kontext" in Path(identity.path).name.lower() else "flux1-dev"
+        return "flux1-kontext-dev" if "kontext" in str(identity.path).lower() else "flux1-dev"
     return FAMILY_MODEL.get(identity.family or "")
 
 

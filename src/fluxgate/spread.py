@@ -25,6 +25,7 @@ The derivation is written beside each limit in thresholds.toml.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from fluxgate.outcomes import MEASURED
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
 Z = 3.09  # one-sided normal quantile of 0.1 %
 MIN_MARGIN = 0.03
+MAX_MARGIN = 0.25  # wider than this, the runs disagree: a limit would gate nothing
 MIN_RUNS = 3
 MIN_GPUS = 2
 
@@ -94,6 +96,7 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
     from fluxgate.compare import DEFAULT_POLICY, is_host_synchronous
 
     values: dict[str, list[tuple[float, str, str]]] = {}
+    settings_of: dict[str, set[str]] = {}  # each combo's (profile, image settings): one measurement, not several
     host_synchronous: set[str] = set()
     for record in records:
         metrics = record.get("metrics") or {}
@@ -103,6 +106,8 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
         if is_host_synchronous(record):
             host_synchronous.add(record["combo"])
         uuid = str(((record.get("environment") or {}).get("gpu") or {}).get("uuid") or "")
+        measurement = json.dumps([record.get("profile"), record.get("settings")], sort_keys=True, default=str)
+        settings_of.setdefault(record["combo"], set()).add(measurement)
         values.setdefault(record["combo"], []).append(
             (run_it_s(metrics["step_times_s"]), str(record["run_id"]), uuid))
     short = [f"{combo} ({len(v)} runs, {len({u for _, _, u in v if u})} GPUs)" for combo, v in sorted(values.items())
@@ -110,6 +115,10 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
     if short or not values:
         raise ValueError(f"{gpu_class}: too few runs to derive speed limits (need {MIN_RUNS} runs on {MIN_GPUS} GPUs "
                          f"per combo): {', '.join(short) or 'no usable records'}")
+    mixed = [combo for combo, kinds in sorted(settings_of.items()) if len(kinds) > 1]
+    if mixed:
+        raise ValueError(f"{gpu_class}: runs of other profiles or image settings mixed in for {', '.join(mixed)}; "
+                         "give the runs of one profile and one set of settings")
     limits = {}
     for combo, entries in sorted(values.items()):
         it_s = np.array([value for value, _, _ in entries])
@@ -117,6 +126,9 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
         sigma = float(it_s.max() - it_s.min()) / _d2(len(it_s))
         floor = DEFAULT_POLICY.host_sync_min_speed_effect if combo in host_synchronous else MIN_MARGIN
         margin = max(floor, Z * sigma / center)
+        if margin > MAX_MARGIN:  # a limit this loose gates nothing: an outlier run, not a spread
+            raise ValueError(f"{combo}: runs too far apart for a speed limit ({', '.join(f'{v:.3f}' for v in it_s)} "
+                             f"it/s: margin {margin:.0%} > {MAX_MARGIN:.0%}); find the outlier run before deriving")
         limits[combo] = SpeedLimit(combo, center * (1 - margin), center, margin, tuple(float(v) for v in it_s),
                                    tuple(run for _, run, _ in entries), tuple(sorted({u for _, _, u in entries if u})),
                                    floor)

@@ -134,20 +134,21 @@ def check_pinned(torch_uuid: str, environ: dict | None = None) -> None:
 
 
 def shared_gpus(records: list[dict]) -> str | None:
-    """Controller, on the merged records: a one-line problem when the workers ran on fewer distinct GPUs (UUIDs) than
-    the distinct GPUs they were pinned to, else None. Records without a UUID (CPU) are not judged."""
-    pinned: dict[str, set[str]] = {}
+    """Controller, on the workers' records: a one-line problem when two workers ran on one GPU (by UUID; pinned there
+    by round robin with more workers than GPUs, or by a driver started before the pin), else None. Their timings
+    shared the GPU and measure neither combo. Records without a UUID (CPU) are not judged."""
+    workers_on: dict[str, set[str]] = {}
     for record in records:
         environment = record.get("environment") or {}
         uuid = (environment.get("gpu") or {}).get("uuid")
         if uuid and environment.get("xdist_worker"):
-            pinned.setdefault(str(environment.get("cuda_visible_devices")), set()).add(uuid)
-    uuids = set().union(*pinned.values()) if pinned else set()
-    if len(pinned) <= len(uuids):
+            workers_on.setdefault(uuid, set()).add(str(environment["xdist_worker"]))
+    shared = {uuid: names for uuid, names in workers_on.items() if len(names) > 1}
+    if not shared:
         return None
-    where = "; ".join(f"{PIN_ENV}={pin_} ran on {', '.join(sorted(found))}" for pin_, found in sorted(pinned.items()))
-    return (f"workers pinned to {len(pinned)} GPUs ran on {len(uuids)} ({where}): their timings shared a GPU and "
-            "are not valid")
+    where = "; ".join(f"workers {', '.join(sorted(names))} on {uuid}" for uuid, names in sorted(shared.items()))
+    return (f"xdist workers shared a GPU ({where}): their timings are not valid (use -n no larger than the number of "
+            "GPUs); the run is kept in history, marked shared_gpu, out of every baseline window")
 
 
 def group_marker(position: int, count: int) -> pytest.MarkDecorator:
