@@ -48,3 +48,14 @@ def test_a_bad_option_value_is_a_usage_error_before_any_combo_runs(tmp_path, opt
     assert f"argument {option}: '{value}': {problem}" in done.stderr or \
         f"argument {option}: {value!r} {problem}" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "history").exists()
+
+
+@pytest.mark.parametrize("args, problem", [
+    (("--prompts", "no-such-prompts.toml"), "--prompts "),
+    (("--profile", "real", "--models-file", "no-such-models.toml"), "--models-file "),
+])
+def test_a_missing_input_file_is_one_usage_error_before_any_combo(tmp_path, args, problem):
+    done = pytest_run(tmp_path, "--device", "cpu", *args)
+    assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(line for line in done.stderr.splitlines() if problem in line)
+    assert line.endswith(": not found")

@@ -246,3 +246,29 @@ def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
                               "flux1", "bf16", "diffusers-folder")
     assert scan.model_of(found) == "flux1-kontext-dev"
     assert scan.model_of(identify.Identity("/models/flux1-dev.safetensors", "flux1", "bf16", "bf16")) == "flux1-dev"
+
+
+def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_one_line(tmp_path):
+    from fluxgate.matrix import Combo
+    from fluxgate.sources import RealSource
+    from fluxgate.errors import SkipCombo
+
+    (tmp_path / "models.toml").write_text('["flux1-dev"]\npipeline = "x"\n')
+    with pytest.raises(SkipCombo, match=r"flux2-dev: not in .*models.toml; add a \[flux2-dev\] table to run it"):
+        RealSource(tmp_path / "models.toml").transformer(Combo("flux2-dev", "bf16"), torch.device("cpu"))
+    junk = tmp_path / "x.safetensors"
+    junk.write_bytes(b"\xff" * 5 + b"\x7f" * 8)  # a header length no file of this size can hold
+    with pytest.raises(FixtureError, match=r"x.safetensors: unreadable safetensors header .*does not fit"):
+        identify.identify(junk)
+
+
+def test_merging_shards_in_the_history_folder_moves_them_aside(tmp_path):
+    import json as _json
+
+    from fluxgate import history, merge
+
+    for shard, combo in (("20260101T000000Z-aaaaaa", "a[bf16]"), ("20260101T000001Z-bbbbbb", "a[nvfp4]")):
+        (tmp_path / f"{shard}.json").write_text(_json.dumps({"run_id": shard, "records": [{"combo": combo}]}))
+    assert merge.main([str(p) for p in sorted(tmp_path.glob("*.json"))] + ["--history-dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*.json"))) == 1 and len(list((tmp_path / ".merged").glob("*.json"))) == 2
+    assert sorted(r["combo"] for r in history.read(tmp_path)) == ["a[bf16]", "a[nvfp4]"]  # each once

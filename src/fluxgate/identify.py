@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fluxgate.errors import FixtureError
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 GGUF_Q8_0_COMPANIONS = {"F32", "F16", "BF16"}  # what stays high precision beside Q8_0 in a Q8_0 file
 COMFY_FORMATS = {"float8_e4m3fn": ("fp8-scaled", "comfy-mixed-fp8"), "nvfp4": ("nvfp4", "comfy-nvfp4")}
@@ -109,6 +110,8 @@ def _header(path: Path) -> tuple[dict[str, dict], dict]:
     try:
         with path.open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= min(path.stat().st_size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {size} does not fit the file's {path.stat().st_size} bytes")
             header = json.loads(handle.read(size))
     except (OSError, ValueError) as error:
         raise FixtureError(f"{path}: unreadable safetensors header ({type(error).__name__}: {error})") from None

@@ -9,6 +9,8 @@ from pathlib import Path
 from fluxgate.errors import FluxgateError
 from fluxgate.history import merge
 
+MERGED_DIR = ".merged"  # shard run files already merged into a run of the folder
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -26,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fluxgate.merge: error: {error}", file=sys.stderr)
         return 2
     print(f"merged {len(args.files)} shard(s) into {path}")
+    # A shard file left among the runs would count its measurements twice (and be the merged run's own baseline).
+    aside = args.history_dir / MERGED_DIR
+    for shard in args.files:
+        if shard.resolve().parent == args.history_dir.resolve():
+            aside.mkdir(exist_ok=True)
+            shard.replace(aside / shard.name)
+            print(f"moved {shard} to {aside}/ (merged; readers of the history skip that folder)")
     return 0
 
 

@@ -196,6 +196,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{spec.marker}: combos at precision {name}")
     for name, spec in RUNTIMES.items():
         config.addinivalue_line("markers", f"{spec.marker}: combos run {name}")
+    files = [("--prompts", "prompts")] + ([("--models-file", "models_file")]
+                                          if config.getoption("profile") == "real" else [])
+    for flag, option in files:  # before the first combo: a missing file is a usage error, not 16 failed items
+        if not _path(config, option).is_file():
+            raise pytest.UsageError(f"{flag} {_path(config, option)}: not found")
     try:
         models = parse_names("--models", config.getoption("models"), MODELS)
         precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
@@ -238,7 +243,10 @@ def _empty_run(config: pytest.Config) -> str | None:
     if not items or items["measured"] or not items["skipped"] or config.getoption("allow_empty"):
         return None
     total = sum(items["skipped"].values())
-    reasons = "; ".join(f"{count}x {reason}" for reason, count in items["skipped"].most_common(3))
+    common = items["skipped"].most_common()
+    reasons = "; ".join(f"{count}x {' '.join(reason.split())[:160]}" for reason, count in common[:2])
+    if len(common) > 2:
+        reasons += f"; {len(common) - 2} other reasons, in the skip lines above (-rs)"
     return (f"no combo was measured: {total} of {total} selected skipped ({reasons}). A gate that measured nothing "
             "passes nothing; --allow-empty accepts such a run")
 

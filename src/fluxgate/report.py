@@ -106,11 +106,17 @@ def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -
     tally = ", ".join(f"{count} {outcome}" for outcome, count in Counter(o for o, _ in verdicts).most_common())
     first = [message for outcome, message in verdicts if outcome == NOT_COMPARABLE and f"({FIRST_RUN} " in message
              and " at commit " not in message]  # a --base-commit with no runs is no first run: said on its own
+    unmeasured = [message for outcome, message in verdicts if outcome == NOT_COMPARABLE and "has outcome " in message
+                  and message not in first]
     lines = [f"against history ({rule}{scope}): {tally}"]
     if first:  # a first run on a GPU class: one line, not one per combo
         lines.append(f"  {len(first)} combos have no earlier comparable run yet (the first on this GPU class, "
                      "profile and settings): nothing to judge against")
-    return lines + [f"  {message}" for outcome, message in verdicts if outcome != NO_CHANGE and message not in first]
+    if unmeasured:  # skipped or errored: their reasons are in the table and the item lines already
+        lines.append(f"  {len(unmeasured)} combos were not measured (skipped or error, reasons above): nothing to "
+                     "judge")
+    return lines + [f"  {message}" for outcome, message in verdicts
+                    if outcome != NO_CHANGE and message not in first and message not in unmeasured]
 
 
 def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:

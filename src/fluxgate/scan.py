@@ -102,14 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fluxgate.scan: error: {args.root}: not a folder", file=sys.stderr)
         return 2
     listed, slots = scan(args.root)
-    used = {path for precisions in slots.values() for path in precisions.values()}
+    if not listed:
+        print(f"no checkpoints (.safetensors, .gguf or diffusers model folders) found under {args.root}")
+        return 1
+    print("-> fills a slot of the models file; x has no slot (why in brackets); = another file fills the slot")
     for path, identity in listed:
         if isinstance(identity, str):
-            print(f"unreadable  {identity}")
+            print(f"x  unreadable: {identity}")
             continue
-        model = model_of(identity) or "?"
-        mark = "->" if path in used else "  "
-        print(f"{mark} {model}[{identity.precision or '-'}]  {path}  ({identity.describe()})")
+        model = model_of(identity)
+        used = slots.get(model or "", {}).get(identity.precision or "")
+        if used == path:
+            mark, why = "->", ""
+        elif model is None or identity.precision is None:
+            mark, why = "x ", " [no fluxgate model or precision]"
+        else:
+            mark, why = "= ", f" [slot taken by {used}]"
+        print(f"{mark} {model or '?'}[{identity.precision or '-'}]  {path}  ({identity.describe()}){why}")
     text = models_toml(slots, pipelines(args.root))
     if args.out:
         args.out.write_text(text)

@@ -91,6 +91,8 @@ class RealSource:
 
     def _entry(self, model: ModelSpec) -> dict:
         entry = self.table.get(model.name)
+        if entry is None:  # a models file may name only the models you have (what `fluxgate.scan` writes)
+            raise SkipCombo(f"{model.name}: not in {self.models_file}; add a [{model.name}] table to run it")
         if not isinstance(entry, dict) or "pipeline" not in entry:
             raise FixtureError(f"{self.models_file}: [{model.name}] needs `pipeline = <local folder or Hub id>`")
         return entry
