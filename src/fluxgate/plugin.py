@@ -31,6 +31,7 @@ COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[object]()
 WORKER_OUTPUTS_KEY = pytest.StashKey[list]()
+INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
 ITEMS_KEY = pytest.StashKey[dict]()  # matrix items of this session: {"measured": int, "skipped": Counter of reasons}
 STARTED_KEY = pytest.StashKey[float]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
@@ -102,7 +103,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
                          "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
                          "synthetic on a CUDA device, tiny on CPU [default: auto]")
-    group.addoption("--models-file", default="fixtures/models.toml", metavar="FILE",
+    group.addoption("--models-file", default=INPUT_FILE_DEFAULTS["models_file"], metavar="FILE",
                     help="where the real profile finds checkpoints and pipeline folders [default: "
                          "fixtures/models.toml]")
     group.addoption("--device", default="auto", metavar="DEV", type=_device,
@@ -117,7 +118,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
                     help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
                          ".fluxgate-cache]")
-    group.addoption("--prompts", default="fixtures/prompts.toml", metavar="FILE",
+    group.addoption("--prompts", default=INPUT_FILE_DEFAULTS["prompts"], metavar="FILE",
                     help="seed and prompts of every image [default: fixtures/prompts.toml]")
     group.addoption("--steps", type=_count(1), default=None, metavar="N",
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
@@ -198,8 +199,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{spec.marker}: combos run {name}")
     files = [("--prompts", "prompts")] + ([("--models-file", "models_file")]
                                           if config.getoption("profile") == "real" else [])
-    for flag, option in files:  # before the first combo: a missing file is a usage error, not 16 failed items
-        if not _path(config, option).is_file():
+    for flag, option in files:  # a file named on the command line: missing is a usage error, not 16 failed items
+        named = config.getoption(option) != INPUT_FILE_DEFAULTS[option]
+        if named and not _path(config, option).is_file():
             raise pytest.UsageError(f"{flag} {_path(config, option)}: not found")
     try:
         models = parse_names("--models", config.getoption("models"), MODELS)
