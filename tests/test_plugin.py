@@ -112,7 +112,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
 
     from fluxgate import compare
     from fluxgate.gate import Gate
-    from fluxgate.plugin import _fraction
+    from fluxgate.options import fraction as _fraction
 
     assert _fraction("--min-speed-effect", "auto") is None
     assert _fraction("--min-speed-effect", "2") == pytest.approx(0.02)

@@ -6,8 +6,6 @@ storing `history`/`baselines`, showing `report`.
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 
 # Nothing may reach the network unless the user opts in (HF_HUB_OFFLINE=0). Set before anything imports
@@ -21,17 +19,16 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fluxgate import kernels, memory, report, workers  # noqa: E402
+from fluxgate import kernels, memory, options, report, workers  # noqa: E402
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
 from fluxgate.models import MODELS  # noqa: E402
 from fluxgate.precisions import PRECISIONS  # noqa: E402
-from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE, RUNTIMES  # noqa: E402
+from fluxgate.runtimes import RUNTIMES  # noqa: E402
 
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
 GATE_KEY = pytest.StashKey[object]()
 WORKER_OUTPUTS_KEY = pytest.StashKey[list]()
-INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
 ITEMS_KEY = pytest.StashKey[dict]()  # matrix items of this session: {"measured": int, "skipped": Counter of reasons}
 STARTED_KEY = pytest.StashKey[float]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
@@ -43,132 +40,8 @@ def matrix_test(function):
     return function
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= `minimum` (a bad value is a usage error naming the option before any combo)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {minimum}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _amount(positive: bool):
-    """An argparse type: a finite number > 0 (`positive`) or >= 0."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {'> 0' if positive else '>= 0'}")
-        return value
-    parse.__name__ = "number > 0" if positive else "number >= 0"
-    return parse
-
-
-def _threads(text: str) -> str:
-    """An argparse type: 'auto' or a whole number >= 1 (kept as text; see `_cpu_threads`)."""
-    return text if text == "auto" else str(_count(1)(text))
-
-
-def _device(text: str) -> str:
-    """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N (N a GPU number, e.g. cuda:1)")
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("fluxgate", "fluxgate: model x precision perf gate")
-    group.addoption("--models", default=None, metavar="NAMES",
-                    help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
-    group.addoption("--precisions", default=None, metavar="NAMES",
-                    help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
-    group.addoption("--runtimes", default="eager", metavar="NAMES",
-                    help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
-                         "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
-                         "compiled items are named like flux1-dev[fp8-scaled-compile] [default: eager]")
-    group.addoption("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
-                    help=f"torch.compile mode of the 'compile' runtime [default: {DEFAULT_COMPILE_MODE}]")
-    group.addoption("--shard", default=None, metavar="I/N",
-                    help="run only shard I of N of the selected combos (every N-th, starting at I), for splitting "
-                         "the matrix across runners; merge their histories with `python -m fluxgate.merge`")
-    group.addoption("--profile", default="auto", choices=["auto", "tiny", "synthetic", "real"],
-                    help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
-                         "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
-                         "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
-                         "synthetic on a CUDA device, tiny on CPU [default: auto]")
-    group.addoption("--models-file", default=INPUT_FILE_DEFAULTS["models_file"], metavar="FILE",
-                    help="where the real profile finds checkpoints and pipeline folders [default: "
-                         "fixtures/models.toml]")
-    group.addoption("--device", default="auto", metavar="DEV", type=_device,
-                    help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
-                         "and no CUDA device every combo is skipped [default: auto]")
-    group.addoption("--gpu-class", default=None, metavar="NAME",
-                    help="baseline folder under --baselines-dir [default: 'cpu' on CPU, else the GPU name as a slug]")
-    group.addoption("--baselines-dir", default="baselines", metavar="DIR",
-                    help="stored baselines, one folder per GPU class [default: baselines]")
-    group.addoption("--history-dir", default=".fluxgate/history", metavar="DIR",
-                    help="benchmark history: this run adds one JSON file here [default: .fluxgate/history]")
-    group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
-                    help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
-                         ".fluxgate-cache]")
-    group.addoption("--prompts", default=INPUT_FILE_DEFAULTS["prompts"], metavar="FILE",
-                    help="seed and prompts of every image [default: fixtures/prompts.toml]")
-    group.addoption("--steps", type=_count(1), default=None, metavar="N",
-                    help="denoising steps per image, overriding the profile's default (makes baselines stale)")
-    group.addoption("--warmup-steps", type=_count(0), default=1, metavar="N",
-                    help="steps of the untimed warm-up image before each timed image [default: 1]")
-    group.addoption("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
-                    help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
-                         "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
-                         "at the end [default: 100]")
-    group.addoption("--cuda-alloc-conf", default=memory.DEFAULT_ALLOC_CONF, metavar="CONF",
-                    help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
-                         "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
-                         "Recorded in each run's environment; the history gate does not compare runs with different "
-                         "settings [default: 'default', torch's own settings]")
-    group.addoption("--report-dir", default=None, metavar="DIR",
-                    help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
-                         "(off by default; `nox -s report` makes the same from history alone)")
-    group.addoption("--decision-file", default="fixtures/decision.toml", metavar="FILE",
-                    help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
-                         "ship' section [default: fixtures/decision.toml]")
-    group.addoption("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
-                    help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
-    group.addoption("--history-gate", default="on", choices=["on", "off"],
-                    help="also judge this run against the history (last --history-window comparable runs, or the runs "
-                         "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
-                         "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
-                         "[default: on]")
-    group.addoption("--history-window", type=_count(1), default=5, metavar="N",
-                    help="how many earlier comparable runs form the baseline window [default: 5]")
-    group.addoption("--min-speed-effect", default="auto", metavar="PCT",
-                    help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
-                         "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 elsewhere, e.g. CPU (tiny-profile "
-                         "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
-    group.addoption("--base-commit", default=None, metavar="SHA",
-                    help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
-    group.addoption("--cpu-threads", default="auto", type=_threads, metavar="N",
-                    help="torch threads for a CPU device: a number, or 'auto' = half the cores this process may use, "
-                         "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
-                         "environment [default: auto]")
-    group.addoption("--history-images", default=20, type=_count(0), metavar="N",
-                    help="keep the combo images (PNGs, ~40 MB per GPU run) of the newest N runs in --history-dir and "
-                         "delete older runs' image folders after the run; their records stay. 0 keeps none "
-                         "[default: 20]")
-    group.addoption("--allow-empty", action="store_true",
-                    help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
-                         "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
-                         "nothing")
-    group.addoption("--write-baselines", action="store_true",
-                    help="measure and write baselines for this GPU class instead of asserting against them "
-                         "(what `nox -s baselines` runs)")
+    options.add(parser)
 
 
 def _path(config: pytest.Config, option: str) -> Path:
@@ -200,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     files = [("--prompts", "prompts")] + ([("--models-file", "models_file")]
                                           if config.getoption("profile") == "real" else [])
     for flag, option in files:  # a file named on the command line: missing is a usage error, not 16 failed items
-        named = config.getoption(option) != INPUT_FILE_DEFAULTS[option]
+        named = config.getoption(option) != options.INPUT_FILE_DEFAULTS[option]
         if named and not _path(config, option).is_file():
             raise pytest.UsageError(f"{flag} {_path(config, option)}: not found")
     try:
@@ -208,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
         precisions = parse_names("--precisions", config.getoption("precisions"), PRECISIONS)
         runtimes = parse_names("--runtimes", config.getoption("runtimes"), RUNTIMES)
         shard_of = parse_shard(config.getoption("shard"))
-        config._fluxgate_min_speed_effect = _fraction("--min-speed-effect", config.getoption("min_speed_effect"))
+        config._fluxgate_min_speed_effect = options.fraction("--min-speed-effect", config.getoption("min_speed_effect"))
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
     selected = combos(models, precisions, runtimes)
@@ -287,7 +160,7 @@ def _make_gate(config: pytest.Config):
     if device.type == "cpu" and workers.worker(config) is None:  # workers took their share already
         import torch
 
-        torch.set_num_threads(_cpu_threads(config.getoption("cpu_threads")))
+        torch.set_num_threads(options.cpu_threads(config.getoption("cpu_threads")))
     inputs = Inputs.from_file(_path(config, "prompts"))
     profile = config.getoption("profile")
     if profile == "auto":
@@ -315,29 +188,6 @@ def _make_gate(config: pytest.Config):
                          file_dir=workers.worker_history_dir(history_dir) if me else None)
     return Gate(runner, _path(config, "baselines_dir"), config.getoption("gpu_class") or gpu_class(device), history,
                 write=config.getoption("write_baselines"))
-
-
-def _cpu_threads(option: str) -> int:
-    """torch's intra-op threads on a CPU device: the option's number, or for 'auto' half the cores this process may
-    use (at least 1). On a shared 2-core CI machine two threads lose 4-6x to one busy process (each step waits for
-    the preempted thread), one thread keeps most of its speed; the count is recorded as environment.cpu_threads."""
-    if option != "auto":
-        return int(option)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, usable // 2)
-
-
-def _fraction(option: str, value: str) -> float | None:
-    """A percentage option as a fraction; None for 'auto'."""
-    if value == "auto":
-        return None
-    try:
-        percent = float(value.removesuffix("%"))
-    except ValueError:
-        percent = float("nan")
-    if not 0 < percent < float("inf"):
-        raise ValueError(f"{option} {value!r}: expected 'auto' or a percentage > 0, e.g. 2 or 50%")
-    return percent / 100
 
 
 @pytest.fixture(scope="session")
