@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fluxgate import spread
+from fluxgate import history, spread
 from fluxgate.baselines import Baseline, Thresholds
 from fluxgate.compare import expected_range
 
@@ -67,7 +67,7 @@ def test_the_committed_h200_limits_pass_every_run_they_came_from():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "baselines" / "nvidia-h200"
-    limits = spread.derive(spread._read_runs([root / "runs"]), "nvidia-h200")
+    limits = spread.derive(history.read_paths([root / "runs"]), "nvidia-h200")
     assert len(limits) == 16
     for limit in limits.values():
         assert min(limit.values_it_s) >= limit.min_it_s and len(limit.gpus) >= 2

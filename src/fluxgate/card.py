@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluxgate import compare, spread, stats
+from fluxgate import compare, history, spread, stats
 from fluxgate.outcomes import MEASURED
 
 EFFECTS = (0.01, 0.02, 0.03)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="holds <gpu-class>/thresholds.toml for the fixed limits [default: baselines]")
     parser.add_argument("--out", type=Path, default=None, help="write the card (markdown) here [default: print]")
     args = parser.parse_args(argv)
-    records = spread._read_runs(args.runs)
+    records = history.read_paths(args.runs)
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     thresholds = tomllib.loads(path.read_text()) if path.is_file() else None
     cards = build(records, args.gpu_class, thresholds)

@@ -216,14 +216,18 @@ def unfit_for_window(record: dict) -> str | None:
     return stats.contention_note(record.get("metrics") or {})
 
 
-def _eligible(records: Iterable[dict], candidate: dict, base_commit: str | None) -> list[dict]:
-    """Same measurement (combo, GPU class, profile, settings), usable outcome, fit for a window (`unfit_for_window`),
-    another run, earlier or of the base commit; oldest first."""
+def _same_measurement(records: Iterable[dict], candidate: dict) -> list[dict]:
+    """Records of another run measuring what `candidate` measures (combo, GPU class, profile, settings), with a
+    usable outcome."""
     keys = ("combo", "gpu_class", "profile", "settings")
-    chosen = [r for r in records
-              if all(r.get(k) == candidate.get(k) for k in keys)
-              and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")
-              and unfit_for_window(r) is None]
+    return [r for r in records if all(r.get(k) == candidate.get(k) for k in keys)
+            and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")]
+
+
+def _eligible(records: Iterable[dict], candidate: dict, base_commit: str | None) -> list[dict]:
+    """`_same_measurement` records fit for a window (`unfit_for_window`), earlier or of the base commit; oldest
+    first."""
+    chosen = [r for r in _same_measurement(records, candidate) if unfit_for_window(r) is None]
     if base_commit is None:
         # Without a named base, the baseline is the past: history replayed for an old run sees what existed then.
         chosen = [r for r in chosen if _time_order(r) < _time_order(candidate)]
@@ -429,10 +433,7 @@ def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | N
     if base_commit is not None:
         where += f" at commit {base_commit}"
     if not eligible:
-        same = ("combo", "gpu_class", "profile", "settings")
-        kept_out = [why for r in records if all(r.get(k) == candidate.get(k) for k in same)
-                    and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")
-                    and (why := unfit_for_window(r))]
+        kept_out = [why for r in _same_measurement(records, candidate) if (why := unfit_for_window(r))]
         if kept_out:
             return (f"no usable baseline runs of {candidate.get('combo')} on {where}: {len(kept_out)} kept out of "
                     f"windows, e.g. {kept_out[-1]}")

@@ -87,6 +87,11 @@ def read(directory: Path) -> list[dict]:
     return records
 
 
+def read_paths(paths: list[Path]) -> list[dict]:
+    """Every record of the given run files and folders of them (`read` for a folder, `read_file` for a file)."""
+    return [record for path in paths for record in (read(path) if Path(path).is_dir() else read_file(Path(path)))]
+
+
 def read_file(path: Path) -> list[dict]:
     """The records of one run file, each with its environment; a corrupt file gives [] and a warning naming it."""
     try:

@@ -213,9 +213,14 @@ def _gguf(path: Path) -> Identity:
     return Identity(str(path), family_of(names), precision, layout, common_prefix(names), dict(types), detail)
 
 
+def is_model_folder(path: Path) -> bool:
+    """A diffusers model folder: `config.json` beside one or more safetensors shards."""
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def _folder(path: Path) -> Identity:
     shards = sorted(path.glob("*.safetensors"))
-    if not (path / "config.json").is_file() or not shards:
+    if not is_model_folder(path):
         raise FixtureError(f"{path}: a folder, but not a diffusers model folder (needs config.json and *.safetensors)"
                            "; give a checkpoint file or a transformer/ folder")
     headers = [_header(shard)[0] for shard in shards]

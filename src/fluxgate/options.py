@@ -17,13 +17,18 @@ from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
 INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
 
 
+def _converted(text: str, convert, noun: str):
+    """`convert(text)`, or the usage error `'<text>' is not a <noun>`."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+
+
 def _count(minimum: int):
     """An argparse type: an integer >= `minimum` (a bad value is a usage error naming the option before any combo)."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = _converted(text, int, "whole number")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text!r}: must be at least {minimum}")
         return value
@@ -34,10 +39,7 @@ def _count(minimum: int):
 def _amount(positive: bool):
     """An argparse type: a finite number > 0 (`positive`) or >= 0."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = _converted(text, float, "number")
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(f"{text!r}: must be {'> 0' if positive else '>= 0'}")
         return value

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
-from fluxgate.identify import Identity, identify
+from fluxgate.identify import Identity, identify, is_model_folder
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "fixtures" / "models.toml"
 PIPELINE_CLASSES = {"FluxPipeline": "flux1-dev", "FluxKontextPipeline": "flux1-kontext-dev",
@@ -39,7 +39,7 @@ def candidates(root: Path) -> list[Path]:
     represented by the folder, and of a pipeline folder only its transformer/ is one."""
     found = []
     for path in sorted(root.rglob("*")):
-        if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        if is_model_folder(path):
             if path.name == "transformer" or not (path.parent / "model_index.json").is_file():
                 found.append(path)  # a pipeline's text encoders and VAE are no checkpoints of the matrix
         elif path.is_file() and path.suffix in (".safetensors", ".gguf") and not (path.parent / "config.json").is_file():

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fluxgate import stats
+from fluxgate import history, stats
 from fluxgate.outcomes import MEASURED
 
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
@@ -156,18 +156,6 @@ def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
     return header + ("" if note in header else note) + tomli_w.dumps(table)
 
 
-def _read_runs(paths: list[Path]) -> list[dict]:
-    from fluxgate import history
-
-    records = []
-    for path in paths:
-        if path.is_dir():
-            records += history.read(path)
-        else:
-            records += history.read_file(path)
-    return records
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fluxgate.spread", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path,
@@ -178,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="rewrite the thresholds file (default: only print)")
     args = parser.parse_args(argv)
     try:
-        limits = derive(_read_runs(args.runs), args.gpu_class)
+        limits = derive(history.read_paths(args.runs), args.gpu_class)
         path = args.baselines_dir / args.gpu_class / "thresholds.toml"
         text = apply(path, limits)
     except (ValueError, OSError) as error:

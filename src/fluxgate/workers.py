@@ -1,14 +1,14 @@
 """One pytest-xdist worker per GPU (`-n N`): each worker is pinned to its own GPU, runs a fixed share of the matrix,
 writes its own history file; the controller merges them into one run when the workers are done.
 
-- Pinning: worker `gwK` runs on the K-th visible GPU (wrapping round when there are more workers than GPUs, e.g. two
-  workers sharing one GPU). The controller writes CUDA_VISIBLE_DEVICES into each worker's execnet spec
+- Pinning: worker `gwK` runs on the K-th visible GPU (wrapping round when there are more workers than GPUs, which
+  fails the run: see `shared_gpus`). The controller writes CUDA_VISIBLE_DEVICES into each worker's execnet spec
   (`popen//env:CUDA_VISIBLE_DEVICES=...`), so the variable is set when the worker process starts, before any import:
   importing diffusers asks `torch.accelerator.is_available()`, which starts the CUDA driver, and the driver reads the
   variable once, then ignores later changes (seen on a 2-GPU H200: both workers ran on GPU 0). The visible GPUs are
   the CUDA_VISIBLE_DEVICES list the run was started with, else every GPU NVML counts, by UUID (unambiguous whatever
-  CUDA_DEVICE_ORDER says). A worker checks that CUDA runs on its GPU (`check_pinned`); the controller checks that the
-  workers ran on as many GPUs as they were pinned to (`shared_gpus`).
+  CUDA_DEVICE_ORDER says). A worker checks that CUDA runs on its GPU (`check_pinned`); the controller fails a run in
+  which two workers ran on one GPU (`shared_gpus`).
 - Shares: the selected combos are grouped as `--shard K+1/N` would group them (every N-th, so each worker gets some
   of every model) and xdist's `loadgroup` scheduling sends each group to one worker. Workers are told to tag items
   with their group (`loadgroup` in their own options, through `workerinput`): xdist derives that from the worker's
@@ -58,16 +58,12 @@ def visible_gpus(environ: dict | None = None) -> list[str]:
 
         pynvml.nvmlInit()
         try:
-            return [_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index)))
+            return [pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
                     for index in range(pynvml.nvmlDeviceGetCount())]
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML, no driver: a CPU machine
         return []
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def pin(index: int, gpus: list[str]) -> str | None:
