@@ -84,7 +84,7 @@ def thresholds(session: nox.Session) -> None:
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
     gpu_class = session.posargs[0]
-    session.run("python", "-m", "fluxgate.spread", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+    session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
                 "--write", env=ENV)
 
 

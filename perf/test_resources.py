@@ -5,9 +5,9 @@ device. Skips off CUDA (tests/test_faults.py covers what a CPU can)."""
 import pytest
 import torch
 
-from fluxgate import baselines
+from fluxgate.judging import baselines
 from fluxgate.matrix import Combo
-from fluxgate.memory import GIB, OutOfMemory, cuda_index
+from fluxgate.measuring.memory import GIB, OutOfMemory, cuda_index
 
 pytestmark = pytest.mark.faults
 

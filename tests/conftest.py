@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fluxgate.matrix import Combo
-from fluxgate.sources import TinySource
+from fluxgate.weights.sources import TinySource
 
 pytest_plugins = ["pytester"]
 

@@ -16,10 +16,12 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from fluxgate import baselines, checkpoints, history
+from fluxgate.judging import baselines
+from fluxgate.measuring.runner import Inputs
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
-from fluxgate.runner import Inputs
+from fluxgate.storing import history
+from fluxgate.weights import tiny
+from fluxgate.weights.precisions import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = "perf/test_matrix.py"
@@ -45,7 +47,7 @@ def copy_baselines(target: Path) -> Path:
 
 def bf16_weights(cache: Path, model: str) -> dict[str, torch.Tensor]:
     spec = MODELS[model]
-    return load_file(str(checkpoints.ensure(spec, PRECISIONS["bf16"], INPUTS.seed, cache).path))
+    return load_file(str(tiny.ensure(spec, PRECISIONS["bf16"], INPUTS.seed, cache).path))
 
 
 def with_rows_cut(weights: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
-"""fluxgate.baselines: thresholds, reference images and provenance written by `nox -s baselines`, loaded by the gate;
+"""fluxgate.judging.baselines: thresholds, reference images and provenance written by `nox -s baselines`, loaded by the gate;
 every broken or stale input is a BaselineError naming the file."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fluxgate import baselines
-from fluxgate.baselines import Measured, Thresholds
 from fluxgate.errors import BaselineError
+from fluxgate.judging import baselines
+from fluxgate.judging.baselines import Measured, Thresholds
 from fluxgate.matrix import Combo
 
 SETTINGS = {"profile": "tiny", "seed": 0, "steps": 4, "size_px": 256, "guidance_scale": 3.5, "prompt": "a red fox"}
@@ -94,8 +94,8 @@ def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_mad
     import json
     from types import SimpleNamespace
 
-    from fluxgate.gate import Gate
-    from fluxgate.history import RunHistory
+    from fluxgate.judging.gate import Gate
+    from fluxgate.storing.history import RunHistory
 
     baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": IMAGE},
                     {"runs": {"run1": {}}, "models": {"flux1-dev": {**SETTINGS, "run_id": "run1"}}})

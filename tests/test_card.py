@@ -1,10 +1,10 @@
-"""fluxgate.card: A/A false alarms and detection of injected slowdowns, from recorded runs."""
+"""fluxgate.showing.card: A/A false alarms and detection of injected slowdowns, from recorded runs."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fluxgate import card
+from fluxgate.showing import card
 
 
 def record(run: int, steps: list[float], combo="flux1-dev[bf16]"):

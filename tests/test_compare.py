@@ -1,13 +1,24 @@
-"""fluxgate.compare: regression verdicts against history that flag real shifts and stay quiet on run-to-run noise."""
+"""fluxgate.judging.compare: regression verdicts against history that flag real shifts and stay quiet on run-to-run noise."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fluxgate.compare import (
-    IMPROVEMENT, NO_CHANGE, NOT_COMPARABLE, REGRESSION, REMEASURE, UNEXPLAINED_IMPROVEMENT, Policy, compare_run,
-    confirm, memory_verdict, select_window, similarity_verdict, speed_verdict,
+from fluxgate.judging.compare import (
+    IMPROVEMENT,
+    NO_CHANGE,
+    NOT_COMPARABLE,
+    REGRESSION,
+    REMEASURE,
+    UNEXPLAINED_IMPROVEMENT,
+    Policy,
+    compare_run,
+    confirm,
+    memory_verdict,
+    select_window,
+    similarity_verdict,
+    speed_verdict,
 )
 
 ENVIRONMENT = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3",

@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from fluxgate import decision, publish
 from fluxgate.errors import FixtureError
+from fluxgate.showing import decision, publish
 
 GPU = "nvidia-h100-80gb-hbm3"
 SETTINGS = decision.Settings({"default": 3.0, GPU: 3.0}, {"default": {"min_ms_ssim": 0.97, "min_psnr_db": 26.0}})

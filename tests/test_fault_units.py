@@ -24,20 +24,30 @@ import faults_support
 import numpy as np
 import pytest
 import torch
-from faults_support import (CPU, FLUX1_LINEAR, INPUTS, SHARED_CACHE, bf16_weights, no_temporary_files,
-                            read_history_strictly, with_rows_cut)
+from faults_support import (
+    CPU,
+    FLUX1_LINEAR,
+    INPUTS,
+    SHARED_CACHE,
+    bf16_weights,
+    no_temporary_files,
+    read_history_strictly,
+    with_rows_cut,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_precisions import BOUNDS, FLOAT_SLACK, _state_dict, round_trip
 
-from fluxgate import baselines, checkpoints, history
-from fluxgate.compare import NO_CHANGE, REGRESSION, memory_verdict, similarity_verdict
 from fluxgate.errors import BaselineError, FixtureError
+from fluxgate.judging import baselines
+from fluxgate.judging.compare import NO_CHANGE, REGRESSION, memory_verdict, similarity_verdict
 from fluxgate.matrix import Combo
+from fluxgate.measuring.runner import Runner
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS, Q8_0_MAX_ABS, load_transformer
-from fluxgate.runner import Runner
-from fluxgate.sources import TinySource
+from fluxgate.storing import history
+from fluxgate.weights import tiny
+from fluxgate.weights.precisions import PRECISIONS, Q8_0_MAX_ABS, load_transformer
+from fluxgate.weights.sources import TinySource
 
 plugin_project = faults_support.plugin_project  # the shared fixture, found by pytest under this module's name for it
 
@@ -58,7 +68,7 @@ def _flip_header_bytes(data: bytes) -> bytes:
 ], ids=["safetensors-flipped-header", "safetensors-6-bytes", "gguf-bad-magic", "gguf-cut-in-header"])
 def test_damaged_checkpoint_file_names_the_file_and_what_is_wrong(tmp_path, precision, damage, says):
     model, spec = MODELS["flux1-dev"], PRECISIONS[precision]
-    good = checkpoints.ensure(model, spec, INPUTS.seed, SHARED_CACHE)
+    good = tiny.ensure(model, spec, INPUTS.seed, SHARED_CACHE)
     broken = tmp_path / good.path.name
     broken.write_bytes(damage(good.path.read_bytes()))
     with pytest.raises(FixtureError) as error:
@@ -71,8 +81,8 @@ def test_fp8_checkpoint_whose_shapes_do_not_fit_the_config_is_refused_naming_the
     model, spec = MODELS["flux1-dev"], PRECISIONS["fp8-scaled"]
     weights = bf16_weights(SHARED_CACHE, "flux1-dev")
     path = tmp_path / "misfit.safetensors"
-    spec.write(with_rows_cut(weights, FLUX1_LINEAR), checkpoints.quantized_keys(model, weights, 1), path, "flux")
-    config = checkpoints.ensure(model, spec, INPUTS.seed, SHARED_CACHE).config_dir
+    spec.write(with_rows_cut(weights, FLUX1_LINEAR), tiny.quantized_keys(model, weights, 1), path, "flux")
+    config = tiny.ensure(model, spec, INPUTS.seed, SHARED_CACHE).config_dir
     rows, cols = weights[FLUX1_LINEAR].shape
     says = f"{FLUX1_LINEAR} has shape [{rows - 16}, {cols}], but a {cols} -> {rows} linear needs [{rows}, {cols}]"
     with pytest.raises(FixtureError, match=re.escape(says)) as error:
@@ -269,8 +279,8 @@ def test_a_fixture_checkpoint_that_cannot_be_written_names_the_file_and_the_tens
 
     monkeypatch.setattr(type(model), "tiny_transformer", lambda self, seed: poisoned(seed))
     with pytest.raises(FixtureError) as error:
-        checkpoints.ensure(model, PRECISIONS["bf16"], INPUTS.seed, tmp_path)
-    path = checkpoints.fixture_dir(model, INPUTS.seed, tmp_path) / "transformer-bf16.safetensors"
+        tiny.ensure(model, PRECISIONS["bf16"], INPUTS.seed, tmp_path)
+    path = tiny.fixture_dir(model, INPUTS.seed, tmp_path) / "transformer-bf16.safetensors"
     assert str(error.value).startswith(f"{path}: cannot write this checkpoint (x_embedder.weight: 1 of ")
     assert not path.exists() and no_temporary_files(tmp_path) == []
 

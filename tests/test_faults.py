@@ -29,15 +29,28 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from faults_support import (CPU, FLUX1_LINEAR, INPUTS, MATRIX, ROOT, SHARED_CACHE, bf16_weights, copy_baselines,
-                            no_temporary_files, read_history_strictly, with_rows_cut)
+from faults_support import (
+    CPU,
+    FLUX1_LINEAR,
+    INPUTS,
+    MATRIX,
+    ROOT,
+    SHARED_CACHE,
+    bf16_weights,
+    copy_baselines,
+    no_temporary_files,
+    read_history_strictly,
+    with_rows_cut,
+)
 from PIL import Image
 
-from fluxgate import baselines, checkpoints, history
+from fluxgate.judging import baselines
 from fluxgate.matrix import Combo
+from fluxgate.measuring.runner import Runner
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS, q8_0_gguf_tensors, write_gguf
-from fluxgate.runner import Runner
+from fluxgate.storing import history
+from fluxgate.weights import tiny
+from fluxgate.weights.precisions import PRECISIONS, q8_0_gguf_tensors, write_gguf
 
 INJECTORS = Path(__file__).resolve().parent / "injectors"
 plugin_project = faults_support.plugin_project  # the shared fixture, found by pytest under this module's name for it
@@ -89,20 +102,20 @@ def copy_cache(target: Path, *models: str) -> Path:
     built where it is first needed)."""
     for name in models:
         model = MODELS[name]
-        shared = checkpoints.fixture_dir(model, INPUTS.seed, SHARED_CACHE)
+        shared = tiny.fixture_dir(model, INPUTS.seed, SHARED_CACHE)
         if shared.is_dir():
-            shutil.copytree(shared, checkpoints.fixture_dir(model, INPUTS.seed, target))
+            shutil.copytree(shared, tiny.fixture_dir(model, INPUTS.seed, target))
     return target
 
 
 def plant(cache: Path, combo: Combo, write) -> Path:
     """Replace the cached checkpoint of `combo` by what `write(path)` puts there, provenance included, so the cache
     takes it for intact and the loader is the first to see it; returns its path."""
-    path = checkpoints.ensure(combo.model_spec, combo.precision_spec, INPUTS.seed, cache).path
+    path = tiny.ensure(combo.model_spec, combo.precision_spec, INPUTS.seed, cache).path
     write(path)
     provenance_path = path.with_suffix(".json")
     provenance = json.loads(provenance_path.read_text())
-    provenance.update(sha256=checkpoints.sha256_file(path), size_bytes=path.stat().st_size)
+    provenance.update(sha256=tiny.sha256_file(path), size_bytes=path.stat().st_size)
     provenance_path.write_text(json.dumps(provenance))
     return path
 
@@ -165,7 +178,7 @@ def fault_run(tmp_path_factory) -> FaultRun:
     cache = copy_cache(root / "cache", "flux1-dev", "flux2-dev", "z-image-turbo")
     folder = copy_baselines(root / "baselines") / "cpu"
     flux1 = bf16_weights(cache, "flux1-dev")
-    linears = checkpoints.quantized_keys(MODELS["flux1-dev"], flux1, 32)
+    linears = tiny.quantized_keys(MODELS["flux1-dev"], flux1, 32)
     expected: dict[str, list[str]] = {}
 
     path = plant(cache, Combo("flux1-dev", "fp8-scaled"), truncate)
@@ -292,7 +305,7 @@ def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
     bf16 is in history and nvfp4's timed steps have begun (the injector's mark file), one gets SIGINT (Ctrl-C), the
     other SIGKILL: on a loaded 2-core machine a fixed wait after the bf16 record could miss nvfp4 altogether."""
     for precision in ("bf16", "nvfp4"):  # the runs must not be writing a checkpoint when they are killed
-        checkpoints.ensure(MODELS["flux1-dev"], PRECISIONS[precision], INPUTS.seed, SHARED_CACHE)
+        tiny.ensure(MODELS["flux1-dev"], PRECISIONS[precision], INPUTS.seed, SHARED_CACHE)
     runs = {}
     for name in ("SIGINT", "SIGKILL"):
         root = tmp_path_factory.mktemp(name)

@@ -1,4 +1,4 @@
-"""fluxgate.flops: model FLOPs per denoising step (analytic for linears, the same for every precision of a model),
+"""fluxgate.measuring.flops: model FLOPs per denoising step (analytic for linears, the same for every precision of a model),
 the GEMM roof (none on CPU) and MFU."""
 
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fluxgate import flops
-from fluxgate.precisions import PRECISIONS
+from fluxgate.measuring import flops
+from fluxgate.weights.precisions import PRECISIONS
 
 
 def test_linear_flops_match_two_m_n_k():

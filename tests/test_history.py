@@ -1,4 +1,4 @@
-"""fluxgate.history: one JSON file per run, rewritten atomically after every combo; reading skips corrupt files."""
+"""fluxgate.storing.history: one JSON file per run, rewritten atomically after every combo; reading skips corrupt files."""
 
 import contextlib
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate.history import RunHistory, new_run_id, read
+from fluxgate.storing.history import RunHistory, new_run_id, read
 
 ENVIRONMENT = {"device": "cpu", "torch": "2.x"}
 
@@ -89,7 +89,7 @@ def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
 
 
 def test_image_folders_beyond_the_newest_runs_are_pruned_and_records_stay(tmp_path):
-    from fluxgate.history import prune_images
+    from fluxgate.storing.history import prune_images
 
     for run_id in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
         (tmp_path / f"{run_id}.json").write_text('{"records": []}')
@@ -114,7 +114,7 @@ def test_history_files_get_the_mode_a_plain_open_would_give(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
-@pytest.mark.parametrize("module", ["fluxgate.merge", "fluxgate.publish"])
+@pytest.mark.parametrize("module", ["fluxgate.merge", "fluxgate.publish", "fluxgate.card", "fluxgate.thresholds"])
 def test_reading_merging_and_publishing_history_import_neither_torch_nor_diffusers(module):
     import subprocess
     import sys
@@ -130,7 +130,7 @@ def test_reading_merging_and_publishing_history_import_neither_torch_nor_diffuse
 def test_pruning_removes_the_image_folders_an_xdist_run_keeps_under_its_workers_run_ids(tmp_path):
     import json as _json
 
-    from fluxgate.history import prune_images
+    from fluxgate.storing.history import prune_images
 
     old, new = "20260101T000000Z-merged", "20260102T000000Z-newest"
     (tmp_path / f"{old}.json").write_text(_json.dumps({"records": [

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from faults_support import copy_baselines
-from fluxgate.compare import REMEASURE
+
+from fluxgate.judging.compare import REMEASURE
 
 ROOT = Path(__file__).resolve().parents[1]
 

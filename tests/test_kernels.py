@@ -1,4 +1,4 @@
-"""fluxgate.kernels: which GEMM path the quantized linears of a combo ran. On CPU every quantized combo dequantizes
+"""fluxgate.measuring.kernels: which GEMM path the quantized linears of a combo ran. On CPU every quantized combo dequantizes
 (the forced-fallback case); layers that run `torch._scaled_mm` (the H100 fp8 path) are told apart from it."""
 
 from types import SimpleNamespace
@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers.quantizers.bfl.utils import FP8_MAX, BFLFP8RLinear, quantize_fp8r
 
-from fluxgate import kernels
-from fluxgate.kernels import BF16_GEMM, DEQUANT_FALLBACK, FP8_GEMM, kernel_path
+from fluxgate.measuring import kernels
+from fluxgate.measuring.kernels import BF16_GEMM, DEQUANT_FALLBACK, FP8_GEMM, kernel_path
 
 QUANTIZED_CLASS = {"fp8-scaled": "BFLFP8RLinear", "nvfp4": "BFLNVFP4Linear", "gguf-q8_0": "GGUFLinear"}
 

@@ -1,7 +1,7 @@
 """Checkpoints as users hold them: identified from their contents, refused when they are not what their slot says,
 and adapted from the layouts ComfyUI, comfy-kitchen, city96 and diffusers write onto diffusers' loaders.
 
-The layouts are written here from their published facts (see fluxgate.identify / fluxgate.layouts docstrings),
+The layouts are written here from their published facts (see fluxgate.weights.identify / fluxgate.weights.layouts docstrings),
 independently of the adapters: a tiled scale matrix is built with the cuBLAS tile formula, ComfyUI NVFP4 packs the
 first value of a pair in the high nibble, ComfyUI fp8 stores one fp32 scale per tensor."""
 
@@ -16,10 +16,10 @@ import torch
 from diffusers.quantizers.bfl.utils import dequantize_fp8r, dequantize_nvfp4, quantize_nvfp4
 from safetensors.torch import load_file, save_file
 
-from fluxgate import checkpoints, identify, layouts
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
+from fluxgate.weights import identify, layouts, tiny
+from fluxgate.weights.precisions import PRECISIONS
 
 
 def tiled(scales: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_one_scale_per_tensor_fp8_becomes_per_row_fp8r_with_the_same_values(tmp_
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("cache")
-    return {f"{model}.{precision}": checkpoints.ensure(MODELS[model], PRECISIONS[precision], 0, cache).path
+    return {f"{model}.{precision}": tiny.ensure(MODELS[model], PRECISIONS[precision], 0, cache).path
             for model in ("z-image-turbo", "flux2-dev") for precision in PRECISIONS}
 
 
@@ -152,7 +152,7 @@ def test_a_comfy_nvfp4_file_with_a_prefix_loads_as_its_modelopt_twin(tiny_files,
     (high nibble first, tiled scales, comfy_quant, no input_scale, ModelSave prefix) loads to the same weights."""
     from diffusers.quantizers.bfl.utils import BFLNVFP4Linear
 
-    from fluxgate.precisions import load_transformer
+    from fluxgate.weights.precisions import load_transformer
 
     model = MODELS["z-image-turbo"]
     twin = load_file(str(tiny_files["z-image-turbo.nvfp4"]))
@@ -201,7 +201,8 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     import shutil
     import tomllib
 
-    from fluxgate import scan
+    from fluxgate import scan as scan_command
+    from fluxgate.weights import scan
 
     tree = tmp_path / "ComfyUI" / "models"
     (tree / "diffusion_models").mkdir(parents=True)
@@ -210,7 +211,7 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     shutil.copy(tiny_files["flux2-dev.gguf-q8_0"], tree / "unet" / "flux2-dev-Q4_K_M.gguf")  # the name lies
     (tree / "unet" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     out = tmp_path / "models.toml"
-    assert scan.main([str(tree), "--out", str(out)]) == 0
+    assert scan_command.main([str(tree), "--out", str(out)]) == 0
     table = tomllib.loads(out.read_text())
     assert table["z-image-turbo"]["checkpoints"] == {"nvfp4": {"path": str(tree / "diffusion_models" /
                                                                              "anything.safetensors")}}
@@ -222,7 +223,7 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
 
 def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_files, tmp_path):
     from fluxgate.matrix import Combo
-    from fluxgate.sources import RealSource
+    from fluxgate.weights.sources import RealSource
 
     model = MODELS["z-image-turbo"]
     state = load_file(str(tiny_files["z-image-turbo.bf16"]))
@@ -240,7 +241,7 @@ def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_f
 
 
 def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
-    from fluxgate import scan
+    from fluxgate.weights import scan
 
     found = identify.Identity("/cache/models--black-forest-labs--FLUX.1-Kontext-dev/snapshots/x/transformer",
                               "flux1", "bf16", "diffusers-folder")
@@ -249,9 +250,9 @@ def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
 
 
 def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_one_line(tmp_path):
-    from fluxgate.matrix import Combo
-    from fluxgate.sources import RealSource
     from fluxgate.errors import SkipCombo
+    from fluxgate.matrix import Combo
+    from fluxgate.weights.sources import RealSource
 
     (tmp_path / "models.toml").write_text('["flux1-dev"]\npipeline = "x"\n')
     with pytest.raises(SkipCombo, match=r"flux2-dev: not in .*models.toml; add a \[flux2-dev\] table to run it"):
@@ -265,7 +266,8 @@ def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_on
 def test_merging_shards_in_the_history_folder_moves_them_aside(tmp_path):
     import json as _json
 
-    from fluxgate import history, merge
+    from fluxgate import merge
+    from fluxgate.storing import history
 
     for shard, combo in (("20260101T000000Z-aaaaaa", "a[bf16]"), ("20260101T000001Z-bbbbbb", "a[nvfp4]")):
         (tmp_path / f"{shard}.json").write_text(_json.dumps({"run_id": shard, "records": [{"combo": combo}]}))

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fluxgate import measure
-from fluxgate.gate import Outcome
+from fluxgate.judging.gate import Outcome
 from fluxgate.matrix import Combo
-from fluxgate.report import history_lines, spike_line, terminal_summary
-from fluxgate.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
+from fluxgate.measuring import measure
+from fluxgate.measuring.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
+from fluxgate.showing.report import history_lines, spike_line, terminal_summary
 
 
 class ScriptedEvent:
@@ -236,7 +236,7 @@ def test_each_timed_image_s_first_step_is_kept_apart_from_the_steps_the_stats_ju
 
 
 def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often():
-    from fluxgate.report import spike_lines
+    from fluxgate.showing.report import spike_lines
 
     entries = [("flux1-dev[nvfp4]", {"kernel_path": {"host_syncs_per_step": 494}}),
                ("flux1-dev[fp8-scaled]", {"kernel_path": {"host_syncs_per_step": 1}}),  # one per step: not listed

@@ -3,7 +3,7 @@
 import pytest
 
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
+from fluxgate.weights.precisions import PRECISIONS
 
 
 @pytest.fixture
@@ -110,8 +110,8 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
 
     import torch
 
-    from fluxgate import compare
-    from fluxgate.gate import Gate
+    from fluxgate.judging import compare
+    from fluxgate.judging.gate import Gate
     from fluxgate.options import fraction as _fraction
 
     assert _fraction("--min-speed-effect", "auto") is None
@@ -140,7 +140,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
 def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(matrix, monkeypatch):
     import os
 
-    from fluxgate import memory
+    from fluxgate.measuring import memory
 
     monkeypatch.setenv(memory.ALLOC_CONF_ENV, "")  # so the test's end restores this process's own setting
     monkeypatch.delenv(memory.ALLOC_CONF_ENV)
@@ -167,7 +167,7 @@ def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(
 
 
 def test_cupti_teardown_is_set_before_the_first_combo(matrix, monkeypatch):
-    from fluxgate import kernels
+    from fluxgate.measuring import kernels
 
     monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")  # so the test's end restores this process's own setting
     monkeypatch.delenv(kernels.CUPTI_TEARDOWN_ENV)

@@ -1,14 +1,15 @@
-"""fluxgate.publish: one run from the history -> summary.md, trend plots and image grids; the CLI around it."""
+"""fluxgate.showing.publish: one run from the history -> summary.md, trend plots and image grids; the CLI around it."""
 
 import json
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from fluxgate.history import RunHistory
-from fluxgate.publish import main, write_report
+from fluxgate.publish import main
+from fluxgate.showing.publish import write_report
+from fluxgate.storing.history import RunHistory
 
 ENVIRONMENT = {"device_name": "AMD EPYC", "gpu_class": "cpu", "torch": "2.13.0+cpu", "diffusers": "0.42.1",
                "git_commit": "6815fe4d4b485284320fd11c42ee3ad0b975e827", "git_dirty": False}
@@ -206,7 +207,7 @@ def test_cli_help_explains_every_option(capsys):
 
 
 def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_path, baselines_dir):
-    from fluxgate.stats import spikes
+    from fluxgate.measuring.stats import spikes
 
     times = [0.28] * 26 + [0.40, 0.36]
     spiked = _record("flux1-dev[fp8-scaled]", 3.5, 12.3)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxgate import checkpoints, identify, layouts
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
+from fluxgate.weights import identify, layouts, tiny
+from fluxgate.weights.precisions import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def comfy_scaled_fp8(fp8r_file: Path, target: Path) -> None:
 
 def test_comfy_scaled_fp8_becomes_per_row_fp8r_scales(tmp_path):
     model = MODELS["flux1-dev"]
-    fp8r = checkpoints.ensure(model, PRECISIONS["fp8-scaled"], 0, tmp_path / "cache").path
+    fp8r = tiny.ensure(model, PRECISIONS["fp8-scaled"], 0, tmp_path / "cache").path
     comfy_scaled_fp8(fp8r, tmp_path / "comfy.safetensors")
 
     found = identify.identify(tmp_path / "comfy.safetensors")
@@ -56,8 +56,8 @@ def real_setup(tmp_path_factory) -> Path:
     """A local flux1-dev pipeline folder plus bf16 and ComfyUI fp8 files, as a user would have them."""
     root = tmp_path_factory.mktemp("real")
     model = MODELS["flux1-dev"]
-    bf16 = checkpoints.ensure(model, PRECISIONS["bf16"], 0, root / "cache")
-    fp8r = checkpoints.ensure(model, PRECISIONS["fp8-scaled"], 0, root / "cache")
+    bf16 = tiny.ensure(model, PRECISIONS["bf16"], 0, root / "cache")
+    fp8r = tiny.ensure(model, PRECISIONS["fp8-scaled"], 0, root / "cache")
     pipe = model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0))
     pipe.save_pretrained(root / "pipeline")
     comfy_scaled_fp8(fp8r.path, root / "comfy.safetensors")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from fluxgate import similarity
+from fluxgate.judging import similarity
 from fluxgate.matrix import Combo
-from fluxgate.runner import Inputs, Runner
-from fluxgate.sources import TinySource
+from fluxgate.measuring.runner import Inputs, Runner
+from fluxgate.weights.sources import TinySource
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate import history
 from fluxgate.errors import HistoryError
 from fluxgate.matrix import combos, parse_shard, shard
+from fluxgate.storing import history
 
 ROOT = Path(__file__).resolve().parents[1]
 

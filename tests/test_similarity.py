@@ -1,4 +1,4 @@
-"""fluxgate.similarity.compare: MS-SSIM and PSNR of a candidate image against its reference."""
+"""fluxgate.judging.similarity.compare: MS-SSIM and PSNR of a candidate image against its reference."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxgate.similarity import MIN_SIDE_PX, compare
+from fluxgate.judging.similarity import MIN_SIDE_PX, compare
 
 SIDE_PX = 176  # the smallest side torchmetrics scores with 5 scales of an 11 px window
 

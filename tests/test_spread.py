@@ -1,12 +1,13 @@
-"""fluxgate.spread: speed limits from the spread of several runs on several GPUs of a class."""
+"""fluxgate.judging.spread: speed limits from the spread of several runs on several GPUs of a class."""
 
 from __future__ import annotations
 
 import pytest
 
-from fluxgate import history, spread
-from fluxgate.baselines import Baseline, Thresholds
-from fluxgate.compare import expected_range
+from fluxgate.judging import spread
+from fluxgate.judging.baselines import Baseline, Thresholds
+from fluxgate.judging.compare import expected_range
+from fluxgate.storing import history
 
 
 def record(run: str, gpu: str, step_s: float, combo="flux1-dev[bf16]", syncs=0, **extra):
@@ -46,9 +47,9 @@ def test_one_gpu_or_too_few_runs_or_contended_runs_are_not_enough():
 
 
 def test_the_speed_limit_compares_the_statistic_it_was_derived_for(tmp_path):
-    from fluxgate.gate import limit_failures
-    from fluxgate.measure import RunResult
-    from fluxgate.similarity import Similarity
+    from fluxgate.judging.gate import limit_failures
+    from fluxgate.judging.similarity import Similarity
+    from fluxgate.measuring.measure import RunResult
 
     # Host jitter: half the steps slow, the fast steps unchanged. The median falls below the limit, the p10 does not.
     steps = [0.100] * 13 + [0.130] * 14

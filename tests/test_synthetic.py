@@ -1,4 +1,4 @@
-"""fluxgate.synthetic: seeded random transformers built in each precision's loader layout and loaded by diffusers.
+"""fluxgate.weights.synthetic: seeded random transformers built in each precision's loader layout and loaded by diffusers.
 
 Everything runs on the CPU at the tiny configs (the builder takes a `config` override), except the full-size checks,
 which run on the meta device and take no memory.
@@ -11,9 +11,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fluxgate import checkpoints, synthetic
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS, load_transformer
+from fluxgate.weights import synthetic, tiny
+from fluxgate.weights.precisions import PRECISIONS, load_transformer
 
 FLUX1 = MODELS["flux1-dev"]
 TINY_FLUX1 = FLUX1.module.TINY_TRANSFORMER_CONFIG
@@ -113,7 +113,7 @@ def test_synthetic_build_equals_the_checkpoint_file_written_from_its_bf16_weight
     assert path == f"seeded random {precision} state dict on cpu -> from_single_file"
 
     file = tmp_path / f"transformer{spec.suffix}"
-    spec.write(dict(bf16_weights), checkpoints.quantized_keys(FLUX1, bf16_weights, spec.block_size), file, "flux")
+    spec.write(dict(bf16_weights), tiny.quantized_keys(FLUX1, bf16_weights, spec.block_size), file, "flux")
     from_file = load_transformer(spec, FLUX1.module.TRANSFORMER_CLASS, file, config_folder, torch.device("cpu"))
 
     _assert_same_tensors(built.state_dict(), from_file.state_dict())

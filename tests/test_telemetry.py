@@ -1,4 +1,4 @@
-"""fluxgate.telemetry: NVML sampling degrades to `available=False` instead of raising, decodes clock-event reasons
+"""fluxgate.measuring.telemetry: NVML sampling degrades to `available=False` instead of raising, decodes clock-event reasons
 from both NVML naming generations, and summarises samples (throttling, energy, process memory).
 
 No GPU is needed: a fake `pynvml` module stands in for NVML where a test needs one that works.
@@ -14,8 +14,8 @@ import pynvml
 import pytest
 import torch
 
-from fluxgate import telemetry
-from fluxgate.telemetry import BENIGN_REASONS, GpuSampler, decode_reasons, gpu_fingerprint, reason_names
+from fluxgate.measuring import telemetry
+from fluxgate.measuring.telemetry import BENIGN_REASONS, GpuSampler, decode_reasons, gpu_fingerprint, reason_names
 
 CUDA = torch.device("cuda:0")
 GIB = 1024**3
@@ -245,7 +245,7 @@ def test_with_a_zero_interval_no_thread_samples_during_the_block_but_energy_and_
 
 
 def test_a_cuda_runs_environment_records_the_settings_history_compares_on(monkeypatch, tmp_path):
-    from fluxgate import environment, kernels, memory
+    from fluxgate.measuring import environment, kernels, memory
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

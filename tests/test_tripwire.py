@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxgate import tripwire
+from fluxgate.judging import tripwire
 
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
 REAL = sorted(BASELINES.glob("*/*.png"))

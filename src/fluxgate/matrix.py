@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fluxgate.measuring.runtimes import DEFAULT_RUNTIMES, RUNTIMES, RuntimeSpec
 from fluxgate.models import MODELS, ModelSpec
-from fluxgate.runtimes import DEFAULT_RUNTIMES, RUNTIMES, RuntimeSpec
 
 if TYPE_CHECKING:  # the precisions import diffusers and gguf: only code that writes or loads weights needs them
-    from fluxgate.precisions import PrecisionSpec
+    from fluxgate.weights.precisions import PrecisionSpec
 
 
 @dataclass(frozen=True, order=True)
@@ -50,7 +50,7 @@ class Combo:
 
     @property
     def precision_spec(self) -> "PrecisionSpec":
-        from fluxgate.precisions import PRECISIONS
+        from fluxgate.weights.precisions import PRECISIONS
 
         return PRECISIONS[self.precision]
 
@@ -78,7 +78,7 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
 def combos(models: list[str] | None = None, precisions: list[str] | None = None,
            runtimes: list[str] | None = None) -> list[Combo]:
     """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early."""
-    from fluxgate.precisions import PRECISIONS
+    from fluxgate.weights.precisions import PRECISIONS
 
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fluxgate.errors import FluxgateError
-from fluxgate.history import merge
+from fluxgate.storing.history import merge
 
 MERGED_DIR = ".merged"  # shard run files already merged into a run of the folder
 

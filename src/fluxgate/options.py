@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from fluxgate import memory
+from fluxgate.measuring import memory
+from fluxgate.measuring.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
 from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
-from fluxgate.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
+from fluxgate.weights.precisions import PRECISIONS
 
 INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
 

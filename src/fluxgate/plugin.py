@@ -13,17 +13,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
 import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from fluxgate import kernels, memory, options, report, workers  # noqa: E402
+from fluxgate import options, workers  # noqa: E402
 from fluxgate.matrix import Combo, combos, parse_names, parse_shard, shard  # noqa: E402
+from fluxgate.measuring import kernels, memory
+from fluxgate.measuring.runtimes import RUNTIMES  # noqa: E402
 from fluxgate.models import MODELS  # noqa: E402
-from fluxgate.precisions import PRECISIONS  # noqa: E402
-from fluxgate.runtimes import RUNTIMES  # noqa: E402
+from fluxgate.showing import report
+from fluxgate.weights.precisions import PRECISIONS  # noqa: E402
 
 COMBO_KEY = pytest.StashKey[Combo]()
 OUTCOMES_KEY = pytest.StashKey[list]()
@@ -150,11 +152,11 @@ def combo(request: pytest.FixtureRequest) -> Combo:
 
 
 def _make_gate(config: pytest.Config):
-    from fluxgate.environment import fingerprint, gpu_class, resolve_device
-    from fluxgate.gate import Gate
-    from fluxgate.history import RunHistory, new_run_id
-    from fluxgate.runner import Inputs, Runner
-    from fluxgate.sources import for_profile
+    from fluxgate.judging.gate import Gate
+    from fluxgate.measuring.environment import fingerprint, gpu_class, resolve_device
+    from fluxgate.measuring.runner import Inputs, Runner
+    from fluxgate.storing.history import RunHistory, new_run_id
+    from fluxgate.weights.sources import for_profile
 
     device = resolve_device(config.getoption("device"))
     if device.type == "cpu" and workers.worker(config) is None:  # workers took their share already
@@ -173,7 +175,7 @@ def _make_gate(config: pytest.Config):
     # A run whose speed nobody gated is kept out of later baseline windows (compare.unfit_for_window).
     environment["history_gate"] = config.getoption("history_gate")
     if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU
-        from fluxgate.flops import measure_roof
+        from fluxgate.measuring.flops import measure_roof
 
         environment["roof"] = measure_roof(device)
     history_dir, me = _path(config, "history_dir"), workers.worker(config)
@@ -228,9 +230,9 @@ def judge(gate, request: pytest.FixtureRequest):
 
 
 def _write_report(config: pytest.Config, history_dir: Path, run_id: str, verdicts: dict | None) -> None:
-    from fluxgate import decision
     from fluxgate.errors import FluxgateError
-    from fluxgate.publish import write_report
+    from fluxgate.showing import decision
+    from fluxgate.showing.publish import write_report
 
     try:  # a reporting problem must never change the gate's result
         settings = decision.load(_path(config, "decision_file"), config.getoption("vram_budget_gib"),
@@ -251,7 +253,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         history_dir = _path(config, "history_dir")
         if history_dir.is_dir():
-            from fluxgate import history
+            from fluxgate.storing import history
 
             try:
                 history.prune_images(history_dir, config.getoption("history_images"))
@@ -272,7 +274,7 @@ def _finish(session: pytest.Session) -> None:
             config._fluxgate_written = gate.write_baselines()
     if gate is None or not gate.history.records:
         return
-    from fluxgate.gate import verdicts_for_report
+    from fluxgate.judging.gate import verdicts_for_report
 
     gating = config.getoption("history_gate") == "on" and not gate.write
     verdicts = config._fluxgate_verdicts = gate.verdicts(
@@ -294,7 +296,7 @@ def _finish(session: pytest.Session) -> None:
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """pytest-benchmark's saved runs carry fluxgate's fingerprint too (GPU name, UUID, driver, clocks, power limit,
     versions), so a benchmark written with the `benchmark` fixture beside the matrix is comparable the same way."""
-    from fluxgate.environment import fingerprint, resolve_device
+    from fluxgate.measuring.environment import fingerprint, resolve_device
 
     try:
         machine_info["fluxgate"] = fingerprint(resolve_device(config.getoption("device")), config.rootpath)
@@ -318,8 +320,8 @@ def pytest_testnodedown(node, error) -> None:
 
 def _finish_distributed(session: pytest.Session) -> None:
     """Merge the workers' run files into one run (then remove them), fail on a confirmed regression, report."""
-    from fluxgate import history
     from fluxgate.errors import FluxgateError
+    from fluxgate.storing import history
 
     config = session.config
     outputs = config.stash.get(WORKER_OUTPUTS_KEY, [])

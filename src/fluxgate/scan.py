@@ -1,98 +1,16 @@
-"""Point fluxgate at a folder: every checkpoint in it identified, and a models file the `real` profile runs as is.
-
-    python -m fluxgate.scan DIR [--out models.toml]
-
-DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cache. Files are identified from their
-contents (`fluxgate.identify`), never from their names, except that FLUX.1-dev and FLUX.1-Kontext-dev share one
-architecture: a FLUX.1 file whose path says "kontext" (its name, or a folder such as an HF cache's
-`models--black-forest-labs--FLUX.1-Kontext-dev`) goes to flux1-kontext-dev. Pipeline folders (a
-`model_index.json`) found in DIR are used for their model; else the Hub id fluxgate's own models file names.
-For each slot the first file found wins; the others are listed.
-"""
+"""`python -m fluxgate.scan DIR`: every checkpoint under a folder identified, and a models file of the slots they fill."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tomllib
 from pathlib import Path
 
-from fluxgate.errors import FixtureError
-from fluxgate.identify import Identity, identify, is_model_folder
-
-DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "fixtures" / "models.toml"
-PIPELINE_CLASSES = {"FluxPipeline": "flux1-dev", "FluxKontextPipeline": "flux1-kontext-dev",
-                    "Flux2Pipeline": "flux2-dev", "ZImagePipeline": "z-image-turbo"}
-FAMILY_MODEL = {"flux2": "flux2-dev", "z-image": "z-image-turbo"}
-
-
-def model_of(identity: Identity) -> str | None:
-    """The fluxgate model a checkpoint fills (module docs), None for an unrecognised family."""
-    if identity.family == "flux1":
-        return "flux1-kontext-dev" if "kontext" in str(identity.path).lower() else "flux1-dev"
-    return FAMILY_MODEL.get(identity.family or "")
-
-
-def candidates(root: Path) -> list[Path]:
-    """Checkpoint files and diffusers model folders under `root`, sorted; shards and index files of a folder are
-    represented by the folder, and of a pipeline folder only its transformer/ is one."""
-    found = []
-    for path in sorted(root.rglob("*")):
-        if is_model_folder(path):
-            if path.name == "transformer" or not (path.parent / "model_index.json").is_file():
-                found.append(path)  # a pipeline's text encoders and VAE are no checkpoints of the matrix
-        elif path.is_file() and path.suffix in (".safetensors", ".gguf") and not (path.parent / "config.json").is_file():
-            found.append(path)
-    return found
-
-
-def pipelines(root: Path) -> dict[str, Path]:
-    """model -> the first diffusers pipeline folder under `root` whose model_index.json names its pipeline class."""
-    found: dict[str, Path] = {}
-    for index in sorted(root.rglob("model_index.json")):
-        try:
-            model = PIPELINE_CLASSES.get(json.loads(index.read_text()).get("_class_name", ""))
-        except (OSError, ValueError):
-            continue
-        if model:
-            found.setdefault(model, index.parent)
-    return found
-
-
-def scan(root: Path) -> tuple[list[tuple[Path, Identity | str]], dict[str, dict[str, Path]]]:
-    """Every candidate with its identity (or the one-line reason it could not be read), and the slots filled:
-    {model: {precision: path}}."""
-    listed: list[tuple[Path, Identity | str]] = []
-    slots: dict[str, dict[str, Path]] = {}
-    for path in candidates(root):
-        try:
-            identity = identify(path)
-        except FixtureError as error:
-            listed.append((path, str(error)))
-            continue
-        listed.append((path, identity))
-        model = model_of(identity)
-        if model and identity.precision:
-            slots.setdefault(model, {}).setdefault(identity.precision, path)
-    return listed, slots
-
-
-def models_toml(slots: dict[str, dict[str, Path]], found_pipelines: dict[str, Path],
-                defaults: Path = DEFAULT_MODELS_FILE) -> str:
-    """The models file text for the filled slots (pipeline: a found folder, else the default file's Hub id)."""
-    default = tomllib.loads(defaults.read_text()) if defaults.is_file() else {}
-    lines = ["# Written by `python -m fluxgate.scan`: every checkpoint identified from its contents.", ""]
-    for model, precisions in sorted(slots.items()):
-        pipeline = found_pipelines.get(model) or default.get(model, {}).get("pipeline", "")
-        lines += [f'["{model}"]', f"pipeline = {json.dumps(str(pipeline))}", f'["{model}".checkpoints]']
-        lines += [f"{precision} = {{ path = {json.dumps(str(path))} }}" for precision, path in sorted(precisions.items())]
-        lines.append("")
-    return "\n".join(lines)
+from fluxgate.weights import scan
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxgate.scan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fluxgate.scan", description=scan.__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder to scan (recursively)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the models file here (run it with `--profile real --models-file FILE`) "
@@ -101,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         print(f"fluxgate.scan: error: {args.root}: not a folder", file=sys.stderr)
         return 2
-    listed, slots = scan(args.root)
+    listed, slots = scan.scan(args.root)
     if not listed:
         print(f"no checkpoints (.safetensors, .gguf or diffusers model folders) found under {args.root}")
         return 1
@@ -110,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(identity, str):
             print(f"x  unreadable: {identity}")
             continue
-        model = model_of(identity)
+        model = scan.model_of(identity)
         used = slots.get(model or "", {}).get(identity.precision or "")
         if used == path:
             mark, why = "->", ""
@@ -119,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mark, why = "= ", f" [slot taken by {used}]"
         print(f"{mark} {model or '?'}[{identity.precision or '-'}]  {path}  ({identity.describe()}){why}")
-    text = models_toml(slots, pipelines(args.root))
+    text = scan.models_toml(slots, scan.pipelines(args.root))
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}: {sum(len(p) for p in slots.values())} slots over {len(slots)} models")

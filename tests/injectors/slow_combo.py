@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fluxgate import measure, runner
+from fluxgate.measuring import measure, runner
 
 TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
 FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))

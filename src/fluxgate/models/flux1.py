@@ -217,7 +217,7 @@ FULL_SEQUENCE_LENGTH = 512
 def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
     """Every FluxPipeline component except the transformer at full size: the real scheduler, the real-config VAE with
     seeded random weights made on `device` in `dtype`, and no text encoders (the prompt comes as embeddings)."""
-    from fluxgate.synthetic import seeded_module
+    from fluxgate.weights.synthetic import seeded_module
 
     return {
         "scheduler": _scheduler(),

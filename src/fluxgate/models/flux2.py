@@ -155,7 +155,7 @@ def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 
     """Every Flux2Pipeline component except the transformer at full size: the real scheduler, the real-config VAE with
     seeded random weights made on `device` in `dtype` (batch-norm statistics at their init: mean 0, var 1), and no
     text encoder (the prompt comes as embeddings)."""
-    from fluxgate.synthetic import seeded_module
+    from fluxgate.weights.synthetic import seeded_module
 
     return {
         "scheduler": _scheduler(),

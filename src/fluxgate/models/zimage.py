@@ -161,7 +161,7 @@ def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 
     """Every ZImagePipeline component except the transformer at full size: the real scheduler, the FLUX VAE (Z-Image
     ships FLUX.1's) with seeded random weights made on `device` in `dtype`, and no text encoder."""
     from fluxgate.models import flux1
-    from fluxgate.synthetic import seeded_module
+    from fluxgate.weights.synthetic import seeded_module
 
     return {
         "scheduler": _scheduler(),

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fluxgate.files import atomic_write  # noqa: F401 - re-exported for callers
 from fluxgate.errors import FixtureError
+from fluxgate.files import atomic_write  # noqa: F401 - re-exported for callers
 from fluxgate.models import ModelSpec
-from fluxgate.precisions import PRECISIONS, PrecisionSpec
+from fluxgate.weights.precisions import PRECISIONS, PrecisionSpec
 
 FORMAT_VERSION = 1  # bump when a writer's output changes for the same inputs
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fluxgate import telemetry
 from fluxgate.errors import FluxgateError
+from fluxgate.measuring import telemetry
 
 GIB = 1024**3
 ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"

@@ -1,7 +1,7 @@
 """Speed limits from measured spread: a GPU class's minimum it/s per combo, derived from several recorded runs on
 several GPUs of that class instead of one run less a fixed margin.
 
-    python -m fluxgate.spread baselines/nvidia-h200/runs --baselines-dir baselines --gpu-class nvidia-h200 [--write]
+    python -m fluxgate.judging.spread baselines/nvidia-h200/runs --baselines-dir baselines --gpu-class nvidia-h200 [--write]
 
 For each combo, every usable record (outcome passed or failed, no host contention) gives one value: the it/s at the
 10th-percentile step time of its timed steps (`STATISTIC`). A low quantile, not the median: on eager host-bound
@@ -24,17 +24,15 @@ The derivation is written beside each limit in thresholds.toml.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fluxgate import history, stats
-from fluxgate.outcomes import MEASURED
+from fluxgate.measuring import stats
+from fluxgate.storing.record import MEASURED
 
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
 Z = 3.09  # one-sided normal quantile of 0.1 %
@@ -84,7 +82,7 @@ class SpeedLimit:
 
 
 def _d2(n: int) -> float:
-    from fluxgate.compare import expected_range
+    from fluxgate.judging.compare import expected_range
 
     return expected_range(n)
 
@@ -93,7 +91,7 @@ def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
     """The speed limit of every combo with enough usable records of `gpu_class` (see the module docs), by combo id.
 
     Raises ValueError naming the combos that lack MIN_RUNS runs or MIN_GPUS distinct GPUs."""
-    from fluxgate.compare import DEFAULT_POLICY, is_host_synchronous
+    from fluxgate.judging.compare import DEFAULT_POLICY, is_host_synchronous
 
     values: dict[str, list[tuple[float, str, str]]] = {}
     settings_of: dict[str, set[str]] = {}  # each combo's (profile, image settings): one measurement, not several
@@ -151,36 +149,6 @@ def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
             raise ValueError(f"{thresholds_path}: no entry for {combo_id}; write baselines for it first")
         entry.update(limit.to_toml())
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.spread` from the runs\n"
+    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.judging.spread` from the runs\n"
             "# named in speed_runs (see speed_derivation); the speed failure compares that statistic.\n")
     return header + ("" if note in header else note) + tomli_w.dumps(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxgate.spread", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path,
-                        help="history run files (<run_id>.json) or folders of them, from several GPUs of the class")
-    parser.add_argument("--gpu-class", required=True, help="the class whose limits to derive, e.g. nvidia-h200")
-    parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"),
-                        help="baselines root holding <gpu-class>/thresholds.toml [default: baselines]")
-    parser.add_argument("--write", action="store_true", help="rewrite the thresholds file (default: only print)")
-    args = parser.parse_args(argv)
-    try:
-        limits = derive(history.read_paths(args.runs), args.gpu_class)
-        path = args.baselines_dir / args.gpu_class / "thresholds.toml"
-        text = apply(path, limits)
-    except (ValueError, OSError) as error:
-        print(f"fluxgate.spread: error: {error}", file=sys.stderr)
-        return 2
-    for limit in limits.values():
-        print(f"{limit.combo}: min {limit.min_it_s:.3f} it/s ({limit.derivation})")
-    if args.write:
-        from fluxgate.files import atomic_write
-
-        atomic_write(path, lambda tmp: tmp.write_text(text))
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from fluxgate import flops, kernels, measure, memory, runtimes, telemetry
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
+from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
 from fluxgate.models import ModelSpec
 
 

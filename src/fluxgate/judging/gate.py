@@ -6,22 +6,23 @@ and become the new baseline; nothing is asserted).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import sys
 import warnings
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image
 
-from fluxgate import baselines, flops, similarity, spread, stats, tripwire
 from fluxgate.errors import FluxgateError, SkipCombo
-from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
-from fluxgate.history import RunHistory
+from fluxgate.judging import baselines, similarity, spread, tripwire
 from fluxgate.matrix import Combo
-from fluxgate.measure import RunResult
-from fluxgate.memory import OutOfMemory
-from fluxgate.runner import Runner
+from fluxgate.measuring import flops, stats
+from fluxgate.measuring.measure import RunResult
+from fluxgate.measuring.memory import OutOfMemory
+from fluxgate.measuring.runner import Runner
+from fluxgate.storing.history import RunHistory
+from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED
 
 
 @dataclass
@@ -184,7 +185,8 @@ class Gate:
         recorded in history with outcome `compare.REMEASURE` (never part of a later baseline window).
         `min_speed_effect`: the rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA,
         50 % elsewhere)."""
-        from fluxgate import compare, history
+        from fluxgate.judging import compare
+        from fluxgate.storing import history
 
         def records():
             with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks

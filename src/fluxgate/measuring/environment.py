@@ -59,7 +59,7 @@ def fingerprint(device: torch.device, root: Path) -> dict:
     """Versions, device and commit: two runs are comparable only where these agree."""
     import diffusers
 
-    from fluxgate.measure import STEP_TIMING
+    from fluxgate.measuring.measure import STEP_TIMING
 
     info = {
         "python": platform.python_version(),
@@ -74,9 +74,9 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         **git_commit(str(root)),
     }
     if device.type == "cuda":
-        from fluxgate.kernels import profiler_teardown
-        from fluxgate.memory import allocator_settings
-        from fluxgate.telemetry import gpu_fingerprint
+        from fluxgate.measuring.kernels import profiler_teardown
+        from fluxgate.measuring.memory import allocator_settings
+        from fluxgate.measuring.telemetry import gpu_fingerprint
 
         info["cuda"] = torch.version.cuda
         info["cuda_alloc_conf"] = allocator_settings()

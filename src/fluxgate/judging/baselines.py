@@ -19,8 +19,8 @@ from pathlib import Path
 import tomli_w
 from PIL import Image, UnidentifiedImageError
 
-from fluxgate.files import atomic_write
 from fluxgate.errors import BaselineError
+from fluxgate.files import atomic_write
 from fluxgate.matrix import Combo
 
 THRESHOLDS_FILE = "thresholds.toml"
@@ -56,7 +56,7 @@ class Thresholds:
     max_peak_mem_gib: float
     min_ms_ssim: float
     min_psnr_db: float
-    speed_statistic: str = "median"  # which it/s min_it_s bounds: "median" or "p10" step time (`fluxgate.spread`)
+    speed_statistic: str = "median"  # which it/s min_it_s bounds: "median" or "p10" step time (`fluxgate.judging.spread`)
 
 
 LIMITS = ("min_it_s", "max_peak_mem_gib", "min_ms_ssim", "min_psnr_db")

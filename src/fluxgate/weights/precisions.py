@@ -27,11 +27,17 @@ import torch
 os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
 
 import gguf  # noqa: E402
-from gguf import GGMLQuantizationType as GGMLType  # noqa: E402
 from diffusers import BFLQuantizationConfig, GGUFQuantizationConfig  # noqa: E402
 from diffusers.quantizers.bfl.utils import (  # noqa: E402
-    E2M1_MAX, FP8_MAX, NVFP4_BLOCK, BFLFP8RLinear, BFLNVFP4Linear, quantize_fp8r, quantize_nvfp4,
+    E2M1_MAX,
+    FP8_MAX,
+    NVFP4_BLOCK,
+    BFLFP8RLinear,
+    BFLNVFP4Linear,
+    quantize_fp8r,
+    quantize_nvfp4,
 )
+from gguf import GGMLQuantizationType as GGMLType  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from fluxgate.errors import FixtureError  # noqa: E402

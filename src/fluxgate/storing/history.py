@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fluxgate.files import atomic_write
-from fluxgate.compare import REMEASURE
+from fluxgate.judging.compare import REMEASURE
 
 SCHEMA = 1
 

@@ -1,6 +1,6 @@
 """Regression verdicts against history: is a run's combo slower, heavier or less faithful than its recent past?
 
-A pure library: history records in (as `fluxgate.history.read` returns them), `Verdict`s out; no I/O, no pytest.
+A pure library: history records in (as `fluxgate.storing.history.read` returns them), `Verdict`s out; no I/O, no pytest.
 Every result depends only on the set of records given, never on their order.
 
 Speed (`step_time_s`, from each record's per-step `step_times_s`) is a regression only when all three hold:
@@ -50,8 +50,8 @@ import numpy as np
 from scipy import integrate
 from scipy import stats as scipy_stats
 
-from fluxgate import stats
-from fluxgate.outcomes import MEASURED, REMEASURE  # noqa: F401 - REMEASURE re-exported
+from fluxgate.measuring import stats
+from fluxgate.storing.record import MEASURED, REMEASURE  # noqa: F401 - REMEASURE re-exported
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -76,8 +76,8 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "compute_capability": ("compute_capability",),
     "power_limit_w": ("gpu", "power_limit_w"),
     "cuda_alloc_conf": ("cuda_alloc_conf",),  # torch's CUDA allocator settings
-    "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measure.STEP_TIMING)
-    "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.kernels), or leave it on
+    "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measuring.measure.STEP_TIMING)
+    "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.measuring.kernels), or leave it on
     "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
 }
 # Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.

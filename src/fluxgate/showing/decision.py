@@ -20,9 +20,9 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
-from fluxgate.outcomes import MEASURED, PASSED
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
+from fluxgate.storing.record import MEASURED, PASSED
 
 DEFAULT_FILE = Path("fixtures/decision.toml")
 RULE = ("Recommended: the fastest combo (median it/s) that passed its item's speed, VRAM and similarity asserts, "

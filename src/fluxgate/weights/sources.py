@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from fluxgate import checkpoints, identify, layouts
 from fluxgate.errors import FixtureError, SkipCombo
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
-from fluxgate.precisions import load_transformer
+from fluxgate.weights import identify, layouts, tiny
+from fluxgate.weights.precisions import load_transformer
 
 DTYPE = torch.bfloat16
 
@@ -36,7 +36,7 @@ class TinySource:
 
     def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
         model, precision = combo.model_spec, combo.precision_spec
-        checkpoint = checkpoints.ensure(model, precision, self.seed, self.cache_dir)
+        checkpoint = tiny.ensure(model, precision, self.seed, self.cache_dir)
         transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, checkpoint.path,
                                        checkpoint.config_dir, device)
         return transformer, {"path": "tiny checkpoint file -> from_single_file", "file": str(checkpoint.path),
@@ -62,7 +62,7 @@ class SyntheticSource:
         self.seed = seed
 
     def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        from fluxgate import synthetic
+        from fluxgate.weights import synthetic
 
         if device.type != "cuda":
             raise SkipCombo(f"{combo.id}: the synthetic profile builds full-size models on a CUDA device "
@@ -91,7 +91,7 @@ class RealSource:
 
     def _entry(self, model: ModelSpec) -> dict:
         entry = self.table.get(model.name)
-        if entry is None:  # a models file may name only the models you have (what `fluxgate.scan` writes)
+        if entry is None:  # a models file may name only the models you have (what `fluxgate.weights.scan` writes)
             raise SkipCombo(f"{model.name}: not in {self.models_file}; add a [{model.name}] table to run it")
         if not isinstance(entry, dict) or "pipeline" not in entry:
             raise FixtureError(f"{self.models_file}: [{model.name}] needs `pipeline = <local folder or Hub id>`")

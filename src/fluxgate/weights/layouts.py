@@ -1,7 +1,7 @@
 """Adapters from the checkpoint layouts in circulation onto what diffusers' own loaders read.
 
 `adapt(identity, path)` returns what `from_single_file` takes (the path itself, or a state dict) and a one-line note
-of what was changed. Each adapter is the smallest mapping for its layout (`fluxgate.identify` names the layouts):
+of what was changed. Each adapter is the smallest mapping for its layout (`fluxgate.weights.identify` names the layouts):
 
 - a key prefix (`model.diffusion_model.` and the like, safetensors or GGUF): stripped.
 - `comfy-scaled-fp8` (legacy) and `comfy-mixed-fp8`: e4m3 weights with ONE fp32 scale per tensor (`scale_weight`
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fluxgate.errors import FixtureError
-from fluxgate.identify import Identity
+from fluxgate.weights.identify import Identity
 
 NVFP4_BLOCK = 16
 

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fluxgate.flops import TransformerCall, capture_transformer_calls
+from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
@@ -44,9 +44,10 @@ DEQUANT_FALLBACK = "dequantize -> bf16 GEMM (fallback)"
 
 def quantized_linear_classes() -> tuple[type, ...]:
     """diffusers' quantized linear layers: BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear."""
-    import fluxgate.precisions  # noqa: F401  (sets DIFFUSERS_GGUF_CUDA_KERNELS before diffusers' GGUF utils load)
     from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLNVFP4Linear
     from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    import fluxgate.weights.precisions  # noqa: F401  (sets DIFFUSERS_GGUF_CUDA_KERNELS before diffusers' GGUF utils load)
 
     return BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear
 

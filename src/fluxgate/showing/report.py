@@ -6,10 +6,16 @@ import math
 import time
 from collections import Counter
 
-from fluxgate.outcomes import ERROR, FAILED, PASSED, SKIPPED
-from fluxgate.compare import (FIRST_RUN, NO_CHANGE, NOT_COMPARABLE, REMEASURE, host_syncs_per_step,
-                              is_host_synchronous)
-from fluxgate.stats import Spikes, mostly_idle
+from fluxgate.judging.compare import (
+    FIRST_RUN,
+    NO_CHANGE,
+    NOT_COMPARABLE,
+    REMEASURE,
+    host_syncs_per_step,
+    is_host_synchronous,
+)
+from fluxgate.measuring.stats import Spikes, mostly_idle
+from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED
 
 VERDICTS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", SKIPPED: "SKIP"}
 
@@ -148,7 +154,7 @@ def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
     compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
     if compiled:
         write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
-    from fluxgate import memory
+    from fluxgate.measuring import memory
 
     leaks = [f"{r['combo']} {memory.describe(r['teardown'])}" for r in gate.history.records
              if r.get("teardown") and not r["teardown"]["clean"]]

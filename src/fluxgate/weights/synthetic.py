@@ -34,10 +34,10 @@ import gguf
 import torch
 from diffusers.quantizers.gguf.utils import GGUFParameter
 
-from fluxgate.checkpoints import quantized_linear_keys
 from fluxgate.files import atomic_write
 from fluxgate.models import ModelSpec
-from fluxgate.precisions import PrecisionSpec, fp8r_tensors, load_transformer, nvfp4_tensors
+from fluxgate.weights.precisions import PrecisionSpec, fp8r_tensors, load_transformer, nvfp4_tensors
+from fluxgate.weights.tiny import quantized_linear_keys
 
 StateDict = dict[str, torch.Tensor]
 DTYPE = torch.bfloat16  # what the pipelines compute in, and the precision of every unquantized tensor
@@ -142,7 +142,7 @@ def random_state_dict(model: ModelSpec, precision: PrecisionSpec, device: torch.
     """The transformer's state dict in `precision`'s loader layout, every tensor made on `device` (module docstring).
 
     `config` overrides the full-size config (tests use the tiny one). Quantized weights are those real quantized
-    checkpoints quantize (`checkpoints.quantized_linear_keys`), made from the same bf16 values the bf16 state dict holds.
+    checkpoints quantize (`tiny.quantized_linear_keys`), made from the same bf16 values the bf16 state dict holds.
     """
     config = config or model.module.FULL_TRANSFORMER_CONFIG
     meta = meta_transformer(model, config)
@@ -150,7 +150,7 @@ def random_state_dict(model: ModelSpec, precision: PrecisionSpec, device: torch.
     layout = _LAYOUTS.get(precision.name)
     if layout is None and precision.name != "bf16":
         raise ValueError(f"{precision.name}: the synthetic profile has no in-memory layout for this precision; "
-                         f"add one to fluxgate.synthetic._LAYOUTS")
+                         f"add one to fluxgate.weights.synthetic._LAYOUTS")
     quantize = quantized_linear_keys(meta, model.quantized_blocks, precision.block_size) if layout else set()
     state_dict: StateDict = {}
     for key, meta in shapes.items():

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from fluxgate import telemetry
-from fluxgate.stats import Spikes, StepStats, spikes, step_stats
+from fluxgate.measuring import telemetry
+from fluxgate.measuring.stats import Spikes, StepStats, spikes, step_stats
 
 GIB = 1024**3
 IDLE_PROBE_MIN_S, IDLE_PROBE_MAX_S = 20e-6, 500e-6  # bounds of the per-run idle probe (`idle_probe_s`)
@@ -58,7 +58,7 @@ class RunResult:
     gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end
     idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled (measured per run)
     first_steps_s: list[float] | None = None  # each timed image's first step, kept out of the lists above
-    nonfinite_latents: int = 0  # NaN/Inf values in the last timed image's final latents (fluxgate.tripwire)
+    nonfinite_latents: int = 0  # NaN/Inf values in the last timed image's final latents (fluxgate.judging.tripwire)
 
     @property
     def stats(self) -> StepStats:
