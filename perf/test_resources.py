@@ -8,6 +8,7 @@ import torch
 from fluxgate.judging import baselines
 from fluxgate.matrix import Combo
 from fluxgate.measuring.memory import GIB, OutOfMemory, cuda_index
+from fluxgate.plugin import run_session
 
 pytestmark = pytest.mark.faults
 
@@ -17,9 +18,9 @@ def test_an_out_of_memory_combo_fails_alone_and_the_next_combo_starts_clean(gate
     if device.type != "cuda" or gate.write:
         pytest.skip("out-of-memory injection runs on a CUDA device, in gate mode")
     index = cuda_index(device)
-    combos = request.config._fluxgate_combos  # eager: compiling again would only add minutes
+    combos = run_session(request.config).settings.combos  # eager: compiling again would only add minutes
     target, after = (Combo(c.model, c.precision) for c in (combos[0], combos[-1]))
-    runner.run(target)  # its model's shared components are built and every kernel it uses is loaded
+    runner.measure(target)  # its model's shared components are built and every kernel it uses is loaded
     measured = baselines.measured_peak_gib(gate.baselines_root, gate.gpu_class, target)
     need_gib = measured[0] if measured else 8.0
     # Cap this process at what it holds now plus half of what the combo needs: it must run out part way.
@@ -28,13 +29,13 @@ def test_an_out_of_memory_combo_fails_alone_and_the_next_combo_starts_clean(gate
     torch.cuda.set_per_process_memory_fraction(cap / total, index)
     try:
         with pytest.raises(OutOfMemory) as raised:
-            runner.run(target)
+            runner.measure(target)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, index)
     out_of_memory = runner.last_teardown
     message = gate._out_of_memory(target, raised.value)
 
-    result, _ = runner.run(after)
+    result, _ = runner.measure(after)
     next_combo = runner.last_teardown
 
     print(f"\n{message}\nteardown after the out-of-memory combo: {out_of_memory}\nafter {after.id}: {next_combo}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fluxgate.matrix import Combo
-from fluxgate.weights.sources import TinySource
+from fluxgate.weights.tiny import TinySource
 
 pytest_plugins = ["pytester"]
 
@@ -18,7 +18,7 @@ def tiny_flux1(tmp_path_factory):
 
     def build(precision: str):
         transformer, _ = source.transformer(Combo("flux1-dev", precision), device)
-        pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
+        pipe = model.builder.pipeline_class(transformer=transformer, **components)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from fluxgate.judging import baselines
 from fluxgate.measuring.runner import Inputs
 from fluxgate.models import MODELS
-from fluxgate.storing import history
+from fluxgate.precisions import PRECISIONS
+from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing.record import Record
 from fluxgate.weights import tiny
-from fluxgate.weights.precisions import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = "perf/test_matrix.py"
@@ -60,11 +61,11 @@ def no_temporary_files(*folders: Path) -> list[Path]:
     return [path for folder in folders for path in folder.rglob("*") if path.name.endswith(".tmp")]
 
 
-def read_history_strictly(directory: Path) -> list[dict]:
+def read_history_strictly(directory: Path) -> list[Record]:
     """Every history record under `directory`; a file the reader would skip with a warning fails the test instead."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return history.read(directory)
+        return LocalFolderStore(directory).load()
 
 
 @pytest.fixture

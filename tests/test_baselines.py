@@ -95,13 +95,13 @@ def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_mad
     from types import SimpleNamespace
 
     from fluxgate.judging.gate import Gate
-    from fluxgate.storing.history import RunHistory
+    from fluxgate.storing.local import LocalFolderStore
 
     baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": IMAGE},
                     {"runs": {"run1": {}}, "models": {"flux1-dev": {**SETTINGS, "run_id": "run1"}}})
     compiled = Combo("flux1-dev", "bf16", "compile")
     gate = Gate(SimpleNamespace(settings=lambda spec: SETTINGS), tmp_path, "cpu",
-                RunHistory(tmp_path / "history", "run2", {}), write=True)
+                LocalFolderStore(tmp_path / "history").open_run("run2", {}), write=True)
     gate.measured = {compiled: Measured(compiled, 3.0, 1.0, 0.9999, 50.0)}
 
     gate.write_baselines()

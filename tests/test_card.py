@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from fluxgate.showing import card
+from fluxgate.storing.record import PASSED, Metrics, Record
 
 
 def record(run: int, steps: list[float], combo="flux1-dev[bf16]"):
-    return {"combo": combo, "run_id": f"run{run}", "recorded": f"2026-11-30T00:0{run}:00+00:00",
-            "gpu_class": "nvidia-h200", "profile": "synthetic", "settings": {}, "outcome": "passed",
-            "environment": {"gpu": {"uuid": f"GPU-{run}"}}, "metrics": {"step_times_s": steps}}
+    return Record(combo=combo, run_id=f"run{run}", recorded=f"2026-11-30T00:0{run}:00+00:00",
+                  gpu_class="nvidia-h200", profile="synthetic", settings={}, outcome=PASSED,
+                  environment={"gpu": {"uuid": f"GPU-{run}"}}, metrics=Metrics(step_times_s=steps))
 
 
 def test_steady_runs_raise_no_false_alarm_and_a_3_percent_slowdown_is_seen():

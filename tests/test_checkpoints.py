@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
 from fluxgate.weights import tiny
-from fluxgate.weights.precisions import PRECISIONS, load_transformer
+from fluxgate.weights.loading import load_transformer
 
 MODEL = MODELS["flux1-dev"]
 Q8_0 = PRECISIONS["gguf-q8_0"]
@@ -59,7 +60,7 @@ def test_truncated_cached_file_is_reported_and_rebuilt_intact(built_cache, cache
 
 def test_quantized_keys_are_the_block_linear_weights_and_nothing_outside_the_blocks():
     with torch.device("meta"):
-        state_dict = MODEL.module.TRANSFORMER_CLASS(**MODEL.module.TINY_TRANSFORMER_CONFIG).state_dict()
+        state_dict = MODEL.builder.transformer_class(**MODEL.builder.tiny_transformer_config).state_dict()
     keys = tiny.quantized_keys(MODEL, state_dict, Q8_0.block_size)
     assert {"transformer_blocks.0.attn.to_q.weight", "transformer_blocks.1.ff.net.2.weight",
             "transformer_blocks.0.norm1.linear.weight", "single_transformer_blocks.1.proj_out.weight"} <= keys
@@ -90,6 +91,6 @@ def test_loading_a_broken_checkpoint_raises_one_line_fixture_error_naming_the_fi
     broken = tmp_path / good.name
     broken.write_bytes(damage(good.read_bytes()))
     with pytest.raises(FixtureError) as error:
-        load_transformer(spec, MODEL.module.TRANSFORMER_CLASS, broken, built_cache[1].config_dir, torch.device("cpu"))
+        load_transformer(spec, MODEL.builder.transformer_class, broken, built_cache[1].config_dir, torch.device("cpu"))
     message = str(error.value)
     assert "\n" not in message and str(broken) in message

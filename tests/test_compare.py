@@ -1,5 +1,7 @@
 """fluxgate.judging.compare: regression verdicts against history that flag real shifts and stay quiet on run-to-run noise."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,6 +22,7 @@ from fluxgate.judging.compare import (
     similarity_verdict,
     speed_verdict,
 )
+from fluxgate.storing.record import ERROR, PASSED, SKIPPED, Metrics, Record
 
 ENVIRONMENT = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3",
                "compute_capability": "9.0", "gpu_class": "nvidia-h100-80gb-hbm3", "git_commit": "a" * 40,
@@ -43,14 +46,18 @@ def step_times(rng, slowdown=0.0, offset=0.009, median_s=0.18, cv=0.015, steps=2
     return (median_s * (1 + slowdown) * process * np.exp(log_noise) * spikes).tolist()
 
 
-def record(index, steps, combo="flux1-dev[bf16]", mem_gib=24.75, ms_ssim=1.0, outcome="passed", environment=None,
+def record(index, steps, combo="flux1-dev[bf16]", mem_gib=24.75, ms_ssim=1.0, outcome=PASSED, environment=None,
            **fields):
     model, precision = combo.rstrip("]").split("[")
-    return {"run_id": f"20261124T01{index:02d}00Z-run{index:02d}", "recorded": f"2026-11-24T01:{index:02d}:30+00:00",
-            "combo": combo, "model": model, "precision": precision, "profile": "synthetic",
-            "gpu_class": "nvidia-h100-80gb-hbm3", "outcome": outcome, "settings": SETTINGS,
-            "metrics": {"step_times_s": list(steps), "peak_mem_gib": mem_gib, "ms_ssim": ms_ssim},
-            "environment": ENVIRONMENT if environment is None else environment, **fields}
+    fields = {"profile": "synthetic", "gpu_class": "nvidia-h100-80gb-hbm3", "settings": SETTINGS, **fields}
+    return Record(run_id=f"20261124T01{index:02d}00Z-run{index:02d}", recorded=f"2026-11-24T01:{index:02d}:30+00:00",
+                  combo=combo, model=model, precision=precision, outcome=outcome,
+                  metrics=Metrics(step_times_s=list(steps), peak_mem_gib=mem_gib, ms_ssim=ms_ssim),
+                  environment=ENVIRONMENT if environment is None else environment, **fields)
+
+
+def with_metrics(entry: Record, **values) -> Record:
+    return replace(entry, metrics=replace(entry.metrics, **values))
 
 
 def outcomes(verdicts):
@@ -64,7 +71,7 @@ positive_steps = st.lists(st.floats(0.1, 0.11, allow_nan=False), min_size=5, max
 @given(positive_steps, st.integers(1, 4))
 def test_identical_step_times_are_never_a_change(steps, copies):
     history = [record(i, steps) for i in range(copies)] + [record(9, steps)]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
+    (verdict,) = compare_run(history, history[-1].run_id)
     assert verdict.outcome == NO_CHANGE, verdict.message
     assert verdict.metric("step_time_s").effect_size == 0
 
@@ -74,7 +81,7 @@ def test_a_3_percent_slowdown_against_two_normal_runs_is_a_regression_of_that_co
     combos = ["flux1-dev[bf16]", "flux1-dev[nvfp4]"]
     history = [record(i, step_times(rng), combo) for i in range(2) for combo in combos]
     history += [record(5, step_times(rng), "flux1-dev[bf16]"), record(5, step_times(rng, 0.03), "flux1-dev[nvfp4]")]
-    verdicts = compare_run(history, history[-1]["run_id"])
+    verdicts = compare_run(history, history[-1].run_id)
     assert outcomes(verdicts) == {"flux1-dev[bf16]": NO_CHANGE, "flux1-dev[nvfp4]": REGRESSION}
     slow = verdicts[1].metric("step_time_s")
     assert slow.relative_delta > 0.02 and slow.p_value < 0.01 and "regression: +" in verdicts[1].message
@@ -83,7 +90,7 @@ def test_a_3_percent_slowdown_against_two_normal_runs_is_a_regression_of_that_co
 def test_ten_aa_runs_with_per_process_offsets_raise_no_false_alarm():
     rng = np.random.default_rng(20261124)
     history = [record(i, step_times(rng)) for i in range(10)]
-    verdicts = [v for r in history[1:] for v in compare_run(history, r["run_id"])]
+    verdicts = [v for r in history[1:] for v in compare_run(history, r.run_id)]
     assert [v.outcome for v in verdicts] == [NO_CHANGE] * 9, [v.message for v in verdicts]
 
 
@@ -124,9 +131,9 @@ def test_order_of_samples_and_records_does_not_change_the_verdicts(random):
     rng = np.random.default_rng(5)
     history = [record(i, step_times(rng, 0.03 if i == 3 else 0.0), combo)
                for i in range(4) for combo in ("flux1-dev[bf16]", "flux2-dev[bf16]")]
-    shuffled = [{**r, "metrics": {**r["metrics"], "step_times_s": random.sample(r["metrics"]["step_times_s"], 28)}}
+    shuffled = [with_metrics(r, step_times_s=random.sample(r.metrics.step_times_s, 28))
                 for r in random.sample(history, len(history))]
-    run_id = history[-1]["run_id"]
+    run_id = history[-1].run_id
     assert compare_run(shuffled, run_id) == compare_run(history, run_id)
 
 
@@ -143,30 +150,30 @@ def test_a_fingerprint_difference_is_not_comparable_and_names_the_field(path, ne
     environment = {**ENVIRONMENT, "gpu": dict(ENVIRONMENT["gpu"])}
     (environment if len(path) == 1 else environment["gpu"])[path[-1]] = new
     history = [record(0, [0.18] * 28), record(1, [0.18] * 28, environment=environment)]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
+    (verdict,) = compare_run(history, history[-1].run_id)
     assert verdict.outcome == NOT_COMPARABLE and named in verdict.reason and named in verdict.message
 
 
 def test_ignore_fields_compares_across_a_deliberate_upgrade_and_notes_it():
     upgraded = {**ENVIRONMENT, "torch": "2.12.0+cu130"}
     history = [record(0, [0.18] * 28), record(1, [0.18 * 1.05] * 28, environment=upgraded)]
-    (verdict,) = compare_run(history, history[-1]["run_id"], ignore_fields=["torch"])
+    (verdict,) = compare_run(history, history[-1].run_id, ignore_fields=["torch"])
     assert verdict.outcome == REGRESSION
     assert verdict.notes == ("ignored torch 2.11.0+cu130 -> 2.12.0+cu130",)
     with pytest.raises(ValueError, match="tourch"):
-        compare_run(history, history[-1]["run_id"], ignore_fields=["tourch"])
+        compare_run(history, history[-1].run_id, ignore_fields=["tourch"])
 
 
 def test_no_earlier_runs_is_not_comparable_naming_the_gpu_class():
     history = [record(0, [0.18] * 28, combo="flux2-dev[nvfp4]"), record(1, [0.18] * 28)]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
+    (verdict,) = compare_run(history, history[-1].run_id)
     assert verdict.outcome == NOT_COMPARABLE
-    assert verdict.reason.startswith("no baseline runs of flux1-dev[bf16] on nvidia-h100-80gb-hbm3")
+    assert verdict.reason.startswith("no earlier runs of flux1-dev[bf16] on nvidia-h100-80gb-hbm3")
 
 
 def test_a_candidate_that_errored_is_not_comparable():
-    history = [record(0, [0.18] * 28), record(1, [], outcome="error", error="corrupt checkpoint x.gguf")]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
+    history = [record(0, [0.18] * 28), record(1, [], outcome=ERROR, error="corrupt checkpoint x.gguf")]
+    (verdict,) = compare_run(history, history[-1].run_id)
     assert verdict.outcome == NOT_COMPARABLE and "corrupt checkpoint x.gguf" in verdict.reason
 
 
@@ -190,22 +197,22 @@ def test_similarity_flags_only_beyond_the_window_by_the_tolerance(candidate, exp
 
 def test_similarity_and_memory_regressions_reach_the_combo_verdict():
     history = [record(0, [0.18] * 28, ms_ssim=0.98), record(1, [0.18] * 28, ms_ssim=0.95)]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
+    (verdict,) = compare_run(history, history[-1].run_id)
     assert verdict.outcome == REGRESSION and "ms_ssim regression: 0.9500 vs window 0.9800" in verdict.message
-    assert compare_run(history, history[-1]["run_id"], policy=Policy(similarity_tolerance=0.05))[0].outcome == NO_CHANGE
+    assert compare_run(history, history[-1].run_id, policy=Policy(similarity_tolerance=0.05))[0].outcome == NO_CHANGE
 
 
 def test_window_is_the_last_n_earlier_usable_runs_of_the_same_measurement():
     steps = [0.18] * 28
     history = [record(i, steps) for i in range(6)]
-    history[4]["outcome"] = "error"
-    history += [record(6, steps, outcome="skipped"), record(6, steps, profile="real"),
+    history[4] = replace(history[4], outcome=ERROR)
+    history += [record(6, steps, outcome=SKIPPED), record(6, steps, profile="real"),
                 record(6, steps, combo="flux1-dev[nvfp4]"), record(6, steps, gpu_class="cpu"),
                 record(6, steps, settings={**SETTINGS, "steps": 4}), record(9, steps)]  # 9: later than the candidate
     candidate = record(8, steps)
     window = select_window(history + [candidate], candidate, last_n=3)
-    assert [r["run_id"][-5:] for r in window] == ["run02", "run03", "run05"]
-    assert [r["run_id"][-5:] for r in select_window(history, candidate, last_n=1)] == ["run05"]
+    assert [r.run_id[-5:] for r in window] == ["run02", "run03", "run05"]
+    assert [r.run_id[-5:] for r in select_window(history, candidate, last_n=1)] == ["run05"]
 
 
 def test_window_of_a_base_commit_holds_its_clean_runs_only():
@@ -215,9 +222,9 @@ def test_window_of_a_base_commit_holds_its_clean_runs_only():
                record(3, steps, environment={**base, "git_dirty": True}), record(4, steps, environment=base)]
     candidate = record(3, steps)  # base runs before and after it count
     window = select_window(history, candidate, base_commit="bbbbbbb")
-    assert [r["run_id"][-5:] for r in window] == ["run01", "run04"]
+    assert [r.run_id[-5:] for r in window] == ["run01", "run04"]
     own = record(4, steps, environment=base)  # a candidate at the base commit is not its own baseline
-    assert [r["run_id"][-5:] for r in select_window(history, own, base_commit="b" * 40)] == ["run01"]
+    assert [r.run_id[-5:] for r in select_window(history, own, base_commit="b" * 40)] == ["run01"]
     with pytest.raises(ValueError, match="4 hex digits"):
         select_window(history, candidate, base_commit="")
 
@@ -225,7 +232,7 @@ def test_window_of_a_base_commit_holds_its_clean_runs_only():
 def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
     rng = np.random.default_rng(6)
     history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
-    (first,) = compare_run(history, history[-1]["run_id"])
+    (first,) = compare_run(history, history[-1].run_id)
     assert first.outcome == REGRESSION
     confirmed = confirm(first, step_times(rng, 0.05))
     assert confirmed.outcome == REGRESSION and "confirmed by re-measurement" in confirmed.message
@@ -238,8 +245,7 @@ def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
 
 
 def host_synchronous(entry, syncs=494):
-    entry["metrics"]["kernel_path"] = {"host_syncs_per_step": syncs}
-    return entry
+    return with_metrics(entry, kernel_path={"host_syncs_per_step": syncs})
 
 
 def test_a_host_synchronous_combo_needs_the_larger_minimum_effect_and_the_verdict_says_why():
@@ -247,25 +253,25 @@ def test_a_host_synchronous_combo_needs_the_larger_minimum_effect_and_the_verdic
     rng, combo_cv = np.random.default_rng(7), 0.03
     base = host_synchronous(record(0, step_times(rng, median_s=0.452, cv=combo_cv), combo="flux1-dev[nvfp4]"))
     machine = host_synchronous(record(1, step_times(rng, median_s=0.510, cv=combo_cv), combo="flux1-dev[nvfp4]"))
-    (verdict,) = compare_run([base, machine], machine["run_id"])
+    (verdict,) = compare_run([base, machine], machine.run_id)
     assert verdict.outcome == NO_CHANGE
     assert verdict.policy.min_speed_effect == 0.15 and "494 host syncs per step" in verdict.message
 
     slower = host_synchronous(record(2, step_times(rng, median_s=0.452 * 1.25, cv=combo_cv), combo="flux1-dev[nvfp4]"))
-    assert compare_run([base, slower], slower["run_id"])[0].outcome == REGRESSION
+    assert compare_run([base, slower], slower.run_id)[0].outcome == REGRESSION
 
     # the same +12.9 % on a combo whose step waits for the GPU once (as every other combo does) is a regression
     gpu_bound = record(3, step_times(rng, median_s=0.510, cv=combo_cv), combo="flux1-dev[nvfp4]")
-    assert compare_run([base, host_synchronous(gpu_bound, 1)], gpu_bound["run_id"])[0].outcome == REGRESSION
+    assert compare_run([base, host_synchronous(gpu_bound, 1)], gpu_bound.run_id)[0].outcome == REGRESSION
     # a combo that became host-synchronous is judged strictly: the new syncs may be the regression
     window = host_synchronous(record(4, step_times(rng, median_s=0.28, cv=combo_cv), combo="flux1-dev[nvfp4]"), 1)
     synced = host_synchronous(record(5, step_times(rng, median_s=0.28 * 1.10, cv=combo_cv), combo="flux1-dev[nvfp4]"),
                               60)
-    (verdict,) = compare_run([window, synced], synced["run_id"])
-    assert verdict.outcome == REGRESSION and "host syncs per step rose to 60 (baseline runs: 1)" in verdict.message
+    (verdict,) = compare_run([window, synced], synced.run_id)
+    assert verdict.outcome == REGRESSION and "host syncs per step rose to 60 (window runs: 1)" in verdict.message
     # a policy already stricter than the host-synchronous minimum (e.g. CPU's 50 %) is kept as it is
     cpu = Policy(min_speed_effect=0.5)
-    assert compare_run([base, machine], machine["run_id"], policy=cpu)[0].policy.min_speed_effect == 0.5
+    assert compare_run([base, machine], machine.run_id, policy=cpu)[0].policy.min_speed_effect == 0.5
 
 
 def test_records_made_before_the_allocator_setting_was_recorded_ran_torchs_default():
@@ -273,23 +279,23 @@ def test_records_made_before_the_allocator_setting_was_recorded_ran_torchs_defau
     steps = [0.18] * 28
     history = [record(0, steps, environment=old), record(1, steps, environment={**ENVIRONMENT,
                                                                               "cuda_alloc_conf": "default"})]
-    assert compare_run(history, history[-1]["run_id"])[0].outcome == NO_CHANGE
+    assert compare_run(history, history[-1].run_id)[0].outcome == NO_CHANGE
 
 
 def test_records_made_before_cupti_teardown_was_recorded_left_cupti_attached():
     old = dict(ENVIRONMENT)
     steps = [0.18] * 28
     history = [record(0, steps, environment=old), record(1, steps, environment={**old, "cupti_teardown": False})]
-    assert compare_run(history, history[-1]["run_id"])[0].outcome == NO_CHANGE
+    assert compare_run(history, history[-1].run_id)[0].outcome == NO_CHANGE
     history.append(record(2, steps, environment={**old, "cupti_teardown": True}))
-    assert compare_run(history, history[-1]["run_id"])[0].outcome == NOT_COMPARABLE
+    assert compare_run(history, history[-1].run_id)[0].outcome == NOT_COMPARABLE
 
 
 def test_a_runs_remeasurement_record_is_evidence_not_another_candidate():
     rng = np.random.default_rng(8)
     history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
-    history.append({**record(2, step_times(rng, 0.05)), "outcome": REMEASURE})
-    verdicts = compare_run(history, history[-1]["run_id"])
+    history.append(replace(record(2, step_times(rng, 0.05)), outcome=REMEASURE))
+    verdicts = compare_run(history, history[-1].run_id)
     assert [v.combo for v in verdicts] == ["flux1-dev[bf16]"] and verdicts[0].outcome == REGRESSION
 
 
@@ -297,22 +303,20 @@ def test_a_run_made_under_host_contention_or_with_the_gate_off_never_enters_a_wi
     # One contaminated run in a short window hid a 2.8x slowdown: such runs are kept out, and the verdict says why
     # when nothing else is left.
     normal, slow = [0.18] * 28, [0.18 * 2.8] * 28
-    contended = record(1, [0.5] * 28)
-    contended["metrics"]["run_wait_s"] = [0.3] * 28  # waited for a CPU 60 % of each step
+    contended = with_metrics(record(1, [0.5] * 28), run_wait_s=[0.3] * 28)  # waited for a CPU 60 % of each step
     gate_off = record(2, [0.5] * 28, environment={**ENVIRONMENT, "history_gate": "off"})
     history = [record(0, normal), contended, gate_off, record(9, slow)]
-    (verdict,) = compare_run(history, history[-1]["run_id"])
-    assert verdict.outcome == REGRESSION and verdict.baseline_run_ids == (history[0]["run_id"],)
-    (verdict,) = compare_run(history[1:], history[-1]["run_id"])
+    (verdict,) = compare_run(history, history[-1].run_id)
+    assert verdict.outcome == REGRESSION and verdict.window_run_ids == (history[0].run_id,)
+    (verdict,) = compare_run(history[1:], history[-1].run_id)
     assert verdict.outcome == NOT_COMPARABLE
     assert "2 kept out of windows, e.g. run with --history-gate off" in verdict.reason
 
 
 def test_a_candidate_that_ran_under_host_contention_is_still_judged_and_the_verdict_says_so():
     # A change that oversubscribes the cores must not switch off its own judgement.
-    candidate = record(9, [0.5] * 28)
-    candidate["metrics"]["run_wait_s"] = [0.25] * 28
-    (verdict,) = compare_run([record(0, [0.18] * 28), candidate], candidate["run_id"])
+    candidate = with_metrics(record(9, [0.5] * 28), run_wait_s=[0.25] * 28)
+    (verdict,) = compare_run([record(0, [0.18] * 28), candidate], candidate.run_id)
     assert verdict.outcome == REGRESSION
     assert any(note.startswith("host contention: the main thread waited for a CPU 50% of each step")
                for note in verdict.notes), verdict.notes

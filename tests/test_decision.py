@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
 from fluxgate.errors import FixtureError
 from fluxgate.showing import decision, publish
+from fluxgate.storing.record import ERROR, FAILED, PASSED, REMEASURE, Metrics, Record
+from fluxgate.storing.store import Run
 
 GPU = "nvidia-h100-80gb-hbm3"
 SETTINGS = decision.Settings({"default": 3.0, GPU: 3.0}, {"default": {"min_ms_ssim": 0.97, "min_psnr_db": 26.0}})
 
 
-def record(variant: str, it_s: float, peak: float, ms_ssim: float, psnr: float | None, outcome: str = "passed",
-           fallback: bool = False, model: str = "flux1-dev", energy_j: float = 600.0, **extra) -> dict:
-    precision, _, runtime = variant.partition("-compile")
+def record(variant: str, it_s: float, peak: float, ms_ssim: float, psnr: float | None, outcome: str = PASSED,
+           fallback: bool = False, model: str = "flux1-dev", energy_j: float = 600.0, **extra) -> Record:
     runtime = "compile" if variant.endswith("-compile") else "eager"
     precision = variant.removesuffix("-compile")
     steps = 28
-    return {"combo": f"{model}[{variant}]", "model": model, "precision": precision, "runtime": runtime,
-            "gpu_class": GPU, "profile": "synthetic", "outcome": outcome, "run_id": "r2",
-            "settings": {"steps": steps}, "failures": ["speed: ..."] if outcome == "failed" else [],
-            "metrics": {"it_s": it_s, "peak_mem_gib": peak, "ms_ssim": ms_ssim, "psnr_db": psnr,
-                        "e2e_s": steps / it_s + 0.5, "images": 1, "telemetry": {"energy_j": energy_j},
-                        "kernel_path": {"fallback": fallback}, "compile_s": 20.0 if runtime == "compile" else None,
-                        **extra}}
+    return Record(combo=f"{model}[{variant}]", model=model, precision=precision, runtime=runtime,
+                  gpu_class=GPU, profile="synthetic", outcome=outcome, run_id="r2",
+                  settings={"steps": steps}, failures=["speed: ..."] if outcome == FAILED else [],
+                  metrics=Metrics(it_s=it_s, peak_mem_gib=peak, ms_ssim=ms_ssim, psnr_db=psnr,
+                                  e2e_s=steps / it_s + 0.5, images=1, telemetry={"energy_j": energy_j},
+                                  kernel_path={"fallback": fallback}, compile_s=20.0 if runtime == "compile" else None,
+                                  **extra))
 
 
 # FLUX.1-dev on the H100 (DESIGN.md's numbers): eager fp8 is slower than bf16, compiled fp8 the fastest.
@@ -57,7 +59,7 @@ def test_the_fastest_passing_combo_above_the_quality_floor_is_recommended_with_i
 
 
 def test_a_combo_that_failed_its_asserts_is_never_recommended_however_fast():
-    records = [*H100_FLUX1[:-1], record("fp8-scaled-compile", 9.7, 12.5, 0.998, 39.4, outcome="failed")]
+    records = [*H100_FLUX1[:-1], record("fp8-scaled-compile", 9.7, 12.5, 0.998, 39.4, outcome=FAILED)]
 
     d = only(decision.decide(records, SETTINGS))
 
@@ -66,8 +68,8 @@ def test_a_combo_that_failed_its_asserts_is_never_recommended_however_fast():
 
 
 def test_errored_and_skipped_combos_are_left_out():
-    records = [*H100_FLUX1, {"combo": "flux1-dev[nvfp4-compile]", "model": "flux1-dev", "precision": "nvfp4",
-                             "runtime": "compile", "gpu_class": GPU, "outcome": "error", "metrics": {}}]
+    records = [*H100_FLUX1, Record(combo="flux1-dev[nvfp4-compile]", model="flux1-dev", precision="nvfp4",
+                                   runtime="compile", gpu_class=GPU, outcome=ERROR)]
 
     assert "flux1-dev[nvfp4-compile]" not in [r.combo for r in only(decision.decide(records, SETTINGS)).rows]
 
@@ -102,7 +104,7 @@ def test_a_budget_below_every_peak_says_nothing_fits_and_why():
 
 
 def test_when_nothing_qualifies_the_reasons_are_counted():
-    records = [record("bf16", 5.5, 22.7, 1.0, None, outcome="failed"), record("nvfp4", 2.3, 7.3, 0.9, 20.0)]
+    records = [record("bf16", 5.5, 22.7, 1.0, None, outcome=FAILED), record("nvfp4", 2.3, 7.3, 0.9, 20.0)]
 
     d = only(decision.decide(records, SETTINGS))
 
@@ -131,7 +133,7 @@ def test_models_and_gpu_classes_are_decided_apart():
 
 
 def test_the_markdown_states_the_rule_and_marks_recommended_fallback_and_failed_rows():
-    records = [*H100_FLUX1, record("gguf-q8_0-compile", 6.0, 12.6, 0.9996, 46.0, outcome="failed")]
+    records = [*H100_FLUX1, record("gguf-q8_0-compile", 6.0, 12.6, 0.9996, 46.0, outcome=FAILED)]
     decisions = decision.decide(records, SETTINGS)
 
     text = decision.markdown(decisions, SETTINGS)
@@ -172,11 +174,10 @@ def test_the_settings_file_in_fixtures_loads_and_bad_ones_name_the_file(tmp_path
 def test_the_report_from_history_alone_has_the_decision_and_takes_bf16_from_an_earlier_run(tmp_path):
     history = tmp_path / "history"
     history.mkdir()
-    earlier = {**H100_FLUX1[0], "run_id": "r1"}
-    compiled = [r for r in H100_FLUX1 if r["runtime"] == "compile"]
+    earlier = replace(H100_FLUX1[0], run_id="r1")
+    compiled = [r for r in H100_FLUX1 if r.runtime == "compile"]
     for run_id, records in (("r1", [earlier]), ("r2", compiled)):
-        (history / f"{run_id}.json").write_text(json.dumps({"version": 1, "run_id": run_id, "environment": {},
-                                                            "records": records}))
+        (history / f"{run_id}.json").write_text(json.dumps(Run(run_id, {}, tuple(records)).to_json()))
 
     written = publish.write_report(history, tmp_path / "report", tmp_path / "baselines", decision_settings=SETTINGS)
 
@@ -207,8 +208,8 @@ def test_the_summary_headline_says_whether_the_run_passed_the_gate():
     assert publish.gate_headline(run, set()) == "**Gate: passed**"
     # every combo inside its limits, yet a confirmed regression against history: the gate failed
     assert publish.gate_headline(run, {"flux1-dev[nvfp4]"}) == "**Gate: FAILED** (1 regressed against history)"
-    remeasure = {"combo": "flux1-dev[nvfp4]", "run_id": "r2", "outcome": "remeasure", "verdict": "regression"}
+    remeasure = Record(combo="flux1-dev[nvfp4]", run_id="r2", outcome=REMEASURE, verdict="regression")
     assert publish.regressions([*run, remeasure], "r2") == {"flux1-dev[nvfp4]"}
-    failed = [record("bf16", 5.5, 22.7, 1.0, None, outcome="failed")]
+    failed = [record("bf16", 5.5, 22.7, 1.0, None, outcome=FAILED)]
     assert publish.gate_headline(failed, set()) == "**Gate: FAILED** (1 missed a limit)"
     assert publish.gate_headline([], set()) == "**Gate: FAILED** (nothing was measured)"

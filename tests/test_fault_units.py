@@ -44,10 +44,13 @@ from fluxgate.judging.compare import NO_CHANGE, REGRESSION, memory_verdict, simi
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Runner
 from fluxgate.models import MODELS
-from fluxgate.storing import history
+from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions.gguf_q8_0 import Q8_0_MAX_ABS
+from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing.record import Record
 from fluxgate.weights import tiny
-from fluxgate.weights.precisions import PRECISIONS, Q8_0_MAX_ABS, load_transformer
-from fluxgate.weights.sources import TinySource
+from fluxgate.weights.loading import load_transformer
+from fluxgate.weights.tiny import TinySource
 
 plugin_project = faults_support.plugin_project  # the shared fixture, found by pytest under this module's name for it
 
@@ -72,7 +75,7 @@ def test_damaged_checkpoint_file_names_the_file_and_what_is_wrong(tmp_path, prec
     broken = tmp_path / good.path.name
     broken.write_bytes(damage(good.path.read_bytes()))
     with pytest.raises(FixtureError) as error:
-        load_transformer(spec, model.module.TRANSFORMER_CLASS, broken, good.config_dir, CPU)
+        load_transformer(spec, model.builder.transformer_class, broken, good.config_dir, CPU)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{broken}: cannot load as {precision}") and says in message
 
@@ -86,7 +89,7 @@ def test_fp8_checkpoint_whose_shapes_do_not_fit_the_config_is_refused_naming_the
     rows, cols = weights[FLUX1_LINEAR].shape
     says = f"{FLUX1_LINEAR} has shape [{rows - 16}, {cols}], but a {cols} -> {rows} linear needs [{rows}, {cols}]"
     with pytest.raises(FixtureError, match=re.escape(says)) as error:
-        load_transformer(spec, model.module.TRANSFORMER_CLASS, path, config, CPU)
+        load_transformer(spec, model.builder.transformer_class, path, config, CPU)
     assert str(error.value).startswith(f"{path}: ")
 
 
@@ -144,10 +147,10 @@ def _payload(run_id: str, index: int) -> str:
 
 
 def _append_records(directory: str, run_id: str, start) -> None:
-    run = history.RunHistory(Path(directory), run_id, {"writer": run_id})
+    run = LocalFolderStore(Path(directory)).open_run(run_id, {"writer": run_id})
     start.wait()
     for index in range(APPENDS):
-        run.append({"combo": f"{run_id}#{index}", "index": index, "payload": _payload(run_id, index)})
+        run.append(Record(combo=f"{run_id}#{index}", extra={"index": index, "payload": _payload(run_id, index)}))
 
 
 def _watch(directory: str, start, stop, problems) -> None:
@@ -157,13 +160,13 @@ def _watch(directory: str, start, stop, problems) -> None:
     while not stop.is_set() and not found:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            records = history.read(Path(directory))
+            records = LocalFolderStore(Path(directory)).load()
         found += [str(warning.message) for warning in caught]
-        combos = [record["combo"] for record in records]
+        combos = [record.combo for record in records]
         found += [f"duplicate {combo}" for combo in set(combos) if combos.count(combo) > 1]
-        found += [f"torn {r['combo']}" for r in records if r["payload"] != _payload(r["run_id"], r["index"])]
-        for run_id in {record["run_id"] for record in records}:  # each run: a prefix of its appends, in order
-            indices = [record["index"] for record in records if record["run_id"] == run_id]
+        found += [f"torn {r.combo}" for r in records if r.extra["payload"] != _payload(r.run_id, r.extra["index"])]
+        for run_id in {record.run_id for record in records}:  # each run: a prefix of its appends, in order
+            indices = [record.extra["index"] for record in records if record.run_id == run_id]
             if indices != list(range(len(indices))):
                 found.append(f"{run_id} holds {indices}")
             if len(indices) < most.get(run_id, 0):
@@ -190,9 +193,9 @@ def test_concurrent_runners_appending_history_never_lose_duplicate_or_mix_a_reco
     assert [process.exitcode for process in writers] == [0] * WRITERS
     assert found == [] and seen > 1
     records = read_history_strictly(tmp_path)
-    assert sorted((r["run_id"], r["index"]) for r in records) == sorted(
+    assert sorted((r.run_id, r.extra["index"]) for r in records) == sorted(
         (f"run-{n}", i) for n in range(WRITERS) for i in range(APPENDS))
-    assert all(r["payload"] == _payload(r["run_id"], r["index"]) for r in records)
+    assert all(r.extra["payload"] == _payload(r.run_id, r.extra["index"]) for r in records)
     assert no_temporary_files(tmp_path) == []
 
 
@@ -204,7 +207,7 @@ def test_the_same_bf16_combo_twice_makes_the_same_image_bit_for_bit():
     images = []
     for _ in range(2):  # a fresh runner each time: components, transformer and generator made anew
         runner = Runner("tiny", CPU, TinySource(SHARED_CACHE, INPUTS.seed), INPUTS)
-        result, _ = runner.run(Combo("flux1-dev", "bf16"))
+        result, _ = runner.measure(Combo("flux1-dev", "bf16"))
         images.append(np.asarray(result.image))
     assert images[0].shape == (256, 256, 3)
     assert images[0].tobytes() == images[1].tobytes()

@@ -48,9 +48,11 @@ from fluxgate.judging import baselines
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Runner
 from fluxgate.models import MODELS
-from fluxgate.storing import history
+from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions.gguf_q8_0 import q8_0_gguf_tensors, write_gguf
+from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing.record import ERROR, PASSED, Record
 from fluxgate.weights import tiny
-from fluxgate.weights.precisions import PRECISIONS, q8_0_gguf_tensors, write_gguf
 
 INJECTORS = Path(__file__).resolve().parent / "injectors"
 plugin_project = faults_support.plugin_project  # the shared fixture, found by pytest under this module's name for it
@@ -155,7 +157,7 @@ def junit_results(path: Path) -> dict[str, tuple[str, str]]:
 class FaultRun:
     results: dict[str, tuple[str, str]]  # item name -> (outcome, message)
     expected: dict[str, list[str]]  # broken item -> what its message must say
-    records: list[dict]
+    records: list[Record]
     history_dir: Path
     network_log: list[str]
     output: str
@@ -220,7 +222,7 @@ def fault_run(tmp_path_factory) -> FaultRun:
     assert (root / "junit.xml").is_file(), output[-3000:]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an unreadable history file would be skipped with a warning
-        records = history.read(root / "history")
+        records = LocalFolderStore(root / "history").load()
     log = root / "network" / "log"
     return FaultRun(junit_results(root / "junit.xml"), expected, records, root / "history",
                     log.read_text().splitlines() if log.is_file() else [], output)
@@ -245,20 +247,20 @@ def test_broken_input_fails_its_item_with_one_line_naming_the_file_and_the_probl
 
 
 def test_every_item_of_the_run_is_recorded_once_even_after_a_broken_one(fault_run):
-    combos = [record["combo"] for record in fault_run.records]
+    combos = [record.combo for record in fault_run.records]
     assert sorted(combos) == sorted(fault_run.results), fault_run.output[-3000:]
-    records = {record["combo"]: record for record in fault_run.records}
-    assert records["flux1-dev[bf16]"]["outcome"] == "passed"
+    records = {record.combo: record for record in fault_run.records}
+    assert records["flux1-dev[bf16]"].outcome == PASSED
     for item in fault_run.expected:
-        assert records[item]["outcome"] == "error" and str(fault_run.expected[item][0]) in records[item]["error"]
+        assert records[item].outcome == ERROR and str(fault_run.expected[item][0]) in records[item].error
 
 
 def test_xdist_workers_histories_become_one_run_holding_every_combo_once(fault_run):
     (run_file,) = fault_run.history_dir.glob("*.json")
     combos = [record["combo"] for record in json.loads(run_file.read_text())["records"]]
     assert sorted(combos) == sorted(fault_run.results)
-    assert len({record["source_run_id"] for record in fault_run.records}) == 2  # both workers measured and wrote
-    images = [fault_run.history_dir / record["image"] for record in fault_run.records if record.get("image")]
+    assert len({record.source_run_id for record in fault_run.records}) == 2  # both workers measured and wrote
+    images = [fault_run.history_dir / record.image for record in fault_run.records if record.image]
     assert images and all(image.is_file() for image in images)
     leftovers = [path for path in fault_run.history_dir.rglob("*") if path.is_file() and path.suffix != ".png"]
     assert leftovers == [run_file]  # no worker file, no temporary file beside the run
@@ -342,10 +344,10 @@ def interrupted_runs(tmp_path_factory) -> dict[str, Interrupted]:
 def test_ctrl_c_mid_combo_keeps_every_finished_record_and_marks_the_interrupted_one(interrupted_runs):
     run = interrupted_runs["SIGINT"]
     assert run.returncode == pytest.ExitCode.INTERRUPTED, run.output[-3000:]
-    records = {record["combo"]: record for record in read_history_strictly(run.history_dir)}
-    assert records["flux1-dev[bf16]"]["outcome"] == "passed"
-    assert records["flux1-dev[nvfp4]"]["outcome"] == "error"
-    assert "KeyboardInterrupt" in records["flux1-dev[nvfp4]"]["error"]
+    records = {record.combo: record for record in read_history_strictly(run.history_dir)}
+    assert records["flux1-dev[bf16]"].outcome == PASSED
+    assert records["flux1-dev[nvfp4]"].outcome == ERROR
+    assert "KeyboardInterrupt" in records["flux1-dev[nvfp4]"].error
     assert no_temporary_files(run.history_dir, run.baselines_root) == []
 
 
@@ -369,7 +371,7 @@ def test_ctrl_c_during_write_baselines_leaves_the_old_baselines_as_they_were(int
 def test_killed_runner_leaves_history_readable_and_baselines_untouched(interrupted_runs):
     run = interrupted_runs["SIGKILL"]
     assert run.returncode == -signal.SIGKILL, run.output[-3000:]
-    assert [r["combo"] for r in read_history_strictly(run.history_dir)] == ["flux1-dev[bf16]"]
+    assert [r.combo for r in read_history_strictly(run.history_dir)] == ["flux1-dev[bf16]"]
     root = run.baselines_root.parent
     after = {str(p.relative_to(root)): p.read_bytes() for p in run.baselines_root.rglob("*") if p.is_file()}
     assert after == run.baselines_before

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fluxgate.measuring import flops
-from fluxgate.weights.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS
 
 
 def test_linear_flops_match_two_m_n_k():

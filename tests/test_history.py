@@ -1,4 +1,5 @@
-"""fluxgate.storing.history: one JSON file per run, rewritten atomically after every combo; reading skips corrupt files."""
+"""fluxgate.storing: one JSON file per run (LocalFolderStore), rewritten atomically after every combo; reading skips
+corrupt files; a record is typed and versioned (Record, schema 1) and keeps every key on a round trip."""
 
 import contextlib
 import json
@@ -6,17 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate.storing.history import RunHistory, new_run_id, read
+from fluxgate.errors import HistoryError
+from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing.record import PASSED, Metrics, Record
+from fluxgate.storing.store import new_run_id
 
 ENVIRONMENT = {"device": "cpu", "torch": "2.x"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _record(combo: str) -> dict:
-    return {"combo": combo, "outcome": "passed", "metrics": {"it_s": 1.5}}
+def _record(combo: str) -> Record:
+    return Record(combo=combo, outcome=PASSED, metrics=Metrics(it_s=1.5))
+
+
+def read(directory: Path) -> list[Record]:
+    return LocalFolderStore(directory).load()
 
 
 def test_every_append_leaves_a_valid_file_holding_all_records_so_far(tmp_path):
-    history = RunHistory(tmp_path, "run-a", ENVIRONMENT)
+    history = LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT)
     combos = ["flux1-dev[bf16]", "flux1-dev[nvfp4]", "flux2-dev[bf16]"]
     for count, combo in enumerate(combos, start=1):
         history.append(_record(combo))
@@ -26,10 +35,10 @@ def test_every_append_leaves_a_valid_file_holding_all_records_so_far(tmp_path):
 
 
 def test_appending_leaves_other_runs_files_byte_identical_and_no_temp_files(tmp_path):
-    earlier = RunHistory(tmp_path, "run-a", ENVIRONMENT)
+    earlier = LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT)
     earlier.append(_record("flux1-dev[bf16]"))
     before = earlier.path.read_bytes()
-    current = RunHistory(tmp_path, "run-b", ENVIRONMENT)
+    current = LocalFolderStore(tmp_path).open_run("run-b", ENVIRONMENT)
     for combo in ("flux1-dev[bf16]", "flux1-dev[fp8-scaled]"):
         current.append(_record(combo))
     assert earlier.path.read_bytes() == before
@@ -39,23 +48,23 @@ def test_appending_leaves_other_runs_files_byte_identical_and_no_temp_files(tmp_
 def test_read_skips_a_truncated_file_with_a_warning_naming_it_and_keeps_the_rest(tmp_path):
     for run_id, combos in (("run-a", ["flux1-dev[bf16]"]), ("run-b", ["flux2-dev[bf16]"]),
                            ("run-c", ["z-image-turbo[bf16]", "z-image-turbo[nvfp4]"])):
-        history = RunHistory(tmp_path, run_id, ENVIRONMENT)
+        history = LocalFolderStore(tmp_path).open_run(run_id, ENVIRONMENT)
         for combo in combos:
             history.append(_record(combo))
     broken = tmp_path / "run-b.json"
     broken.write_bytes(broken.read_bytes()[:40])
     with pytest.warns(UserWarning, match=str(broken)):
         records = read(tmp_path)
-    assert [record["combo"] for record in records] == ["flux1-dev[bf16]", "z-image-turbo[bf16]",
-                                                       "z-image-turbo[nvfp4]"]
-    assert all(record["environment"] == ENVIRONMENT for record in records)
+    assert [record.combo for record in records] == ["flux1-dev[bf16]", "z-image-turbo[bf16]",
+                                                    "z-image-turbo[nvfp4]"]
+    assert all(record.environment == ENVIRONMENT for record in records)
 
 
 def test_read_skips_a_json_file_without_records_with_a_warning(tmp_path):
-    RunHistory(tmp_path, "run-a", ENVIRONMENT).append(_record("flux1-dev[bf16]"))
+    LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT).append(_record("flux1-dev[bf16]"))
     (tmp_path / "notes.json").write_text('["not a run file"]')
     with pytest.warns(UserWarning, match="notes.json"):
-        assert [record["combo"] for record in read(tmp_path)] == ["flux1-dev[bf16]"]
+        assert [record.combo for record in read(tmp_path)] == ["flux1-dev[bf16]"]
 
 
 def test_run_ids_are_unique_within_one_second():
@@ -64,11 +73,11 @@ def test_run_ids_are_unique_within_one_second():
 
 
 def test_a_record_json_cannot_hold_does_not_stop_later_records_being_stored(tmp_path):
-    history = RunHistory(tmp_path, "run-a", ENVIRONMENT)
+    history = LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT)
     with contextlib.suppress(ValueError):  # refusing the NaN record is fine; losing the rest of the run is not
-        history.append({"combo": "flux1-dev[nvfp4]", "metrics": {"ms_ssim": float("nan")}})
+        history.append(Record(combo="flux1-dev[nvfp4]", metrics=Metrics(ms_ssim=float("nan"))))
     history.append(_record("flux2-dev[bf16]"))
-    assert "flux2-dev[bf16]" in [record["combo"] for record in read(tmp_path)]
+    assert "flux2-dev[bf16]" in [record.combo for record in read(tmp_path)]
 
 
 def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
@@ -89,25 +98,23 @@ def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
 
 
 def test_image_folders_beyond_the_newest_runs_are_pruned_and_records_stay(tmp_path):
-    from fluxgate.storing.history import prune_images
-
     for run_id in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb", "20260103T000000Z-cccccc"):
         (tmp_path / f"{run_id}.json").write_text('{"records": []}')
         (tmp_path / run_id).mkdir()
         (tmp_path / run_id / "flux1-dev.bf16.png").write_bytes(b"png")
-    removed = prune_images(tmp_path, keep_runs=2)
-    assert [path.name for path in removed] == ["20260101T000000Z-aaaaaa"]
+    removed = LocalFolderStore(tmp_path).prune_images(keep_runs=2)
+    assert [Path(path).name for path in removed] == ["20260101T000000Z-aaaaaa"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["20260102T000000Z-bbbbbb",
                                                                         "20260103T000000Z-cccccc"]
     assert len(list(tmp_path.glob("*.json"))) == 3
-    assert prune_images(tmp_path, keep_runs=0) and not any(p.is_dir() for p in tmp_path.iterdir())
+    assert LocalFolderStore(tmp_path).prune_images(keep_runs=0) and not any(p.is_dir() for p in tmp_path.iterdir())
 
 
 def test_history_files_get_the_mode_a_plain_open_would_give(tmp_path):
     import os
     import stat
 
-    RunHistory(tmp_path, new_run_id(), ENVIRONMENT).append(_record("flux1-dev[bf16]"))
+    LocalFolderStore(tmp_path).open_run(new_run_id(), ENVIRONMENT).append(_record("flux1-dev[bf16]"))
     (path,) = tmp_path.glob("*.json")
     mask = os.umask(0)
     os.umask(mask)
@@ -130,8 +137,6 @@ def test_reading_merging_and_publishing_history_import_neither_torch_nor_diffuse
 def test_pruning_removes_the_image_folders_an_xdist_run_keeps_under_its_workers_run_ids(tmp_path):
     import json as _json
 
-    from fluxgate.storing.history import prune_images
-
     old, new = "20260101T000000Z-merged", "20260102T000000Z-newest"
     (tmp_path / f"{old}.json").write_text(_json.dumps({"records": [
         {"combo": "a[bf16]", "image": "20260101T000000Z-gw0aaa/a.bf16.png"},
@@ -139,6 +144,63 @@ def test_pruning_removes_the_image_folders_an_xdist_run_keeps_under_its_workers_
     (tmp_path / f"{new}.json").write_text('{"records": []}')
     for folder in ("20260101T000000Z-gw0aaa", "20260101T000000Z-gw1bbb", new):
         (tmp_path / folder).mkdir()
-    removed = prune_images(tmp_path, keep_runs=1)
-    assert sorted(p.name for p in removed) == ["20260101T000000Z-gw0aaa", "20260101T000000Z-gw1bbb"]
+    removed = LocalFolderStore(tmp_path).prune_images(keep_runs=1)
+    assert sorted(Path(p).name for p in removed) == ["20260101T000000Z-gw0aaa", "20260101T000000Z-gw1bbb"]
     assert (tmp_path / new).is_dir()
+
+
+def test_every_committed_run_file_reads_and_writes_back_with_the_same_keys_and_values():
+    from fluxgate.storing.store import Run
+
+    paths = sorted((ROOT / "baselines").glob("*/runs/*.json"))
+    assert paths
+    for path in paths:
+        document = json.loads(path.read_text())
+        assert Run.from_json(document, str(path)).to_json() == document, path
+        assert all(record.measured and record.metrics.it_s for record in LocalFolderStore(path.parent).load())
+
+
+def test_an_unknown_or_missing_schema_is_one_line_naming_the_file_the_schema_and_what_is_read(tmp_path):
+    with pytest.raises(HistoryError, match=r"^run\.json: history schema 2 is not one this fluxgate reads \(schema 1\)$"):
+        Record.from_json({"schema": 2, "combo": "flux1-dev[bf16]"}, "run.json")
+    with pytest.raises(HistoryError, match=r"^run\.json: no history schema number \(this fluxgate reads schema 1\)$"):
+        Record.from_json({"combo": "flux1-dev[bf16]"}, "run.json")
+    LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT).append(_record("flux1-dev[bf16]"))
+    future = tmp_path / "run-b.json"
+    future.write_text(json.dumps({"schema": 2, "run_id": "run-b", "records": []}))
+    with pytest.warns(UserWarning, match=f"{future}: skipped unreadable history file .*history schema 2"):
+        assert [record.run_id for record in read(tmp_path)] == ["run-a"]
+
+
+def test_a_record_keeps_keys_it_does_not_know_and_the_keys_it_held_as_null():
+    data = {"schema": 1, "combo": "flux1-dev[bf16]", "error": None, "teardown": None, "future_field": [1, 2],
+            "metrics": {"it_s": 2.0, "compile_s": None, "new_metric": {"x": 1}}}
+    record = Record.from_json(data, "run.json")
+    assert record.extra == {"future_field": [1, 2]} and record.metrics.extra == {"new_metric": {"x": 1}}
+    assert record.to_json() == data
+
+
+def test_a_combo_result_names_its_error_and_teardown_and_a_remeasurement_only_what_it_has(tmp_path):
+    from fluxgate.storing.record import REMEASURE, RESULT_NULLS
+
+    run = LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT)
+    run.append(Record(combo="a[bf16]", settings={}, failures=[], outcome=PASSED, nulls=RESULT_NULLS))
+    run.append(Record(combo="a[bf16]", outcome=REMEASURE, verdict="regression", metrics=Metrics(it_s=2.0)))
+    result, remeasure = json.loads(run.path.read_text())["records"]
+    assert sorted(result) == ["combo", "error", "failures", "metrics", "outcome", "recorded", "run_id", "schema",
+                              "settings", "teardown"]
+    assert result["error"] is None and result["teardown"] is None
+    assert sorted(remeasure) == ["combo", "metrics", "outcome", "recorded", "run_id", "schema", "verdict"]
+
+
+def test_shard_runs_stay_apart_until_merged_then_one_run_holds_each_record_once(tmp_path):
+    store = LocalFolderStore(tmp_path)
+    shards = [store.open_run(f"run-{n}", {"xdist_worker": f"{n}/2"}, shard=True) for n in (1, 2)]
+    for shard, combo in zip(shards, ("a[bf16]", "a[nvfp4]")):
+        shard.append(_record(combo))
+    assert store.list_runs() == [] and store.load() == []
+    merged = store.merge([shard.run_id for shard in shards], mark={"shared_gpu": True})
+    assert store.list_runs() == [merged] and not any(Path(shard.location).exists() for shard in shards)
+    records = store.load_run(merged)
+    assert [(r.combo, r.source_run_id, r.env["xdist_worker"], r.env["shared_gpu"]) for r in records] == [
+        ("a[bf16]", "run-1", "1/2", True), ("a[nvfp4]", "run-2", "2/2", True)]

@@ -8,7 +8,9 @@ import torch
 from diffusers.quantizers.bfl.utils import FP8_MAX, BFLFP8RLinear, quantize_fp8r
 
 from fluxgate.measuring import kernels
-from fluxgate.measuring.kernels import BF16_GEMM, DEQUANT_FALLBACK, FP8_GEMM, kernel_path
+from fluxgate.measuring.kernels import BF16_GEMM, DEQUANT_FALLBACK, kernel_path
+from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions.fp8_scaled import FP8_GEMM
 
 QUANTIZED_CLASS = {"fp8-scaled": "BFLFP8RLinear", "nvfp4": "BFLNVFP4Linear", "gguf-q8_0": "GGUFLinear"}
 
@@ -119,3 +121,11 @@ def test_profiles_detach_cupti_unless_the_environment_says_otherwise(monkeypatch
     with pytest.warns(UserWarning, match="TEARDOWN_CUPTI=0 is set in the environment: CUPTI stays attached"):
         assert not kernels.configure_profiler_teardown()
     assert os.environ[kernels.CUPTI_TEARDOWN_ENV] == "0"
+
+
+def test_each_precision_spec_names_its_own_fast_gemm():
+    fp8, fp4 = PRECISIONS["fp8-scaled"].fast_gemm, PRECISIONS["nvfp4"].fast_gemm
+    assert fp8.label == FP8_GEMM and fp8.matches("aten::_scaled_mm") and not fp8.matches("aten::mm")
+    assert fp4.matches("flashinfer::mm_fp4") and fp4.matches("cutlass_e2m1_gemm_kernel")
+    assert not fp4.matches("aten::_scaled_mm") and not fp4.matches("aten::addmm")
+    assert PRECISIONS["bf16"].fast_gemm is None and PRECISIONS["gguf-q8_0"].fast_gemm is None

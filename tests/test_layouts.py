@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
 from fluxgate.weights import identify, layouts, tiny
-from fluxgate.weights.precisions import PRECISIONS
 
 
 def tiled(scales: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_a_comfy_nvfp4_file_with_a_prefix_loads_as_its_modelopt_twin(tiny_files,
     (high nibble first, tiled scales, comfy_quant, no input_scale, ModelSave prefix) loads to the same weights."""
     from diffusers.quantizers.bfl.utils import BFLNVFP4Linear
 
-    from fluxgate.weights.precisions import load_transformer
+    from fluxgate.weights.loading import load_transformer
 
     model = MODELS["z-image-turbo"]
     twin = load_file(str(tiny_files["z-image-turbo.nvfp4"]))
@@ -173,14 +173,14 @@ def test_a_comfy_nvfp4_file_with_a_prefix_loads_as_its_modelopt_twin(tiny_files,
     identify.check_slot(found, "z-image-turbo", "nvfp4")
     assert found.layout == "comfy-nvfp4"
     pipeline = tmp_path / "pipeline"
-    model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0)
+    model.builder.pipeline_class(transformer=model.tiny_transformer(0), **model.builder.tiny_components(0)
                                 ).save_pretrained(pipeline)
     loadable, note = layouts.adapt(found, path)
     assert "input_scale" in note and "prefix" in note
     device = torch.device("cpu")
-    loaded = load_transformer(PRECISIONS["nvfp4"], model.module.TRANSFORMER_CLASS, loadable, pipeline, device,
+    loaded = load_transformer(PRECISIONS["nvfp4"], model.builder.transformer_class, loadable, pipeline, device,
                               config_subfolder="transformer")
-    reference = load_transformer(PRECISIONS["nvfp4"], model.module.TRANSFORMER_CLASS, tiny_files["z-image-turbo.nvfp4"],
+    reference = load_transformer(PRECISIONS["nvfp4"], model.builder.transformer_class, tiny_files["z-image-turbo.nvfp4"],
                                  pipeline, device, config_subfolder="transformer")
     pairs = [(a, b) for (_, a), (_, b) in zip(loaded.named_modules(), reference.named_modules())
              if isinstance(a, BFLNVFP4Linear)]
@@ -223,7 +223,7 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
 
 def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_files, tmp_path):
     from fluxgate.matrix import Combo
-    from fluxgate.weights.sources import RealSource
+    from fluxgate.weights.real import RealSource
 
     model = MODELS["z-image-turbo"]
     state = load_file(str(tiny_files["z-image-turbo.bf16"]))
@@ -232,7 +232,7 @@ def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_f
     state[key][0, :3] = float("nan")
     save_file(state, str(tmp_path / "z_image_nan.safetensors"))
     pipeline = tmp_path / "pipeline"
-    model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0)
+    model.builder.pipeline_class(transformer=model.tiny_transformer(0), **model.builder.tiny_components(0)
                                 ).save_pretrained(pipeline)
     (tmp_path / "models.toml").write_text(f'["z-image-turbo"]\npipeline = "{pipeline}"\n["z-image-turbo".checkpoints]\n'
                                           f'bf16 = {{ path = "{tmp_path / "z_image_nan.safetensors"}" }}\n')
@@ -252,7 +252,7 @@ def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
 def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_one_line(tmp_path):
     from fluxgate.errors import SkipCombo
     from fluxgate.matrix import Combo
-    from fluxgate.weights.sources import RealSource
+    from fluxgate.weights.real import RealSource
 
     (tmp_path / "models.toml").write_text('["flux1-dev"]\npipeline = "x"\n')
     with pytest.raises(SkipCombo, match=r"flux2-dev: not in .*models.toml; add a \[flux2-dev\] table to run it"):
@@ -267,10 +267,11 @@ def test_merging_shards_in_the_history_folder_moves_them_aside(tmp_path):
     import json as _json
 
     from fluxgate import merge
-    from fluxgate.storing import history
+    from fluxgate.storing.local import LocalFolderStore
 
     for shard, combo in (("20260101T000000Z-aaaaaa", "a[bf16]"), ("20260101T000001Z-bbbbbb", "a[nvfp4]")):
-        (tmp_path / f"{shard}.json").write_text(_json.dumps({"run_id": shard, "records": [{"combo": combo}]}))
+        (tmp_path / f"{shard}.json").write_text(_json.dumps({"schema": 1, "run_id": shard,
+                                                              "records": [{"schema": 1, "combo": combo}]}))
     assert merge.main([str(p) for p in sorted(tmp_path.glob("*.json"))] + ["--history-dir", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list((tmp_path / ".merged").glob("*.json"))) == 2
-    assert sorted(r["combo"] for r in history.read(tmp_path)) == ["a[bf16]", "a[nvfp4]"]  # each once
+    assert sorted(r.combo for r in LocalFolderStore(tmp_path).load()) == ["a[bf16]", "a[nvfp4]"]  # each once

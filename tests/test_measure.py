@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fluxgate.judging.gate import Outcome
-from fluxgate.matrix import Combo
 from fluxgate.measuring import measure
 from fluxgate.measuring.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
-from fluxgate.showing.report import history_lines, spike_line, terminal_summary
+from fluxgate.showing.report import RunContext, history_lines, spike_line, terminal_summary
+from fluxgate.storing.record import PASSED, Metrics, Record
 
 
 class ScriptedEvent:
@@ -168,26 +167,27 @@ def _metrics(times, off_cpu, idle) -> dict:
 
 def test_a_spike_line_is_shown_for_cuda_combos_with_spikes_only():
     noisy = [0.28] * 26 + [0.40, 0.33]
-    assert "host-bound" in spike_line(_metrics(noisy, [0.0] * 28, [False] * 26 + [True, True]))
-    assert spike_line(_metrics([0.28, 0.281, 0.279, 0.2805] * 7, [0.0] * 28, [False] * 28)) is None
-    assert spike_line(_metrics(noisy, [0.0] * 28, None)) is None  # CPU: the CV column says enough
-    assert spike_line({"step_stats": step_stats(noisy).to_json()}) is None  # a record from before spikes existed
-    assert spike_line({"spikes": {"steps": [1], "unknown_field": 1}}) is None  # another version's record
+    assert "host-bound" in spike_line(Metrics.from_json(_metrics(noisy, [0.0] * 28, [False] * 26 + [True, True])))
+    assert spike_line(Metrics.from_json(_metrics([0.28, 0.281, 0.279, 0.2805] * 7, [0.0] * 28, [False] * 28))) is None
+    assert spike_line(Metrics.from_json(_metrics(noisy, [0.0] * 28, None))) is None  # CPU: the CV column says enough
+    assert spike_line(Metrics.from_json({"step_stats": step_stats(noisy).to_json()})) is None  # a record from before spikes existed
+    assert spike_line(Metrics.from_json({"spikes": {"steps": [1], "unknown_field": 1}})) is None  # another version's record
 
 
 def test_the_run_summary_lists_combos_whose_gpu_waits_at_most_step_ends_and_explains_their_spikes(tmp_path):
-    outcomes = [Outcome(Combo.parse("flux1-dev[nvfp4]"),
-                        metrics=_metrics([0.46] * 26 + [0.52, 0.55], [0.001] * 28, [True] * 28)),
-                Outcome(Combo.parse("flux1-dev[fp8-scaled]"),  # one idle step end: not a waiting GPU
-                        metrics=_metrics([0.28] * 27 + [0.40], [0.001] * 28, [False] * 27 + [True])),
-                Outcome(Combo.parse("flux1-dev[bf16]"), metrics=_metrics([0.18, 0.181] * 14, [0.001] * 28, [False] * 28))]
+    def record(combo_id, metrics):
+        return Record(combo_id, outcome=PASSED, profile="synthetic", metrics=Metrics.from_json(metrics),
+                      environment={"device_name": "H100"})
+
+    records = [record("flux1-dev[nvfp4]", _metrics([0.46] * 26 + [0.52, 0.55], [0.001] * 28, [True] * 28)),
+               record("flux1-dev[fp8-scaled]",  # one idle step end: not a waiting GPU
+                      _metrics([0.28] * 27 + [0.40], [0.001] * 28, [False] * 27 + [True])),
+               record("flux1-dev[bf16]", _metrics([0.18, 0.181] * 14, [0.001] * 28, [False] * 28))]
     lines = []
     reporter = SimpleNamespace(write_line=lines.append, section=lambda title: lines.append(f"== {title}"))
-    history = SimpleNamespace(environment={"device_name": "H100"}, records=[], path=tmp_path / "run.json")
-    gate = SimpleNamespace(runner=SimpleNamespace(profile="synthetic"), history=history, baselines_root=tmp_path,
-                           gpu_class="h100", write=False)
 
-    terminal_summary(reporter, outcomes, gate, started=0.0)
+    terminal_summary(reporter, records, RunContext(started=0.0, run_location=str(tmp_path / "run.json"),
+                                                   baselines=tmp_path / "h100"))
 
     assert any(line.startswith("GPU idle at most step ends") and line.endswith(": flux1-dev[nvfp4] 28/28")
                for line in lines), lines
@@ -200,8 +200,8 @@ def test_the_run_summary_lists_combos_whose_gpu_waits_at_most_step_ends_and_expl
 
 def test_odd_spike_records_give_no_line_rather_than_a_broken_summary():
     odd = {"threshold": None, "steps": [1], "causes": None, "max_excess": 0.5, "idle_total": 1, "n": 2}
-    assert spike_line({"spikes": odd}) is None
-    assert spike_line({"spikes": {**odd, "n": "2"}}) is None
+    assert spike_line(Metrics.from_json({"spikes": odd})) is None
+    assert spike_line(Metrics.from_json({"spikes": {**odd, "n": "2"}})) is None
 
 
 class ScriptedPipe:
@@ -228,7 +228,7 @@ def test_each_timed_image_s_first_step_is_kept_apart_from_the_steps_the_stats_ju
                                                                                     settled):
     clocks = ScriptedClocks()
     monkeypatch.setattr(measure, "time", clocks)
-    result = measure.run(ScriptedPipe(clocks, step_s), {}, seed=0, device=torch.device("cpu"), warmup_steps=1,
+    result = measure.measure_images(ScriptedPipe(clocks, step_s), {}, seed=0, device=torch.device("cpu"), warmup_steps=1,
                          timed_images=2)
     assert result.first_steps_s == pytest.approx(first)
     assert result.step_times_s == pytest.approx(settled)
@@ -241,7 +241,7 @@ def test_the_summary_names_combos_whose_step_makes_the_host_wait_and_how_often()
     entries = [("flux1-dev[nvfp4]", {"kernel_path": {"host_syncs_per_step": 494}}),
                ("flux1-dev[fp8-scaled]", {"kernel_path": {"host_syncs_per_step": 1}}),  # one per step: not listed
                ("z-image-turbo[bf16]", {"kernel_path": {"host_syncs_per_step": None}}), ("odd", {"kernel_path": "?"})]
-    (line,) = spike_lines(entries)
+    (line,) = spike_lines([Record(combo_id, metrics=Metrics.from_json(metrics)) for combo_id, metrics in entries])
     assert line.startswith("host-synchronous") and line.endswith(": flux1-dev[nvfp4] 494")
     assert "larger change" in line
 
@@ -256,3 +256,13 @@ def test_the_history_lines_tally_every_verdict_so_an_all_clear_run_says_so():
     assert history_lines(verdicts, "advisory: --history-gate off", scope="; per worker") == [
         "against history (advisory: --history-gate off; per worker): 2 no change, 1 regression, 1 not comparable",
         "  a[x]: regression - ...", "  b[y]: not comparable (...)"]
+
+
+def test_the_summary_names_combos_whose_timed_steps_ran_clock_limited_with_the_reasons():
+    from fluxgate.showing.report import spike_lines
+
+    capped = Metrics(throttled_steps=[True, False, True], telemetry={"throttle_reasons": ["SwPowerCap"]})
+    (line,) = spike_lines([Record("flux2-dev[bf16]", metrics=capped),
+                           Record("flux2-dev[nvfp4]", metrics=Metrics(throttled_steps=[False] * 3)),
+                           Record("flux1-dev[bf16]", metrics=Metrics())])  # CPU: nothing sampled
+    assert line.startswith("clock-limited timed steps") and line.endswith(": flux2-dev[bf16] 2/3 (SwPowerCap)")

@@ -3,7 +3,7 @@
 import pytest
 
 from fluxgate.models import MODELS
-from fluxgate.weights.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS
 
 
 @pytest.fixture
@@ -113,6 +113,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
     from fluxgate.judging import compare
     from fluxgate.judging.gate import Gate
     from fluxgate.options import fraction as _fraction
+    from fluxgate.storing.local import LocalFolderStore
 
     assert _fraction("--min-speed-effect", "auto") is None
     assert _fraction("--min-speed-effect", "2") == pytest.approx(0.02)
@@ -128,7 +129,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
     def effect(device: str, given: float | None) -> float:
         gate = Gate.__new__(Gate)
         gate.runner = SimpleNamespace(device=torch.device(device))
-        gate.history = SimpleNamespace(directory=tmp_path, run_id="r", records=[], environment={})
+        gate.history = LocalFolderStore(tmp_path).open_run("r", {})
         assert gate.verdicts(confirm=False, min_speed_effect=given) == []
         return seen["policy"].min_speed_effect
 

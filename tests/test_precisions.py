@@ -17,7 +17,7 @@ from hypothesis import assume, example, given, settings, target
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from fluxgate.weights.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS
 
 QUANTIZED = [name for name in PRECISIONS if name != "bf16"]
 FLOAT_SLACK = 1 + 1e-5

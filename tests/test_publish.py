@@ -1,6 +1,7 @@
 """fluxgate.showing.publish: one run from the history -> summary.md, trend plots and image grids; the CLI around it."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ from PIL import Image
 
 from fluxgate.publish import main
 from fluxgate.showing.publish import write_report
-from fluxgate.storing.history import RunHistory
+from fluxgate.storing.local import LocalFolderStore, RunHistory
+from fluxgate.storing.record import ERROR, FAILED, PASSED, Metrics, Record
 
 ENVIRONMENT = {"device_name": "AMD EPYC", "gpu_class": "cpu", "torch": "2.13.0+cpu", "diffusers": "0.42.1",
                "git_commit": "6815fe4d4b485284320fd11c42ee3ad0b975e827", "git_dirty": False}
@@ -25,25 +27,27 @@ def _image(seed: int, noise: float = 0.0) -> Image.Image:
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-def _record(combo: str, it_s: float, mem_gib: float, ms_ssim: float = 1.0, **extra) -> dict:
+def _record(combo: str, it_s: float, mem_gib: float, ms_ssim: float = 1.0, **extra) -> Record:
     model, precision = combo.rstrip("]").split("[")
-    psnr = None if ms_ssim == 1.0 else 30.0
     fallback = precision in ("nvfp4", "gguf-q8_0")
-    metrics = {"it_s": it_s, "peak_mem_gib": mem_gib, "mem_kind": "process_rss_peak", "ms_ssim": ms_ssim,
-               "psnr_db": psnr, "e2e_s": 0.2, "mfu_bf16": None, "telemetry": None, "step_stats": {"cv": 0.03},
-               "kernel_path": {"label": "dequantize -> bf16 GEMM (fallback)" if fallback else "bf16 GEMM",
-                               "fallback": fallback}}
-    return {"combo": combo, "model": model, "precision": precision, "profile": "tiny", "gpu_class": "cpu",
-            "outcome": "passed", "failures": [], "error": None, "metrics": metrics, "thresholds": THRESHOLDS,
-            **extra}
+    metrics = Metrics(it_s=it_s, peak_mem_gib=mem_gib, mem_kind="process_rss_peak", ms_ssim=ms_ssim,
+                      psnr_db=None if ms_ssim == 1.0 else 30.0, e2e_s=0.2, step_stats={"cv": 0.03},
+                      kernel_path={"label": "dequantize -> bf16 GEMM (fallback)" if fallback else "bf16 GEMM",
+                                   "fallback": fallback})
+    return Record(**{"combo": combo, "model": model, "precision": precision, "profile": "tiny", "gpu_class": "cpu",
+                     "outcome": PASSED, "failures": [], "metrics": metrics, "thresholds": THRESHOLDS, **extra})
 
 
-def _write_run(directory, run_id: str, records: list[dict], noise: float = 8.0) -> RunHistory:
-    run = RunHistory(directory, run_id, ENVIRONMENT)
+def _with_metrics(record: Record, **values) -> Record:
+    return replace(record, metrics=replace(record.metrics, **values))
+
+
+def _write_run(directory, run_id: str, records: list[Record], noise: float = 8.0) -> RunHistory:
+    run = LocalFolderStore(directory).open_run(run_id, ENVIRONMENT)
     for record in records:
-        if record.get("outcome") in ("passed", "failed"):
-            moved = record["metrics"]["ms_ssim"] < 1.0
-            record["image"] = run.save_image(record["combo"], _image(1, noise if moved else 0.0))
+        if record.measured:
+            moved = record.metrics.ms_ssim < 1.0
+            record = replace(record, image=run.save_image(record.combo, _image(1, noise if moved else 0.0)))
         run.append(record)
     return run
 
@@ -57,10 +61,10 @@ def history_dir(tmp_path):
                    _record("flux1-dev[nvfp4]", it_s * 2, mem_gib / 2, ms_ssim=0.9712),
                    _record("z-image-turbo[bf16]", it_s, mem_gib)]
         if run_id == RUNS[-1]:
-            records.append(_record("z-image-turbo[fp8-scaled]", 0, 0, outcome="error", metrics={},
+            records.append(_record("z-image-turbo[fp8-scaled]", 0, 0, outcome=ERROR, metrics=Metrics(),
                                    error="tiny/z-image-turbo/transformer-fp8-scaled.safetensors: corrupt checkpoint"))
-            records[1]["failures"] = ["similarity: MS-SSIM 0.9712 < min 0.9800 vs baselines/cpu/flux1-dev.png"]
-            records[1]["outcome"] = "failed"
+            records[1] = replace(records[1], outcome=FAILED,
+                                 failures=["similarity: MS-SSIM 0.9712 < min 0.9800 vs baselines/cpu/flux1-dev.png"])
         _write_run(directory, run_id, records)
     return directory
 
@@ -164,7 +168,7 @@ def test_without_a_stored_reference_the_grid_uses_the_runs_own_bf16_image(tmp_pa
 
 def test_verdicts_from_a_comparison_replace_outcome_base_and_add_their_message(history_dir, baselines_dir, tmp_path):
     verdicts = {"flux1-dev[bf16]": {"verdict": "regressed", "message": "speed: 11.0 it/s is 12 % below 12.5",
-                                    "baseline_it_s": 12.5, "baseline_peak_mem_gib": None},
+                                    "window_it_s": 12.5, "window_peak_mem_gib": None},
                 "flux1-dev[nvfp4]": {"verdict": "no change", "message": ""}}
     write_report(history_dir, tmp_path / "report", baselines_dir, verdicts=verdicts)
     summary = (tmp_path / "report" / "summary.md").read_text()
@@ -210,10 +214,10 @@ def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_pa
     from fluxgate.measuring.stats import spikes
 
     times = [0.28] * 26 + [0.40, 0.36]
-    spiked = _record("flux1-dev[fp8-scaled]", 3.5, 12.3)
-    spiked["metrics"]["spikes"] = spikes(times, [0.001] * 28, [False] * 26 + [True, True]).to_json()
-    steady = _record("flux1-dev[bf16]", 5.5, 22.7)
-    steady["metrics"]["spikes"] = spikes([0.18] * 28, [0.001] * 28, [False] * 28).to_json()
+    spiked = _with_metrics(_record("flux1-dev[fp8-scaled]", 3.5, 12.3),
+                           spikes=spikes(times, [0.001] * 28, [False] * 26 + [True, True]).to_json())
+    steady = _with_metrics(_record("flux1-dev[bf16]", 5.5, 22.7),
+                           spikes=spikes([0.18] * 28, [0.001] * 28, [False] * 28).to_json())
     _write_run(tmp_path / "history", RUNS[0], [steady, spiked])
 
     summary = write_report(tmp_path / "history", tmp_path / "report", baselines_dir)[0].read_text()
@@ -225,9 +229,8 @@ def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_pa
 
 
 def test_host_synchronous_combos_are_named_with_their_syncs_per_step(tmp_path, baselines_dir):
-    nvfp4, bf16 = _record("flux1-dev[nvfp4]", 2.2, 8.9), _record("flux1-dev[bf16]", 5.5, 22.7)
-    nvfp4["metrics"]["kernel_path"] = {"host_syncs_per_step": 495}
-    bf16["metrics"]["kernel_path"] = {"host_syncs_per_step": 1}
+    nvfp4 = _with_metrics(_record("flux1-dev[nvfp4]", 2.2, 8.9), kernel_path={"host_syncs_per_step": 495})
+    bf16 = _with_metrics(_record("flux1-dev[bf16]", 5.5, 22.7), kernel_path={"host_syncs_per_step": 1})
     _write_run(tmp_path / "history", RUNS[0], [bf16, nvfp4])
 
     summary = write_report(tmp_path / "history", tmp_path / "report", baselines_dir)[0].read_text()

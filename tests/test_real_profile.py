@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
 from fluxgate.weights import identify, layouts, tiny
-from fluxgate.weights.precisions import PRECISIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def real_setup(tmp_path_factory) -> Path:
     model = MODELS["flux1-dev"]
     bf16 = tiny.ensure(model, PRECISIONS["bf16"], 0, root / "cache")
     fp8r = tiny.ensure(model, PRECISIONS["fp8-scaled"], 0, root / "cache")
-    pipe = model.module.PIPELINE_CLASS(transformer=model.tiny_transformer(0), **model.module.tiny_components(0))
+    pipe = model.builder.pipeline_class(transformer=model.tiny_transformer(0), **model.builder.tiny_components(0))
     pipe.save_pretrained(root / "pipeline")
     comfy_scaled_fp8(fp8r.path, root / "comfy.safetensors")
     (root / "models.toml").write_text(f"""

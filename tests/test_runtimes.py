@@ -9,7 +9,7 @@ import torch
 from fluxgate.judging import similarity
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Inputs, Runner
-from fluxgate.weights.sources import TinySource
+from fluxgate.weights.tiny import TinySource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,8 @@ def test_a_compiled_combo_reports_compile_time_outside_its_timed_steps_and_keeps
     inputs = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
     runner = Runner("tiny", torch.device("cpu"), TinySource(tmp_path, inputs.seed), inputs)
 
-    eager, _ = runner.run(Combo("flux1-dev", "bf16"))
-    compiled, _ = runner.run(Combo("flux1-dev", "bf16", "compile"))
+    eager, _ = runner.measure(Combo("flux1-dev", "bf16"))
+    compiled, _ = runner.measure(Combo("flux1-dev", "bf16", "compile"))
 
     assert eager.compile_s is None
     # Compiling the repeated blocks takes seconds; a timed step of the tiny model takes milliseconds, so a compile

@@ -11,7 +11,8 @@ import pytest
 
 from fluxgate.errors import HistoryError
 from fluxgate.matrix import combos, parse_shard, shard
-from fluxgate.storing import history
+from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,19 +53,20 @@ def test_two_shards_merge_into_one_run_with_every_combo(tmp_path):
     assert sorted(r["combo"] for r in document["records"]) == ["flux1-dev[bf16]", "flux1-dev[nvfp4]"]
     assert {r["run_id"] for r in document["records"]} == {document["run_id"]}
     assert sorted(r["source_run_id"] for r in document["records"]) == sorted(path.stem for path in shards)
-    assert all(r["environment"]["device_type"] == "cpu" for r in history.read(tmp_path / "merged"))
+    assert all(r.environment["device_type"] == "cpu" for r in LocalFolderStore(tmp_path / "merged").load())
 
 
 def test_overlapping_or_unreadable_shards_are_refused_naming_the_file(tmp_path):
-    run = history.RunHistory(tmp_path / "a", "run-a", {"device_type": "cpu"})
-    run.append({"combo": "flux1-dev[bf16]"})
+    run = LocalFolderStore(tmp_path / "a").open_run("run-a", {"device_type": "cpu"})
+    run.append(Record(combo="flux1-dev[bf16]"))
     broken = tmp_path / "broken.json"
     broken.write_text("{")
 
+    merged = LocalFolderStore(tmp_path / "merged")
     with pytest.raises(HistoryError, match="also in"):
-        history.merge([run.path, run.path], tmp_path / "merged")
+        merged.merge_files([run.path, run.path])
     with pytest.raises(HistoryError, match="broken.json"):
-        history.merge([run.path, broken], tmp_path / "merged")
+        merged.merge_files([run.path, broken])
     assert not (tmp_path / "merged").exists() or not list((tmp_path / "merged").glob("*.json"))
 
 

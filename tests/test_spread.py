@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fluxgate.judging import spread
 from fluxgate.judging.baselines import Baseline, Thresholds
 from fluxgate.judging.compare import expected_range
-from fluxgate.storing import history
+from fluxgate.storing.local import load_paths
+from fluxgate.storing.record import PASSED, Metrics, Record
 
 
 def record(run: str, gpu: str, step_s: float, combo="flux1-dev[bf16]", syncs=0, **extra):
-    return {"combo": combo, "run_id": run, "gpu_class": "nvidia-h200", "outcome": "passed",
-            "environment": {"gpu": {"uuid": gpu}},
-            "metrics": {"step_times_s": [step_s] * 27, "kernel_path": {"host_syncs_per_step": syncs}, **extra}}
+    return Record(combo=combo, run_id=run, gpu_class="nvidia-h200", outcome=PASSED,
+                  environment={"gpu": {"uuid": gpu}},
+                  metrics=Metrics(step_times_s=[step_s] * 27, kernel_path={"host_syncs_per_step": syncs}, **extra))
 
 
 def test_the_margin_is_z_sigma_from_the_range_of_the_runs_with_a_floor():
@@ -49,18 +52,18 @@ def test_one_gpu_or_too_few_runs_or_contended_runs_are_not_enough():
 def test_the_speed_limit_compares_the_statistic_it_was_derived_for(tmp_path):
     from fluxgate.judging.gate import limit_failures
     from fluxgate.judging.similarity import Similarity
-    from fluxgate.measuring.measure import RunResult
+    from fluxgate.measuring.measure import Measurement
 
     # Host jitter: half the steps slow, the fast steps unchanged. The median falls below the limit, the p10 does not.
     steps = [0.100] * 13 + [0.130] * 14
-    result = RunResult(steps, 3.0, 1.0, "cuda_max_allocated", 1.0, None)
+    result = Measurement(steps, 3.0, 1.0, "cuda_max_allocated", 1.0, None)
     similar = Similarity(1.0, float("inf"))
     for statistic, fails in (("median", True), ("p10", False)):
         baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic=statistic), tmp_path / "x.png")
         failures = limit_failures(result, similar, baseline, "[flux1-dev.bf16]")
         assert bool(failures) is fails, failures
     assert "it/s (p10 step) < min" in limit_failures(
-        RunResult([0.2] * 27, 3.0, 1.0, "cuda_max_allocated", 1.0, None), similar,
+        Measurement([0.2] * 27, 3.0, 1.0, "cuda_max_allocated", 1.0, None), similar,
         Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic="p10"), tmp_path / "x.png"), "e")[0]
 
 
@@ -68,7 +71,7 @@ def test_the_committed_h200_limits_pass_every_run_they_came_from():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "baselines" / "nvidia-h200"
-    limits = spread.derive(history.read_paths([root / "runs"]), "nvidia-h200")
+    limits = spread.derive(load_paths([root / "runs"]), "nvidia-h200")
     assert len(limits) == 16
     for limit in limits.values():
         assert min(limit.values_it_s) >= limit.min_it_s and len(limit.gpus) >= 2
@@ -79,6 +82,6 @@ def test_an_outlier_run_or_mixed_settings_make_no_limit():
     with pytest.raises(ValueError, match=r"runs too far apart for a speed limit .* margin \d+% > 25%"):
         spread.derive(outlier, "nvidia-h200")
     mixed = [record("a", "GPU-1", 0.175), record("b", "GPU-2", 0.175), record("c", "GPU-2", 0.175)]
-    mixed[2]["settings"] = {"steps": 4}
+    mixed[2] = replace(mixed[2], settings={"steps": 4})
     with pytest.raises(ValueError, match=r"other profiles or image settings mixed in for flux1-dev\[bf16\]"):
         spread.derive(mixed, "nvidia-h200")

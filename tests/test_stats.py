@@ -58,8 +58,8 @@ def test_contention_is_the_median_share_of_a_step_spent_waiting_for_a_cpu():
 
     assert run_wait_share([0.1, 0.1, 0.3], [0.01, 0.02, 0.2]) == pytest.approx(0.2)
     assert run_wait_share([0.1], None) is None and run_wait_share([0.1, 0.1], [0.0]) is None
-    assert contention_note({"step_times_s": [0.1] * 3, "run_wait_s": [0.1 * HOST_CONTENTION * 0.99] * 3}) is None
-    assert "waited for a CPU 30% of each step" in contention_note({"step_times_s": [0.1] * 3, "run_wait_s": [0.03] * 3})
+    assert contention_note([0.1] * 3, [0.1 * HOST_CONTENTION * 0.99] * 3) is None
+    assert "waited for a CPU 30% of each step" in contention_note([0.1] * 3, [0.03] * 3)
 
 
 def test_run_queue_wait_is_read_from_linux_schedstat_and_only_grows():

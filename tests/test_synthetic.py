@@ -12,11 +12,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions.gguf_q8_0 import quantize_q8_0
 from fluxgate.weights import synthetic, tiny
-from fluxgate.weights.precisions import PRECISIONS, load_transformer
+from fluxgate.weights.loading import load_transformer
 
 FLUX1 = MODELS["flux1-dev"]
-TINY_FLUX1 = FLUX1.module.TINY_TRANSFORMER_CONFIG
+TINY_FLUX1 = FLUX1.builder.tiny_transformer_config
 SEED = 7
 
 
@@ -75,7 +77,7 @@ _TIES = torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 126.5, -126.5, 0.49999997] +
 @example(weight=_TIES)
 @example(weight=torch.zeros(2, 64))
 def test_torch_q8_0_is_bit_identical_to_gguf_reference(weight):
-    assert torch.equal(synthetic.quantize_q8_0(weight), _gguf_q8_0(weight))
+    assert torch.equal(quantize_q8_0(weight), _gguf_q8_0(weight))
 
 
 @pytest.mark.filterwarnings("ignore:(divide by zero|overflow|invalid value) encountered:RuntimeWarning")
@@ -83,13 +85,13 @@ def test_q8_0_blocks_too_small_for_an_fp32_reciprocal_store_a_zero_scale_like_gg
     # For amax < ~3.7e-37, 1/d overflows: gguf's codes are NaN cast to int8 (platform-defined garbage) and ours may
     # differ, but both store d = 0 in fp16, so the block dequantizes to zeros either way.
     weight = torch.full((1, 32), 1e-38)
-    ours, reference = synthetic.quantize_q8_0(weight), _gguf_q8_0(weight)
+    ours, reference = quantize_q8_0(weight), _gguf_q8_0(weight)
     assert torch.equal(ours[:, :2], reference[:, :2]) and not ours[:, :2].any()
 
 
 def test_q8_0_of_a_bf16_weight_needs_no_float32_copy_from_the_caller():
     weight = torch.randn(64, 96).to(torch.bfloat16)
-    assert torch.equal(synthetic.quantize_q8_0(weight), _gguf_q8_0(weight))
+    assert torch.equal(quantize_q8_0(weight), _gguf_q8_0(weight))
 
 
 # --- the synthetic build against the file-writer path ---
@@ -102,7 +104,7 @@ def bf16_weights() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def config_folder(tmp_path_factory):
-    return synthetic.config_dir(synthetic.meta_transformer(FLUX1, TINY_FLUX1))
+    return synthetic.config_dir(FLUX1.meta_transformer(TINY_FLUX1))
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -114,7 +116,7 @@ def test_synthetic_build_equals_the_checkpoint_file_written_from_its_bf16_weight
 
     file = tmp_path / f"transformer{spec.suffix}"
     spec.write(dict(bf16_weights), tiny.quantized_keys(FLUX1, bf16_weights, spec.block_size), file, "flux")
-    from_file = load_transformer(spec, FLUX1.module.TRANSFORMER_CLASS, file, config_folder, torch.device("cpu"))
+    from_file = load_transformer(spec, FLUX1.builder.transformer_class, file, config_folder, torch.device("cpu"))
 
     _assert_same_tensors(built.state_dict(), from_file.state_dict())
     assert {type(m) for m in built.modules()} == {type(m) for m in from_file.modules()}
@@ -176,7 +178,7 @@ FULL_PARAMETERS = {  # counted from the real checkpoints' configs (report: synth
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_full_size_transformer_has_the_real_checkpoints_parameter_count(name):
-    transformer = synthetic.meta_transformer(MODELS[name])
+    transformer = MODELS[name].meta_transformer()
     assert sum(p.numel() for p in transformer.parameters()) == pytest.approx(FULL_PARAMETERS[name], rel=0.01)
 
 
@@ -190,14 +192,14 @@ FULL_VAE = {  # (class, parameters, latent channels)
 @pytest.mark.parametrize("name", sorted(FULL_VAE))
 def test_full_components_are_the_real_vae_and_scheduler_without_text_encoders(name):
     model = MODELS[name]
-    components = model.module.full_components("meta", torch.bfloat16)
+    components = model.builder.full_components("meta", torch.bfloat16)
     vae, (cls, parameters, channels) = components["vae"], FULL_VAE[name]
     assert type(vae).__name__ == cls and vae.config.latent_channels == channels
     assert sum(p.numel() for p in vae.parameters()) == parameters
     assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
     assert all(components[key] is None for key in components if key.startswith(("text_encoder", "tokenizer")))
-    pipe = synthetic.build_pipeline(model, synthetic.meta_transformer(model), "meta")
-    assert type(pipe) is model.module.PIPELINE_CLASS and pipe.vae_scale_factor == 8
+    pipe = synthetic.build_pipeline(model, model.meta_transformer(), "meta")
+    assert type(pipe) is model.builder.pipeline_class and pipe.vae_scale_factor == 8
 
 
 PROMPT_SHAPES = {
@@ -210,7 +212,7 @@ PROMPT_SHAPES = {
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_prompt_inputs_have_the_real_encoders_shapes_at_unit_scale(name):
-    inputs = MODELS[name].module.prompt_inputs(SEED, "cpu", torch.bfloat16)
+    inputs = MODELS[name].builder.prompt_inputs(SEED, "cpu", torch.bfloat16)
     shapes = {key: [tuple(t.shape) for t in v] if isinstance(v, list) else tuple(v.shape) for key, v in inputs.items()}
     assert shapes == PROMPT_SHAPES[name]
     embeds = inputs["prompt_embeds"][0] if name == "z-image-turbo" else inputs["prompt_embeds"]
@@ -230,18 +232,38 @@ def test_pipeline_runs_from_prompt_inputs_without_text_encoders(name):
     """The synthetic call: a synthetic transformer (tiny config), the tiny VAE and scheduler, text encoders and
     tokenizers None, and `prompt_inputs` in place of the prompt."""
     model = MODELS[name]
-    config = model.module.TINY_TRANSFORMER_CONFIG
+    config = model.builder.tiny_transformer_config
     transformer, _ = synthetic.build_transformer(model, PRECISIONS[PIPELINE_PRECISION[name]], "cpu", SEED, config)
     components = {key: None if key.startswith(("text_encoder", "tokenizer")) else value
-                  for key, value in model.module.tiny_components(SEED).items()}
+                  for key, value in model.builder.tiny_components(SEED).items()}
     components["vae"].to(torch.bfloat16)
-    pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
+    pipe = model.builder.pipeline_class(transformer=transformer, **components)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {**model.module.prompt_inputs(SEED, "cpu", torch.bfloat16, config, TINY_TEXT_TOKENS),
+    kwargs = {**model.builder.prompt_inputs(SEED, "cpu", torch.bfloat16, config, TINY_TEXT_TOKENS),
               "height": SIZE_PX, "width": SIZE_PX, "num_inference_steps": 2,
               "guidance_scale": model.tiny.guidance_scale, "generator": torch.Generator().manual_seed(0),
               "output_type": "np"}
     if model.needs_input_image:
-        kwargs |= {"image": model.module.input_image(SIZE_PX, SEED), "max_area": SIZE_PX**2, "_auto_resize": False}
+        kwargs |= {"image": model.builder.input_image(SIZE_PX, SEED), "max_area": SIZE_PX**2, "_auto_resize": False}
     image = pipe(**kwargs).images[0]
     assert image.shape == (SIZE_PX, SIZE_PX, 3) and np.isfinite(image).all() and image.std() > 0.01
+
+
+# --- the builders behind the model specs ---
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_only_an_editing_model_makes_an_input_image(name):
+    model = MODELS[name]
+    image = model.builder.input_image(SIZE_PX, SEED)
+    assert (image is not None) == model.needs_input_image
+    if image is not None:
+        assert image.size == (SIZE_PX, SIZE_PX) and image.mode == "RGB"
+
+
+def test_importing_the_models_and_the_matrix_imports_neither_torch_nor_diffusers():
+    import subprocess
+    import sys
+
+    code = "import sys, fluxgate.matrix; print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]

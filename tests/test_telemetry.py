@@ -260,3 +260,16 @@ def test_a_cuda_runs_environment_records_the_settings_history_compares_on(monkey
     monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "0")
     assert environment.fingerprint(torch.device("cuda"), tmp_path)["cupti_teardown"] is False
     assert "cupti_teardown" not in environment.fingerprint(torch.device("cpu"), tmp_path)
+
+
+def test_samples_are_attributed_to_the_steps_they_fall_in_and_a_capped_step_is_marked_throttled():
+    from fluxgate.measuring.telemetry import step_clocks
+
+    names = {0x1: "GpuIdle", 0x4: "SwPowerCap"}
+    samples = [{"t": 0.05, "sm_clock_mhz": 1980, "reasons": 0x0},
+               {"t": 0.15, "sm_clock_mhz": 1755, "reasons": 0x4},  # power cap inside step 2
+               {"t": 0.18, "sm_clock_mhz": 1900, "reasons": 0x1},  # idle is benign
+               {"t": 0.45, "sm_clock_mhz": None, "reasons": None}]  # NVML gave nothing
+    clocks = step_clocks(samples, [(0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.4, 0.5)], names)
+    assert clocks.sm_clock_mhz == [1980, 1755, None, None]
+    assert clocks.throttled == [False, True, False, False]

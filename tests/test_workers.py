@@ -14,6 +14,7 @@ import pytest
 from fluxgate import workers
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import combos, shard
+from fluxgate.storing.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_a_worker_whose_cuda_runs_on_another_gpu_than_its_pin_is_refused():
 
 def test_workers_that_shared_one_gpu_fail_the_merged_run():
     def record(pin, uuid, worker="1/2"):
-        return {"environment": {"xdist_worker": worker, "cuda_visible_devices": pin, "gpu": {"uuid": uuid}}}
+        return Record("c", environment={"xdist_worker": worker, "cuda_visible_devices": pin, "gpu": {"uuid": uuid}})
 
     apart = [record("0", "GPU-a"), record("1", "GPU-b", "2/2"), record("0", "GPU-a")]
     assert workers.shared_gpus(apart) is None
@@ -54,7 +55,7 @@ def test_workers_that_shared_one_gpu_fail_the_merged_run():
     for shared in ([record("0", "GPU-a"), record("0", "GPU-a", "2/2")],
                    [record("0", "GPU-a"), record("1", "GPU-a", "2/2")]):
         assert workers.shared_gpus(shared).startswith("xdist workers shared a GPU (workers 1/2, 2/2 on GPU-a)")
-    assert workers.shared_gpus([{"environment": {"xdist_worker": "1/2", "cuda_visible_devices": "0"}}]) is None
+    assert workers.shared_gpus([Record("c", environment={"xdist_worker": "1/2", "cuda_visible_devices": "0"})]) is None
 
 
 def test_each_worker_share_is_the_shard_of_the_same_number():

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 from fluxgate.showing import card
-from fluxgate.storing import history
+from fluxgate.storing.local import load_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="holds <gpu-class>/thresholds.toml for the fixed limits [default: baselines]")
     parser.add_argument("--out", type=Path, default=None, help="write the card (markdown) here [default: print]")
     args = parser.parse_args(argv)
-    records = history.read_paths(args.runs)
+    records = load_paths(args.runs)
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     thresholds = tomllib.loads(path.read_text()) if path.is_file() else None
     cards = card.build(records, args.gpu_class, thresholds)
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fluxgate.card: error: no usable records of {args.gpu_class} in {', '.join(map(str, args.runs))}",
               file=sys.stderr)
         return 2
-    runs = len({r["run_id"] for r in records if r.get("gpu_class") == args.gpu_class})
+    runs = len({r.run_id for r in records if r.gpu_class == args.gpu_class})
     text = card.markdown(cards, args.gpu_class, runs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

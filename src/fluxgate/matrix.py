@@ -1,15 +1,40 @@
-"""The test matrix: which model x precision x runtime combos exist and which ones a run selects."""
+"""The test matrix: which model x precision x runtime combos exist and which ones a run selects.
+
+Its three axes: the models (`fluxgate.models.MODELS`), the precisions (`fluxgate.precisions.PRECISIONS`) and the
+runtimes, defined here (`RUNTIMES`; how each one runs a transformer is `fluxgate.measuring.runtimes`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fluxgate.measuring.runtimes import DEFAULT_RUNTIMES, RUNTIMES, RuntimeSpec
 from fluxgate.models import MODELS, ModelSpec
 
 if TYPE_CHECKING:  # the precisions import diffusers and gguf: only code that writes or loads weights needs them
-    from fluxgate.weights.precisions import PrecisionSpec
+    from fluxgate.precisions import PrecisionSpec
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """One value of the runtime axis: eager, or the transformer's repeated blocks under torch.compile."""
+
+    name: str
+    compiles: bool
+
+    @property
+    def marker(self) -> str:
+        return self.name
+
+    @property
+    def suffix(self) -> str:
+        """What the runtime adds to a combo's precision in ids and baseline keys: `fp8-scaled-compile`."""
+        return "" if self.name == "eager" else f"-{self.name}"
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (RuntimeSpec("eager", False),
+                                                                RuntimeSpec("compile", True))}
+DEFAULT_RUNTIMES = ["eager"]
 
 
 @dataclass(frozen=True, order=True)
@@ -49,8 +74,8 @@ class Combo:
         return MODELS[self.model]
 
     @property
-    def precision_spec(self) -> "PrecisionSpec":
-        from fluxgate.weights.precisions import PRECISIONS
+    def precision_spec(self) -> PrecisionSpec:
+        from fluxgate.precisions import PRECISIONS
 
         return PRECISIONS[self.precision]
 
@@ -78,7 +103,7 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
 def combos(models: list[str] | None = None, precisions: list[str] | None = None,
            runtimes: list[str] | None = None) -> list[Combo]:
     """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early."""
-    from fluxgate.weights.precisions import PRECISIONS
+    from fluxgate.precisions import PRECISIONS
 
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions

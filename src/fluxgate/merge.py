@@ -1,4 +1,4 @@
-"""`python -m fluxgate.merge`: combine the history files of shards into one run (see `history.merge`)."""
+"""`python -m fluxgate.merge`: combine the history files of shards into one run (see `LocalFolderStore.merge_files`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 from fluxgate.errors import FluxgateError
-from fluxgate.storing.history import merge
-
-MERGED_DIR = ".merged"  # shard run files already merged into a run of the folder
+from fluxgate.storing.local import LocalFolderStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,18 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", default=None, help="id of the merged run (default: a new time-stamped id)")
     args = parser.parse_args(argv)
     try:
-        path = merge(args.files, args.history_dir, args.run_id)
+        path, moved = LocalFolderStore(args.history_dir).merge_files(args.files, run_id=args.run_id)
     except FluxgateError as error:
         print(f"fluxgate.merge: error: {error}", file=sys.stderr)
         return 2
     print(f"merged {len(args.files)} shard(s) into {path}")
     # A shard file left among the runs would count its measurements twice (and be the merged run's own baseline).
-    aside = args.history_dir / MERGED_DIR
-    for shard in args.files:
-        if shard.resolve().parent == args.history_dir.resolve():
-            aside.mkdir(exist_ok=True)
-            shard.replace(aside / shard.name)
-            print(f"moved {shard} to {aside}/ (merged; readers of the history skip that folder)")
+    for shard, aside in moved:
+        print(f"moved {shard} to {aside.parent}/ (merged; readers of the history skip that folder)")
     return 0
 
 

@@ -12,9 +12,11 @@ import pytest
 from fluxgate.measuring import memory
 from fluxgate.measuring.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
 from fluxgate.models import MODELS
-from fluxgate.weights.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS
+from fluxgate.showing import decision
 
 INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
+DEFAULT_DECISION_FILE = str(decision.DEFAULT_FILE)
 
 
 def _converted(text: str, convert, noun: str):
@@ -113,7 +115,7 @@ def add(parser: pytest.Parser) -> None:
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
-    group.addoption("--decision-file", default="fixtures/decision.toml", metavar="FILE",
+    group.addoption("--decision-file", default=DEFAULT_DECISION_FILE, metavar="FILE",
                     help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
                          "ship' section [default: fixtures/decision.toml]")
     group.addoption("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
@@ -124,7 +126,7 @@ def add(parser: pytest.Parser) -> None:
                          "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
                          "[default: on]")
     group.addoption("--history-window", type=_count(1), default=5, metavar="N",
-                    help="how many earlier comparable runs form the baseline window [default: 5]")
+                    help="how many earlier comparable runs form the window [default: 5]")
     group.addoption("--min-speed-effect", default="auto", metavar="PCT",
                     help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
                          "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 elsewhere, e.g. CPU (tiny-profile "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import decision, publish
+from fluxgate.storing.local import LocalFolderStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning  # restored on exit; a skipped file is news, not a traceback
             settings = decision.load(args.decision_file, args.vram_budget_gib,
                                      missing_ok=args.decision_file == decision.DEFAULT_FILE)
-            publish.write_report(args.history_dir, args.out, args.baselines_dir, args.run_id,
-                         progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
+            if not args.history_dir.is_dir():
+                raise publish.PublishError(f"--history-dir {args.history_dir}: no such directory")
+            publish.write_report(LocalFolderStore(args.history_dir), args.out, args.baselines_dir, args.run_id,
+                                 progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
     except FluxgateError as error:
         print(f"fluxgate.publish: error: {error}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fluxgate.judging import spread
-from fluxgate.storing import history
+from fluxgate.storing.local import load_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="rewrite the thresholds file (default: only print)")
     args = parser.parse_args(argv)
     try:
-        limits = spread.derive(history.read_paths(args.runs), args.gpu_class)
+        limits = spread.derive(load_paths(args.runs), args.gpu_class)
         path = args.baselines_dir / args.gpu_class / "thresholds.toml"
         text = spread.apply(path, limits)
     except (ValueError, OSError) as error:

@@ -23,11 +23,13 @@ pytest-benchmark disables itself under xdist; fluxgate's own timing (CUDA events
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-WORKERS_DIR = ".workers"
+from fluxgate.storing.local import SHARDS_DIR
+from fluxgate.storing.record import Record
+
+WORKERS_DIR = SHARDS_DIR  # where a worker's run file waits to be merged
 GROUP_PREFIX = "fluxgate-share-"
 PIN_ENV = "CUDA_VISIBLE_DEVICES"
 
@@ -129,13 +131,13 @@ def check_pinned(torch_uuid: str, environ: dict | None = None) -> None:
                             "started before the pin was set, so its timings would share another worker's GPU")
 
 
-def shared_gpus(records: list[dict]) -> str | None:
+def shared_gpus(records: list[Record]) -> str | None:
     """Controller, on the workers' records: a one-line problem when two workers ran on one GPU (by UUID; pinned there
     by round robin with more workers than GPUs, or by a driver started before the pin), else None. Their timings
     shared the GPU and measure neither combo. Records without a UUID (CPU) are not judged."""
     workers_on: dict[str, set[str]] = {}
     for record in records:
-        environment = record.get("environment") or {}
+        environment = record.env
         uuid = (environment.get("gpu") or {}).get("uuid")
         if uuid and environment.get("xdist_worker"):
             workers_on.setdefault(uuid, set()).add(str(environment["xdist_worker"]))
@@ -144,13 +146,9 @@ def shared_gpus(records: list[dict]) -> str | None:
         return None
     where = "; ".join(f"workers {', '.join(sorted(names))} on {uuid}" for uuid, names in sorted(shared.items()))
     return (f"xdist workers shared a GPU ({where}): their timings are not valid (use -n no larger than the number of "
-            "GPUs); the run is kept in history, marked shared_gpu, out of every baseline window")
+            "GPUs); the run is kept in history, marked shared_gpu, out of every window")
 
 
 def group_marker(position: int, count: int) -> pytest.MarkDecorator:
     """The xdist_group of the combo at `position` in the selection: its share, as `--shard` would cut it."""
     return pytest.mark.xdist_group(f"{GROUP_PREFIX}{position % count + 1}-of-{count}")
-
-
-def worker_history_dir(history_dir: Path) -> Path:
-    return history_dir / WORKERS_DIR

@@ -1,17 +1,17 @@
 """Regression verdicts against history: is a run's combo slower, heavier or less faithful than its recent past?
 
-A pure library: history records in (as `fluxgate.storing.history.read` returns them), `Verdict`s out; no I/O, no pytest.
-Every result depends only on the set of records given, never on their order.
+A pure library: history `Record`s in (as a `fluxgate.storing.store.HistoryStore` loads them), `Verdict`s out; no
+I/O, no pytest. Every result depends only on the set of records given, never on their order.
 
 Speed (`step_time_s`, from each record's per-step `step_times_s`) is a regression only when all three hold:
 
 1. **Significant, by ranks.** A one-sided Mann-Whitney U test of the candidate's step times against the pooled
-   step times of the baseline window, p < `alpha` (0.01). Ranks, not a t-test: step times are right-skewed (on an
+   step times of the window, p < `alpha` (0.01). Ranks, not a t-test: step times are right-skewed (on an
    H100, per-step CV 1.3-2 % with a tail up to +10 %: a preempted step, a clock dip), and a few slow steps would
    move a mean and inflate a standard deviation; ranks give a spike the weight of one step.
-2. **Large enough to matter.** The Hodges-Lehmann shift (the median of every candidate-minus-baseline step
-   difference) is at least `min_speed_effect` (2 %) of the baseline median.
-3. **Beyond every baseline run.** The candidate's median is slower than the slowest run median in the window by
+2. **Large enough to matter.** The Hodges-Lehmann shift (the median of every candidate-minus-window step
+   difference) is at least `min_speed_effect` (2 %) of the window median.
+3. **Beyond every window run.** The candidate's median is slower than the slowest run median in the window by
    more than `min_run_margin` (1 %) or the window's run-to-run spread, whichever is larger (the range of its run
    medians, scaled to what two runs would show by the control-chart constant d2). The U test treats the
    steps of one run as independent draws, but they are not: they share the process's offset (per-process medians
@@ -32,12 +32,7 @@ is below the window's minimum by as much. MS-SSIM (`ms_ssim`, deterministic for 
 regression when it is below the window's minimum by more than `similarity_tolerance` (0.002), an improvement when
 above its maximum by as much.
 
-The window holds runs of the same combo, GPU class, profile and settings whose outcome is "passed" or "failed"
-(error and skipped runs measured nothing usable), other than the candidate's own run: the last `last_n` recorded
-before it, or every clean run of a named base commit. They must agree with the
-candidate on every comparability field (`COMPARABILITY_FIELDS`). When only disagreeing runs exist, the verdict is
-"not comparable" and names the fields; `ignore_fields` compares across a deliberate upgrade and lists the
-differences as notes.
+Which runs a candidate is judged against (its window) is `fluxgate.judging.window`.
 """
 
 from __future__ import annotations
@@ -50,8 +45,16 @@ import numpy as np
 from scipy import integrate
 from scipy import stats as scipy_stats
 
-from fluxgate.measuring import stats
-from fluxgate.storing.record import MEASURED, REMEASURE  # noqa: F401 - REMEASURE re-exported
+from fluxgate.judging.window import (  # noqa: F401 - FIRST_RUN, COMPARABILITY_FIELDS, unfit_for_window re-exported
+    COMPARABILITY_FIELDS,
+    FIRST_RUN,
+    contention,
+    fingerprint_differences,
+    no_window_reason,
+    select_window,
+    unfit_for_window,
+)
+from fluxgate.storing.record import REMEASURE, Metrics, Record  # noqa: F401 - REMEASURE re-exported
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -62,45 +65,20 @@ NOT_COMPARABLE = "not comparable"
 # Worst first: a verdict's outcome is the worst of its metrics'.
 _SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
 
-FIRST_RUN = "no baseline runs of"  # the start of a not-comparable reason where the combo has no history at all
-USABLE_OUTCOMES = MEASURED  # a failed limit is still a valid measurement; error/skipped are not
-
-# Fingerprint field -> its path in a record's "environment". Two runs that differ in any of these measure a
-# different system, so a difference is not the code's doing.
-COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
-    "torch": ("torch",),
-    "diffusers": ("diffusers",),
-    "cuda": ("cuda",),
-    "device_name": ("device_name",),
-    "driver_version": ("gpu", "driver_version"),
-    "compute_capability": ("compute_capability",),
-    "power_limit_w": ("gpu", "power_limit_w"),
-    "cuda_alloc_conf": ("cuda_alloc_conf",),  # torch's CUDA allocator settings
-    "step_timing": ("step_timing",),  # which steps a record's step_times_s holds (fluxgate.measuring.measure.STEP_TIMING)
-    "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.measuring.kernels), or leave it on
-    "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
-}
-# Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.
-CPU_ONLY_FIELDS = {"cpu_threads"}
-# A field's value where a record has none: CUDA records made before these were recorded ran torch's own allocator
-# settings and left CUPTI attached; CPU records never carry them.
-COMPARABILITY_DEFAULTS = {"cuda_alloc_conf": "default", "cupti_teardown": False}
-
-
 @dataclass(frozen=True)
 class Policy:
     """The decision rule's parameters; fractions are relative (0.02 = 2 %)."""
 
     alpha: float = 0.01  # one-sided Mann-Whitney U level per comparison
-    min_speed_effect: float = 0.02  # Hodges-Lehmann shift of step time / baseline median
-    min_run_margin: float = 0.01  # beyond the slowest (fastest) baseline run median, at least
+    min_speed_effect: float = 0.02  # Hodges-Lehmann shift of step time / window median
+    min_run_margin: float = 0.01  # beyond the slowest (fastest) window run median, at least
     unexplained_improvement: float = 0.10  # a speed or memory gain beyond this asks for a human
     memory_tolerance: float = 0.02  # of the window's max (min)
     memory_tolerance_gib: float = 0.25  # and at least this many GiB
     similarity_tolerance: float = 0.002  # MS-SSIM units below the window's min (above its max)
     # A host-synchronous combo: its step makes the host wait for the GPU at least `host_synchronous_syncs` times (the
     # record's kernel_path.host_syncs_per_step), e.g. in every layer, so the GPU idles while the host launches and
-    # the step time follows the host CPU; where its baseline runs were host-synchronous too, it is judged with the
+    # the step time follows the host CPU; where its window runs were host-synchronous too, it is judged with the
     # larger minimum speed effect. Measured on the device H100 (diffusers 0.42.1): nvfp4 eager copies the FP4 lookup
     # table to the GPU in every linear call, 494 syncs per FLUX.1 step (270 Z-Image, 192 FLUX.2), and FLUX.1-dev
     # nvfp4 took 452 and 510 ms/step in runs of the same code on two fresh machines (+12.9 %); every bf16, fp8 and
@@ -125,15 +103,15 @@ def min_speed_effect_for(device_type: str) -> float:
 class MetricVerdict:
     """One metric of one combo: candidate vs the window's median, in the metric's unit (named in `metric`).
 
-    `relative_delta` = candidate / baseline - 1. `effect_size` is the quantity the rule's size threshold applies to:
-    step time: Hodges-Lehmann shift / baseline median; memory: distance past the window's max (or min) / that bound;
+    `relative_delta` = candidate / window - 1. `effect_size` is the quantity the rule's size threshold applies to:
+    step time: Hodges-Lehmann shift / window median; memory: distance past the window's max (or min) / that bound;
     MS-SSIM: candidate minus the window's min (or max), in MS-SSIM units. `p_value` is set for step time only.
     """
 
     metric: str  # "step_time_s", "peak_mem_gib" or "ms_ssim"
     outcome: str
     candidate: float | None
-    baseline: float | None
+    window: float | None  # the window's value the candidate is compared with (median step time, max memory, ...)
     relative_delta: float | None
     p_value: float | None
     effect_size: float | None
@@ -142,7 +120,7 @@ class MetricVerdict:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One combo of one run against its baseline window."""
+    """One combo of one run against its window."""
 
     combo: str
     run_id: str
@@ -150,8 +128,8 @@ class Verdict:
     metrics: tuple[MetricVerdict, ...] = ()
     reason: str = ""  # why "not comparable"
     notes: tuple[str, ...] = ()  # ignored fingerprint differences, confirmation
-    baseline_run_ids: tuple[str, ...] = ()
-    baseline_step_times_s: tuple[tuple[float, ...], ...] = ()  # per window run, sorted; `confirm` reuses them
+    window_run_ids: tuple[str, ...] = ()
+    window_step_times_s: tuple[tuple[float, ...], ...] = ()  # per window run, sorted; `confirm` reuses them
     policy: Policy = DEFAULT_POLICY
 
     def metric(self, name: str) -> MetricVerdict | None:
@@ -167,96 +145,11 @@ class Verdict:
         return f"{self.combo}: {self.outcome} - " + "; ".join(parts) + notes
 
 
-# ---- window ----
-
-def _environment_field(environment: dict, path: tuple[str, ...]):
-    value = environment or {}
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def fingerprint_differences(baseline_env: dict, candidate_env: dict, ignore_fields: Iterable[str] = ()) -> list[str]:
-    """`"torch 2.11.0 -> 2.12.0"` for each comparability field that differs (baseline -> candidate)."""
-    ignored = set(ignore_fields)
-    unknown = ignored - set(COMPARABILITY_FIELDS)
-    if unknown:
-        raise ValueError(f"ignore_fields: unknown field(s) {sorted(unknown)}; known: {sorted(COMPARABILITY_FIELDS)}")
-    differences = []
-    on_cpu = (candidate_env or {}).get("device_type") == "cpu"
-    for name, path in COMPARABILITY_FIELDS.items():
-        if name in CPU_ONLY_FIELDS and not on_cpu:
-            continue
-        before, after = (_environment_field(env, path) for env in (baseline_env, candidate_env))
-        before, after = (COMPARABILITY_DEFAULTS.get(name) if value is None else value for value in (before, after))
-        if name not in ignored and before != after:
-            differences.append(f"{name} {_show(before)} -> {_show(after)}")
-    return differences
-
-
-def _show(value) -> str:
-    return "absent" if value is None else str(value)
-
-
-def _time_order(record: dict) -> tuple[str, str]:
-    return (str(record.get("recorded") or ""), str(record.get("run_id") or ""))
-
-
-def unfit_for_window(record: dict) -> str | None:
-    """Why a record may not stand in anyone's baseline window, or None: its run had the history gate off (a CI
-    `tests` run, whose speed nobody vouches for), or its steps ran under host contention (`stats.contention_note`).
-    One such run in a window of few would blind the gate to a real slowdown."""
-    environment = record.get("environment") or {}
-    if environment.get("history_gate") == "off":
-        return "run with --history-gate off"
-    if environment.get("shared_gpu"):
-        return "run whose xdist workers shared a GPU"
-    return stats.contention_note(record.get("metrics") or {})
-
-
-def _same_measurement(records: Iterable[dict], candidate: dict) -> list[dict]:
-    """Records of another run measuring what `candidate` measures (combo, GPU class, profile, settings), with a
-    usable outcome."""
-    keys = ("combo", "gpu_class", "profile", "settings")
-    return [r for r in records if all(r.get(k) == candidate.get(k) for k in keys)
-            and r.get("outcome") in USABLE_OUTCOMES and r.get("run_id") != candidate.get("run_id")]
-
-
-def _eligible(records: Iterable[dict], candidate: dict, base_commit: str | None) -> list[dict]:
-    """`_same_measurement` records fit for a window (`unfit_for_window`), earlier or of the base commit; oldest
-    first."""
-    chosen = [r for r in _same_measurement(records, candidate) if unfit_for_window(r) is None]
-    if base_commit is None:
-        # Without a named base, the baseline is the past: history replayed for an old run sees what existed then.
-        chosen = [r for r in chosen if _time_order(r) < _time_order(candidate)]
-    else:
-        # A dirty tree at the base commit is not the base commit.
-        chosen = [r for r in chosen if str((r.get("environment") or {}).get("git_commit") or "").startswith(base_commit)
-                  and not (r.get("environment") or {}).get("git_dirty")]
-    return sorted(chosen, key=_time_order)
-
-
-def select_window(records: Iterable[dict], candidate: dict, last_n: int = 5, base_commit: str | None = None,
-                  ignore_fields: Iterable[str] = ()) -> list[dict]:
-    """The baseline runs for `candidate`, oldest first: the last `last_n` comparable runs recorded before it, or with
-    `base_commit` (a full or abbreviated SHA) every comparable run of that commit whose tree was clean."""
-    if last_n < 1:
-        raise ValueError(f"last_n must be at least 1, got {last_n}")
-    if base_commit is not None and len(base_commit) < 4:
-        raise ValueError(f"base_commit {base_commit!r}: give at least 4 hex digits of the commit")
-    ignore_fields = tuple(ignore_fields)
-    comparable = [r for r in _eligible(records, candidate, base_commit)
-                  if not fingerprint_differences(r.get("environment"), candidate.get("environment"), ignore_fields)]
-    return comparable if base_commit is not None else comparable[-last_n:]
-
-
 # ---- metrics ----
 
-def _metric(metric: str, outcome: str, candidate, baseline, p_value, effect, message: str) -> MetricVerdict:
-    delta = None if candidate is None or not baseline else candidate / baseline - 1
-    return MetricVerdict(metric, outcome, candidate, baseline, delta, p_value, effect, message)
+def _metric(metric: str, outcome: str, candidate, window, p_value, effect, message: str) -> MetricVerdict:
+    delta = None if candidate is None or not window else candidate / window - 1
+    return MetricVerdict(metric, outcome, candidate, window, delta, p_value, effect, message)
 
 
 @lru_cache(maxsize=None)
@@ -280,16 +173,16 @@ def _run_to_run_spread(run_medians: np.ndarray) -> float:
     return relative_range * expected_range(2) / expected_range(k)
 
 
-def speed_verdict(candidate_step_times_s: Sequence[float], baseline_runs_step_times_s: Sequence[Sequence[float]],
+def speed_verdict(candidate_step_times_s: Sequence[float], window_runs_step_times_s: Sequence[Sequence[float]],
                   policy: Policy = DEFAULT_POLICY) -> MetricVerdict:
     """Step times (seconds) of one candidate run against the window's runs (one sequence of seconds per run)."""
     candidate = np.sort(np.asarray(candidate_step_times_s, dtype=np.float64))
-    runs = [np.sort(np.asarray(run, dtype=np.float64)) for run in baseline_runs_step_times_s if len(run)]
+    runs = [np.sort(np.asarray(run, dtype=np.float64)) for run in window_runs_step_times_s if len(run)]
     for times in (candidate, *runs):
         if not np.all(np.isfinite(times) & (times > 0)):
             raise ValueError(f"speed_verdict: step times must be finite and > 0 seconds, got {times.tolist()}")
     if candidate.size == 0 or not runs:
-        missing = "candidate" if candidate.size == 0 else "baseline window"
+        missing = "candidate" if candidate.size == 0 else "window"
         return _metric("step_time_s", NOT_COMPARABLE, None, None, None, None, f"no step times in the {missing}")
     pooled = np.sort(np.concatenate(runs))
     base, cand = float(np.median(pooled)), float(np.median(candidate))
@@ -313,7 +206,7 @@ def speed_verdict(candidate_step_times_s: Sequence[float], baseline_runs_step_ti
                f"{len(runs)} run(s); {1 / cand:.3f} vs {1 / base:.3f} it/s), shift {shift:+.1%}, p={p_value:.2g}")
     if outcome == NO_CHANGE:
         message += (f" (flags at |shift| >= {policy.min_speed_effect:.1%} with p < {policy.alpha:g} and "
-                    f"{margin:.1%} beyond every baseline run)")
+                    f"{margin:.1%} beyond every window run)")
     return _metric("step_time_s", outcome, cand, base, p_value, shift, message)
 
 
@@ -365,52 +258,51 @@ def _overall(metrics: Sequence[MetricVerdict]) -> str:
 
 # ---- run and combo ----
 
-def compare_record(records: Iterable[dict], candidate: dict, *, last_n: int = 5, base_commit: str | None = None,
+def compare_record(records: Iterable[Record], candidate: Record, *, last_n: int = 5, base_commit: str | None = None,
                    ignore_fields: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> Verdict:
-    """The verdict for one combo record of a run against its baseline window in `records`."""
+    """The verdict for one combo record of a run against its window in `records`. Raises ValueError for a
+    bad window (`window.select_window`) or non-positive step times."""
     records, ignore_fields = list(records), tuple(ignore_fields)
-    combo, run_id = str(candidate.get("combo")), str(candidate.get("run_id"))
+    combo, run_id = str(candidate.combo), str(candidate.run_id)
     verdict = Verdict(combo, run_id, NOT_COMPARABLE, policy=policy)
-    if candidate.get("outcome") not in USABLE_OUTCOMES:
-        why = candidate.get("error") or "no measurement"
-        return replace(verdict, reason=f"candidate run {run_id} has outcome {candidate.get('outcome')}: {why}")
+    if not candidate.measured:
+        why = candidate.error or "no measurement"
+        return replace(verdict, reason=f"candidate run {run_id} has outcome {candidate.outcome}: {why}")
     window = select_window(records, candidate, last_n, base_commit, ignore_fields)
     if not window:
-        return replace(verdict, reason=_no_window_reason(records, candidate, base_commit, ignore_fields))
+        return replace(verdict, reason=no_window_reason(records, candidate, base_commit, ignore_fields))
     policy, host_note = _policy_for(candidate, window, policy)
     ignored = [f"ignored {d}" for d in sorted({d for r in window for d in fingerprint_differences(
-        r.get("environment"), candidate.get("environment"))})]
-    metrics_of = [r.get("metrics") or {} for r in window]
-    candidate_metrics = candidate.get("metrics") or {}
-    baseline_steps = tuple(tuple(sorted(m.get("step_times_s") or ())) for m in metrics_of)
+        r.environment, candidate.environment)})]
+    window_steps = tuple(tuple(sorted(r.metrics.step_times_s or ())) for r in window)
+    m = candidate.metrics
     metrics = (
-        speed_verdict(candidate_metrics.get("step_times_s") or (), baseline_steps, policy),
-        memory_verdict(candidate_metrics.get("peak_mem_gib"), [m.get("peak_mem_gib") for m in metrics_of], policy),
-        similarity_verdict(candidate_metrics.get("ms_ssim"), [m.get("ms_ssim") for m in metrics_of], policy),
+        speed_verdict(m.step_times_s or (), window_steps, policy),
+        memory_verdict(m.peak_mem_gib, [r.metrics.peak_mem_gib for r in window], policy),
+        similarity_verdict(m.ms_ssim, [r.metrics.ms_ssim for r in window], policy),
     )
     # A contended candidate is still judged (a change that oversubscribes the cores must not switch off its own
     # judgement); the verdict says so, and a suspected regression is re-measured before it fails the run.
-    contention = stats.contention_note(candidate_metrics)
-    host_note = host_note + ([f"{contention}: the speed verdict may be the host's, not the code's"] if contention else [])
+    contended = contention(candidate)
+    host_note = host_note + ([f"{contended}: the speed verdict may be the host's, not the code's"] if contended else [])
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
-                   policy=policy, baseline_run_ids=tuple(str(r.get("run_id")) for r in window),
-                   baseline_step_times_s=baseline_steps)
+                   policy=policy, window_run_ids=tuple(str(r.run_id) for r in window),
+                   window_step_times_s=window_steps)
 
 
-def host_syncs_per_step(record: dict) -> int | None:
+def host_syncs_per_step(record: Record) -> int | None:
     """The record's host syncs inside one step (from its kernel-path profile), or None when not measured."""
-    path = (record.get("metrics") or {}).get("kernel_path")
-    syncs = path.get("host_syncs_per_step") if isinstance(path, dict) else None
-    return syncs if isinstance(syncs, int) and not isinstance(syncs, bool) else None
+    return record.metrics.host_syncs_per_step
 
 
-def is_host_synchronous(record: dict, policy: Policy = DEFAULT_POLICY) -> bool:
+def is_host_synchronous(record: Record, policy: Policy = DEFAULT_POLICY) -> bool:
+    """The record's step waits for the GPU at least `policy.host_synchronous_syncs` times."""
     syncs = host_syncs_per_step(record)
     return syncs is not None and syncs >= policy.host_synchronous_syncs
 
 
-def _policy_for(candidate: dict, window: list[dict], policy: Policy) -> tuple[Policy, list[str]]:
-    """`policy`, with the host-synchronous minimum speed effect where the candidate's step and every baseline run's
+def _policy_for(candidate: Record, window: list[Record], policy: Policy) -> tuple[Policy, list[str]]:
+    """`policy`, with the host-synchronous minimum speed effect where the candidate's step and every window run's
     waited for the GPU. A combo that became host-synchronous keeps `policy` (the new syncs may be the regression),
     with a note."""
     if not is_host_synchronous(candidate, policy):
@@ -418,37 +310,21 @@ def _policy_for(candidate: dict, window: list[dict], policy: Policy) -> tuple[Po
     syncs = host_syncs_per_step(candidate)
     if not all(is_host_synchronous(record, policy) for record in window):
         before = sorted({str(host_syncs_per_step(record)) for record in window})
-        return policy, [f"host syncs per step rose to {syncs} (baseline runs: {', '.join(before)}); judged with "
+        return policy, [f"host syncs per step rose to {syncs} (window runs: {', '.join(before)}); judged with "
                         f"the {policy.min_speed_effect:.0%} minimum effect"]
     if policy.min_speed_effect >= policy.host_sync_min_speed_effect:
         return policy, []
-    note = (f"host-synchronous ({syncs} host syncs per step, as in its baseline runs): its speed follows the host "
+    note = (f"host-synchronous ({syncs} host syncs per step, as in its window runs): its speed follows the host "
             f"CPU, so a speed change must reach {policy.host_sync_min_speed_effect:.0%}")
     return replace(policy, min_speed_effect=policy.host_sync_min_speed_effect), [note]
 
 
-def _no_window_reason(records: list[dict], candidate: dict, base_commit: str | None, ignore_fields) -> str:
-    eligible = _eligible(records, candidate, base_commit)
-    where = f"{candidate.get('gpu_class')} (profile {candidate.get('profile')}, same settings)"
-    if base_commit is not None:
-        where += f" at commit {base_commit}"
-    if not eligible:
-        kept_out = [why for r in _same_measurement(records, candidate) if (why := unfit_for_window(r))]
-        if kept_out:
-            return (f"no usable baseline runs of {candidate.get('combo')} on {where}: {len(kept_out)} kept out of "
-                    f"windows, e.g. {kept_out[-1]}")
-        return f"{FIRST_RUN} {candidate.get('combo')} on {where}"
-    latest = eligible[-1]
-    differences = fingerprint_differences(latest.get("environment"), candidate.get("environment"), ignore_fields)
-    return f"{', '.join(differences)} (vs run {latest.get('run_id')}; pass ignore_fields to compare anyway)"
-
-
-def compare_run(records: Iterable[dict], run_id: str, *, last_n: int = 5, base_commit: str | None = None,
+def compare_run(records: Iterable[Record], run_id: str, *, last_n: int = 5, base_commit: str | None = None,
                 ignore_fields: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> list[Verdict]:
-    """A verdict for every combo of run `run_id`, sorted by combo."""
+    """A verdict for every combo of run `run_id`, sorted by combo. Raises ValueError when the run has no records."""
     records = list(records)
-    candidates = sorted((r for r in records if r.get("run_id") == run_id and r.get("outcome") != REMEASURE),
-                        key=lambda r: str(r.get("combo")))
+    candidates = sorted((r for r in records if r.run_id == run_id and r.outcome != REMEASURE),
+                        key=lambda r: str(r.combo))
     if not candidates:
         raise ValueError(f"run {run_id}: no records in the history given")
     return [compare_record(records, c, last_n=last_n, base_commit=base_commit, ignore_fields=ignore_fields,
@@ -469,8 +345,8 @@ def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
     speed = first.metric("step_time_s")
     if first.outcome == NOT_COMPARABLE or speed is None or speed.outcome == NOT_COMPARABLE:
         return first
-    baseline = first.baseline_step_times_s if base_step_times_s is None else base_step_times_s
-    again = speed_verdict(remeasured_step_times_s, baseline, first.policy)
+    window = first.window_step_times_s if base_step_times_s is None else base_step_times_s
+    again = speed_verdict(remeasured_step_times_s, window, first.policy)
     agreed = speed.outcome != NO_CHANGE and _direction(again.outcome) == _direction(speed.outcome)
     outcome = speed.outcome if agreed else NO_CHANGE
     p_values = [p for p in (speed.p_value, again.p_value) if p is not None]

@@ -10,7 +10,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from PIL import Image
 
@@ -18,11 +18,11 @@ from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.judging import baselines, similarity, spread, tripwire
 from fluxgate.matrix import Combo
 from fluxgate.measuring import flops, stats
-from fluxgate.measuring.measure import RunResult
+from fluxgate.measuring.measure import Measurement
 from fluxgate.measuring.memory import OutOfMemory
 from fluxgate.measuring.runner import Runner
-from fluxgate.storing.history import RunHistory
-from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED
+from fluxgate.storing.record import ERROR, FAILED, PASSED, REMEASURE, RESULT_NULLS, SKIPPED, Metrics, Record
+from fluxgate.storing.store import RunWriter
 
 
 @dataclass
@@ -46,14 +46,14 @@ class Outcome:
         return ERROR if self.error else (FAILED if self.failures else PASSED)
 
 
-def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:
+def limit_failures(result: Measurement, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:
     """One line per missed limit: value, limit and where the limit comes from."""
     t = baseline.thresholds
     where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
     failures = []
     it_s = spread.run_it_s(result.step_times_s, t.speed_statistic)
     if it_s < t.min_it_s:
-        contention = stats.contention_note({"step_times_s": result.step_times_s, "run_wait_s": result.run_wait_s})
+        contention = stats.contention_note(result.step_times_s, result.run_wait_s)
         which = "" if t.speed_statistic == "median" else f" ({t.speed_statistic} step)"
         failures.append(f"speed: {it_s:.3f} it/s{which} < min {t.min_it_s:.3f} it/s ({where})"
                         + (f"; {contention}, not necessarily the code" if contention else ""))
@@ -71,14 +71,14 @@ def limit_failures(result: RunResult, sim: similarity.Similarity, baseline: base
 class Gate:
     """Evaluates combos for one run and keeps what `nox -s baselines` needs."""
 
-    def __init__(self, runner: Runner, baselines_root: Path, gpu_class: str, history: RunHistory, write: bool):
+    def __init__(self, runner: Runner, baselines_root: Path, gpu_class: str, history: RunWriter, write: bool):
         self.runner, self.baselines_root, self.gpu_class, self.history = runner, baselines_root, gpu_class, history
         self.write = write
         self.references: dict[str, Image.Image] = {}  # bf16 images made in this run (write mode)
         self.measured: dict[Combo, baselines.Measured] = {}
         self.history_warnings: list[str] = []  # problems met reading the history (a corrupt file skipped), one line each
 
-    def _reference(self, combo: Combo, result: RunResult) -> tuple[Image.Image, baselines.Baseline | None]:
+    def _reference(self, combo: Combo, result: Measurement) -> tuple[Image.Image, baselines.Baseline | None]:
         settings = self.runner.settings(combo.model_spec)
         if not self.write:
             baseline = baselines.load(self.baselines_root, self.gpu_class, combo, settings,
@@ -95,11 +95,12 @@ class Gate:
             raise FluxgateError(f"--write-baselines: select {combo.model}[bf16] (eager) to make the reference image, "
                                 f"or keep a fresh stored one ({error})") from None
 
-    def _metrics(self, result: RunResult) -> dict:
+    def _metrics(self, result: Measurement) -> dict:
         """Everything measured about one combo, as history stores it."""
         metrics = {"it_s": result.it_s, "it_s_mean": result.it_s_mean, "step_times_s": result.step_times_s,
                    "step_stats": result.stats.to_json(), "spikes": result.spikes.to_json(),
-                   "off_cpu_s": result.off_cpu_s, "run_wait_s": result.run_wait_s, "host_step_times_s": result.host_step_times_s,
+                   "off_cpu_s": result.off_cpu_s, "run_wait_s": result.run_wait_s,
+                   "host_step_times_s": result.host_step_times_s,
                    "gpu_idle_at_end": result.gpu_idle_at_end, "idle_probe_s": result.idle_probe_s,
                    "first_steps_s": result.first_steps_s,
                    "e2e_s": result.e2e_s, "peak_mem_gib": result.peak_mem_gib,
@@ -109,6 +110,8 @@ class Gate:
                    "kernel_path": result.kernel_path,
                    "step_flops": result.step_flops, "images": result.images, "compile_s": result.compile_s,
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
+        if result.throttled_steps is not None:  # CUDA with NVML samples: per-step clocks, throttled steps marked
+            metrics.update(step_sm_clock_mhz=result.step_sm_clock_mhz, throttled_steps=result.throttled_steps)
         roof = self.history.environment.get("roof") or {}
         if result.step_flops and roof.get("bf16_tflops"):
             metrics["mfu_bf16"] = flops.mfu(result.step_flops, result.it_s, roof["bf16_tflops"])
@@ -116,15 +119,22 @@ class Gate:
                 metrics["mfu_fp8"] = flops.mfu(result.step_flops, result.it_s, roof["fp8_tflops"])
         return metrics
 
+    def _identity(self, combo: Combo) -> dict:
+        """The record fields naming what was measured where."""
+        return {"combo": combo.id, "model": combo.model, "precision": combo.precision, "runtime": combo.runtime,
+                "profile": self.runner.profile, "gpu_class": self.gpu_class}
+
     def evaluate(self, combo: Combo) -> Outcome:
+        """Measure and judge one combo, and append its record to the run's history (also when it fails, errors,
+        is skipped or is interrupted). Raises what is not a FluxgateError (a bug, KeyboardInterrupt) after
+        recording it."""
         outcome = Outcome(combo)
-        record = {"combo": combo.id, "model": combo.model, "precision": combo.precision, "runtime": combo.runtime,
-                  "profile": self.runner.profile, "gpu_class": self.gpu_class,
-                  "settings": self.runner.settings(combo.model_spec)}
+        settings = self.runner.settings(combo.model_spec)
+        found: dict = {}  # weights, image, thresholds: what the combo got as far as
         try:
-            result, record["weights"] = self.runner.run(combo)
+            result, found["weights"] = self.runner.measure(combo)
             outcome.metrics = self._metrics(result)
-            record["image"] = self.history.save_image(combo.id, result.image)
+            found["image"] = self.history.save_image(combo.id, result.image)
             reference, baseline = self._reference(combo, result)
             sim = similarity.compare(result.image, reference)
             outcome.metrics.update(sim.to_json())
@@ -135,7 +145,7 @@ class Gate:
                     del self.references[combo.model]
                 raise FluxgateError(f"broken image, not stored as a baseline: {'; '.join(broken)}")
             if baseline is not None:
-                record["thresholds"] = asdict(baseline.thresholds)
+                found["thresholds"] = asdict(baseline.thresholds)
                 outcome.failures = [f"broken image: {problem}" for problem in broken] + limit_failures(
                     result, sim, baseline, f'["{combo.model}"."{combo.variant}"]')
             else:
@@ -151,9 +161,10 @@ class Gate:
             outcome.error = f"{type(error).__name__}: {error}"
             raise
         finally:
-            record.update(metrics=outcome.metrics, failures=outcome.failures, error=outcome.error or outcome.skipped,
-                          outcome=outcome.verdict, teardown=self.runner.last_teardown)
-            self.history.append(record)
+            self.history.append(Record(
+                **self._identity(combo), settings=settings, **found, metrics=Metrics.from_json(outcome.metrics),
+                failures=outcome.failures, error=outcome.error or outcome.skipped, outcome=outcome.verdict,
+                teardown=self.runner.last_teardown, nulls=RESULT_NULLS))
         return outcome
 
     def _out_of_memory(self, combo: Combo, error: OutOfMemory) -> str:
@@ -171,7 +182,8 @@ class Gate:
         models = {combo.model: combo.model_spec for combo in self.measured if combo.model in self.references}
         run = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "pytest " + " ".join(sys.argv[1:]), "environment": self.history.environment,
-               "history_file": self.history.path.name, "combos": sorted(combo.id for combo in self.measured)}
+               "history_file": PurePath(self.history.location).name,
+               "combos": sorted(combo.id for combo in self.measured)}
         provenance = {"runs": {self.history.run_id: run},
                       "models": {name: {**self.runner.settings(spec), "run_id": self.history.run_id}
                                  for name, spec in models.items()}}
@@ -182,49 +194,46 @@ class Gate:
                  min_speed_effect: float | None = None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
-        recorded in history with outcome `compare.REMEASURE` (never part of a later baseline window).
+        recorded in history with outcome REMEASURE (never part of a later window).
         `min_speed_effect`: the rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA,
-        50 % elsewhere)."""
+        50 % elsewhere). Problems met reading the history (a skipped file) are kept in `history_warnings`."""
         from fluxgate.judging import compare
-        from fluxgate.storing import history
 
-        def records():
-            with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
-                warnings.simplefilter("always")
-                earlier = [r for r in history.read(self.history.directory) if r["run_id"] != self.history.run_id]
-            self.history_warnings = [str(warning.message) for warning in caught]
-            # This run's own records, also when its file is not in the history folder (an xdist worker's).
-            return earlier + [{"environment": self.history.environment, **r} for r in self.history.records]
-
+        with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
+            warnings.simplefilter("always")
+            earlier = [r for r in self.history.store.load() if r.run_id != self.history.run_id]
+        self.history_warnings = [str(warning.message) for warning in caught]
+        # This run's own records, also when its file is not among the store's runs (an xdist worker's).
+        records = earlier + [r.with_environment(self.history.environment) for r in self.history.records]
         if min_speed_effect is None:
             min_speed_effect = compare.min_speed_effect_for(self.runner.device.type)
         policy = compare.Policy(min_speed_effect=min_speed_effect)
-        verdicts = compare.compare_run(records(), self.history.run_id, last_n=last_n, base_commit=base_commit,
+        verdicts = compare.compare_run(records, self.history.run_id, last_n=last_n, base_commit=base_commit,
                                        policy=policy)
         judged = []
         for verdict in verdicts:
             speed = verdict.metric("step_time_s")
             if confirm and speed is not None and speed.outcome == compare.REGRESSION:
                 combo = Combo.parse(verdict.combo)
-                result, _ = self.runner.run(combo)
+                result, _ = self.runner.measure(combo)
                 verdict = compare.confirm(verdict, result.step_times_s)
-                self.history.append({"combo": combo.id, "model": combo.model, "precision": combo.precision,
-                                     "runtime": combo.runtime, "profile": self.runner.profile, "gpu_class": self.gpu_class,
-                                     "outcome": compare.REMEASURE, "verdict": verdict.outcome,
-                                     "metrics": {"it_s": result.it_s, "step_times_s": result.step_times_s}})
+                self.history.append(Record(**self._identity(combo), outcome=REMEASURE, verdict=verdict.outcome,
+                                           metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s)))
             judged.append(verdict)
         return judged
 
 
 def verdicts_for_report(verdicts: list) -> dict[str, dict]:
     """compare.Verdict list -> the mapping `publish.write_report(verdicts=...)` reads."""
+    from fluxgate.judging.compare import NO_CHANGE
+
     table = {}
     for verdict in verdicts:
         speed, memory = verdict.metric("step_time_s"), verdict.metric("peak_mem_gib")
         table[verdict.combo] = {
             "verdict": verdict.outcome,
-            "message": "" if verdict.outcome == "no change" else verdict.message.removeprefix(f"{verdict.combo}: "),
-            "baseline_it_s": 1 / speed.baseline if speed and speed.baseline else None,
-            "baseline_peak_mem_gib": memory.baseline if memory else None,
+            "message": "" if verdict.outcome == NO_CHANGE else verdict.message.removeprefix(f"{verdict.combo}: "),
+            "window_it_s": 1 / speed.window if speed and speed.window else None,
+            "window_peak_mem_gib": memory.window if memory else None,
         }
     return table

@@ -28,11 +28,13 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
+from fluxgate.judging.window import contention
 from fluxgate.measuring import stats
-from fluxgate.storing.record import MEASURED
+from fluxgate.storing.record import Record
 
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)
 Z = 3.09  # one-sided normal quantile of 0.1 %
@@ -87,27 +89,30 @@ def _d2(n: int) -> float:
     return expected_range(n)
 
 
-def derive(records: list[dict], gpu_class: str) -> dict[str, SpeedLimit]:
+def usable(records: Iterable[Record], gpu_class: str) -> list[Record]:
+    """The records of `gpu_class` a speed limit (or the detection card) rests on: measured (passed or failed), with
+    step times, not under host contention."""
+    return [r for r in records if r.gpu_class == gpu_class and r.measured and r.metrics.step_times_s
+            and contention(r) is None]
+
+
+def derive(records: list[Record], gpu_class: str) -> dict[str, SpeedLimit]:
     """The speed limit of every combo with enough usable records of `gpu_class` (see the module docs), by combo id.
 
-    Raises ValueError naming the combos that lack MIN_RUNS runs or MIN_GPUS distinct GPUs."""
+    Raises ValueError naming the combos that lack MIN_RUNS runs or MIN_GPUS distinct GPUs, whose runs mix profiles or
+    settings, or whose runs lie too far apart."""
     from fluxgate.judging.compare import DEFAULT_POLICY, is_host_synchronous
 
     values: dict[str, list[tuple[float, str, str]]] = {}
     settings_of: dict[str, set[str]] = {}  # each combo's (profile, image settings): one measurement, not several
     host_synchronous: set[str] = set()
-    for record in records:
-        metrics = record.get("metrics") or {}
-        if (record.get("gpu_class") != gpu_class or record.get("outcome") not in MEASURED
-                or not metrics.get("step_times_s") or stats.contention_note(metrics)):
-            continue
+    for record in usable(records, gpu_class):
         if is_host_synchronous(record):
-            host_synchronous.add(record["combo"])
-        uuid = str(((record.get("environment") or {}).get("gpu") or {}).get("uuid") or "")
-        measurement = json.dumps([record.get("profile"), record.get("settings")], sort_keys=True, default=str)
-        settings_of.setdefault(record["combo"], set()).add(measurement)
-        values.setdefault(record["combo"], []).append(
-            (run_it_s(metrics["step_times_s"]), str(record["run_id"]), uuid))
+            host_synchronous.add(record.combo)
+        uuid = str((record.env.get("gpu") or {}).get("uuid") or "")
+        measurement = json.dumps([record.profile, record.settings], sort_keys=True, default=str)
+        settings_of.setdefault(record.combo, set()).add(measurement)
+        values.setdefault(record.combo, []).append((run_it_s(record.metrics.step_times_s), str(record.run_id), uuid))
     short = [f"{combo} ({len(v)} runs, {len({u for _, _, u in v if u})} GPUs)" for combo, v in sorted(values.items())
              if len(v) < MIN_RUNS or len({u for _, _, u in v if u}) < MIN_GPUS]
     if short or not values:

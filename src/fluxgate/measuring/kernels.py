@@ -3,7 +3,9 @@
 diffusers' quantized linears pick their path at run time: `BFLFP8RLinear` runs `torch._scaled_mm` on CUDA compute
 capability 8.9+ (and dequantizes elsewhere), `BFLNVFP4Linear` runs FlashInfer's FP4 GEMM only on compute capability 10+
 with FlashInfer installed, and `GGUFLinear` always dequantizes (with or without its CUDA dequantize kernels). A
-dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains.
+dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains. Which layer
+class is quantized, and which op or kernel names are a precision's own GEMM, each precision's spec says
+(`PrecisionSpec.quantized_layer`, `PrecisionSpec.fast_gemm`); this module profiles and counts.
 
 The profile runs after a combo's timed images, so it never touches their times; but torch's profiler (Kineto) keeps
 NVIDIA's CUPTI attached to the process after it stops unless `TEARDOWN_CUPTI=1` (pytorch/pytorch#144455), and
@@ -24,10 +26,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
+from fluxgate.precisions import PRECISIONS
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
-# `_scaled_mm`), FlashInfer FP4; for the record next to the op counts.
+# `_scaled_mm`), FlashInfer FP4; for the record next to the op counts (with every precision's `fast_gemm` ops).
 GEMM_KERNEL_MARKS = ("gemm", "nvjet", "xmma", "cutlass", "e4m3", "f8f8", "fp4", "e2m1")
 # CUDA runtime calls that make the host wait for the GPU. One inside a step drains the GPU's queue, and the GPU then
 # idles while the host launches what follows: such a step's time follows the host CPU's speed.
@@ -37,19 +40,7 @@ STEP_RANGE = "fluxgate::step"
 # Kineto's switch, read at each profile: "1" = call cuptiFinalize when a profile stops; unset, CUPTI stays attached.
 CUPTI_TEARDOWN_ENV = "TEARDOWN_CUPTI"
 BF16_GEMM = "bf16 GEMM"
-FP8_GEMM = "fp8 GEMM (_scaled_mm)"
-FP4_GEMM = "fp4 GEMM"
 DEQUANT_FALLBACK = "dequantize -> bf16 GEMM (fallback)"
-
-
-def quantized_linear_classes() -> tuple[type, ...]:
-    """diffusers' quantized linear layers: BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear."""
-    from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLNVFP4Linear
-    from diffusers.quantizers.gguf.utils import GGUFLinear
-
-    import fluxgate.weights.precisions  # noqa: F401  (sets DIFFUSERS_GGUF_CUDA_KERNELS before diffusers' GGUF utils load)
-
-    return BFLFP8RLinear, BFLNVFP4Linear, GGUFLinear
 
 
 @dataclass
@@ -57,7 +48,7 @@ class KernelPath:
     """The GEMM path of one combo's transformer over one denoising step."""
 
     precision: str
-    label: str  # BF16_GEMM, FP8_GEMM, FP4_GEMM or DEQUANT_FALLBACK, with a note when only part fell back
+    label: str  # BF16_GEMM, a precision's `fast_gemm.label` or DEQUANT_FALLBACK, with a note when only part fell back
     fallback: bool  # quantized weights ran (some or all of) their GEMMs as dequantize -> bf16 GEMM
     op_counts: dict[str, int]  # GEMM-family aten ops (and FP4 ops) -> calls in the step
     quantized_linears: int  # quantized linear modules in the transformer
@@ -90,11 +81,6 @@ def host_syncs(events) -> int:
     steps = [event.time_range for event in events if event.name == STEP_RANGE]
     return sum(1 for event in events if event.name in HOST_SYNC_CALLS
                and any(step.start <= event.time_range.start and event.time_range.end <= step.end for step in steps))
-
-
-def _is_fp4_gemm(name: str) -> bool:
-    lower = name.lower()
-    return ("fp4" in lower or "e2m1" in lower) and ("mm" in lower or "gemm" in lower)
 
 
 def configure_profiler_teardown() -> bool:
@@ -142,18 +128,20 @@ def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[s
     return dict(cpu_ops), dict(kernels), "profiler", host_syncs(prof.events()) if device.type == "cuda" else None
 
 
-def _classify(precision: str, quantized_linears: int, quantized_calls: int, fast_calls: int,
-              scaled_mm_calls: int) -> tuple[str, bool]:
-    """(label, fallback) from the layer count, their calls in the step, and the fast (fp8 / fp4) GEMMs among them."""
+def _classify(precision: str, quantized_linears: int, quantized_calls: int,
+              fast_calls: dict[str, int]) -> tuple[str, bool]:
+    """(label, fallback) from the layer count, their calls in the step, and the calls of each precision's fast GEMM
+    ({label: calls}, in `PRECISIONS` order) among them."""
     if quantized_linears == 0:
-        if precision == "bf16":
+        if PRECISIONS[precision].quantized_layer is None:
             return BF16_GEMM, False
         return f"{BF16_GEMM} (no quantized layers: weights dequantized at load)", True
-    if fast_calls == 0:
+    ran = {label: calls for label, calls in fast_calls.items() if calls}
+    if not ran:
         return DEQUANT_FALLBACK, True
-    label = FP8_GEMM if scaled_mm_calls else FP4_GEMM
-    if fast_calls < quantized_calls:
-        return f"{label}; dequantize fallback in {quantized_calls - fast_calls} of {quantized_calls} calls", True
+    label, fast_calls_total = next(iter(ran)), sum(ran.values())
+    if fast_calls_total < quantized_calls:
+        return f"{label}; dequantize fallback in {quantized_calls - fast_calls_total} of {quantized_calls} calls", True
     return label, False
 
 
@@ -164,8 +152,10 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
     transformer = pipe.transformer
     device = next(transformer.parameters(), torch.empty(0)).device
-    classes = quantized_linear_classes()
-    quantized = [module for module in transformer.modules() if isinstance(module, classes)]
+    specs = PRECISIONS.values()
+    layers = tuple(spec.quantized_layer for spec in specs if spec.quantized_layer is not None)
+    fast_gemms = [spec.fast_gemm for spec in specs if spec.fast_gemm is not None]
+    quantized = [module for module in transformer.modules() if isinstance(module, layers)]
     quantized_calls = 0
 
     def count_call(module, args):
@@ -179,15 +169,15 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
         for handle in handles:
             handle.remove()
 
-    op_counts = {name: count for name, count in cpu_ops.items() if name in GEMM_OPS or _is_fp4_gemm(name)}
+    op_counts = {name: count for name, count in cpu_ops.items()
+                 if name in GEMM_OPS or any(gemm.matches(name) for gemm in fast_gemms)}
     gemm_kernels = {name: count for name, count in kernels.items()
                     if any(mark in name.lower() for mark in GEMM_KERNEL_MARKS)}
-    scaled_mm_calls = op_counts.get("aten::_scaled_mm", 0)
-    # FlashInfer's FP4 GEMM shows as a CPU-side op where it is a torch op, else only as its kernels.
-    fp4_calls = sum(c for n, c in op_counts.items() if _is_fp4_gemm(n)) or \
-        sum(c for n, c in gemm_kernels.items() if _is_fp4_gemm(n))
-    label, fallback = _classify(precision_name, len(quantized), quantized_calls, scaled_mm_calls + fp4_calls,
-                                scaled_mm_calls)
+    # A fast GEMM shows as a CPU-side op where it is a torch op (torch._scaled_mm), else only as its kernels
+    # (FlashInfer's FP4 GEMM where it is no torch op).
+    fast_calls = {gemm.label: sum(c for n, c in op_counts.items() if gemm.matches(n))
+                  or sum(c for n, c in gemm_kernels.items() if gemm.matches(n)) for gemm in fast_gemms}
+    label, fallback = _classify(precision_name, len(quantized), quantized_calls, fast_calls)
     return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),

@@ -37,7 +37,7 @@ IDLE_PROBE_MIN_S, IDLE_PROBE_MAX_S = 20e-6, 500e-6  # bounds of the per-run idle
 
 
 @dataclass
-class RunResult:
+class Measurement:
     """The measurements of one timed image."""
 
     step_times_s: list[float]
@@ -58,6 +58,10 @@ class RunResult:
     gpu_idle_at_end: list[bool] | None = None  # CUDA: per step, the GPU had nothing queued at its end
     idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled (measured per run)
     first_steps_s: list[float] | None = None  # each timed image's first step, kept out of the lists above
+    # CUDA with NVML: per step, the lowest SM clock sampled while it ran (MHz, None: no sample inside it) and whether
+    # a sample inside it carried a clock-limiting reason (power or thermal cap, ...): throttled steps are marked.
+    step_sm_clock_mhz: list[float | None] | None = None
+    throttled_steps: list[bool] | None = None
     nonfinite_latents: int = 0  # NaN/Inf values in the last timed image's final latents (fluxgate.judging.tripwire)
 
     @property
@@ -269,7 +273,8 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     timed step of a launch-bound eager pipeline."""
     step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
     host: dict[str, list | None] = {"off_cpu_s": [], "run_wait_s": [], "host_step_times_s": [],
-                                    "gpu_idle_at_end": [], "first_steps_s": [], "nonfinite_latents": 0}
+                                    "gpu_idle_at_end": [], "first_steps_s": [], "nonfinite_latents": 0,
+                                    "step_windows": []}
     gc.collect()
     gc.disable()
     try:
@@ -287,6 +292,7 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
                 host["run_wait_s"] + _split_first(waits)[1]
             host["host_step_times_s"] += _split_first(clock.host_step_times_s() or [])[1]
             host["gpu_idle_at_end"] += _split_first(clock.gpu_idle_at_end)[1]
+            host["step_windows"] += _split_first(list(zip(clock.host_marks, clock.host_marks[1:])))[1]
             if clock.last_latents is not None:  # read after the image, outside every timed step
                 host["nonfinite_latents"] = int((~torch.isfinite(clock.last_latents)).sum())
     finally:
@@ -296,9 +302,9 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     return step_times, sorted(e2e)[len(e2e) // 2], image, peaks, host
 
 
-def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
+def measure_images(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
         timed_images: int = 1, baseline_used_bytes: int | None = None, telemetry_interval_s: float = 0.1
-        ) -> RunResult:
+        ) -> Measurement:
     """One untimed warm-up image of `warmup_steps` steps, then `timed_images` timed images with `call_kwargs`."""
     if warmup_steps > 0:
         pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
@@ -311,12 +317,16 @@ def run(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: 
                                   baseline_used_bytes=baseline_used_bytes) as gpu:
             step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, timed_images,
                                                                   probe_s)
+        clocks = gpu.step_clocks(host.pop("step_windows"))
+        if clocks is not None:
+            host.update(step_sm_clock_mhz=clocks.sm_clock_mhz, throttled_steps=clocks.throttled)
         # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
-        return RunResult(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
+        return Measurement(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
                          denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, idle_probe_s=probe_s, **host)
     with _RssSampler() as rss:
         step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
-    return RunResult(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images,
+    host.pop("step_windows")
+    return Measurement(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images,
                      **host)

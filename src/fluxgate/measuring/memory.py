@@ -102,13 +102,6 @@ def teardown(before: Snapshot | None, after: Snapshot | None) -> dict | None:
     return entry
 
 
-def describe(entry: dict) -> str:
-    """`1.534 GiB in use after teardown vs 1.411 GiB before (NVML)` from a `teardown` entry."""
-    kind, source = ("used", "NVML") if "used_after_gib" in entry else ("reserved", "torch reserved")
-    return (f"{entry[f'{kind}_after_gib']:.3f} GiB in use after teardown vs {entry[f'{kind}_before_gib']:.3f} GiB "
-            f"before ({source})")
-
-
 _TRIED = re.compile(r"Tried to allocate ([\d.]+) (KiB|MiB|GiB)")
 _UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": GIB}
 

@@ -1,4 +1,5 @@
-"""Builds each combo's pipeline from its profile's source (see `sources`) and measures its images."""
+"""Builds each combo's pipeline from its profile's source (a `fluxgate.weights.sources.Source`) and measures its
+images."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
 from fluxgate.models import ModelSpec
+from fluxgate.weights.sources import Source
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Inputs:
 
     @classmethod
     def from_file(cls, path: Path) -> "Inputs":
+        """The inputs in a prompts file; FixtureError naming it when it is unreadable or lacks `seed` or [prompts]."""
         try:
             data = tomllib.loads(path.read_text())
             return cls(seed=int(data["seed"]), prompts=dict(data["prompts"]))
@@ -37,7 +40,7 @@ class Inputs:
 class Runner:
     """Makes and measures images for one profile on one device; keeps one model's shared components at a time."""
 
-    def __init__(self, profile: str, device: torch.device, source, inputs: Inputs, warmup_steps: int = 1,
+    def __init__(self, profile: str, device: torch.device, source: Source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
                  telemetry_interval_s: float = 0.1):
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
@@ -65,15 +68,17 @@ class Runner:
         return self._components[1]
 
     def call_kwargs(self, model: ModelSpec) -> dict:
+        """The pipeline call's keyword arguments for one image of `model`: the source's prompt kwargs, the size in
+        pixels, steps and guidance of this profile, PIL output, and the input image of an editing model."""
         settings, run = self.settings(model), model.settings(self.profile)
         kwargs = {**self.source.prompt_kwargs(model, settings["prompt"], self.device), "height": run.size_px,
                   "width": run.size_px, "num_inference_steps": settings["steps"],
                   "guidance_scale": run.guidance_scale, "output_type": "pil", **run.extra}
         if model.needs_input_image:
-            kwargs["image"] = model.module.input_image(run.size_px, self.inputs.seed)
+            kwargs["image"] = model.builder.input_image(run.size_px, self.inputs.seed)
         return kwargs
 
-    def run(self, combo: Combo) -> tuple[measure.RunResult, dict]:
+    def measure(self, combo: Combo) -> tuple[measure.Measurement, dict]:
         """Get the combo's transformer from the profile's source and measure images; returns where it came from.
 
         The model's shared components are built first, so the memory snapshot taken before the combo and the one
@@ -86,12 +91,12 @@ class Runner:
         try:
             transformer, origin = self.source.transformer(combo, self.device)
             runtimes.prepare(transformer, combo.runtime, self.compile_mode)
-            pipe = model.module.PIPELINE_CLASS(transformer=transformer, **components)
+            pipe = model.builder.pipeline_class(transformer=transformer, **components)
             pipe.set_progress_bar_config(disable=True)
             kwargs = self.call_kwargs(model)
             try:  # the first forwards through a user's file: where a file that loads but does not fit shows
                 compile_s = runtimes.warm_up(pipe, kwargs, self.device) if combo.runtime_spec.compiles else None
-                result = measure.run(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
+                result = measure.measure_images(pipe, kwargs, self.inputs.seed, self.device, self.warmup_steps,
                                      model.settings(self.profile).timed_images, self.baseline_used_bytes,
                                      self.telemetry_interval_s)
             except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:

@@ -1,4 +1,5 @@
-"""The runtime axis of the matrix: how the transformer is executed, eager (the default) or under torch.compile.
+"""How each value of the matrix's runtime axis (`fluxgate.matrix.RUNTIMES`) executes the transformer: eager (the
+default) or under torch.compile.
 
 `compile` uses diffusers' regional compilation (`ModelMixin.compile_repeated_blocks`): every repeated transformer
 block is compiled once with `torch.compile` and the compiled code is shared by all blocks of that class, which keeps
@@ -10,36 +11,15 @@ images and reports how long compiling took, so compile time never lands inside a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from fluxgate.matrix import RUNTIMES
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_COMPILE_MODE = "default"
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA graphs: step timing needs one launch per op
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """One value of the runtime axis."""
-
-    name: str
-    compiles: bool
-
-    @property
-    def marker(self) -> str:
-        return self.name
-
-    @property
-    def suffix(self) -> str:
-        """What the runtime adds to a combo's precision in ids and baseline keys: `fp8-scaled-compile`."""
-        return "" if self.name == "eager" else f"-{self.name}"
-
-
-RUNTIMES: dict[str, RuntimeSpec] = {spec.name: spec for spec in (RuntimeSpec("eager", False),
-                                                                RuntimeSpec("compile", True))}
-DEFAULT_RUNTIMES = ["eager"]
 
 
 def prepare(transformer: "torch.nn.Module", runtime: str, mode: str = DEFAULT_COMPILE_MODE) -> "torch.nn.Module":

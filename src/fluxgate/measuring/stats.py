@@ -149,10 +149,11 @@ def run_wait_share(step_times_s: list[float] | None, run_wait_s: list[float] | N
     return float(np.median(np.asarray(run_wait_s, dtype=np.float64))) / median_step if median_step > 0 else None
 
 
-def contention_note(metrics: dict) -> str | None:
-    """`host contention: ...` when a record's steps waited for a CPU (`HOST_CONTENTION`) , else None. Time the code
-    itself spends sleeping or blocked is not contention and does not count."""
-    share = run_wait_share(metrics.get("step_times_s"), metrics.get("run_wait_s"))
+def contention_note(step_times_s: list[float] | None, run_wait_s: list[float] | None) -> str | None:
+    """`host contention: ...` when one combo's steps (seconds each) waited for a CPU (`run_wait_s`, seconds per
+    step) at least `HOST_CONTENTION` of the time, else None (also when either list is missing). Time the code itself
+    spends sleeping or blocked is not contention and does not count."""
+    share = run_wait_share(step_times_s, run_wait_s)
     if share is None or share < HOST_CONTENTION:
         return None
     return (f"host contention: the main thread waited for a CPU {share:.0%} of each step (median; "

@@ -13,6 +13,7 @@ import contextlib
 import os
 import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -197,6 +198,7 @@ class GpuSampler:
         nvml, handle = self._nvml, self._handle
         memory = self._probe("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
         self._samples.append({
+            "t": time.perf_counter(),  # the host clock the step boundaries are marked with (measure._StepClock)
             "sm_clock_mhz": self._probe("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
             "mem_clock_mhz": self._probe("mem_clock",
                                          lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
@@ -259,6 +261,12 @@ class GpuSampler:
         finally:
             self._close()
 
+    def step_clocks(self, windows: list[tuple[float, float]]) -> StepClocks | None:
+        """The sampled clocks of each timed step (see `step_clocks`); None without samples (CPU, no NVML)."""
+        if not self._samples or self._nvml is None:
+            return None
+        return step_clocks(self._samples, windows, reason_names(self._nvml))
+
     def _close(self) -> None:
         if self._context is not None:
             with contextlib.suppress(Exception):
@@ -298,6 +306,31 @@ class GpuSampler:
             energy_j=energy, peak_process_mem_gib=peak_process, process_mem_source=source,
             peak_device_used_gib=max(device_used) / GIB if device_used else None, notes=notes,
         )
+
+
+@dataclass
+class StepClocks:
+    """NVML samples attributed to timed steps: per step, the lowest SM clock sampled while it ran (MHz; None when no
+    sample fell inside it) and whether a sample inside it carried a clock-limiting reason outside BENIGN_REASONS."""
+
+    sm_clock_mhz: list[float | None]
+    throttled: list[bool]
+
+
+def step_clocks(samples: list[dict[str, Any]], windows: list[tuple[float, float]],
+                names: dict[int, str]) -> StepClocks:
+    """Each step's clocks from the sampler's timestamped samples. `windows`: per step, its (start, end) on the host
+    clock (time.perf_counter seconds, as the step boundaries were marked). The host marks a boundary when it queues
+    it; a GPU-bound step runs at most a queue's depth later, so a sample may land one step early: a throttled step
+    is marked, never moved."""
+    clocks, throttled = [], []
+    for start, end in windows:
+        inside = [s for s in samples if start <= s.get("t", -1.0) <= end]
+        sm = [s["sm_clock_mhz"] for s in inside if s.get("sm_clock_mhz") is not None]
+        clocks.append(min(sm) if sm else None)
+        throttled.append(any(s.get("reasons") is not None and decode_reasons(s["reasons"], names) - BENIGN_REASONS
+                             for s in inside))
+    return StepClocks(clocks, throttled)
 
 
 def device_memory_used_bytes(device: torch.device) -> int | None:

@@ -1,6 +1,6 @@
-"""FLUX.1-dev at toy size: the real diffusers/transformers classes with seeded random weights.
+"""FLUX.1-dev's builder (`BUILDER`): the real diffusers/transformers classes with seeded random weights.
 
-Shapes keep the real layout (16-channel VAE with 8x downscale, 2x2 latent packing into 64 transformer input
+At toy size (the tiny profile), shapes keep the real layout (16-channel VAE with 8x downscale, 2x2 latent packing into 64 transformer input
 channels, double- and single-stream blocks, guidance embedding, CLIP pooled + T5 sequence conditioning), only
 narrower and shallower, so a 256 px, 4-step image takes ~0.1 s on two idle CPU cores.
 """
@@ -12,10 +12,9 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from fluxgate.models.builder import ModelBuilder
+from fluxgate.models.seeding import cpu_normal, seeded_module
 from fluxgate.models.tokenizers import word_level_tokenizer
-
-PIPELINE_CLASS = FluxPipeline
-TRANSFORMER_CLASS = FluxTransformer2DModel
 
 # Short prompts keep the text encoders and joint attention cheap. Pipeline calls must pass
 # max_sequence_length=MAX_SEQUENCE_LENGTH: FluxPipeline pads the T5 input to that argument (default 512),
@@ -43,15 +42,6 @@ TINY_TRANSFORMER_CONFIG: dict = {
 }
 
 
-def _seeded(seed: int, dtype: torch.dtype, build):
-    """Run `build()` under its own seed without disturbing the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build().eval()
-    # Cast after the float32 init so a bf16 set holds exactly the rounded float32 weights.
-    return model if dtype == torch.float32 else model.to(dtype)
-
-
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The FLUX.1 scheduler config (resolution-dependent shift)."""
     return FlowMatchEulerDiscreteScheduler(
@@ -70,9 +60,7 @@ def _vae(seed: int, dtype: torch.dtype) -> AutoencoderKL:
     # No init rescaling is needed for visible images: with default init, GroupNorm+SiLU feed conv_out
     # unit-scale activations, so decoded pixels have std ~0.35 in [-1, 1] (~40 on 0-255), and the
     # transformer's velocity moves them by ~20 levels on average, so a broken transformer shows.
-    return _seeded(
-        seed,
-        dtype,
+    return seeded_module(
         lambda: AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -88,6 +76,9 @@ def _vae(seed: int, dtype: torch.dtype) -> AutoencoderKL:
             use_quant_conv=False,
             use_post_quant_conv=False,
         ),
+        seed,
+        "cpu",
+        dtype,
     )
 
 
@@ -117,7 +108,7 @@ def _clip(seed: int, dtype: torch.dtype) -> tuple[CLIPTextModel, PreTrainedToken
         eos_token_id=1,
         pad_token_id=1,
     )
-    return _seeded(seed, dtype, lambda: CLIPTextModel(config)), tokenizer
+    return seeded_module(lambda: CLIPTextModel(config), seed, "cpu", dtype), tokenizer
 
 
 def _t5(seed: int, dtype: torch.dtype) -> tuple[T5EncoderModel, PreTrainedTokenizerFast]:
@@ -148,29 +139,7 @@ def _t5(seed: int, dtype: torch.dtype) -> tuple[T5EncoderModel, PreTrainedTokeni
         decoder_start_token_id=0,
         is_encoder_decoder=False,
     )
-    return _seeded(seed, dtype, lambda: T5EncoderModel(config)), tokenizer
-
-
-def tiny_components(seed: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Every FluxPipeline component except the transformer, on CPU in eval mode.
-
-    `dtype` must equal the transformer's: FluxPipeline makes latents and text embeddings in the text
-    encoders' dtype and feeds them to the transformer, then the VAE, without casting. So a bf16 transformer
-    needs `dtype=torch.bfloat16` here; the float32 default fails with a dtype-mismatch RuntimeError.
-    """
-    # Distinct seed offsets so the encoders and the VAE don't start from the same random stream.
-    text_encoder, tokenizer = _clip(seed + 1, dtype)
-    text_encoder_2, tokenizer_2 = _t5(seed + 2, dtype)
-    return {
-        "scheduler": _scheduler(),
-        "vae": _vae(seed + 3, dtype),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer_2": tokenizer_2,
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
+    return seeded_module(lambda: T5EncoderModel(config), seed, "cpu", dtype), tokenizer
 
 
 # --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoders. ---
@@ -214,31 +183,62 @@ FULL_VAE_CONFIG: dict = {
 FULL_SEQUENCE_LENGTH = 512
 
 
-def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Every FluxPipeline component except the transformer at full size: the real scheduler, the real-config VAE with
-    seeded random weights made on `device` in `dtype`, and no text encoders (the prompt comes as embeddings)."""
-    from fluxgate.weights.synthetic import seeded_module
 
-    return {
-        "scheduler": _scheduler(),
-        "vae": seeded_module(lambda: AutoencoderKL(**FULL_VAE_CONFIG), seed, device, dtype),
-        "text_encoder": None,
-        "tokenizer": None,
-        "text_encoder_2": None,
-        "tokenizer_2": None,
-        "image_encoder": None,
-        "feature_extractor": None,
-    }
+class Flux1Dev(ModelBuilder):
+    """FLUX.1-dev: `FluxPipeline` around `FluxTransformer2DModel`, CLIP-L pooled + T5 sequence conditioning."""
+
+    pipeline_class = FluxPipeline
+    transformer_class = FluxTransformer2DModel
+    tiny_transformer_config = TINY_TRANSFORMER_CONFIG
+    full_transformer_config = FULL_TRANSFORMER_CONFIG
+
+    def tiny_components(self, seed: int, dtype: torch.dtype = torch.float32) -> dict:
+        """Every FluxPipeline component except the transformer, on CPU in eval mode.
+
+        `dtype` must equal the transformer's: FluxPipeline makes latents and text embeddings in the text
+        encoders' dtype and feeds them to the transformer, then the VAE, without casting. So a bf16 transformer
+        needs `dtype=torch.bfloat16` here; the float32 default fails with a dtype-mismatch RuntimeError.
+        """
+        # Distinct seed offsets so the encoders and the VAE don't start from the same random stream.
+        text_encoder, tokenizer = _clip(seed + 1, dtype)
+        text_encoder_2, tokenizer_2 = _t5(seed + 2, dtype)
+        return {
+            "scheduler": _scheduler(),
+            "vae": _vae(seed + 3, dtype),
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2,
+            "image_encoder": None,
+            "feature_extractor": None,
+        }
+
+    def full_components(self, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+        """Every FluxPipeline component except the transformer at full size: the real scheduler, the real-config VAE
+        with seeded random weights made on `device` in `dtype`, and no text encoders (the prompt comes as
+        embeddings)."""
+        return {
+            "scheduler": _scheduler(),
+            "vae": seeded_module(lambda: AutoencoderKL(**FULL_VAE_CONFIG), seed, device, dtype),
+            "text_encoder": None,
+            "tokenizer": None,
+            "text_encoder_2": None,
+            "tokenizer_2": None,
+            "image_encoder": None,
+            "feature_extractor": None,
+        }
+
+    def prompt_inputs(self, seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                      sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+        """Pipeline kwargs that stand for the prompt: T5 `prompt_embeds` `[1, sequence_length, joint_attention_dim]`
+        and CLIP `pooled_prompt_embeds` `[1, pooled_projection_dim]`, standard normal (unit std, as the encoders'
+        outputs roughly are), drawn on the CPU from `seed` so every device gets the same values. `config` defaults to
+        the full transformer's; no negative embeddings: FLUX.1-dev's guidance is distilled into the model
+        (true_cfg_scale 1)."""
+        config = config or FULL_TRANSFORMER_CONFIG
+        prompt, pooled = cpu_normal(seed, (1, sequence_length, config["joint_attention_dim"]),
+                                    (1, config["pooled_projection_dim"]))
+        return {"prompt_embeds": prompt.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
 
 
-def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
-                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
-    """Pipeline kwargs that stand for the prompt: T5 `prompt_embeds` `[1, sequence_length, joint_attention_dim]` and
-    CLIP `pooled_prompt_embeds` `[1, pooled_projection_dim]`, standard normal (unit std, as the encoders' outputs
-    roughly are), drawn on the CPU from `seed` so every device gets the same values. `config` defaults to the full
-    transformer's; no negative embeddings: FLUX.1-dev's guidance is distilled into the model (true_cfg_scale 1)."""
-    config = config or FULL_TRANSFORMER_CONFIG
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randn(1, sequence_length, config["joint_attention_dim"], generator=generator)
-    pooled = torch.randn(1, config["pooled_projection_dim"], generator=generator)
-    return {"prompt_embeds": prompt.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
+BUILDER = Flux1Dev()

@@ -1,4 +1,5 @@
-"""FLUX.2-dev at toy size: the real diffusers/transformers classes, seeded random weights, nothing downloaded."""
+"""FLUX.2-dev's builder (`BUILDER`): the real diffusers/transformers classes, seeded random weights, nothing downloaded;
+at toy size (the tiny profile) and at the released checkpoint's size (the synthetic profile)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
+from fluxgate.models.builder import ModelBuilder
+from fluxgate.models.seeding import cpu_normal, seeded_module
 from fluxgate.models.tokenizers import word_level_tokenizer
-
-PIPELINE_CLASS = Flux2Pipeline
-TRANSFORMER_CLASS = Flux2Transformer2DModel
 
 _TEXT_HIDDEN = 64
 # The pipeline stacks hidden_states[10], [20], [30] by default; with 31 layers all three stay intermediate
@@ -95,19 +95,6 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def tiny_components(seed: int) -> dict:
-    """Every Flux2Pipeline component except the transformer, float32 on CPU in eval mode.
-
-    Flux2Pipeline casts neither prompt embeds (text_encoder.dtype) before the transformer's context_embedder nor
-    latents (transformer dtype) before the VAE, so text_encoder and vae must be cast to the transformer's dtype.
-    """
-    torch.manual_seed(seed)
-    tok = _tokenizer()
-    text_encoder = _text_encoder(tok).eval()
-    vae = _vae().eval()
-    return {"scheduler": _scheduler(), "vae": vae, "text_encoder": text_encoder, "tokenizer": tok}
-
-
 # --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoder. ---
 
 # black-forest-labs/FLUX.2-dev transformer/config.json: 32,223,281,152 parameters (60.0 GiB in bf16).
@@ -151,27 +138,48 @@ FULL_VAE_CONFIG: dict = {
 FULL_SEQUENCE_LENGTH = 512
 
 
-def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Every Flux2Pipeline component except the transformer at full size: the real scheduler, the real-config VAE with
-    seeded random weights made on `device` in `dtype` (batch-norm statistics at their init: mean 0, var 1), and no
-    text encoder (the prompt comes as embeddings)."""
-    from fluxgate.weights.synthetic import seeded_module
 
-    return {
-        "scheduler": _scheduler(),
-        "vae": seeded_module(lambda: AutoencoderKLFlux2(**FULL_VAE_CONFIG), seed, device, dtype),
-        "text_encoder": None,
-        "tokenizer": None,
-    }
+class Flux2Dev(ModelBuilder):
+    """FLUX.2-dev: `Flux2Pipeline` around `Flux2Transformer2DModel`, conditioned on three stacked Mistral-Small-3
+    hidden states."""
+
+    pipeline_class = Flux2Pipeline
+    transformer_class = Flux2Transformer2DModel
+    tiny_transformer_config = TINY_TRANSFORMER_CONFIG
+    full_transformer_config = FULL_TRANSFORMER_CONFIG
+
+    def tiny_components(self, seed: int) -> dict:
+        """Every Flux2Pipeline component except the transformer, float32 on CPU in eval mode.
+
+        Flux2Pipeline casts neither prompt embeds (text_encoder.dtype) before the transformer's context_embedder nor
+        latents (transformer dtype) before the VAE, so text_encoder and vae must be cast to the transformer's dtype.
+        """
+        torch.manual_seed(seed)
+        tok = _tokenizer()
+        text_encoder = _text_encoder(tok).eval()
+        vae = _vae().eval()
+        return {"scheduler": _scheduler(), "vae": vae, "text_encoder": text_encoder, "tokenizer": tok}
+
+    def full_components(self, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+        """Every Flux2Pipeline component except the transformer at full size: the real scheduler, the real-config VAE
+        with seeded random weights made on `device` in `dtype` (batch-norm statistics at their init: mean 0, var 1),
+        and no text encoder (the prompt comes as embeddings)."""
+        return {
+            "scheduler": _scheduler(),
+            "vae": seeded_module(lambda: AutoencoderKLFlux2(**FULL_VAE_CONFIG), seed, device, dtype),
+            "text_encoder": None,
+            "tokenizer": None,
+        }
+
+    def prompt_inputs(self, seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                      sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+        """Pipeline kwargs that stand for the prompt: `prompt_embeds` `[1, sequence_length, joint_attention_dim]`,
+        standard normal, drawn on the CPU from `seed` so every device gets the same values. `config` defaults to the
+        full transformer's. Its dtype must be the transformer's: Flux2Pipeline makes the latents in the embeddings'
+        dtype. No negative embeddings: guidance is distilled into FLUX.2-dev."""
+        config = config or FULL_TRANSFORMER_CONFIG
+        (prompt,) = cpu_normal(seed, (1, sequence_length, config["joint_attention_dim"]))
+        return {"prompt_embeds": prompt.to(device, dtype)}
 
 
-def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
-                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
-    """Pipeline kwargs that stand for the prompt: `prompt_embeds` `[1, sequence_length, joint_attention_dim]`,
-    standard normal, drawn on the CPU from `seed` so every device gets the same values. `config` defaults to the full
-    transformer's. Its dtype must be the transformer's: Flux2Pipeline makes the latents in the embeddings' dtype. No
-    negative embeddings: guidance is distilled into FLUX.2-dev."""
-    config = config or FULL_TRANSFORMER_CONFIG
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randn(1, sequence_length, config["joint_attention_dim"], generator=generator)
-    return {"prompt_embeds": prompt.to(device, dtype)}
+BUILDER = Flux2Dev()

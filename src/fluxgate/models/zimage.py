@@ -1,6 +1,6 @@
-"""Z-Image-Turbo at toy size: the real diffusers/transformers classes with seeded random weights.
+"""Z-Image-Turbo's builder (`BUILDER`): the real diffusers/transformers classes with seeded random weights.
 
-Shapes follow the released checkpoint (Tongyi-MAI/Z-Image-Turbo): a single-stream DiT with noise/context
+At toy size (the tiny profile), shapes follow the released checkpoint (Tongyi-MAI/Z-Image-Turbo): a single-stream DiT with noise/context
 refiners and 128-wide heads split (32, 48, 48) across RoPE axes, a Flux-style 16-channel VAE with an 8x
 downsample, a Qwen3 causal LM as text encoder and a Qwen chat template in front of the prompt.
 """
@@ -11,10 +11,10 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from fluxgate.models.builder import ModelBuilder
+from fluxgate.models.flux1 import FULL_VAE_CONFIG
+from fluxgate.models.seeding import cpu_normal, seeded_module
 from fluxgate.models.tokenizers import word_level_tokenizer
-
-PIPELINE_CLASS = ZImagePipeline
-TRANSFORMER_CLASS = ZImageTransformer2DModel
 
 _CAP_FEAT_DIM = 128  # text encoder hidden size; the real one is Qwen3-4B's 2560
 
@@ -111,26 +111,6 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
-def tiny_components(seed: int) -> dict:
-    """Scheduler, VAE, text encoder and tokenizer at toy size, float32 on CPU in eval mode.
-
-    Default init is kept: the random decoder already turns latents into a textured image (pixel std ~40 of
-    255), and the transformer's velocity (std ~0.6) moves the final latents enough to show in it.
-    """
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
-        torch.manual_seed(seed)
-        vae = _vae()
-        torch.manual_seed(seed + 1)
-        tokenizer = _tokenizer()
-        text_encoder = _text_encoder(len(tokenizer))
-    return {
-        "scheduler": _scheduler(),
-        "vae": vae.float().eval(),
-        "text_encoder": text_encoder.float().eval(),
-        "tokenizer": tokenizer,
-    }
-
-
 # --- Full size (synthetic profile): the real checkpoint's shapes, seeded random weights, no text encoder. ---
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json: 6,154,908,736 parameters.
@@ -157,27 +137,49 @@ FULL_TRANSFORMER_CONFIG: dict = {
 FULL_SEQUENCE_LENGTH = 25
 
 
-def full_components(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Every ZImagePipeline component except the transformer at full size: the real scheduler, the FLUX VAE (Z-Image
-    ships FLUX.1's) with seeded random weights made on `device` in `dtype`, and no text encoder."""
-    from fluxgate.models import flux1
-    from fluxgate.weights.synthetic import seeded_module
 
-    return {
-        "scheduler": _scheduler(),
-        "vae": seeded_module(lambda: AutoencoderKL(**flux1.FULL_VAE_CONFIG), seed, device, dtype),
-        "text_encoder": None,
-        "tokenizer": None,
-    }
+class ZImageTurbo(ModelBuilder):
+    """Z-Image-Turbo: `ZImagePipeline` around `ZImageTransformer2DModel`, conditioned on a Qwen3 hidden state."""
+
+    pipeline_class = ZImagePipeline
+    transformer_class = ZImageTransformer2DModel
+    tiny_transformer_config = TINY_TRANSFORMER_CONFIG
+    full_transformer_config = FULL_TRANSFORMER_CONFIG
+
+    def tiny_components(self, seed: int) -> dict:
+        """Scheduler, VAE, text encoder and tokenizer at toy size, float32 on CPU in eval mode.
+
+        Default init is kept: the random decoder already turns latents into a textured image (pixel std ~40 of
+        255), and the transformer's velocity (std ~0.6) moves the final latents enough to show in it.
+        """
+        tokenizer = _tokenizer()
+        return {
+            "scheduler": _scheduler(),
+            "vae": seeded_module(_vae, seed, "cpu", torch.float32),
+            "text_encoder": seeded_module(lambda: _text_encoder(len(tokenizer)), seed + 1, "cpu", torch.float32),
+            "tokenizer": tokenizer,
+        }
+
+    def full_components(self, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict:
+        """Every ZImagePipeline component except the transformer at full size: the real scheduler, the FLUX VAE
+        (Z-Image ships FLUX.1's) with seeded random weights made on `device` in `dtype`, and no text encoder."""
+        return {
+            "scheduler": _scheduler(),
+            "vae": seeded_module(lambda: AutoencoderKL(**FULL_VAE_CONFIG), seed, device, dtype),
+            "text_encoder": None,
+            "tokenizer": None,
+        }
+
+    def prompt_inputs(self, seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
+                      sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
+        """Pipeline kwargs that stand for the prompt: `prompt_embeds`, a list of one `[sequence_length, cap_feat_dim]`
+        tensor (the pipeline takes one unpadded caption per image), standard normal, drawn on the CPU from `seed` so
+        every device gets the same values. `config` defaults to the full transformer's. No negative embeddings:
+        Z-Image-Turbo runs at guidance 0 (a guidance > 0 without `negative_prompt_embeds` is refused by the
+        pipeline)."""
+        config = config or FULL_TRANSFORMER_CONFIG
+        (caption,) = cpu_normal(seed, (sequence_length, config["cap_feat_dim"]))
+        return {"prompt_embeds": [caption.to(device, dtype)]}
 
 
-def prompt_inputs(seed: int, device: torch.device | str, dtype: torch.dtype, config: dict | None = None,
-                  sequence_length: int = FULL_SEQUENCE_LENGTH) -> dict:
-    """Pipeline kwargs that stand for the prompt: `prompt_embeds`, a list of one `[sequence_length, cap_feat_dim]`
-    tensor (the pipeline takes one unpadded caption per image), standard normal, drawn on the CPU from `seed` so every
-    device gets the same values. `config` defaults to the full transformer's. No negative embeddings: Z-Image-Turbo
-    runs at guidance 0 (a guidance > 0 without `negative_prompt_embeds` is refused by the pipeline)."""
-    config = config or FULL_TRANSFORMER_CONFIG
-    generator = torch.Generator().manual_seed(seed)
-    caption = torch.randn(sequence_length, config["cap_feat_dim"], generator=generator)
-    return {"prompt_embeds": [caption.to(device, dtype)]}
+BUILDER = ZImageTurbo()

@@ -18,11 +18,10 @@ real injected slowdown does to the steps, which GPU runs with tests/injectors ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fluxgate.judging import compare, spread
-from fluxgate.measuring import stats
-from fluxgate.storing.record import MEASURED
+from fluxgate.storing.record import Record
 
 EFFECTS = (0.01, 0.02, 0.03)
 
@@ -44,22 +43,20 @@ def _fixed_limit_missed(steps: list[float], entry: dict | None) -> bool:
     return spread.run_it_s(steps, entry.get("speed_statistic", "median")) < float(entry["min_it_s"])
 
 
-def _stretched(record: dict, factor: float, order: int) -> dict:
-    metrics = dict(record.get("metrics") or {})
-    metrics["step_times_s"] = [t * factor for t in metrics["step_times_s"]]
-    return {**record, "metrics": metrics, "run_id": f"card-candidate-{order}",
-            "recorded": "9999-12-31T23:59:59+00:00"}  # after every window run: leave one out, not "the past"
+def _stretched(record: Record, factor: float, order: int) -> Record:
+    metrics = replace(record.metrics, step_times_s=[t * factor for t in record.metrics.step_times_s])
+    return replace(record, metrics=metrics, run_id=f"card-candidate-{order}",
+                   recorded="9999-12-31T23:59:59+00:00")  # after every window run: leave one out, not "the past"
 
 
-def build(records: list[dict], gpu_class: str, thresholds: dict | None = None,
+def build(records: list[Record], gpu_class: str, thresholds: dict | None = None,
           effects: tuple[float, ...] = EFFECTS, last_n: int = 5) -> list[ComboCard]:
-    """The card's rows (module docs) from the records of `gpu_class`; `thresholds` is the class's parsed
-    thresholds.toml (None: judge the history rule alone)."""
-    usable = [r for r in records if r.get("gpu_class") == gpu_class and r.get("outcome") in MEASURED
-              and (r.get("metrics") or {}).get("step_times_s") and stats.contention_note(r["metrics"]) is None]
+    """The card's rows (module docs) from the records of `gpu_class`, sorted by combo; `thresholds` is the class's
+    parsed thresholds.toml (None: judge the history rule alone). `effects` are fractions (0.01 = +1 %)."""
+    usable = spread.usable(records, gpu_class)
     cards = []
-    for combo in sorted({r["combo"] for r in usable}):
-        runs = [r for r in usable if r["combo"] == combo]
+    for combo in sorted({r.combo for r in usable}):
+        runs = [r for r in usable if r.combo == combo]
         model, _, variant = combo.rstrip("]").partition("[")
         entry = (thresholds or {}).get(model, {}).get(variant)
         card = ComboCard(combo, detected={effect: 0 for effect in effects},
@@ -73,7 +70,7 @@ def build(records: list[dict], gpu_class: str, thresholds: dict | None = None,
                 stretched = _stretched(candidate, 1 + effect, index)
                 verdict = compare.compare_record(window + [stretched], stretched, last_n=last_n)
                 alarm = verdict.outcome == compare.REGRESSION or _fixed_limit_missed(
-                    stretched["metrics"]["step_times_s"], entry)
+                    stretched.metrics.step_times_s, entry)
                 if effect == 0.0:
                     card.false_alarms += alarm
                 else:
@@ -83,6 +80,7 @@ def build(records: list[dict], gpu_class: str, thresholds: dict | None = None,
 
 
 def markdown(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
+    """The card as markdown: how it was made, the A/A total, one table row per combo (`runs`: runs it rests on)."""
     effects = sorted({effect for card in cards for effect in card.detected})
     total = sum(card.comparisons for card in cards)
     alarms = sum(card.false_alarms for card in cards)

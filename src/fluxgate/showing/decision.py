@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
-from fluxgate.storing.record import MEASURED, PASSED
+from fluxgate.storing.record import PASSED, Record
 
 DEFAULT_FILE = Path("fixtures/decision.toml")
 RULE = ("Recommended: the fastest combo (median it/s) that passed its item's speed, VRAM and similarity asserts, "
@@ -104,15 +104,14 @@ class Row:
     fits: bool = True
 
     @classmethod
-    def from_record(cls, record: dict) -> "Row":
-        m = record.get("metrics") or {}
-        images = m.get("images") or 1
-        energy = (m.get("telemetry") or {}).get("energy_j")
-        return cls(record["combo"], record["model"], record["precision"], record.get("runtime", "eager"),
-                   str(record.get("gpu_class")), m["it_s"], m["peak_mem_gib"], m.get("ms_ssim"), m.get("psnr_db"),
-                   m["e2e_s"], None if energy is None else energy / images, m.get("compile_s"),
-                   bool((m.get("kernel_path") or {}).get("fallback")), record.get("outcome") == PASSED,
-                   list(record.get("failures") or []))
+    def from_record(cls, record: Record) -> "Row":
+        """A measured record's row; its metrics hold it_s, peak_mem_gib and e2e_s (seconds per image)."""
+        m = record.metrics
+        energy = m.energy_j
+        return cls(record.combo, record.model, record.precision, record.runtime or "eager", str(record.gpu_class),
+                   m.it_s, m.peak_mem_gib, m.ms_ssim, m.psnr_db, m.e2e_s,
+                   None if energy is None else energy / (m.images or 1), m.compile_s, m.fallback,
+                   record.outcome == PASSED, list(record.failures or []))
 
     @property
     def is_reference(self) -> bool:
@@ -178,12 +177,12 @@ def _recommendation(rec: Row | None, ref: Row | None, rows: list[Row], settings:
             f"VRAM{saving}.")
 
 
-def decide(records: list[dict], settings: Settings, references: dict[tuple[str, str], dict] | None = None,
+def decide(records: list[Record], settings: Settings, references: dict[tuple[str, str], Record] | None = None,
            regressed: set[str] = frozenset()) -> list[Decision]:
     """One Decision per (GPU class, model) among measured `records` (one per combo); `references` may supply the
     BF16 eager record of a (GPU class, model) the records lack (e.g. from an earlier run). A combo in `regressed`
     regressed against history in this run: it is not passed, so never recommended."""
-    rows = [Row.from_record(r) for r in records if r.get("outcome") in MEASURED and r.get("metrics")]
+    rows = [Row.from_record(r) for r in records if r.measured and r.metrics.to_json()]
     for row in rows:
         if row.combo in regressed:
             row.passed = False
@@ -302,19 +301,18 @@ def scatter(path: Path, decision: Decision, settings: Settings) -> None:
     figure.savefig(path, dpi=100)
 
 
-def write(run: list[dict], records: list[dict], settings: Settings, out_dir: Path,
+def write(run: list[Record], records: list[Record], settings: Settings, out_dir: Path,
           wrote: Callable[[Path], None], regressed: set[str] = frozenset()) -> str:
     """decision.md and the scatter plots; returns the markdown. A model whose BF16 eager combo is not in this run is
     compared with the newest such record of the same GPU class, profile and image settings in the history. Combos in
     `regressed` (a regression against history in this run) count as not passed: never recommended."""
-    def same_images(a: dict, b: dict) -> bool:
-        return all(a.get(key) == b.get(key) for key in ("model", "gpu_class", "profile", "settings"))
+    def same_images(a: Record, b: Record) -> bool:
+        return (a.model, a.gpu_class, a.profile, a.settings) == (b.model, b.gpu_class, b.profile, b.settings)
 
     references = {}
     for record in records:
-        if (Combo.parse(record["combo"]).is_reference and record.get("outcome") in MEASURED
-                and any(same_images(record, r) for r in run)):
-            references[str(record.get("gpu_class")), record["model"]] = record  # newest wins
+        if Combo.parse(record.combo).is_reference and record.measured and any(same_images(record, r) for r in run):
+            references[str(record.gpu_class), record.model] = record  # newest wins
     decisions = decide(run, settings, references, regressed)
     plots = {}
     for d in decisions:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 from fluxgate.judging.compare import (
     FIRST_RUN,
     NO_CHANGE,
     NOT_COMPARABLE,
     REMEASURE,
-    host_syncs_per_step,
     is_host_synchronous,
 )
 from fluxgate.measuring.stats import Spikes, mostly_idle
-from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED
+from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED, Metrics, Record
 
 VERDICTS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", SKIPPED: "SKIP"}
 
@@ -32,17 +34,16 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def rows(entries) -> list[list[str]]:
-    """One row per (combo id, outcome, metrics): verdict, it/s, step CV, peak memory, MS-SSIM, PSNR, MFU, energy,
-    seconds per image, GEMM path."""
+def rows(records: list[Record]) -> list[list[str]]:
+    """One row per record: verdict, it/s, step CV, peak memory, MS-SSIM, PSNR, MFU, energy, seconds per image,
+    GEMM path."""
     table = []
-    for combo_id, verdict, m in entries:
-        energy = (m.get("telemetry") or {}).get("energy_j")
-        path = (m.get("kernel_path") or {}).get("label", "-")
-        table.append([combo_id, VERDICTS.get(verdict, verdict.upper()), _fmt(m.get("it_s"), ".3f"),
-                      _percent((m.get("step_stats") or {}).get("cv")), _fmt(m.get("peak_mem_gib"), ".3f"),
-                      _fmt(m.get("ms_ssim"), ".4f"), _fmt(m.get("psnr_db"), ".2f", "inf" if "ms_ssim" in m else "-"),
-                      _percent(m.get("mfu_bf16")), _fmt(energy, ".0f"), _fmt(m.get("e2e_s"), ".2f"), path])
+    for r in records:
+        m, outcome = r.metrics, r.outcome or "?"
+        table.append([r.combo, VERDICTS.get(outcome, outcome.upper()), _fmt(m.it_s, ".3f"),
+                      _percent((m.step_stats or {}).get("cv")), _fmt(m.peak_mem_gib, ".3f"), _fmt(m.ms_ssim, ".4f"),
+                      _fmt(m.psnr_db, ".2f", "inf" if m.ms_ssim is not None else "-"), _percent(m.mfu_bf16),
+                      _fmt(m.energy_j, ".0f"), _fmt(m.e2e_s, ".2f"), m.gemm_label or "-"])
     return table
 
 
@@ -57,17 +58,17 @@ def format_table(header: list[str], body: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * width for width in widths]), *map(line, body)]
 
 
-def _spikes(metrics: dict) -> Spikes | None:
+def _spikes(metrics: Metrics) -> Spikes | None:
     """The record's spike summary, or None when it has none or one written by another version."""
     try:
-        found = Spikes(**metrics["spikes"]) if metrics.get("spikes") else None
+        found = Spikes(**metrics.spikes) if metrics.spikes else None
     except TypeError:
         return None
     counts_ok = found is not None and isinstance(found.n, int) and isinstance(found.idle_total, (int, type(None)))
     return found if counts_ok else None
 
 
-def spike_line(metrics: dict) -> str | None:
+def spike_line(metrics: Metrics) -> str | None:
     """The spike line of a combo measured on CUDA (one step 10 % over the median already puts a 28-step CV near 2 %),
     or None. On CPU, where every step is host work, the CV column says enough. Never raises on an odd record."""
     found = _spikes(metrics)
@@ -79,28 +80,41 @@ def spike_line(metrics: dict) -> str | None:
         return None
 
 
-def waiting_line(entries) -> str | None:
-    """The combos (id, metrics) whose GPU was idle at most step ends, or None."""
-    waiting = [f"{combo_id} {found.idle_total}/{found.n}" for combo_id, metrics in entries
-               if (found := _spikes(metrics)) is not None and mostly_idle(found)]
+def waiting_line(records: list[Record]) -> str | None:
+    """The combos whose GPU was idle at most step ends, or None."""
+    waiting = [f"{r.combo} {found.idle_total}/{found.n}" for r in records
+               if (found := _spikes(r.metrics)) is not None and mostly_idle(found)]
     return None if not waiting else (
         "GPU idle at most step ends (it waits for the host: a sync inside each step, or launches slower than the "
         f"kernels; compile or CUDA graphs cut host work): {', '.join(waiting)}")
 
 
-def sync_line(entries) -> str | None:
-    """The host-synchronous combos (id, metrics) with their host syncs per step, or None."""
-    records = [(combo_id, {"metrics": metrics}) for combo_id, metrics in entries]
-    syncing = [f"{combo_id} {host_syncs_per_step(record)}" for combo_id, record in records
-               if is_host_synchronous(record)]
+def sync_line(records: list[Record]) -> str | None:
+    """The host-synchronous combos with their host syncs per step, or None."""
+    syncing = [f"{r.combo} {r.metrics.host_syncs_per_step}" for r in records if is_host_synchronous(r)]
     return None if not syncing else (
         "host-synchronous (host syncs per step: the GPU drains and waits while the host launches, so speed follows "
         f"the host CPU, and the history gate needs a larger change): {', '.join(syncing)}")
 
 
-def spike_lines(entries) -> list[str]:
-    lines = [sync_line(entries), waiting_line(entries)]
-    lines += [f"step spikes {combo_id}: {line}" for combo_id, metrics in entries if (line := spike_line(metrics))]
+def throttle_line(records: list[Record]) -> str | None:
+    """The combos with timed steps during which NVML reported a clock-limiting reason, with the reasons, or None.
+    SwPowerCap is the board at its power limit: the steady state of a GEMM-bound step on an H100/H200, where the clock
+    then follows each chip's own power efficiency (one source of machine-to-machine spread in a GPU class)."""
+    marked = []
+    for r in records:
+        flags = r.metrics.throttled_steps
+        if flags and any(flags):
+            reasons = sorted((r.metrics.telemetry or {}).get("throttle_reasons") or [])
+            marked.append(f"{r.combo} {sum(flags)}/{len(flags)}" + (f" ({', '.join(reasons)})" if reasons else ""))
+    return None if not marked else (
+        "clock-limited timed steps (marked per step in the record; SwPowerCap = at the board's power limit, where "
+        f"speed follows the chip's clock): {', '.join(marked)}")
+
+
+def spike_lines(records: list[Record]) -> list[str]:
+    lines = [sync_line(records), waiting_line(records), throttle_line(records)]
+    lines += [f"step spikes {r.combo}: {line}" for r in records if (line := spike_line(r.metrics))]
     return [line for line in lines if line]
 
 
@@ -125,66 +139,89 @@ def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -
                     if outcome != NO_CHANGE and message not in first and message not in unmeasured]
 
 
-def terminal_summary(terminalreporter, outcomes, gate, started: float) -> None:
+@dataclass(frozen=True)
+class RunContext:
+    """What the summary says about the run beside its records."""
+
+    started: float  # time.time() at the session's start
+    run_location: str  # where the store keeps the run (a file path or URL)
+    distributed: bool = False  # xdist: the records were merged from the workers' files
+    baselines: Path | None = None  # the baselines folder the run judged against (or wrote)
+    writing: bool = False  # --write-baselines
+
+
+def terminal_summary(terminalreporter, records: list[Record], context: RunContext) -> None:
+    """The fluxgate section: the run's table (every combo's record, confirmation re-measurements left out), the time
+    spent in timed steps, notes on fixtures, GEMM paths, spikes, compile time and teardown, and where each xdist
+    worker ran. One process and an xdist run (records merged from the workers) are shown the same way."""
     write = terminalreporter.write_line
-    mem_kind = next((o.metrics["mem_kind"] for o in outcomes if "mem_kind" in o.metrics), "")
-    environment = gate.history.environment
+    measured = [r for r in records if r.outcome != REMEASURE]
+    environment = measured[0].env if measured else {}
     terminalreporter.section("fluxgate")
-    write(f"profile {gate.runner.profile} on {environment.get('device_name')} "
-          f"(baselines: {gate.baselines_root / gate.gpu_class}{', WRITING' if gate.write else ''})")
-    roof = environment.get("roof") or {}
-    if roof:
-        write(f"roof: bf16 {_fmt(roof.get('bf16_tflops'), '.0f')} TFLOP/s, fp8 {_fmt(roof.get('fp8_tflops'), '.0f')}"
-              " TFLOP/s (measured now; MFU = model FLOPs per step x it/s / bf16 roof)")
-    entries = [(o.combo.id, o.verdict, o.metrics) for o in outcomes]
-    for line in format_table(_header(mem_kind.startswith("cuda")), rows(entries)):
+    if measured and not context.distributed:
+        write(f"profile {measured[0].profile} on {environment.get('device_name')} "
+              f"(baselines: {context.baselines}{', WRITING' if context.writing else ''})")
+        roof = environment.get("roof") or {}
+        if roof:
+            write(f"roof: bf16 {_fmt(roof.get('bf16_tflops'), '.0f')} TFLOP/s, fp8 "
+                  f"{_fmt(roof.get('fp8_tflops'), '.0f')} TFLOP/s (measured now; MFU = model FLOPs per step x it/s / "
+                  "bf16 roof)")
+    for line in format_table(_header(any(r.metrics.on_cuda for r in measured)), rows(measured)):
         write(line)
-    wall_s = time.time() - started
-    timed_s = sum(o.metrics.get("timed_steps_s", 0.0) for o in outcomes)
-    write(f"wall {wall_s:.0f} s, of which {timed_s:.0f} s ({100 * timed_s / max(wall_s, 1e-9):.0f}%) inside timed "
-          "denoising steps")
-    reused = [record.get("weights", {}).get("reused") for record in gate.history.records]
+    wall_s = time.time() - context.started
+    timed_s = sum(r.metrics.timed_steps_s or 0.0 for r in measured)
+    if context.distributed:
+        write(f"wall {wall_s:.0f} s; {timed_s:.0f} s of timed denoising steps over all workers")
+    else:
+        write(f"wall {wall_s:.0f} s, of which {timed_s:.0f} s ({100 * timed_s / max(wall_s, 1e-9):.0f}%) inside timed "
+              "denoising steps")
+    for line in notes(measured):
+        write(line)
+    if context.distributed:
+        placements = _placements(measured)
+        for where, combos in sorted(placements.items()):
+            write(f"{where}: {', '.join(combos)}")
+        write(f"history: {context.run_location} (one run merged from {len(placements)} worker file(s))")
+    else:
+        write(f"history: {context.run_location}")
+
+
+def notes(records: list[Record]) -> list[str]:
+    """The lines under the table: fixture reuse, dequantize fallbacks, spikes, host syncs and throttled clocks,
+    compile time, teardown leaks (each only when there is something to say)."""
+    lines = []
+    reused = [(r.weights or {}).get("reused") for r in records]
     if any(flag is not None for flag in reused):
-        write(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, {reused.count(False)} built")
-    fallbacks = [o.combo.id for o in outcomes if (o.metrics.get("kernel_path") or {}).get("fallback")]
+        lines.append(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, {reused.count(False)} "
+                     "built")
+    fallbacks = [r.combo for r in records if r.metrics.fallback]
     if fallbacks:
-        write(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
-    for line in spike_lines([(o.combo.id, o.metrics) for o in outcomes]):
-        write(line)
-    compiled = [f"{o.combo.id} {o.metrics['compile_s']:.1f} s" for o in outcomes if o.metrics.get("compile_s")]
+        lines.append(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")
+    lines += spike_lines(records)
+    compiled = [f"{r.combo} {r.metrics.compile_s:.1f} s" for r in records if r.metrics.compile_s]
     if compiled:
-        write(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
-    from fluxgate.measuring import memory
-
-    leaks = [f"{r['combo']} {memory.describe(r['teardown'])}" for r in gate.history.records
-             if r.get("teardown") and not r["teardown"]["clean"]]
+        lines.append(f"compile time (before the timed images, not in them): {', '.join(compiled)}")
+    leaks = [f"{r.combo} {teardown_line(r.teardown)}" for r in records if r.teardown and not r.teardown["clean"]]
     if leaks:
-        write(f"teardown left more than 1 % of the device memory in use behind: {'; '.join(leaks)}")
-    write(f"history: {gate.history.path}")
+        lines.append(f"teardown left more than 1 % of the device memory in use behind: {'; '.join(leaks)}")
+    return lines
 
 
-def distributed_summary(terminalreporter, merged_path, records: list[dict], started: float) -> None:
-    """The summary of an xdist run: the merged run's table, then which worker ran where."""
-    write = terminalreporter.write_line
-    terminalreporter.section("fluxgate")
-    measured = [r for r in records if r.get("outcome") != REMEASURE]
-    cuda = any(str((r.get("metrics") or {}).get("mem_kind", "")).startswith("cuda") for r in measured)
-    entries = [(r["combo"], r.get("outcome", "?"), r.get("metrics") or {}) for r in measured]
-    for line in format_table(_header(cuda), rows(entries)):
-        write(line)
-    wall_s = time.time() - started
-    timed_s = sum((r.get("metrics") or {}).get("timed_steps_s", 0.0) for r in measured)
-    write(f"wall {wall_s:.0f} s; {timed_s:.0f} s of timed denoising steps over all workers")
-    for line in spike_lines([(combo_id, metrics) for combo_id, _, metrics in entries]):
-        write(line)
+def teardown_line(entry: Mapping[str, Any]) -> str:
+    """A record's `teardown` entry in words: `1.534 GiB in use after teardown vs 1.411 GiB before (NVML)`."""
+    kind, source = ("used", "NVML") if "used_after_gib" in entry else ("reserved", "torch reserved")
+    return (f"{entry[f'{kind}_after_gib']:.3f} GiB in use after teardown vs {entry[f'{kind}_before_gib']:.3f} GiB "
+            f"before ({source})")
+
+
+def _placements(records: list[Record]) -> dict[str, list[str]]:
+    """Where each xdist worker ran -> the combos it measured."""
     placements: dict[str, list[str]] = {}
-    for record in measured:
-        environment = record.get("environment") or {}
+    for record in records:
+        environment = record.env
         gpu = environment.get("gpu") or {}
         where = (f"worker {environment.get('xdist_worker', '?')} on CUDA_VISIBLE_DEVICES="
                  f"{environment.get('cuda_visible_devices')} {environment.get('device_name', '')} "
                  f"{gpu.get('uuid', '')}").rstrip()
-        placements.setdefault(where, []).append(record["combo"])
-    for where, combos in sorted(placements.items()):
-        write(f"{where}: {', '.join(combos)}")
-    write(f"history: {merged_path} (one run merged from {len(placements)} worker file(s))")
+        placements.setdefault(where, []).append(record.combo)
+    return placements

@@ -1,10 +1,204 @@
-"""A record's outcome: the names, defined once (history records, the gate, reports and the decision read them).
+"""One combo's history record, typed: what was measured, how it was judged, on which machine. Versioned by SCHEMA.
+
+A record's outcome (the names are defined here once; the gate, history, reports and the decision read them):
 
 - PASSED: measured, every limit met.            - FAILED: measured, a limit missed (still a valid measurement).
 - ERROR: not measured, a broken input or crash. - SKIPPED: not measured, cannot run here (no file, no CUDA).
 - REMEASURE: the confirmation re-measurement of a suspected regression; evidence for its run's verdict, never a
-  combo's result and never part of a baseline window.
+  combo's result and never part of a window.
+
+On disk a record is a JSON object (`Record.to_json`); `Record.from_json` reads it back and refuses a schema it does
+not know. The round trip keeps every key: a field is written when it is set or was read as null (`nulls`), and keys
+this version does not know stay in `extra`. Imports nothing heavy (no numpy, torch or diffusers).
 """
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from fluxgate.errors import HistoryError
 
 PASSED, FAILED, ERROR, SKIPPED, REMEASURE = "passed", "failed", "error", "skipped", "remeasure"
 MEASURED = (PASSED, FAILED)  # outcomes whose metrics are measurements
+
+SCHEMA = 1  # what this version writes
+SCHEMAS = (1,)  # what it reads
+
+
+def check_schema(found: Any, source: str) -> None:
+    """Raises HistoryError (one line naming `source`, the schema found and the ones understood) unless `found` is
+    a schema number this version reads."""
+    if found is None:
+        raise HistoryError(f"{source}: no history schema number (this fluxgate reads schema "
+                           f"{', '.join(map(str, SCHEMAS))})")
+    if isinstance(found, bool) or found not in SCHEMAS:
+        raise HistoryError(f"{source}: history schema {found!r} is not one this fluxgate reads (schema "
+                           f"{', '.join(map(str, SCHEMAS))})")
+
+
+def _split(cls, data: Mapping[str, Any], source: str) -> tuple[dict, dict, frozenset[str]]:
+    """`data` as (known fields, unknown keys, known keys held as null)."""
+    if not isinstance(data, Mapping):
+        raise HistoryError(f"{source}: a {cls.__name__.lower()} must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "nulls"}
+    known = {key: value for key, value in data.items() if key in names}
+    extra = {key: value for key, value in data.items() if key not in names}
+    return known, extra, frozenset(key for key, value in known.items() if value is None)
+
+
+def _json(instance, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The set fields of a Record or Metrics (and those read as null), then its unknown keys."""
+    out = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if f.name in ("extra", "nulls", *skip) or (value is None and f.name not in instance.nulls):
+            continue
+        out[f.name] = value.to_json() if isinstance(value, Metrics) else value
+    return {**out, **instance.extra}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Everything measured about one combo (`judging.gate` writes it). Times in seconds, memory in GiB (2**30 bytes),
+    speeds in denoising steps per second; lists hold one value per timed step. None: not measured (a CPU run has no
+    telemetry, an error record may stop before similarity)."""
+
+    it_s: float | None = None  # 1 / median step time
+    it_s_mean: float | None = None  # 1 / mean step time
+    step_times_s: Sequence[float] | None = None  # every timed step (each image's first step excluded)
+    step_stats: Mapping[str, Any] | None = None  # measuring.stats.StepStats.to_json()
+    spikes: Mapping[str, Any] | None = None  # measuring.stats.Spikes.to_json()
+    off_cpu_s: Sequence[float] | None = None  # per step: wall minus the main thread's CPU time
+    run_wait_s: Sequence[float] | None = None  # per step: the main thread runnable but not running (Linux)
+    host_step_times_s: Sequence[float] | None = None  # CUDA: host-clock step durations
+    gpu_idle_at_end: Sequence[bool] | None = None  # CUDA: per step, nothing queued on the GPU at its end
+    idle_probe_s: float | None = None  # CUDA: how long each step's end event was polled
+    first_steps_s: Sequence[float] | None = None  # each timed image's first step
+    step_sm_clock_mhz: Sequence[float | None] | None = None  # CUDA + NVML: per step, the lowest SM clock sampled in it
+    throttled_steps: Sequence[bool] | None = None  # CUDA + NVML: per step, a clock-limiting reason was sampled in it
+    e2e_s: float | None = None  # one whole pipeline call (seconds per image)
+    peak_mem_gib: float | None = None  # CUDA max allocated, or peak process RSS on CPU (`mem_kind`)
+    mem_kind: str | None = None  # "cuda_max_allocated" or "process_rss_peak"
+    peak_reserved_gib: float | None = None  # CUDA: torch's reserved peak
+    denoise_peak_gib: float | None = None  # CUDA: peak allocated during the denoising steps alone
+    timed_steps_s: float | None = None  # sum of every timed step, first steps included
+    kernel_path: Mapping[str, Any] | None = None  # measuring.kernels.KernelPath.to_json(): which GEMM ran
+    step_flops: float | None = None  # model FLOPs of one denoising step
+    images: int | None = None  # timed images pooled in step_times_s
+    compile_s: float | None = None  # torch.compile time, before the timed images
+    telemetry: Mapping[str, Any] | None = None  # measuring.telemetry.Telemetry.to_json() (NVML; CUDA only)
+    mfu_bf16: float | None = None  # model FLOP utilisation against the run's measured bf16 roof (fraction)
+    mfu_fp8: float | None = None  # the same against the fp8 roof, for an fp8 GEMM path
+    ms_ssim: float | None = None  # MS-SSIM against the BF16 reference image (1.0 = identical)
+    psnr_db: float | None = None  # PSNR in dB against it; None with ms_ssim set: identical (infinite)
+    broken_image: Sequence[str] | None = None  # judging.tripwire's problems ([] = none)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+    nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # fields written as null when None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "metrics") -> Metrics:
+        """A record's "metrics" object. Raises HistoryError naming `source` when it is not a JSON object."""
+        known, extra, nulls = _split(cls, data, source)
+        return cls(**known, extra=extra, nulls=nulls)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: the keys it was read with, or those set."""
+        return _json(self)
+
+    @property
+    def host_syncs_per_step(self) -> int | None:
+        """Host waits for the GPU inside one step (the kernel-path profile), or None when not measured."""
+        path = self.kernel_path
+        syncs = path.get("host_syncs_per_step") if isinstance(path, Mapping) else None
+        return syncs if isinstance(syncs, int) and not isinstance(syncs, bool) else None
+
+    @property
+    def fallback(self) -> bool:
+        """The quantized layers ran a dequantize -> bf16 GEMM fallback."""
+        return isinstance(self.kernel_path, Mapping) and bool(self.kernel_path.get("fallback"))
+
+    @property
+    def gemm_label(self) -> str | None:
+        """The kernel path's label (e.g. "fp8 GEMM (torch._scaled_mm)"), or None."""
+        return self.kernel_path.get("label") if isinstance(self.kernel_path, Mapping) else None
+
+    @property
+    def energy_j(self) -> float | None:
+        """NVML energy over the timed images, joules (None without telemetry)."""
+        return self.telemetry.get("energy_j") if isinstance(self.telemetry, Mapping) else None
+
+    @property
+    def on_cuda(self) -> bool:
+        """Peak memory is CUDA's (VRAM), not the process RSS."""
+        return str(self.mem_kind or "").startswith("cuda")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One combo of one run as history keeps it. Mapping fields are plain JSON (read-only by convention).
+
+    Identity: `combo` (`flux1-dev[nvfp4]`), `model`, `precision`, `runtime`, `profile`, `gpu_class`; `settings` (image
+    settings: seed, steps, size) decide which records measure the same thing. A record of a re-measurement has
+    outcome REMEASURE and its `verdict`, and no settings, failures, error or teardown."""
+
+    combo: str
+    model: str | None = None
+    precision: str | None = None
+    runtime: str | None = None  # None in records older than runtimes: eager
+    profile: str | None = None
+    gpu_class: str | None = None
+    settings: Mapping[str, Any] | None = None
+    weights: Mapping[str, Any] | None = None  # which checkpoint files, their identity and sha256
+    image: str | None = None  # the combo's image, as the store names it (`HistoryStore.read_image`)
+    metrics: Metrics = field(default_factory=Metrics)
+    failures: Sequence[str] | None = None  # limits missed, one line each
+    error: str | None = None  # why it was not measured (error or skip)
+    outcome: str | None = None  # PASSED, FAILED, ERROR, SKIPPED or REMEASURE
+    verdict: str | None = None  # REMEASURE records: the confirmed verdict ("regression", "no change", ...)
+    teardown: Mapping[str, Any] | None = None  # device memory before the combo and after its teardown
+    thresholds: Mapping[str, Any] | None = None  # the limits it was judged against (judging.baselines.Thresholds)
+    environment: Mapping[str, Any] | None = None  # the machine's fingerprint (measuring.environment)
+    run_id: str | None = None
+    recorded: str | None = None  # UTC ISO time the record was written
+    source_run_id: str | None = None  # a merged run's record: the shard run it came from
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+    nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # fields written as null when None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str, environment: Mapping[str, Any] | None = None) -> Record:
+        """Read one record. `source` names where it came from (a run file) in errors; `environment` is the run's
+        fingerprint, for a record that carries none of its own (only a merged run's records do).
+
+        Raises HistoryError (one line naming `source`) for an unknown or missing schema, no combo, or metrics that
+        are not a JSON object."""
+        known, extra, nulls = _split(cls, data, source)
+        check_schema(extra.pop("schema", None), source)
+        if not isinstance(known.get("combo"), str):
+            raise HistoryError(f"{source}: a history record without a combo name ({sorted(data)[:6]} ...)")
+        known["metrics"] = Metrics.from_json(known.get("metrics") or {}, f"{source}: {known['combo']} metrics")
+        nulls -= {"metrics"}
+        record = cls(**known, extra=extra, nulls=nulls)
+        return record.with_environment(environment) if environment is not None else record
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object history stores: `schema`, then the keys it was read with, or those set."""
+        return {"schema": SCHEMA, **_json(self)}
+
+    def with_environment(self, environment: Mapping[str, Any]) -> Record:
+        """This record, with `environment` as its fingerprint unless it carries its own."""
+        return self if self.environment is not None else dataclasses.replace(self, environment=environment)
+
+    @property
+    def measured(self) -> bool:
+        """Its metrics are a measurement of the combo (PASSED or FAILED)."""
+        return self.outcome in MEASURED
+
+    @property
+    def env(self) -> Mapping[str, Any]:
+        """The fingerprint, {} when there is none."""
+        return self.environment or {}
+
+
+RESULT_NULLS = frozenset({"error", "teardown"})  # a combo's result always names both, null when there is none

@@ -105,19 +105,33 @@ def identify(path: Path) -> Identity:
     raise FixtureError(f"{path}: not a checkpoint fluxgate reads (.safetensors, .gguf or a diffusers folder)")
 
 
+def safetensors_header(path: Path) -> tuple[dict[str, dict], dict, int]:
+    """A safetensors file's header, read without its tensor data: {key: {"dtype", "shape", "data_offsets"}}, its
+    `__metadata__` ({} when absent), and the byte offset where the tensor data starts.
+
+    The format (huggingface/safetensors, README "Format"): an unsigned 64-bit little-endian header length N, N bytes of
+    JSON, then the data its `data_offsets` index. Raises OSError when the file cannot be read, ValueError
+    (json.JSONDecodeError among them) when N does not fit the file (a truncated or corrupt file) or the JSON is not an
+    object."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        length_field = handle.read(8)
+        length = int.from_bytes(length_field, "little")
+        if len(length_field) < 8 or not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"truncated or corrupt: header length {length} does not fit the file's {size} bytes")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + length
+
+
 def _header(path: Path) -> tuple[dict[str, dict], dict]:
-    """The safetensors header: {key: {"dtype", "shape"}} and `__metadata__`."""
+    """`safetensors_header`'s tensors and metadata; FixtureError naming the file when it cannot be read."""
     try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 2 <= size <= min(path.stat().st_size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {size} does not fit the file's {path.stat().st_size} bytes")
-            header = json.loads(handle.read(size))
+        header, metadata, _ = safetensors_header(path)
     except (OSError, ValueError) as error:
         raise FixtureError(f"{path}: unreadable safetensors header ({type(error).__name__}: {error})") from None
-    if not isinstance(header, dict):
-        raise FixtureError(f"{path}: unreadable safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
     return header, metadata
 
 

@@ -1,194 +1,58 @@
-"""Where each profile's weights and pipeline components come from.
+"""Where each profile's weights and pipeline components come from: one `Source` per profile, all answering the same
+three questions for the runner (`fluxgate.measuring.runner`), which knows only this protocol.
 
-- `tiny`: checkpoints made from seeded random weights (`checkpoints`), written in each precision's real format and
+- `tiny` (`tiny.TinySource`): checkpoints made from seeded random weights, written in each precision's real format and
   loaded through diffusers; toy-size text encoders and VAE; the prompt goes through the real tokenizers.
-- `synthetic`: the real full-size transformer with seeded random weights made on the device and loaded through the
-  same diffusers quantized layers (`synthetic`); full-size VAE; text embeddings given directly.
-- `real`: the user's checkpoint files and pipeline folders, named in fixtures/models.toml.
-
-Each source answers three questions for the runner: the transformer of a combo (and where it came from), the
-components shared by every precision of a model, and the call kwargs that stand for the prompt.
+- `synthetic` (`synthetic.SyntheticSource`): the real full-size transformer with seeded random weights made on the
+  device and loaded through the same diffusers quantized layers; full-size VAE; text embeddings given directly.
+- `real` (`real.RealSource`): the user's checkpoint files and pipeline folders, named in fixtures/models.toml.
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from fluxgate.errors import FixtureError, SkipCombo
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
-from fluxgate.weights import identify, layouts, tiny
-from fluxgate.weights.precisions import load_transformer
 
-DTYPE = torch.bfloat16
+if TYPE_CHECKING:
+    import torch
 
 
-class TinySource:
-    """Toy-size real architectures; every precision a real file in the fixture cache."""
+class Source(Protocol):
+    """A profile's weights and components, as the runner asks for them."""
 
-    def __init__(self, cache_dir: Path, seed: int):
-        self.cache_dir, self.seed = cache_dir, seed
-
-    def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        model, precision = combo.model_spec, combo.precision_spec
-        checkpoint = tiny.ensure(model, precision, self.seed, self.cache_dir)
-        transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, checkpoint.path,
-                                       checkpoint.config_dir, device)
-        return transformer, {"path": "tiny checkpoint file -> from_single_file", "file": str(checkpoint.path),
-                             "sha256": checkpoint.sha256, "reused": checkpoint.reused}
+    def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The combo's transformer, loaded on `device` in the combo's precision, and where it came from (the record's
+        `origin`: at least `path`, how it was made; a file's `file` and `sha256`; a real file's `identity`). Raises
+        SkipCombo when this profile cannot make it here, FixtureError when its input is broken."""
+        ...
 
     def components(self, model: ModelSpec, device: torch.device) -> dict[str, Any]:
-        # Deployed pipelines run every component in bf16 (`torch_dtype=torch.bfloat16`); the pipelines do not cast
-        # between components, so a float32 text encoder beside a bf16 transformer fails.
-        components = model.module.tiny_components(self.seed)
-        for component in components.values():
-            if isinstance(component, torch.nn.Module):
-                component.to(device, DTYPE)
-        return components
+        """The pipeline's other components (scheduler, VAE, text encoders, tokenizers: the pipeline class's keyword
+        arguments but `transformer`), on `device`, shared by every precision of the model."""
+        ...
 
-    def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
-        return {"prompt": prompt}
+    def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict[str, Any]:
+        """The pipeline call's keyword arguments that stand for `prompt`: the prompt itself, or its embeddings."""
+        ...
 
 
-class SyntheticSource:
-    """Full-size real architectures with seeded random weights built on the device."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        from fluxgate.weights import synthetic
-
-        if device.type != "cuda":
-            raise SkipCombo(f"{combo.id}: the synthetic profile builds full-size models on a CUDA device "
-                            "(use --profile tiny on CPU)")
-        transformer, path = synthetic.build_transformer(combo.model_spec, combo.precision_spec, device, self.seed)
-        return transformer, {"path": path, "seed": self.seed}
-
-    def components(self, model: ModelSpec, device: torch.device) -> dict[str, Any]:
-        return model.module.full_components(device, DTYPE)
-
-    def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
-        return model.module.prompt_inputs(self.seed, device, DTYPE)
-
-
-class RealSource:
-    """The user's checkpoints (fixtures/models.toml); a missing file skips its combo and says how to get it."""
-
-    def __init__(self, models_file: Path):
-        self.models_file = models_file
-        try:
-            self.table = tomllib.loads(models_file.read_text())
-        except FileNotFoundError:
-            raise FixtureError(f"{models_file}: not found; the real profile needs it") from None
-        except tomllib.TOMLDecodeError as error:
-            raise FixtureError(f"{models_file}: malformed TOML ({error})") from None
-
-    def _entry(self, model: ModelSpec) -> dict:
-        entry = self.table.get(model.name)
-        if entry is None:  # a models file may name only the models you have (what `fluxgate.weights.scan` writes)
-            raise SkipCombo(f"{model.name}: not in {self.models_file}; add a [{model.name}] table to run it")
-        if not isinstance(entry, dict) or "pipeline" not in entry:
-            raise FixtureError(f"{self.models_file}: [{model.name}] needs `pipeline = <local folder or Hub id>`")
-        return entry
-
-    def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        """The combo's transformer from the user's file: identified from its contents (`identify`), refused when it
-        is not what its slot says, adapted from its layout (`layouts`), loaded through diffusers."""
-        entry = self._entry(combo.model_spec)
-        checkpoint = entry.get("checkpoints", {}).get(combo.precision)
-        if not isinstance(checkpoint, dict) or "path" not in checkpoint:
-            raise SkipCombo(f"{combo.id}: no checkpoint named in {self.models_file} "
-                            f"[{combo.model}.checkpoints] {combo.precision} = {{ path = ... }}")
-        raw = checkpoint["path"].replace("$FLUXGATE_MODELS", os.environ.get("FLUXGATE_MODELS", "~/models"))
-        path = Path(os.path.expanduser(os.path.expandvars(raw)))
-        if not path.exists():
-            how = checkpoint.get("source", "see fixtures/models.toml")
-            raise SkipCombo(f"{combo.id}: real checkpoint {path} not found; get it from {how} and set its path in "
-                            f"{self.models_file}")
-        found = identify.identify(path)  # FixtureError for an index json, one shard, an unreadable file
-        identify.check_slot(found, combo.model, combo.precision)  # nothing is measured under a label it does not carry
-        model, precision = combo.model_spec, combo.precision_spec
-        if found.layout == "diffusers-folder":
-            transformer, how_loaded = _from_folder(model.module.TRANSFORMER_CLASS, path, device), "diffusers folder"
-        else:
-            loadable, how_loaded = layouts.adapt(found, path)
-            transformer = load_transformer(precision, model.module.TRANSFORMER_CLASS, loadable,
-                                           self._pipeline(model), device, config_subfolder="transformer",
-                                           name=str(path))
-        bad = _nonfinite(transformer)
-        if bad:
-            raise FixtureError(f"{path}: {bad[0]} holds {bad[1]} NaN/Inf values (of {bad[2]})")
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
-        return transformer, {"path": how_loaded, "file": str(path), "size_bytes": size,
-                             "identity": found.to_json(), "sha256": identify.sha256(path)}
-
-    def _pipeline(self, model: ModelSpec) -> str:
-        """The model's pipeline folder or cached Hub id; SkipCombo, saying how to get it, when it is not here."""
-        pipeline = self._entry(model)["pipeline"]
-        if not _pipeline_available(pipeline):
-            raise SkipCombo(f"{model.name}: pipeline {pipeline} is neither a local folder nor in the Hugging Face "
-                            f"cache; download it once (`hf download {pipeline}`) or point [{model.name}] pipeline "
-                            f"in {self.models_file} at a local folder")
-        return pipeline
-
-    def components(self, model: ModelSpec, device: torch.device) -> dict[str, Any]:
-        pipeline = self._pipeline(model)
-        try:
-            pipe = model.module.PIPELINE_CLASS.from_pretrained(pipeline, transformer=None, torch_dtype=DTYPE)
-        except Exception as error:  # noqa: BLE001 - any loader failure is reported with the folder it concerns
-            raise FixtureError(f"{pipeline}: cannot load the {model.name} pipeline components "
-                               f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
-        return {name: (c.to(device) if isinstance(c, torch.nn.Module) else c)
-                for name, c in pipe.components.items() if name != "transformer"}
-
-    def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
-        return {"prompt": prompt}
-
-
-def _nonfinite(module: torch.nn.Module) -> tuple[str, int, int] | None:
-    """The first floating-point tensor of a loaded model (fp8 weights and scales included; GGUF's packed blocks are
-    not floats) holding NaN/Inf: (name, how many, of how many), else None."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if not tensor.is_floating_point() or type(tensor).__name__ == "GGUFParameter":
-            continue
-        count = int((~torch.isfinite(tensor.detach().float() if tensor.element_size() == 1 else tensor.detach())).sum())
-        if count:
-            return name, count, tensor.numel()
-    return None
-
-
-def _from_folder(transformer_class: type, folder: Path, device: torch.device) -> torch.nn.Module:
-    """A diffusers model folder (sharded or not) through `from_pretrained`; FixtureError naming it on failure."""
-    try:
-        return transformer_class.from_pretrained(str(folder), torch_dtype=DTYPE, local_files_only=True).to(device)
-    except Exception as error:  # noqa: BLE001 - the loader raises many types; the user needs the folder and reason
-        raise FixtureError(f"{folder}: cannot load the diffusers folder ({type(error).__name__}: "
-                           f"{' '.join(str(error).split())[:200]})") from None
-
-
-def _pipeline_available(pipeline: str) -> bool:
-    """A local diffusers folder, or a Hub id whose model_index.json is in the local cache (nothing is fetched)."""
-    if Path(pipeline).expanduser().is_dir():
-        return (Path(pipeline).expanduser() / "model_index.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(pipeline, "model_index.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-def for_profile(profile: str, cache_dir: Path, seed: int, models_file: Path):
+def for_profile(profile: str, cache_dir: Path, seed: int, models_file: Path) -> Source:
+    """The source of `profile` ("tiny": fixtures under `cache_dir`; "synthetic"; "real": the checkpoints `models_file`
+    names), weights drawn from `seed`. Raises ValueError for another profile, FixtureError for an unreadable models
+    file."""
     if profile == "tiny":
+        from fluxgate.weights.tiny import TinySource
+
         return TinySource(cache_dir, seed)
     if profile == "synthetic":
+        from fluxgate.weights.synthetic import SyntheticSource
+
         return SyntheticSource(seed)
     if profile == "real":
+        from fluxgate.weights.real import RealSource
+
         return RealSource(models_file)
     raise ValueError(f"--profile {profile}: choose tiny, synthetic or real")

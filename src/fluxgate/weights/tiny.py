@@ -1,4 +1,5 @@
-"""Fixture checkpoints for the tiny profile: made once from seeded random weights, cached by content hash.
+"""The tiny profile: fixture checkpoints made once from seeded random weights, cached by content hash, and its source
+(`TinySource`), which loads them through diffusers beside toy-size text encoders and VAE.
 
 Cache layout (`--fixture-cache`, default `.fluxgate-cache/`, git-ignored):
     <cache>/<model>/<key>/config.json                   transformer config (for `from_single_file(config=...)`)
@@ -15,14 +16,17 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from fluxgate.errors import FixtureError
-from fluxgate.files import atomic_write  # noqa: F401 - re-exported for callers
+from fluxgate.files import atomic_write
+from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
-from fluxgate.weights.precisions import PRECISIONS, PrecisionSpec
+from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
+from fluxgate.weights.loading import load_transformer
 
 FORMAT_VERSION = 1  # bump when a writer's output changes for the same inputs
 
@@ -38,6 +42,7 @@ class Checkpoint:
 
 
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex. Raises OSError when it cannot be read."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -59,29 +64,21 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def fixture_dir(model: ModelSpec, seed: int, cache_dir: Path) -> Path:
-    config = model.module.TINY_TRANSFORMER_CONFIG
+    """The cache folder of `model`'s fixtures from `seed`: its name hashes what their bytes depend on."""
+    config = model.builder.tiny_transformer_config
     identity = json.dumps({"config": config, "seed": seed, "format": FORMAT_VERSION, "modulation": model.tiny_modulation,
-                           "class": model.module.TRANSFORMER_CLASS.__name__}, sort_keys=True, default=str)
+                           "class": model.builder.transformer_class.__name__}, sort_keys=True, default=str)
     return cache_dir / model.name / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def _meta_transformer(model: ModelSpec) -> torch.nn.Module:
     """The tiny transformer's module tree without memory: for its config and layer shapes."""
-    with torch.device("meta"):
-        return model.module.TRANSFORMER_CLASS(**model.module.TINY_TRANSFORMER_CONFIG)
-
-
-def quantized_linear_keys(transformer: torch.nn.Module, blocks: tuple[str, ...], block_size: int) -> set[str]:
-    """Weight keys of the nn.Linear layers under `blocks` (the transformer blocks) whose in_features the format's
-    block size divides, as real quantized checkpoints choose them: embedders, final layers and norms stay in high
-    precision."""
-    return {f"{name}.weight" for name, module in transformer.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.startswith(blocks) and module.in_features % block_size == 0}
+    return model.meta_transformer(model.builder.tiny_transformer_config)
 
 
 def quantized_keys(model: ModelSpec, state_dict: dict[str, torch.Tensor], block_size: int) -> set[str]:
-    """`quantized_linear_keys` of the tiny transformer, among the keys of `state_dict`."""
-    return quantized_linear_keys(_meta_transformer(model), model.quantized_blocks, block_size) & state_dict.keys()
+    """`ModelSpec.quantized_linear_keys` of the tiny transformer at `block_size`, among the keys of `state_dict`."""
+    return model.quantized_linear_keys(_meta_transformer(model), block_size) & state_dict.keys()
 
 
 def _cached(path: Path) -> str | None:
@@ -126,7 +123,9 @@ def _ensure_source(model: ModelSpec, seed: int, folder: Path) -> tuple[Path, str
 
 
 def ensure(model: ModelSpec, precision: PrecisionSpec, seed: int, cache_dir: Path) -> Checkpoint:
-    """The checkpoint of `model` in `precision`, made (once) from the seeded bf16 weights."""
+    """The checkpoint of `model` in `precision`, made (once) from the seeded bf16 weights, or reused from the cache
+    when intact (a corrupt cached file is rebuilt, with a warning). Raises FixtureError naming the file when the
+    precision's writer refuses a tensor."""
     folder = fixture_dir(model, seed, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     source, source_sha, source_reused = _ensure_source(model, seed, folder)
@@ -146,3 +145,31 @@ def ensure(model: ModelSpec, precision: PrecisionSpec, seed: int, cache_dir: Pat
     provenance["quantized_tensors"] = len(keys)
     _write_json(path.with_suffix(".json"), provenance)
     return Checkpoint(path, folder, provenance["sha256"], False)
+
+
+class TinySource:
+    """The tiny profile's `sources.Source`: toy-size real architectures, every precision a real file in the fixture
+    cache (`ensure`), float32-initialized components cast to bf16."""
+
+    def __init__(self, cache_dir: Path, seed: int):
+        self.cache_dir, self.seed = cache_dir, seed
+
+    def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
+        model, precision = combo.model_spec, combo.precision_spec
+        checkpoint = ensure(model, precision, self.seed, self.cache_dir)
+        transformer = load_transformer(precision, model.builder.transformer_class, checkpoint.path,
+                                       checkpoint.config_dir, device)
+        return transformer, {"path": "tiny checkpoint file -> from_single_file", "file": str(checkpoint.path),
+                             "sha256": checkpoint.sha256, "reused": checkpoint.reused}
+
+    def components(self, model: ModelSpec, device: torch.device) -> dict[str, Any]:
+        # Deployed pipelines run every component in bf16 (`torch_dtype=torch.bfloat16`); the pipelines do not cast
+        # between components, so a float32 text encoder beside a bf16 transformer fails.
+        components = model.builder.tiny_components(self.seed)
+        for component in components.values():
+            if isinstance(component, torch.nn.Module):
+                component.to(device, DTYPE)
+        return components
+
+    def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
+        return {"prompt": prompt}

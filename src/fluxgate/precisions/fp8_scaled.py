@@ -1,0 +1,36 @@
+"""`fp8-scaled`: safetensors in BFL's `fp8r` layout, loaded by diffusers' BFL quantizer into `BFLFP8RLinear`.
+
+Layout (diffusers `quantizers/bfl/utils.py`, `quantize_fp8r`): a quantized linear's `weight` is float8_e4m3fn
+`[N, K]` with an fp32 per-row `weight_scale` `[N]` (row amax / 448); everything else is bfloat16. `BFLFP8RLinear` runs
+`torch._scaled_mm` on CUDA compute capability 8.9+ and dequantizes to bf16 elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import BFLQuantizationConfig
+from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
+
+from fluxgate.precisions.spec import FastGemm, PrecisionSpec, StateDict, require_finite, safetensors_writer
+
+FP8_GEMM = "fp8 GEMM (_scaled_mm)"
+
+
+def fp8r_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
+    """One linear's tensors in the fp8r layout (module docstring), on the weight's device. Raises FixtureError for
+    NaN or infinite values."""
+    require_finite(f"{prefix}.weight", weight)
+    weight_q, weight_scale = quantize_fp8r(weight)
+    return {f"{prefix}.weight": weight_q, f"{prefix}.weight_scale": weight_scale}
+
+
+def _packed_shapes(layer: torch.nn.Linear) -> dict[str, tuple[int, ...]]:
+    # diffusers puts fp8r tensors in place as they are, whatever their shape: checked by the loader
+    return {"weight": (layer.out_features, layer.in_features), "weight_scale": (layer.out_features,)}
+
+
+SPEC = PrecisionSpec(name="fp8-scaled", tier="8bit", suffix=".safetensors", block_size=1,
+                     write=safetensors_writer(fp8r_tensors),
+                     quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),
+                     layout=fp8r_tensors, quantized_layer=BFLFP8RLinear, packed_shapes=_packed_shapes,
+                     fast_gemm=FastGemm(FP8_GEMM, lambda name: name == "aten::_scaled_mm"))

@@ -1,0 +1,118 @@
+"""Loading a transformer through diffusers' own single-file loader in a precision, and saying what is wrong when a
+checkpoint will not load.
+
+The precision's spec gives the loader its quantization config (`PrecisionSpec.quantization_config`), so diffusers swaps
+in its own quantized linear layers; the spec's `packed_shapes` then checks what diffusers puts in place unchecked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import torch
+
+from fluxgate.errors import FixtureError
+from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
+from fluxgate.precisions.spec import StateDict
+from fluxgate.weights.identify import safetensors_header
+
+
+def load_transformer(precision: PrecisionSpec, transformer_class: type, checkpoint: Path | StateDict,
+                     config: Path | str, device: torch.device, dtype: torch.dtype = DTYPE,
+                     config_subfolder: str | None = None, name: str | None = None) -> torch.nn.Module:
+    """Load a transformer through diffusers' `from_single_file` from a file or an in-memory state dict (diffusers key
+    format), with the model config from a local folder or cached Hub id (`config`, its `config_subfolder`), on
+    `device` in `dtype`. Any failure raises FixtureError, one line naming the file (or `name`) and what is wrong with
+    it: the file's own defect where one is found (`file_problem`), else the loader's error and its root cause; a
+    quantized tensor whose shape does not fit the config is named too."""
+    path = name or str(checkpoint)
+    if isinstance(checkpoint, Path) and not checkpoint.is_file():
+        raise FixtureError(f"{checkpoint}: checkpoint file not found")
+    try:
+        model = transformer_class.from_single_file(
+            checkpoint if isinstance(checkpoint, dict) else str(checkpoint), config=str(config),
+            subfolder=config_subfolder, torch_dtype=dtype, local_files_only=True, device=device,
+            quantization_config=precision.quantization_config(dtype),
+        )
+    except Exception as error:  # the loaders raise many types; the user needs the file and the reason
+        reason = (file_problem(checkpoint) if isinstance(checkpoint, Path) else None) or _causes(error)
+        raise FixtureError(f"{path}: cannot load as {precision.name} ({reason})") from error
+    misfit = misfit_quantized_linear(model)
+    if misfit:
+        raise FixtureError(f"{path}: cannot load as {precision.name} (does not fit the model config {config}: "
+                           f"{misfit})")
+    return model
+
+
+def _causes(error: BaseException) -> str:
+    """The error and its root cause, one line: diffusers wraps a file's real problem in a generic OSError."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    shown = [error] if len(chain) == 1 else [error, chain[-1]]
+    return "; ".join(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}" for e in shown)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be parsed: unreadable, truncated, a corrupt header, GGUF tensor types the loader
+    cannot dequantize; None when the file itself looks sound (the problem is elsewhere)."""
+    if path.suffix == ".gguf":
+        return _gguf_problem(path)
+    try:
+        header, _, data_start = safetensors_header(path)
+    except OSError as error:
+        return f"unreadable ({error})"
+    except ValueError as error:
+        return f"corrupt safetensors header ({type(error).__name__}: {error})"
+    try:
+        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        return f"corrupt safetensors header ({type(error).__name__}: {error})"
+    size = path.stat().st_size
+    if data_start + end > size:
+        return f"truncated: {size} bytes, but its header describes {data_start + end}"
+    return None
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """A GGUF file's defect (gguf-py's reader; the types diffusers' GGUF loader dequantizes), else None."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        return f"unreadable ({error})"
+    if magic != b"GGUF":
+        return f"not a GGUF file (starts with {magic!r}, not b'GGUF')"
+    try:
+        tensors = gguf.GGUFReader(str(path)).tensors
+    except Exception as error:  # noqa: BLE001 - the reader fails in many ways on a cut or damaged file
+        reason = " ".join(str(error).split())[:160]
+        return f"truncated or corrupt GGUF file ({size} bytes; {type(error).__name__}: {reason})"
+    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *SUPPORTED_GGUF_QUANT_TYPES}
+    unsupported = [tensor for tensor in tensors if tensor.tensor_type not in readable]
+    if unsupported:
+        first = unsupported[0]
+        return (f"{len(unsupported)} tensor(s) in a GGUF type diffusers cannot dequantize, e.g. {first.name} is "
+                f"{first.tensor_type.name}; it reads {', '.join(sorted(t.name for t in readable))}")
+    return None
+
+
+def misfit_quantized_linear(model: torch.nn.Module) -> str | None:
+    """The first quantized linear whose loaded tensors do not have the shapes its in/out features give them (each
+    precision's `packed_shapes`), as "<name>.<tensor> has shape [...], but a K -> N linear needs [...]"; else None.
+    diffusers checks the shapes of plain and GGUF weights but puts fp8r/nvfp4 tensors in place as they are."""
+    checks = [(spec.quantized_layer, spec.packed_shapes) for spec in PRECISIONS.values() if spec.packed_shapes]
+    for name, module in model.named_modules():
+        for layer, packed_shapes in checks:
+            if not isinstance(module, layer):
+                continue
+            for tensor, expected in packed_shapes(module).items():
+                actual = tuple(getattr(module, tensor).shape)
+                if actual != expected:
+                    return (f"{name}.{tensor} has shape {list(actual)}, but a {module.in_features} -> "
+                            f"{module.out_features} linear needs {list(expected)}")
+    return None
