@@ -1,7 +1,7 @@
 """Speed limits from measured spread: a GPU class's minimum it/s per combo, derived from several recorded runs on
 several GPUs of that class instead of one run less a fixed margin.
 
-    python -m fluxgate.judging.spread baselines/nvidia-h200/runs --baselines-dir baselines --gpu-class nvidia-h200 [--write]
+    python -m fluxgate.thresholds baselines/nvidia-h200/runs --baselines-dir baselines --gpu-class nvidia-h200 [--write]
 
 For each combo, every usable record (outcome passed or failed, no host contention) gives one value: the it/s at the
 10th-percentile step time of its timed steps (`STATISTIC`). A low quantile, not the median: on eager host-bound
@@ -153,7 +153,8 @@ def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
         if entry is None:
             raise ValueError(f"{thresholds_path}: no entry for {combo_id}; write baselines for it first")
         entry.update(limit.to_toml())
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.judging.spread` from the runs\n"
+    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.thresholds` from the runs\n"
             "# named in speed_runs (see speed_derivation); the speed failure compares that statistic.\n")
-    return header + ("" if note in header else note) + tomli_w.dumps(table)
+    ours = ("# Speed limits with speed_statistic", "# named in speed_runs")  # the note, as any version wrote it
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#") and not line.startswith(ours))
+    return header + note + tomli_w.dumps(table)

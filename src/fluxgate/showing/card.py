@@ -1,7 +1,7 @@
 """The detection card of a GPU class: how often the gate cries wolf on unchanged code, and how often it sees a
 slowdown of 1, 2 or 3 %, per combo, from recorded runs.
 
-    python -m fluxgate.showing.card baselines/nvidia-h200/runs --gpu-class nvidia-h200 --out docs/detection-card-nvidia-h200.md
+    python -m fluxgate.card baselines/nvidia-h200/runs --gpu-class nvidia-h200 --out docs/detection-card-nvidia-h200.md
 
 Every usable record (passed or failed, no host contention) of the class is a candidate once, judged against all the
 other runs of its combo (leave one out: runs on other machines included), the way a PR run is judged:
@@ -89,7 +89,7 @@ def markdown(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
              "run of a combo is judged against the others (leave one out, other machines included), as recorded "
              "(A/A) and with its step times stretched by each effect; an alarm is a history-rule regression or a "
              "missed fixed speed limit. The fixed limits were derived from these same runs (`nox -s thresholds`), so "
-             "their share of the figures is in-sample. See `python -m fluxgate.showing.card --help`.", "",
+             "their share of the figures is in-sample. See `python -m fluxgate.card --help`.", "",
              f"A/A false alarms over all combos: **{alarms} of {total}** comparisons.", "",
              "| combo | comparisons | A/A false alarms | " + " | ".join(f"detected at +{e:.0%}" for e in effects)
              + " | note |",
