@@ -1,0 +1,116 @@
+"""The paired verdict of an A/B run: base and candidate measured on one GPU, alternating image by image, judged on
+their per-block step-time ratios (duet / interleaved benchmarking).
+
+A **block** is one base image and one candidate image made back to back (the order alternates between blocks: A B,
+B A, ...), so a drift of the machine (clocks, temperature, a neighbour) lands on both sides of a block alike. Its ratio
+is the candidate's median step time over the base's. The verdict is sequential: after each block the geometric mean
+ratio gets a Student-t interval over the log ratios (scipy), at `confidence` per look — 99.9 % two-sided by default,
+so that up to `max_blocks` looks keep the overall error small — and
+
+- **SLOW**: the interval lies above 1 and the mean ratio is at least `1 + min_effect`;
+- **FAST**: the interval lies below 1 and the mean ratio is at most `1 - min_effect`;
+- **SAME**: the interval lies inside `1 ± equivalence` (and neither of the above);
+- **UNKNOWN**: `max_blocks` were measured (or the time budget ran out) with none of these; the message names how many
+  blocks the measured spread would need.
+
+Until `min_blocks` blocks, or while no outcome is clear, `judge` returns None: measure another block.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SAME, SLOW, FAST, UNKNOWN = "SAME", "SLOW", "FAST", "UNKNOWN"
+
+
+@dataclass(frozen=True)
+class PairedPolicy:
+    """When a paired comparison stops and what it concludes. Fractions of the base's step time."""
+
+    min_effect: float = 0.005  # the smallest shift called SLOW or FAST
+    equivalence: float = 0.01  # SAME when the interval lies within 1 ± this
+    confidence: float = 0.999  # two-sided, per look
+    min_blocks: int = 3
+    max_blocks: int = 20
+
+
+# On a CPU (the tiny profile) steps of a few milliseconds move by 5-25 % with the host: the same rule at CPU scale.
+CPU_POLICY = PairedPolicy(min_effect=0.05, equivalence=0.10, confidence=0.99, min_blocks=3, max_blocks=12)
+
+
+def policy_for(device_type: str) -> PairedPolicy:
+    """The default policy of a device type: `PairedPolicy()` on CUDA, `CPU_POLICY` elsewhere."""
+    return PairedPolicy() if device_type == "cuda" else CPU_POLICY
+
+
+@dataclass(frozen=True)
+class PairedVerdict:
+    """A combo's A/B verdict: outcome, mean candidate/base step-time ratio and its interval, blocks used."""
+
+    outcome: str
+    ratio: float
+    low: float
+    high: float
+    blocks: int
+    message: str
+
+
+def block_ratio(base_step_times_s: Sequence[float], candidate_step_times_s: Sequence[float]) -> float:
+    """Candidate median step time / base median step time of one block. Raises ValueError for an empty side."""
+    if not base_step_times_s or not candidate_step_times_s:
+        raise ValueError("a block needs step times from both sides")
+    return statistics.median(candidate_step_times_s) / statistics.median(base_step_times_s)
+
+
+def interval(ratios: Sequence[float], confidence: float) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of the ratios: a Student-t interval on their logs, back-transformed. Needs 2+."""
+    from scipy import stats
+
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of_budget: bool = False
+          ) -> PairedVerdict | None:
+    """The verdict after these blocks' ratios, or None when another block should be measured. `out_of_budget`: no
+    more blocks can be measured (time budget spent), so an unclear comparison is UNKNOWN now."""
+    n = len(ratios)
+    if n < max(2, policy.min_blocks):
+        if out_of_budget:
+            return PairedVerdict(UNKNOWN, ratios[0] if ratios else math.nan, math.nan, math.nan, n,
+                                 f"{n} block(s) measured, at least {policy.min_blocks} needed: raise the time budget")
+        return None
+    ratio, low, high = interval(ratios, policy.confidence)
+    shown = (f"candidate/base step time {ratio:.4f} ({ratio - 1:+.2%}), {policy.confidence:.1%} interval "
+             f"{low:.4f}-{high:.4f}, {n} blocks")
+    if low > 1 and ratio >= 1 + policy.min_effect:
+        return PairedVerdict(SLOW, ratio, low, high, n, f"SLOW: {shown}")
+    if high < 1 and ratio <= 1 - policy.min_effect:
+        return PairedVerdict(FAST, ratio, low, high, n, f"FAST: {shown}")
+    if low > 1 - policy.equivalence and high < 1 + policy.equivalence:
+        return PairedVerdict(SAME, ratio, low, high, n, f"SAME: {shown} (inside ±{policy.equivalence:.1%})")
+    if n < policy.max_blocks and not out_of_budget:
+        return None
+    return PairedVerdict(UNKNOWN, ratio, low, high, n, f"UNKNOWN: {shown}; {_settles(ratios, policy)}")
+
+
+def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
+    """What would settle an unclear comparison: the blocks its measured spread needs for an interval of ±equivalence
+    (or, when the mean shift itself sits near a limit, that it is a shift of about that size)."""
+    from scipy import stats
+
+    logs = [math.log(r) for r in ratios]
+    spread = statistics.stdev(logs)
+    shift = abs(statistics.fmean(logs))
+    room = policy.equivalence - shift
+    if room <= 0.25 * policy.equivalence:
+        return (f"the shift ({math.exp(shift) - 1:.2%}) sits between the {policy.min_effect:.1%} effect and the "
+                f"±{policy.equivalence:.1%} band: more blocks narrow it, or judge it as a shift of about that size")
+    z = stats.norm.ppf(0.5 + policy.confidence / 2)
+    needed = math.ceil((z * spread / room) ** 2)
+    return f"the measured block spread ({spread:.2%}) needs about {needed} blocks: raise --ab-max-blocks or the budget"

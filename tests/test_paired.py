@@ -1,0 +1,71 @@
+"""fluxgate.judging.paired: the sequential verdict of an A/B run from per-block candidate/base step-time ratios."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from fluxgate.judging.paired import (
+    CPU_POLICY,
+    FAST,
+    SAME,
+    SLOW,
+    UNKNOWN,
+    PairedPolicy,
+    block_ratio,
+    judge,
+    policy_for,
+)
+
+
+def _sequential(effect: float, noise: float, seed: int, policy: PairedPolicy = PairedPolicy()):
+    """Blocks of lognormal ratios around 1 + effect, judged after each as an A/B run would."""
+    rng, ratios = random.Random(seed), []
+    while True:
+        ratios.append((1 + effect) * math.exp(rng.gauss(0.0, noise)))
+        verdict = judge(ratios, policy)
+        if verdict is not None:
+            return verdict
+
+
+def test_a_block_ratio_is_candidate_median_over_base_median():
+    assert block_ratio([0.10, 0.11, 0.30], [0.12, 0.121, 0.119]) == pytest.approx(0.12 / 0.11)
+    with pytest.raises(ValueError, match="both sides"):
+        block_ratio([], [0.1])
+
+
+def test_too_few_blocks_ask_for_another_unless_the_budget_is_spent():
+    assert judge([1.0, 1.01]) is None
+    spent = judge([1.0, 1.01], out_of_budget=True)
+    assert spent.outcome == UNKNOWN and "at least 3 needed" in spent.message
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_same_code_on_both_sides_is_same_at_h200_block_noise(seed):
+    # 0.3 % block-to-block spread: what one H200 gives between two images of an eager combo
+    assert _sequential(0.0, 0.003, seed).outcome == SAME
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_percent_slower_is_slow_and_two_percent_faster_is_fast(seed):
+    slow = _sequential(0.01, 0.003, seed)
+    assert slow.outcome == SLOW and slow.low > 1 and slow.blocks <= 20, slow.message
+    assert _sequential(-0.02, 0.003, seed).outcome == FAST
+
+
+def test_a_shift_below_the_minimum_effect_is_same_not_slow():
+    assert judge([1.002] * 5).outcome == SAME
+
+
+def test_noise_the_budget_cannot_beat_is_unknown_and_says_how_many_blocks_would_settle_it():
+    verdict = _sequential(0.0, 0.03, seed=1)
+    assert verdict.outcome == UNKNOWN and verdict.blocks == PairedPolicy().max_blocks
+    assert "blocks: raise --ab-max-blocks or the budget" in verdict.message
+
+
+def test_cpu_runs_are_judged_at_cpu_scale():
+    assert policy_for("cpu") is CPU_POLICY and policy_for("cuda") == PairedPolicy()
+    assert _sequential(0.0, 0.03, seed=2, policy=CPU_POLICY).outcome == SAME
+    assert _sequential(0.5, 0.05, seed=2, policy=CPU_POLICY).outcome == SLOW
