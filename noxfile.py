@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 
 import nox
 
@@ -30,10 +31,24 @@ def _matrix(session: nox.Session, *args: str) -> None:
     session.run("python", "-m", "pytest", "perf", *args, *session.posargs, env=ENV)
 
 
+def _chromium(session: nox.Session) -> None:
+    """Chromium for the dashboard's browser test (tests/test_dashboard.py): Debian's package, installed where this
+    user may (CI runs as root); elsewhere that one test skips, saying why."""
+    if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        apt = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-qq", external=True, env=apt)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env=apt)
+    else:
+        session.warn("no Chromium, and no root to apt-get it: the dashboard's browser check will skip")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU unit and integration tests, then the tiny matrix on CPU against baselines/cpu (what CI runs)."""
     _install(session)
+    _chromium(session)
     session.run("python", "-m", "pytest", "tests", *session.posargs, env=ENV)
     # CPU CI judges the fixed thresholds only: a shared CPU runner's own history is no stable speed baseline (the
     # history gate is exercised by tests/test_history_gate.py instead).
@@ -86,6 +101,15 @@ def thresholds(session: nox.Session) -> None:
     gpu_class = session.posargs[0]
     session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
                 "--write", env=ENV)
+
+
+@nox.session
+def dashboard(session: nox.Session) -> None:
+    """The history as a static site (trend charts, verdicts, first bad commits, image grids, decision, detection
+    card) from .fluxgate/history into .fluxgate/dashboard; open its index.html, or publish it as GitHub Pages.
+    Arguments after `--` go to `python -m fluxgate.dashboard` (e.g. `-- --history-dir DIR --out DIR`)."""
+    _install(session)
+    session.run("python", "-m", "fluxgate.dashboard", *session.posargs, env=ENV)
 
 
 @nox.session

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
+from fluxgate.showing.text import number
 from fluxgate.storing.record import PASSED, Record
 
 DEFAULT_FILE = Path("fixtures/decision.toml")
@@ -211,10 +212,6 @@ def decide(records: list[Record], settings: Settings, references: dict[tuple[str
     return decisions
 
 
-def _num(value, spec: str, none: str = "—") -> str:
-    return none if value is None else format(value, spec)
-
-
 def markdown(decisions: list[Decision], settings: Settings, plots: dict[tuple[str, str], str] | None = None) -> str:
     """The decision section: the rule, then per GPU class and model a table and the recommendation."""
     budget = "none" if settings.vram_budget_gib is None else f"{settings.vram_budget_gib:g} GiB"
@@ -232,11 +229,11 @@ def markdown(decisions: list[Decision], settings: Settings, plots: dict[tuple[st
                                      ("fallback GEMM", r.fallback), ("failed asserts", not r.passed),
                                      ("below quality floor", r.passed and not r.quality_ok),
                                      ("over VRAM budget", not r.fits)) if on]
-            psnr = "inf" if r.psnr_db is None and r.ms_ssim is not None else _num(r.psnr_db, ".1f")
+            psnr = "inf" if r.psnr_db is None and r.ms_ssim is not None else number(r.psnr_db, ".1f")
             name = f"**`{r.combo}`**" if r is d.recommended else f"`{r.combo}`"
-            lines.append(f"| {name} | {r.it_s:.3f} | {_num(r.speedup, '.2f')} | {r.peak_gib:.2f} | "
-                         f"{_num(r.ms_ssim, '.4f')} | {psnr} | {_num(r.energy_j_per_image, '.0f')} | "
-                         f"{_num(r.usd_per_1000, '.3f')} | {_num(r.compile_s, '.1f')} | {', '.join(notes)} |")
+            lines.append(f"| {name} | {r.it_s:.3f} | {number(r.speedup, '.2f')} | {r.peak_gib:.2f} | "
+                         f"{number(r.ms_ssim, '.4f')} | {psnr} | {number(r.energy_j_per_image, '.0f')} | "
+                         f"{number(r.usd_per_1000, '.3f')} | {number(r.compile_s, '.1f')} | {', '.join(notes)} |")
         if d.reference is not None and d.reference not in d.rows:
             lines += ["", f"BF16 eager reference from an earlier run: {d.reference.it_s:.3f} it/s, "
                           f"{d.reference.peak_gib:.2f} GiB."]

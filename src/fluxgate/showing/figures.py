@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
+from fluxgate.showing.text import NONE
 from fluxgate.storing.record import FAILED, Record
 
-NONE = "—"
 TREND_PANELS = (  # metric, axis label, key of its limit in the record's thresholds
     ("it_s", "it/s (median step)", "min_it_s"),
     ("peak_mem_gib", "peak memory GiB", "max_peak_mem_gib"),

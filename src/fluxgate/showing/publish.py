@@ -28,8 +28,9 @@ from fluxgate.errors import FluxgateError
 from fluxgate.judging import compare
 from fluxgate.matrix import Combo
 from fluxgate.showing import decision
-from fluxgate.showing.figures import NONE, rgb, write_grid, write_trend
+from fluxgate.showing.figures import rgb, write_grid, write_trend
 from fluxgate.showing.report import VERDICTS, spike_line, sync_line
+from fluxgate.showing.text import NONE, number
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.record import ERROR, FAILED, REMEASURE, SKIPPED, Record
 from fluxgate.storing.store import HistoryStore, file_name
@@ -72,10 +73,6 @@ def _median(records: list[Record], metric: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _num(value, spec: str) -> str:
-    return NONE if value is None else format(value, spec)
-
-
 def _delta(value, base) -> str:
     """Relative change in percent, signed; `—` without a base."""
     if value is None or not base:
@@ -98,11 +95,11 @@ def _row(record: Record, base: dict, verdict: str) -> list[str]:
     if not record.measured:
         return [f"`{record.combo}`", *[NONE] * 9, verdict]
     m = record.metrics
-    psnr_text = "inf" if m.psnr_db is None and m.ms_ssim is not None else _num(m.psnr_db, ".2f")
-    return [f"`{record.combo}`", _num(m.it_s, ".3f"), _delta(m.it_s, base.get("it_s")),
-            _num(m.peak_mem_gib, ".3f"), _delta(m.peak_mem_gib, base.get("peak_mem_gib")),
-            _num(m.ms_ssim, ".4f"), psnr_text, NONE if m.mfu_bf16 is None else f"{100 * m.mfu_bf16:.1f}%",
-            _num(m.energy_j, ".0f"), _gemm_path(record), verdict]
+    psnr_text = "inf" if m.psnr_db is None and m.ms_ssim is not None else number(m.psnr_db, ".2f")
+    return [f"`{record.combo}`", number(m.it_s, ".3f"), _delta(m.it_s, base.get("it_s")),
+            number(m.peak_mem_gib, ".3f"), _delta(m.peak_mem_gib, base.get("peak_mem_gib")),
+            number(m.ms_ssim, ".4f"), psnr_text, NONE if m.mfu_bf16 is None else f"{100 * m.mfu_bf16:.1f}%",
+            number(m.energy_j, ".0f"), _gemm_path(record), verdict]
 
 
 def _verdict(record: Record, given: dict | None) -> str:
