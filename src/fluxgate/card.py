@@ -7,19 +7,24 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fluxgate.errors import FluxgateError
 from fluxgate.showing import card
-from fluxgate.storing.local import load_paths
+from fluxgate.storing.fsstore import load_paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fluxgate.card", description=card.__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="history run files or folders of them")
+    parser.add_argument("runs", nargs="+", help="history run files or folders of them (paths or URLs)")
     parser.add_argument("--gpu-class", required=True, help="the class to make the card of, e.g. nvidia-h200")
     parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"),
                         help="holds <gpu-class>/thresholds.toml for the fixed limits [default: baselines]")
     parser.add_argument("--out", type=Path, default=None, help="write the card (markdown) here [default: print]")
     args = parser.parse_args(argv)
-    records = load_paths(args.runs)
+    try:
+        records = load_paths(args.runs)
+    except (FluxgateError, OSError) as error:  # a URL no fsspec backend serves, a folder that cannot be listed
+        print(f"fluxgate.card: error: {error}", file=sys.stderr)
+        return 2
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     thresholds = tomllib.loads(path.read_text()) if path.is_file() else None
     cards = card.build(records, args.gpu_class, thresholds)

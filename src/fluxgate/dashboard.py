@@ -9,13 +9,14 @@ from pathlib import Path
 
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import dashboard, decision
-from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing import open_store
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fluxgate.dashboard", description=dashboard.__doc__.split("\n\n")[0])
-    parser.add_argument("--history-dir", type=Path, default=Path(".fluxgate/history"), metavar="DIR",
-                        help="the benchmark history to show, every GPU class in it [default: .fluxgate/history]")
+    parser.add_argument("--history-dir", default=".fluxgate/history", metavar="DIR|URL",
+                        help="the benchmark history to show, every GPU class in it: a folder or a store URL such as "
+                             "s3://bucket/prefix (see --history-dir in README) [default: .fluxgate/history]")
     parser.add_argument("--out", type=Path, default=Path(".fluxgate/dashboard"), metavar="DIR",
                         help="where the site goes; an earlier site there is removed first; open DIR/index.html "
                              "[default: .fluxgate/dashboard]")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = decision.load(args.decision_file, args.vram_budget_gib,
                                  missing_ok=args.decision_file == decision.DEFAULT_FILE)
-        index = dashboard.build(LocalFolderStore(args.history_dir), args.out, args.baselines_dir, settings)
+        index = dashboard.build(open_store(args.history_dir), args.out, args.baselines_dir, settings)
     except (FluxgateError, OSError) as error:
         print(f"fluxgate.dashboard: error: {error}", file=sys.stderr)
         return 2

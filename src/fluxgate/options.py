@@ -93,7 +93,13 @@ def add(parser: pytest.Parser) -> None:
     group.addoption("--baselines-dir", default="baselines", metavar="DIR",
                     help="stored baselines, one folder per GPU class [default: baselines]")
     group.addoption("--history-dir", default=".fluxgate/history", metavar="DIR",
-                    help="benchmark history: this run adds one JSON file here [default: .fluxgate/history]")
+                    help="benchmark history: this run adds one JSON file (and its images) here. A folder, or a URL "
+                         "of an fsspec filesystem: an S3 or S3-compatible bucket s3://bucket/fluxgate/history "
+                         "(needs s3fs, the 's3' extra; endpoint and keys from fsspec's config or the environment, "
+                         "e.g. FSSPEC_S3_ENDPOINT_URL=http://minio:9000 AWS_ACCESS_KEY_ID=... "
+                         "AWS_SECRET_ACCESS_KEY=...), Google Cloud Storage gs://bucket/fluxgate/history (pip install "
+                         "gcsfs), a Hugging Face dataset hf://datasets/org/name/history (HF_TOKEN; each write is a "
+                         "commit), memory://history (one process, for tests) [default: .fluxgate/history]")
     group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
                     help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
                          ".fluxgate-cache]")

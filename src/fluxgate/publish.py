@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import decision, publish
-from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing import open_store
+from fluxgate.storing.fsio import is_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,9 +19,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Publish one fluxgate run from the benchmark history: summary.md (a PR comment), per-combo trend "
                     "plots (trends/*.png) and reference | candidate | difference grids for combos whose image "
                     "moved (grids/*.png).")
-    parser.add_argument("--history-dir", required=True, type=Path, metavar="DIR",
+    parser.add_argument("--history-dir", required=True, metavar="DIR",
                         help="benchmark history written by the pytest run (<run_id>.json files and image folders), "
-                             "e.g. .fluxgate/history")
+                             "a folder or URL, e.g. .fluxgate/history or s3://bucket/fluxgate/history")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="where to write summary.md, trends/ and grids/ (created if missing; an earlier report's "
                              "summary, decision and PNGs there are removed first)")
@@ -48,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning  # restored on exit; a skipped file is news, not a traceback
             settings = decision.load(args.decision_file, args.vram_budget_gib,
                                      missing_ok=args.decision_file == decision.DEFAULT_FILE)
-            if not args.history_dir.is_dir():
+            if not is_url(args.history_dir) and not Path(args.history_dir).is_dir():
                 raise publish.PublishError(f"--history-dir {args.history_dir}: no such directory")
-            publish.write_report(LocalFolderStore(args.history_dir), args.out, args.baselines_dir, args.run_id,
+            publish.write_report(open_store(args.history_dir), args.out, args.baselines_dir, args.run_id,
                                  progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
-    except FluxgateError as error:
+    except (FluxgateError, OSError) as error:
         print(f"fluxgate.publish: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -23,7 +23,8 @@ from fluxgate.matrix import RUNTIMES, Combo, combos, parse_names, parse_shard, s
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 from fluxgate.showing import report
-from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing import open_store
+from fluxgate.storing.fsio import is_url, resolve
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Settings:
     models_file: Path
     fixture_cache: Path
     baselines_dir: Path
-    history_dir: Path
+    history_dir: str  # a folder (resolved against the rootdir) or a URL, as given (`storing.open_store`)
     report_dir: Path | None
     decision_file: Path
     decision_file_given: bool  # False: the default file, which may be missing
@@ -58,12 +59,25 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
-        """Raises pytest.UsageError for a bad selection, percentage or a named input file that is missing."""
+        """Raises pytest.UsageError for a bad selection, percentage, a named input file that is missing or a
+        --history-dir URL that no installed fsspec backend serves."""
         get = config.getoption
 
         def path(option: str) -> Path:
             value = Path(get(option))
             return value if value.is_absolute() else config.rootpath / value
+
+        def history_location(value: str) -> str:
+            """A folder resolved against the rootdir, or a URL as given, once fsspec knows its backend."""
+            if not is_url(value):
+                return str(path("history_dir"))
+            from fluxgate.errors import HistoryError
+
+            try:
+                resolve(value)  # an unknown protocol or a backend not installed: a usage error before any combo
+            except HistoryError as error:
+                raise pytest.UsageError(f"--history-dir {error}") from None
+            return value
 
         named = [("--prompts", "prompts")] + ([("--models-file", "models_file")] if get("profile") == "real" else [])
         for flag, option in named:  # a file named on the command line: missing is a usage error, not 16 failures
@@ -81,7 +95,8 @@ class Settings:
             combos=tuple(shard(selected, *shard_of) if shard_of else selected), device=get("device"),
             profile=get("profile"), gpu_class=get("gpu_class"), prompts=path("prompts"),
             models_file=path("models_file"), fixture_cache=path("fixture_cache"), baselines_dir=path("baselines_dir"),
-            history_dir=path("history_dir"), report_dir=path("report_dir") if get("report_dir") else None,
+            history_dir=history_location(get("history_dir")),
+            report_dir=path("report_dir") if get("report_dir") else None,
             decision_file=path("decision_file"),
             decision_file_given=get("decision_file") != options.DEFAULT_DECISION_FILE,
             vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), warmup_steps=get("warmup_steps"),
@@ -98,7 +113,7 @@ class RunSession:
 
     def __init__(self, config: pytest.Config):
         self.settings = Settings.from_config(config)
-        self.store = LocalFolderStore(self.settings.history_dir)
+        self.store = open_store(self.settings.history_dir)
         self.rootpath = config.rootpath
         self.worker = workers.worker(config)  # (index, count) in an xdist worker
         self.controller = workers.controller_workers(config) > 0

@@ -201,7 +201,12 @@ class Gate:
 
         with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
             warnings.simplefilter("always")
-            earlier = [r for r in self.history.store.load() if r.run_id != self.history.run_id]
+            try:
+                earlier = [r for r in self.history.store.load() if r.run_id != self.history.run_id]
+            except OSError as error:  # a store that cannot be listed (network, permissions): no window, said once
+                earlier = []
+                warnings.warn(f"{self.history.store}: history not readable ({type(error).__name__}: {error}); every "
+                              "combo is judged without it (not comparable)", stacklevel=1)
         self.history_warnings = [str(warning.message) for warning in caught]
         # This run's own records, also when its file is not among the store's runs (an xdist worker's).
         records = earlier + [r.with_environment(self.history.environment) for r in self.history.records]

@@ -31,7 +31,7 @@ from fluxgate.showing import decision
 from fluxgate.showing.figures import rgb, write_grid, write_trend
 from fluxgate.showing.report import VERDICTS, spike_line, sync_line
 from fluxgate.showing.text import NONE, number
-from fluxgate.storing.local import LocalFolderStore
+from fluxgate.storing import open_store
 from fluxgate.storing.record import ERROR, FAILED, REMEASURE, SKIPPED, Record
 from fluxgate.storing.store import HistoryStore, file_name
 
@@ -240,8 +240,8 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
         "window_peak_mem_gib": float | None   base of the memory Δ
     Combos missing from `verdicts` fall back to the record's outcome and the history median.
     """
-    if isinstance(store, (str, Path)):  # transitional: session.py passes the history folder
-        store = LocalFolderStore(store)
+    if isinstance(store, (str, Path)):  # a folder or URL, as the command line gives it
+        store = open_store(store)
     out_dir, baselines_dir = Path(out_dir), Path(baselines_dir)
     records, skipped_files = _read_history(store)
     runs = _run_order(records)

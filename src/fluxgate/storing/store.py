@@ -1,6 +1,8 @@
 """Where history is kept, behind one small interface: a `HistoryStore` holds runs (each a `Run` of `Record`s) and
-their images; `RunWriter` appends the current run. `fluxgate.storing.local.LocalFolderStore` is the folder on disk;
-nothing outside `fluxgate.storing` knows how a store lays its runs out.
+their images; `RunWriter` appends the current run. `fluxgate.storing.open_store(location)` opens one: a folder on disk
+(`fluxgate.storing.local.LocalFolderStore`) or a URL of any fsspec filesystem, e.g. an S3 bucket
+(`fluxgate.storing.fsstore.FsspecStore`, the one place that knows how runs are laid out); nothing outside
+`fluxgate.storing` knows the layout.
 
 A run is written whole after every combo (readers never see a partial run) and never rewritten by another run.
 Reading skips an unreadable run with a warning naming it and returns every other record.

@@ -1,0 +1,338 @@
+"""The history on any fsspec filesystem: `FsspecStore`, the one `HistoryStore` (a local folder is
+`fluxgate.storing.local.LocalFolderStore`, this store on fsspec's local filesystem), and `RunObject`, its run writer.
+This module is the only code that knows the layout:
+
+    <root>/<run_id>.json              one run: {"schema": 1, "run_id", "started", "environment", "records": [...]}
+    <root>/<run_id>/<combo>.png       its images (a record's "image" is this path, relative to <root>)
+    <root>/.workers/<run_id>.json     a shard's run (an xdist worker's) until merged, then removed
+    <root>/.merged/<run_id>.json      runs of the root already merged into another run (kept, never read)
+
+Writes are whole or nothing (`fsio.write_whole`): a run object is rewritten after every combo, so an interrupted run
+leaves a readable object holding every combo that finished. Run ids are unique (`store.new_run_id`), so runners
+writing at once never touch each other's objects; a merge writes the merged run before it sets the shards aside, and
+readers skip a run that another run names in `merged_from`, so no record is lost or counted twice, even after a crash
+in between.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from fsspec.implementations.local import LocalFileSystem
+
+from fluxgate.errors import HistoryError
+from fluxgate.storing.fsio import backend_errors, resolve, write_whole
+from fluxgate.storing.record import Record
+from fluxgate.storing.store import Run, file_name, merge_runs, new_run_id, now, stamped
+
+SHARDS_DIR = ".workers"  # shard runs not merged yet: readers do not look there
+MERGED_DIR = ".merged"  # runs of the root merged into another run: kept, so nothing is lost, and not read
+READERS = 16  # objects read at once from a network store
+
+
+def dump(run: Run) -> bytes:
+    """A run document as stored (strict JSON: NaN is refused). Raises ValueError for a value JSON cannot hold."""
+    return (json.dumps(run.to_json(), indent=1, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
+
+
+def parse(data: bytes, source: str) -> Run:
+    """The run in a stored document. Raises ValueError for bytes that are no JSON, HistoryError for JSON that is no
+    run of a schema this version reads."""
+    return Run.from_json(json.loads(data), source)
+
+
+def _skip(source: str, error: Exception) -> None:
+    warnings.warn(f"{source}: skipped unreadable history file ({type(error).__name__}: {error})", stacklevel=4)
+
+
+@dataclass
+class RunObject:
+    """The current run in an FsspecStore: `<root>/<run_id>.json`, or `<root>/.workers/<run_id>.json` for a shard
+    (`open_run(..., shard=True)`); its images always go to `<root>/<run_id>/`."""
+
+    owner: FsspecStore
+    run_id: str
+    environment: dict
+    shard: bool = False
+    started: str = field(default_factory=now)
+    records: list[Record] = field(default_factory=list)  # as stored
+
+    @property
+    def key(self) -> str:
+        """The run object's path in the store's filesystem (written on the first `append`)."""
+        return self.owner.join(*((SHARDS_DIR,) if self.shard else ()), f"{self.run_id}.json")
+
+    @property
+    def location(self) -> str:
+        """The run object's path or URL."""
+        return self.owner.display(self.key)
+
+    @property
+    def store(self) -> FsspecStore:
+        """The store the run belongs to: the earlier runs this one is judged against."""
+        return self.owner
+
+    def save_image(self, combo_id: str, image) -> str:
+        """Write a PIL image, whole, as `<run_id>/<combo>.png` beside the run; returns that relative name (the
+        record's `image`). Raises OSError when it cannot be written."""
+        name = f"{self.run_id}/{file_name(combo_id)}.png"
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        write_whole(self.owner.fs, self.owner.join(name), buffer.getvalue())
+        return name
+
+    def append(self, record: Record) -> Record:
+        """Add one combo's record and rewrite the run object whole; returns the record as stored. Raises ValueError
+        (JSON cannot hold a value) or OSError; the records stored before stay stored."""
+        record = stamped(record, self.run_id)
+        data = dump(Run(self.run_id, self.environment, (*self.records, record), self.started))
+        write_whole(self.owner.fs, self.key, data)
+        self.records.append(record)  # only once it is stored: a failed write never poisons later appends
+        return record
+
+
+class FsspecStore:
+    """A HistoryStore under `root` of the fsspec filesystem `fs` (see the module docs for the layout). The root need
+    not exist yet. Build one with `fluxgate.storing.open_store(location)`."""
+
+    def __init__(self, fs, root: str):
+        self.fs = fs
+        self.root = root.rstrip("/") or root
+        self.local = isinstance(fs, LocalFileSystem)
+
+    def __str__(self) -> str:
+        return self.display(self.root)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def join(self, *names: str) -> str:
+        """A path under the root."""
+        return "/".join((self.root, *names))
+
+    def display(self, path: str) -> str:
+        """A path of the store's filesystem as users name it: a local path as it is, else a URL."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    # --- reading ---------------------------------------------------------------------------------------------------
+    def _entries(self) -> list[dict]:
+        """The root's entries, listed afresh (another runner may have written since); none for a missing root.
+        Raises OSError when the root cannot be listed."""
+        with backend_errors(str(self)):
+            self.fs.invalidate_cache(self.root)
+            try:
+                return self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return []
+
+    def _run_objects(self) -> list[str]:
+        names = (entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in self._entries() if entry["type"] == "file")
+        return sorted(self.join(name) for name in names if name.endswith(".json"))
+
+    def _read_many(self, paths: Sequence[str]) -> list[bytes | Exception]:
+        """Each object's bytes, or the exception reading it raised; read at once from a network store."""
+        def read(path: str) -> bytes | Exception:
+            try:
+                with backend_errors(self.display(path)):
+                    return self.fs.cat_file(path)
+            except OSError as error:
+                return error
+
+        if self.local or len(paths) < 2:
+            return [read(path) for path in paths]
+        with ThreadPoolExecutor(min(READERS, len(paths))) as pool:
+            return list(pool.map(read, paths))
+
+    def _runs(self) -> list[Run]:
+        """Every readable run of the root, oldest first, less those another run names as merged into it."""
+        runs = []
+        paths = self._run_objects()
+        for path, data in zip(paths, self._read_many(paths)):
+            if isinstance(data, FileNotFoundError):
+                continue  # set aside by a merge since it was listed: the merged run holds its records
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                runs.append(parse(data, self.display(path)))
+            except (OSError, ValueError, HistoryError) as error:
+                _skip(self.display(path), error)
+        merged = {shard for run in runs for shard in run.merged_from or ()}
+        return [run for run in runs if run.run_id not in merged]
+
+    def list_runs(self) -> list[str]:
+        """Run ids, oldest first (run ids start with their UTC start time). Raises OSError when the root cannot be
+        listed."""
+        return [path.rsplit("/", 1)[-1].removesuffix(".json") for path in self._run_objects()]
+
+    def load(self) -> list[Record]:
+        """Every record under the root, oldest run first; unreadable run objects are skipped with a UserWarning
+        naming them. A missing root holds no records. Raises OSError when the root cannot be listed."""
+        return [record for run in self._runs() for record in run.readable()]
+
+    def _candidates(self, run_id: str) -> tuple[str, str]:
+        return self.join(f"{run_id}.json"), self.join(SHARDS_DIR, f"{run_id}.json")
+
+    def _read_run(self, run_id: str) -> tuple[str, Run]:
+        """Run `run_id` (of the root, else a shard's) and its path. Raises HistoryError when there is none or it is
+        unreadable, naming it."""
+        for path in self._candidates(run_id):
+            data = self._read_many([path])[0]
+            if not isinstance(data, FileNotFoundError):
+                return path, self._parse_or_raise(data, self.display(path))
+        raise HistoryError(f"{self}: no run {run_id}")
+
+    @staticmethod
+    def _parse_or_raise(data: bytes | Exception, source: str) -> Run:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            return parse(data, source)
+        except (OSError, ValueError) as error:
+            raise HistoryError(f"{source}: not a readable history run file ({type(error).__name__}: {error})"
+                               ) from None
+
+    def load_run(self, run_id: str) -> list[Record]:
+        """Raises HistoryError when the run is missing or unreadable, naming its object."""
+        return self._read_run(run_id)[1].readable()
+
+    def location(self, run_id: str) -> str:
+        """Where run `run_id` is kept (where it would be, when it is not there yet). Raises OSError when the store
+        cannot be reached."""
+        root_path, shard_path = self._candidates(run_id)
+        with backend_errors(str(self)):
+            self.fs.invalidate_cache(self.root)
+            return self.display(shard_path if not self.fs.isfile(root_path) and self.fs.isfile(shard_path)
+                                else root_path)
+
+    def open_run(self, run_id: str, environment: dict, *, shard: bool = False) -> RunObject:
+        """The writer of run `run_id`; nothing is written before its first record. A shard's run goes to `.workers/`
+        until `merge`."""
+        return RunObject(self, run_id, environment, shard)
+
+    def read_image(self, name: str) -> bytes | None:
+        """The bytes of `<root>/<name>` (a record's `image`), None when it is gone or unreadable."""
+        data = self._read_many([self.join(name)])[0]
+        return None if isinstance(data, Exception) else data
+
+    def image_location(self, name: str) -> str:
+        """Where a record's `image` is kept."""
+        return self.display(self.join(name))
+
+    # --- pruning and merging ---------------------------------------------------------------------------------------
+    def prune_images(self, keep_runs: int) -> list[str]:
+        """Delete the image folders (`<run_id>/`, and those of the shards a merged run came from) of all but the
+        newest `keep_runs` runs; their records stay, with an `image` that no longer exists (reports say so). Returns
+        the folders removed. A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound. Raises
+        OSError when the root cannot be listed or a folder not removed."""
+        entries = self._entries()
+        folders = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"}
+        folders -= {SHARDS_DIR, MERGED_DIR}
+        runs = self._run_objects()
+        old = runs[:max(0, len(runs) - keep_runs)]
+        removed = []
+        for path, data in zip(old, self._read_many(old)):
+            run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
+            for folder in sorted(({run_id} | _image_folders(data)) & folders):
+                with backend_errors(self.display(self.join(folder))):
+                    try:
+                        self.fs.rm(self.join(folder), recursive=True)
+                    except FileNotFoundError:
+                        pass  # another runner pruned it first
+                folders.discard(folder)
+                removed.append(self.display(self.join(folder)))
+        return removed
+
+    def merge(self, run_ids: Sequence[str], *, run_id: str | None = None, mark: dict | None = None) -> str:
+        """Join the runs `run_ids` of this store (shards, or runs of the root) into one new run, then remove the
+        shards' objects and move the root's merged runs to `.merged/`; returns the new run's id. Raises HistoryError
+        naming the object for a missing, unreadable or overlapping shard, leaving everything as it was."""
+        sources = [(self.fs, self._read_run(shard)[0]) for shard in run_ids]
+        return self._merge(sources, run_id, mark)[0].run_id
+
+    def merge_files(self, locations: Sequence[str | os.PathLike], *, run_id: str | None = None,
+                    mark: dict | None = None) -> tuple[str, list[tuple[str, str]]]:
+        """`merge` for run files or objects anywhere, paths or URLs (`python -m fluxgate.merge`): the merged run goes
+        under this root; a given run that sits in the root moves to `.merged/` (one in `.workers/` is removed, one
+        elsewhere stays). Returns where the merged run is and the (from, to) moves. Raises HistoryError as `merge`
+        does, and for a backend fsspec does not know."""
+        sources = [resolve(location) for location in locations]
+        merged, moved = self._merge(sources, run_id, mark, names=[os.fspath(location) for location in locations])
+        return self.location(merged.run_id), moved
+
+    def _merge(self, sources: list[tuple], run_id: str | None, mark: dict | None,
+               names: list[str] | None = None) -> tuple[Run, list[tuple[str, str]]]:
+        names = names or [self._display_in(fs, path) for fs, path in sources]
+        shards = []
+        for name, (fs, path) in zip(names, sources):
+            try:
+                with backend_errors(name):
+                    data = fs.cat_file(path)
+            except OSError as error:
+                data = error
+            shards.append((name, self._parse_or_raise(data, name)))
+        merged = merge_runs(shards, run_id or new_run_id(), mark)
+        if merged.run_id in merged.merged_from:
+            raise HistoryError(f"--run-id {merged.run_id}: the id of a shard; the merged run needs an id of its own")
+        write_whole(self.fs, self.join(f"{merged.run_id}.json"), dump(merged))
+        return merged, self._set_aside(sources)
+
+    def _display_in(self, fs, path: str) -> str:
+        return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+    def _canonical(self, fs, path: str) -> str:
+        return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+    def _set_aside(self, sources: list[tuple]) -> list[tuple[str, str]]:
+        """Merged shards must not be read again (their measurements would count twice). The merged run is stored
+        already, so a crash in here loses nothing, and readers skip a shard the merged run names."""
+        moved = []
+        root = self._canonical(self.fs, self.root)
+        for canonical, (fs, path) in {self._canonical(fs, path): (fs, path) for fs, path in sources}.items():
+            parent, name = canonical.rsplit("/", 1)
+            with backend_errors(self._display_in(fs, path)):
+                if parent == f"{root}/{SHARDS_DIR}":
+                    fs.rm(path)
+                elif parent == root:
+                    aside = self.join(MERGED_DIR, name)
+                    self.fs.makedirs(self.join(MERGED_DIR), exist_ok=True)
+                    self.fs.mv(path, aside)
+                    moved.append((self._display_in(fs, path), self.display(aside)))
+        return moved
+
+
+def load_paths(locations: Sequence[str | os.PathLike]) -> list[Record]:
+    """Every record of the given run files or objects and folders of them (each folder read as a store), paths or
+    URLs, in the order given; unreadable runs are skipped with a warning naming them. Raises HistoryError for a URL
+    no installed fsspec backend serves, OSError when a folder cannot be listed."""
+    records = []
+    for location in locations:
+        fs, path = resolve(location)
+        with backend_errors(os.fspath(location)):
+            folder = fs.isdir(path)
+        if folder:
+            records += FsspecStore(fs, path).load()
+            continue
+        try:
+            with backend_errors(os.fspath(location)):
+                data = fs.cat_file(path)
+            records += parse(data, os.fspath(location)).readable()
+        except (OSError, ValueError, HistoryError) as error:
+            _skip(os.fspath(location), error)
+    return records
+
+
+def _image_folders(data: bytes | Exception) -> set[str]:
+    """The image folders a run document's records name (a merged run's images stay in its shards' folders); read
+    leniently: an unreadable document names none."""
+    try:
+        records = json.loads(data).get("records") or []
+        return {str(record["image"]).split("/")[0] for record in records
+                if isinstance(record, dict) and record.get("image")}
+    except (ValueError, AttributeError, TypeError):
+        return set()
