@@ -4,45 +4,62 @@ One function, `identify(path)`, answers for a safetensors file, a GGUF file or a
 and the few small marker tensors only (never the weights). The layouts it tells apart, and where each comes from:
 
 - `bf16` / `fp16` / `fp32`: plain tensors (BFL releases, Comfy-Org split files, ComfyUI ModelSave).
-- `bfl-fp8`: e4m3 `weight` with an fp32 per-row `weight_scale` `[N]` (diffusers' BFL fp8r quantizer).
-- `comfy-scaled-fp8`: ComfyUI's legacy "scaled fp8": e4m3 `weight`, scalar `scale_weight`, marker `scaled_fp8`.
-- `comfy-mixed-fp8`: ComfyUI's mixed-precision files (Comfy-Org `*_fp8mixed`): a `<layer>.comfy_quant` uint8 JSON
-  tensor `{"format": "float8_e4m3fn"}` per quantized linear, or `_quantization_metadata` in the header, with a
-  scalar fp32 `weight_scale` (ComfyUI QUANTIZATION.md, comfy/ops.py).
-- `comfy-nvfp4`: the same markers with `{"format": "nvfp4"}` (comfy-kitchen): packed E2M1 `weight` uint8 `[N, K/2]`,
-  FIRST value of a pair in the HIGH nibble, E4M3 `weight_scale` in cuBLAS's 128x4-tile layout, fp32
-  `weight_scale_2`, `input_scale` optional.
-- `modelopt-nvfp4`: uint8 `weight` with `weight_scale` and `weight_scale_2` and no ComfyUI marker: ModelOpt's
-  layout (first value in the LOW nibble, row-major block scales).
-- `gguf`: city96 / llama.cpp GGUF; its precision follows the quantization types of its 2-D weights (Q8_0 -> `gguf-q8_0`,
-  any other type -> no fluxgate precision), its family the tensor names (city96 writes FLUX.2 as arch `flux`).
+- `bfl-fp8`: e4m3 `weight` with an fp32 per-row `weight_scale` `[N]` (diffusers' BFL `fp8r` scheme).
+- `scalar-scale-fp8`: e4m3 `weight` with one fp32 `weight_scale` per tensor and no ComfyUI marker (ModelOpt's FP8
+  export; `fp8-unscaled`, a plain e4m3 cast without scales, fills no slot).
+- `comfy-scaled-fp8`: ComfyUI's legacy "scaled fp8": e4m3 `weight`, scalar `scale_weight`, marker `scaled_fp8`
+  (ComfyUI comfy/utils.py `convert_old_quants`).
+- `comfy-mixed-fp8`: ComfyUI's mixed-precision checkpoint format (ComfyUI QUANTIZATION.md, comfy/utils.py
+  `convert_old_quants`, comfy/ops.py): quantized linears listed in the header's `_quantization_metadata`
+  (`{"format_version": "1.0", "layers": {<layer>: {"format": "float8_e4m3fn"}}}`) or marked by a `<layer>.comfy_quant`
+  uint8 JSON tensor, with a scalar fp32 `weight_scale` (and optional `input_scale`). Comfy-Org's `*_fp8mixed` files,
+  and BFL's own fp8 releases of FLUX.2, which ComfyUI loads as they are.
+- `comfy-nvfp4`: the same markers with `{"format": "nvfp4"}` (comfy-kitchen `quantize_nvfp4(hi_first=True)`):
+  packed E2M1 `weight` uint8 `[N, K/2]`, FIRST value of a pair in the HIGH nibble, E4M3 `weight_scale` in cuBLAS's
+  128x4-tile layout, fp32 `weight_scale_2`, `input_scale` optional. Comfy-Org's and BFL's NVFP4 releases.
+- `modelopt-nvfp4`: uint8 `weight` with `weight_scale` and `weight_scale_2` and no ComfyUI marker: ModelOpt's layout
+  (first value in the LOW nibble, row-major block scales), diffusers' BFL `nvfp4` scheme.
+- `gguf`: city96 / llama.cpp / sd.cpp GGUF whose quantized weights are all Q8_0 (`gguf-q8_0`); `gguf-<TYPES>` for
+  any other: the quantized types of its 2-D weights by gguf-py's `GGMLQuantizationType` names, most common first
+  (`gguf-Q4_0`, `gguf-Q4_K+Q6_K`, `gguf-IQ4_XS`, `gguf-NVFP4`, `gguf-BF16` when nothing is quantized), with
+  `general.file_type` and the type histogram in `detail`; none of those fills a fluxgate slot. Its family follows the tensor names (city96 writes FLUX.2 as arch `flux`, Z-Image as
+  `lumina2`).
 - `diffusers-folder`: a diffusers model folder (`config.json` + one or more safetensors shards, an index json).
 
 Key prefixes (`model.diffusion_model.` of ComfyUI checkpoints and ModelSave files, `diffusion_model.`, `model.`) are
-found and reported, never part of the answer about the model.
+found and reported, never part of the answer about the model; a full ComfyUI checkpoint's other tensors (VAE, text
+encoders) are left out of it, as ComfyUI-GGUF's tools/convert.py `strip_prefix` does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
+from fluxgate.weights.headers import gguf_field, gguf_reader, read_safetensors_header
 
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 GGUF_Q8_0_COMPANIONS = {"F32", "F16", "BF16"}  # what stays high precision beside Q8_0 in a Q8_0 file
 COMFY_FORMATS = {"float8_e4m3fn": ("fp8-scaled", "comfy-mixed-fp8"), "nvfp4": ("nvfp4", "comfy-nvfp4")}
+# What each slot of the models file takes, as the one-line refusal says it.
+PRECISION_NEEDS = {
+    "bf16": "bf16 weights (a safetensors file or a diffusers folder)",
+    "fp8-scaled": "e4m3 weights with fp32 scales (fp8r, ComfyUI scaled or mixed fp8)",
+    "gguf-q8_0": "a GGUF file whose quantized weights are all Q8_0",
+    "nvfp4": "NVFP4 safetensors (ModelOpt or ComfyUI layout)",
+}
 
 
 @dataclass(frozen=True)
 class Identity:
     """A checkpoint's identification. `family`: "flux1", "flux2", "z-image" or None (unrecognised); `precision`: the
     fluxgate precision it can fill ("bf16", "fp8-scaled", "gguf-q8_0", "nvfp4") or None; `layout`: the on-disk layout
-    (module docs); `prefix`: the key prefix its tensors carry ("" for none); `tensor_types`: tensor count per dtype or
-    GGUF type; `detail`: a short human description."""
+    (module docs); `prefix`: the key prefix its model's tensors carry ("" for none); `tensor_types`: tensor count per
+    dtype or GGUF type (the model's tensors only); `detail`: a short human description."""
 
     path: str
     family: str | None
@@ -77,73 +94,56 @@ def family_of(keys: list[str]) -> str | None:
     return None
 
 
-def common_prefix(keys: list[str]) -> str:
-    """The first of PREFIXES that every key but metadata markers starts with, else ""."""
-    named = [key for key in keys if key not in ("scaled_fp8",)]
-    return next((p for p in PREFIXES if named and all(key.startswith(p) for key in named)), "")
+def model_prefix(keys: list[str]) -> str:
+    """The key prefix of the model's tensors: the first of PREFIXES under which the names are a flux1, flux2 or
+    z-image model (a full ComfyUI checkpoint also holds a VAE and text encoders under other prefixes), else the first
+    that every key carries, else ""."""
+    for prefix in PREFIXES:
+        under = [key[len(prefix):] for key in keys if key.startswith(prefix)]
+        if under and family_of(under):
+            return prefix
+    return next((p for p in PREFIXES if keys and all(key.startswith(p) for key in keys)), "")
 
 
 def identify(path: Path) -> Identity:
     """Identify the checkpoint at `path` (a .safetensors or .gguf file, or a diffusers folder).
 
     Raises FixtureError, one line naming the path, for a missing path, an index json or a single shard of a
-    sharded folder (give the folder), and an unreadable or unknown file."""
+    sharded folder (give the folder), and an unreadable, truncated, damaged or unknown file."""
     path = Path(path)
-    if path.is_dir():
-        return _folder(path)
-    if not path.is_file():
+    if not path.exists():
         raise FixtureError(f"{path}: not found")
     if path.name.endswith(".index.json"):
         raise FixtureError(f"{path}: the index of a sharded diffusers folder; give the folder {path.parent} instead")
-    if path.suffix == ".gguf":
-        return _gguf(path)
-    if path.suffix == ".safetensors":
-        if "-of-" in path.stem and any(path.parent.glob("*.safetensors.index.json")):
-            raise FixtureError(f"{path}: one shard of a sharded diffusers folder; give the folder {path.parent} "
-                               "instead")
-        return _safetensors(path)
-    raise FixtureError(f"{path}: not a checkpoint fluxgate reads (.safetensors, .gguf or a diffusers folder)")
-
-
-def safetensors_header(path: Path) -> tuple[dict[str, dict], dict, int]:
-    """A safetensors file's header, read without its tensor data: {key: {"dtype", "shape", "data_offsets"}}, its
-    `__metadata__` ({} when absent), and the byte offset where the tensor data starts.
-
-    The format (huggingface/safetensors, README "Format"): an unsigned 64-bit little-endian header length N, N bytes of
-    JSON, then the data its `data_offsets` index. Raises OSError when the file cannot be read, ValueError
-    (json.JSONDecodeError among them) when N does not fit the file (a truncated or corrupt file) or the JSON is not an
-    object."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        length_field = handle.read(8)
-        length = int.from_bytes(length_field, "little")
-        if len(length_field) < 8 or not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"truncated or corrupt: header length {length} does not fit the file's {size} bytes")
-        header = json.loads(handle.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata, 8 + length
-
-
-def _header(path: Path) -> tuple[dict[str, dict], dict]:
-    """`safetensors_header`'s tensors and metadata; FixtureError naming the file when it cannot be read."""
+    if path.suffix == ".safetensors" and "-of-" in path.stem and any(path.parent.glob("*.safetensors.index.json")):
+        raise FixtureError(f"{path}: one shard of a sharded diffusers folder; give the folder {path.parent} instead")
+    reader = _folder if path.is_dir() else {".gguf": _gguf, ".safetensors": _safetensors}.get(path.suffix)
+    if reader is None:
+        raise FixtureError(f"{path}: not a checkpoint fluxgate reads (.safetensors, .gguf or a diffusers folder)")
     try:
-        header, metadata, _ = safetensors_header(path)
-    except (OSError, ValueError) as error:
-        raise FixtureError(f"{path}: unreadable safetensors header ({type(error).__name__}: {error})") from None
-    return header, metadata
+        return reader(path)
+    except FixtureError:
+        raise
+    except Exception as error:  # noqa: BLE001 - header parsers fail in many ways on a damaged file
+        raise FixtureError(f"{path}: cannot identify it ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:200]})") from None
 
 
-def _comfy_formats(path: Path, header: dict, metadata: dict) -> Counter:
-    """Layer count per ComfyUI quantization format, from `_quantization_metadata` or `comfy_quant` tensors."""
-    formats: Counter = Counter()
+def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, str], str]:
+    """The model's ComfyUI-quantized linears: {layer name without `prefix`: format}, and where they are marked
+    ("_quantization_metadata", "comfy_quant tensors", both, or "" for none), as ComfyUI's `convert_old_quants` reads
+    them. A listed layer is the model's when `<prefix><layer>.weight` is a tensor of the file; names in the metadata
+    may carry the prefix (or another of PREFIXES) or not. Raises FixtureError naming the file for a marker that is not
+    ComfyUI's JSON, and for markers that name no tensor of the file (its layers could not be told from ModelOpt's)."""
+    listed: dict[str, str] = {}
+    sources = []
     if "_quantization_metadata" in metadata:
         try:
             layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
-            formats.update(str((conf or {}).get("format")) for conf in layers.values())
+            listed.update({name: str((conf or {}).get("format")) for name, conf in layers.items()})
         except (ValueError, AttributeError) as error:
             raise FixtureError(f"{path}: unreadable _quantization_metadata ({error})") from None
+        sources.append("_quantization_metadata")
     markers = [key for key in header if key.endswith(".comfy_quant")]
     if markers:
         from safetensors import safe_open
@@ -151,41 +151,53 @@ def _comfy_formats(path: Path, header: dict, metadata: dict) -> Counter:
         with safe_open(str(path), framework="pt") as handle:
             for key in markers:
                 try:
-                    formats[str(json.loads(bytes(handle.get_tensor(key).tolist())).get("format"))] += 1
+                    listed[key.removesuffix(".comfy_quant")] = str(json.loads(bytes(handle.get_tensor(key).tolist()))
+                                                                   .get("format"))
                 except (ValueError, AttributeError) as error:
                     raise FixtureError(f"{path}: {key} is not ComfyUI's JSON marker ({error})") from None
-    return formats
+        sources.append("comfy_quant tensors")
+    own = {}
+    for name, fmt in listed.items():
+        bare = [name.removeprefix(p) for p in (prefix, *PREFIXES) if name.startswith(p)] + [name]
+        layer = next((b for b in bare if f"{prefix}{b}.weight" in header), None)
+        if layer is not None:
+            own[layer] = fmt
+    if listed and not own and not any(f"{name}.weight" in header for name in listed):  # others: a VAE's, an encoder's
+        raise FixtureError(f"{path}: its {' and '.join(sources)} list {len(listed)} quantized layers, e.g. "
+                           f"'{next(iter(listed))}', but name none of its tensors")
+    return own, " and ".join(sources)
 
 
 def _safetensors(path: Path) -> Identity:
-    header, metadata = _header(path)
-    keys = list(header)
-    dtypes = Counter(str(entry.get("dtype")) for entry in header.values())
-    prefix = common_prefix(keys)
+    header, metadata = read_safetensors_header(path)
+    prefix = model_prefix(list(header))
+    model = {key[len(prefix):]: entry for key, entry in header.items() if key.startswith(prefix)}
+    keys = list(model)
+    dtypes = Counter(str(entry.get("dtype")) for entry in model.values())
+    ignored = len(header) - len(model)
     family = family_of(keys)
 
     def identity(precision, layout, detail=""):
-        return Identity(str(path), family, precision, layout, prefix, dict(dtypes), detail)
+        left_out = f"{ignored} tensors outside '{prefix}' (VAE, text encoders) left out" if ignored else ""
+        notes = "; ".join(note for note in (detail, left_out) if note)
+        return Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes)
 
-    formats = _comfy_formats(path, header, metadata)
-    if formats:
-        known = [COMFY_FORMATS[f] for f in formats if f in COMFY_FORMATS]
-        if len(formats) == 1 and known:
-            return identity(*known[0], f"{sum(formats.values())} layers marked {next(iter(formats))}")
-        return identity(None, "comfy-mixed", "layers: " + ", ".join(f"{n}x {f}" for f, n in formats.items()))
+    layers, marked_by = comfy_layers(path, header, metadata, prefix)
+    if layers:
+        formats = Counter(layers.values())
+        if len(formats) == 1 and next(iter(formats)) in COMFY_FORMATS:
+            return identity(*COMFY_FORMATS[next(iter(formats))],
+                            f"{len(layers)} layers marked {next(iter(formats))} in {marked_by}")
+        return identity(None, "comfy-mixed", "layers: " + ", ".join(f"{n}x {f}" for f, n in formats.most_common()))
     if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
         return identity("fp8-scaled", "comfy-scaled-fp8")
-    weights = {key: entry for key, entry in header.items()
+    weights = {key: entry for key, entry in model.items()
                if key.endswith(".weight") and len(entry.get("shape", ())) == 2}
     weight_dtypes = Counter(str(entry["dtype"]) for entry in weights.values())
     if weight_dtypes.get("U8") and any(key.endswith(".weight_scale_2") for key in keys):
         return identity("nvfp4", "modelopt-nvfp4", f"{weight_dtypes['U8']} packed E2M1 weights")
     if weight_dtypes.get("F8_E4M3"):
-        scales = [header.get(key.removesuffix(".weight") + ".weight_scale") for key, entry in weights.items()
-                  if entry["dtype"] == "F8_E4M3"]
-        if scales and all(s is not None and len(s.get("shape", ())) == 1 and s["shape"][0] > 1 for s in scales):
-            return identity("fp8-scaled", "bfl-fp8", f"{len(scales)} e4m3 weights, per-row scales")
-        return identity(None, "fp8-per-tensor", f"{weight_dtypes['F8_E4M3']} e4m3 weights without per-row scales")
+        return identity(*_fp8_scales(model, [key for key, entry in weights.items() if entry["dtype"] == "F8_E4M3"]))
     if weight_dtypes.get("F8_E5M2"):
         return identity(None, "fp8-e5m2")
     plain = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
@@ -195,36 +207,42 @@ def _safetensors(path: Path) -> Identity:
     return identity(None, "unknown", "weights: " + ", ".join(f"{n}x {d}" for d, n in weight_dtypes.items()))
 
 
+def _fp8_scales(model: dict[str, dict], fp8_weights: list[str]) -> tuple[str | None, str, str]:
+    """(precision, layout, detail) of unmarked e4m3 weights, from their `weight_scale` shapes: per row `[N]` is
+    `bfl-fp8`; one fp32 number each is `scalar-scale-fp8` (ModelOpt's FP8 export, ComfyUI fp8 without its markers;
+    value = e4m3 x scale either way); no scale at all (a plain cast) or a mix fills no slot."""
+    scales = [model.get(key.removesuffix(".weight") + ".weight_scale") for key in fp8_weights]
+    shapes = [tuple(scale.get("shape", ())) if scale else None for scale in scales]
+    if all(shape is not None and len(shape) == 1 and shape[0] > 1 for shape in shapes):
+        return "fp8-scaled", "bfl-fp8", f"{len(scales)} e4m3 weights, per-row scales"
+    if all(shape is not None and math.prod(shape) == 1 and scale.get("dtype") == "F32"
+           for shape, scale in zip(shapes, scales)):
+        return "fp8-scaled", "scalar-scale-fp8", f"{len(scales)} e4m3 weights, one fp32 scale each, no ComfyUI marker"
+    if all(shape is None for shape in shapes):
+        return None, "fp8-unscaled", f"{len(scales)} e4m3 weights without a weight_scale (a plain cast)"
+    return None, "fp8-mixed-scales", f"{len(scales)} e4m3 weights, weight_scale shapes {sorted(set(map(str, shapes)))}"
+
+
 def _gguf(path: Path) -> Identity:
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as error:  # noqa: BLE001 - the reader fails in many ways on a cut or damaged file
-        raise FixtureError(f"{path}: unreadable GGUF file ({type(error).__name__}: "
-                           f"{' '.join(str(error).split())[:160]})") from None
-
-    def field_value(name: str):
-        found = reader.fields.get(name)
-        if found is None or not found.data:
-            return None
-        part = found.parts[found.data[0]]
-        return bytes(part).decode("utf-8", "replace") if found.types and found.types[0] == gguf.GGUFValueType.STRING \
-            else part.tolist()[0] if hasattr(part, "tolist") else part
-
-    arch = field_value("general.architecture")
-    names = [tensor.name for tensor in reader.tensors]
-    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
-    weight_types = Counter(tensor.tensor_type.name for tensor in reader.tensors
+    reader = gguf_reader(path)
+    arch = gguf_field(reader, "general.architecture")
+    file_type = gguf_field(reader, "general.file_type")
+    prefix = model_prefix([tensor.name for tensor in reader.tensors])
+    tensors = [tensor for tensor in reader.tensors if tensor.name.startswith(prefix)]
+    types = Counter(tensor.tensor_type.name for tensor in tensors)
+    weight_types = Counter(tensor.tensor_type.name for tensor in tensors
                            if len(tensor.shape) >= 2 and tensor.name.endswith(".weight"))
-    quantized = {t: n for t, n in weight_types.items() if t not in GGUF_Q8_0_COMPANIONS}
-    detail = f"arch {arch}, " + ", ".join(f"{n}x {t}" for t, n in types.most_common())
-    if quantized and set(quantized) == {"Q8_0"}:
+    quantized = Counter({t: n for t, n in weight_types.items() if t not in GGUF_Q8_0_COMPANIONS})
+    if set(quantized) == {"Q8_0"}:
         precision, layout = "gguf-q8_0", "gguf"
-    else:
-        dominant = max(quantized, key=quantized.get) if quantized else "unquantized"
-        precision, layout = None, f"gguf-{dominant}"
-    return Identity(str(path), family_of(names), precision, layout, common_prefix(names), dict(types), detail)
+    else:  # by type name, most common first: "gguf-Q4_K+Q6_K" (a Q4_K_M file), "gguf-BF16" (unquantized)
+        precision, layout = None, "gguf-" + ("+".join(t for t, _ in (quantized or weight_types).most_common()) or "empty")
+    names = {t.value: t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
+    kind = f", file type {names.get(file_type, file_type)}" if file_type is not None else ""
+    detail = f"arch {arch or 'none (sd.cpp)'}{kind}, " + ", ".join(f"{n}x {t}" for t, n in types.most_common())
+    return Identity(str(path), family_of([t.name for t in tensors]), precision, layout, prefix, dict(types), detail)
 
 
 def is_model_folder(path: Path) -> bool:
@@ -237,14 +255,14 @@ def _folder(path: Path) -> Identity:
     if not is_model_folder(path):
         raise FixtureError(f"{path}: a folder, but not a diffusers model folder (needs config.json and *.safetensors)"
                            "; give a checkpoint file or a transformer/ folder")
-    headers = [_header(shard)[0] for shard in shards]
+    headers = [read_safetensors_header(shard)[0] for shard in shards]
     keys = [key for header in headers for key in header]
     dtypes = Counter(str(entry.get("dtype")) for header in headers for entry in header.values())
     weight_dtypes = Counter(str(entry.get("dtype")) for header in headers for key, entry in header.items()
                             if key.endswith(".weight") and len(entry.get("shape", ())) == 2)
     dominant = weight_dtypes.most_common(1)[0][0] if weight_dtypes else "?"
     return Identity(str(path), family_of(keys), "bf16" if dominant == "BF16" else None, "diffusers-folder",
-                    common_prefix(keys), dict(dtypes), f"{len(shards)} shard(s), weights {dominant}")
+                    model_prefix(keys), dict(dtypes), f"{len(shards)} shard(s), weights {dominant}")
 
 
 def check_slot(identity: Identity, model: str, precision: str) -> None:
@@ -253,7 +271,7 @@ def check_slot(identity: Identity, model: str, precision: str) -> None:
     wanted = MODEL_FAMILY.get(model)
     problems = []
     if identity.precision != precision:
-        problems.append(f"the {precision} slot needs {precision}")
+        problems.append(f"the {precision} slot needs {PRECISION_NEEDS.get(precision, precision)}")
     if identity.family is not None and wanted is not None and identity.family != wanted:
         problems.append(f"the {model} slot needs a {wanted} model")
     if identity.family is None and identity.precision is not None:

@@ -3,30 +3,38 @@
 `adapt(identity, path)` returns what `from_single_file` takes (the path itself, or a state dict) and a one-line note
 of what was changed. Each adapter is the smallest mapping for its layout (`fluxgate.weights.identify` names the layouts):
 
-- a key prefix (`model.diffusion_model.` and the like, safetensors or GGUF): stripped.
-- `comfy-scaled-fp8` (legacy) and `comfy-mixed-fp8`: e4m3 weights with ONE fp32 scale per tensor (`scale_weight`
+- a key prefix (`model.diffusion_model.` and the like, safetensors or GGUF): stripped; a full ComfyUI checkpoint's
+  tensors outside it (VAE, text encoders) are left out.
+- `comfy-scaled-fp8` (legacy), `comfy-mixed-fp8` and `scalar-scale-fp8`: e4m3 weights with ONE fp32 scale per tensor (`scale_weight`
   or a scalar `weight_scale`) -> diffusers' BFL fp8r layout, whose `weight_scale` is per row `[N]`: the scalar is
   repeated for every row (exact: the same number). `input_scale` / `scale_input` (static activation scaling) has no
   counterpart in fp8r and is dropped; ComfyUI's `comfy_quant` markers are dropped.
-- `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads): the two E2M1 values of each byte
-  swapped (ComfyUI packs the first value in the HIGH nibble, ModelOpt in the LOW one), the E4M3 block scales taken
-  out of cuBLAS's 128x4-tile layout into row-major `[N, K/16]` (comfy-kitchen `to_blocked`: a scale at row r,
-  column c of the padded `[ceil128(N), ceil4(K/16)]` matrix sits at tile (r // 128, c // 4), offset
-  (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4 of the tile's 512). A missing `input_scale` (ComfyUI computes
-  activation scales at run time) is given as 1.0, since diffusers' loader requires the key: only an FP4 GEMM reads
-  it, and the note says so.
-Everything else is passed to diffusers as the file it is.
+- `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads), for the layers the header's
+  `_quantization_metadata` or `comfy_quant` tensors mark (`identify.comfy_layers`, as ComfyUI's `convert_old_quants`):
+  the two E2M1 values of each byte swapped (comfy-kitchen packs the first value in the HIGH nibble, ModelOpt in the
+  LOW one), the E4M3 block scales taken out of cuBLAS's 128x4-tile layout into row-major `[N, K/16]` (comfy-kitchen
+  `to_blocked`: a scale at row r, column c of the padded `[ceil128(N), ceil4(K/16)]` matrix sits at tile
+  (r // 128, c // 4), offset (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4 of the tile's 512). A missing
+  `input_scale` (ComfyUI computes activation scales at run time) is given as 1.0, since diffusers' loader requires
+  the key: only an FP4 GEMM reads it, and the note says so.
+- GGUF: a tensor no `GGUFLinear` holds (not a 2-D `.weight`: norms, Z-Image's pad tokens) stored in a type such as
+  BF16 is dequantized to a plain tensor (ComfyUI-GGUF's loader does so for 1-D BF16; BF16 to float is exact), and
+  Z-Image's `x_pad_token` / `cap_pad_token`, `[1, dim]` in the model, come back to that shape when stored flattened
+  `[dim]` (llama.cpp's quantize writes `ggml_n_dims` dimensions, dropping the trailing 1; city96's tools/lcpp.patch
+  leaves lumina2's non-2-D tensors unquantized).
+Everything else is passed to diffusers as the file it is. Any failure reading the tensors is a FixtureError naming the
+file.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from fluxgate.errors import FixtureError
-from fluxgate.weights.identify import Identity
+from fluxgate.weights.headers import read_safetensors_header
+from fluxgate.weights.identify import Identity, comfy_layers
 
 NVFP4_BLOCK = 16
 
@@ -50,17 +58,13 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return ((packed & 0x0F) << 4) | (packed >> 4)
 
 
-def _comfy_marker_keys(state_dict: dict) -> list[str]:
-    return [key for key in state_dict if key.endswith(".comfy_quant")]
-
-
-def comfy_nvfp4_to_modelopt(state_dict: dict, path: Path) -> tuple[dict, int]:
-    """The state dict with every ComfyUI NVFP4 linear in the ModelOpt layout; returns it and how many linears had
-    no `input_scale`. Raises FixtureError naming the file and tensor when a layer's tensors do not fit."""
+def comfy_nvfp4_to_modelopt(state_dict: dict, layers, path: Path) -> tuple[dict, int]:
+    """The state dict with every ComfyUI NVFP4 linear of `layers` (layer names, no `.weight`) in the ModelOpt layout
+    and its `comfy_quant` markers dropped; returns it and how many linears had no `input_scale`. Raises FixtureError
+    naming the file and tensor when a layer's tensors do not fit."""
     out = {key: value for key, value in state_dict.items() if not key.endswith(".comfy_quant")}
     missing_input_scale = 0
-    for marker in _comfy_marker_keys(state_dict):
-        layer = marker.removesuffix(".comfy_quant")
+    for layer in layers:
         weight, scale = state_dict.get(f"{layer}.weight"), state_dict.get(f"{layer}.weight_scale")
         if weight is None or scale is None or weight.dtype != torch.uint8 or weight.ndim != 2:
             raise FixtureError(f"{path}: {layer}: an nvfp4 layer needs a uint8 [N, K/2] weight and a weight_scale")
@@ -95,8 +99,38 @@ def per_tensor_fp8_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
     return out, changed
 
 
-def _strip(state_dict: dict, prefix: str) -> dict:
-    return {key.removeprefix(prefix): value for key, value in state_dict.items()} if prefix else state_dict
+PAD_TOKENS = ("x_pad_token", "cap_pad_token")  # Z-Image's `[1, dim]` parameters (diffusers and Tongyi keys alike)
+
+
+def gguf_plain_tensors(state_dict: dict) -> tuple[dict, list[str]]:
+    """A GGUF state dict (diffusers' `load_gguf_checkpoint`) with the tensors no GGUFLinear holds made plain and
+    Z-Image's flattened pad tokens given their `[1, dim]` shape (module docs); returns it and notes of what changed."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    out, plain, reshaped = {}, [], []
+    for key, value in state_dict.items():
+        if isinstance(value, GGUFParameter) and (not key.endswith(".weight") or value.ndim < 2
+                                                 or key.endswith(PAD_TOKENS)):
+            plain.append(f"{key} ({value.quant_type.name})")
+            value = dequantize_gguf_tensor(value).to(torch.bfloat16)
+        if key.endswith(PAD_TOKENS) and value.ndim == 1:
+            reshaped.append(key)
+            value = value.reshape(1, -1)
+        out[key] = value
+    notes = []
+    if plain:
+        notes.append(f"{len(plain)} tensors no GGUF linear holds made plain: {', '.join(plain)}")
+    if reshaped:
+        notes.append(f"flattened {', '.join(reshaped)} given shape [1, dim]")
+    return out, notes
+
+
+def _model_part(state_dict: dict, prefix: str) -> tuple[dict, int]:
+    """The tensors under `prefix`, without it, and how many others were left out."""
+    if not prefix:
+        return state_dict, 0
+    model = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return model, len(state_dict) - len(model)
 
 
 def _load(path: Path) -> dict:
@@ -109,28 +143,43 @@ def _load(path: Path) -> dict:
     return load_file(str(path))
 
 
+PER_TENSOR_FP8 = ("comfy-scaled-fp8", "comfy-mixed-fp8", "scalar-scale-fp8")
+
+
 def adapt(identity: Identity, path: Path) -> tuple[Path | dict, str]:
     """What to hand diffusers' `from_single_file` for this checkpoint, and a note of any change made (module docs).
-    Raises FixtureError naming the file for a layout with no adapter."""
-    changes = []
-    needs_dict = identity.prefix or identity.layout in ("comfy-scaled-fp8", "comfy-mixed-fp8", "comfy-nvfp4")
-    if not needs_dict:
+    Raises FixtureError, one line naming the file, for tensors that cannot be read or do not fit their layout."""
+    path = Path(path)
+    if not (identity.prefix or identity.layout in (*PER_TENSOR_FP8, "comfy-nvfp4") or path.suffix == ".gguf"):
         return path, "checkpoint file -> from_single_file"
-    state_dict = _strip(_load(path), identity.prefix)
-    if identity.prefix:
-        changes.append(f"key prefix '{identity.prefix}' stripped")
-    if identity.layout in ("comfy-scaled-fp8", "comfy-mixed-fp8"):
+    try:
+        return _adapted(identity, path)
+    except FixtureError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors, gguf-py and torch fail in many ways on a damaged file
+        raise FixtureError(f"{path}: cannot read its tensors as {identity.layout} ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:200]})") from None
+
+
+def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
+    state_dict, left_out = _model_part(_load(path), identity.prefix)
+    changes = [f"key prefix '{identity.prefix}' stripped"] if identity.prefix else []
+    if left_out:
+        changes.append(f"{left_out} tensors outside it left out")
+    if path.suffix == ".gguf":
+        state_dict, notes = gguf_plain_tensors(state_dict)
+        changes += notes
+    if identity.layout in PER_TENSOR_FP8:
         state_dict, count = per_tensor_fp8_to_fp8r(state_dict, path)
         changes.append(f"{identity.layout} -> fp8r: {count} per-tensor scales repeated per row")
     elif identity.layout == "comfy-nvfp4":
-        state_dict, missing = comfy_nvfp4_to_modelopt(state_dict, path)
-        changes.append("comfy-nvfp4 -> ModelOpt layout (nibbles swapped, tiled block scales to rows)")
+        header, metadata = read_safetensors_header(path)
+        layers, _ = comfy_layers(path, header, metadata, identity.prefix)
+        state_dict, missing = comfy_nvfp4_to_modelopt(state_dict, layers, path)
+        changes.append(f"comfy-nvfp4 -> ModelOpt layout: {len(layers)} linears (nibbles swapped, tiled block scales "
+                       "to rows)")
         if missing:
             changes.append(f"{missing} linears had no input_scale (ComfyUI scales activations at run time): 1.0 given, "
                            "read only by FP4 GEMMs")
-    return state_dict, "; ".join(changes) + " -> from_single_file"
+    return state_dict, "; ".join(changes or ["GGUF tensors as they are"]) + " -> from_single_file"
 
-
-def comfy_quant_json(fmt: str) -> torch.Tensor:
-    """ComfyUI's per-layer marker tensor: the JSON `{"format": fmt}` as uint8 bytes (for writing test files)."""
-    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)

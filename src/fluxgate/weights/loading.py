@@ -15,7 +15,7 @@ import torch
 from fluxgate.errors import FixtureError
 from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
 from fluxgate.precisions.spec import StateDict
-from fluxgate.weights.identify import safetensors_header
+from fluxgate.weights.headers import gguf_problem, gguf_reader, safetensors_problem
 
 
 def load_transformer(precision: PrecisionSpec, transformer_class: type, checkpoint: Path | StateDict,
@@ -55,45 +55,17 @@ def _causes(error: BaseException) -> str:
 
 
 def file_problem(path: Path) -> str | None:
-    """Why a checkpoint file cannot be parsed: unreadable, truncated, a corrupt header, GGUF tensor types the loader
-    cannot dequantize; None when the file itself looks sound (the problem is elsewhere)."""
-    if path.suffix == ".gguf":
-        return _gguf_problem(path)
-    try:
-        header, _, data_start = safetensors_header(path)
-    except OSError as error:
-        return f"unreadable ({error})"
-    except ValueError as error:
-        return f"corrupt safetensors header ({type(error).__name__}: {error})"
-    try:
-        end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    except (KeyError, TypeError, IndexError, AttributeError) as error:
-        return f"corrupt safetensors header ({type(error).__name__}: {error})"
-    size = path.stat().st_size
-    if data_start + end > size:
-        return f"truncated: {size} bytes, but its header describes {data_start + end}"
-    return None
-
-
-def _gguf_problem(path: Path) -> str | None:
-    """A GGUF file's defect (gguf-py's reader; the types diffusers' GGUF loader dequantizes), else None."""
+    """Why a checkpoint file cannot be parsed (`headers`: unreadable, truncated, a corrupt header), or GGUF tensor
+    types diffusers' GGUF loader cannot dequantize; None when the file itself looks sound (the problem is elsewhere)."""
+    if path.suffix != ".gguf":
+        return safetensors_problem(path)
+    problem = gguf_problem(path)
+    if problem:
+        return problem
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-    except OSError as error:
-        return f"unreadable ({error})"
-    if magic != b"GGUF":
-        return f"not a GGUF file (starts with {magic!r}, not b'GGUF')"
-    try:
-        tensors = gguf.GGUFReader(str(path)).tensors
-    except Exception as error:  # noqa: BLE001 - the reader fails in many ways on a cut or damaged file
-        reason = " ".join(str(error).split())[:160]
-        return f"truncated or corrupt GGUF file ({size} bytes; {type(error).__name__}: {reason})"
     readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *SUPPORTED_GGUF_QUANT_TYPES}
-    unsupported = [tensor for tensor in tensors if tensor.tensor_type not in readable]
+    unsupported = [tensor for tensor in gguf_reader(path).tensors if tensor.tensor_type not in readable]
     if unsupported:
         first = unsupported[0]
         return (f"{len(unsupported)} tensor(s) in a GGUF type diffusers cannot dequantize, e.g. {first.name} is "

@@ -57,7 +57,7 @@ class RealSource:
             how = checkpoint.get("source", "see fixtures/models.toml")
             raise SkipCombo(f"{combo.id}: real checkpoint {path} not found; get it from {how} and set its path in "
                             f"{self.models_file}")
-        found = identify.identify(path)  # FixtureError for an index json, one shard, an unreadable file
+        found = identify.identify(path)  # FixtureError for an index json, one shard, an unreadable or damaged file
         identify.check_slot(found, combo.model, combo.precision)  # nothing is measured under a label it does not carry
         model, precision = combo.model_spec, combo.precision_spec
         if found.layout == "diffusers-folder":

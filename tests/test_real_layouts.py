@@ -1,0 +1,211 @@
+"""Every checkpoint layout in circulation loads through the real profile as what it is (issue 16, item 3).
+
+Each case writes a tiny file in the exact layout a public tool writes (tests/layouts_support.py names the facts) from
+the tiny model's known bf16 weights, loads it into its slot through `RealSource`, and checks that each quantized
+linear dequantizes within the format's own rounding of the true weight, and to exactly the weights of its
+native-layout twin: the same numbers in the layout diffusers reads without an adapter. For two cases the twins'
+images are compared too. The ../shared/cases scripts map onto these tests: comfy_nvfp4_zimage -> the comfy-nvfp4
+cases, comfy_fp8mixed_flux2 -> the comfy-fp8mixed cases, city96_gguf_flux2 -> city96-q8_0-flux2 (its prefixed file:
+test_every_layout_loads_under_every_key_prefix; its Q4_0 file: test_refusals), comfy_prefix_flux2 ->
+test_every_layout_loads_under_every_key_prefix, diffusers_sharded_folder_zimage -> the folder test here and
+test_refusals' index / shard tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import layouts_support as S
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
+from fluxgate.weights import tiny
+
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.", "layers.")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def pipelines(root):
+    return lambda model: S.pipeline_folder(model, root / f"pipeline-{model}")
+
+
+def _original(model: str) -> dict:
+    return S.ORIGINAL[model](S.reference(model))
+
+
+def _tiny_file(root: Path, model: str, precision: str) -> Path:
+    return tiny.ensure(MODELS[model], PRECISIONS[precision], S.SEED, root / "cache").path
+
+
+def _safetensors(layer_fn, marking=None, model="flux2-dev"):
+    def write(root: Path, name: str) -> Path:
+        tensors, metadata = S.quantized_tensors(_original(model), layer_fn, marking)
+        return S.write_safetensors(root / f"{name}.safetensors", tensors, metadata)
+    return write
+
+
+def _gguf(model: str, pads: str = "f32"):
+    def write(root: Path, name: str) -> Path:
+        return S.city96_gguf(root / f"{name}.gguf", _original(model), MODELS[model].gguf_arch, pads=pads)
+    return write
+
+
+# (id, model, precision, layout fluxgate must name, rounding of the format, the file, its native-layout twin)
+CASES = [
+    # BFL's own FLUX.2 fp8 / NVFP4 releases as public inspections of the files show them (ComfyUI's checkpoint format:
+    # `_quantization_metadata` in the header, BFL keys, scalar fp32 weight_scale; comfy-kitchen NVFP4 with input_scale)
+    ("bfl-flux2-fp8-release", "flux2-dev", "fp8-scaled", "comfy-mixed-fp8", "fp8",
+     _safetensors(S.comfy_fp8, "metadata"), _safetensors(S.fp8r_twin)),
+    ("bfl-flux2-nvfp4-release", "flux2-dev", "nvfp4", "comfy-nvfp4", "nvfp4",
+     _safetensors(S.comfy_nvfp4, "metadata"), _safetensors(S.modelopt_nvfp4)),
+    # diffusers' BFL quantizer schemes (fp8r per-row, ModelOpt NVFP4) in BFL keys: loaded without an adapter
+    ("bfl-fp8r-bfl-keys", "flux2-dev", "fp8-scaled", "bfl-fp8", "fp8", _safetensors(S.fp8r), None),
+    ("modelopt-nvfp4-bfl-keys", "flux2-dev", "nvfp4", "modelopt-nvfp4", "nvfp4", _safetensors(S.modelopt_nvfp4), None),
+    # Comfy-Org *_fp8mixed (shared case comfy_fp8mixed_flux2): marked by comfy_quant tensors or by the header
+    ("comfy-fp8mixed-comfy_quant-tensors", "flux2-dev", "fp8-scaled", "comfy-mixed-fp8", "fp8",
+     _safetensors(S.comfy_fp8, "tensors"), _safetensors(S.fp8r_twin)),
+    ("comfy-fp8mixed-header-metadata", "flux2-dev", "fp8-scaled", "comfy-mixed-fp8", "fp8",
+     _safetensors(S.comfy_fp8, "metadata"), _safetensors(S.fp8r_twin)),
+    # ModelOpt's FP8 export: one fp32 scale per tensor, no ComfyUI marker
+    ("modelopt-fp8-scalar-scale", "flux2-dev", "fp8-scaled", "scalar-scale-fp8", "fp8",
+     _safetensors(S.comfy_fp8), _safetensors(S.fp8r_twin)),
+    # ComfyUI / comfy-kitchen NVFP4 of Z-Image (shared case comfy_nvfp4_zimage), with and without input_scale
+    ("comfy-nvfp4-with-input-scale", "z-image-turbo", "nvfp4", "comfy-nvfp4", "nvfp4",
+     _safetensors(S.comfy_nvfp4, "tensors", "z-image-turbo"), _safetensors(S.modelopt_nvfp4, None, "z-image-turbo")),
+    ("comfy-nvfp4-no-input-scale", "z-image-turbo", "nvfp4", "comfy-nvfp4", "nvfp4",
+     _safetensors(S.comfy_nvfp4_without_input_scale, "tensors", "z-image-turbo"),
+     _safetensors(S.modelopt_nvfp4, None, "z-image-turbo")),
+    ("comfy-nvfp4-header-metadata", "z-image-turbo", "nvfp4", "comfy-nvfp4", "nvfp4",
+     _safetensors(S.comfy_nvfp4, "metadata", "z-image-turbo"), _safetensors(S.modelopt_nvfp4, None, "z-image-turbo")),
+    ("modelopt-nvfp4-control", "z-image-turbo", "nvfp4", "modelopt-nvfp4", "nvfp4",
+     _safetensors(S.modelopt_nvfp4, None, "z-image-turbo"), None),
+    # city96 GGUF: FLUX.2 as arch `flux` (shared case city96_gguf_flux2), Z-Image as `lumina2` with its pad tokens
+    # F32, BF16 (kept from a bf16 source: [1, 3840] is over convert.py's 1024-value threshold) or flattened [dim]
+    ("city96-q8_0-flux2", "flux2-dev", "gguf-q8_0", "gguf", "Q8_0", _gguf("flux2-dev"), None),
+    ("city96-lumina2-pad-tokens-f32", "z-image-turbo", "gguf-q8_0", "gguf", "Q8_0", _gguf("z-image-turbo"), None),
+    ("city96-lumina2-pad-tokens-bf16", "z-image-turbo", "gguf-q8_0", "gguf", "Q8_0",
+     _gguf("z-image-turbo", "bf16"), _gguf("z-image-turbo")),
+    ("city96-lumina2-pad-tokens-flattened", "z-image-turbo", "gguf-q8_0", "gguf", "Q8_0",
+     _gguf("z-image-turbo", "flat"), _gguf("z-image-turbo")),
+]
+
+
+def _block_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: w for key, w in S.effective_weights(module).items() if key.startswith(BLOCKS)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_each_layout_loads_within_its_formats_rounding_and_as_its_native_twin(root, pipelines, case):
+    name, model, precision, layout, rounding, write, write_twin = case
+    ref = S.reference(model)
+    loaded, origin = S.load_real(write(root, name), model, precision, pipelines(model))
+    assert origin["identity"]["layout"] == layout and origin["identity"]["precision"] == precision
+    errors = {key: error for key, error in S.weight_errors(loaded, ref).items() if key.startswith(BLOCKS)}
+    assert len(errors) >= 16, errors  # every block linear of the tiny model is quantized
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < S.ROUNDING[rounding], f"{worst}: {errors[worst]:.4f} (misread?) via {origin['path']}"
+    state = loaded.state_dict()
+    for key, value in ref.items():  # everything not quantized comes through exactly
+        if value.ndim == 1 or "pad_token" in key:
+            assert torch.equal(state[key].to(torch.bfloat16), value), key
+    if write_twin is not None:
+        twin, twin_origin = S.load_real(write_twin(root, f"{name}-twin"), model, precision, pipelines(model))
+        assert twin_origin["path"].startswith("checkpoint file") or "GGUF tensors as they are" in twin_origin["path"]
+        mine, theirs = _block_weights(loaded), _block_weights(twin)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_bfl_fp8r_file_in_bfl_keys_is_the_tiny_profiles_own_fp8_file(root, pipelines):
+    """Per-row scales survive the split of a fused qkv unchanged: BFL keys and fluxgate's diffusers keys, same
+    numbers."""
+    path = _safetensors(S.fp8r)(root, "fp8r-bfl-keys")
+    loaded, _ = S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+    native, _ = S.load_real(_tiny_file(root, "flux2-dev", "fp8-scaled"), "flux2-dev", "fp8-scaled",
+                            pipelines("flux2-dev"))
+    mine, theirs = _block_weights(loaded), _block_weights(native)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("model, write, write_twin, precision", [
+    ("flux2-dev", _safetensors(S.comfy_nvfp4, "metadata"), _safetensors(S.modelopt_nvfp4), "nvfp4"),
+    ("z-image-turbo", _gguf("z-image-turbo", "flat"), _gguf("z-image-turbo"), "gguf-q8_0"),
+], ids=["bfl-flux2-nvfp4-release", "city96-lumina2-flattened-pad-tokens"])
+def test_an_adapted_file_makes_the_image_its_native_twin_makes(root, pipelines, model, write, write_twin, precision):
+    images = [S.image(model, S.load_real(writer(root, f"image-{model}-{i}"), model, precision, pipelines(model))[0])
+              for i, writer in enumerate((write, write_twin))]
+    assert images[0].std() > 0.01 and np.array_equal(images[0], images[1])
+
+
+def test_a_sd_cpp_gguf_without_an_architecture_loads_as_its_city96_twin(root, pipelines):
+    """stable-diffusion.cpp writes no `general.architecture` (ComfyUI-GGUF loads it in "sd.cpp" compatibility mode)
+    and names tensors under `model.diffusion_model.`."""
+    original = _original("flux2-dev")
+    path = S.city96_gguf(root / "sdcpp.gguf", original, None, prefix="model.diffusion_model.")
+    loaded, origin = S.load_real(path, "flux2-dev", "gguf-q8_0", pipelines("flux2-dev"))
+    assert origin["identity"]["detail"].startswith("arch none (sd.cpp)")
+    twin, _ = S.load_real(_gguf("flux2-dev")(root, "sdcpp-twin"), "flux2-dev", "gguf-q8_0", pipelines("flux2-dev"))
+    mine, theirs = _block_weights(loaded), _block_weights(twin)
+    assert len(mine) >= 16 and mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_sharded_diffusers_folder_loads_every_tensor(root, pipelines):
+    """Shared case diffusers_sharded_folder_zimage: `hf download`'s transformer/ (shards + index) as the path."""
+    ref = S.reference("z-image-turbo")
+    folder = root / "Z-Image-Turbo" / "transformer"
+    MODELS["z-image-turbo"].tiny_transformer(S.SEED).to(torch.bfloat16).save_pretrained(folder, max_shard_size="2MB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    loaded, origin = S.load_real(folder, "z-image-turbo", "bf16", pipelines("z-image-turbo"))
+    state = loaded.state_dict()
+    assert origin["identity"]["layout"] == "diffusers-folder"
+    assert all(torch.equal(state[key], value) for key, value in ref.items())
+
+
+PREFIXED_LAYOUTS = {
+    "bf16-bfl-keys": ("bf16", lambda sd: (sd, None)),
+    "comfy-fp8-metadata-listing-prefixed-names": ("fp8-scaled", lambda sd: S.quantized_tensors(sd, S.comfy_fp8,
+                                                                                               "metadata")),
+    "comfy-nvfp4-metadata-listing-bare-names": ("nvfp4", lambda sd: S.quantized_tensors(sd, S.comfy_nvfp4, "metadata")),
+    "comfy-nvfp4-comfy_quant": ("nvfp4", lambda sd: S.quantized_tensors(sd, S.comfy_nvfp4, "tensors")),
+    "bfl-fp8r": ("fp8-scaled", lambda sd: S.quantized_tensors(sd, S.fp8r)),
+    "city96-gguf-q8_0": ("gguf-q8_0", None),
+}
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model.", "model.", "full-checkpoint"])
+@pytest.mark.parametrize("layout", list(PREFIXED_LAYOUTS))
+def test_every_layout_loads_under_every_key_prefix(root, pipelines, layout, prefix):
+    """ComfyUI ModelSave / checkpoint files (`model.diffusion_model.`), sd.cpp GGUFs, other prefixes, and a full
+    ComfyUI checkpoint (the model under `model.diffusion_model.` beside a VAE and a text encoder): each loads to
+    exactly the weights of the same file without a prefix (shared cases comfy_prefix_flux2, city96_gguf_flux2)."""
+    precision, tensors_of = PREFIXED_LAYOUTS[layout]
+    model, original = "flux2-dev", _original("flux2-dev")
+    full = prefix == "full-checkpoint"
+    key_prefix = "model.diffusion_model." if full else prefix
+    extra = {"first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, dtype=torch.bfloat16),
+             "text_encoders.t5xxl.transformer.shared.weight": torch.ones(8, 4, dtype=torch.bfloat16)} if full else {}
+    name = f"{layout}-{prefix.strip('.') or 'none'}"
+    if tensors_of is None:
+        path = S.city96_gguf(root / f"{name}.gguf", original, "flux", prefix=key_prefix, extra=extra)
+        plain = S.city96_gguf(root / f"{name}-plain.gguf", original, "flux")
+    else:
+        tensors, metadata = tensors_of(original)
+        plain = S.write_safetensors(root / f"{name}-plain.safetensors", tensors, metadata)
+        if metadata and "bare" not in layout:
+            metadata = {"_quantization_metadata": metadata["_quantization_metadata"].replace(
+                '"double_blocks', f'"{key_prefix}double_blocks').replace('"single_blocks', f'"{key_prefix}single_blocks')}
+        path = S.write_safetensors(root / f"{name}.safetensors", {**{key_prefix + k: v for k, v in tensors.items()},
+                                                                   **extra}, metadata)
+    loaded, origin = S.load_real(path, model, precision, pipelines(model))
+    reference, _ = S.load_real(plain, model, precision, pipelines(model))
+    assert origin["identity"]["prefix"] == key_prefix and f"key prefix '{key_prefix}' stripped" in origin["path"]
+    assert ("left out" in origin["path"]) == full
+    mine, theirs = loaded.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
