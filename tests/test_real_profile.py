@@ -85,3 +85,15 @@ def test_real_profile_runs_local_files_and_skips_missing_ones(real_setup):
     assert "flux1-dev[nvfp4]: no checkpoint named in" in done.stdout
     history = next((real_setup / "history").glob("*.json")).read_text()
     assert "comfy-scaled-fp8 -> fp8r: " in history and '"layout": "comfy-scaled-fp8"' in history
+
+
+def test_scripts_written_against_fluxgate_0_1_still_reach_the_real_source_and_builder_names():
+    # ../shared/cases and users' scripts call fluxgate.sources.RealSource and MODELS[...].module.PIPELINE_CLASS
+    from fluxgate import sources
+    from fluxgate.models import MODELS
+    from fluxgate.weights.real import RealSource
+
+    assert sources.RealSource is RealSource
+    module = MODELS["flux2-dev"].module
+    assert module.PIPELINE_CLASS is MODELS["flux2-dev"].builder.pipeline_class
+    assert module.tiny_components == MODELS["flux2-dev"].builder.tiny_components

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from fluxgate.models.builder import ModelBuilder
@@ -56,6 +57,15 @@ class ModelSpec:
     def builder(self) -> ModelBuilder:
         """The model's diffusers classes, configs and components (`builder.ModelBuilder`)."""
         return self.import_builder()
+
+    @property
+    def module(self) -> SimpleNamespace:
+        """Kept for scripts written against the builder modules of fluxgate 0.1 (e.g. the real-layout cases): the
+        builder under its old module-level names `PIPELINE_CLASS`, `TRANSFORMER_CLASS`, `TINY_TRANSFORMER_CONFIG`
+        and `tiny_components(seed)`. New code uses `builder`."""
+        b = self.builder
+        return SimpleNamespace(PIPELINE_CLASS=b.pipeline_class, TRANSFORMER_CLASS=b.transformer_class,
+                               TINY_TRANSFORMER_CONFIG=b.tiny_transformer_config, tiny_components=b.tiny_components)
 
     def tiny_transformer(self, seed: int) -> torch.nn.Module:
         """The tiny transformer with seeded random weights (float32, CPU), modulation gain applied. Seeds torch's global
