@@ -76,6 +76,49 @@ def perf_gpu(session: nox.Session) -> None:
     _matrix(session, "--device", "cuda")
 
 
+AB_DIR = ".fluxgate/ab"  # the base's git worktree (`base`) and, with --own-envs, each side's virtualenv
+
+
+@nox.session(name="perf-ab")
+def perf_ab(session: nox.Session) -> None:
+    """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate.ab options]`.
+
+    The base is a git worktree of REF under .fluxgate/ab/base (reused when it is at that commit already), the
+    candidate this checkout. By default both sides run in this session's interpreter, each with its own tree's src
+    first on its path (what `--no-venv` GPU runners do); `--own-envs` makes a virtualenv per side
+    (.fluxgate/ab/venv-base, venv-candidate) with that tree's own pins (`pip install -e <tree>[test]` plus
+    FLUXGATE_TORCH). Every other argument goes to `python -m fluxgate.ab` (`--models`, `--precisions`, `--budget-s`,
+    `--ab-max-blocks`, ...; `python -m fluxgate.ab --help`)."""
+    args = list(session.posargs)
+    if "--base" not in args or args.index("--base") + 1 >= len(args):
+        session.error("name the base: nox -s perf-ab -- --base origin/main [fluxgate.ab options]")
+    at = args.index("--base")
+    ref = args[at + 1]
+    del args[at:at + 2]
+    own_envs = "--own-envs" in args
+    args = [arg for arg in args if arg != "--own-envs"]
+    _install(session)
+    sha = session.run("git", "rev-parse", "--verify", f"{ref}^{{commit}}", external=True, silent=True).strip()
+    base = os.path.join(AB_DIR, "base")
+    if not os.path.exists(os.path.join(base, ".git")):
+        session.run("git", "worktree", "prune", external=True)
+        session.run("git", "worktree", "add", "--detach", base, sha, external=True)
+    elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
+        session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
+    pythons = []
+    if own_envs:
+        for side, tree in (("base", base), ("candidate", ".")):
+            venv = os.path.join(AB_DIR, f"venv-{side}")
+            python = os.path.abspath(os.path.join(venv, "bin", "python"))
+            if not os.path.exists(python):
+                session.run("python", "-m", "venv", venv)
+            session.run(python, "-m", "pip", "install", "-q", *shlex.split(TORCH), external=True)
+            session.run(python, "-m", "pip", "install", "-q", "-e", f"{tree}[test]", external=True)
+            pythons += [f"--{side}-python", python]
+    session.run("python", "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *pythons, *args,
+                env=ENV)
+
+
 @nox.session
 def report(session: nox.Session) -> None:
     """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""

@@ -1,5 +1,6 @@
 """A pytest plugin (`-p slow_combo`, with this folder on PYTHONPATH) that makes one combo's denoising steps slower,
-the way a real regression would, in its measurement and any re-measurement alike.
+the way a real regression would, in its measurement and any re-measurement alike. It wraps `Runner.loaded`, which
+`Runner.measure` and an A/B worker (`fluxgate.measuring.ab_worker`, which imports this module when told to) both use.
 
 FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
 of the combo's first step (CUDA: a GPU-side spin kernel, so it lands in the event-timed stream; CPU: a sleep), or
@@ -20,15 +21,30 @@ FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
 DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
 MARK = os.environ.get("FLUXGATE_SLOW_MARK")
 state = {"active": False, "first_step_s": None}
-original_run, original_step_end = runner.Runner.measure, measure._StepClock.step_end
+original_loaded, original_step_end = runner.Runner.loaded, measure._StepClock.step_end
 
 
-def run(self, combo):
-    state["active"] = combo.id == TARGET
-    try:
-        return original_run(self, combo)
-    finally:
+class _Slowed:
+    """`Runner.loaded(combo)`, with the combo's steps slowed while it is loaded when it is the target."""
+
+    def __init__(self, held, combo):
+        self.held, self.combo = held, combo
+
+    def __enter__(self):
+        state["active"] = self.combo.id == TARGET
+        try:
+            return self.held.__enter__()
+        except BaseException:
+            state["active"] = False
+            raise
+
+    def __exit__(self, *exc):
         state["active"] = False
+        return self.held.__exit__(*exc)
+
+
+def loaded(self, combo):
+    return _Slowed(original_loaded(self, combo), combo)
 
 
 def _delay_s(clock) -> float:
@@ -58,4 +74,4 @@ def step_end(self, *args):
     return original_step_end(self, *args)
 
 
-runner.Runner.measure, measure._StepClock.step_end = run, step_end
+runner.Runner.loaded, measure._StepClock.step_end = loaded, step_end

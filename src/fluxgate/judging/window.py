@@ -4,8 +4,8 @@ The window holds runs of the same combo, GPU class, profile and settings whose o
 skipped runs measured nothing usable), other than the candidate's own run: the last `last_n` recorded before it, or
 every clean run of a named base commit. They must agree with the candidate on every comparability field
 (`COMPARABILITY_FIELDS`). When only disagreeing runs exist, the verdict is "not comparable" and names the fields;
-`ignore_fields` compares across a deliberate upgrade. A run made with the history gate off, under host contention or
-on a GPU its xdist workers shared never enters a window (`unfit_for_window`).
+`ignore_fields` compares across a deliberate upgrade. A run made with the history gate off, under host contention,
+on a GPU its xdist workers shared, or as one side of an A/B run never enters a window (`unfit_for_window`).
 
 Pure functions of `Record`s: no I/O, and the result never depends on the order of the records given.
 """
@@ -85,12 +85,14 @@ def contention(record: Record) -> str | None:
 
 def unfit_for_window(record: Record) -> str | None:
     """Why a record may not stand in anyone's window, or None: its run had the history gate off (a CI
-    `tests` run, whose speed nobody vouches for), its xdist workers shared a GPU, or its steps ran under host
-    contention. One such run in a window of few would blind the gate to a real slowdown."""
+    `tests` run, whose speed nobody vouches for), its xdist workers shared a GPU, it is one side of an A/B run
+    (`fluxgate.ab`: environment `ab_run`), or its steps ran under host contention. One such run in a window of few would blind the gate to a real slowdown."""
     if record.env.get("history_gate") == "off":
         return "run with --history-gate off"
     if record.env.get("shared_gpu"):
         return "run whose xdist workers shared a GPU"
+    if record.env.get("ab_run"):
+        return f"A/B run {record.env['ab_run']} (interleaved base and candidate: judged by `fluxgate.ab`)"
     return contention(record)
 
 

@@ -306,8 +306,20 @@ def measure_images(pipe, call_kwargs: dict, seed: int, device: torch.device, war
         timed_images: int = 1, baseline_used_bytes: int | None = None, telemetry_interval_s: float = 0.1
         ) -> Measurement:
     """One untimed warm-up image of `warmup_steps` steps, then `timed_images` timed images with `call_kwargs`."""
+    warm_up_image(pipe, call_kwargs, seed, warmup_steps)
+    return measure_timed(pipe, call_kwargs, seed, device, timed_images, baseline_used_bytes, telemetry_interval_s)
+
+
+def warm_up_image(pipe, call_kwargs: dict, seed: int, warmup_steps: int = 1) -> None:
+    """One untimed image of `warmup_steps` steps (none for 0): kernels loaded, caches and allocator warm."""
     if warmup_steps > 0:
         pipe(**_seeded(call_kwargs, seed, num_inference_steps=warmup_steps))
+
+
+def measure_timed(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int = 1,
+                  baseline_used_bytes: int | None = None, telemetry_interval_s: float = 0.1) -> Measurement:
+    """`count` timed images with `call_kwargs` (no warm-up: `warm_up_image` first), peak memory counted from
+    their start: the Measurement of `measure_images`."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -315,7 +327,7 @@ def measure_images(pipe, call_kwargs: dict, seed: int, device: torch.device, war
         # 100 ms by default: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
         with telemetry.GpuSampler(device, interval_s=telemetry_interval_s,
                                   baseline_used_bytes=baseline_used_bytes) as gpu:
-            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, timed_images,
+            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, count,
                                                                   probe_s)
         clocks = gpu.step_clocks(host.pop("step_windows"))
         if clocks is not None:
@@ -324,9 +336,9 @@ def measure_images(pipe, call_kwargs: dict, seed: int, device: torch.device, war
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
         return Measurement(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
-                         denoise_peak_gib=peaks["denoise"] / GIB, images=timed_images, idle_probe_s=probe_s, **host)
+                         denoise_peak_gib=peaks["denoise"] / GIB, images=count, idle_probe_s=probe_s, **host)
     with _RssSampler() as rss:
-        step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, timed_images)
+        step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, count)
     host.pop("step_windows")
-    return Measurement(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=timed_images,
+    return Measurement(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=count,
                      **host)

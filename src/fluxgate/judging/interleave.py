@@ -1,0 +1,155 @@
+"""One combo of an A/B run: blocks of one base image and one candidate image, the order alternating between blocks
+(A B, B A, ...), judged after each block by the paired rule (`fluxgate.judging.paired`), and the memory and similarity
+of the same pairs.
+
+`run_blocks` is independent of processes: it asks `image(side)` for one timed image of "base" or "candidate" (an
+A/B worker's answer: `step_times_s` in seconds, `peak_mem_gib` in GiB, `png` bytes) and reads the time from `clock`,
+so it runs against fakes in tests.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from fluxgate.judging import paired
+
+BASE, CANDIDATE = "base", "candidate"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When the same pairs fail on memory or similarity: candidate/base peak memory above `max_mem_ratio` (median
+    over the pairs), MS-SSIM of the candidate's image against the base's of the same seed below `min_ms_ssim` (the
+    lowest pair)."""
+
+    max_mem_ratio: float = 1.02
+    min_ms_ssim: float = 0.95
+
+
+def limits_for(device_type: str, max_mem_ratio: float | None = None, min_ms_ssim: float | None = None) -> Limits:
+    """The default limits of a device type (CPU: peak RSS of a whole process moves more, 1.10), overridden by the
+    values given."""
+    default = Limits() if device_type == "cuda" else Limits(max_mem_ratio=1.10)
+    return Limits(max_mem_ratio if max_mem_ratio is not None else default.max_mem_ratio,
+                  min_ms_ssim if min_ms_ssim is not None else default.min_ms_ssim)
+
+
+@dataclass
+class Pair:
+    """One block: both sides' answers (without their PNG bytes), its step-time ratio, memory ratio, MS-SSIM."""
+
+    order: tuple[str, str]
+    base: dict
+    candidate: dict
+    ratio: float
+    mem_ratio: float
+    ms_ssim: float | None
+
+
+@dataclass
+class ComboResult:
+    """A combo's A/B result: the paired verdict, the pairs, seconds spent, and the memory and similarity summaries
+    with the failures they make (`failures`: one line each; the speed verdict is `verdict.outcome`)."""
+
+    combo: str
+    verdict: paired.PairedVerdict
+    pairs: list[Pair]
+    seconds: float
+    mem_ratio: float
+    min_ms_ssim: float | None
+    alternating_loads: bool = False
+    failures: list[str] = field(default_factory=list)
+    images: dict = field(default_factory=dict, repr=False)  # side -> the last pair's PNG bytes
+    contention: str | None = None  # `base: host contention: ...` when a side's steps waited for a CPU
+
+    @property
+    def failed(self) -> bool:
+        """SLOW, or a memory or similarity regression."""
+        return self.verdict.outcome == paired.SLOW or bool(self.failures)
+
+
+def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
+    """MS-SSIM of two PNG images (1.0 = identical), None when they are too small for it."""
+    from PIL import Image
+
+    from fluxgate.judging import similarity
+
+    candidate, base = (Image.open(io.BytesIO(png)) for png in (candidate_png, base_png))
+    if min(candidate.size) < similarity.MIN_SIDE_PX:
+        return None
+    return similarity.compare(candidate, base).ms_ssim
+
+
+def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPolicy, budget_s: float,
+               limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
+               alternating_loads: bool = False) -> ComboResult:
+    """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` or when the
+    next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
+    Propagates what `image` raises."""
+    started, ratios, pairs, slowest = clock(), [], [], 0.0
+    images: dict = {}
+    while True:
+        block_start = clock()
+        order = (BASE, CANDIDATE) if len(pairs) % 2 == 0 else (CANDIDATE, BASE)
+        answers = {side: image(side) for side in order}
+        images = {side: answers[side].pop("png", None) for side in order}
+        base, candidate = answers[BASE], answers[CANDIDATE]
+        ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"])
+        similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
+        pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar))
+        ratios.append(ratio)
+        now = clock()
+        slowest = max(slowest, now - block_start)
+        out_of_budget = len(ratios) >= policy.max_blocks or now - started + slowest > budget_s
+        verdict = paired.judge(ratios, policy, out_of_budget=out_of_budget)
+        if verdict is not None:
+            break
+    return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images)
+
+
+def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seconds: float, limits: Limits,
+              alternating_loads: bool = False, images: dict | None = None) -> ComboResult:
+    """The ComboResult of these pairs: median memory ratio, lowest MS-SSIM, and the failures they make."""
+    mem_ratio = statistics.median(p.mem_ratio for p in pairs) if pairs else math.nan
+    scores = [p.ms_ssim for p in pairs if p.ms_ssim is not None]
+    lowest = min(scores) if scores else None
+    failures = []
+    if mem_ratio > limits.max_mem_ratio:
+        failures.append(f"memory: candidate/base peak {mem_ratio:.3f} > max {limits.max_mem_ratio:.3f}")
+    if lowest is not None and lowest < limits.min_ms_ssim:
+        failures.append(f"similarity: MS-SSIM vs base {lowest:.4f} < min {limits.min_ms_ssim:.4f}")
+    return ComboResult(combo, verdict, pairs, seconds, mem_ratio, lowest, alternating_loads, failures, images or {},
+                       contention(pairs))
+
+
+def contention(pairs: list[Pair]) -> str | None:
+    """`<side>: host contention: ...` (`measuring.stats.contention_note`) for the first side whose pooled steps
+    waited for a CPU, else None: the verdict then rests on a machine other work held (UNKNOWN is likely)."""
+    from fluxgate.measuring.stats import contention_note
+
+    for side in (BASE, CANDIDATE):
+        answers = [getattr(pair, side) for pair in pairs]
+        waits = [answer.get("run_wait_s") for answer in answers]
+        if not answers or any(wait is None for wait in waits):
+            continue
+        note = contention_note([s for a in answers for s in a.get("step_times_s", [])],
+                               [w for wait in waits for w in wait])
+        if note:
+            return f"{side}: {note}"
+    return None
+
+
+def policy_with(device_type: str, max_blocks: int | None = None) -> paired.PairedPolicy:
+    """`paired.policy_for(device_type)`, with `max_blocks` when given (at least the policy's min_blocks)."""
+    policy = paired.policy_for(device_type)
+    if max_blocks is None:
+        return policy
+    if max_blocks < policy.min_blocks:
+        raise ValueError(f"--ab-max-blocks {max_blocks}: must be at least {policy.min_blocks} (the policy's "
+                         f"min_blocks)")
+    return replace(policy, max_blocks=max_blocks)

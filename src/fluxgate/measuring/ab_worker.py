@@ -1,0 +1,200 @@
+"""One side of an A/B run (`python -m fluxgate.ab`): a long-lived worker process that holds a combo's pipeline loaded
+and makes one timed image whenever asked, so base and candidate can alternate image by image on one device.
+
+The controller starts it through execnet (the library pytest-xdist uses): `gateway.remote_exec(ab_worker)` sends this
+module's source to the side's own interpreter, where it runs as `__channelexec__`. The first message is the config;
+the worker puts `<tree>/src` first on `sys.path` (so the side's own fluxgate is imported, whatever the interpreter
+has installed), applies `env`, optionally imports an injector module, builds a Runner and answers:
+
+    config {"tree", "profile", "device", "prompts", "fixture_cache", "models_file", "cpu_threads", "warmup_steps",
+            "steps", "env": {name: value}, "inject": {"path": dir, "module": name} | None}
+        -> {"ok": True, "fluxgate": <its __file__>, "device": "cuda:0", "gpu_class", "environment": fingerprint}
+    {"op": "load", "combo": "flux1-dev[bf16]"}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
+    {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
+                          "mem_kind", "e2e_s": s, "png": bytes}
+    {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
+    {"op": "close"}   -> {"ok": True}, and the worker ends
+
+Every failure is answered, never raised: {"ok": False, "error": "<Type>: <one line>", "oom": bool} (out of memory:
+`oom` True, the combo unloaded). Only plain types cross the channel (execnet's serializer). Imports nothing at
+module level but the standard library: it must run before its tree is on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+
+
+def _error(error: BaseException) -> dict:
+    oom = type(error).__name__ in ("OutOfMemory", "OutOfMemoryError")
+    return {"ok": False, "oom": oom, "error": " ".join(f"{type(error).__name__}: {error}".split())[:500]}
+
+
+class Worker:
+    """The side's Runner and the combo it holds loaded (at most one)."""
+
+    def __init__(self, config: dict):
+        tree = os.path.abspath(config["tree"])
+        sys.path.insert(0, os.path.join(tree, "src"))
+        os.environ.update({str(k): str(v) for k, v in (config.get("env") or {}).items()})
+        inject = config.get("inject")
+        if inject:
+            sys.path.insert(0, inject["path"])
+            __import__(inject["module"])
+        import torch
+
+        import fluxgate
+        from fluxgate.measuring.environment import fingerprint, gpu_class, resolve_device
+        from fluxgate.measuring.runner import Inputs, Runner
+        from fluxgate.weights.sources import for_profile
+
+        self.fluxgate_file = fluxgate.__file__
+        self.device = resolve_device(config.get("device") or "auto")
+        if self.device.type == "cpu" and config.get("cpu_threads"):
+            torch.set_num_threads(int(config["cpu_threads"]))
+        inputs = Inputs.from_file(_path(tree, config.get("prompts") or "fixtures/prompts.toml"))
+        profile = config.get("profile") or "auto"
+        self.profile = profile if profile != "auto" else ("synthetic" if self.device.type == "cuda" else "tiny")
+        cache = config.get("fixture_cache") or os.environ.get("FLUXGATE_CACHE") or os.path.join(tree, ".fluxgate-cache")
+        source = for_profile(self.profile, _path(tree, cache), inputs.seed,
+                             _path(tree, config.get("models_file") or "fixtures/models.toml"))
+        kwargs = {"warmup_steps": int(config.get("warmup_steps", 1)), "steps": config.get("steps")}
+        self.runner = Runner(self.profile, self.device, source, inputs, **kwargs)
+        self.hello = {"ok": True, "fluxgate": self.fluxgate_file, "device": str(self.device),
+                      "gpu_class": gpu_class(self.device), "profile": self.profile,
+                      "environment": fingerprint(self.device, __import__("pathlib").Path(tree))}
+        self.stack: contextlib.ExitStack | None = None
+        self.held = None
+
+    def load(self, combo_id: str) -> dict:
+        from fluxgate.matrix import Combo
+
+        self.unload()
+        combo = Combo.parse(combo_id)
+        stack = contextlib.ExitStack()
+        loaded = getattr(self.runner, "loaded", None) or (lambda combo: _Legacy(self.runner, combo))
+        self.held = stack.enter_context(loaded(combo))
+        self.stack = stack
+        return {"ok": True, "settings": self.runner.settings(combo.model_spec), "compile_s": self.held.compile_s}
+
+    def image(self) -> dict:
+        if self.held is None:
+            raise RuntimeError("no combo loaded: send {'op': 'load'} first")
+        try:
+            result = self.held.images(1)
+        except BaseException as error:
+            self._unload_after(error)
+            raise
+        png = io.BytesIO()
+        result.image.save(png, format="PNG")
+        return {"ok": True, "step_times_s": list(result.step_times_s), "first_steps_s": result.first_steps_s,
+                "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
+                "e2e_s": result.e2e_s, "png": png.getvalue()}
+
+    def _unload_after(self, error: BaseException) -> None:
+        stack, self.stack, self.held = self.stack, None, None
+        if stack is not None:
+            stack.__exit__(type(error), error, error.__traceback__)  # raises OutOfMemory for out of memory
+
+    def unload(self) -> dict:
+        stack, self.stack, self.held = self.stack, None, None
+        if stack is not None:
+            stack.close()
+        return {"ok": True, "teardown": self.runner.last_teardown}
+
+
+class _Legacy:
+    """`Runner.loaded` for a tree from before it existed (a base older than A/B runs): the same steps from the
+    Runner's parts, the warm-up image through `measure_images` with its timed image discarded."""
+
+    def __init__(self, runner, combo):
+        self.runner, self.combo, self.pipe, self.kwargs, self.compile_s = runner, combo, None, None, None
+
+    def __enter__(self):
+        from fluxgate.measuring import measure, runtimes
+
+        runner, model = self.runner, self.combo.model_spec
+        components = runner._shared_components(model)
+        try:
+            transformer, _ = runner.source.transformer(self.combo, runner.device)
+            runtimes.prepare(transformer, self.combo.runtime, runner.compile_mode)
+            self.pipe = model.builder.pipeline_class(transformer=transformer, **components)
+            self.pipe.set_progress_bar_config(disable=True)
+            self.kwargs = runner.call_kwargs(model)
+            if self.combo.runtime_spec.compiles:
+                self.compile_s = runtimes.warm_up(self.pipe, self.kwargs, runner.device)
+            measure.measure_images(self.pipe, self.kwargs, runner.inputs.seed, runner.device, runner.warmup_steps, 1)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def images(self, count: int = 1):
+        from fluxgate.measuring import measure
+
+        runner = self.runner
+        return measure.measure_images(self.pipe, self.kwargs, runner.inputs.seed, runner.device, 0, count,
+                                      runner.baseline_used_bytes, runner.telemetry_interval_s)
+
+    def __exit__(self, *exc) -> None:
+        from fluxgate.measuring import memory, runtimes
+
+        self.pipe = self.kwargs = None
+        runtimes.reset(self.combo.runtime)
+        memory.release(self.runner.device)
+
+
+def _path(tree: str, path: str) -> "os.PathLike":
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else Path(tree) / path
+
+
+def serve(channel) -> None:
+    """Answer the controller's messages on `channel` until "close" or the channel closes."""
+    try:
+        worker = Worker(channel.receive())
+    except BaseException as error:  # a broken tree, a bad config: one answer, then the worker ends
+        channel.send(_error(error))
+        return
+    channel.send(_sanitize(worker.hello))
+    for message in channel:
+        op = message.get("op") if isinstance(message, dict) else None
+        try:
+            if op == "close":
+                worker.unload()
+                channel.send({"ok": True})
+                return
+            if op == "load":
+                answer = worker.load(message["combo"])
+            elif op == "image":
+                answer = worker.image()
+            elif op == "unload":
+                answer = worker.unload()
+            else:
+                answer = {"ok": False, "oom": False, "error": f"unknown message {message!r}"}
+        except BaseException as error:
+            answer = _error(error)
+        channel.send(_sanitize(answer))
+
+
+def _sanitize(value):
+    """`value` as plain types execnet can send (exact types only): tuples as lists, others as their text."""
+    if isinstance(value, dict):
+        return {str(k): _sanitize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sanitize(v) for v in value]
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return value
+    for kind in (bool, int, float, bytes):  # subclasses (torch's version string is a str) as their base type
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+if __name__ == "__channelexec__":
+    serve(channel)  # noqa: F821 - execnet provides `channel`

@@ -1,0 +1,48 @@
+"""The terminal table of an A/B run (`python -m fluxgate.ab`): one row per combo. Imports neither torch nor diffusers.
+
+    combo            verdict  ratio   interval         blocks  seconds  mem ratio  MS-SSIM
+    flux1-dev[bf16]  SAME     1.0031  0.9871-1.0194    4       12.3     1.001      1.0000
+
+ratio: the geometric mean of the per-block candidate/base median step times; interval: its paired interval at the
+policy's confidence; mem ratio: median candidate/base peak GiB over the pairs; MS-SSIM: the lowest of the candidate's
+images against the base's of the same seed (1.0 = identical).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fluxgate.showing.text import number
+
+HEADER = ["combo", "verdict", "ratio", "interval", "blocks", "seconds", "mem ratio", "MS-SSIM"]
+
+
+def _finite(value: float | None, spec: str) -> str:
+    return number(None if value is None or math.isnan(value) else value, spec)
+
+
+def row(result) -> list[str]:
+    """One combo's cells (`fluxgate.judging.interleave.ComboResult`): a memory or similarity failure is added to the
+    verdict (`SAME+MEM`, `SAME+SIM`)."""
+    verdict = result.verdict
+    outcome = verdict.outcome + "".join(f"+{failure.split(':')[0][:3].upper()}" for failure in result.failures)
+    interval = "—" if math.isnan(verdict.low) else f"{verdict.low:.4f}-{verdict.high:.4f}"
+    return [result.combo, outcome, _finite(verdict.ratio, ".4f"), interval, str(verdict.blocks),
+            f"{result.seconds:.1f}", _finite(result.mem_ratio, ".3f"), _finite(result.min_ms_ssim, ".4f")]
+
+
+def table(results) -> list[str]:
+    """The table's lines: header, rule, one row per result, then each result's verdict message and failures."""
+    body = [row(result) for result in results]
+    widths = [max(len(cells[i]) for cells in [HEADER, *body]) for i in range(len(HEADER))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    lines = [line(HEADER), line(["-" * w for w in widths]), *map(line, body)]
+    for result in results:
+        notes = [result.verdict.message, *result.failures]
+        if result.contention:
+            notes.append(f"{result.contention}: the verdict rests on a busy machine")
+        if result.alternating_loads:
+            notes.append("both sides did not fit in device memory at once: loads alternated (each image loads its "
+                         "side's pipeline again)")
+        lines += [f"{result.combo}: {note}" for note in notes]
+    return lines

@@ -1,0 +1,207 @@
+"""Interleaved A/B (`python -m fluxgate.ab`, issue 18) on the tiny profile on CPU: A/A gives SAME, the slow-combo
+injector on the candidate side gives SLOW for that combo only, a broken side is one error line; the block loop
+(alternating order, early stop, budget) against fakes; A/B records stay out of history windows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxgate.judging import interleave, paired, window
+from fluxgate.storing.record import PASSED, Metrics, Record
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--profile", "tiny", "--models", "flux1-dev", "--cpu-threads", "1"]
+# Room for the blocks that settle SAME on a quiet 2-core machine (6-25 blocks of ~1.2 s: a neighbour's burst slows
+# one whole image by 20-30 % now and then), and a bound on the time a busy one takes: there tiny steps of ~10 ms move
+# by 20-40 % and the verdict is UNKNOWN, naming the host contention.
+ROOM = ["--ab-max-blocks", "40", "--budget-s", "45"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ab-cache")
+
+
+def run_ab(*args: str, history: Path, cache: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fluxgate.ab", "--history-dir", str(history), "--fixture-cache", str(cache),
+               *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")})
+
+
+def rows(stdout: str) -> dict[str, list[str]]:
+    """combo -> its table cells."""
+    return {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith("flux1-dev[")
+            and not line.split()[0].endswith(":")}
+
+
+def same_or_contended(stdout: str, combo: str) -> None:
+    """SAME; or, on a machine whose other work held the cores (the run says `host contention`), not SLOW/FAST."""
+    outcome = rows(stdout)[combo][1]
+    contended = any(line.startswith(f"{combo}: ") and "host contention" in line for line in stdout.splitlines())
+    assert outcome == "SAME" or (contended and outcome == "UNKNOWN"), stdout
+
+
+def runs(history: Path) -> dict[str, dict]:
+    return {json.loads(p.read_text())["environment"]["ab_side"]: json.loads(p.read_text())
+            for p in history.glob("*.json")}
+
+
+def test_a_a_on_the_same_tree_is_same_and_both_sides_are_recorded_as_one_ab_run(tmp_path, cache):
+    done = run_ab("--base-tree", str(ROOT), "--candidate-tree", str(ROOT), "--precisions", "bf16", *TINY, *ROOM,
+                  history=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    table = rows(done.stdout)
+    same_or_contended(done.stdout, "flux1-dev[bf16]")
+    assert table["flux1-dev[bf16]"][-1] == "1.0000"  # bit-for-bit the same image on CPU
+    sides = runs(tmp_path)
+    assert set(sides) == {"base", "candidate"}
+    assert sides["base"]["environment"]["ab_run"] == sides["candidate"]["environment"]["ab_run"]
+    for side in sides.values():
+        (record,) = side["records"]
+        assert record["combo"] == "flux1-dev[bf16]" and record["outcome"] == PASSED
+        assert record["ab"]["outcome"] == table["flux1-dev[bf16]"][1]
+        assert record["metrics"]["images"] == record["ab"]["blocks"]
+        assert record["settings"]["profile"] == "tiny" and record["metrics"]["step_times_s"]
+
+
+def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_only(tmp_path, cache):
+    done = run_ab("--base-tree", str(ROOT), "--precisions", "bf16,nvfp4", "--inject-slow", "flux1-dev[nvfp4]:0.6",
+                  *TINY, *ROOM, history=tmp_path, cache=cache)
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    table = rows(done.stdout)
+    assert table["flux1-dev[nvfp4]"][1] == "SLOW", done.stdout
+    same_or_contended(done.stdout, "flux1-dev[bf16]")
+    assert float(table["flux1-dev[nvfp4]"][2]) > 1.3
+    failed = {r["combo"]: r["outcome"] for r in runs(tmp_path)["candidate"]["records"]}
+    assert failed == {"flux1-dev[bf16]": "passed", "flux1-dev[nvfp4]": "failed"}
+
+
+@pytest.mark.parametrize("tree, expected", [("no-such-tree", "base side: "), ("src", "is no fluxgate tree")])
+def test_a_broken_side_is_one_error_line(tmp_path, cache, tree, expected):
+    done = run_ab("--base-tree", str(tmp_path / tree), "--precisions", "bf16", *TINY, history=tmp_path / "h",
+                  cache=cache)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fluxgate.ab: error:")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_base_python_that_cannot_start_is_one_error_line(tmp_path, cache):
+    done = run_ab("--base-tree", str(ROOT), "--base-python", str(tmp_path / "missing-python"), "--precisions", "bf16",
+                  *TINY, history=tmp_path / "h", cache=cache)
+    assert done.returncode == 2
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("fluxgate.ab: error:")]
+    assert "base side: cannot start" in error
+
+
+# --- the block loop, against fakes --------------------------------------------------------------------------------
+
+def fake_sides(candidate_scale: float, noise=(1.0, 1.01, 0.99, 1.005, 0.995)):
+    """image(side) answers with step times scaled per call (the noise cycles), and records the call order."""
+    calls = []
+
+    def image(side: str) -> dict:
+        calls.append(side)
+        wobble = noise[len(calls) % len(noise)]
+        step = 0.1 * wobble * (candidate_scale if side == "candidate" else 1.0)
+        return {"step_times_s": [step] * 5, "peak_mem_gib": 2.0, "e2e_s": 1.0, "png": None}
+
+    return image, calls
+
+
+def test_blocks_alternate_their_order_and_stop_as_soon_as_the_verdict_is_clear():
+    image, calls = fake_sides(1.0)
+    result = interleave.run_blocks("m[bf16]", image, paired.CPU_POLICY, budget_s=1e9)
+    assert result.verdict.outcome == paired.SAME and result.verdict.blocks <= 5  # of max_blocks 12
+    assert calls[:6] == ["base", "candidate", "candidate", "base", "base", "candidate"]
+    assert result.mem_ratio == 1.0 and not result.failed
+
+
+def test_a_slow_candidate_is_slow_and_an_unclear_one_is_unknown_when_the_budget_runs_out():
+    image, _ = fake_sides(1.5)
+    assert interleave.run_blocks("m[bf16]", image, paired.CPU_POLICY, budget_s=1e9).failed
+    ticks = iter(range(10_000))
+    noisy, _ = fake_sides(1.0, noise=(1.0, 1.4, 0.7, 1.3, 0.8, 1.2))
+    result = interleave.run_blocks("m[bf16]", noisy, paired.CPU_POLICY, budget_s=20, clock=lambda: next(ticks))
+    assert result.verdict.outcome == paired.UNKNOWN and result.verdict.blocks < paired.CPU_POLICY.max_blocks
+    assert "blocks" in result.verdict.message
+
+
+def test_memory_and_similarity_regressions_fail_the_same_pairs():
+    pair = interleave.Pair(("base", "candidate"), {}, {}, 1.0, 1.2, 0.90)
+    verdict = paired.PairedVerdict(paired.SAME, 1.0, 0.99, 1.01, 3, "SAME")
+    result = interleave.summarize("m[bf16]", verdict, [pair] * 3, 1.0, interleave.Limits())
+    assert result.failed and [f.split(":")[0] for f in result.failures] == ["memory", "similarity"]
+
+
+def test_ab_records_never_enter_a_history_window():
+    record = Record("m[bf16]", outcome=PASSED, metrics=Metrics(step_times_s=[0.1] * 8),
+                    environment={"ab_run": "20261130T090927Z-4666c6", "ab_side": "base"})
+    assert "A/B run 20261130T090927Z-4666c6" in window.unfit_for_window(record)
+
+
+# --- Runner.loaded: a pipeline held loaded, images on demand ------------------------------------------------------
+
+def test_a_loaded_pipeline_makes_timed_images_on_demand_and_is_released_on_leaving(cache):
+    import numpy as np
+    import torch
+
+    from fluxgate.matrix import Combo
+    from fluxgate.measuring.runner import Inputs, Runner
+    from fluxgate.weights.tiny import TinySource
+
+    inputs = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+    runner = Runner("tiny", torch.device("cpu"), TinySource(cache, inputs.seed), inputs)
+    with runner.loaded(Combo("flux1-dev", "bf16")) as held:
+        first, second = held.images(1), held.images(1)
+        assert held.compile_s is None and held.origin
+    assert held.pipe is None and runner.last_teardown is None  # CPU: no device memory to account for
+    steps = runner.settings(Combo("flux1-dev", "bf16").model_spec)["steps"]
+    for result in (first, second):
+        assert len(result.step_times_s) == steps - 1 and result.images == 1 and result.peak_mem_gib > 0
+    assert np.asarray(first.image).tobytes() == np.asarray(second.image).tobytes()  # the same seed each time
+
+
+# --- loads that do not fit together alternate ---------------------------------------------------------------------
+
+class FakeSide:
+    """A side whose load runs out of memory while the other side holds its pipeline (`held` is shared)."""
+
+    def __init__(self, name: str, held: set, log: list):
+        self.name, self.held, self.log = name, held, log
+
+    def ask(self, message: dict) -> dict:
+        from fluxgate.ab import SideError
+
+        op = message["op"]
+        self.log.append(f"{self.name}:{op}")
+        if op == "load":
+            if self.held - {self.name}:
+                raise SideError(f"{self.name} side: OutOfMemory: ...", oom=True)
+            self.held.add(self.name)
+            return {"ok": True, "settings": {"steps": 8}}
+        if op == "unload":
+            self.held.discard(self.name)
+            return {"ok": True}
+        assert self.name in self.held, f"{self.name}: image without a loaded pipeline"
+        return {"ok": True, "step_times_s": [0.1] * 5, "peak_mem_gib": 60.0, "e2e_s": 1.0, "png": None}
+
+
+def test_sides_that_do_not_fit_together_alternate_their_loads_and_say_so():
+    from fluxgate import ab
+    from fluxgate.matrix import Combo
+
+    held, log = set(), []
+    sides = {name: FakeSide(name, held, log) for name in ("base", "candidate")}
+    result, settings = ab._measure_combo(Combo("flux2-dev", "bf16"), sides, paired.CPU_POLICY, 1e9,
+                                         interleave.Limits())
+    assert result.alternating_loads and result.verdict.outcome == paired.SAME
+    assert settings == {"base": {"steps": 8}, "candidate": {"steps": 8}}
+    assert log[:3] == ["base:load", "candidate:load", "base:unload"]
+    assert log[3:6] == ["base:load", "base:image", "base:unload"] and not held
+    from fluxgate.showing import ab_table
+    assert any("loads alternated" in line for line in ab_table.table([result]))
