@@ -111,6 +111,9 @@ def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
     if room <= 0.25 * policy.equivalence:
         return (f"the shift ({math.exp(shift) - 1:.2%}) sits between the {policy.min_effect:.1%} effect and the "
                 f"±{policy.equivalence:.1%} band: more blocks narrow it, or judge it as a shift of about that size")
-    z = stats.norm.ppf(0.5 + policy.confidence / 2)
-    needed = math.ceil((z * spread / room) ** 2)
-    return f"the measured block spread ({spread:.2%}) needs about {needed} blocks: raise --ab-max-blocks or the budget"
+    # The smallest n whose interval half-width, t(n-1) x spread / sqrt(n), fits in the room left: the Student-t
+    # quantile, not the normal one, which understates n badly at the few blocks a GPU budget allows.
+    needed = next((n for n in range(max(3, len(logs) + 1), 10_000)
+                   if stats.t.ppf(0.5 + policy.confidence / 2, n - 1) * spread / math.sqrt(n) < room), None)
+    count = f"about {needed}" if needed else "over 10000"
+    return f"the measured block spread ({spread:.2%}) needs {count} blocks: raise --ab-max-blocks or the budget"
