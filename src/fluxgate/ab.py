@@ -104,6 +104,7 @@ class Outcome:
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fluxgate.ab", description=__doc__.split("\n\n")[0],
+                                     usage="python -m fluxgate.ab --base-tree BASE_TREE [options]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--base-tree", required=True, type=Path, help="the base's checkout (a git worktree of REF)")
