@@ -23,8 +23,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from diffusers.quantizers.bfl.utils import (BFLFP8RLinear, BFLNVFP4Linear, dequantize_fp8r, dequantize_nvfp4,
-                                            quantize_fp8r, quantize_nvfp4)
+from diffusers.quantizers.bfl.utils import (
+    BFLFP8RLinear,
+    BFLNVFP4Linear,
+    dequantize_fp8r,
+    dequantize_nvfp4,
+    quantize_fp8r,
+    quantize_nvfp4,
+)
 from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 from safetensors.torch import save_file
 

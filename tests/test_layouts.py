@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.quantizers.bfl.utils import dequantize_fp8r, dequantize_nvfp4, quantize_nvfp4
+from layouts_support import comfy_marker, tiled
 from safetensors.torch import load_file, save_file
 
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 from fluxgate.weights import identify, layouts, tiny
-from layouts_support import comfy_marker, tiled
 
 
 @pytest.mark.parametrize("rows, cols", [(128, 4), (200, 6), (300, 10)])

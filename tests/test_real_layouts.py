@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import layouts_support as S
 import numpy as np
 import pytest
 import torch
 
-import layouts_support as S
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 from fluxgate.weights import tiny

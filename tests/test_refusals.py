@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import gguf
+import layouts_support as S
 import pytest
 import torch
 
-import layouts_support as S
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
 from fluxgate.weights import identify

@@ -14,6 +14,7 @@ import pytest
 from fluxgate import workers
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import combos, shard
+from fluxgate.storing.fsstore import SHARDS_DIR
 from fluxgate.storing.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_two_workers_run_on_their_own_devices_and_leave_one_merged_run(tmp_path)
     assert ("against history (advisory: --history-gate off; each worker judged its own combos): 4 not comparable"
             in done.stdout), done.stdout[-3000:]
     runs = list(history.glob("*.json"))
-    assert len(runs) == 1 and not list((history / workers.WORKERS_DIR).glob("*.json"))
+    assert len(runs) == 1 and not list((history / SHARDS_DIR).glob("*.json"))
     records = json.loads(runs[0].read_text())["records"]
     placed = {}
     for r in records:

@@ -26,10 +26,8 @@ import os
 
 import pytest
 
-from fluxgate.storing.local import SHARDS_DIR
 from fluxgate.storing.record import Record
 
-WORKERS_DIR = SHARDS_DIR  # where a worker's run file waits to be merged
 GROUP_PREFIX = "fluxgate-share-"
 PIN_ENV = "CUDA_VISIBLE_DEVICES"
 

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from fluxgate.judging import compare
 from fluxgate.showing import decision, publish
+from fluxgate.showing.figures import TREND_PANELS
 from fluxgate.showing.text import number
 from fluxgate.storing.record import REMEASURE, Record
 from fluxgate.storing.store import HistoryStore, file_name
 
-CHARTS = (("it_s", "it/s (median step)"), ("peak_mem_gib", "peak memory, GiB"), ("ms_ssim", "MS-SSIM vs BF16"))
+CHARTS = [(metric, label) for metric, label, _ in TREND_PANELS]  # the PR summary's trend panels, as plotly charts
 _STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.regression{color:#b00;font-weight:bold}"
           "img{max-width:100%}")
@@ -151,7 +152,7 @@ def build(store: HistoryStore, out: Path, baselines_dir: Path, decision_settings
     Raises publish.PublishError when the store holds no readable record, OSError when a file cannot be written."""
     import plotly.offline
 
-    records = [r for r in store.load()]
+    records = store.load()
     if not records:
         raise publish.PublishError(f"{store}: no readable history records to build a dashboard from")
     shutil.rmtree(out, ignore_errors=True)

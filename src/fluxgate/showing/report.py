@@ -17,17 +17,15 @@ from fluxgate.judging.compare import (
     is_host_synchronous,
 )
 from fluxgate.measuring.stats import Spikes, mostly_idle
+from fluxgate.showing.text import number
 from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED, Metrics, Record
 
 VERDICTS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", SKIPPED: "SKIP"}
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
-    if value is None:
-        return missing
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
+    """`text.number`, with "-" for a missing value (the terminal table's) and "inf" for an infinite one."""
+    return "inf" if isinstance(value, float) and math.isinf(value) else number(value, spec, missing)
 
 
 def _percent(value) -> str:
