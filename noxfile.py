@@ -85,18 +85,17 @@ def perf_ab(session: nox.Session) -> None:
 
     The base is a git worktree of REF under .fluxgate/ab/base (reused when it is at that commit already), the
     candidate this checkout. By default both sides run in this session's interpreter, each with its own tree's src
-    first on its path (what `--no-venv` GPU runners do); `--own-envs` makes a virtualenv per side
-    (.fluxgate/ab/venv-base, venv-candidate) with that tree's own pins (`pip install -e <tree>[test]` plus
-    FLUXGATE_TORCH). Every other argument goes to `python -m fluxgate.ab` (`--models`, `--precisions`, `--budget-s`,
-    `--ab-max-blocks`, ...; `python -m fluxgate.ab --help`)."""
+    first on its path (what `--no-venv` GPU runners do); `--own-envs` has `python -m fluxgate.ab` make (or reuse,
+    when its stamp still matches) a virtualenv per side (.fluxgate/ab/venv-base, venv-candidate) with that tree's own
+    pins: FLUXGATE_TORCH, then `pip install -e <tree>`. Every other argument goes to `python -m fluxgate.ab`
+    (`--models`, `--precisions`, `--steps`, `--budget-s`, `--total-budget-s`, `--summary-out`, ...;
+    `python -m fluxgate.ab --help`)."""
     args = list(session.posargs)
     if "--base" not in args or args.index("--base") + 1 >= len(args):
         session.error("name the base: nox -s perf-ab -- --base origin/main [fluxgate.ab options]")
     at = args.index("--base")
     ref = args[at + 1]
     del args[at:at + 2]
-    own_envs = "--own-envs" in args
-    args = [arg for arg in args if arg != "--own-envs"]
     _install(session)
     sha = session.run("git", "rev-parse", "--verify", f"{ref}^{{commit}}", external=True, silent=True).strip()
     base = os.path.join(AB_DIR, "base")
@@ -105,18 +104,8 @@ def perf_ab(session: nox.Session) -> None:
         session.run("git", "worktree", "add", "--detach", base, sha, external=True)
     elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
         session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
-    pythons = []
-    if own_envs:
-        for side, tree in (("base", base), ("candidate", ".")):
-            venv = os.path.join(AB_DIR, f"venv-{side}")
-            python = os.path.abspath(os.path.join(venv, "bin", "python"))
-            if not os.path.exists(python):
-                session.run("python", "-m", "venv", venv)
-            session.run(python, "-m", "pip", "install", "-q", *shlex.split(TORCH), external=True)
-            session.run(python, "-m", "pip", "install", "-q", "-e", f"{tree}[test]", external=True)
-            pythons += [f"--{side}-python", python]
-    session.run("python", "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *pythons, *args,
-                env=ENV)
+    envs = ["--envs-dir", AB_DIR, "--torch", TORCH] if "--own-envs" in args else []
+    session.run("python", "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args, env=ENV)
 
 
 @nox.session
@@ -136,14 +125,17 @@ def baselines(session: nox.Session) -> None:
 
 @nox.session
 def thresholds(session: nox.Session) -> None:
-    """Derive a GPU class's speed limits from the spread of its recorded runs (baselines/<class>/runs/*.json, from
-    several GPUs) and rewrite them in baselines/<class>/thresholds.toml: `nox -s thresholds -- nvidia-h200`."""
+    """Rederive a class's limits from its recorded runs (baselines/<class>/runs/*.json) and rewrite them in
+    baselines/<class>/thresholds.toml: speed limits from the spread over several GPUs, the BF16 noise floor and the
+    similarity limits built on it, the trade-offs against bf16: `nox -s thresholds -- nvidia-h200`. The cpu class
+    has no GPUs to spread over: its speed limits stay the baselines' smoke check."""
     _install(session)
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
     gpu_class = session.posargs[0]
+    parts = ["--parts", "quality,tradeoffs"] if gpu_class == "cpu" else []
     session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
-                "--write", env=ENV)
+                *parts, "--write", env=ENV)
 
 
 @nox.session

@@ -3,6 +3,7 @@ injector on the candidate side gives SLOW for that combo only, a broken side is 
 (alternating order, early stop, budget) against fakes; A/B records stay out of history windows."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,90 @@ def test_sides_that_do_not_fit_together_alternate_their_loads_and_say_so():
     assert log[3:6] == ["base:load", "base:image", "base:unload"] and not held
     from fluxgate.showing import ab_table
     assert any("loads alternated" in line for line in ab_table.table([result]))
+
+
+# --- the whole run against fake sides: total budget, progress, steps per model, summary, wall time -----------------
+
+class SleepySide:
+    """A side whose load takes `load_s` and whose images take `image_s` (step times 0.1 s); logs loads' steps."""
+
+    def __init__(self, name, tree, python, config, load_s=0.0, image_s=0.0, log=None):
+        self.name, self.load_s, self.image_s, self.log = name, load_s, image_s, log if log is not None else []
+        self.hello = {"ok": True, "device": "cpu", "profile": "tiny", "gpu_class": "cpu", "python": python,
+                      "environment": {"git_commit": "abc1234def5678", "git_dirty": False}}
+
+    def ask(self, message: dict) -> dict:
+        import time
+
+        op = message["op"]
+        if op == "load":
+            self.log.append((self.name, message["combo"], message.get("steps")))
+            time.sleep(self.load_s)
+            return {"ok": True, "settings": {"steps": message.get("steps") or 8}}
+        if op == "image":
+            time.sleep(self.image_s)
+            return {"ok": True, "step_times_s": [0.1] * 5, "peak_mem_gib": 1.0, "e2e_s": 0.5, "png": None,
+                    "mem_kind": "RSS", "run_wait_s": None}
+        return {"ok": True}
+
+    def close(self):
+        pass
+
+
+def test_a_total_budget_leaves_out_the_combos_it_cannot_pay_for_and_the_run_states_its_wall_time(
+        tmp_path, monkeypatch, capsys):
+    from fluxgate import ab
+
+    loads = []
+    monkeypatch.setattr(ab, "Side", lambda *args: SleepySide(*args, load_s=0.3, image_s=0.01, log=loads))
+    status = ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev,flux2-dev", "--precisions", "bf16,nvfp4",
+                      "--total-budget-s", "0.5", "--model-steps", "flux1-dev=3", "--history-dir", str(tmp_path / "h"),
+                      "--summary-out", str(tmp_path / "ab.md")])
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    assert "[1/4] flux1-dev[bf16]: loading both sides (share of the total budget: 0 s)" in err
+    assert "  flux1-dev[bf16] block 1 (A B): ratio 1.0000" in err  # progress per block
+    left_out = [line for line in out.splitlines() if line.startswith("not measured (--total-budget-s 0.5 spent)")]
+    assert len(left_out) == 1 and "flux2-dev[nvfp4]" in left_out[0], out
+    assert loads[0] == ("base", "flux1-dev[bf16]", 3)  # --model-steps reach the sides' loads
+    assert re.search(r"^wall \d+\.\d s for \d combos, of which \d+\.\d s \(\d+%\) inside timed steps", out, re.M)
+    summary = (tmp_path / "ab.md").read_text()
+    assert summary.startswith("**A/B gate: passed**") and "base abc1234def56, candidate abc1234def56" in summary
+    assert "total time budget spent" in summary and "A/B wall time" in summary
+    sides = runs(tmp_path / "h")
+    assert sides["base"]["environment"]["ab_tree"] == sides["candidate"]["environment"]["ab_tree"]
+    assert sides["candidate"]["records"][0]["ab"]["ratios"] == [1.0] * sides["candidate"]["records"][0]["ab"]["blocks"]
+
+
+def test_the_injected_side_is_named_in_its_run_and_a_slow_combo_fails_the_summary(tmp_path, monkeypatch, capsys):
+    from fluxgate import ab
+
+    class Slower(SleepySide):
+        def ask(self, message):
+            answer = super().ask(message)
+            if message["op"] == "image" and self.name == "candidate":
+                answer["step_times_s"] = [0.15] * 5
+            return answer
+
+    monkeypatch.setattr(ab, "Side", lambda *args: Slower(*args))
+    status = ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev", "--precisions", "bf16", "--inject-slow",
+                      "flux1-dev[bf16]:0.5", "--history-dir", str(tmp_path / "h"), "--summary-out",
+                      str(tmp_path / "ab.md")])
+    capsys.readouterr()
+    assert status == 1
+    sides = runs(tmp_path / "h")
+    assert sides["candidate"]["environment"]["ab_inject"] == {"combo": "flux1-dev[bf16]", "fraction": 0.5}
+    assert "ab_inject" not in sides["base"]["environment"]
+    summary = (tmp_path / "ab.md").read_text()
+    assert summary.startswith("**A/B gate: FAILED (1 combo(s) SLOW or regressed: flux1-dev[bf16])**")
+    assert "| `flux1-dev[bf16]` | SLOW | 1.5000 |" in summary
+
+
+def test_model_steps_name_known_models_and_positive_counts():
+    from fluxgate import ab
+
+    assert ab._options(["--base-tree", ".", "--model-steps", "flux2-dev=3,z-image-turbo=9"]).steps_by_model == {
+        "flux2-dev": 3, "z-image-turbo": 9}
+    for bad in ("flux3=2", "flux2-dev=0", "flux2-dev"):
+        with pytest.raises(SystemExit):
+            ab._options(["--base-tree", ".", "--model-steps", bad])

@@ -10,28 +10,30 @@ from fluxgate.judging import baselines
 from fluxgate.judging.baselines import Measured, Thresholds
 from fluxgate.matrix import Combo
 
-SETTINGS = {"profile": "tiny", "seed": 0, "steps": 4, "size_px": 256, "guidance_scale": 3.5, "prompt": "a red fox"}
+SETTINGS = {"profile": "tiny", "seed": 0, "steps": 4, "size_px": 256, "guidance_scale": 3.5,
+            "cases": [{"name": "fox", "prompt": "a red fox", "seed": 0}]}
 BF16, NVFP4 = Combo("flux1-dev", "bf16"), Combo("flux1-dev", "nvfp4")
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 def _write(root, measured=(Measured(BF16, 2.0, 1.0, 1.0, None), Measured(NVFP4, 4.0, 0.5, 0.99, 30.0))):
-    folder, _ = baselines.write(root, "cpu", list(measured), {"flux1-dev": IMAGE}, {"models": {"flux1-dev": SETTINGS}})
+    folder, _ = baselines.write(root, "cpu", list(measured), {"flux1-dev": {"fox": IMAGE}}, {"models": {"flux1-dev": SETTINGS}})
     return folder
 
 
 def test_written_baseline_loads_back_as_margin_and_tier_limits(tmp_path):
     _write(tmp_path)
     speed, memory = baselines.DEFAULT_MARGINS["cpu"]["speed"], baselines.DEFAULT_MARGINS["cpu"]["memory"]
-    for combo, it_s, mem_gib, tier in ((BF16, 2.0, 1.0, "reference"), (NVFP4, 4.0, 0.5, "4bit")):
+    for combo, it_s, mem_gib, tier, ms_ssim in ((BF16, 2.0, 1.0, "reference", 1.0), (NVFP4, 4.0, 0.5, "4bit", 0.99)):
         floors = baselines.DEFAULT_SIMILARITY[tier]
         assert baselines.load(tmp_path, "cpu", combo, SETTINGS).thresholds == Thresholds(
-            it_s * (1 - speed), mem_gib * (1 + memory), floors["min_ms_ssim"], floors["min_psnr_db"])
+            it_s * (1 - speed), mem_gib * (1 + memory), floors["min_ms_ssim"], floors["min_psnr_db"],
+            measured_ms_ssim=ms_ssim)
 
 
 def test_written_reference_image_loads_back_pixel_identical(tmp_path):
     _write(tmp_path)
-    reference = baselines.load(tmp_path, "cpu", BF16, SETTINGS).reference()
+    reference = baselines.load(tmp_path, "cpu", BF16, SETTINGS).reference("fox")
     assert np.array_equal(np.asarray(reference), np.asarray(IMAGE))
 
 
@@ -73,14 +75,15 @@ def test_missing_combo_entry_names_the_file_and_the_key(tmp_path):
 def test_missing_or_broken_reference_image_names_the_image(tmp_path, damage, says):
     _write(tmp_path)
     baseline = baselines.load(tmp_path, "cpu", BF16, SETTINGS)
-    damage(baseline.reference_image)
+    path = baselines.reference_path(baseline.folder, "flux1-dev", "fox")
+    damage(path)
     with pytest.raises(BaselineError, match=says) as error:
-        baseline.reference()
-    assert str(baseline.reference_image) in str(error.value)
+        baseline.reference("fox")
+    assert str(path) in str(error.value)
 
 
 def test_similarity_already_below_its_tier_is_floored_at_the_measurement_less_the_margin(tmp_path):
-    _, below = baselines.write(tmp_path, "cpu", [Measured(NVFP4, 4.0, 0.5, 0.9, 20.0)], {"flux1-dev": IMAGE},
+    _, below = baselines.write(tmp_path, "cpu", [Measured(NVFP4, 4.0, 0.5, 0.9, 20.0)], {"flux1-dev": {"fox": IMAGE}},
                                {"models": {"flux1-dev": SETTINGS}})
 
     margins = baselines.DEFAULT_MARGINS["cpu"]
@@ -97,7 +100,7 @@ def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_mad
     from fluxgate.judging.gate import Gate
     from fluxgate.storing.local import LocalFolderStore
 
-    baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": IMAGE},
+    baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": {"fox": IMAGE}},
                     {"runs": {"run1": {}}, "models": {"flux1-dev": {**SETTINGS, "run_id": "run1"}}})
     compiled = Combo("flux1-dev", "bf16", "compile")
     gate = Gate(SimpleNamespace(settings=lambda spec: SETTINGS), tmp_path, "cpu",
@@ -111,3 +114,28 @@ def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_mad
     assert provenance["runs"]["run2"]["combos"] == ["flux1-dev[bf16-compile]"]
     assert baselines.load(tmp_path, "cpu", compiled, SETTINGS).thresholds.min_it_s == pytest.approx(
         3.0 * (1 - baselines.DEFAULT_MARGINS["cpu"]["speed"]))
+
+
+def test_a_models_reference_images_are_replaced_as_a_set(tmp_path):
+    folder = _write(tmp_path)
+    (folder / "flux1-dev.png").write_bytes(b"the one image of fluxgate 0.1")
+    baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)],
+                    {"flux1-dev": {"harbour": IMAGE, "sign": IMAGE}}, {"models": {"flux1-dev": SETTINGS}})
+    assert sorted(p.name for p in (folder / "flux1-dev").iterdir()) == ["harbour.png", "sign.png"]
+    assert not (folder / "flux1-dev.png").exists()
+
+
+def test_a_baseline_made_with_other_cases_is_stale_naming_the_change(tmp_path):
+    _write(tmp_path)
+    other = {**SETTINGS, "cases": [{"name": "fox", "prompt": "a red fox", "seed": 7}]}
+    with pytest.raises(BaselineError, match=r"stale baseline for flux1-dev .*cases"):
+        baselines.load(tmp_path, "cpu", BF16, other)
+
+
+def test_a_baseline_made_with_more_cases_serves_a_run_that_makes_the_first_of_them(tmp_path):
+    more = {**SETTINGS, "cases": SETTINGS["cases"] + [{"name": "harbour", "prompt": "a harbour", "seed": 1}]}
+    baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": {"fox": IMAGE}},
+                    {"models": {"flux1-dev": more}})
+    baselines.load(tmp_path, "cpu", BF16, SETTINGS)  # fox is the stored set's first case: fresh
+    with pytest.raises(BaselineError, match=r"cases fox, harbour -> harbour"):
+        baselines.load(tmp_path, "cpu", BF16, {**SETTINGS, "cases": more["cases"][1:]})

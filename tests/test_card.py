@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fluxgate.showing import card
 from fluxgate.storing.record import PASSED, Metrics, Record
@@ -37,3 +38,96 @@ def test_a_fixed_limit_counts_too_and_the_markdown_states_the_counts():
     assert row.false_alarms == 3
     text = card.markdown([row], "nvidia-h200", runs=3)
     assert "**3 of 3** comparisons" in text and "| `flux1-dev[bf16]` | 3 | 3/3 |" in text
+
+
+# --- the A/B rule's section (fluxgate.showing.ab_card) -------------------------------------------------------------
+
+def ab_run(run: int, ratios: list[float], combo="flux1-dev[fp8-scaled]", same_tree=True, inject=None,
+           contention=None) -> list[Record]:
+    """One recorded A/B run's two records of `combo`: base and candidate, block ratios as recorded."""
+    from fluxgate.storing.record import Record as R
+
+    records = []
+    for side in ("base", "candidate"):
+        env = {"ab_run": f"ab{run}", "ab_side": side, "gpu": {"uuid": f"GPU-{run}"},
+               "ab_tree": "t0" if same_tree or side == "base" else "t1"}
+        if inject and side == "candidate":
+            env["ab_inject"] = inject
+        steps = [0.2] * (7 * len(ratios)) if side == "base" else [0.2 * r for r in ratios for _ in range(7)]
+        records.append(R(combo=combo, run_id=f"ab{run}-{side}", gpu_class="nvidia-h200", profile="synthetic",
+                         settings={}, outcome=PASSED, environment=env,
+                         metrics=Metrics(step_times_s=steps, images=len(ratios)),
+                         extra={"ab": {"ratios": list(ratios), "contention": contention}}))
+    return records
+
+
+def test_ab_section_false_alarms_and_detection_from_resampled_quiet_blocks():
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(2)
+    records = [r for run in range(3) for r in ab_run(run, list(np.exp(rng.normal(0, 0.003, 8))))]
+    (row,) = ab_card.build(records, "nvidia-h200", simulations=200)
+    assert (row.runs, row.blocks) == (3, 24) and row.simulations == 200
+    assert row.false_alarms <= 0.02 and row.outcomes[0.0]["SAME"] >= 0.9
+    assert row.detected(0.01) >= 0.9 and row.detected(0.03) == 1.0
+    assert row.mean_blocks[0.03] < row.mean_blocks[0.0] + 1  # a clear slowdown stops early
+    text = ab_card.markdown([row], "nvidia-h200")
+    assert "| `flux1-dev[fp8-scaled]` | 3 | 24 |" in text and "detected at +1%" in text
+
+
+def test_noisy_blocks_detect_less_and_need_more_blocks_than_quiet_ones():
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(3)
+    quiet = ab_run(0, list(np.exp(rng.normal(0, 0.002, 30))), combo="m[quiet]")
+    noisy = ab_run(1, list(np.exp(rng.normal(0, 0.02, 30))), combo="m[noisy]")
+    rows = {row.combo: row for row in ab_card.build(quiet + noisy, "nvidia-h200", simulations=200)}
+    assert rows["m[noisy]"].detected(0.01) < rows["m[quiet]"].detected(0.01) - 0.5
+    assert rows["m[noisy]"].mean_blocks[0.0] > rows["m[quiet]"].mean_blocks[0.0]
+    assert rows["m[noisy]"].outcomes[0.0].get("UNKNOWN", 0) > 0.5  # the rule says it cannot tell, not SAME
+
+
+def test_a_side_biased_pool_is_a_false_alarm_and_only_a_a_runs_count():
+    from fluxgate.showing import ab_card
+
+    biased = ab_run(0, [1.015, 1.012, 1.018, 1.016, 1.013, 1.017])  # the candidate side always 1.5 % slower
+    (row,) = ab_card.build(biased, "nvidia-h200", simulations=100)
+    assert row.false_alarms == 1.0
+    others = ab_run(1, [1.3] * 6, same_tree=False) + ab_run(2, [1.3] * 6, inject={"combo": "x", "fraction": 0.3}) + \
+        ab_run(3, [1.3] * 6, contention="base: host contention") + ab_run(4, [1.0, 1.001])
+    rows = ab_card.build(others, "nvidia-h200", simulations=50)
+    assert [(r.combo, r.blocks, r.simulations) for r in rows] == [("flux1-dev[fp8-scaled]", 2, 0)]  # too few blocks
+    assert "fewer than 3 recorded blocks" in ab_card.markdown(rows, "nvidia-h200")
+
+
+def test_block_ratios_of_records_without_recorded_ratios_come_from_per_image_medians():
+    from dataclasses import replace
+
+    from fluxgate.showing import ab_card
+
+    base, candidate = ab_run(0, [1.01, 0.99, 1.02])
+    candidate = replace(candidate, extra={"ab": {}})
+    assert ab_card.block_ratios(base, candidate) == pytest.approx([1.01, 0.99, 1.02])
+
+
+def test_the_card_keeps_ab_records_out_of_its_one_sided_rows_and_adds_the_ab_section(tmp_path):
+    from fluxgate import card as command
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(4)
+    one_sided = [record(i, list(0.175 * (1 + rng.normal(0, 0.002, 27)))) for i in range(3)]
+    ab = [r for run in range(2) for r in ab_run(run, list(np.exp(rng.normal(0, 0.003, 10))), combo="flux1-dev[bf16]")]
+    (row,) = card.build(one_sided + ab, "nvidia-h200")
+    assert row.comparisons == 3  # the A/B runs' records are no one-sided runs
+    text = card.markdown([row], "nvidia-h200", 3, ab_card.build(ab, "nvidia-h200", simulations=50))
+    assert "## The A/B rule" in text and "| `flux1-dev[bf16]` | 2 | 20 |" in text
+    from dataclasses import replace
+
+    from fluxgate.storing.local import LocalFolderStore
+
+    store = LocalFolderStore(tmp_path)
+    for r in one_sided + ab:  # and through the command, from run files
+        store.open_run(r.run_id, r.env).append(replace(r, environment=None, run_id=None))
+    out = tmp_path / "card.md"
+    assert command.main([str(tmp_path), "--gpu-class", "nvidia-h200", "--out", str(out)]) == 0
+    assert "from 3 recorded runs" in out.read_text() and "## The A/B rule" in out.read_text()

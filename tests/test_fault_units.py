@@ -120,7 +120,8 @@ def test_a_gpu_baseline_made_on_other_hardware_is_stale_but_other_software_is_wh
     folder.mkdir()
     made_on = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
                "torch": "2.11.0+cu130"}
-    settings = {"profile": "synthetic", "seed": 0, "steps": 28, "size_px": 1024, "guidance_scale": 3.5, "prompt": "p"}
+    settings = {"profile": "synthetic", "seed": 0, "steps": 28, "size_px": 1024, "guidance_scale": 3.5,
+                "cases": [{"name": "fox", "prompt": "p", "seed": 0}]}
     (folder / baselines.PROVENANCE_FILE).write_text(json.dumps(
         {"runs": {"r1": {"environment": made_on}}, "models": {"flux1-dev": {**settings, "run_id": "r1"}}}))
     check = functools.partial(baselines.check_fresh, folder / baselines.PROVENANCE_FILE, "flux1-dev", settings)

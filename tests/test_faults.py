@@ -207,8 +207,8 @@ def fault_run(tmp_path_factory) -> FaultRun:
     thresholds["flux2-dev"]["nvfp4"]["min_it_s"] = "fast"
     thresholds_path.write_text(tomli_w.dumps(thresholds))
     expected["flux2-dev[nvfp4]"] = [str(thresholds_path), '["flux2-dev"."nvfp4"]', "min_it_s", "'fast'"]
-    (folder / "z-image-turbo.png").unlink()
-    expected["z-image-turbo[bf16]"] = [str(folder / "z-image-turbo.png"), "reference image missing",
+    (folder / "z-image-turbo" / "fox.png").unlink()
+    expected["z-image-turbo[bf16]"] = [str(folder / "z-image-turbo" / "fox.png"), "reference image missing",
                                        "nox -s baselines"]
 
     items = ["flux1-dev[bf16]", *[f"flux1-dev[{p}]" for p in ("fp8-scaled", "gguf-q8_0", "nvfp4")],
@@ -362,8 +362,8 @@ def test_ctrl_c_during_write_baselines_leaves_the_old_baselines_as_they_were(int
     json.loads((folder / baselines.PROVENANCE_FILE).read_text())
     settings_ = Runner("tiny", CPU, None, INPUTS).settings(MODELS["flux1-dev"])
     for precision in ("bf16", "nvfp4"):
-        baselines.load(run.baselines_root, "cpu", Combo("flux1-dev", precision), settings_).reference()
-    for png in folder.glob("*.png"):
+        baselines.load(run.baselines_root, "cpu", Combo("flux1-dev", precision), settings_).reference("fox")
+    for png in folder.glob("*/*.png"):
         with Image.open(png) as image:
             image.verify()
 

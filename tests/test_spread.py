@@ -51,20 +51,20 @@ def test_one_gpu_or_too_few_runs_or_contended_runs_are_not_enough():
 
 def test_the_speed_limit_compares_the_statistic_it_was_derived_for(tmp_path):
     from fluxgate.judging.gate import limit_failures
-    from fluxgate.judging.similarity import Similarity
+    from fluxgate.judging.similarity import Similarity, summarise
     from fluxgate.measuring.measure import Measurement
 
     # Host jitter: half the steps slow, the fast steps unchanged. The median falls below the limit, the p10 does not.
     steps = [0.100] * 13 + [0.130] * 14
     result = Measurement(steps, 3.0, 1.0, "cuda_max_allocated", 1.0, None)
-    similar = Similarity(1.0, float("inf"))
+    similar = summarise({"fox": Similarity(1.0, float("inf"))})
     for statistic, fails in (("median", True), ("p10", False)):
-        baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic=statistic), tmp_path / "x.png")
+        baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic=statistic), tmp_path / "flux1-dev")
         failures = limit_failures(result, similar, baseline, "[flux1-dev.bf16]")
         assert bool(failures) is fails, failures
     assert "it/s (p10 step) < min" in limit_failures(
         Measurement([0.2] * 27, 3.0, 1.0, "cuda_max_allocated", 1.0, None), similar,
-        Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic="p10"), tmp_path / "x.png"), "e")[0]
+        Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0, speed_statistic="p10"), tmp_path / "flux1-dev"), "e")[0]
 
 
 def test_the_committed_h200_limits_pass_every_run_they_came_from():
@@ -85,3 +85,37 @@ def test_an_outlier_run_or_mixed_settings_make_no_limit():
     mixed[2] = replace(mixed[2], settings={"steps": 4})
     with pytest.raises(ValueError, match=r"other profiles or image settings mixed in for flux1-dev\[bf16\]"):
         spread.derive(mixed, "nvidia-h200")
+
+
+def test_the_thresholds_command_derives_each_part_on_its_own(tmp_path, capsys):
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    from fluxgate import thresholds
+
+    root = Path(__file__).resolve().parents[1] / "baselines" / "nvidia-h200"
+    tmp_class = tmp_path / "nvidia-h200"
+    tmp_class.mkdir()
+    shutil.copy(root / "thresholds.toml", tmp_class / "thresholds.toml")
+    before = (tmp_class / "thresholds.toml").read_text()
+    args = ["--gpu-class", "nvidia-h200", "--baselines-dir", str(tmp_path)]
+    assert thresholds.main([str(root / "runs"), *args]) == 0  # print only
+    out = capsys.readouterr().out
+    assert "speed limits (p10" in out and "noise floors" in out and "trade-offs against bf16" in out
+    assert "eager fp8-scaled flux1-dev runs at 0.69x bf16's speed" in out
+    assert (tmp_class / "thresholds.toml").read_text() == before
+    # One run: too few for speed limits; the noise floor and trade-offs are still derived and written
+    one = sorted((root / "runs").glob("*.json"))[0]
+    assert thresholds.main([str(one), *args, "--write"]) == 2
+    captured = capsys.readouterr()
+    (error,) = captured.err.splitlines()
+    assert error.startswith("fluxgate.thresholds: error: speed: nvidia-h200: too few runs")
+    assert "ONE run on one machine" in captured.out and "wrote" in captured.out and "not speed" in captured.out
+    written = tomllib.loads((tmp_class / "thresholds.toml").read_text())
+    assert written["noise_floor"]["flux1-dev"]["runs"] == [one.stem]
+    assert written["tradeoffs"]["flux2-dev"]["nvfp4"]["max_mem_ratio"] > 0.358
+    assert written["flux1-dev"]["bf16"]["speed_runs"] == tomllib.loads(before)["flux1-dev"]["bf16"]["speed_runs"]
+    assert thresholds.main([str(one), *args, "--parts", "quality"]) == 0
+    with pytest.raises(SystemExit):
+        thresholds.main([str(one), *args, "--parts", "memory"])

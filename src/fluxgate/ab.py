@@ -12,22 +12,42 @@ alternating (A B, B A, ...), until the paired verdict (`fluxgate.judging.paired`
 SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks or --budget-s. Memory (candidate/base peak GiB) and similarity
 (MS-SSIM of the candidate's image against the base's of the same seed) are judged on the same pairs.
 
+Each side is measured with the same options. --steps sets the denoising steps of every image on both sides (fewer
+than the model's default: more blocks in the same time; the verdict is on per-step times, so it keeps its meaning).
+--budget-s bounds each combo's blocks, --total-budget-s the whole run: each combo gets at most its share of what is
+left (combos whose share is gone are listed as not measured). Progress goes to stderr, one line per combo and per
+block; the run ends with its wall time and the seconds inside timed steps (the figure to put next to a one-sided
+run's).
+
+--own-envs makes (or reuses) one virtualenv per side under --envs-dir (`venv-base`, `venv-candidate`): `python -m
+venv`, then `pip install <--torch> -e <tree>`, so each side runs with its own tree's pins. A venv is
+reused only when its stamp (`fluxgate-ab-env.json`: interpreter, torch spec, tree, sha256 of the tree's
+pyproject.toml) matches and its interpreter imports torch and fluxgate; otherwise it is cleared and made again.
+
 Both sides' records go to --history-dir as two run files, `<ab id>-base` and `<ab id>-candidate`, whose environments
-carry {"ab_run": <ab id>, "ab_side": "base" | "candidate"}; such runs never enter a history window
+carry {"ab_run": <ab id>, "ab_side": "base" | "candidate", "ab_tree": <sha256 of the side's src/ and
+pyproject.toml>, "ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
 (`fluxgate.judging.window.unfit_for_window`).
 
 Exit status: 0 no combo SLOW and no memory or similarity regression; 1 one of those, or a combo that failed to
-measure; 2 a bad option or a side that cannot start (one line: `fluxgate.ab: error: base side: ...`).
+measure (a combo left out by --total-budget-s does not fail the run: it is listed); 2 a bad option or a side that
+cannot start (one line: `fluxgate.ab: error: base side: ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import platform
 import secrets
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +57,8 @@ from fluxgate.judging.interleave import BASE, CANDIDATE
 
 ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false"}
 DEFAULT_BUDGET_S = 600.0
+DEFAULT_TORCH = "torch==2.13.0"  # noxfile.py's TORCH; `nox -s perf-ab` passes its own (FLUXGATE_TORCH) as --torch
+ENV_STAMP = "fluxgate-ab-env.json"
 
 
 class SideError(Exception):
@@ -111,6 +133,13 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-python", default=sys.executable, help="the base's interpreter [default: this one]")
     parser.add_argument("--candidate-tree", type=Path, default=Path("."), help="the candidate's checkout [.]")
     parser.add_argument("--candidate-python", default=sys.executable, help="its interpreter [default: this one]")
+    parser.add_argument("--own-envs", action="store_true",
+                        help="one virtualenv per side under --envs-dir with that tree's pins (overrides --*-python)")
+    parser.add_argument("--envs-dir", type=Path, default=Path(".fluxgate/ab"),
+                        help="where --own-envs keeps venv-base and venv-candidate [.fluxgate/ab]")
+    parser.add_argument("--torch", default=os.environ.get("FLUXGATE_TORCH", DEFAULT_TORCH),
+                        help="pip requirement(s) of torch for --own-envs, shell-quoted [$FLUXGATE_TORCH or "
+                             f"{DEFAULT_TORCH}]")
     parser.add_argument("--models", help="comma-separated models [all]")
     parser.add_argument("--precisions", help="comma-separated precisions [all]")
     parser.add_argument("--runtimes", default="eager", help="eager, compile or all [eager]")
@@ -121,12 +150,21 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fixture-cache", type=Path,
                         default=Path(os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache")),
                         help="generated checkpoints, shared by both sides [$FLUXGATE_CACHE or .fluxgate-cache]")
-    parser.add_argument("--steps", type=_positive(int), help="denoising steps [profile's]")
+    parser.add_argument("--steps", type=_positive(int),
+                        help="denoising steps of every image, both sides [each model's profile default]. Fewer steps "
+                             "give more blocks in the same time; the verdict is on per-step times, so it keeps its "
+                             "meaning (FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)")
+    parser.add_argument("--model-steps", metavar="MODEL=N[,MODEL=N...]",
+                        help="denoising steps per model, over --steps (e.g. flux2-dev=3,flux1-kontext-dev=4): "
+                             "each model's images about as long as the others'")
     parser.add_argument("--warmup-steps", type=_positive(int), default=1, help="steps of the warm-up image [1]")
     parser.add_argument("--cpu-threads", type=_positive(int),
                         help="torch threads per side on a CPU [half the usable cores]")
     parser.add_argument("--budget-s", type=_positive(float), default=DEFAULT_BUDGET_S,
                         help=f"seconds of blocks per combo before an unclear verdict is UNKNOWN [{DEFAULT_BUDGET_S:g}]")
+    parser.add_argument("--total-budget-s", type=_positive(float),
+                        help="seconds for the whole run: each combo (loading included) gets at most its share of what "
+                             "is left; combos left without time are listed as not measured [none]")
     parser.add_argument("--ab-max-blocks", type=_positive(int), help="blocks per combo at most [policy's: 20 CUDA, "
                         "12 CPU]")
     parser.add_argument("--max-mem-ratio", type=_positive(float),
@@ -134,6 +172,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
     parser.add_argument("--history-dir", type=Path, default=Path(".fluxgate/history"),
                         help="where both sides' records go [.fluxgate/history]")
+    parser.add_argument("--summary-out", type=Path,
+                        help="also write the result as markdown here (the PR comment's A/B section)")
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION",
                         help="tests: slow COMBO's steps on the candidate side by FRACTION of its first step "
                              "(the candidate tree's tests/injectors/slow_combo.py)")
@@ -147,6 +187,13 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
             matrix.parse_names("--runtimes", options.runtimes, matrix.RUNTIMES)
         options.combos = matrix.combos(matrix.parse_names("--models", options.models, MODELS),
                                        matrix.parse_names("--precisions", options.precisions, PRECISIONS), runtimes)
+        options.steps_by_model = {}
+        for item in filter(None, (options.model_steps or "").split(",")):
+            model, _, count = item.partition("=")
+            matrix.parse_names("--model-steps", model.strip(), MODELS)
+            if not count.strip().isdigit() or int(count) < 1:
+                raise ValueError(f"--model-steps {item!r}: want MODEL=N with N at least 1")
+            options.steps_by_model[model.strip()] = int(count)
         if options.inject_slow:
             combo, _, fraction = options.inject_slow.rpartition(":")
             options.inject_slow = (matrix.Combo.parse(combo).id, float(fraction))
@@ -162,6 +209,55 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"'{text}': must be above 0")
         return value
     return parse
+
+
+def tree_digest(tree: Path) -> str:
+    """sha256 (16 hex digits) of a tree's `src/**/*.py` and `pyproject.toml`, paths and contents: equal digests on both
+    sides mark an A/A run (the detection card resamples those)."""
+    digest = hashlib.sha256()
+    files = sorted((tree / "src").rglob("*.py")) + [tree / "pyproject.toml"]
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def side_env(venv: Path, tree: Path, torch_spec: str, name: str, log=None) -> str:
+    """The interpreter of `name`'s own virtualenv (`--own-envs`), made or reused: see the module docs. Raises
+    SideError (one line naming the side and the failing step) when it cannot be made."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    venv, tree = venv.absolute(), tree.resolve()
+    python = venv / "bin" / "python"
+    pyproject = tree / "pyproject.toml"
+    want = {"python": f"{platform.python_version()} {os.path.realpath(getattr(sys, '_base_executable', sys.executable))}",
+            "torch": torch_spec, "tree": str(tree),
+            "pyproject_sha256": hashlib.sha256(pyproject.read_bytes()).hexdigest() if pyproject.is_file() else None}
+    try:
+        have = json.loads((venv / ENV_STAMP).read_text())
+    except (OSError, ValueError):
+        have = None
+    if have == want and python.exists():
+        probe = subprocess.run([str(python), "-c", "import torch, fluxgate"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            log(f"{name} side: reusing {venv} ({torch_spec}, {tree}'s pins)")
+            return str(python)
+        log(f"{name} side: {venv} cannot import torch and fluxgate: making it again")
+    elif have is not None:
+        changed = ", ".join(key for key in want if have.get(key) != want[key])
+        log(f"{name} side: {venv} was made for another {changed}: making it again")
+    started = time.monotonic()
+    log(f"{name} side: making {venv} (pip install {torch_spec} -e {tree})")
+    (venv / ENV_STAMP).unlink(missing_ok=True)
+    # One pip call for torch and the tree (one resolve): torch's pin wins over the tree's `torch>=...`.
+    pip = [str(python), "-m", "pip", "install", "-q", *shlex.split(torch_spec), "-e", str(tree)]
+    for step in ([sys.executable, "-m", "venv", "--clear", str(venv)], pip):
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            text = " ".join((done.stderr or done.stdout).split())[-400:]
+            raise SideError(f"{name} side: `{shlex.join(step)}` failed ({done.returncode}): {text}")
+    (venv / ENV_STAMP).write_text(json.dumps(want, indent=1) + "\n")  # last: an interrupted make is never reused
+    log(f"{name} side: made {venv} in {time.monotonic() - started:.0f} s")
+    return str(python)
 
 
 def _config(options: argparse.Namespace, tree: Path, side: str) -> dict:
@@ -180,15 +276,28 @@ def _config(options: argparse.Namespace, tree: Path, side: str) -> dict:
     return config
 
 
-def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
-                   ) -> tuple[interleave.ComboResult, dict[str, dict]]:
-    """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks`; the
-    sides hold nothing afterwards. Returns the result and each side's image settings. Raises SideError."""
+def _progress(combo: str):
+    """`on_block` for run_blocks: one stderr line per block."""
+    def show(number: int, pair: interleave.Pair, seconds: float) -> None:
+        steps = {side: statistics.median(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
+        print(f"  {combo} block {number} ({' '.join('A' if s == BASE else 'B' for s in pair.order)}): ratio "
+              f"{pair.ratio:.4f}, median step base {steps[BASE]:.4f} s, candidate {steps[CANDIDATE]:.4f} s; "
+              f"{seconds:.1f} s", file=sys.stderr, flush=True)
+    return show
+
+
+def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits, deadline: float | None = None,
+                   steps: int | None = None) -> tuple[interleave.ComboResult, dict[str, dict]]:
+    """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
+    `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()); the sides hold nothing
+    afterwards. `steps`: this combo's denoising steps (None: the side's --steps or the profile's). Returns the
+    result and each side's image settings. Raises SideError."""
     base = sides[BASE]
     alternating, settings = False, {}
 
     def load(side: str) -> None:
-        settings[side] = sides[side].ask({"op": "load", "combo": combo.id})["settings"]
+        message = {"op": "load", "combo": combo.id, **({"steps": steps} if steps else {})}
+        settings[side] = sides[side].ask(message)["settings"]
 
     load(BASE)
     try:
@@ -209,7 +318,10 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
             sides[side].ask({"op": "unload"})
 
     try:
-        result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating)
+        if deadline is not None:
+            budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
+        result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
+                                       on_block=_progress(combo.id))
         return result, settings
     finally:
         for side in sides.values():
@@ -232,6 +344,8 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
     verdict = result.verdict
     ab = {"outcome": verdict.outcome, "ratio": verdict.ratio, "low": verdict.low, "high": verdict.high,
           "blocks": verdict.blocks, "message": verdict.message, "mem_ratio": result.mem_ratio,
+          "ratios": [pair.ratio for pair in result.pairs], "orders": ["".join(s[0] for s in p.order) for p in
+                                                                       result.pairs],
           "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention}
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
@@ -255,7 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     pythons = {BASE: options.base_python, CANDIDATE: options.candidate_python}
     sides: dict[str, Side] = {}
     started = time.monotonic()
+    results, errors, left_out = [], [], []
     try:
+        for name in (BASE, CANDIDATE):
+            if not (trees[name] / "src" / "fluxgate").is_dir():
+                raise SideError(f"{name} side: {trees[name]} is no fluxgate tree (no src/fluxgate there)")
+        if options.own_envs:  # both venvs at once: pip mostly waits on unpacking
+            with ThreadPoolExecutor(2) as pool:
+                made = {name: pool.submit(side_env, options.envs_dir / f"venv-{name}", trees[name], options.torch,
+                                          name) for name in (BASE, CANDIDATE)}
+            pythons = {name: future.result() for name, future in made.items()}
         for name in (BASE, CANDIDATE):
             sides[name] = Side(name, trees[name], pythons[name], _config(options, trees[name], name))
         device_type = sides[BASE].hello["device"].split(":")[0]
@@ -266,20 +389,40 @@ def main(argv: list[str] | None = None) -> int:
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
         store = LocalFolderStore(options.history_dir)
-        writers = {name: store.open_run(f"{ab_id}-{name}", {**side.hello["environment"], "ab_run": ab_id,
-                                                            "ab_side": name}) for name, side in sides.items()}
+        writers = {}
+        for name, side in sides.items():
+            environment = {**side.hello["environment"], "ab_run": ab_id, "ab_side": name,
+                           "ab_tree": tree_digest(trees[name]), "ab_python": side.hello.get("python", pythons[name])}
+            inject = _config(options, trees[name], name)["inject"]
+            if inject:
+                environment["ab_inject"] = {"combo": options.inject_slow[0], "fraction": options.inject_slow[1]}
+            writers[name] = store.open_run(f"{ab_id}-{name}", environment)
         print(f"A/B run {ab_id} on {sides[BASE].hello['device']} (profile {sides[BASE].hello['profile']}): "
-              f"base {trees[BASE]}, candidate {trees[CANDIDATE]}", flush=True)
-        results, errors = [], []
-        for combo in options.combos:
+              f"base {trees[BASE]}, candidate {trees[CANDIDATE]}; {len(options.combos)} combos", flush=True)
+        for index, combo in enumerate(options.combos):
+            deadline = None
+            if options.total_budget_s:
+                left = options.total_budget_s - (time.monotonic() - started)
+                share = left / (len(options.combos) - index)
+                if share <= 0:
+                    left_out.append(combo.id)
+                    print(f"[{index + 1}/{len(options.combos)}] {combo.id}: not measured: --total-budget-s "
+                          f"{options.total_budget_s:g} spent", file=sys.stderr, flush=True)
+                    continue
+                deadline = time.monotonic() + share
+            print(f"[{index + 1}/{len(options.combos)}] {combo.id}: loading both sides"
+                  + (f" (share of the total budget: {deadline - time.monotonic():.0f} s)" if deadline else ""),
+                  file=sys.stderr, flush=True)
             try:
-                result, settings = _measure_combo(combo, sides, policy, options.budget_s, limits)
+                result, settings = _measure_combo(combo, sides, policy, options.budget_s, limits, deadline,
+                                                  options.steps_by_model.get(combo.model))
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
                 print(f"{combo.id}: ERROR: {error}", file=sys.stderr, flush=True)
                 continue
             results.append(result)
-            print(f"{combo.id}: {result.verdict.message}", file=sys.stderr, flush=True)
+            print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks, "
+                  f"{time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
             for name, side in sides.items():
                 writers[name].append(_records(result, combo, side.hello, name, settings[name]))
     except SideError as error:
@@ -288,13 +431,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for side in sides.values():
             side.close()
+    wall_s = time.monotonic() - started
     for line in ab_table.table(results):
         print(line)
     for error in errors:
         print(f"{error.combo}: ERROR: {error.error}")
-    print(f"wall {time.monotonic() - started:.1f} s; history: {options.history_dir}/{ab_id}-base.json and "
-          f"{ab_id}-candidate.json")
+    if left_out:
+        print(f"not measured (--total-budget-s {options.total_budget_s:g} spent): {', '.join(left_out)}")
+    timed_s = sum(s for result in results for pair in result.pairs for side in (BASE, CANDIDATE)
+                  for s in getattr(pair, side)["step_times_s"])
+    print(f"wall {wall_s:.1f} s for {len(results)} combos, of which {timed_s:.1f} s ({timed_s / wall_s:.0%}) inside "
+          f"timed steps of both sides; history: {options.history_dir}/{ab_id}-base.json and {ab_id}-candidate.json")
+    if options.summary_out:
+        options.summary_out.parent.mkdir(parents=True, exist_ok=True)
+        options.summary_out.write_text(ab_table.markdown(
+            results, [(e.combo, e.error) for e in errors], left_out, wall_s=wall_s, timed_s=timed_s,
+            title=f"A/B run `{ab_id}` on {sides[BASE].hello['gpu_class']}",
+            base=_describe(sides[BASE].hello), candidate=_describe(sides[CANDIDATE].hello)))
     return 1 if errors or any(result.failed for result in results) else 0
+
+
+def _describe(hello: dict) -> str:
+    """A side's commit for the summary: `abc1234` (+ uncommitted changes), or `no git commit`."""
+    environment = hello.get("environment") or {}
+    commit = environment.get("git_commit")
+    if not commit:
+        return "no git commit"
+    return commit[:12] + (" + uncommitted changes" if environment.get("git_dirty") else "")
 
 
 if __name__ == "__main__":

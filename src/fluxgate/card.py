@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 from fluxgate.errors import FluxgateError
-from fluxgate.showing import card
+from fluxgate.showing import ab_card, card
 from fluxgate.storing.fsstore import load_paths
 
 
@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     thresholds = tomllib.loads(path.read_text()) if path.is_file() else None
     cards = card.build(records, args.gpu_class, thresholds)
-    if not cards:
+    ab_cards = ab_card.build(records, args.gpu_class)  # recorded A/A A/B runs, if any: the A/B rule's section
+    if not cards and not ab_cards:
         print(f"fluxgate.card: error: no usable records of {args.gpu_class} in {', '.join(map(str, args.runs))}",
               file=sys.stderr)
         return 2
-    runs = len({r.run_id for r in records if r.gpu_class == args.gpu_class})
-    text = card.markdown(cards, args.gpu_class, runs)
+    runs = len({r.run_id for r in records if r.gpu_class == args.gpu_class and not r.env.get("ab_run")})
+    text = card.markdown(cards, args.gpu_class, runs, ab_cards)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -104,11 +104,17 @@ def add(parser: pytest.Parser) -> None:
                     help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
                          ".fluxgate-cache]")
     group.addoption("--prompts", default=INPUT_FILE_DEFAULTS["prompts"], metavar="FILE",
-                    help="seed and prompts of every image [default: fixtures/prompts.toml]")
+                    help="the weight seed and each model's cases (prompt, noise seed, an editing model's input "
+                         "image) [default: fixtures/prompts.toml]")
+    group.addoption("--cases", type=_count(1), default=None, metavar="N",
+                    help="images per combo: the first N cases of each model's set (all it has when fewer), one timed "
+                         "image each, each compared with the BF16 image of its case. Default: the profile's (tiny 3; "
+                         "full size 2-4 by model, set so the eager matrix fits 10 min on an H200). Baselines made with "
+                         "more cases serve runs that make fewer")
     group.addoption("--steps", type=_count(1), default=None, metavar="N",
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
     group.addoption("--warmup-steps", type=_count(0), default=1, metavar="N",
-                    help="steps of the untimed warm-up image before each timed image [default: 1]")
+                    help="steps of the untimed warm-up image made before a combo's timed images [default: 1]")
     group.addoption("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
                     help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "

@@ -45,6 +45,7 @@ class Settings:
     decision_file_given: bool  # False: the default file, which may be missing
     vram_budget_gib: float | None
     steps: int | None
+    cases: int | None  # images per combo; None: the profile's
     warmup_steps: int
     compile_mode: str
     telemetry_interval_s: float
@@ -99,7 +100,8 @@ class Settings:
             report_dir=path("report_dir") if get("report_dir") else None,
             decision_file=path("decision_file"),
             decision_file_given=get("decision_file") != options.DEFAULT_DECISION_FILE,
-            vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), warmup_steps=get("warmup_steps"),
+            vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), cases=get("cases"),
+            warmup_steps=get("warmup_steps"),
             compile_mode=get("compile_mode"), telemetry_interval_s=get("telemetry_interval_ms") / 1000,
             cpu_threads=get("cpu_threads"), history_gate=get("history_gate") == "on",
             history_window=get("history_window"), base_commit=get("base_commit"), min_speed_effect=min_speed_effect,
@@ -129,6 +131,7 @@ class RunSession:
         self.report_path: Path | None = None
         self.written: tuple[Path, list[str]] | None = None  # baselines folder, combos floored below their tier
         self.problems: list[str] = []  # why the run fails although no item may show a failure
+        self.tradeoff_lines: list[str] = []  # the run's cross-precision trade-offs, for the summary
 
     # --- measuring -----------------------------------------------------------------------------------------------
     def open_gate(self):
@@ -159,7 +162,7 @@ class RunSession:
         inputs = Inputs.from_file(s.prompts)
         profile = s.profile if s.profile != "auto" else ("synthetic" if device.type == "cuda" else "tiny")
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
-        runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps,
+        runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s)
         environment = fingerprint(device, self.rootpath)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
@@ -200,6 +203,7 @@ class RunSession:
             empty = self._empty_run()
             if empty:
                 self.problems.append(empty)
+            self._check_tradeoffs()
             self._prune_images()
         if self.problems or (self.settings.history_gate and self.regression):
             return pytest.ExitCode.TESTS_FAILED if exitstatus == pytest.ExitCode.OK else exitstatus
@@ -269,6 +273,39 @@ class RunSession:
         except (FluxgateError, OSError) as error:
             warnings.warn(f"--report-dir: report not written ({error})", stacklevel=1)
 
+    def _check_tradeoffs(self) -> None:
+        """The run's cross-precision trade-offs (`judging.tradeoffs`: each quantized combo's peak VRAM and speed against
+        bf16 of the same run, its quality against its tier) checked against its class's thresholds file; a failed
+        one fails the run. Not when writing baselines, nor without a run or a thresholds file with trade-offs."""
+        if self.run_id is None or self.settings.write_baselines:
+            return
+        import tomllib
+
+        from fluxgate.judging import tradeoffs
+
+        records = self.store.load_run(self.run_id)
+        classes = {r.gpu_class for r in records if r.gpu_class}
+        if len(classes) != 1:
+            return
+        path = self.settings.baselines_dir / classes.pop() / "thresholds.toml"
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            return  # the combos already failed naming the file
+        if not table.get("tradeoffs"):
+            self.tradeoff_lines = [f"trade-offs against bf16: none derived in {path} (`nox -s thresholds`)"]
+            return
+        verdicts = tradeoffs.check(records, table, source=str(path))
+        counts = Counter(v.status for v in verdicts)
+        order = (tradeoffs.PASSED, tradeoffs.FAILED, tradeoffs.CHANGED, tradeoffs.NOT_CHECKED)
+        self.tradeoff_lines = [f"trade-offs against bf16 ({path}): "
+                               + ", ".join(f"{counts[status]} {status}" for status in order if counts[status])]
+        self.tradeoff_lines += [f"  CHECK {v.message}" for v in verdicts if v.status == tradeoffs.CHANGED]
+        failed = [v.message for v in verdicts if v.failed]
+        self.tradeoff_lines += [f"  FAIL {message}" for message in failed]
+        if failed:
+            self.problems.append(f"{len(failed)} cross-precision trade-off(s) missed (listed under trade-offs above)")
+
     def _empty_run(self) -> str | None:
         """The one-line reason this run fails for having measured nothing, or None (something was measured, nothing
         was selected, or --allow-empty)."""
@@ -311,6 +348,8 @@ class RunSession:
             scope = "; each worker judged its own combos" if self.controller else ""
             for line in report.history_lines(self.verdicts, self.history_rule(), scope=scope):
                 write(line)
+            for line in self.tradeoff_lines:
+                write(line, red=" FAIL " in line)
             if self.report_path:
                 write(f"fluxgate: report written to {self.report_path}")
             if self.written:

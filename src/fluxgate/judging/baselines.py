@@ -3,7 +3,8 @@
     baselines/<gpu-class>/thresholds.toml      limits per combo (+ the measured values they came from)
     baselines/<gpu-class>/provenance.json      who made them: per run the machine, versions, command and history
                                                file; per model its image settings and the run that made it
-    baselines/<gpu-class>/<model>.png          the BF16 reference image of each model
+    baselines/<gpu-class>/<model>/<case>.png   the BF16 reference image of each case of each model
+                                               (fixtures/prompts.toml names the cases)
 
 `cpu` is the class of the tiny profile on CPU. Thresholds are derived from measurements with stated margins;
 similarity limits are set per precision tier (reference / 8bit / 4bit) in the same file.
@@ -42,7 +43,7 @@ DEFAULT_SIMILARITY = {
     "4bit": {"min_ms_ssim": 0.97, "min_psnr_db": 26.0},
 }
 # Settings that change the reference image: a baseline made with other values is stale.
-IMAGE_SETTINGS = ("profile", "seed", "steps", "size_px", "guidance_scale", "prompt")
+IMAGE_SETTINGS = ("profile", "seed", "steps", "size_px", "guidance_scale", "cases")
 # The hardware a GPU baseline was measured on: a baseline of another GPU (e.g. through --gpu-class) is stale. Software
 # versions (torch, diffusers, CUDA, driver) are not: judging a new version against the old one is the gate's purpose.
 HARDWARE_FIELDS = ("device_name", "compute_capability")
@@ -57,6 +58,7 @@ class Thresholds:
     min_ms_ssim: float
     min_psnr_db: float
     speed_statistic: str = "median"  # which it/s min_it_s bounds: "median" or "p10" step time (`fluxgate.judging.spread`)
+    measured_ms_ssim: float | None = None  # the combo's MS-SSIM when its baseline was made (the tripwire's collapse check)
 
 
 LIMITS = ("min_it_s", "max_peak_mem_gib", "min_ms_ssim", "min_psnr_db")
@@ -68,18 +70,28 @@ class Baseline:
     """What a combo is judged against on one GPU class."""
 
     folder: Path
-    thresholds: Thresholds
-    reference_image: Path
+    thresholds: Thresholds | None
+    reference_dir: Path  # <folder>/<model>: one PNG per case
 
-    def reference(self) -> Image.Image:
-        """The stored BF16 image; a missing or unreadable file raises BaselineError naming it."""
+    def reference(self, case: str) -> Image.Image:
+        """The stored BF16 image of `case`; a missing or unreadable file raises BaselineError naming it."""
+        path = reference_path(self.folder, self.reference_dir.name, case)
         try:
-            with Image.open(self.reference_image) as image:
+            with Image.open(path) as image:
                 return image.convert("RGB")
         except FileNotFoundError:
-            raise BaselineError(f"{self.reference_image}: reference image missing; run `nox -s baselines`") from None
+            raise BaselineError(f"{path}: reference image missing; run `nox -s baselines`") from None
         except (UnidentifiedImageError, OSError) as error:
-            raise BaselineError(f"{self.reference_image}: unreadable reference image ({error})") from None
+            raise BaselineError(f"{path}: unreadable reference image ({error})") from None
+
+    def references(self, cases: list[str]) -> dict[str, Image.Image]:
+        """The stored BF16 image of every case named, by case."""
+        return {case: self.reference(case) for case in cases}
+
+
+def reference_path(folder: Path, model: str, case: str) -> Path:
+    """Where the BF16 image of `model`'s `case` is kept in a class folder."""
+    return folder / model / f"{case}.png"
 
 
 def _read_toml(path: Path) -> dict:
@@ -111,8 +123,10 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
         raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; run `nox -s baselines`"
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
+        measured = entry.get("measured_ms_ssim")
         thresholds = Thresholds(**{name: float(entry[name]) for name in LIMITS},
-                                speed_statistic=str(entry.get("speed_statistic", "median")))
+                                speed_statistic=str(entry.get("speed_statistic", "median")),
+                                measured_ms_ssim=None if measured is None else float(measured))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs numeric "
                             f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None
@@ -120,15 +134,16 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "
                             f"{thresholds.speed_statistic!r}: expected one of {', '.join(SPEED_STATISTICS)}")
     check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
-    return Baseline(folder, thresholds, folder / f"{combo.model}.png")
+    return Baseline(folder, thresholds, folder / combo.model)
 
 
-def stored_reference(root: Path, gpu_class: str, model: str, settings: dict,
-                     environment: dict | None = None) -> Image.Image:
-    """The stored BF16 image of `model`, when it was made with this run's image `settings` on this hardware."""
+def stored_references(root: Path, gpu_class: str, model: str, settings: dict, cases: list[str],
+                      environment: dict | None = None) -> dict[str, Image.Image]:
+    """The stored BF16 images of `model`'s `cases`, when they were made with this run's image `settings` on this
+    hardware."""
     folder = root / gpu_class
     check_fresh(folder / PROVENANCE_FILE, model, settings, environment)
-    return Baseline(folder, None, folder / f"{model}.png").reference()
+    return Baseline(folder, None, folder / model).references(cases)
 
 
 def measured_peak_gib(root: Path, gpu_class: str, combo: Combo) -> tuple[float, Path] | None:
@@ -140,6 +155,24 @@ def measured_peak_gib(root: Path, gpu_class: str, combo: Combo) -> tuple[float, 
         return None
 
 
+def _same_setting(key: str, stored, current) -> bool:
+    """A stored image setting serves the current one. Cases: the run's cases are the first of the stored ones (a
+    baseline made with more cases serves a run that makes fewer)."""
+    if key == "cases" and isinstance(stored, list) and isinstance(current, list):
+        return 0 < len(current) <= len(stored) and stored[:len(current)] == current
+    return stored == current
+
+
+def _difference(key: str, stored, current) -> str:
+    if key == "cases" and isinstance(stored, list) and isinstance(current, list):
+        names = [f"{c.get('name')}" if isinstance(c, dict) else str(c) for c in stored]
+        now = [f"{c.get('name')}" if isinstance(c, dict) else str(c) for c in current]
+        if names[:len(now)] == now:
+            return f"cases {', '.join(names)} -> {', '.join(now)} (a case's prompt, seed or input image changed)"
+        return f"cases {', '.join(names)} -> {', '.join(now)}"
+    return f"{key} {stored!r} -> {current!r}"
+
+
 def check_fresh(provenance_path: Path, model: str, settings: dict, environment: dict | None = None) -> None:
     """Raise BaselineError naming every image setting, and on a GPU every hardware field, that differs from the ones
     the baseline was made with."""
@@ -147,8 +180,8 @@ def check_fresh(provenance_path: Path, model: str, settings: dict, environment: 
     stored = provenance.get("models", {}).get(model)
     if stored is None:
         raise BaselineError(f"{provenance_path}: no settings recorded for {model}; run `nox -s baselines`")
-    differ = [f"{key} {stored.get(key)!r} -> {settings.get(key)!r}" for key in IMAGE_SETTINGS
-              if stored.get(key) != settings.get(key)]
+    differ = [_difference(key, stored.get(key), settings.get(key)) for key in IMAGE_SETTINGS
+              if not _same_setting(key, stored.get(key), settings.get(key))]
     made_on = provenance.get("runs", {}).get(stored.get("run_id"), {}).get("environment") or {}
     if environment and environment.get("device_type") == "cuda" and made_on:
         differ += [f"{key} {made_on.get(key)!r} -> {environment.get(key)!r}" for key in HARDWARE_FIELDS
@@ -195,9 +228,10 @@ def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> di
     }
 
 
-def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str, Image.Image],
+def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str, dict[str, Image.Image]],
           provenance: dict) -> tuple[Path, list[str]]:
-    """Merge new limits, reference images and provenance into `root/gpu_class`; combos not re-measured keep theirs.
+    """Merge new limits, reference images (model -> case -> image) and provenance into `root/gpu_class`; combos not
+    re-measured keep theirs. A model's images are replaced as a set: a case no longer made loses its file.
     Returns the folder and the combos whose similarity was already below their tier's floor.
 
     Margins and similarity floors already in the file (perhaps edited by hand) are kept; defaults fill the gaps."""
@@ -215,8 +249,13 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
         table.setdefault(m.combo.model, {})[m.combo.variant] = {k: v for k, v in entry.items() if v is not None}
         if entry["below_tier"]:
             below_tier.append(m.combo.id)
-    for model, image in images.items():
-        atomic_write(folder / f"{model}.png", lambda tmp: image.save(tmp, format="PNG"))
+    for model, cases in images.items():
+        for case, image in cases.items():
+            atomic_write(reference_path(folder, model, case), lambda tmp, image=image: image.save(tmp, format="PNG"))
+        for old in (folder / model).glob("*.png"):
+            if old.stem not in cases:
+                old.unlink()
+        (folder / f"{model}.png").unlink(missing_ok=True)  # the single reference image of fluxgate 0.1
     prov_path = folder / PROVENANCE_FILE
     old = _read_json(prov_path) if prov_path.exists() else {}
     provenance = {**old, **provenance, "models": {**old.get("models", {}), **provenance.get("models", {})},

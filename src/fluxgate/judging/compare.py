@@ -51,6 +51,7 @@ from fluxgate.judging.window import (  # noqa: F401 - FIRST_RUN, COMPARABILITY_F
     contention,
     fingerprint_differences,
     no_window_reason,
+    same_images,
     select_window,
     unfit_for_window,
 )
@@ -238,7 +239,7 @@ def similarity_verdict(candidate_ms_ssim: float | None, window_ms_ssim: Sequence
     """MS-SSIM against the BF16 reference (1.0 = identical) of the candidate against the window's runs."""
     window = sorted(v for v in window_ms_ssim if v is not None)
     if candidate_ms_ssim is None or not window:
-        return _metric("ms_ssim", NOT_COMPARABLE, candidate_ms_ssim, None, None, None, "no MS-SSIM to compare")
+        return _metric("ms_ssim", NOT_COMPARABLE, candidate_ms_ssim, None, None, None, "no MS-SSIM of the same images (cases) to compare")
     low, high = window[0], window[-1]
     if candidate_ms_ssim < low - policy.similarity_tolerance:
         outcome, effect = REGRESSION, candidate_ms_ssim - low
@@ -279,7 +280,7 @@ def compare_record(records: Iterable[Record], candidate: Record, *, last_n: int 
     metrics = (
         speed_verdict(m.step_times_s or (), window_steps, policy),
         memory_verdict(m.peak_mem_gib, [r.metrics.peak_mem_gib for r in window], policy),
-        similarity_verdict(m.ms_ssim, [r.metrics.ms_ssim for r in window], policy),
+        similarity_verdict(m.ms_ssim, [r.metrics.ms_ssim for r in window if same_images(r, candidate)], policy),
     )
     # A contended candidate is still judged (a change that oversubscribes the cores must not switch off its own
     # judgement); the verdict says so, and a suspected regression is re-measured before it fails the run.

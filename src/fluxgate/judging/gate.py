@@ -7,6 +7,7 @@ and become the new baseline; nothing is asserted).
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -46,8 +47,9 @@ class Outcome:
         return ERROR if self.error else (FAILED if self.failures else PASSED)
 
 
-def limit_failures(result: Measurement, sim: similarity.Similarity, baseline: baselines.Baseline, entry: str) -> list[str]:
-    """One line per missed limit: value, limit and where the limit comes from."""
+def limit_failures(result: Measurement, sim: similarity.Summary, baseline: baselines.Baseline, entry: str) -> list[str]:
+    """One line per missed limit: value, limit and where the limit comes from. Similarity is judged on the summary
+    of the combo's cases (`similarity.summarise`), the line naming its worst case."""
     t = baseline.thresholds
     where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
     failures = []
@@ -61,10 +63,11 @@ def limit_failures(result: Measurement, sim: similarity.Similarity, baseline: ba
         failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
                         f"{t.max_peak_mem_gib:.3f} GiB ({where})")
     if sim.ms_ssim < t.min_ms_ssim:
-        failures.append(f"similarity: MS-SSIM {sim.ms_ssim:.4f} < min {t.min_ms_ssim:.4f} vs {baseline.reference_image}")
+        failures.append(f"similarity: MS-SSIM {sim.ms_ssim:.4f} ({sim.how}) < min {t.min_ms_ssim:.4f} vs "
+                        f"{baseline.reference_dir}/")
     if sim.psnr_db < t.min_psnr_db:
-        failures.append(f"similarity: PSNR {sim.psnr_db:.2f} dB < min {t.min_psnr_db:.2f} dB vs "
-                        f"{baseline.reference_image}")
+        failures.append(f"similarity: PSNR {sim.psnr_db:.2f} dB ({sim.how}) < min {t.min_psnr_db:.2f} dB vs "
+                        f"{baseline.reference_dir}/")
     return failures
 
 
@@ -78,22 +81,45 @@ class Gate:
         self.measured: dict[Combo, baselines.Measured] = {}
         self.history_warnings: list[str] = []  # problems met reading the history (a corrupt file skipped), one line each
 
-    def _reference(self, combo: Combo, result: Measurement) -> tuple[Image.Image, baselines.Baseline | None]:
-        settings = self.runner.settings(combo.model_spec)
+    def _references(self, combo: Combo, result: Measurement
+                    ) -> tuple[dict[str, Image.Image], baselines.Baseline | None]:
+        """The BF16 image of each of the combo's cases, and the baseline (None in write mode)."""
+        settings, cases = self.runner.settings(combo.model_spec), list(result.case_names)
         if not self.write:
             baseline = baselines.load(self.baselines_root, self.gpu_class, combo, settings,
                                       self.history.environment)
-            return baseline.reference(), baseline
+            return baseline.references(cases), baseline
         if combo.is_reference:
-            self.references[combo.model] = result.image
+            self.references[combo.model] = dict(zip(cases, result.case_images))
         if combo.model in self.references:
             return self.references[combo.model], None
-        try:  # e.g. `--runtimes compile` alone: judged against the stored image, which stays as it is
-            return baselines.stored_reference(self.baselines_root, self.gpu_class, combo.model, settings,
-                                              self.history.environment), None
+        try:  # e.g. `--runtimes compile` alone: judged against the stored images, which stay as they are
+            return baselines.stored_references(self.baselines_root, self.gpu_class, combo.model, settings, cases,
+                                               self.history.environment), None
         except FluxgateError as error:
-            raise FluxgateError(f"--write-baselines: select {combo.model}[bf16] (eager) to make the reference image, "
-                                f"or keep a fresh stored one ({error})") from None
+            raise FluxgateError(f"--write-baselines: select {combo.model}[bf16] (eager) to make the reference images, "
+                                f"or keep fresh stored ones ({error})") from None
+
+    def _judge_cases(self, combo: Combo, result: Measurement, references: dict[str, Image.Image], metrics: dict,
+                     baseline_ms_ssim: float | None = None) -> tuple[similarity.Summary, list[str]]:
+        """Each case against its BF16 image: similarity and the broken-image tripwire, saved as the case's image in
+        history; the cases go into `metrics` with their summary. Returns the summary and the tripwire's lines, each
+        naming its case."""
+        pairs, cases, broken = {}, [], []
+        for index, (name, image, nonfinite) in enumerate(zip(result.case_names, result.case_images,
+                                                             result.case_nonfinite)):
+            reference = references[name]
+            pairs[name] = sim = similarity.compare(image, reference, self.runner.device)
+            # A bf16 image is checked against the stored reference too, except the one it is becoming (--write-baselines)
+            itself = self.write and combo.is_reference
+            problems = tripwire.check(image, None if itself else reference, nonfinite,
+                                      ms_ssim=sim.ms_ssim, baseline_ms_ssim=baseline_ms_ssim)
+            saved = self.history.save_image(combo.id if index == 0 else f"{combo.id}@{name}", image)
+            cases.append({"case": name, **sim.to_json(), "broken_image": problems, "image": saved})
+            broken += [f"case {name}: {problem}" for problem in problems]
+        summary = similarity.summarise(pairs)
+        metrics.update(summary.to_json(), cases=cases, broken_image=broken)
+        return summary, broken
 
     def _metrics(self, result: Measurement) -> dict:
         """Everything measured about one combo, as history stores it."""
@@ -109,6 +135,7 @@ class Gate:
                    "timed_steps_s": sum(result.step_times_s) + sum(result.first_steps_s or ()),
                    "kernel_path": result.kernel_path,
                    "step_flops": result.step_flops, "images": result.images, "compile_s": result.compile_s,
+                   "phases_s": dict(result.phases_s or {}),
                    "telemetry": result.telemetry.to_json() if result.telemetry is not None else None}
         if result.throttled_steps is not None:  # CUDA with NVML samples: per-step clocks, throttled steps marked
             metrics.update(step_sm_clock_mhz=result.step_sm_clock_mhz, throttled_steps=result.throttled_steps)
@@ -134,15 +161,14 @@ class Gate:
         try:
             result, found["weights"] = self.runner.measure(combo)
             outcome.metrics = self._metrics(result)
-            found["image"] = self.history.save_image(combo.id, result.image)
-            reference, baseline = self._reference(combo, result)
-            sim = similarity.compare(result.image, reference)
-            outcome.metrics.update(sim.to_json())
-            broken = tripwire.check(result.image, None if combo.is_reference else reference, result.nonfinite_latents)
-            outcome.metrics["broken_image"] = broken
-            if self.write and broken:  # never a baseline: neither its image nor its numbers
-                if self.references.get(combo.model) is result.image:
-                    del self.references[combo.model]
+            judging = time.perf_counter()
+            references, baseline = self._references(combo, result)
+            sim, broken = self._judge_cases(combo, result, references, outcome.metrics,
+                                            baseline.thresholds.measured_ms_ssim if baseline else None)
+            found["image"] = outcome.metrics["cases"][0]["image"]
+            if self.write and broken:  # never a baseline: neither its images nor its numbers
+                if combo.is_reference:
+                    self.references.pop(combo.model, None)
                 raise FluxgateError(f"broken image, not stored as a baseline: {'; '.join(broken)}")
             if baseline is not None:
                 found["thresholds"] = asdict(baseline.thresholds)
@@ -151,6 +177,7 @@ class Gate:
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
                                                           sim.to_json()["psnr_db"])
+            outcome.metrics["phases_s"]["judge_s"] = time.perf_counter() - judging
         except SkipCombo as skip:
             outcome.skipped = str(skip)
         except OutOfMemory as error:

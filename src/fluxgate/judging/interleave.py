@@ -87,10 +87,12 @@ def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
 
 def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPolicy, budget_s: float,
                limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
-               alternating_loads: bool = False) -> ComboResult:
+               alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None
+               ) -> ComboResult:
     """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` or when the
     next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
-    Propagates what `image` raises."""
+    `on_block(number, pair, seconds so far)` is called after each block (progress). Propagates what `image`
+    raises."""
     started, ratios, pairs, slowest = clock(), [], [], 0.0
     images: dict = {}
     while True:
@@ -105,6 +107,8 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         ratios.append(ratio)
         now = clock()
         slowest = max(slowest, now - block_start)
+        if on_block is not None:
+            on_block(len(pairs), pairs[-1], now - started)
         out_of_budget = len(ratios) >= policy.max_blocks or now - started + slowest > budget_s
         verdict = paired.judge(ratios, policy, out_of_budget=out_of_budget)
         if verdict is not None:

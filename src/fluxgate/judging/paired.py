@@ -18,6 +18,7 @@ Until `min_blocks` blocks, or while no outcome is clear, `judge` returns None: m
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -65,13 +66,20 @@ def block_ratio(base_step_times_s: Sequence[float], candidate_step_times_s: Sequ
     return statistics.median(candidate_step_times_s) / statistics.median(base_step_times_s)
 
 
-def interval(ratios: Sequence[float], confidence: float) -> tuple[float, float, float]:
-    """(geometric mean, low, high) of the ratios: a Student-t interval on their logs, back-transformed. Needs 2+."""
+@functools.lru_cache(maxsize=4096)
+def t_quantile(confidence: float, df: int) -> float:
+    """The two-sided Student-t quantile of `confidence` at `df` degrees of freedom (scipy), cached: the detection
+    card's resampling (`fluxgate.showing.ab_card`) asks for the same few thousands of times."""
     from scipy import stats
 
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+def interval(ratios: Sequence[float], confidence: float) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of the ratios: a Student-t interval on their logs, back-transformed. Needs 2+."""
     logs = [math.log(r) for r in ratios]
     mean = statistics.fmean(logs)
-    half = stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    half = t_quantile(confidence, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
@@ -102,8 +110,6 @@ def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of
 def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
     """What would settle an unclear comparison: the blocks its measured spread needs for an interval of ±equivalence
     (or, when the mean shift itself sits near a limit, that it is a shift of about that size)."""
-    from scipy import stats
-
     logs = [math.log(r) for r in ratios]
     spread = statistics.stdev(logs)
     shift = abs(statistics.fmean(logs))
@@ -114,6 +120,6 @@ def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
     # The smallest n whose interval half-width, t(n-1) x spread / sqrt(n), fits in the room left: the Student-t
     # quantile, not the normal one, which understates n badly at the few blocks a GPU budget allows.
     needed = next((n for n in range(max(3, len(logs) + 1), 10_000)
-                   if stats.t.ppf(0.5 + policy.confidence / 2, n - 1) * spread / math.sqrt(n) < room), None)
+                   if t_quantile(policy.confidence, n - 1) * spread / math.sqrt(n) < room), None)
     count = f"about {needed}" if needed else "over 10000"
     return f"the measured block spread ({spread:.2%}) needs {count} blocks: raise --ab-max-blocks or the budget"

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from fluxgate.judging.window import contention
+from fluxgate.judging.window import contention, workload
 from fluxgate.measuring import stats
 from fluxgate.storing.record import Record
 
@@ -91,33 +91,41 @@ def _d2(n: int) -> float:
 
 def usable(records: Iterable[Record], gpu_class: str) -> list[Record]:
     """The records of `gpu_class` a speed limit (or the detection card) rests on: measured (passed or failed), with
-    step times, not under host contention."""
+    step times, not under host contention, of a one-sided run (an A/B run's sides have their own steps per image and
+    their own rule: `fluxgate.showing.ab_card`)."""
     return [r for r in records if r.gpu_class == gpu_class and r.measured and r.metrics.step_times_s
-            and contention(r) is None]
+            and contention(r) is None and not r.env.get("ab_run")]
 
 
-def derive(records: list[Record], gpu_class: str) -> dict[str, SpeedLimit]:
+def derive(records: list[Record], gpu_class: str, skipped: list[str] | None = None) -> dict[str, SpeedLimit]:
     """The speed limit of every combo with enough usable records of `gpu_class` (see the module docs), by combo id.
+    A combo with fewer than MIN_RUNS runs or MIN_GPUS distinct GPUs (e.g. one compile run) is left out, with a line
+    in `skipped` when a list is given.
 
-    Raises ValueError naming the combos that lack MIN_RUNS runs or MIN_GPUS distinct GPUs, whose runs mix profiles or
-    settings, or whose runs lie too far apart."""
+    Raises ValueError when no combo has enough runs (naming those that lack them), or naming the combos whose runs
+    mix profiles or settings, or whose runs lie too far apart."""
     from fluxgate.judging.compare import DEFAULT_POLICY, is_host_synchronous
 
     values: dict[str, list[tuple[float, str, str]]] = {}
-    settings_of: dict[str, set[str]] = {}  # each combo's (profile, image settings): one measurement, not several
+    settings_of: dict[str, set[str]] = {}  # each combo's (profile, workload): one measurement, not several
     host_synchronous: set[str] = set()
     for record in usable(records, gpu_class):
         if is_host_synchronous(record):
             host_synchronous.add(record.combo)
         uuid = str((record.env.get("gpu") or {}).get("uuid") or "")
-        measurement = json.dumps([record.profile, record.settings], sort_keys=True, default=str)
+        measurement = json.dumps([record.profile, workload(record.settings)], sort_keys=True, default=str)
         settings_of.setdefault(record.combo, set()).add(measurement)
         values.setdefault(record.combo, []).append((run_it_s(record.metrics.step_times_s), str(record.run_id), uuid))
     short = [f"{combo} ({len(v)} runs, {len({u for _, _, u in v if u})} GPUs)" for combo, v in sorted(values.items())
              if len(v) < MIN_RUNS or len({u for _, _, u in v if u}) < MIN_GPUS]
-    if short or not values:
+    if len(short) == len(values):  # nothing to derive (a combo measured too rarely alone is left out, and said)
         raise ValueError(f"{gpu_class}: too few runs to derive speed limits (need {MIN_RUNS} runs on {MIN_GPUS} GPUs "
                          f"per combo): {', '.join(short) or 'no usable records'}")
+    if skipped is not None:
+        skipped += [f"{entry}: too few runs for a speed limit (need {MIN_RUNS} on {MIN_GPUS} GPUs); its limit is left "
+                    "as it is" for entry in short]
+    values = {combo: v for combo, v in values.items()
+              if len(v) >= MIN_RUNS and len({u for _, _, u in v if u}) >= MIN_GPUS}
     mixed = [combo for combo, kinds in sorted(settings_of.items()) if len(kinds) > 1]
     if mixed:
         raise ValueError(f"{gpu_class}: runs of other profiles or image settings mixed in for {', '.join(mixed)}; "
@@ -138,23 +146,41 @@ def derive(records: list[Record], gpu_class: str) -> dict[str, SpeedLimit]:
     return limits
 
 
-def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
-    """The thresholds file's text with each combo's speed limit replaced by its derived one (memory and similarity
-    limits untouched). Raises ValueError naming a combo missing from the file."""
+def rewrite(text: str, table: dict, note: str, ours: tuple[str, ...]) -> str:
+    """A thresholds file's new text: `text`'s header comments except the lines starting with `ours` (the previous
+    version of `note`), then `note`, then `table` as TOML."""
     import tomli_w
 
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#") and not line.startswith(ours))
+    return header + note + tomli_w.dumps(table)
+
+
+NOTE = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.thresholds` from the runs\n"
+        "# named in speed_runs (see speed_derivation); the speed failure compares that statistic.\n")
+_OURS = ("# Speed limits with speed_statistic", "# named in speed_runs")  # the note, as any version wrote it
+
+
+def apply_text(text: str, limits: dict[str, SpeedLimit], source: str = "thresholds.toml") -> str:
+    """The thresholds file's `text` with each combo's speed limit replaced by its derived one (memory and similarity
+    limits untouched). Raises ValueError naming a combo missing from the file (`source`)."""
+    table = tomllib.loads(text)
+    update_entries(table, limits, source)
+    return rewrite(text, table, NOTE, _OURS)
+
+
+def update_entries(table: dict, limits: dict, source: str = "thresholds.toml") -> None:
+    """Merge each derived limit's `to_toml()` into its combo's entry of the parsed thresholds `table`. Raises
+    ValueError naming a combo missing from the file (`source`)."""
     from fluxgate.matrix import Combo
 
-    text = thresholds_path.read_text()
-    table = tomllib.loads(text)
     for combo_id, limit in limits.items():
         combo = Combo.parse(combo_id)
         entry = table.get(combo.model, {}).get(combo.variant)
         if entry is None:
-            raise ValueError(f"{thresholds_path}: no entry for {combo_id}; write baselines for it first")
+            raise ValueError(f"{source}: no entry for {combo_id}; write baselines for it first")
         entry.update(limit.to_toml())
-    note = ("# Speed limits with speed_statistic = \"p10\" were derived by `python -m fluxgate.thresholds` from the runs\n"
-            "# named in speed_runs (see speed_derivation); the speed failure compares that statistic.\n")
-    ours = ("# Speed limits with speed_statistic", "# named in speed_runs")  # the note, as any version wrote it
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#") and not line.startswith(ours))
-    return header + note + tomli_w.dumps(table)
+
+
+def apply(thresholds_path: Path, limits: dict[str, SpeedLimit]) -> str:
+    """`apply_text` on the file at `thresholds_path`."""
+    return apply_text(thresholds_path.read_text(), limits, str(thresholds_path))

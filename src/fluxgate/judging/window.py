@@ -1,6 +1,7 @@
 """The window of a candidate record: which earlier runs it is judged against (`fluxgate.judging.compare`).
 
-The window holds runs of the same combo, GPU class, profile and settings whose outcome is passed or failed (error and
+The window holds runs of the same combo, GPU class, profile and workload (the image settings but prompts, seeds and
+cases: `workload`; similarity is compared only with runs of the same images) whose outcome is passed or failed (error and
 skipped runs measured nothing usable), other than the candidate's own run: the last `last_n` recorded before it, or
 every clean run of a named base commit. They must agree with the candidate on every comparability field
 (`COMPARABILITY_FIELDS`). When only disagreeing runs exist, the verdict is "not comparable" and names the fields;
@@ -96,12 +97,27 @@ def unfit_for_window(record: Record) -> str | None:
     return contention(record)
 
 
+# Image settings that decide what the images show but not the work of a step (a prompt's or a seed's values, never
+# the shapes): speed and memory compare across them, similarity does not (`same_images`).
+CONTENT_SETTINGS = ("seed", "prompt", "cases")
+
+
+def workload(settings) -> dict:
+    """The image settings that decide a step's work (`settings` less CONTENT_SETTINGS)."""
+    return {key: value for key, value in (settings or {}).items() if key not in CONTENT_SETTINGS}
+
+
+def same_images(record: Record, candidate: Record) -> bool:
+    """`record` made the same images as `candidate` (every image setting equal): its similarity is comparable."""
+    return record.settings == candidate.settings
+
+
 def same_measurement(records: Iterable[Record], candidate: Record) -> list[Record]:
-    """Records of another run measuring what `candidate` measures (combo, GPU class, profile, settings), with a
-    usable (measured) outcome."""
+    """Records of another run measuring what `candidate` measures (combo, GPU class, profile, the settings that
+    decide a step's work: `workload`), with a usable (measured) outcome."""
     def same(r: Record) -> bool:
-        return (r.combo, r.gpu_class, r.profile, r.settings) == (candidate.combo, candidate.gpu_class,
-                                                                  candidate.profile, candidate.settings)
+        return (r.combo, r.gpu_class, r.profile, workload(r.settings)) == (
+            candidate.combo, candidate.gpu_class, candidate.profile, workload(candidate.settings))
 
     return [r for r in records if same(r) and r.measured and r.run_id != candidate.run_id]
 

@@ -8,8 +8,10 @@ has installed), applies `env`, optionally imports an injector module, builds a R
 
     config {"tree", "profile", "device", "prompts", "fixture_cache", "models_file", "cpu_threads", "warmup_steps",
             "steps", "env": {name: value}, "inject": {"path": dir, "module": name} | None}
-        -> {"ok": True, "fluxgate": <its __file__>, "device": "cuda:0", "gpu_class", "environment": fingerprint}
-    {"op": "load", "combo": "flux1-dev[bf16]"}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
+        -> {"ok": True, "fluxgate": <its __file__>, "python": <sys.executable>, "device": "cuda:0", "gpu_class",
+            "environment": fingerprint}
+    {"op": "load", "combo": "flux1-dev[bf16]", "steps": N (optional: this combo's denoising steps, over the
+     config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
     {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
                           "mem_kind", "e2e_s": s, "png": bytes}
     {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
@@ -63,16 +65,18 @@ class Worker:
                              _path(tree, config.get("models_file") or "fixtures/models.toml"))
         kwargs = {"warmup_steps": int(config.get("warmup_steps", 1)), "steps": config.get("steps")}
         self.runner = Runner(self.profile, self.device, source, inputs, **kwargs)
-        self.hello = {"ok": True, "fluxgate": self.fluxgate_file, "device": str(self.device),
+        self.hello = {"ok": True, "fluxgate": self.fluxgate_file, "python": sys.executable, "device": str(self.device),
                       "gpu_class": gpu_class(self.device), "profile": self.profile,
                       "environment": fingerprint(self.device, __import__("pathlib").Path(tree))}
         self.stack: contextlib.ExitStack | None = None
         self.held = None
+        self.steps = kwargs["steps"]
 
-    def load(self, combo_id: str) -> dict:
+    def load(self, combo_id: str, steps: int | None = None) -> dict:
         from fluxgate.matrix import Combo
 
         self.unload()
+        self.runner.steps = steps or self.steps  # Runner.settings and call_kwargs read it at load
         combo = Combo.parse(combo_id)
         stack = contextlib.ExitStack()
         loaded = getattr(self.runner, "loaded", None) or (lambda combo: _Legacy(self.runner, combo))
@@ -170,7 +174,7 @@ def serve(channel) -> None:
                 channel.send({"ok": True})
                 return
             if op == "load":
-                answer = worker.load(message["combo"])
+                answer = worker.load(message["combo"], message.get("steps"))
             elif op == "image":
                 answer = worker.image()
             elif op == "unload":

@@ -62,7 +62,14 @@ class Measurement:
     # a sample inside it carried a clock-limiting reason (power or thermal cap, ...): throttled steps are marked.
     step_sm_clock_mhz: list[float | None] | None = None
     throttled_steps: list[bool] | None = None
-    nonfinite_latents: int = 0  # NaN/Inf values in the last timed image's final latents (fluxgate.judging.tripwire)
+    nonfinite_latents: int = 0  # NaN/Inf values in the timed images' final latents, all summed (judging.tripwire)
+    # One entry per timed image, in order: its PIL image, its final latents' NaN/Inf count, its case's name (set by
+    # `runner.Loaded.images`). `image` is the first.
+    case_images: list = field(default_factory=list, repr=False)
+    case_nonfinite: list[int] = field(default_factory=list)
+    case_names: list[str] = field(default_factory=list)
+    images_wall_s: float | None = None  # wall seconds of the timed images, telemetry start and stop included
+    phases_s: dict | None = None  # where the combo's wall time went (`runner.Runner.measure`), seconds
 
     @property
     def stats(self) -> StepStats:
@@ -259,10 +266,10 @@ def _split_first(steps: list) -> tuple[list, list]:
     return (steps[:1], steps[1:]) if len(steps) > 1 else ([], steps)
 
 
-def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int,
-                  probe_s: float = IDLE_PROBE_MIN_S):
-    """`count` timed images: their step times, the median seconds per image, the last image, the allocator peaks,
-    and the per-step host lists (off-CPU seconds; CUDA: host-clock times and GPU-idle-at-end flags).
+def _timed_images(pipe, calls: list[tuple[dict, int]], device: torch.device, probe_s: float = IDLE_PROBE_MIN_S):
+    """One timed image per (call kwargs, noise seed) of `calls`: their step times, the median seconds per image, the
+    images, the allocator peaks, and the per-step host lists (off-CPU seconds; CUDA: host-clock times and
+    GPU-idle-at-end flags) with each image's count of non-finite final latents.
 
     Each image's first step is timed but kept apart (`first_steps_s`): it is a start-up transient, not a sample of
     the steady state. On the H100 it ran 1-10 % slower than the steps after it for eager fp8 and gguf (it starts
@@ -271,15 +278,16 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
     The step statistics, it/s and the history judge the steps after it.
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
     timed step of a launch-bound eager pipeline."""
-    step_times, e2e, image, peaks = [], [], None, {"before_loop": 0, "denoise": 0}
+    step_times, e2e, images, peaks = [], [], [], {"before_loop": 0, "denoise": 0}
     host: dict[str, list | None] = {"off_cpu_s": [], "run_wait_s": [], "host_step_times_s": [],
-                                    "gpu_idle_at_end": [], "first_steps_s": [], "nonfinite_latents": 0,
+                                    "gpu_idle_at_end": [], "first_steps_s": [], "case_nonfinite": [],
                                     "step_windows": []}
     gc.collect()
     gc.disable()
     try:
-        for _ in range(count):
+        for call_kwargs, seed in calls:
             steps, seconds, image, clock = _timed_call(pipe, _seeded(call_kwargs, seed), device, probe_s)
+            images.append(image)
             first, settled = _split_first(steps)
             host["first_steps_s"] += first
             step_times += settled
@@ -293,13 +301,15 @@ def _timed_images(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
             host["host_step_times_s"] += _split_first(clock.host_step_times_s() or [])[1]
             host["gpu_idle_at_end"] += _split_first(clock.gpu_idle_at_end)[1]
             host["step_windows"] += _split_first(list(zip(clock.host_marks, clock.host_marks[1:])))[1]
-            if clock.last_latents is not None:  # read after the image, outside every timed step
-                host["nonfinite_latents"] = int((~torch.isfinite(clock.last_latents)).sum())
+            # read after the image, outside every timed step
+            latents = clock.last_latents
+            host["case_nonfinite"].append(0 if latents is None else int((~torch.isfinite(latents)).sum()))
+            clock.last_latents = None
     finally:
         gc.enable()
     if device.type != "cuda":
         host.update(host_step_times_s=None, gpu_idle_at_end=None)
-    return step_times, sorted(e2e)[len(e2e) // 2], image, peaks, host
+    return step_times, sorted(e2e)[len(e2e) // 2], images, peaks, host
 
 
 def measure_images(pipe, call_kwargs: dict, seed: int, device: torch.device, warmup_steps: int = 1,
@@ -318,8 +328,16 @@ def warm_up_image(pipe, call_kwargs: dict, seed: int, warmup_steps: int = 1) -> 
 
 def measure_timed(pipe, call_kwargs: dict, seed: int, device: torch.device, count: int = 1,
                   baseline_used_bytes: int | None = None, telemetry_interval_s: float = 0.1) -> Measurement:
-    """`count` timed images with `call_kwargs` (no warm-up: `warm_up_image` first), peak memory counted from
-    their start: the Measurement of `measure_images`."""
+    """`count` timed images with `call_kwargs` and noise `seed` (no warm-up: `warm_up_image` first), peak memory
+    counted from their start: the Measurement of `measure_images`."""
+    return measure_calls(pipe, [(call_kwargs, seed)] * count, device, baseline_used_bytes, telemetry_interval_s)
+
+
+def measure_calls(pipe, calls: list[tuple[dict, int]], device: torch.device, baseline_used_bytes: int | None = None,
+                  telemetry_interval_s: float = 0.1) -> Measurement:
+    """One timed image per (call kwargs, noise seed) in `calls` (no warm-up), steps pooled, peak memory counted from
+    their start."""
+    started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -327,18 +345,20 @@ def measure_timed(pipe, call_kwargs: dict, seed: int, device: torch.device, coun
         # 100 ms by default: NVML calls take the GIL, and a launch-bound step should not wait on the sampler often.
         with telemetry.GpuSampler(device, interval_s=telemetry_interval_s,
                                   baseline_used_bytes=baseline_used_bytes) as gpu:
-            step_times, e2e_s, image, peaks, host = _timed_images(pipe, call_kwargs, seed, device, count,
-                                                                  probe_s)
+            step_times, e2e_s, images, peaks, host = _timed_images(pipe, calls, device, probe_s)
         clocks = gpu.step_clocks(host.pop("step_windows"))
         if clocks is not None:
             host.update(step_sm_clock_mhz=clocks.sm_clock_mhz, throttled_steps=clocks.throttled)
         # The loop start resets the allocator's peak, so the whole-image peak is the larger of the two windows.
         peak = max(peaks["before_loop"], torch.cuda.max_memory_allocated(device))
         reserved = torch.cuda.max_memory_reserved(device) / GIB
-        return Measurement(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, image, gpu.telemetry,
-                         denoise_peak_gib=peaks["denoise"] / GIB, images=count, idle_probe_s=probe_s, **host)
+        return Measurement(step_times, e2e_s, peak / GIB, "cuda_max_allocated", reserved, images[0], gpu.telemetry,
+                           denoise_peak_gib=peaks["denoise"] / GIB, images=len(calls), idle_probe_s=probe_s,
+                           nonfinite_latents=sum(host["case_nonfinite"]), case_images=images,
+                           images_wall_s=time.perf_counter() - started, **host)
     with _RssSampler() as rss:
-        step_times, e2e_s, image, _, host = _timed_images(pipe, call_kwargs, seed, device, count)
+        step_times, e2e_s, images, _, host = _timed_images(pipe, calls, device)
     host.pop("step_windows")
-    return Measurement(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, image, images=count,
-                     **host)
+    return Measurement(step_times, e2e_s, rss.peak_bytes / GIB, "process_rss_peak", None, images[0],
+                       images=len(calls), nonfinite_latents=sum(host["case_nonfinite"]), case_images=images,
+                       images_wall_s=time.perf_counter() - started, **host)

@@ -4,6 +4,8 @@ images."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import time
 import tomllib
 import traceback
 from dataclasses import dataclass
@@ -20,23 +22,87 @@ from fluxgate.weights.sources import Source
 
 
 @dataclass(frozen=True)
+class Case:
+    """One image of a model's fixed set (fixtures/prompts.toml): every precision makes it, and the BF16 image of the
+    case is the reference its quantized images are compared with."""
+
+    name: str
+    prompt: str
+    seed: int  # the initial noise
+    image: Path | None = None  # an editing model's input image
+
+    def settings(self) -> dict:
+        """What decides the image, for the baseline's staleness check: name, prompt, seed and the input image's
+        SHA-256 (its content, not its path)."""
+        entry = {"name": self.name, "prompt": self.prompt, "seed": self.seed}
+        if self.image is not None:
+            entry["image_sha256"] = hashlib.sha256(self.image.read_bytes()).hexdigest()[:16]
+        return entry
+
+    def input_image(self, size_px: int):
+        """The input image as a `size_px` square RGB PIL image (None for a text-to-image case)."""
+        if self.image is None:
+            return None
+        from PIL import Image
+
+        with Image.open(self.image) as image:
+            return image.convert("RGB").resize((size_px, size_px), Image.Resampling.LANCZOS)
+
+
+@dataclass(frozen=True)
 class Inputs:
-    """The seed and prompts every image is made from (fixtures/prompts.toml)."""
+    """The weight seed and each model's cases (fixtures/prompts.toml): a `default` set and per-model sets."""
 
     seed: int
-    prompts: dict[str, str]
+    cases_by_model: dict[str, tuple[Case, ...]]
+    source: str = "prompts file"  # where they were read, for errors
 
     @classmethod
     def from_file(cls, path: Path) -> "Inputs":
-        """The inputs in a prompts file; FixtureError naming it when it is unreadable or lacks `seed` or [prompts]."""
+        """The inputs in a prompts file. FixtureError (one line naming the file) when it is unreadable, lacks `seed`
+        or a `[[default]]` case, a case lacks name/prompt/seed, two cases of a model share a name, or a case's
+        `image` is missing."""
         try:
             data = tomllib.loads(path.read_text())
-            return cls(seed=int(data["seed"]), prompts=dict(data["prompts"]))
-        except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
-            raise FixtureError(f"{path}: needs `seed = <int>` and a [prompts] table with `default` ({error})") from None
+            seed = int(data["seed"])
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
+            raise FixtureError(f"{path}: needs `seed = <int>` and [[default]] cases ({type(error).__name__}: "
+                               f"{error})") from None
+        if "prompts" in data and "default" not in data:
+            raise FixtureError(f"{path}: the [prompts] table of fluxgate 0.1 is replaced by cases: [[default]] "
+                               "name/prompt/seed (see fixtures/prompts.toml)")
+        sets = {}
+        for model, entries in data.items():
+            if model == "seed":
+                continue
+            if not isinstance(entries, list) or not entries:
+                raise FixtureError(f"{path}: [[{model}]] must be a list of cases (name, prompt, seed)")
+            cases = []
+            for index, entry in enumerate(entries):
+                try:
+                    image = entry.get("image")
+                    case = Case(str(entry["name"]), str(entry["prompt"]), int(entry["seed"]),
+                                None if image is None else (path.parent / image).resolve())
+                except (KeyError, TypeError, ValueError, AttributeError) as error:
+                    raise FixtureError(f"{path}: case {index + 1} of [[{model}]] needs name, prompt and an integer "
+                                       f"seed ({type(error).__name__}: {error})") from None
+                if case.image is not None and not case.image.is_file():
+                    raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} not found")
+                cases.append(case)
+            names = [case.name for case in cases]
+            if len(set(names)) != len(names):
+                raise FixtureError(f"{path}: [[{model}]] names a case twice ({', '.join(names)})")
+            sets[model] = tuple(cases)
+        if "default" not in sets:
+            raise FixtureError(f"{path}: needs [[default]] cases (name, prompt, seed)")
+        return cls(seed=seed, cases_by_model=sets, source=str(path))
 
-    def prompt(self, model: str) -> str:
-        return self.prompts.get(model, self.prompts["default"])
+    def cases(self, model: str, count: int | None = None) -> tuple[Case, ...]:
+        """The first `count` cases of `model` (all for None). FixtureError when the file holds fewer."""
+        cases = self.cases_by_model.get(model, self.cases_by_model["default"])
+        if count is not None and len(cases) < count:
+            raise FixtureError(f"{self.source}: {model} has {len(cases)} case(s), its profile makes {count}")
+        return cases if count is None else cases[:count]
 
 
 class Runner:
@@ -44,8 +110,9 @@ class Runner:
 
     def __init__(self, profile: str, device: torch.device, source: Source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
-                 telemetry_interval_s: float = 0.1):
+                 telemetry_interval_s: float = 0.1, cases: int | None = None):
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
+        self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)
         self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
         self.telemetry_interval_s = telemetry_interval_s
         self.last_teardown: dict | None = None  # memory before the last combo and after its teardown
@@ -55,11 +122,20 @@ class Runner:
         # memory to this process (containers with their own pid namespace).
         self.baseline_used_bytes = telemetry.device_memory_used_bytes(device) if device.type == "cuda" else None
 
+    def cases(self, model: ModelSpec) -> tuple[Case, ...]:
+        """The cases this run makes for `model`: the first `cases` given to the runner (all the model has when
+        fewer), else the first `ImageSettings.cases` of its set."""
+        if self.case_count is not None:
+            return self.inputs.cases(model.name)[:self.case_count]
+        return self.inputs.cases(model.name, model.settings(self.profile).cases)
+
     def settings(self, model: ModelSpec) -> dict:
-        """Everything that decides the image (compared with the baseline's provenance to detect staleness)."""
+        """Everything that decides the images (compared with the baseline's provenance to detect staleness): profile,
+        weight seed, steps, size, guidance, and each case's name, prompt, noise seed and input image digest."""
         run = model.settings(self.profile)
         return {"profile": self.profile, "seed": self.inputs.seed, "steps": self.steps or run.steps,
-                "size_px": run.size_px, "guidance_scale": run.guidance_scale, "prompt": self.inputs.prompt(model.name)}
+                "size_px": run.size_px, "guidance_scale": run.guidance_scale,
+                "cases": [case.settings() for case in self.cases(model)]}
 
     def _shared_components(self, model: ModelSpec) -> dict[str, Any]:
         # Text encoders, VAE and scheduler are the same for every precision of a model: build them once.
@@ -69,15 +145,17 @@ class Runner:
             self._components = (model.name, self.source.components(model, self.device))
         return self._components[1]
 
-    def call_kwargs(self, model: ModelSpec) -> dict:
-        """The pipeline call's keyword arguments for one image of `model`: the source's prompt kwargs, the size in
-        pixels, steps and guidance of this profile, PIL output, and the input image of an editing model."""
+    def call_kwargs(self, model: ModelSpec, case: Case | None = None) -> dict:
+        """The pipeline call's keyword arguments for one image of `model` (default: its first case): the source's
+        prompt kwargs, the size in pixels, steps and guidance of this profile, PIL output, and the input image of an
+        editing model (the case's, else one drawn from the case's seed). The noise seed is `case.seed`."""
+        case = case or self.cases(model)[0]
         settings, run = self.settings(model), model.settings(self.profile)
-        kwargs = {**self.source.prompt_kwargs(model, settings["prompt"], self.device), "height": run.size_px,
+        kwargs = {**self.source.prompt_kwargs(model, case.prompt, self.device), "height": run.size_px,
                   "width": run.size_px, "num_inference_steps": settings["steps"],
                   "guidance_scale": run.guidance_scale, "output_type": "pil", **run.extra}
         if model.needs_input_image:
-            kwargs["image"] = model.builder.input_image(run.size_px, self.inputs.seed)
+            kwargs["image"] = case.input_image(run.size_px) or model.builder.input_image(run.size_px, case.seed)
         return kwargs
 
     def loaded(self, combo: Combo) -> "Loaded":
@@ -93,54 +171,73 @@ class Runner:
         return Loaded(self, combo)
 
     def measure(self, combo: Combo) -> tuple[measure.Measurement, dict]:
-        """Get the combo's transformer from the profile's source and measure images; returns where it came from.
+        """Get the combo's transformer from the profile's source and measure one timed image per case; returns where
+        it came from.
 
-        `loaded(combo)` with the profile's timed images, then (after them, so profiling never touches their times
-        or peak memory) the kernel path and the step FLOPs. Raises what `loaded` raises."""
+        `loaded(combo)` with one timed image per case (`cases`), then (after them, so profiling never touches their
+        times or peak memory) the kernel path and the step FLOPs. The Measurement's `phases_s` says where the
+        combo's wall time went. Raises what `loaded` raises."""
         model = combo.model_spec
         calls = None
         with self.loaded(combo) as held:
             try:
-                result = held.images(model.settings(self.profile).timed_images)
+                result = held.images(len(held.cases))
                 result.compile_s = held.compile_s
+                profiling = time.perf_counter()
                 calls = flops.capture_transformer_calls(held.pipe, held.kwargs)
                 result.kernel_path = kernels.kernel_path(held.pipe, held.kwargs, combo.precision,
                                                          calls=calls).to_json()
                 if model.name not in self._step_flops:
                     self._step_flops[model.name] = flops.count_step_flops(held.pipe, held.kwargs, calls=calls)
                 result.step_flops = self._step_flops[model.name]
+                profile_s = time.perf_counter() - profiling
             finally:
                 calls = None  # the captured calls hold the combo's activations: gone before memory is released
+            finished = time.perf_counter()
+        result.phases_s = {**held.phases_s, "compile_s": held.compile_s or 0.0, "images_s": result.images_wall_s,
+                           "profile_s": profile_s, "release_s": time.perf_counter() - finished}
         return result, held.origin
 
 
 class Loaded:
     """One combo's pipeline held loaded by a Runner (`Runner.loaded`): `images(count)` measures timed images.
 
-    Attributes while entered: `pipe`, `kwargs` (the call's keyword arguments), `origin` (where the transformer came
-    from), `compile_s` (seconds compiling, compiled runtimes; else None)."""
+    Attributes while entered: `pipe`, `cases` (the profile's cases of the model), `kwargs` (the first case's call
+    keyword arguments), `origin` (where the transformer came from), `compile_s` (seconds compiling, compiled
+    runtimes; else None), `phases_s` (seconds building the shared components, the transformer, warming up)."""
 
     def __init__(self, runner: Runner, combo: Combo):
         self.runner, self.combo = runner, combo
         self.pipe = self.kwargs = self.origin = self.compile_s = None
+        self.cases: tuple[Case, ...] = ()
+        self.phases_s: dict[str, float] = {}
+        self._calls: list[tuple[dict, int]] = []  # per case: (call kwargs, noise seed)
         self._before: memory.Snapshot | None = None
 
     def __enter__(self) -> "Loaded":
         runner, combo, model = self.runner, self.combo, self.combo.model_spec
+        clock = time.perf_counter()
         components = runner._shared_components(model)
+        self.phases_s["components_s"] = time.perf_counter() - clock
         self._before = memory.Snapshot.take(runner.device)
         runner.last_teardown = None
         try:
+            clock = time.perf_counter()
             transformer, self.origin = runner.source.transformer(combo, runner.device)
             runtimes.prepare(transformer, combo.runtime, runner.compile_mode)
             self.pipe = model.builder.pipeline_class(transformer=transformer, **components)
             transformer = None
             self.pipe.set_progress_bar_config(disable=True)
-            self.kwargs = runner.call_kwargs(model)
+            self.cases = runner.cases(model)
+            self._calls = [(runner.call_kwargs(model, case), case.seed) for case in self.cases]
+            self.kwargs = self._calls[0][0]
+            self.phases_s["transformer_s"] = time.perf_counter() - clock
             with self._user_file_errors():  # the first forwards through a user's file
                 if combo.runtime_spec.compiles:
                     self.compile_s = runtimes.warm_up(self.pipe, self.kwargs, runner.device)
-                measure.warm_up_image(self.pipe, self.kwargs, runner.inputs.seed, runner.warmup_steps)
+                clock = time.perf_counter()
+                measure.warm_up_image(self.pipe, self.kwargs, self._calls[0][1], runner.warmup_steps)
+                self.phases_s["warmup_s"] = time.perf_counter() - clock
         except BaseException as error:
             transformer = None
             self._leave(error)  # raises memory.OutOfMemory for an out-of-memory error
@@ -148,14 +245,19 @@ class Loaded:
         return self
 
     def images(self, count: int = 1) -> measure.Measurement:
-        """`count` timed images (seeded alike, steps pooled), peak memory counted from their start. Raises
-        FixtureError for a user's file the pipeline fails with; out of memory surfaces on leaving the block."""
+        """`count` timed images, one per case in the fixture's order (again from the first when `count` exceeds the
+        cases), steps pooled, peak memory counted from their start. Raises FixtureError for a user's file the
+        pipeline fails with; out of memory surfaces on leaving the block."""
         if self.pipe is None:
             raise RuntimeError(f"{self.combo.id}: images() outside `with runner.loaded(combo)`")
         runner = self.runner
+        calls = [self._calls[index % len(self._calls)] for index in range(count)]
+        names = [self.cases[index % len(self.cases)].name for index in range(count)]
         with self._user_file_errors():
-            return measure.measure_timed(self.pipe, self.kwargs, runner.inputs.seed, runner.device, count,
-                                         runner.baseline_used_bytes, runner.telemetry_interval_s)
+            result = measure.measure_calls(self.pipe, calls, runner.device, runner.baseline_used_bytes,
+                                           runner.telemetry_interval_s)
+        result.case_names = names
+        return result
 
     def __exit__(self, kind, error, traceback_) -> None:
         self._leave(error)
@@ -184,6 +286,7 @@ class Loaded:
             # The frames the error passed through hold the combo's tensors (frames still running are left alone).
             traceback.clear_frames(error.__traceback__)
         self.pipe = self.kwargs = None
+        self._calls = []
         runtimes.reset(self.combo.runtime)
         memory.release(runner.device)
         if error is not None and out_of_memory is None:

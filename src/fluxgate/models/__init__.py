@@ -27,9 +27,10 @@ class ImageSettings:
     guidance_scale: float
     size_px: int
     extra: dict[str, Any] = field(default_factory=dict)
-    # Timed images per combo: their steps are pooled. The tiny profile's steps take milliseconds, so one image
-    # is too few samples for a stable it/s on a shared CPU.
-    timed_images: int = 1
+    # How many of the model's cases (fixtures/prompts.toml) a combo makes: one timed image each, steps pooled, each
+    # compared with the BF16 image of its case. Several cases judge quality on more than one image, and more timed
+    # steps per combo spend the run on evidence rather than on loading (README, "Where the time goes").
+    cases: int = 2
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ def _z_image_turbo() -> ModelBuilder:
     return BUILDER
 
 
-# Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three timed images per combo.
-_TINY = {"steps": 8, "size_px": 256, "timed_images": 3}
+# Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three cases per combo.
+_TINY = {"steps": 8, "size_px": 256, "cases": 3}
 _FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 _FLUX1_MODULATION = (r"(norm1|norm1_context|norm)\.linear$", 32.0)
 
@@ -143,7 +144,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="flux",
             tiny_modulation=_FLUX1_MODULATION,
             tiny=ImageSettings(**_TINY, guidance_scale=3.5, extra={"max_sequence_length": 32}),
-            full=ImageSettings(steps=28, guidance_scale=3.5, size_px=1024),
+            full=ImageSettings(steps=28, guidance_scale=3.5, size_px=1024, cases=3),
         ),
         ModelSpec(
             name="flux1-kontext-dev",
@@ -165,7 +166,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="flux",  # city96 and ComfyUI-GGUF write FLUX.2 as arch "flux" (ComfyUI-GGUF knows no "flux2")
             tiny_modulation=(r"modulation", 32.0),  # FLUX.2 shares three modulation linears across blocks
             tiny=ImageSettings(**_TINY, guidance_scale=4.0, extra={"max_sequence_length": 64}),
-            full=ImageSettings(steps=50, guidance_scale=4.0, size_px=1024),
+            full=ImageSettings(steps=50, guidance_scale=4.0, size_px=1024, cases=1),
         ),
         ModelSpec(
             name="z-image-turbo",
@@ -174,7 +175,7 @@ MODELS: dict[str, ModelSpec] = {
             gguf_arch="lumina2",
             tiny_modulation=(r"adaLN_modulation", 4.0),
             tiny=ImageSettings(**_TINY, guidance_scale=0.0, extra={"max_sequence_length": 32}),
-            full=ImageSettings(steps=9, guidance_scale=0.0, size_px=1024),
+            full=ImageSettings(steps=9, guidance_scale=0.0, size_px=1024, cases=4),
         ),
     )
 }

@@ -46,3 +46,41 @@ def table(results) -> list[str]:
                          "side's pipeline again)")
         lines += [f"{result.combo}: {note}" for note in notes]
     return lines
+
+
+def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = (), *, wall_s: float | None = None,
+             timed_s: float | None = None, title: str = "A/B run", base: str = "", candidate: str = "") -> str:
+    """An A/B run as markdown (the PR comment's A/B section): a headline (`A/B gate: passed` or `A/B gate: FAILED
+    (...)`), the sides, the table, each combo's verdict message and failures, errors, combos left out, wall time."""
+    failed = [result.combo for result in results if result.failed]
+    problems = ([f"{len(failed)} combo(s) SLOW or regressed: {', '.join(failed)}"] if failed else []) + \
+        ([f"{len(errors)} combo(s) not measured: {', '.join(combo for combo, _ in errors)}"] if errors else [])
+    headline = "A/B gate: passed" if not problems else f"A/B gate: FAILED ({'; '.join(problems)})"
+    counts = {}
+    for result in results:
+        counts[result.verdict.outcome] = counts.get(result.verdict.outcome, 0) + 1
+    lines = [f"**{headline}**", "", f"{title}: base {base or '?'}, candidate {candidate or '?'}, interleaved image by "
+             "image on one device; verdict on the paired per-block step-time ratios (candidate/base).", ""]
+    if counts:
+        lines += [", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())), ""]
+    body = [row(result) for result in results]
+    if body:
+        lines += ["| " + " | ".join(HEADER) + " |", "|---|---|" + "--:|" * (len(HEADER) - 2)]
+        lines += ["| " + " | ".join([f"`{cells[0]}`", *cells[1:]]) + " |" for cells in body]
+        lines.append("")
+    notes = []
+    for result in results:
+        for note in [result.verdict.message, *result.failures, *([result.contention] if result.contention else [])]:
+            if result.verdict.outcome != "SAME" or note is not result.verdict.message:
+                notes.append(f"- `{result.combo}`: {note}")
+        if result.alternating_loads:
+            notes.append(f"- `{result.combo}`: both sides did not fit in device memory at once: loads alternated")
+    notes += [f"- `{combo}`: ERROR: {error}" for combo, error in errors]
+    if left_out:
+        notes.append(f"- not measured (total time budget spent): {', '.join(f'`{c}`' for c in left_out)}")
+    if notes:
+        lines += [*notes, ""]
+    if wall_s is not None:
+        timed = f", of which {timed_s:.0f} s inside timed steps of both sides" if timed_s is not None else ""
+        lines.append(f"A/B wall time {wall_s:.0f} s{timed}.")
+    return "\n".join(lines).rstrip() + "\n"

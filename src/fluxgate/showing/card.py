@@ -11,6 +11,9 @@ other runs of its combo (leave one out: runs on other machines included), the wa
 - Injected +E %: the candidate's step times stretched by E % (a slower GPU kernel or more host work per step scales
   every step). Detected when the history rule says "regression" or the fixed limit is missed.
 
+Records of A/B runs (`python -m fluxgate.ab`: environment `ab_run`) are no one-sided runs and stay out of these
+rows; the A/B rule gets its own section from its recorded A/A runs (`fluxgate.showing.ab_card`).
+
 The counts are small while a class has few runs: each figure says how many comparisons it rests on. A detection
 from this card is the first stage of the gate (a real run confirms it by re-measuring); a stretched step is what a
 real injected slowdown does to the steps, which GPU runs with tests/injectors check.
@@ -79,8 +82,18 @@ def build(records: list[Record], gpu_class: str, thresholds: dict | None = None,
     return cards
 
 
-def markdown(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
-    """The card as markdown: how it was made, the A/A total, one table row per combo (`runs`: runs it rests on)."""
+def markdown(cards: list[ComboCard], gpu_class: str, runs: int, ab_cards: list | None = None) -> str:
+    """The card as markdown: how it was made, the A/A total, one table row per combo (`runs`: runs it rests on);
+    then, when there are rows of recorded A/A A/B runs (`ab_card.build`), the A/B rule's section."""
+    text = _one_sided(cards, gpu_class, runs) if cards else f"# Detection card: {gpu_class}\n"
+    if ab_cards:
+        from fluxgate.showing import ab_card
+
+        text += "\n" + ab_card.markdown(ab_cards, gpu_class)
+    return text
+
+
+def _one_sided(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
     effects = sorted({effect for card in cards for effect in card.detected})
     total = sum(card.comparisons for card in cards)
     alarms = sum(card.false_alarms for card in cards)
@@ -95,6 +108,8 @@ def markdown(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
              + " | note |",
              "|---|--:|--:|" + "--:|" * len(effects) + "---|"]
     for card in cards:
+        if not card.comparisons:  # one run of it (e.g. a compile run): nothing to compare it with
+            continue
         note = "host-synchronous: the history rule needs 15 %" if card.host_synchronous else ""
         cells = [f"`{card.combo}`", str(card.comparisons), f"{card.false_alarms}/{card.comparisons}",
                  *(f"{card.detected[e]}/{card.comparisons}" for e in effects), note]

@@ -178,9 +178,10 @@ def _moved(record: Record) -> bool:
 
 
 def _reference(record: Record, run: list[Record], store: HistoryStore, baselines_dir: Path):
-    """The BF16 reference image (`[H, W, 3]` uint8, None when unreadable) and where it is: the model's stored
-    baseline image, else the same run's bf16 image of that model. None and the stored path when there is neither."""
-    stored = baselines_dir / str(record.gpu_class) / f"{record.model}.png"
+    """The BF16 reference image of the record's image (its first case; `[H, W, 3]` uint8, None when unreadable) and
+    where it is: the stored baseline image of that case, else the same run's bf16 image of that model. None and the
+    stored path when there is neither."""
+    stored = _stored_reference(record, baselines_dir)
     if stored.is_file():
         return rgb(stored.read_bytes()), str(stored)
     bf16 = next((r for r in run if r.model == record.model and Combo.parse(r.combo).is_reference and r.image
@@ -188,6 +189,18 @@ def _reference(record: Record, run: list[Record], store: HistoryStore, baselines
     if bf16 is None:
         return None, None
     return rgb(store.read_image(bf16.image)), store.image_location(bf16.image)
+
+
+def _stored_reference(record: Record, baselines_dir: Path) -> Path:
+    """Where the baseline keeps the BF16 image of the record's first case (records made before cases: the model's
+    one image)."""
+    from fluxgate.judging.baselines import reference_path
+
+    folder = baselines_dir / str(record.gpu_class)
+    cases = record.metrics.cases or ()
+    if cases and isinstance(cases[0], dict) and cases[0].get("case"):
+        return reference_path(folder, str(record.model), str(cases[0]["case"]))
+    return folder / f"{record.model}.png"
 
 
 def _grid(record: Record, run: list[Record], store: HistoryStore, baselines_dir: Path, out: Path) -> str | None:
@@ -200,7 +213,7 @@ def _grid(record: Record, run: list[Record], store: HistoryStore, baselines_dir:
         return f"`{combo}`: no grid, candidate image {store.image_location(record.image)} missing or unreadable"
     reference, where = _reference(record, run, store, baselines_dir)
     if reference is None:
-        where = where or f"{baselines_dir / str(record.gpu_class) / (record.model + '.png')}"
+        where = where or str(_stored_reference(record, baselines_dir))
         return f"`{combo}`: no grid, BF16 reference {where} missing or unreadable (and no bf16 image in this run)"
     if reference.shape != candidate.shape:
         return (f"`{combo}`: no grid, image sizes differ (reference {reference.shape[1::-1]}, "

@@ -173,6 +173,9 @@ def terminal_summary(terminalreporter, records: list[Record], context: RunContex
     else:
         write(f"wall {wall_s:.0f} s, of which {timed_s:.0f} s ({100 * timed_s / max(wall_s, 1e-9):.0f}%) inside timed "
               "denoising steps")
+    phases = phase_line(measured)
+    if phases:
+        write(phases)
     for line in notes(measured):
         write(line)
     if context.distributed:
@@ -182,6 +185,26 @@ def terminal_summary(terminalreporter, records: list[Record], context: RunContex
         write(f"history: {context.run_location} (one run merged from {len(placements)} worker file(s))")
     else:
         write(f"history: {context.run_location}")
+
+
+# The phases of one combo (`runner.Runner.measure`, `judging.gate`), in the order they run, as the summary names them.
+PHASES = {"components_s": "shared components", "transformer_s": "transformer build/load", "compile_s": "compile",
+          "warmup_s": "warm-up image", "images_s": "timed images", "profile_s": "kernel-path profile",
+          "judge_s": "similarity + images saved", "release_s": "release"}
+
+
+def phase_line(records: list[Record]) -> str | None:
+    """Where the combos' time went, summed over the records (None when no record carries phases): the timed images
+    against everything around them, the largest first."""
+    totals: dict[str, float] = {}
+    for record in records:
+        for phase, seconds in (record.metrics.phases_s or {}).items():
+            totals[phase] = totals.get(phase, 0.0) + float(seconds or 0.0)
+    if not totals:
+        return None
+    around = sorted(((s, p) for p, s in totals.items() if p != "images_s" and s >= 0.05), reverse=True)
+    parts = ", ".join(f"{PHASES.get(phase, phase)} {seconds:.0f} s" for seconds, phase in around)
+    return f"per combo, summed: timed images {totals.get('images_s', 0.0):.0f} s; around them {parts or 'nothing'}"
 
 
 def notes(records: list[Record]) -> list[str]:

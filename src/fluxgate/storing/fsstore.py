@@ -83,7 +83,7 @@ class RunObject:
         record's `image`). Raises OSError when it cannot be written."""
         name = f"{self.run_id}/{file_name(combo_id)}.png"
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=1)  # fast: a run saves dozens of 1024 px images
         write_whole(self.owner.fs, self.owner.join(name), buffer.getvalue())
         return name
 

@@ -91,9 +91,17 @@ class Metrics:
     telemetry: Mapping[str, Any] | None = None  # measuring.telemetry.Telemetry.to_json() (NVML; CUDA only)
     mfu_bf16: float | None = None  # model FLOP utilisation against the run's measured bf16 roof (fraction)
     mfu_fp8: float | None = None  # the same against the fp8 roof, for an fp8 GEMM path
-    ms_ssim: float | None = None  # MS-SSIM against the BF16 reference image (1.0 = identical)
-    psnr_db: float | None = None  # PSNR in dB against it; None with ms_ssim set: identical (infinite)
-    broken_image: Sequence[str] | None = None  # judging.tripwire's problems ([] = none)
+    # Similarity to the BF16 images of the same cases, summarised over the cases (`judging.similarity.summarise`):
+    # MS-SSIM's one-sided 90 % lower bound (1.0 = identical) and PSNR at the mean MSE's upper bound, in dB (None with
+    # ms_ssim set: identical, infinite). Records made before cases: the one image's values.
+    ms_ssim: float | None = None
+    psnr_db: float | None = None
+    ms_ssim_worst: float | None = None  # the lowest case's MS-SSIM
+    worst_case: str | None = None  # its name
+    # One entry per case: {"case", "ms_ssim", "psnr_db", "broken_image", "image"} (image: the store's name).
+    cases: Sequence[Mapping[str, Any]] | None = None
+    broken_image: Sequence[str] | None = None  # judging.tripwire's problems over every case ([] = none)
+    phases_s: Mapping[str, float] | None = None  # where the combo's wall time went, seconds per phase
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # fields written as null when None
 

@@ -140,4 +140,6 @@ class SyntheticSource:
         return model.builder.full_components(device, DTYPE)
 
     def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict:
-        return model.builder.prompt_inputs(self.seed, device, DTYPE)
+        """Text-encoder outputs at their real shapes, drawn from a seed made of the weight seed and the prompt's text:
+        each case gets its own, the same on every machine (`ModelBuilder.prompt_inputs`)."""
+        return model.builder.prompt_inputs(_key_seed(self.seed, f"prompt:{prompt}"), device, DTYPE)
