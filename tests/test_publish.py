@@ -261,3 +261,12 @@ def test_the_delta_uses_the_window_the_gate_judges_against_leaving_out_a_gate_of
     write_report(history_dir, tmp_path / "report", baselines_dir)
     table = _table((tmp_path / "report" / "summary.md").read_text())
     assert table["flux1-dev[bf16]"][1:3] == ["11.000", "+10.0%"]
+
+
+def test_a_missed_trade_off_against_bf16_fails_the_headline_and_is_listed(history_dir, baselines_dir, tmp_path):
+    # The newest run's flux1-dev[nvfp4] holds half of bf16's RSS; a limit of 0.4x makes that a missed trade-off.
+    (baselines_dir / "cpu" / "thresholds.toml").write_text(
+        '[tradeoffs.flux1-dev.nvfp4]\nmax_mem_ratio = 0.4\nmem_kind = "process_rss_peak"\n')
+    summary = write_report(history_dir, tmp_path / "report", baselines_dir)[0].read_text()
+    assert "trade-offs against bf16 missed" in summary.splitlines()[3]
+    assert "**Trade-offs against bf16**" in summary and "FAIL flux1-dev[nvfp4] memory: peak RSS 0.5000x" in summary

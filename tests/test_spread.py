@@ -103,7 +103,7 @@ def test_the_thresholds_command_derives_each_part_on_its_own(tmp_path, capsys):
     assert thresholds.main([str(root / "runs"), *args]) == 0  # print only
     out = capsys.readouterr().out
     assert "speed limits (p10" in out and "noise floors" in out and "trade-offs against bf16" in out
-    assert "eager fp8-scaled flux1-dev runs at 0.69x bf16's speed" in out
+    assert "eager fp8-scaled flux1-dev runs at 0.70x bf16's speed" in out
     assert (tmp_class / "thresholds.toml").read_text() == before
     # One run: too few for speed limits; the noise floor and trade-offs are still derived and written
     one = sorted((root / "runs").glob("*.json"))[0]

@@ -172,3 +172,23 @@ def test_the_tier_floor_of_the_quality_check_widens_by_the_models_noise_floor():
     noisy = {**table, "noise_floor": {"flux1-dev": {"d_noise": 0.0002, "k": 3.0}}}
     verdict = by_kind(tradeoffs.check([bf16, near], noisy))["quality"]
     assert verdict.status == tradeoffs.PASSED and "0.995 - 3 x d_noise 0.000200 = 0.994400" in verdict.message
+
+
+def test_a_speed_ratio_across_two_gpus_is_no_trade_off():
+    table = derived_table(runs())
+    bf16, fp8 = runs()[:2]
+    elsewhere = replace(fp8, environment={"gpu": {"uuid": "GPU-other"}},  # an xdist worker's share on another GPU
+                        metrics=replace(fp8.metrics, step_times_s=[0.40] * 27))
+    speed = by_kind(tradeoffs.check([bf16, elsewhere], table))["speed"]
+    assert speed.status == tradeoffs.NOT_CHECKED and "measured on two GPUs" in speed.message
+    slow = replace(fp8, metrics=replace(fp8.metrics, step_times_s=[0.40] * 27))
+    assert by_kind(tradeoffs.check([bf16, slow], table))["speed"].failed  # the same GPU: lost speed-up
+
+
+def test_on_a_cpu_lost_speed_is_stated_not_failed():
+    cpu = [replace(r, gpu_class="cpu") for r in runs()]
+    table = derived_table(cpu, "cpu")
+    bf16, fp8 = cpu[:2]
+    slow = replace(fp8, metrics=replace(fp8.metrics, step_times_s=[1.0] * 27))
+    speed = by_kind(tradeoffs.check([bf16, slow], table))["speed"]
+    assert speed.status == tradeoffs.CHANGED and "speed is not gated on a CPU" in speed.message

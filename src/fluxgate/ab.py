@@ -145,7 +145,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtimes", default="eager", help="eager, compile or all [eager]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [auto]")
     parser.add_argument("--profile", default="auto", help="auto, tiny, synthetic, real [auto: synthetic on CUDA]")
-    parser.add_argument("--prompts", type=Path, help="prompts file for both sides [candidate's fixtures/prompts.toml]")
+    parser.add_argument("--prompts", type=Path, help="prompts file for both sides [each side's own fixtures/prompts.toml]")
     parser.add_argument("--models-file", type=Path, help="real profile's models file [candidate's fixtures/models.toml]")
     parser.add_argument("--fixture-cache", type=Path,
                         default=Path(os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache")),
@@ -264,7 +264,9 @@ def _config(options: argparse.Namespace, tree: Path, side: str) -> dict:
     candidate_tree = options.candidate_tree.resolve()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     config = {"tree": str(tree), "profile": options.profile, "device": options.device,
-              "prompts": str((options.prompts or candidate_tree / "fixtures/prompts.toml").resolve()),
+              # each side reads its own tree's prompts file (its format is that tree's: fluxgate 0.1's [prompts]
+              # table or cases), unless one is given for both; the first case is the old default prompt and seed
+              "prompts": str((options.prompts or tree / "fixtures/prompts.toml").resolve()),
               "models_file": str((options.models_file or candidate_tree / "fixtures/models.toml").resolve()),
               "fixture_cache": str(options.fixture_cache.resolve()), "warmup_steps": options.warmup_steps,
               "steps": options.steps, "cpu_threads": options.cpu_threads or max(1, usable // 2),

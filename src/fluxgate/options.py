@@ -109,8 +109,8 @@ def add(parser: pytest.Parser) -> None:
     group.addoption("--cases", type=_count(1), default=None, metavar="N",
                     help="images per combo: the first N cases of each model's set (all it has when fewer), one timed "
                          "image each, each compared with the BF16 image of its case. Default: the profile's (tiny 3; "
-                         "full size 2-4 by model, set so the eager matrix fits 10 min on an H200). Baselines made with "
-                         "more cases serve runs that make fewer")
+                         "full size FLUX.1 3, Kontext 2, FLUX.2 1, Z-Image 4: the eager matrix fits 10 min on an "
+                         "H200). Baselines made with more cases serve runs that make fewer")
     group.addoption("--steps", type=_count(1), default=None, metavar="N",
                     help="denoising steps per image, overriding the profile's default (makes baselines stale)")
     group.addoption("--warmup-steps", type=_count(0), default=1, metavar="N",

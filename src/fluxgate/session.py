@@ -164,6 +164,8 @@ class RunSession:
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s)
+        for model in {combo.model_spec.name: combo.model_spec for combo in s.combos}.values():
+            runner.settings(model)  # every model's cases exist and their input images read (FixtureError: usage)
         environment = fingerprint(device, self.rootpath)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
         environment["history_gate"] = "on" if s.history_gate else "off"
@@ -279,32 +281,22 @@ class RunSession:
         one fails the run. Not when writing baselines, nor without a run or a thresholds file with trade-offs."""
         if self.run_id is None or self.settings.write_baselines:
             return
-        import tomllib
-
+        from fluxgate.errors import FluxgateError
         from fluxgate.judging import tradeoffs
 
-        records = self.store.load_run(self.run_id)
-        classes = {r.gpu_class for r in records if r.gpu_class}
-        if len(classes) != 1:
-            return
-        path = self.settings.baselines_dir / classes.pop() / "thresholds.toml"
         try:
-            table = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError):
-            return  # the combos already failed naming the file
-        if not table.get("tradeoffs"):
-            self.tradeoff_lines = [f"trade-offs against bf16: none derived in {path} (`nox -s thresholds`)"]
+            checked = tradeoffs.check_run(self.store.load_run(self.run_id), self.settings.baselines_dir)
+        except (OSError, ValueError, TypeError, FluxgateError) as error:  # never an internal error at the end
+            warnings.warn(f"trade-offs against bf16 not checked ({type(error).__name__}: {error})", stacklevel=1)
             return
-        verdicts = tradeoffs.check(records, table, source=str(path))
-        counts = Counter(v.status for v in verdicts)
-        order = (tradeoffs.PASSED, tradeoffs.FAILED, tradeoffs.CHANGED, tradeoffs.NOT_CHECKED)
-        self.tradeoff_lines = [f"trade-offs against bf16 ({path}): "
-                               + ", ".join(f"{counts[status]} {status}" for status in order if counts[status])]
-        self.tradeoff_lines += [f"  CHECK {v.message}" for v in verdicts if v.status == tradeoffs.CHANGED]
-        failed = [v.message for v in verdicts if v.failed]
-        self.tradeoff_lines += [f"  FAIL {message}" for message in failed]
+        if checked is None:
+            return
+        path, verdicts = checked
+        lines = tradeoffs.summary_lines(path, verdicts)
+        self.tradeoff_lines = lines[:1] + [f"  {line}" for line in lines[1:]]
+        failed = sum(v.failed for v in verdicts)
         if failed:
-            self.problems.append(f"{len(failed)} cross-precision trade-off(s) missed (listed under trade-offs above)")
+            self.problems.append(f"{failed} cross-precision trade-off(s) missed (listed under trade-offs above)")
 
     def _empty_run(self) -> str | None:
         """The one-line reason this run fails for having measured nothing, or None (something was measured, nothing

@@ -38,8 +38,10 @@ def _quality(records, gpu_class: str, table: dict, text: str, source: str) -> tu
     floors = noise.derive_floors(records, gpu_class)
     limits = noise.derive_limits(floors, table, records, gpu_class)
     # A combo the file has no entry for (e.g. one compile run, made with --write-baselines elsewhere) gets no limit.
-    unlisted = sorted(c for c in limits if not isinstance((table.get(c.split("[")[0]) or {}).get(
-        c.split("[", 1)[1].rstrip("]")), dict))
+    from fluxgate.matrix import Combo
+
+    unlisted = sorted(c for c in limits if not isinstance(
+        (table.get(Combo.parse(c).model) or {}).get(Combo.parse(c).variant), dict))
     limits = {c: limit for c, limit in limits.items() if c not in unlisted}
     lines = ["noise floors (each model's bf16 records against its reference image):"]
     lines += [f"  {floor.model}: {floor.derivation}" for floor in floors.values()]
@@ -99,17 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     try:
         records = load_paths(args.runs)
+    except _ERRORS as error:
+        print(f"fluxgate.thresholds: error: {error}", file=sys.stderr)
+        return 2
+    try:
         text = path.read_text()
         table = tomllib.loads(text)
-    except (*_ERRORS, tomllib.TOMLDecodeError) as error:
-        print(f"fluxgate.thresholds: error: {error}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        print(f"fluxgate.thresholds: error: {path}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     failed, derived = [], []
     for part in args.parts:
         try:
             text, lines = DERIVE[part](records, args.gpu_class, table, text, str(path))
         except _ERRORS as error:
-            print(f"fluxgate.thresholds: error: {part}: {error}", file=sys.stderr)
+            where = f"{path}: " if isinstance(error, KeyError) else ""  # a key missing from the file
+            print(f"fluxgate.thresholds: error: {part}: {where}{type(error).__name__ + ': ' if where else ''}{error}",
+                  file=sys.stderr)
             failed.append(part)
             continue
         derived.append(part)

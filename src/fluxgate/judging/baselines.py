@@ -72,6 +72,7 @@ class Baseline:
     folder: Path
     thresholds: Thresholds | None
     reference_dir: Path  # <folder>/<model>: one PNG per case
+    cases: int | None = None  # how many cases the baseline was made with (its limits were derived over them)
 
     def reference(self, case: str) -> Image.Image:
         """The stored BF16 image of `case`; a missing or unreadable file raises BaselineError naming it."""
@@ -133,8 +134,8 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
     if thresholds.speed_statistic not in SPEED_STATISTICS:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "
                             f"{thresholds.speed_statistic!r}: expected one of {', '.join(SPEED_STATISTICS)}")
-    check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
-    return Baseline(folder, thresholds, folder / combo.model)
+    cases = check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
+    return Baseline(folder, thresholds, folder / combo.model, cases)
 
 
 def stored_references(root: Path, gpu_class: str, model: str, settings: dict, cases: list[str],
@@ -173,9 +174,9 @@ def _difference(key: str, stored, current) -> str:
     return f"{key} {stored!r} -> {current!r}"
 
 
-def check_fresh(provenance_path: Path, model: str, settings: dict, environment: dict | None = None) -> None:
+def check_fresh(provenance_path: Path, model: str, settings: dict, environment: dict | None = None) -> int | None:
     """Raise BaselineError naming every image setting, and on a GPU every hardware field, that differs from the ones
-    the baseline was made with."""
+    the baseline was made with. Returns how many cases the baseline holds (None: made before cases)."""
     provenance = _read_json(provenance_path)
     stored = provenance.get("models", {}).get(model)
     if stored is None:
@@ -189,6 +190,8 @@ def check_fresh(provenance_path: Path, model: str, settings: dict, environment: 
     if differ:
         raise BaselineError(f"{provenance_path}: stale baseline for {model} (made with other settings: "
                             f"{'; '.join(differ)}); regenerate with `nox -s baselines`")
+    cases = stored.get("cases")
+    return len(cases) if isinstance(cases, list) else None
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,14 @@ def _mem_ratio(quantized: Record, bf16: Record) -> float | None:
     return float(q.peak_mem_gib) / float(b.peak_mem_gib)
 
 
+def _gpu(record: Record) -> str:
+    return str((record.env.get("gpu") or {}).get("uuid") or "")
+
+
 def _speed_ratio(quantized: Record, bf16: Record, statistic: str = spread.STATISTIC) -> float | None:
-    if _speed_reason(quantized) or _speed_reason(bf16):
+    """Quantized / bf16 it/s at `statistic`, None where it is no trade-off: contention, a shared GPU, or the two on
+    different GPUs (xdist workers)."""
+    if _speed_reason(quantized) or _speed_reason(bf16) or _gpu(quantized) != _gpu(bf16):
         return None
     return spread.run_it_s(quantized.metrics.step_times_s, statistic) / spread.run_it_s(bf16.metrics.step_times_s,
                                                                                          statistic)
@@ -368,6 +374,9 @@ def _check_speed(combo_id: str, quantized: Record, bf16: Record, entry: Mapping,
         return TradeoffVerdict(combo_id, SPEED, NOT_CHECKED, prefix + f"not checked: no min_speed_ratio in {key} "
                                f"({source}): {entry.get('speed_derivation', 'no speed ratio derived')}")
     reason = _speed_reason(quantized) or _speed_reason(bf16)
+    gpus = [_gpu(quantized), _gpu(bf16)]
+    if not reason and gpus[0] != gpus[1]:  # xdist workers: bf16 and the combo ran on two GPUs of the class
+        reason = f"measured on two GPUs ({gpus[1] or '?'} for bf16, {gpus[0] or '?'}): their spread is no trade-off"
     if reason:
         return TradeoffVerdict(combo_id, SPEED, NOT_CHECKED, prefix + f"not checked: {reason}")
     statistic = str(entry.get("speed_statistic", spread.STATISTIC))
@@ -413,3 +422,30 @@ def _check_quality(combo_id: str, combo, quantized: Record, entry: Mapping, tabl
                                "similarity limit gates it")
     return TradeoffVerdict(combo_id, QUALITY, FAILED, prefix + f"MS-SSIM {summary:.6f} < {limit}: outside the {tier} "
                            f"tier's budget ([similarity.{tier}].min_ms_ssim in {source}; {key} measured it inside)")
+
+
+def check_run(run_records: list[Record], baselines_dir: Path) -> tuple[Path, list[TradeoffVerdict]] | None:
+    """`check` of one run's records against its class's `baselines_dir/<class>/thresholds.toml`: the file and the
+    verdicts; None when the run spans no single class, or the file is missing, unreadable or holds no trade-offs
+    (the combos already failed naming a missing or broken file)."""
+    classes = {r.gpu_class for r in run_records if r.gpu_class}
+    if len(classes) != 1:
+        return None
+    path = Path(baselines_dir) / classes.pop() / "thresholds.toml"
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    if not table.get("tradeoffs"):
+        return None
+    return path, check(run_records, table, source=str(path))
+
+
+def summary_lines(path: Path, verdicts: list[TradeoffVerdict]) -> list[str]:
+    """A tally line, then one `FAIL` line per failed trade-off and one `CHECK` line per changed one."""
+    order = (PASSED, FAILED, CHANGED, NOT_CHECKED)
+    counts = {status: sum(v.status == status for v in verdicts) for status in order}
+    lines = [f"trade-offs against bf16 ({path}): " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)]
+    lines += [f"CHECK {v.message}" for v in verdicts if v.status == CHANGED]
+    lines += [f"FAIL {v.message}" for v in verdicts if v.failed]
+    return lines

@@ -49,6 +49,20 @@ class Case:
             return image.convert("RGB").resize((size_px, size_px), Image.Resampling.LANCZOS)
 
 
+def _check_image(path: Path, model: str, case: Case) -> None:
+    """FixtureError (one line naming the prompts file, the case and the image) unless the input image reads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(case.image) as image:
+            image.verify()
+    except FileNotFoundError:
+        raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} is not a readable "
+                           f"image ({error})") from None
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The weight seed and each model's cases (fixtures/prompts.toml): a `default` set and per-model sets."""
@@ -71,10 +85,15 @@ class Inputs:
         if "prompts" in data and "default" not in data:
             raise FixtureError(f"{path}: the [prompts] table of fluxgate 0.1 is replaced by cases: [[default]] "
                                "name/prompt/seed (see fixtures/prompts.toml)")
+        from fluxgate.models import MODELS
+
         sets = {}
         for model, entries in data.items():
             if model == "seed":
                 continue
+            if model != "default" and model not in MODELS:
+                raise FixtureError(f"{path}: [[{model}]] names no model (models: {', '.join(MODELS)}; `default` is "
+                                   "the set of the others)")
             if not isinstance(entries, list) or not entries:
                 raise FixtureError(f"{path}: [[{model}]] must be a list of cases (name, prompt, seed)")
             cases = []
@@ -86,8 +105,8 @@ class Inputs:
                 except (KeyError, TypeError, ValueError, AttributeError) as error:
                     raise FixtureError(f"{path}: case {index + 1} of [[{model}]] needs name, prompt and an integer "
                                        f"seed ({type(error).__name__}: {error})") from None
-                if case.image is not None and not case.image.is_file():
-                    raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} not found")
+                if case.image is not None:
+                    _check_image(path, model, case)
                 cases.append(case)
             names = [case.name for case in cases]
             if len(set(names)) != len(names):

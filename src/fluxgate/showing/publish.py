@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from fluxgate.errors import FluxgateError
-from fluxgate.judging import compare
+from fluxgate.judging import compare, tradeoffs
 from fluxgate.matrix import Combo
 from fluxgate.showing import decision
 from fluxgate.showing.figures import rgb, write_grid, write_trend
@@ -114,12 +114,15 @@ def regressions(records: list[Record], run_id: str) -> set[str]:
             and r.verdict == compare.REGRESSION}
 
 
-def gate_headline(run: list[Record], regressed: set[str]) -> str:
-    """One line: did this run pass the gate (every combo inside its limits, no error, no confirmed regression)."""
+def gate_headline(run: list[Record], regressed: set[str], tradeoffs_missed: int = 0) -> str:
+    """One line: did this run pass the gate (every combo inside its limits, no error, no confirmed regression, no
+    trade-off against bf16 missed)."""
     missed = sum(r.outcome == FAILED for r in run)
     errors = sum(r.outcome == ERROR for r in run)
     reasons = [text for count, text in ((missed, f"{missed} missed a limit"), (errors, f"{errors} errors"),
-                                        (len(regressed), f"{len(regressed)} regressed against history")) if count]
+                                        (len(regressed), f"{len(regressed)} regressed against history"),
+                                        (tradeoffs_missed, f"{tradeoffs_missed} trade-offs against bf16 missed"))
+               if count]
     if not any(r.measured for r in run):
         reasons.append("nothing was measured")
     return f"**Gate: FAILED** ({', '.join(reasons)})" if reasons else "**Gate: passed**"
@@ -139,7 +142,7 @@ def _problems(run: list[Record], verdicts: dict) -> list[str]:
 
 
 def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts: dict, notes: list[str],
-             regressed: set[str] = frozenset()) -> str:
+             regressed: set[str] = frozenset(), tradeoff_lines: tuple[list[str], int] = ([], 0)) -> str:
     environment = run[0].env
     commit = (environment.get("git_commit") or "")[:10] or "unknown"
     commit += " (dirty)" if environment.get("git_dirty") else ""
@@ -149,7 +152,7 @@ def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts
     lines = [f"### fluxgate · {environment.get('device_name', 'unknown device')} · profile {profiles}",
              f"run `{run[0].run_id}` · commit `{commit}` · GPU class `{run[0].gpu_class}` · "
              f"torch {environment.get('torch', '?')} · diffusers {environment.get('diffusers', '?')}", "",
-             gate_headline(run, regressed) + " · "
+             gate_headline(run, regressed, tradeoff_lines[1]) + " · "
              f"{len(run)} combos: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n), "",
              f"| combo | it/s | Δ vs base | peak {'VRAM' if cuda else 'RSS'} GiB | Δ | MS-SSIM | PSNR dB | MFU | "
              "J/image | GEMM path | verdict |",
@@ -160,6 +163,10 @@ def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts
     lines += ["", base_note]
     if problems := _problems(run, verdicts):
         lines += ["", "**Failures, errors and verdict notes**", *problems]
+    if tradeoff_lines[0]:
+        tally, *moved = tradeoff_lines[0]
+        lines += ["", f"**Trade-offs against bf16**: {tally.removeprefix('trade-offs against bf16 ')}",
+                  *(f"- {line}" for line in moved)]
     spiked = [f"- `{r.combo}` {line}" for r in run if (line := spike_line(r.metrics))]
     if spiked:
         lines += ["", "**Step spikes** (steps ≥10 % over the median, and what each was waiting for)", *spiked]
@@ -303,8 +310,10 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
     card = baselines_dir.parent / "docs" / f"detection-card-{run[0].gpu_class}.md"
     if card.is_file():  # what the gate can and cannot see on this GPU class, measured
         notes.insert(0, f"detection card of this GPU class: `docs/{card.name}`")
+    checked = tradeoffs.check_run(run, baselines_dir)  # what the run's session checked at its end, said again
+    traded = (tradeoffs.summary_lines(*checked), sum(v.failed for v in checked[1])) if checked else ([], 0)
     summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes,
-                                regressed)
+                                regressed, traded)
                        + section)
     wrote(summary)
     return [written[-1], *written[:-1]]
