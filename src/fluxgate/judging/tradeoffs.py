@@ -68,7 +68,7 @@ def _ceil_to(value: float, decimals: int = 4) -> float:
 
 
 def _floor_to(value: float, decimals: int = 4) -> float:
-    return math.floor(value * 10 ** decimals + 1e-9) / 10 ** decimals
+    return noise._floor_to(value, decimals)
 
 
 def _bf16_id(combo_id: str) -> str:
