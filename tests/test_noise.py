@@ -187,3 +187,15 @@ def test_a_summary_below_its_worst_case_counts_so_the_gate_passes_the_records_th
     assert floor.cases == 3 and "case summary" in floor.worst  # two cases + the eager record's one image
     limit = noise.derive_limits({"flux1-dev": floor}, TABLE, bf16, "nvidia-h200")["flux1-dev[bf16-compile]"]
     assert 0.9975 >= limit.min_ms_ssim and 46.0 >= limit.min_psnr_db
+
+
+def test_a_run_of_fewer_cases_than_the_baseline_counts_toward_its_floor():
+    two = [{"name": "fox", "prompt": "p", "seed": 0}, {"name": "harbour", "prompt": "q", "seed": 1}]
+    baseline_run = replace(record("flux2-dev[bf16]", run="a"), settings={"steps": 50, "cases": two})
+    gate_run = replace(record("flux2-dev[bf16]", run="b", gpu="GPU-2"), settings={"steps": 50, "cases": two[:1]})
+    other = replace(record("flux2-dev[bf16]", run="c", gpu="GPU-3", ms_ssim=0.5),
+                    settings={"steps": 50, "cases": [{"name": "fox", "prompt": "p", "seed": 9}]})  # another image
+    floor = noise.derive_floors([baseline_run, gate_run, other], "nvidia-h200")["flux2-dev"]
+    assert floor.records == 1 and floor.run_ids == ("c",)  # the newest (c) made other images: a and b left out
+    floor = noise.derive_floors([baseline_run, gate_run], "nvidia-h200")["flux2-dev"]
+    assert floor.records == 2 and floor.machines == 2  # b's one case is a's first: the same reference image

@@ -173,7 +173,19 @@ def machines(records: Iterable[Record], runs: Iterable[str] | None = None) -> in
 
 
 def _measurement(record: Record) -> str:
-    return json.dumps([record.profile, record.settings], sort_keys=True, default=str)
+    """The record's profile and image settings but its case list (`same_images` compares that)."""
+    settings = {k: v for k, v in (record.settings or {}).items() if k != "cases"}
+    return json.dumps([record.profile, settings], sort_keys=True, default=str)
+
+
+def same_images(record: Record, newest: Record) -> bool:
+    """`record` was compared with the reference images `newest` was: the same settings, and its cases the first of
+    the newest's or the other way round (a run may make fewer cases than the baseline holds: `--cases`)."""
+    if _measurement(record) != _measurement(newest):
+        return False
+    mine, theirs = (record.settings or {}).get("cases") or [], (newest.settings or {}).get("cases") or []
+    shorter = min(len(mine), len(theirs))
+    return mine[:shorter] == theirs[:shorter]
 
 
 @dataclass(frozen=True)
@@ -256,8 +268,8 @@ def derive_floors(records: list[Record], gpu_class: str) -> dict[str, NoiseFloor
             raise ValueError(f"{model}: bf16 records of other profiles mixed in; give the runs of one profile")
         # The floor is of the newest images: records of earlier image settings (other cases, another seed) were
         # compared with other reference images and are left out.
-        newest = _measurement(max(own, key=lambda r: str(r.recorded or r.run_id or "")))
-        own = [r for r in own if _measurement(r) == newest]
+        newest = max(own, key=lambda r: str(r.recorded or r.run_id or ""))
+        own = [r for r in own if same_images(r, newest)]
         d_noise, mse_noise, worst, count = 0.0, 0.0, "", 0
         for record in own:
             for case in judged(record):
@@ -321,17 +333,17 @@ def derive_limits(floors: dict[str, NoiseFloor], table: Mapping, records: list[R
     tiers, margins = _tiers(table), _margins(table, gpu_class)
     worst: dict[str, list[float]] = {}  # combo -> [worst ms_ssim, worst psnr (inf: identical)]
     # Only records of each model's newest image settings were compared with the current reference images.
-    newest: dict[str, tuple[str, str]] = {}
+    newest: dict[str, tuple[str, Record]] = {}
     records = [r for r in records if not r.env.get("ab_run")]
     for record in records:
         if record.gpu_class == gpu_class and record.measured and record.model in floors:
             stamp = str(record.recorded or record.run_id or "")
             if stamp >= newest.get(str(record.model), ("", ""))[0]:
-                newest[str(record.model)] = (stamp, _measurement(record))
+                newest[str(record.model)] = (stamp, record)
     for record in records:
         if record.gpu_class != gpu_class or not record.measured or record.model not in floors:
             continue
-        if _measurement(record) != newest[str(record.model)][1]:
+        if not same_images(record, newest[str(record.model)][1]):
             continue
         for case in judged(record):
             if case.broken_image:
