@@ -37,6 +37,7 @@ def test_the_committed_prompts_file_gives_every_model_its_cases():
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\n', r"case 1 of \[\[default\]\] needs name, prompt and an integer seed"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\n[[default]]\nname = "a"\nprompt = "q"\nseed = 1\n',
      r"\[\[default\]\] names a case twice"),
+    ('seed = 0\n[[default]\nname = "a"\n', r"not valid TOML \(.*line 2"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "nowhere.png"\n', "input image .* not found"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "bad.png"\n', "is not a readable image"),
 ])
@@ -45,8 +46,32 @@ def test_a_bad_prompts_file_is_one_line_naming_it(tmp_path, text, says):
     path = tmp_path / "prompts.toml"
     path.write_text(text)
     with pytest.raises(FixtureError, match=says) as error:
-        Inputs.from_file(path)
+        Inputs.from_file(path).check(["flux1-dev"])  # images: checked for the models a run makes
     assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_a_bad_prompts_file_stops_the_run_before_any_combo_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    good = (ROOT / "fixtures" / "prompts.toml").read_text()
+    typo = tmp_path / "typo.toml"
+    typo.write_text(good.replace('[["flux1-kontext-dev"]]', '[["flux1-kontex-dev"]]'))
+    missing = tmp_path / "missing.toml"
+    missing.write_text(good.replace("inputs/kontext-shapes-1.png", str(ROOT / "fixtures" / "inputs" / "nope.png"))
+                       .replace('image = "inputs/', f'image = "{ROOT}/fixtures/inputs/'))
+    for prompts, models, says, code in (
+            (typo, "z-image-turbo", "[[flux1-kontex-dev]] names no model", 4),
+            (missing, "flux1-kontext-dev", "input image", 4),
+            (missing, "z-image-turbo", None, 0)):  # a model whose cases need no image runs
+        done = subprocess.run([sys.executable, "-m", "pytest", "perf", "-q", "-p", "no:cacheprovider", "--device",
+                               "cpu", "--models", models, "--precisions", "bf16", "--prompts", str(prompts),
+                               "--history-dir", str(tmp_path / "h"), "--collect-only"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
+        if says:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR:")]
+            assert len(errors) == 1 and says in errors[0] and str(prompts) in errors[0], done.stderr[-2000:]
 
 
 def test_the_summary_is_a_lower_bound_that_a_spread_of_cases_costs():

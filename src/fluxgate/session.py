@@ -27,6 +27,10 @@ from fluxgate.storing import open_store
 from fluxgate.storing.fsio import is_url, resolve
 
 
+class _NoPrompts(Exception):
+    """The default prompts file is absent: nothing to check when pytest starts."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The fluxgate options of one pytest session, read and checked once (paths resolved against the rootdir)."""
@@ -84,6 +88,9 @@ class Settings:
         for flag, option in named:  # a file named on the command line: missing is a usage error, not 16 failures
             if get(option) != options.INPUT_FILE_DEFAULTS[option] and not path(option).is_file():
                 raise pytest.UsageError(f"{flag} {path(option)}: not found")
+        from fluxgate.errors import FixtureError
+        from fluxgate.inputs import Inputs
+
         try:
             selected = combos(parse_names("--models", get("models"), MODELS),
                               parse_names("--precisions", get("precisions"), PRECISIONS),
@@ -92,6 +99,19 @@ class Settings:
             min_speed_effect = options.fraction("--min-speed-effect", get("min_speed_effect"))
         except ValueError as error:
             raise pytest.UsageError(str(error)) from None
+        try:  # the prompts file, and the cases and input images of the models selected: one line, before any combo
+            if not path("prompts").is_file():  # the default file of a repository without one: the first combo says
+                raise _NoPrompts
+            models = sorted({combo.model for combo in selected})
+            profile = get("profile")
+            # the profile's case count (auto, --cases: every case the model has; --cases takes as many as there are)
+            counts = {model: None if profile == "auto" or get("cases") else MODELS[model].settings(profile).cases
+                      for model in models}
+            Inputs.from_file(path("prompts")).check(models, counts)
+        except FixtureError as error:
+            raise pytest.UsageError(f"--prompts {error}") from None
+        except _NoPrompts:
+            pass
         return cls(
             combos=tuple(shard(selected, *shard_of) if shard_of else selected), device=get("device"),
             profile=get("profile"), gpu_class=get("gpu_class"), prompts=path("prompts"),

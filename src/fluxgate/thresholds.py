@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the thresholds file with the parts derived (default: only print)")
     args = parser.parse_args(argv)
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
+    from fluxgate.storing.fsio import is_url
+
+    missing = [run for run in args.runs if not is_url(run) and not Path(run).exists()]
+    if missing:
+        print(f"fluxgate.thresholds: error: {', '.join(missing)}: no such run file or folder", file=sys.stderr)
+        return 2
     try:
         records = load_paths(args.runs)
     except _ERRORS as error:

@@ -68,7 +68,7 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
         failures.append(f"similarity: MS-SSIM {sim.ms_ssim:.4f} ({sim.how}) < min {t.min_ms_ssim:.4f} vs "
                         f"{baseline.reference_dir}/")
     if sim.psnr_db < t.min_psnr_db:
-        failures.append(f"similarity: PSNR {sim.psnr_db:.2f} dB ({sim.how}) < min {t.min_psnr_db:.2f} dB vs "
+        failures.append(f"similarity: PSNR {sim.psnr_db:.2f} dB ({sim.how_psnr}) < min {t.min_psnr_db:.2f} dB vs "
                         f"{baseline.reference_dir}/")
     return failures
 

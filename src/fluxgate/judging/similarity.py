@@ -66,7 +66,8 @@ class Summary:
     cases: int
     worst_case: str  # the case with the lowest MS-SSIM
     worst_ms_ssim: float
-    worst_psnr_db: float = math.inf  # the lowest case's PSNR (of any case)
+    worst_psnr_db: float = math.inf  # the lowest PSNR of any case
+    worst_psnr_case: str = ""  # its case
     judged_by_worst: bool = False  # ms_ssim / psnr_db are the worst case's, not the bound (`worst`)
 
     def to_json(self) -> dict:
@@ -80,13 +81,20 @@ class Summary:
 
     @property
     def how(self) -> str:
-        """How the numbers were summarised, for a failure line."""
+        """How the MS-SSIM was summarised, for a failure line."""
+        return self._how(self.worst_case, f"{self.worst_ms_ssim:.4f}")
+
+    @property
+    def how_psnr(self) -> str:
+        """How the PSNR was summarised, for a failure line (the worst case by MS-SSIM, with its PSNR)."""
+        return self._how(self.worst_psnr_case or self.worst_case, f"{self.worst_psnr_db:.2f} dB")
+
+    def _how(self, case: str, value: str) -> str:
         if self.cases == 1:
-            return f"1 case: {self.worst_case}"
+            return f"1 case: {case}"
         if self.judged_by_worst:
-            return f"worst of {self.cases} cases: {self.worst_case}, fewer than the baseline's"
-        return (f"{CONFIDENCE:.0%} lower bound over {self.cases} cases; worst {self.worst_case} "
-                f"{self.worst_ms_ssim:.4f}")
+            return f"worst of {self.cases} cases: {case}, fewer than the baseline's"
+        return f"{CONFIDENCE:.0%} lower bound over {self.cases} cases; worst {case} {value}"
 
 
 def _upper_mean(values: np.ndarray, confidence: float) -> float:
@@ -111,8 +119,9 @@ def summarise(pairs: dict[str, Similarity], confidence: float = CONFIDENCE) -> S
     dissimilarity = np.array([1.0 - pairs[name].ms_ssim for name in names])
     mse = np.array([0.0 if math.isinf(pairs[name].psnr_db) else 10 ** (-pairs[name].psnr_db / 10) for name in names])
     worst = min(names, key=lambda name: pairs[name].ms_ssim)
+    low = min(names, key=lambda name: pairs[name].psnr_db)
     mse_bound = _upper_mean(mse, confidence)
     return Summary(ms_ssim=1.0 - _upper_mean(dissimilarity, confidence),
                    psnr_db=math.inf if mse_bound <= 0 else -10 * math.log10(mse_bound), cases=len(names),
                    worst_case=worst, worst_ms_ssim=pairs[worst].ms_ssim,
-                   worst_psnr_db=min(pairs[name].psnr_db for name in names))
+                   worst_psnr_db=pairs[low].psnr_db, worst_psnr_case=low)

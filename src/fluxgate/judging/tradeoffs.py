@@ -46,6 +46,7 @@ from fluxgate.judging.window import workload
 from fluxgate.storing.record import REMEASURE, Record
 
 PASSED, FAILED, NOT_CHECKED, CHANGED = "passed", "failed", "not checked", "changed, check"
+NOT_IN_RUN = "not in this run"
 MEMORY, SPEED, QUALITY, ALL = "memory", "speed", "quality", "all"
 MEMORY_TOLERANCE = {"gpu": 0.02, "cpu": 0.25}
 SPEED_FLOOR = {"gpu": spread.MIN_MARGIN, "cpu": 0.50}
@@ -332,7 +333,7 @@ def check(run_records: Iterable[Record], thresholds_table: Mapping,
                                       "fluxgate.thresholds`)")
             continue
         if quantized is None:
-            verdict(ALL, NOT_CHECKED, "not checked: not in this run")
+            verdict(ALL, NOT_CHECKED, f"not checked: {NOT_IN_RUN}")
             continue
         if not quantized.measured:
             verdict(ALL, NOT_CHECKED, f"not checked: not measured in this run ({quantized.outcome}"
@@ -443,9 +444,13 @@ def check_run(run_records: list[Record], baselines_dir: Path) -> tuple[Path, lis
 
 def summary_lines(path: Path, verdicts: list[TradeoffVerdict]) -> list[str]:
     """A tally line, then one `FAIL` line per failed trade-off and one `CHECK` line per changed one."""
+    # A combo the run did not select is no finding (as a model left out with --models is none).
+    verdicts = [v for v in verdicts if not (v.status == NOT_CHECKED and v.message.endswith(NOT_IN_RUN))]
     order = (PASSED, FAILED, CHANGED, NOT_CHECKED)
     counts = {status: sum(v.status == status for v in verdicts) for status in order}
-    lines = [f"trade-offs against bf16 ({path}): " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)]
+    lines = [f"trade-offs against bf16 ({path}): "
+             + (", ".join(f"{n} {status}" for status, n in counts.items() if n) or "none in this run")]
     lines += [f"CHECK {v.message}" for v in verdicts if v.status == CHANGED]
     lines += [f"FAIL {v.message}" for v in verdicts if v.failed]
+    lines += [f"NOT CHECKED {v.message}" for v in verdicts if v.status == NOT_CHECKED]
     return lines

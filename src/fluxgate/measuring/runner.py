@@ -4,124 +4,18 @@ images."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
-import tomllib
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fluxgate.errors import FixtureError
+from fluxgate.inputs import Case, Inputs  # noqa: F401 - Inputs re-exported (scripts and tests import it here)
 from fluxgate.matrix import Combo
 from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
 from fluxgate.models import ModelSpec
 from fluxgate.weights.sources import Source
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image of a model's fixed set (fixtures/prompts.toml): every precision makes it, and the BF16 image of the
-    case is the reference its quantized images are compared with."""
-
-    name: str
-    prompt: str
-    seed: int  # the initial noise
-    image: Path | None = None  # an editing model's input image
-
-    def settings(self) -> dict:
-        """What decides the image, for the baseline's staleness check: name, prompt, seed and the input image's
-        SHA-256 (its content, not its path)."""
-        entry = {"name": self.name, "prompt": self.prompt, "seed": self.seed}
-        if self.image is not None:
-            entry["image_sha256"] = hashlib.sha256(self.image.read_bytes()).hexdigest()[:16]
-        return entry
-
-    def input_image(self, size_px: int):
-        """The input image as a `size_px` square RGB PIL image (None for a text-to-image case)."""
-        if self.image is None:
-            return None
-        from PIL import Image
-
-        with Image.open(self.image) as image:
-            return image.convert("RGB").resize((size_px, size_px), Image.Resampling.LANCZOS)
-
-
-def _check_image(path: Path, model: str, case: Case) -> None:
-    """FixtureError (one line naming the prompts file, the case and the image) unless the input image reads."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(case.image) as image:
-            image.verify()
-    except FileNotFoundError:
-        raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise FixtureError(f"{path}: case {case.name!r} of [[{model}]]: input image {case.image} is not a readable "
-                           f"image ({error})") from None
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The weight seed and each model's cases (fixtures/prompts.toml): a `default` set and per-model sets."""
-
-    seed: int
-    cases_by_model: dict[str, tuple[Case, ...]]
-    source: str = "prompts file"  # where they were read, for errors
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Inputs":
-        """The inputs in a prompts file. FixtureError (one line naming the file) when it is unreadable, lacks `seed`
-        or a `[[default]]` case, a case lacks name/prompt/seed, two cases of a model share a name, or a case's
-        `image` is missing."""
-        try:
-            data = tomllib.loads(path.read_text())
-            seed = int(data["seed"])
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
-            raise FixtureError(f"{path}: needs `seed = <int>` and [[default]] cases ({type(error).__name__}: "
-                               f"{error})") from None
-        if "prompts" in data and "default" not in data:
-            raise FixtureError(f"{path}: the [prompts] table of fluxgate 0.1 is replaced by cases: [[default]] "
-                               "name/prompt/seed (see fixtures/prompts.toml)")
-        from fluxgate.models import MODELS
-
-        sets = {}
-        for model, entries in data.items():
-            if model == "seed":
-                continue
-            if model != "default" and model not in MODELS:
-                raise FixtureError(f"{path}: [[{model}]] names no model (models: {', '.join(MODELS)}; `default` is "
-                                   "the set of the others)")
-            if not isinstance(entries, list) or not entries:
-                raise FixtureError(f"{path}: [[{model}]] must be a list of cases (name, prompt, seed)")
-            cases = []
-            for index, entry in enumerate(entries):
-                try:
-                    image = entry.get("image")
-                    case = Case(str(entry["name"]), str(entry["prompt"]), int(entry["seed"]),
-                                None if image is None else (path.parent / image).resolve())
-                except (KeyError, TypeError, ValueError, AttributeError) as error:
-                    raise FixtureError(f"{path}: case {index + 1} of [[{model}]] needs name, prompt and an integer "
-                                       f"seed ({type(error).__name__}: {error})") from None
-                if case.image is not None:
-                    _check_image(path, model, case)
-                cases.append(case)
-            names = [case.name for case in cases]
-            if len(set(names)) != len(names):
-                raise FixtureError(f"{path}: [[{model}]] names a case twice ({', '.join(names)})")
-            sets[model] = tuple(cases)
-        if "default" not in sets:
-            raise FixtureError(f"{path}: needs [[default]] cases (name, prompt, seed)")
-        return cls(seed=seed, cases_by_model=sets, source=str(path))
-
-    def cases(self, model: str, count: int | None = None) -> tuple[Case, ...]:
-        """The first `count` cases of `model` (all for None). FixtureError when the file holds fewer."""
-        cases = self.cases_by_model.get(model, self.cases_by_model["default"])
-        if count is not None and len(cases) < count:
-            raise FixtureError(f"{self.source}: {model} has {len(cases)} case(s), its profile makes {count}")
-        return cases if count is None else cases[:count]
 
 
 class Runner:

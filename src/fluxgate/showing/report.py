@@ -204,7 +204,10 @@ def phase_line(records: list[Record]) -> str | None:
         return None
     around = sorted(((s, p) for p, s in totals.items() if p != "images_s" and s >= 0.05), reverse=True)
     parts = ", ".join(f"{PHASES.get(phase, phase)} {seconds:.0f} s" for seconds, phase in around)
-    return f"per combo, summed: timed images {totals.get('images_s', 0.0):.0f} s; around them {parts or 'nothing'}"
+    steps = sum(r.metrics.timed_steps_s or 0.0 for r in records)
+    return (f"where the combos' time went, all combos together: timed images {totals.get('images_s', 0.0):.0f} s "
+            f"({steps:.0f} s of denoising steps, the rest text encoding, VAE decode, telemetry); around them "
+            f"{parts or 'nothing'}")
 
 
 def notes(records: list[Record]) -> list[str]:
