@@ -38,6 +38,7 @@ class ComboCard:
     false_alarms: int = 0
     detected: dict[float, int] = field(default_factory=dict)
     host_synchronous: bool = False
+    measured_runs: int = 0  # runs that measured it (usable or not: host contention leaves a run out)
 
 
 def _fixed_limit_missed(steps: list[float], entry: dict | None) -> bool:
@@ -57,13 +58,15 @@ def build(records: list[Record], gpu_class: str, thresholds: dict | None = None,
     """The card's rows (module docs) from the records of `gpu_class`, sorted by combo; `thresholds` is the class's
     parsed thresholds.toml (None: judge the history rule alone). `effects` are fractions (0.01 = +1 %)."""
     usable = spread.usable(records, gpu_class)
+    measured = [r for r in records if r.gpu_class == gpu_class and r.measured and not r.env.get("ab_run")]
     cards = []
-    for combo in sorted({r.combo for r in usable}):
+    for combo in sorted({r.combo for r in measured}):
         runs = [r for r in usable if r.combo == combo]
         model, _, variant = combo.rstrip("]").partition("[")
         entry = (thresholds or {}).get(model, {}).get(variant)
         card = ComboCard(combo, detected={effect: 0 for effect in effects},
-                         host_synchronous=any(compare.is_host_synchronous(r) for r in runs))
+                         host_synchronous=any(compare.is_host_synchronous(r) for r in runs),
+                         measured_runs=len({r.run_id for r in measured if r.combo == combo}))
         for index, candidate in enumerate(runs):
             window = [r for i, r in enumerate(runs) if i != index]
             if not window:
@@ -107,11 +110,15 @@ def _one_sided(cards: list[ComboCard], gpu_class: str, runs: int) -> str:
              "| combo | comparisons | A/A false alarms | " + " | ".join(f"detected at +{e:.0%}" for e in effects)
              + " | note |",
              "|---|--:|--:|" + "--:|" * len(effects) + "---|"]
+    left_out = [f"`{card.combo}` ({card.measured_runs} measured run(s))" for card in cards if not card.comparisons]
     for card in cards:
-        if not card.comparisons:  # one run of it (e.g. a compile run): nothing to compare it with
+        if not card.comparisons:  # listed below the table
             continue
         note = "host-synchronous: the history rule needs 15 %" if card.host_synchronous else ""
         cells = [f"`{card.combo}`", str(card.comparisons), f"{card.false_alarms}/{card.comparisons}",
                  *(f"{card.detected[e]}/{card.comparisons}" for e in effects), note]
         lines.append("| " + " | ".join(cells) + " |")
+    if left_out:
+        lines += ["", "Left out, fewer than two usable runs to compare (usable: measured, one-sided, not under host "
+                  f"contention): {', '.join(left_out)}."]
     return "\n".join(lines) + "\n"
