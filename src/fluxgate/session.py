@@ -184,8 +184,6 @@ class RunSession:
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s)
-        for model in {combo.model_spec.name: combo.model_spec for combo in s.combos}.values():
-            runner.settings(model)  # every model's cases exist and their input images read (FixtureError: usage)
         environment = fingerprint(device, self.rootpath)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
         environment["history_gate"] = "on" if s.history_gate else "off"

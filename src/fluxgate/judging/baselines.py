@@ -16,6 +16,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import tomli_w
 from PIL import Image, UnidentifiedImageError
@@ -194,6 +195,18 @@ def check_fresh(provenance_path: Path, model: str, settings: dict, environment: 
     return len(cases) if isinstance(cases, list) else None
 
 
+def margins_of(table: Mapping, gpu_class: str) -> dict:
+    """The margins of a parsed thresholds file: its [margins], the class's DEFAULT_MARGINS filling the gaps."""
+    return {**DEFAULT_MARGINS["cpu" if gpu_class == "cpu" else "gpu"], **(table.get("margins") or {})}
+
+
+def similarity_tiers(table: Mapping) -> dict:
+    """The similarity floors per tier of a parsed thresholds file: its [similarity.<tier>], DEFAULT_SIMILARITY filling
+    the gaps."""
+    return {tier: {**limits, **((table.get("similarity") or {}).get(tier) or {})}
+            for tier, limits in DEFAULT_SIMILARITY.items()}
+
+
 @dataclass(frozen=True)
 class Measured:
     """One combo's measurements, as `nox -s baselines` records them."""
@@ -242,9 +255,7 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / THRESHOLDS_FILE
     table = _read_toml(path) if path.exists() else {}
-    margins = {**DEFAULT_MARGINS["cpu" if gpu_class == "cpu" else "gpu"], **table.get("margins", {})}
-    similarity = {tier: {**limits, **table.get("similarity", {}).get(tier, {})}
-                  for tier, limits in DEFAULT_SIMILARITY.items()}
+    margins, similarity = margins_of(table, gpu_class), similarity_tiers(table)
     table["margins"], table["similarity"] = margins, similarity
     below_tier = []
     for m in measured:

@@ -140,10 +140,6 @@ def _floor_to(value: float, decimals: int) -> float:
     return math.floor(value * scale + 1e-9) / scale
 
 
-def _gpu(record: Record) -> str:
-    return str((record.env.get("gpu") or {}).get("uuid") or "")
-
-
 def machines(records: Iterable[Record], runs: Iterable[str] | None = None) -> int | None:
     """How many machines `runs` (default: every run of `records`) ran on, as far as `records` tell: runs that share a
     GPU (by UUID) ran on one machine, so this counts the groups of runs linked by shared GPUs (an upper bound: two
@@ -151,7 +147,7 @@ def machines(records: Iterable[Record], runs: Iterable[str] | None = None) -> in
     machine identity)."""
     gpus_of: dict[str, set[str]] = {}
     for record in records:
-        gpus_of.setdefault(str(record.run_id), set()).update({_gpu(record)} - {""})
+        gpus_of.setdefault(str(record.run_id), set()).update({record.gpu_uuid} - {""})
     if not any(gpus_of.values()):
         return None
     parent = {run: run for run in gpus_of}
@@ -286,7 +282,7 @@ def derive_floors(records: list[Record], gpu_class: str) -> dict[str, NoiseFloor
                           if r.env.get("device_type") == "cpu" and isinstance(r.env.get("cpu_threads"), int)})
         floors[model] = NoiseFloor(model, d_noise, mse_noise, len(own), count,
                                    tuple(sorted({str(r.run_id) for r in own})),
-                                   tuple(sorted({_gpu(r) for r in own} - {""})),
+                                   tuple(sorted({r.gpu_uuid for r in own} - {""})),
                                    tuple(sorted({r.runtime or "eager" for r in own})), tuple(threads),
                                    machines(records, {str(r.run_id) for r in own}), worst)
     return floors
@@ -308,19 +304,6 @@ class QualityLimit:
                 "similarity_k": K, "similarity_derivation": self.derivation}
 
 
-def _tiers(table: Mapping) -> dict:
-    from fluxgate.judging.baselines import DEFAULT_SIMILARITY
-
-    return {tier: {**limits, **(table.get("similarity", {}).get(tier) or {})}
-            for tier, limits in DEFAULT_SIMILARITY.items()}
-
-
-def _margins(table: Mapping, gpu_class: str) -> dict:
-    from fluxgate.judging.baselines import DEFAULT_MARGINS
-
-    return {**DEFAULT_MARGINS["cpu" if gpu_class == "cpu" else "gpu"], **(table.get("margins") or {})}
-
-
 def derive_limits(floors: dict[str, NoiseFloor], table: Mapping, records: list[Record],
                   gpu_class: str) -> dict[str, QualityLimit]:
     """Similarity limits (module docs) for every combo of a model with a noise floor that the records measured or
@@ -330,7 +313,9 @@ def derive_limits(floors: dict[str, NoiseFloor], table: Mapping, records: list[R
     a limit from)."""
     from fluxgate.matrix import Combo
 
-    tiers, margins = _tiers(table), _margins(table, gpu_class)
+    from fluxgate.judging.baselines import margins_of, similarity_tiers
+
+    tiers, margins = similarity_tiers(table), margins_of(table, gpu_class)
     worst: dict[str, list[float]] = {}  # combo -> [worst ms_ssim, worst psnr (inf: identical)]
     # Only records of each model's newest image settings were compared with the current reference images.
     newest: dict[str, tuple[str, Record]] = {}

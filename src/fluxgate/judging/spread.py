@@ -89,6 +89,15 @@ def _d2(n: int) -> float:
     return expected_range(n)
 
 
+def band(values, floor: float) -> tuple[float, float]:
+    """(center, margin) of per-run values: center = their median, margin = max(`floor`, Z * sigma / center) with
+    sigma = their range / d2(n) (0 for one value). The rule of the speed limits, and of the trade-offs' speed band."""
+    values = np.asarray(values, dtype=float)
+    center = float(np.median(values))
+    sigma = float(values.max() - values.min()) / _d2(len(values)) if len(values) > 1 else 0.0
+    return center, max(floor, Z * sigma / center)
+
+
 def usable(records: Iterable[Record], gpu_class: str) -> list[Record]:
     """The records of `gpu_class` a speed limit (or the detection card) rests on: measured (passed or failed), with
     step times, not under host contention, of a one-sided run (an A/B run's sides have their own steps per image and
@@ -112,7 +121,7 @@ def derive(records: list[Record], gpu_class: str, skipped: list[str] | None = No
     for record in usable(records, gpu_class):
         if is_host_synchronous(record):
             host_synchronous.add(record.combo)
-        uuid = str((record.env.get("gpu") or {}).get("uuid") or "")
+        uuid = record.gpu_uuid
         measurement = json.dumps([record.profile, workload(record.settings)], sort_keys=True, default=str)
         settings_of.setdefault(record.combo, set()).add(measurement)
         values.setdefault(record.combo, []).append((run_it_s(record.metrics.step_times_s), str(record.run_id), uuid))
@@ -133,10 +142,8 @@ def derive(records: list[Record], gpu_class: str, skipped: list[str] | None = No
     limits = {}
     for combo, entries in sorted(values.items()):
         it_s = np.array([value for value, _, _ in entries])
-        center = float(np.median(it_s))
-        sigma = float(it_s.max() - it_s.min()) / _d2(len(it_s))
         floor = DEFAULT_POLICY.host_sync_min_speed_effect if combo in host_synchronous else MIN_MARGIN
-        margin = max(floor, Z * sigma / center)
+        center, margin = band(it_s, floor)
         if margin > MAX_MARGIN:  # a limit this loose gates nothing: an outlier run, not a spread
             raise ValueError(f"{combo}: runs too far apart for a speed limit ({', '.join(f'{v:.3f}' for v in it_s)} "
                              f"it/s: margin {margin:.0%} > {MAX_MARGIN:.0%}); find the outlier run before deriving")

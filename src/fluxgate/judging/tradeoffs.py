@@ -42,6 +42,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from fluxgate.judging import noise, spread
+from fluxgate.judging.baselines import similarity_tiers
 from fluxgate.judging.window import workload
 from fluxgate.storing.record import REMEASURE, Record
 
@@ -97,14 +98,10 @@ def _mem_ratio(quantized: Record, bf16: Record) -> float | None:
     return float(q.peak_mem_gib) / float(b.peak_mem_gib)
 
 
-def _gpu(record: Record) -> str:
-    return str((record.env.get("gpu") or {}).get("uuid") or "")
-
-
 def _speed_ratio(quantized: Record, bf16: Record, statistic: str = spread.STATISTIC) -> float | None:
     """Quantized / bf16 it/s at `statistic`, None where it is no trade-off: contention, a shared GPU, or the two on
     different GPUs (xdist workers)."""
-    if _speed_reason(quantized) or _speed_reason(bf16) or _gpu(quantized) != _gpu(bf16):
+    if _speed_reason(quantized) or _speed_reason(bf16) or quantized.gpu_uuid != bf16.gpu_uuid:
         return None
     return spread.run_it_s(quantized.metrics.step_times_s, statistic) / spread.run_it_s(bf16.metrics.step_times_s,
                                                                                          statistic)
@@ -148,13 +145,7 @@ class Tradeoff:
 
     @property
     def speed_band(self) -> float | None:
-        if not self.speed_ratios:
-            return None
-        n = len(self.speed_ratios)
-        from fluxgate.judging.compare import expected_range
-
-        sigma = (max(self.speed_ratios) - min(self.speed_ratios)) / expected_range(n) if n > 1 else 0.0
-        return max(self.speed_floor, spread.Z * sigma / self.speed_center)
+        return spread.band(self.speed_ratios, self.speed_floor)[1] if self.speed_ratios else None
 
     @property
     def below_tier(self) -> bool:
@@ -235,7 +226,7 @@ def derive(records: list[Record], gpu_class: str, table: Mapping | None = None) 
     from fluxgate.judging.compare import is_host_synchronous
     from fluxgate.matrix import Combo
 
-    tiers = noise._tiers(table or {})
+    tiers = similarity_tiers(table or {})
     latest = _latest(r for r in records if r.gpu_class == gpu_class and not r.env.get("ab_run"))  # one-sided runs
     pairs: dict[str, list[tuple[Record, Record]]] = {}
     worst: dict[str, float] = {}
@@ -375,7 +366,7 @@ def _check_speed(combo_id: str, quantized: Record, bf16: Record, entry: Mapping,
         return TradeoffVerdict(combo_id, SPEED, NOT_CHECKED, prefix + f"not checked: no min_speed_ratio in {key} "
                                f"({source}): {entry.get('speed_derivation', 'no speed ratio derived')}")
     reason = _speed_reason(quantized) or _speed_reason(bf16)
-    gpus = [_gpu(quantized), _gpu(bf16)]
+    gpus = [quantized.gpu_uuid, bf16.gpu_uuid]
     if not reason and gpus[0] != gpus[1]:  # xdist workers: bf16 and the combo ran on two GPUs of the class
         reason = f"measured on two GPUs ({gpus[1] or '?'} for bf16, {gpus[0] or '?'}): their spread is no trade-off"
     if reason:
@@ -405,7 +396,7 @@ def _check_quality(combo_id: str, combo, quantized: Record, entry: Mapping, tabl
     (independent errors add: the tier's dissimilarity budget + K x d_noise, as `noise` derives the limits)."""
     prefix = f"{combo_id} {QUALITY}: "
     tier = combo.precision_spec.tier
-    tier_floor = float(noise._tiers(table)[tier]["min_ms_ssim"])
+    tier_floor = float(similarity_tiers(table)[tier]["min_ms_ssim"])
     measured_noise = (table.get("noise_floor") or {}).get(combo.model) or {}
     d_noise, k = float(measured_noise.get("d_noise", 0.0)), float(measured_noise.get("k", noise.K))
     floor = tier_floor - k * d_noise

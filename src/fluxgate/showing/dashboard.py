@@ -51,8 +51,7 @@ class Point:
 
     @property
     def machine(self) -> str:
-        uuid = str((self.record.env.get("gpu") or {}).get("uuid") or "")
-        return f"{self.record.env.get('device_name', '?')} {uuid[:12]}".strip()
+        return f"{self.record.env.get('device_name', '?')} {self.record.gpu_uuid[:12]}".strip()
 
     @property
     def date(self) -> str:

@@ -208,5 +208,10 @@ class Record:
         """The fingerprint, {} when there is none."""
         return self.environment or {}
 
+    @property
+    def gpu_uuid(self) -> str:
+        """The UUID of the GPU it ran on, "" when the fingerprint names none (a CPU run)."""
+        return str((self.env.get("gpu") or {}).get("uuid") or "")
+
 
 RESULT_NULLS = frozenset({"error", "teardown"})  # a combo's result always names both, null when there is none
