@@ -293,3 +293,45 @@ def test_model_steps_name_known_models_and_positive_counts():
     for bad in ("flux3=2", "flux2-dev=0", "flux2-dev"):
         with pytest.raises(SystemExit):
             ab._options(["--base-tree", ".", "--model-steps", bad])
+
+
+def test_min_blocks_records_that_many_blocks_whatever_the_verdict_after_fewer():
+    from fluxgate import ab
+
+    image, _ = fake_sides(1.0)
+    policy = interleave.policy_with("cpu", min_blocks=15)
+    assert policy.max_blocks == 15  # raised from the CPU policy's 12
+    result = interleave.run_blocks("m[bf16]", image, policy, budget_s=1e9)
+    assert result.verdict.outcome == paired.SAME and result.verdict.blocks == 15
+    assert ab._options(["--base-tree", ".", "--ab-min-blocks", "24"]).ab_min_blocks == 24
+    for bad in (["--ab-min-blocks", "10", "--ab-max-blocks", "5"], ["--ab-max-blocks", "2"], ["--ab-min-blocks", "0"]):
+        with pytest.raises(SystemExit):
+            ab._options(["--base-tree", ".", *bad])
+
+
+def test_byte_identical_images_are_similar_without_decoding_and_different_ones_are_compared():
+    import io
+
+    from PIL import Image
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (256, 256), (value, 64, 128)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    assert interleave.ms_ssim(png(10), png(10)) == 1.0
+    assert interleave.ms_ssim(png(10), png(200)) < 1.0
+
+
+def test_a_disturbed_block_is_set_aside_and_another_measured():
+    calls = []
+
+    def image(side: str) -> dict:  # the third image a neighbour's burst: erratic, 8 % slower
+        calls.append(side)
+        steps = [0.2 * (1.08 + 0.01 * (k % 3)) for k in range(5)] if len(calls) == 3 else [0.2] * 5
+        return {"step_times_s": steps, "peak_mem_gib": 2.0, "e2e_s": 1.0, "png": None}
+
+    result = interleave.run_blocks("m[bf16]", image, paired.PairedPolicy(), budget_s=1e9)
+    assert result.verdict.outcome == paired.SAME and result.verdict.ratio == 1.0
+    assert [bool(pair.set_aside) for pair in result.pairs][:3] == [False, True, False]
+    assert result.verdict.blocks == len(result.pairs) - 1 and "1 disturbed block(s) set aside" in result.verdict.message

@@ -97,7 +97,51 @@ def test_a_side_biased_pool_is_a_false_alarm_and_only_a_a_runs_count():
         ab_run(3, [1.3] * 6, contention="base: host contention") + ab_run(4, [1.0, 1.001])
     rows = ab_card.build(others, "nvidia-h200", simulations=50)
     assert [(r.combo, r.blocks, r.simulations) for r in rows] == [("flux1-dev[fp8-scaled]", 2, 0)]  # too few blocks
-    assert "fewer than 3 recorded blocks" in ab_card.markdown(rows, "nvidia-h200")
+    assert "no run of 3+ recorded blocks: no figures" in ab_card.markdown(rows, "nvidia-h200")
+
+
+def test_each_simulated_comparison_is_one_recorded_run_so_a_run_bias_is_not_averaged_away():
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(5)  # two loads, each with its own steady side bias of 1.2 %, opposite signs
+    runs = ab_run(0, list(1.012 * np.exp(rng.normal(0, 0.001, 10)))) + \
+        ab_run(1, list(0.988 * np.exp(rng.normal(0, 0.001, 10))))
+    (row,) = ab_card.build(runs, "nvidia-h200", simulations=200)
+    assert row.false_alarms > 0.95  # pooled, the twenty blocks would average to 1.0 and look SAME
+    assert 0.3 < row.outcomes[0.0]["SLOW"] < 0.7
+
+
+def test_disturbed_blocks_are_set_aside_in_the_simulation_as_in_a_live_run():
+    from dataclasses import replace
+
+    from fluxgate.showing import ab_card
+
+    base, candidate = ab_run(0, [1.0] * 12)
+    steps = list(candidate.metrics.step_times_s)
+    for image in (3, 4, 5):  # a neighbour's burst: the candidate's images 3-5 erratic and 8 % slower
+        steps[image * 7:(image + 1) * 7] = [0.2 * (1.08 + 0.01 * (k % 3)) for k in range(7)]
+    candidate = replace(candidate, metrics=replace(candidate.metrics, step_times_s=steps))
+    blocks = ab_card.combo_blocks(base, candidate)
+    assert [bool(why) for _, why in blocks] == [False] * 3 + [True] * 3 + [False] * 6
+    assert "candidate's steps spread" in blocks[3][1]
+    (row,) = ab_card.build([base, candidate], "nvidia-h200", simulations=200)
+    assert row.disturbed == 3 and row.false_alarms == 0.0 and row.outcomes[0.0]["SAME"] == 1.0
+
+
+def test_real_injected_runs_are_listed_beside_the_resampled_detection():
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(6)
+    aa = ab_run(0, list(np.exp(rng.normal(0, 0.002, 12))))
+    injected = ab_run(1, [1.02, 1.021, 1.019], inject={"combo": "*", "fraction": 0.02})
+    for record in injected:
+        record.extra["ab"].update(outcome="SLOW", ratio=1.02, blocks=3)
+    runs = ab_card.injected_runs(aa + injected, "nvidia-h200")
+    assert [(r.combo, r.fraction, r.outcome, r.blocks) for r in runs] == [("flux1-dev[fp8-scaled]", 0.02, "SLOW", 3)]
+    text = ab_card.markdown(ab_card.build(aa + injected, "nvidia-h200", simulations=100), "nvidia-h200",
+                            injected=runs)
+    assert "### Real injected runs" in text and "| `flux1-dev[fp8-scaled]` | +2.0% | `ab1` | SLOW | 3 |" in text
+    assert "**1 of 1** real injected runs SLOW" in text
 
 
 def test_block_ratios_of_records_without_recorded_ratios_come_from_per_image_medians():

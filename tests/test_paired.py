@@ -69,3 +69,25 @@ def test_cpu_runs_are_judged_at_cpu_scale():
     assert policy_for("cpu") is CPU_POLICY and policy_for("cuda") == PairedPolicy()
     assert _sequential(0.0, 0.03, seed=2, policy=CPU_POLICY).outcome == SAME
     assert _sequential(0.5, 0.05, seed=2, policy=CPU_POLICY).outcome == SLOW
+
+
+def test_a_block_is_disturbed_when_one_side_alone_spread_its_steps():
+    from fluxgate.judging.paired import disturbance
+
+    steady, burst = [0.2455, 0.2456, 0.2454, 0.2455], [0.2697, 0.2559, 0.2641, 0.2570]
+    assert "candidate's steps spread" in disturbance(steady, burst)
+    assert "base's steps spread" in disturbance(burst, steady)
+    ramp = [0.170, 0.175, 0.180, 0.185]  # bf16 climbing to the power cap: alike on both sides
+    assert disturbance(ramp, [s * 1.01 for s in ramp]) is None
+    assert disturbance(steady, [0.2455, 0.2470, 0.2460, 0.2458]) is None  # under 1 %
+    assert disturbance([0.2], [0.3]) is None  # one step shows no spread
+
+
+def test_disturbed_blocks_are_set_aside_up_to_the_policy_cap_then_judged():
+    from fluxgate.judging.paired import Blocks
+
+    blocks = Blocks(PairedPolicy(max_disturbed=2))
+    assert [blocks.add(1.0 + i / 100, "burst") for i in range(4)] == [False, False, True, True]
+    assert blocks.ratios == [1.02, 1.03] and len(blocks.set_aside) == 2
+    assert blocks.note().startswith("; 2 disturbed block(s) set aside (burst")
+    assert not CPU_POLICY.max_disturbed and Blocks(CPU_POLICY).add(1.0, "burst")

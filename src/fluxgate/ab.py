@@ -167,6 +167,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                              "is left; combos left without time are listed as not measured [none]")
     parser.add_argument("--ab-max-blocks", type=_positive(int), help="blocks per combo at most [policy's: 20 CUDA, "
                         "12 CPU]")
+    parser.add_argument("--ab-min-blocks", type=_positive(int),
+                        help="blocks per combo at least, whatever the verdict after fewer (raises --ab-max-blocks to "
+                             "it): record a fixed number of blocks, e.g. A/A evidence for the detection card "
+                             "[policy's: 3]")
     parser.add_argument("--max-mem-ratio", type=_positive(float),
                         help="candidate/base peak memory above this fails [1.02 CUDA, 1.10 CPU]")
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
@@ -175,8 +179,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--summary-out", type=Path,
                         help="also write the result as markdown here (the PR comment's A/B section)")
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION",
-                        help="tests: slow COMBO's steps on the candidate side by FRACTION of its first step "
-                             "(the candidate tree's tests/injectors/slow_combo.py)")
+                        help="tests: slow COMBO's steps (`*`: every combo's) on the candidate side by FRACTION of "
+                             "its first step (the candidate tree's tests/injectors/slow_combo.py)")
     options = parser.parse_args(argv)
     from fluxgate import matrix
     from fluxgate.models import MODELS
@@ -194,9 +198,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
             if not count.strip().isdigit() or int(count) < 1:
                 raise ValueError(f"--model-steps {item!r}: want MODEL=N with N at least 1")
             options.steps_by_model[model.strip()] = int(count)
+        for device_type in ("cuda", "cpu"):  # both policies' block counts, before any side starts
+            interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         if options.inject_slow:
             combo, _, fraction = options.inject_slow.rpartition(":")
-            options.inject_slow = (matrix.Combo.parse(combo).id, float(fraction))
+            options.inject_slow = (combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction))
     except ValueError as error:
         parser.error(str(error))
     return options
@@ -282,9 +288,11 @@ def _progress(combo: str):
     """`on_block` for run_blocks: one stderr line per block."""
     def show(number: int, pair: interleave.Pair, seconds: float) -> None:
         steps = {side: statistics.median(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
+        images_s = sum(getattr(pair, side).get("e2e_s") or 0.0 for side in (BASE, CANDIDATE))
         print(f"  {combo} block {number} ({' '.join('A' if s == BASE else 'B' for s in pair.order)}): ratio "
               f"{pair.ratio:.4f}, median step base {steps[BASE]:.4f} s, candidate {steps[CANDIDATE]:.4f} s; "
-              f"{seconds:.1f} s", file=sys.stderr, flush=True)
+              f"images {images_s:.1f} s; {seconds:.1f} s"
+              + (f"; set aside: {pair.set_aside}" if pair.set_aside else ""), file=sys.stderr, flush=True)
     return show
 
 
@@ -348,6 +356,7 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
           "blocks": verdict.blocks, "message": verdict.message, "mem_ratio": result.mem_ratio,
           "ratios": [pair.ratio for pair in result.pairs], "orders": ["".join(s[0] for s in p.order) for p in
                                                                        result.pairs],
+          "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
           "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention}
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         if sides[CANDIDATE].hello["device"] != sides[BASE].hello["device"]:
             raise SideError(f"the sides resolved different devices: base {sides[BASE].hello['device']}, "
                             f"candidate {sides[CANDIDATE].hello['device']}")
-        policy = interleave.policy_with(device_type, options.ab_max_blocks)
+        policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
         store = LocalFolderStore(options.history_dir)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     runs = len({r.run_id for r in records if r.gpu_class == args.gpu_class and not r.env.get("ab_run")})
-    text = card.markdown(cards, args.gpu_class, runs, ab_cards)
+    text = card.markdown(cards, args.gpu_class, runs, ab_cards, ab_card.injected_runs(records, args.gpu_class))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

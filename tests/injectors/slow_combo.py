@@ -2,7 +2,8 @@
 the way a real regression would, in its measurement and any re-measurement alike. It wraps `Runner.loaded`, which
 `Runner.measure` and an A/B worker (`fluxgate.measuring.ab_worker`, which imports this module when told to) both use.
 
-FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
+FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`), or `*` for every combo (each calibrated on its own first
+step: recording real injected A/B blocks of a whole matrix for the detection card). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
 of the combo's first step (CUDA: a GPU-side spin kernel, so it lands in the event-timed stream; CPU: a sleep), or
 FLUXGATE_SLOW_DELAY_S: a fixed delay per step. FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step
 starts (a test that interrupts the combo mid-measurement waits for it).
@@ -20,7 +21,7 @@ TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
 FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
 DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
 MARK = os.environ.get("FLUXGATE_SLOW_MARK")
-state = {"active": False, "first_step_s": None}
+state = {"active": False, "first_step_s": None, "calibrated_for": None}
 original_loaded, original_step_end = runner.Runner.loaded, measure._StepClock.step_end
 
 
@@ -31,7 +32,9 @@ class _Slowed:
         self.held, self.combo = held, combo
 
     def __enter__(self):
-        state["active"] = self.combo.id == TARGET
+        state["active"] = TARGET in ("*", self.combo.id)
+        if state["calibrated_for"] != self.combo.id:  # each combo's fraction is of its own first step
+            state["first_step_s"], state["calibrated_for"] = None, self.combo.id
         try:
             return self.held.__enter__()
         except BaseException:

@@ -41,7 +41,8 @@ def limits_for(device_type: str, max_mem_ratio: float | None = None, min_ms_ssim
 
 @dataclass
 class Pair:
-    """One block: both sides' answers (without their PNG bytes), its step-time ratio, memory ratio, MS-SSIM."""
+    """One block: both sides' answers (without their PNG bytes), its step-time ratio, memory ratio, MS-SSIM, and why
+    it was set aside (`paired.disturbance`; None: judged)."""
 
     order: tuple[str, str]
     base: dict
@@ -49,6 +50,7 @@ class Pair:
     ratio: float
     mem_ratio: float
     ms_ssim: float | None
+    set_aside: str | None = None
 
 
 @dataclass
@@ -74,7 +76,8 @@ class ComboResult:
 
 
 def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
-    """MS-SSIM of two PNG images (1.0 = identical), None when they are too small for it."""
+    """MS-SSIM of two PNG images (1.0 = identical), None when they are too small for it. Byte-identical PNGs (an A/A
+    run's usual pair) are 1.0 without decoding them: the comparison is most of a block's time outside its images."""
     from PIL import Image
 
     from fluxgate.judging import similarity
@@ -82,6 +85,8 @@ def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
     candidate, base = (Image.open(io.BytesIO(png)) for png in (candidate_png, base_png))
     if min(candidate.size) < similarity.MIN_SIDE_PX:
         return None
+    if candidate_png == base_png:
+        return 1.0
     return similarity.compare(candidate, base).ms_ssim
 
 
@@ -89,11 +94,13 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
                limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
                alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None
                ) -> ComboResult:
-    """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` or when the
-    next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
-    `on_block(number, pair, seconds so far)` is called after each block (progress). Propagates what `image`
-    raises."""
-    started, ratios, pairs, slowest = clock(), [], [], 0.0
+    """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` judged blocks
+    or when the next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
+    Disturbed blocks (`paired.disturbance`) are set aside, up to the policy's `max_disturbed` (`paired.Blocks`); the
+    verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
+    Propagates what `image` raises."""
+    started, pairs, slowest = clock(), [], 0.0
+    blocks = paired.Blocks(policy)
     images: dict = {}
     while True:
         block_start = clock()
@@ -103,16 +110,18 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         base, candidate = answers[BASE], answers[CANDIDATE]
         ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"])
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
-        pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar))
-        ratios.append(ratio)
+        disturbed = paired.disturbance(base["step_times_s"], candidate["step_times_s"], policy)
+        pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
+                          None if blocks.add(ratio, disturbed) else disturbed))
         now = clock()
         slowest = max(slowest, now - block_start)
         if on_block is not None:
             on_block(len(pairs), pairs[-1], now - started)
-        out_of_budget = len(ratios) >= policy.max_blocks or now - started + slowest > budget_s
-        verdict = paired.judge(ratios, policy, out_of_budget=out_of_budget)
+        out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s
+        verdict = paired.judge(blocks.ratios, policy, out_of_budget=out_of_budget)
         if verdict is not None:
             break
+    verdict = replace(verdict, message=verdict.message + blocks.note())
     return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images)
 
 
@@ -148,12 +157,17 @@ def contention(pairs: list[Pair]) -> str | None:
     return None
 
 
-def policy_with(device_type: str, max_blocks: int | None = None) -> paired.PairedPolicy:
-    """`paired.policy_for(device_type)`, with `max_blocks` when given (at least the policy's min_blocks)."""
+def policy_with(device_type: str, max_blocks: int | None = None, min_blocks: int | None = None
+                ) -> paired.PairedPolicy:
+    """`paired.policy_for(device_type)`, with `max_blocks` and `min_blocks` when given. `min_blocks` alone raises
+    max_blocks to it when needed (recording a fixed number of blocks: `--ab-min-blocks`). Raises ValueError (naming
+    the option) when max_blocks ends up below min_blocks."""
     policy = paired.policy_for(device_type)
+    if min_blocks is not None:
+        policy = replace(policy, min_blocks=min_blocks, max_blocks=max(policy.max_blocks, min_blocks))
     if max_blocks is None:
         return policy
     if max_blocks < policy.min_blocks:
         raise ValueError(f"--ab-max-blocks {max_blocks}: must be at least {policy.min_blocks} (the policy's "
-                         f"min_blocks)")
+                         f"min_blocks{' from --ab-min-blocks' if min_blocks is not None else ''})")
     return replace(policy, max_blocks=max_blocks)

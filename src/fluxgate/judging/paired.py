@@ -14,6 +14,13 @@ so that up to `max_blocks` looks keep the overall error small — and
   blocks the measured spread would need.
 
 Until `min_blocks` blocks, or while no outcome is clear, `judge` returns None: measure another block.
+
+A block is **disturbed** (`disturbance`) when one side's image had steps spread far wider than the other's: on an
+H200 the steps of one eager image lie within 0.1-1 % of each other, or move together on both sides (bf16's ramp to
+the power cap: 5-10 % within each image, alike on both), while a burst of host work from a neighbour (another job
+loading a model on the same host) stretched every step of the one image it hit by 4-17 %, one side at a time. Up to
+`max_disturbed` such blocks per combo are set aside and measured again (`Blocks`); past that they count, so a
+candidate whose own steps became erratic is still judged on them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import functools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SAME, SLOW, FAST, UNKNOWN = "SAME", "SLOW", "FAST", "UNKNOWN"
 
@@ -31,15 +38,24 @@ SAME, SLOW, FAST, UNKNOWN = "SAME", "SLOW", "FAST", "UNKNOWN"
 class PairedPolicy:
     """When a paired comparison stops and what it concludes. Fractions of the base's step time."""
 
-    min_effect: float = 0.005  # the smallest shift called SLOW or FAST
+    # The smallest shift called SLOW or FAST. Above the side bias one load of a combo can carry on an H200: in A/A runs
+    # (20261130T133942Z-d10a23, -133944Z-08ba2e, -134847Z-f0119b, -134850Z-6d39a5) a combo's blocks sat steadily at
+    # up to ±0.46 % for the whole load (z-image-turbo[fp8-scaled] -0.42 %, flux1-kontext-dev[bf16] +0.46 %,
+    # flux1-dev[fp8-scaled] +0.42 %) and at ±0.2 % on the next load: with 0.5 % they made FAST and SLOW verdicts.
+    min_effect: float = 0.0075
     equivalence: float = 0.01  # SAME when the interval lies within 1 ± this
     confidence: float = 0.999  # two-sided, per look
     min_blocks: int = 3
     max_blocks: int = 20
+    max_disturbed: int = 5  # disturbed blocks set aside per combo at most (0: none)
+    disturbed_spread: float = 0.01  # a side's (max - min) / min step time within its image above this ...
+    disturbed_factor: float = 5.0  # ... and above this many times the other side's (at least 0.1 %): disturbed
 
 
 # On a CPU (the tiny profile) steps of a few milliseconds move by 5-25 % with the host: the same rule at CPU scale.
-CPU_POLICY = PairedPolicy(min_effect=0.05, equivalence=0.10, confidence=0.99, min_blocks=3, max_blocks=12)
+# Every CPU image is "disturbed" by that measure, so no block is set aside there.
+CPU_POLICY = PairedPolicy(min_effect=0.05, equivalence=0.10, confidence=0.99, min_blocks=3, max_blocks=12,
+                          max_disturbed=0)
 
 
 def policy_for(device_type: str) -> PairedPolicy:
@@ -64,6 +80,50 @@ def block_ratio(base_step_times_s: Sequence[float], candidate_step_times_s: Sequ
     if not base_step_times_s or not candidate_step_times_s:
         raise ValueError("a block needs step times from both sides")
     return statistics.median(candidate_step_times_s) / statistics.median(base_step_times_s)
+
+
+def _spread(step_times_s: Sequence[float]) -> float:
+    low = min(step_times_s)
+    return (max(step_times_s) - low) / low if low > 0 else math.inf
+
+
+def disturbance(base_step_times_s: Sequence[float], candidate_step_times_s: Sequence[float],
+                policy: PairedPolicy = PairedPolicy()) -> str | None:
+    """Why one block is disturbed (module docs), e.g. `candidate's steps spread 17.5 % against the base's 0.13 %`,
+    else None (also for images of fewer than 2 steps, which show no spread). Step times in seconds."""
+    if min(len(base_step_times_s), len(candidate_step_times_s)) < 2:
+        return None
+    spreads = {"base": _spread(base_step_times_s), "candidate": _spread(candidate_step_times_s)}
+    wide = max(spreads, key=spreads.get)
+    other = "candidate" if wide == "base" else "base"
+    if spreads[wide] > policy.disturbed_spread and \
+            spreads[wide] > policy.disturbed_factor * max(spreads[other], 0.001):
+        return f"{wide}'s steps spread {spreads[wide]:.1%} against the {other}'s {spreads[other]:.2%}"
+    return None
+
+
+@dataclass
+class Blocks:
+    """The blocks of one sequential comparison: `ratios` judged, `set_aside` (ratio, why) disturbed ones set aside
+    (at most the policy's `max_disturbed`; later disturbed blocks are judged)."""
+
+    policy: PairedPolicy = PairedPolicy()
+    ratios: list[float] = field(default_factory=list)
+    set_aside: list[tuple[float, str]] = field(default_factory=list)
+
+    def add(self, ratio: float, disturbed: str | None = None) -> bool:
+        """Take one block; False when it is set aside (disturbed, room left), True when it is judged."""
+        if disturbed and len(self.set_aside) < self.policy.max_disturbed:
+            self.set_aside.append((ratio, disturbed))
+            return False
+        self.ratios.append(ratio)
+        return True
+
+    def note(self) -> str:
+        """`; 2 disturbed block(s) set aside (base's steps spread ...)`, or empty."""
+        if not self.set_aside:
+            return ""
+        return f"; {len(self.set_aside)} disturbed block(s) set aside ({self.set_aside[0][1]})"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -115,7 +175,7 @@ def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
     shift = abs(statistics.fmean(logs))
     room = policy.equivalence - shift
     if room <= 0.25 * policy.equivalence:
-        return (f"the shift ({math.exp(shift) - 1:.2%}) sits between the {policy.min_effect:.1%} effect and the "
+        return (f"the shift ({math.exp(shift) - 1:.2%}) sits between the {policy.min_effect:.2%} effect and the "
                 f"±{policy.equivalence:.1%} band: more blocks narrow it, or judge it as a shift of about that size")
     # The smallest n whose interval half-width, t(n-1) x spread / sqrt(n), fits in the room left: the Student-t
     # quantile, not the normal one, which understates n badly at the few blocks a GPU budget allows.

@@ -3,10 +3,11 @@ cries wolf on unchanged code, and how often it sees a slowdown of 1, 2 or 3 %, p
 
 An A/A A/B run is one whose two sides ran the same tree (equal `ab_tree` digests in the two run files' environments)
 with nothing injected (no `ab_inject`) and no host contention. Each of its combos recorded one candidate/base
-step-time ratio per block (`ab.ratios`; older records: the per-image medians of each side's pooled steps). Per
-combo, the blocks of every such run of the class are pooled, and many sequential A/B comparisons are simulated by
-drawing blocks from the pool with replacement and judging after each draw with the real rule (`judging.paired.judge`,
-the class's policy: CUDA's, or the CPU's for `cpu`), up to the policy's `max_blocks` (a time budget is not simulated):
+step-time ratio per block (the medians of its two images' steps), and whether the rule sets it aside as disturbed
+(`judging.paired.disturbance`). Per combo, many sequential A/B comparisons are simulated: each picks one recorded run
+and takes its blocks in a random order (without replacement: a live run that could have happened), judging after each draw with the real rule (`paired.Blocks`,
+`paired.judge`, the class's policy: CUDA's, or the CPU's for `cpu`), up to the policy's `max_blocks` (a time budget is
+not simulated):
 
 - A/A: the drawn ratios as recorded (a side bias the recorded blocks show is the rule's to answer for). A false
   alarm is SLOW or FAST.
@@ -14,7 +15,8 @@ the class's policy: CUDA's, or the CPU's for `cpu`), up to the policy's `max_blo
 
 Each figure is a share of the simulated comparisons, with the mean number of blocks they used; each row says how
 many recorded blocks (and runs) it rests on. Resampling a few recorded blocks understates the spread a new run can
-meet (a run on another GPU, another day): with fewer than `FEW_BLOCKS` blocks a row says so.
+meet (a run on another GPU, another day): with fewer than `FEW_BLOCKS` blocks a row says so. Real A/B runs with a
+slowdown injected (`injected_runs`) are listed beside the resampled figures they check.
 Imports neither torch nor diffusers.
 """
 
@@ -32,7 +34,8 @@ from fluxgate.storing.record import Record
 
 EFFECTS = (0.01, 0.02, 0.03)
 SIMULATIONS = 400
-MIN_BLOCKS = 3  # fewer recorded blocks than this: no figures for the combo
+MIN_BLOCKS = 3  # no recorded run of this many blocks: no figures for the combo
+MIN_RUN_BLOCKS = 5  # simulations draw from runs of this many blocks when the combo has one
 FEW_BLOCKS = 20  # fewer than this: the row warns that the shares are optimistic
 
 
@@ -45,6 +48,7 @@ class AbComboCard:
     runs: int
     blocks: int
     spread: float  # standard deviation of the recorded blocks' log ratios
+    disturbed: int = 0  # recorded blocks the rule would set aside (`paired.disturbance`)
     simulations: int = 0
     outcomes: dict[float, dict[str, float]] = field(default_factory=dict)  # effect -> outcome -> share
     mean_blocks: dict[float, float] = field(default_factory=dict)
@@ -60,25 +64,35 @@ class AbComboCard:
         return self.outcomes.get(effect, {}).get(paired.SLOW, 0.0)
 
 
-def _image_medians(record: Record) -> list[float]:
-    """Per-image median step times of one side's record: its pooled steps cut into `metrics.images` equal parts."""
+def _images(record: Record) -> list[list[float]]:
+    """One side's per-image step times: its pooled steps cut into `metrics.images` equal parts ([] when they do not
+    divide)."""
     steps, images = list(record.metrics.step_times_s or []), record.metrics.images or 0
     if not steps or not images or len(steps) % images:
         return []
     size = len(steps) // images
-    return [statistics.median(steps[i * size:(i + 1) * size]) for i in range(images)]
+    return [steps[i * size:(i + 1) * size] for i in range(images)]
+
+
+Block = tuple[float, "str | None"]  # (candidate/base ratio, why it is disturbed or None)
+
+
+def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = paired.PairedPolicy()
+                 ) -> list[Block]:
+    """Every block of one combo of an A/B run, in order, set-aside ones included: (ratio, `paired.disturbance`)
+    from the two sides' per-image step times (block i is image i of each side); when they cannot be split, the
+    recorded `ab.ratios` without disturbances."""
+    bases, candidates = _images(base), _images(candidate)
+    if bases and len(bases) == len(candidates):
+        return [(paired.block_ratio(b, c), paired.disturbance(b, c, policy)) for b, c in zip(bases, candidates)
+                if min(b) > 0 and min(c) > 0]
+    recorded = (candidate.extra.get("ab") or {}).get("ratios") or []
+    return [(float(r), None) for r in recorded if r and math.isfinite(r) and r > 0]
 
 
 def block_ratios(base: Record, candidate: Record) -> list[float]:
-    """The candidate/base ratio of each block of one combo of an A/B run: the recorded `ab.ratios`, else from the
-    per-image medians of both sides."""
-    recorded = (candidate.extra.get("ab") or {}).get("ratios")
-    if recorded:
-        return [float(r) for r in recorded if r and math.isfinite(r) and r > 0]
-    bases, candidates = _image_medians(base), _image_medians(candidate)
-    if len(bases) != len(candidates):
-        return []
-    return [c / b for b, c in zip(bases, candidates) if b > 0 and c > 0]
+    """The candidate/base ratio of each block of one combo of an A/B run (`combo_blocks` without disturbances)."""
+    return [ratio for ratio, _ in combo_blocks(base, candidate)]
 
 
 def is_a_a(base_env: dict, candidate_env: dict) -> bool:
@@ -88,40 +102,59 @@ def is_a_a(base_env: dict, candidate_env: dict) -> bool:
         not candidate_env.get("ab_inject")
 
 
-def aa_blocks(records: Iterable[Record], gpu_class: str) -> dict[str, tuple[list[float], int]]:
-    """combo -> (block ratios pooled over the class's A/A A/B runs, how many runs), from history records (both sides'
-    run files among them). Runs under host contention are left out."""
+def _ab_pairs(records: Iterable[Record], gpu_class: str) -> list[tuple[str, Record, Record]]:
+    """(combo, base record, candidate record) of every A/B run of the class with both sides recorded, in run order."""
     sides: dict[tuple[str, str], dict[str, Record]] = {}
     for record in records:
         env = record.env
         if record.gpu_class != gpu_class or not env.get("ab_run") or env.get("ab_side") not in ("base", "candidate"):
             continue
         sides.setdefault((env["ab_run"], record.combo), {})[env["ab_side"]] = record
-    pooled: dict[str, tuple[list[float], int]] = {}
-    for (_, combo), pair in sorted(sides.items()):
-        base, candidate = pair.get("base"), pair.get("candidate")
-        if base is None or candidate is None or not is_a_a(base.env, candidate.env):
-            continue
-        if (candidate.extra.get("ab") or {}).get("contention"):
-            continue
-        ratios = block_ratios(base, candidate)
-        if ratios:
-            blocks, runs = pooled.get(combo, ([], 0))
-            pooled[combo] = (blocks + ratios, runs + 1)
-    return pooled
+    return [(combo, pair["base"], pair["candidate"]) for (_, combo), pair in sorted(sides.items())
+            if "base" in pair and "candidate" in pair]
 
 
-def simulate(ratios: Sequence[float], policy: paired.PairedPolicy, effect: float, simulations: int,
+def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPolicy | None = None
+            ) -> dict[str, list[list[Block]]]:
+    """combo -> the blocks of each of the class's A/A A/B runs of it (`combo_blocks`), from history records (both
+    sides' run files among them). Runs under host contention are left out."""
+    policy = policy or policy_of(gpu_class)
+    runs: dict[str, list[list[Block]]] = {}
+    for combo, base, candidate in _ab_pairs(records, gpu_class):
+        if not is_a_a(base.env, candidate.env) or (candidate.extra.get("ab") or {}).get("contention"):
+            continue
+        blocks = combo_blocks(base, candidate, policy)
+        if blocks:
+            runs.setdefault(combo, []).append(blocks)
+    return runs
+
+
+def aa_blocks(records: Iterable[Record], gpu_class: str) -> dict[str, tuple[list[float], int]]:
+    """combo -> (block ratios pooled over the class's A/A A/B runs, how many runs) (`aa_runs`, ratios only)."""
+    return {combo: ([ratio for blocks in runs for ratio, _ in blocks], len(runs))
+            for combo, runs in aa_runs(records, gpu_class).items()}
+
+
+def simulate(runs: Sequence[Sequence[Block]], policy: paired.PairedPolicy, effect: float, simulations: int,
              rng: random.Random) -> tuple[dict[str, float], float]:
-    """(share of each outcome, mean blocks used) of `simulations` sequential comparisons drawing blocks from `ratios`
-    with replacement, each times 1 + effect, judged after each draw by `paired.judge`."""
+    """(share of each outcome, mean judged blocks) of `simulations` sequential comparisons. Each picks one recorded
+    run (of MIN_RUN_BLOCKS blocks when there is one, else of MIN_BLOCKS) and takes its blocks in a random order,
+    without replacement, each ratio times 1 + effect, set aside or judged as a live run would (`paired.Blocks`),
+    judged after each by `paired.judge`; when the run's blocks are used up the comparison ends as a live run out of
+    budget does. So every simulated comparison is a live run that could have happened: that run's side bias and
+    spread, its blocks in another order (drawing with replacement from a dozen blocks repeats a few of them and looks
+    surer than any real run). `runs` may also be plain ratios (one run, no disturbances)."""
+    pools = [[block if isinstance(block, tuple) else (block, None) for block in run] for run in runs]
+    pools = [pool for pool in pools if len(pool) >= MIN_RUN_BLOCKS] or \
+        [pool for pool in pools if len(pool) >= MIN_BLOCKS] or pools
     counts: dict[str, int] = {}
     used = 0
     for _ in range(simulations):
-        drawn: list[float] = []
-        while True:
-            drawn.append(rng.choice(ratios) * (1 + effect))
-            verdict = paired.judge(drawn, policy)
+        pool, blocks = rng.choice(pools), paired.Blocks(policy)
+        order = rng.sample(pool, len(pool))
+        for index, (ratio, disturbed) in enumerate(order):
+            blocks.add(ratio * (1 + effect), disturbed)
+            verdict = paired.judge(blocks.ratios, policy, out_of_budget=index == len(order) - 1)
             if verdict is not None:
                 break
         counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
@@ -138,27 +171,59 @@ def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] 
           simulations: int = SIMULATIONS, seed: int = 0, policy: paired.PairedPolicy | None = None
           ) -> list[AbComboCard]:
     """The section's rows (module docs), sorted by combo; seeded per combo, so the same records give the same card.
-    A combo with fewer than MIN_BLOCKS recorded blocks gets a row without figures (`simulations` 0)."""
+    A combo with no recorded run of MIN_BLOCKS blocks gets a row without figures (`simulations` 0)."""
     policy = policy or policy_of(gpu_class)
     cards = []
-    for combo, (ratios, runs) in sorted(aa_blocks(records, gpu_class).items()):
+    for combo, runs in sorted(aa_runs(records, gpu_class, policy).items()):
+        ratios = [ratio for blocks in runs for ratio, _ in blocks]
         spread = statistics.stdev(math.log(r) for r in ratios) if len(ratios) > 1 else math.nan
-        card = AbComboCard(combo, runs, len(ratios), spread)
-        if len(ratios) >= MIN_BLOCKS:
+        card = AbComboCard(combo, len(runs), len(ratios), spread,
+                           disturbed=sum(1 for blocks in runs for _, why in blocks if why))
+        if max(len(blocks) for blocks in runs) >= MIN_BLOCKS:
             rng = random.Random(seed * 1_000_003 + zlib.crc32(combo.encode()))
             card.simulations = simulations
             for effect in (0.0, *effects):
-                card.outcomes[effect], card.mean_blocks[effect] = simulate(ratios, policy, effect, simulations, rng)
+                card.outcomes[effect], card.mean_blocks[effect] = simulate(runs, policy, effect, simulations, rng)
         cards.append(card)
     return cards
+
+
+@dataclass
+class InjectedRun:
+    """One combo of a real A/B run with a slowdown injected on the candidate side (`--inject-slow`)."""
+
+    combo: str
+    run: str
+    fraction: float
+    outcome: str
+    ratio: float
+    blocks: int
+
+
+def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun]:
+    """The class's A/B runs with a slowdown injected (`ab_inject` naming the combo or `*`), per combo, by combo then
+    run: the real check of the resampled detection figures."""
+    found = []
+    for combo, base, candidate in _ab_pairs(records, gpu_class):
+        inject = candidate.env.get("ab_inject") or {}
+        ab = candidate.extra.get("ab") or {}
+        if inject.get("combo") not in ("*", combo) or not ab.get("outcome"):
+            continue
+        found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab["outcome"],
+                                 float(ab.get("ratio") or math.nan), int(ab.get("blocks") or 0)))
+    return sorted(found, key=lambda run: (run.combo, run.run))
 
 
 def _share(value: float, blocks: float) -> str:
     return f"{value:.0%} ({blocks:.1f} blocks)"
 
 
-def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPolicy | None = None) -> str:
-    """The card's A/B section as markdown (empty when there are no A/A A/B records of the class)."""
+def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPolicy | None = None,
+             injected: list[InjectedRun] | None = None, host_synchronous: Iterable[str] = ()) -> str:
+    """The card's A/B section as markdown (empty when there are no A/A A/B records of the class): how it was made,
+    the headline figures (A/A false alarms: mean and highest; detection at +2 % of the combos not in
+    `host_synchronous`), one row per combo, then the real injected runs (`injected_runs`) beside the resampled
+    figure for the same effect."""
     if not cards:
         return ""
     policy = policy or policy_of(gpu_class)
@@ -166,33 +231,66 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
     measured = [card for card in cards if card.simulations]
     simulations = max((card.simulations for card in measured), default=0)
     runs = max(card.runs for card in cards)
+    synchronous = set(host_synchronous)
     lines = ["## The A/B rule (interleaved base and candidate on one GPU)", "",
              f"From recorded A/A A/B runs of {gpu_class} (`python -m fluxgate.ab`, both sides the same tree, nothing "
-             f"injected; up to {runs} runs per combo): per combo the recorded blocks' candidate/base ratios are "
-             f"pooled and {simulations} sequential comparisons are simulated by drawing blocks with replacement, "
-             f"judged after each draw by the A/B rule (`judging.paired`: ±{policy.equivalence:.1%} equivalence, "
-             f"{policy.min_effect:.1%} effect, {policy.confidence:.1%} per look, {policy.min_blocks}-"
-             f"{policy.max_blocks} blocks; no time budget). A false alarm is SLOW or FAST on the ratios as recorded; "
-             "detection is SLOW with every ratio stretched by the effect. Each cell: the share of the simulated "
-             "comparisons (the mean blocks they used). Resampled blocks cannot show a spread the recorded ones did "
-             f"not have: rows resting on fewer than {FEW_BLOCKS} blocks are marked.", ""]
+             f"injected; up to {runs} runs per combo): {simulations} sequential comparisons per combo, each picking "
+             f"one recorded run (of {MIN_RUN_BLOCKS}+ blocks when there is one) and taking its blocks' "
+             "candidate/base ratios in a random order, without replacement, judged after each by the A/B rule (`judging.paired`: "
+             f"±{policy.equivalence:.1%} equivalence, {policy.min_effect:.2%} effect, {policy.confidence:.1%} per "
+             f"look, {policy.min_blocks}-{policy.max_blocks} blocks, up to {policy.max_disturbed} disturbed blocks "
+             "set aside; a comparison whose run has no blocks left ends as a live run out of budget does). A false alarm "
+             "is SLOW or FAST on the ratios as recorded; detection is SLOW with every ratio stretched by the effect. "
+             "Each cell: the share of the simulated comparisons (the mean blocks they judged). Each simulated "
+             "comparison is a live run that could have happened (that run's side bias and spread, its blocks in "
+             "another order); recorded runs cannot show a spread they did not have: rows resting on fewer than "
+             f"{FEW_BLOCKS} blocks are marked.", ""]
     if measured:
         alarms = statistics.fmean(card.false_alarms for card in measured)
-        lines += [f"A/A false alarms, mean over {len(measured)} combos: **{alarms:.1%}** of simulated comparisons.", ""]
-    lines += ["| combo | runs | recorded blocks | block spread | A/A false alarms | A/A SAME | "
+        worst = max(measured, key=lambda card: card.false_alarms)
+        highest = f"highest {worst.false_alarms:.1%}, `{worst.combo}`" if worst.false_alarms else "none in any combo"
+        lines.append(f"A/A false alarms, mean over {len(measured)} combos: **{alarms:.1%}** of simulated comparisons "
+                     f"({highest}).")
+        gated = [card for card in measured if card.combo not in synchronous and 0.02 in card.outcomes]
+        if gated:
+            weakest = min(gated, key=lambda card: card.detected(0.02))
+            lowest = "every one" if weakest.detected(0.02) == 1.0 else f"lowest: `{weakest.combo}`"
+            lines.append(f"Detected at +2 %, the {len(gated)} combos that are not host-synchronous: at least "
+                         f"**{weakest.detected(0.02):.0%}** ({lowest}).")
+        lines.append("")
+    lines += ["| combo | runs | recorded blocks | set aside | block spread | A/A false alarms | A/A SAME | "
               + " | ".join(f"detected at +{e:.0%}" for e in effects) + " | note |",
-              "|---|--:|--:|--:|--:|--:|" + "--:|" * len(effects) + "---|"]
+              "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * len(effects) + "---|"]
     for card in cards:
         spread = "—" if math.isnan(card.spread) else f"{card.spread:.2%}"
+        notes = ["host-synchronous"] if card.combo in synchronous else []
         if not card.simulations:
             cells = ["—"] * (2 + len(effects))
-            note = f"fewer than {MIN_BLOCKS} recorded blocks: no figures"
+            notes.append(f"no run of {MIN_BLOCKS}+ recorded blocks: no figures")
         else:
             cells = [_share(card.false_alarms, card.mean_blocks[0.0]),
                      _share(card.outcomes[0.0].get(paired.SAME, 0.0), card.mean_blocks[0.0]),
                      *(_share(card.detected(e), card.mean_blocks[e]) for e in effects)]
-            note = f"few blocks ({card.blocks} < {FEW_BLOCKS}): shares are optimistic" if card.blocks < FEW_BLOCKS \
-                else ""
-        lines.append("| " + " | ".join([f"`{card.combo}`", str(card.runs), str(card.blocks), spread, *cells, note])
-                     + " |")
+            if card.blocks < FEW_BLOCKS:
+                notes.append(f"few blocks ({card.blocks} < {FEW_BLOCKS}): shares are optimistic")
+        lines.append("| " + " | ".join([f"`{card.combo}`", str(card.runs), str(card.blocks), str(card.disturbed),
+                                         spread, *cells, "; ".join(notes)]) + " |")
+    if injected:
+        by_combo = {card.combo: card for card in cards}
+        lines += ["", "### Real injected runs", "",
+                  "A/B runs on the GPU with the candidate's steps slowed by a GPU-side delay of the stated fraction of "
+                  "its first step (`--inject-slow`, tests/injectors/slow_combo.py), judged live by the same rule: the "
+                  "check of the resampled detection above. The measured ratio is below the fraction where the first "
+                  "step is shorter than the steady steps.", "",
+                  "| combo | injected | run | verdict | blocks judged | measured ratio | resampled detection at that "
+                  "effect |", "|---|--:|---|---|--:|--:|--:|"]
+        for run in injected:
+            card = by_combo.get(run.combo)
+            effect = min(card.outcomes, key=lambda e: abs(e - run.fraction)) if card and card.outcomes else None
+            resampled = f"{card.detected(effect):.0%} at +{effect:.0%}" if effect else "—"
+            lines.append(f"| `{run.combo}` | +{run.fraction:.1%} | `{run.run}` | {run.outcome} | {run.blocks} | "
+                         f"{run.ratio:.4f} | {resampled} |")
+        slow = sum(run.outcome == paired.SLOW for run in injected if run.combo not in synchronous)
+        total = sum(run.combo not in synchronous for run in injected)
+        lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW."]
     return "\n".join(lines) + "\n"

@@ -85,14 +85,17 @@ def build(records: list[Record], gpu_class: str, thresholds: dict | None = None,
     return cards
 
 
-def markdown(cards: list[ComboCard], gpu_class: str, runs: int, ab_cards: list | None = None) -> str:
+def markdown(cards: list[ComboCard], gpu_class: str, runs: int, ab_cards: list | None = None,
+             injected: list | None = None) -> str:
     """The card as markdown: how it was made, the A/A total, one table row per combo (`runs`: runs it rests on);
-    then, when there are rows of recorded A/A A/B runs (`ab_card.build`), the A/B rule's section."""
+    then, when there are rows of recorded A/A A/B runs (`ab_card.build`), the A/B rule's section with the real
+    injected A/B runs (`ab_card.injected_runs`)."""
     text = _one_sided(cards, gpu_class, runs) if cards else f"# Detection card: {gpu_class}\n"
     if ab_cards:
         from fluxgate.showing import ab_card
 
-        text += "\n" + ab_card.markdown(ab_cards, gpu_class)
+        synchronous = [card.combo for card in cards if card.host_synchronous]
+        text += "\n" + ab_card.markdown(ab_cards, gpu_class, injected=injected, host_synchronous=synchronous)
     return text
 
 
