@@ -309,7 +309,7 @@ def test_min_blocks_records_that_many_blocks_whatever_the_verdict_after_fewer():
             ab._options(["--base-tree", ".", *bad])
 
 
-def test_byte_identical_images_are_similar_without_decoding_and_different_ones_are_compared():
+def test_byte_identical_images_are_similar_without_decoding_and_different_ones_are_compared(monkeypatch):
     import io
 
     from PIL import Image
@@ -319,19 +319,52 @@ def test_byte_identical_images_are_similar_without_decoding_and_different_ones_a
         Image.new("RGB", (256, 256), (value, 64, 128)).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    assert interleave.ms_ssim(png(10), png(10)) == 1.0
     assert interleave.ms_ssim(png(10), png(200)) < 1.0
+    from fluxgate.judging import similarity
+
+    def refuse(*_):
+        raise AssertionError("identical PNG bytes were decoded and compared")
+
+    monkeypatch.setattr(similarity, "compare", refuse)
+    assert interleave.ms_ssim(png(10), png(10)) == 1.0
 
 
-def test_a_disturbed_block_is_set_aside_and_another_measured():
-    calls = []
+def test_a_disturbed_block_is_set_aside_and_another_measured_but_never_makes_same():
+    def sides(scale: float):
+        calls = []
 
-    def image(side: str) -> dict:  # the third image a neighbour's burst: erratic, 8 % slower
-        calls.append(side)
-        steps = [0.2 * (1.08 + 0.01 * (k % 3)) for k in range(5)] if len(calls) == 3 else [0.2] * 5
-        return {"step_times_s": steps, "peak_mem_gib": 2.0, "e2e_s": 1.0, "png": None}
+        def image(side: str) -> dict:  # the third image a neighbour's burst: erratic, 8 % slower
+            calls.append(side)
+            steps = [0.2 * (1.08 + 0.01 * (k % 3)) for k in range(5)] if len(calls) == 3 else [0.2] * 5
+            if side == "candidate":
+                steps = [s * scale for s in steps]
+            return {"step_times_s": steps, "peak_mem_gib": 2.0, "e2e_s": 1.0, "png": None}
+        return image
 
-    result = interleave.run_blocks("m[bf16]", image, paired.PairedPolicy(), budget_s=1e9)
-    assert result.verdict.outcome == paired.SAME and result.verdict.ratio == 1.0
-    assert [bool(pair.set_aside) for pair in result.pairs][:3] == [False, True, False]
-    assert result.verdict.blocks == len(result.pairs) - 1 and "1 disturbed block(s) set aside" in result.verdict.message
+    policy = paired.PairedPolicy(max_blocks=6)
+    slow = interleave.run_blocks("m[bf16]", sides(1.03), policy, budget_s=1e9)
+    assert slow.verdict.outcome == paired.SLOW and slow.verdict.ratio == pytest.approx(1.03)
+    assert [bool(pair.set_aside) for pair in slow.pairs][:3] == [False, True, False]
+    assert slow.verdict.blocks == len(slow.pairs) - 1 and "1 disturbed block(s) set aside" in slow.verdict.message
+    same = interleave.run_blocks("m[bf16]", sides(1.0), policy, budget_s=1e9)  # SAME only without the burst
+    assert same.verdict.outcome == paired.UNKNOWN and "not with the 1 disturbed block(s)" in same.verdict.message
+
+
+def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_history(tmp_path):
+    from fluxgate import ab
+    from fluxgate.storing.local import LocalFolderStore
+
+    store = LocalFolderStore(tmp_path)
+
+    def run(run_id: str, syncs: int, extra_env=None):
+        writer = store.open_run(run_id, {"gpu": {"name": "NVIDIA H200"}, **(extra_env or {})})
+        writer.append(Record("flux1-dev[nvfp4]", "flux1-dev", "nvfp4", "eager", "synthetic", "nvidia-h200",
+                             outcome=PASSED, metrics=Metrics(step_times_s=[0.4] * 8,
+                                                                     kernel_path={"host_syncs_per_step": syncs})))
+
+    run("20261130T010000Z-aaaaaa", 2)
+    run("20261130T020000Z-bbbbbb", 24)  # newest one-sided run: host-synchronous
+    run("20261130T030000Z-cccccc-base", 0, {"ab_run": "x", "ab_side": "base"})  # A/B runs do not count
+    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {"flux1-dev[nvfp4]": "20261130T020000Z-bbbbbb"}
+    assert ab.host_synchronous_combos(tmp_path, "nvidia-h100") == {}
+    assert ab.host_synchronous_combos(tmp_path / "none", "nvidia-h200") == {}

@@ -72,7 +72,7 @@ def test_ab_section_false_alarms_and_detection_from_resampled_quiet_blocks():
     assert row.detected(0.01) >= 0.9 and row.detected(0.03) == 1.0
     assert row.mean_blocks[0.03] < row.mean_blocks[0.0] + 1  # a clear slowdown stops early
     text = ab_card.markdown([row], "nvidia-h200")
-    assert "| `flux1-dev[fp8-scaled]` | 3 | 24 |" in text and "detected at +1%" in text
+    assert "| `flux1-dev[fp8-scaled]` | 3 (3) | 24 |" in text and "detected at +1%" in text
 
 
 def test_noisy_blocks_detect_less_and_need_more_blocks_than_quiet_ones():
@@ -96,7 +96,8 @@ def test_a_side_biased_pool_is_a_false_alarm_and_only_a_a_runs_count():
     others = ab_run(1, [1.3] * 6, same_tree=False) + ab_run(2, [1.3] * 6, inject={"combo": "x", "fraction": 0.3}) + \
         ab_run(3, [1.3] * 6, contention="base: host contention") + ab_run(4, [1.0, 1.001])
     rows = ab_card.build(others, "nvidia-h200", simulations=50)
-    assert [(r.combo, r.blocks, r.simulations) for r in rows] == [("flux1-dev[fp8-scaled]", 2, 0)]  # too few blocks
+    assert [(r.combo, r.recorded_runs, r.runs, r.simulations) for r in rows] == [
+        ("flux1-dev[fp8-scaled]", 1, 0, 0)]  # one A/A run, of too few blocks
     assert "no run of 3+ recorded blocks: no figures" in ab_card.markdown(rows, "nvidia-h200")
 
 
@@ -114,6 +115,7 @@ def test_each_simulated_comparison_is_one_recorded_run_so_a_run_bias_is_not_aver
 def test_disturbed_blocks_are_set_aside_in_the_simulation_as_in_a_live_run():
     from dataclasses import replace
 
+    from fluxgate.judging import paired
     from fluxgate.showing import ab_card
 
     base, candidate = ab_run(0, [1.0] * 12)
@@ -123,9 +125,43 @@ def test_disturbed_blocks_are_set_aside_in_the_simulation_as_in_a_live_run():
     candidate = replace(candidate, metrics=replace(candidate.metrics, step_times_s=steps))
     blocks = ab_card.combo_blocks(base, candidate)
     assert [bool(why) for _, why in blocks] == [False] * 3 + [True] * 3 + [False] * 6
-    assert "candidate's steps spread" in blocks[3][1]
+    assert "candidate's steps spread" in str(blocks[3][1])
     (row,) = ab_card.build([base, candidate], "nvidia-h200", simulations=200)
-    assert row.disturbed == 3 and row.false_alarms == 0.0 and row.outcomes[0.0]["SAME"] == 1.0
+    (judged,) = ab_card.build([base, candidate], "nvidia-h200", simulations=200,
+                              policy=paired.PairedPolicy(max_disturbed=0))
+    assert row.disturbed == 3 and row.detected(0.02) == judged.detected(0.02) == 1.0
+    assert row.mean_blocks[0.02] < judged.mean_blocks[0.02] - 3  # the burst set aside: seen in far fewer blocks
+    # never SAME more often than judging every block: set-aside blocks must fit the band too
+    assert row.outcomes[0.0].get("SAME", 0.0) <= judged.outcomes[0.0].get("SAME", 0.0)
+
+
+def test_simulations_draw_from_usable_runs_and_an_empty_pool_has_no_figures():
+    import math
+    import random
+
+    from fluxgate.judging import paired
+    from fluxgate.showing import ab_card
+
+    short, long_ = [1.0, 1.01, 0.99], [1.0, 1.002, 0.998, 1.001, 0.999, 1.0]
+    assert ab_card.usable([short, long_]) == [[(r, None) for r in long_]]  # a run of 5+ blocks exists
+    assert ab_card.usable([short, [1.0]]) == [[(r, None) for r in short]]
+    assert ab_card.usable([[1.0, 1.0]]) == [] and ab_card.usable([[]]) == []
+    shares, used = ab_card.simulate([[]], paired.PairedPolicy(), 0.0, 10, random.Random(0))
+    assert shares == {} and math.isnan(used)
+    # a run shorter than the rule's block limit goes on drawing from itself: a comparison may judge up to 20 blocks
+    noisy = list(np.exp(np.random.default_rng(7).normal(0, 0.01, 6)))
+    _, blocks = ab_card.simulate([noisy], paired.PairedPolicy(), 0.0, 50, random.Random(1))
+    assert blocks > 6
+
+
+def test_a_host_synchronous_combo_is_simulated_at_its_own_effect():
+    from fluxgate.showing import ab_card
+
+    biased = ab_run(0, [0.98, 0.975, 0.985, 0.978, 0.982, 0.981, 0.979, 0.98], combo="flux1-dev[nvfp4]")
+    (plain,) = ab_card.build(biased, "nvidia-h200", simulations=100)
+    (synchronous,) = ab_card.build(biased, "nvidia-h200", simulations=100, host_synchronous=["flux1-dev[nvfp4]"])
+    assert plain.false_alarms == 1.0 and synchronous.false_alarms == 0.0 and synchronous.host_synchronous
+    assert "host-synchronous: judged at ±4%" in ab_card.markdown([synchronous], "nvidia-h200")
 
 
 def test_real_injected_runs_are_listed_beside_the_resampled_detection():
@@ -140,7 +176,7 @@ def test_real_injected_runs_are_listed_beside_the_resampled_detection():
     assert [(r.combo, r.fraction, r.outcome, r.blocks) for r in runs] == [("flux1-dev[fp8-scaled]", 0.02, "SLOW", 3)]
     text = ab_card.markdown(ab_card.build(aa + injected, "nvidia-h200", simulations=100), "nvidia-h200",
                             injected=runs)
-    assert "### Real injected runs" in text and "| `flux1-dev[fp8-scaled]` | +2.0% | `ab1` | SLOW | 3 |" in text
+    assert "### Real injected runs" in text and "| `flux1-dev[fp8-scaled]` | +2.0% | `ab1` | not recorded | SLOW | 3 |" in text
     assert "**1 of 1** real injected runs SLOW" in text
 
 
@@ -164,7 +200,7 @@ def test_the_card_keeps_ab_records_out_of_its_one_sided_rows_and_adds_the_ab_sec
     (row,) = card.build(one_sided + ab, "nvidia-h200")
     assert row.comparisons == 3  # the A/B runs' records are no one-sided runs
     text = card.markdown([row], "nvidia-h200", 3, ab_card.build(ab, "nvidia-h200", simulations=50))
-    assert "## The A/B rule" in text and "| `flux1-dev[bf16]` | 2 | 20 |" in text
+    assert "## The A/B rule" in text and "| `flux1-dev[bf16]` | 2 (2) | 20 |" in text
     from dataclasses import replace
 
     from fluxgate.storing.local import LocalFolderStore

@@ -9,7 +9,11 @@ tree's fluxgate (`<tree>/src` first on its path) in its own interpreter (`--base
 default: this one). For each combo both sides load its pipeline (when both do not fit in device memory at once,
 each image loads its side again: said in the output), then blocks of one base and one candidate image, the order
 alternating (A B, B A, ...), until the paired verdict (`fluxgate.judging.paired`, the device's policy) is clear:
-SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks or --budget-s. Memory (candidate/base peak GiB) and similarity
+SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged blocks or --budget-s (--ab-min-blocks: no verdict before that
+many). A disturbed block (one side's steps spread by a burst of host work) is set aside and another measured, up to 5
+per combo and unless they keep to one side. A combo that the newest one-sided run of its class in --history-dir found
+host-synchronous (on a PR: the same job's `nox -s perf-gpu`) is judged at its own ±4 % (`paired.host_synchronous`).
+Memory (candidate/base peak GiB) and similarity
 (MS-SSIM of the candidate's image against the base's of the same seed) are judged on the same pairs.
 
 Each side is measured with the same options. --steps sets the denoising steps of every image on both sides (fewer
@@ -52,7 +56,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxgate.judging import interleave
+from fluxgate.judging import interleave, paired
 from fluxgate.judging.interleave import BASE, CANDIDATE
 
 ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false"}
@@ -338,7 +342,8 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
             side.ask({"op": "unload"})
 
 
-def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict):
+def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
+             policy: paired.PairedPolicy | None = None):
     """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]`."""
     from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
 
@@ -358,11 +363,32 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                                                                        result.pairs],
           "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
           "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention}
+    if policy is not None:
+        ab.update(min_effect=policy.min_effect, equivalence=policy.equivalence)
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
                   failures=([verdict.message] if verdict.outcome == "SLOW" else []) + result.failures
                   if failed else None, extra={"ab": ab})
+
+
+def host_synchronous_combos(history_dir: Path, gpu_class: str) -> dict[str, str]:
+    """combo -> the one-sided run (newest of the class in `history_dir`) whose kernel path shows it host-synchronous
+    (`judging.compare.is_host_synchronous`): an A/B run judges those with `paired.host_synchronous`. On a PR the
+    one-sided `nox -s perf-gpu` of the same job has just written them. Empty when the folder holds none; unreadable
+    runs are skipped (`load_paths` warns)."""
+    from fluxgate.judging.compare import host_syncs_per_step, is_host_synchronous
+    from fluxgate.storing.fsstore import load_paths
+
+    if not history_dir.is_dir():
+        return {}
+    newest: dict[str, object] = {}
+    for record in load_paths([history_dir]):
+        if record.gpu_class != gpu_class or record.env.get("ab_run") or host_syncs_per_step(record) is None:
+            continue
+        if record.combo not in newest or (record.run_id or "") > (newest[record.combo].run_id or ""):
+            newest[record.combo] = record
+    return {combo: record.run_id for combo, record in newest.items() if is_host_synchronous(record)}
 
 
 def new_ab_id() -> str:
@@ -397,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SideError(f"the sides resolved different devices: base {sides[BASE].hello['device']}, "
                             f"candidate {sides[CANDIDATE].hello['device']}")
         policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
+        synchronous = host_synchronous_combos(options.history_dir, sides[BASE].hello["gpu_class"]) \
+            if device_type == "cuda" else {}
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
         store = LocalFolderStore(options.history_dir)
@@ -421,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{options.total_budget_s:g} spent", file=sys.stderr, flush=True)
                     continue
                 deadline = time.monotonic() + share
+            combo_policy = paired.host_synchronous(policy) if combo.id in synchronous else policy
             print(f"[{index + 1}/{len(options.combos)}] {combo.id}: loading both sides"
-                  + (f" (share of the total budget: {deadline - time.monotonic():.0f} s)" if deadline else ""),
-                  file=sys.stderr, flush=True)
+                  + (f" (share of the total budget: {deadline - time.monotonic():.0f} s)" if deadline else "")
+                  + (f"; host-synchronous in run {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
+                     if combo.id in synchronous else ""), file=sys.stderr, flush=True)
             try:
-                result, settings = _measure_combo(combo, sides, policy, options.budget_s, limits, deadline,
+                result, settings = _measure_combo(combo, sides, combo_policy, options.budget_s, limits, deadline,
                                                   options.steps_by_model.get(combo.model))
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
@@ -435,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks, "
                   f"{time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
             for name, side in sides.items():
-                writers[name].append(_records(result, combo, side.hello, name, settings[name]))
+                writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy))
     except SideError as error:
         print(f"fluxgate.ab: error: {error}", file=sys.stderr)
         return 2

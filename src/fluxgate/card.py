@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.baselines_dir / args.gpu_class / "thresholds.toml"
     thresholds = tomllib.loads(path.read_text()) if path.is_file() else None
     cards = card.build(records, args.gpu_class, thresholds)
-    ab_cards = ab_card.build(records, args.gpu_class)  # recorded A/A A/B runs, if any: the A/B rule's section
+    # recorded A/A A/B runs, if any: the A/B rule's section, host-synchronous combos (from the one-sided runs' kernel
+    # paths) judged as an A/B run judges them
+    ab_cards = ab_card.build(records, args.gpu_class,
+                             host_synchronous=[row.combo for row in cards if row.host_synchronous])
     if not cards and not ab_cards:
         print(f"fluxgate.card: error: no usable records of {args.gpu_class} in {', '.join(map(str, args.runs))}",
               file=sys.stderr)

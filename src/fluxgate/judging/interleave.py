@@ -96,8 +96,9 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
                ) -> ComboResult:
     """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` judged blocks
     or when the next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
-    Disturbed blocks (`paired.disturbance`) are set aside, up to the policy's `max_disturbed` (`paired.Blocks`); the
-    verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
+    Disturbed blocks (`paired.disturbance`) are set aside, up to the policy's `max_disturbed` and unless they keep to
+    one side (`paired.Blocks`); the verdict's message says how many. `on_block(number, pair, seconds so far)` is
+    called after each block (progress).
     Propagates what `image` raises."""
     started, pairs, slowest = clock(), [], 0.0
     blocks = paired.Blocks(policy)
@@ -111,14 +112,18 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"])
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
         disturbed = paired.disturbance(base["step_times_s"], candidate["step_times_s"], policy)
+        judged = blocks.add(ratio, disturbed)
         pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
-                          None if blocks.add(ratio, disturbed) else disturbed))
+                          None if judged else str(disturbed)))
+        if blocks.restored:  # a lopsided set: the blocks set aside are judged after all
+            for pair in pairs:
+                pair.set_aside = None
         now = clock()
         slowest = max(slowest, now - block_start)
         if on_block is not None:
             on_block(len(pairs), pairs[-1], now - started)
         out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s
-        verdict = paired.judge(blocks.ratios, policy, out_of_budget=out_of_budget)
+        verdict = blocks.judge(out_of_budget=out_of_budget)
         if verdict is not None:
             break
     verdict = replace(verdict, message=verdict.message + blocks.note())

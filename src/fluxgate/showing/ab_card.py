@@ -1,22 +1,24 @@
 """The A/B rule's section of a GPU class's detection card: how often an interleaved A/B run (`python -m fluxgate.ab`)
-cries wolf on unchanged code, and how often it sees a slowdown of 1, 2 or 3 %, per combo, from recorded A/A A/B runs.
+cries wolf on unchanged code, and how often it sees a slowdown of 1, 2, 3, 5 or 8 %, per combo, from recorded A/A A/B
+runs.
 
 An A/A A/B run is one whose two sides ran the same tree (equal `ab_tree` digests in the two run files' environments)
 with nothing injected (no `ab_inject`) and no host contention. Each of its combos recorded one candidate/base
 step-time ratio per block (the medians of its two images' steps), and whether the rule sets it aside as disturbed
-(`judging.paired.disturbance`). Per combo, many sequential A/B comparisons are simulated: each picks one recorded run
-and takes its blocks in a random order (without replacement: a live run that could have happened), judging after each draw with the real rule (`paired.Blocks`,
-`paired.judge`, the class's policy: CUDA's, or the CPU's for `cpu`), up to the policy's `max_blocks` (a time budget is
-not simulated):
+(`judging.paired.disturbance`). Per combo, many sequential A/B comparisons are simulated: each picks one usable
+recorded run and takes its blocks in a random order (without replacement: a live run on that load), then draws from
+the same run again up to the policy's `max_blocks`, judging after each block with the real rule (`paired.Blocks`,
+`paired.judge`; the class's policy: CUDA's, or the CPU's for `cpu`; host-synchronous combos
+`paired.host_synchronous`). A time budget is not simulated.
 
 - A/A: the drawn ratios as recorded (a side bias the recorded blocks show is the rule's to answer for). A false
   alarm is SLOW or FAST.
 - Injected +E %: every drawn ratio times 1 + E (a candidate whose steps are all E % slower). Detected when SLOW.
 
-Each figure is a share of the simulated comparisons, with the mean number of blocks they used; each row says how
-many recorded blocks (and runs) it rests on. Resampling a few recorded blocks understates the spread a new run can
-meet (a run on another GPU, another day): with fewer than `FEW_BLOCKS` blocks a row says so. Real A/B runs with a
-slowdown injected (`injected_runs`) are listed beside the resampled figures they check.
+Each figure is a share of the simulated comparisons, with the mean number of blocks they judged; each row says how
+many recorded runs and blocks it rests on. Recorded runs understate the spread a new run can meet (another GPU,
+another day), and a run shorter than `FEW_BLOCKS` blocks repeats its blocks in the later draws: such rows say so.
+Real A/B runs with a slowdown injected (`injected_runs`) are listed beside the resampled figures they check.
 Imports neither torch nor diffusers.
 """
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from fluxgate.judging import paired
 from fluxgate.storing.record import Record
 
-EFFECTS = (0.01, 0.02, 0.03)
+EFFECTS = (0.01, 0.02, 0.03, 0.05, 0.08)  # +5 and +8 %: what host-synchronous combos can show
 SIMULATIONS = 400
 MIN_BLOCKS = 3  # no recorded run of this many blocks: no figures for the combo
 MIN_RUN_BLOCKS = 5  # simulations draw from runs of this many blocks when the combo has one
@@ -45,10 +47,13 @@ class AbComboCard:
     comparisons per outcome and the mean blocks used."""
 
     combo: str
-    runs: int
-    blocks: int
-    spread: float  # standard deviation of the recorded blocks' log ratios
-    disturbed: int = 0  # recorded blocks the rule would set aside (`paired.disturbance`)
+    runs: int  # usable runs the simulations draw from
+    blocks: int  # their blocks
+    spread: float  # standard deviation of their blocks' log ratios
+    disturbed: int = 0  # of those blocks, the disturbed ones (`paired.disturbance`)
+    recorded_runs: int = 0  # A/A runs of the combo recorded, usable or not (`usable`)
+    longest: int = 0  # blocks of the longest usable run
+    host_synchronous: bool = False  # judged with `paired.host_synchronous`
     simulations: int = 0
     outcomes: dict[float, dict[str, float]] = field(default_factory=dict)  # effect -> outcome -> share
     mean_blocks: dict[float, float] = field(default_factory=dict)
@@ -74,7 +79,7 @@ def _images(record: Record) -> list[list[float]]:
     return [steps[i * size:(i + 1) * size] for i in range(images)]
 
 
-Block = tuple[float, "str | None"]  # (candidate/base ratio, why it is disturbed or None)
+Block = tuple[float, "paired.Disturbance | None"]  # (candidate/base ratio, why it is disturbed or None)
 
 
 def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = paired.PairedPolicy()
@@ -129,34 +134,36 @@ def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPoli
     return runs
 
 
-def aa_blocks(records: Iterable[Record], gpu_class: str) -> dict[str, tuple[list[float], int]]:
-    """combo -> (block ratios pooled over the class's A/A A/B runs, how many runs) (`aa_runs`, ratios only)."""
-    return {combo: ([ratio for blocks in runs for ratio, _ in blocks], len(runs))
-            for combo, runs in aa_runs(records, gpu_class).items()}
+def usable(runs: Sequence[Sequence[Block]]) -> list[list[Block]]:
+    """The runs a simulation draws from: those of MIN_RUN_BLOCKS blocks or more; when there are none, those of
+    MIN_BLOCKS or more (a run cut short by its time budget, an early live verdict); possibly none."""
+    pools = [[block if isinstance(block, tuple) else (block, None) for block in run] for run in runs]
+    return [pool for pool in pools if len(pool) >= MIN_RUN_BLOCKS] or \
+        [pool for pool in pools if len(pool) >= MIN_BLOCKS]
 
 
 def simulate(runs: Sequence[Sequence[Block]], policy: paired.PairedPolicy, effect: float, simulations: int,
              rng: random.Random) -> tuple[dict[str, float], float]:
-    """(share of each outcome, mean judged blocks) of `simulations` sequential comparisons. Each picks one recorded
-    run (of MIN_RUN_BLOCKS blocks when there is one, else of MIN_BLOCKS) and takes its blocks in a random order,
-    without replacement, each ratio times 1 + effect, set aside or judged as a live run would (`paired.Blocks`),
-    judged after each by `paired.judge`; when the run's blocks are used up the comparison ends as a live run out of
-    budget does. So every simulated comparison is a live run that could have happened: that run's side bias and
-    spread, its blocks in another order (drawing with replacement from a dozen blocks repeats a few of them and looks
-    surer than any real run). `runs` may also be plain ratios (one run, no disturbances)."""
-    pools = [[block if isinstance(block, tuple) else (block, None) for block in run] for run in runs]
-    pools = [pool for pool in pools if len(pool) >= MIN_RUN_BLOCKS] or \
-        [pool for pool in pools if len(pool) >= MIN_BLOCKS] or pools
+    """(share of each outcome, mean judged blocks) of `simulations` sequential comparisons; `({}, nan)` when no run
+    is `usable`. Each picks one usable run and takes its blocks in a random order, without replacement, then (a live
+    run may go on to the policy's `max_blocks`) draws further blocks from the same run with replacement; each ratio
+    times 1 + effect, set aside or judged as a live run would (`paired.Blocks`), judged after each by `paired.judge`.
+    So every simulated comparison is a live run on that load: its side bias and spread, its blocks in another order
+    (pooling runs would average each load's bias away; drawing a dozen blocks with replacement from the start repeats
+    a few and looks surer than any real run). `runs` may also be plain ratios (one run, no disturbances)."""
+    pools = usable(runs)
+    if not pools:
+        return {}, math.nan
     counts: dict[str, int] = {}
     used = 0
     for _ in range(simulations):
         pool, blocks = rng.choice(pools), paired.Blocks(policy)
         order = rng.sample(pool, len(pool))
-        for index, (ratio, disturbed) in enumerate(order):
+        verdict = None
+        while verdict is None:
+            ratio, disturbed = order.pop() if order else rng.choice(pool)
             blocks.add(ratio * (1 + effect), disturbed)
-            verdict = paired.judge(blocks.ratios, policy, out_of_budget=index == len(order) - 1)
-            if verdict is not None:
-                break
+            verdict = blocks.judge()
         counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
         used += verdict.blocks
     return {outcome: n / simulations for outcome, n in counts.items()}, used / simulations
@@ -168,22 +175,32 @@ def policy_of(gpu_class: str) -> paired.PairedPolicy:
 
 
 def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] = EFFECTS,
-          simulations: int = SIMULATIONS, seed: int = 0, policy: paired.PairedPolicy | None = None
-          ) -> list[AbComboCard]:
+          simulations: int = SIMULATIONS, seed: int = 0, policy: paired.PairedPolicy | None = None,
+          host_synchronous: Iterable[str] = ()) -> list[AbComboCard]:
     """The section's rows (module docs), sorted by combo; seeded per combo, so the same records give the same card.
-    A combo with no recorded run of MIN_BLOCKS blocks gets a row without figures (`simulations` 0)."""
+    Combos in `host_synchronous` are judged with the host-synchronous policy (`paired.host_synchronous`), as an A/B
+    run judges them. A combo with no usable run gets a row without figures (`simulations` 0)."""
     policy = policy or policy_of(gpu_class)
+    records = list(records)
+    synchronous = set(host_synchronous) | {  # and those an A/B run itself judged as host-synchronous
+        combo for combo, _, candidate in _ab_pairs(records, gpu_class)
+        if ((candidate.extra.get("ab") or {}).get("min_effect") or 0) >= paired.HOST_SYNC_EFFECT}
     cards = []
     for combo, runs in sorted(aa_runs(records, gpu_class, policy).items()):
-        ratios = [ratio for blocks in runs for ratio, _ in blocks]
+        pools = usable(runs)
+        ratios = [ratio for blocks in pools for ratio, _ in blocks]
         spread = statistics.stdev(math.log(r) for r in ratios) if len(ratios) > 1 else math.nan
-        card = AbComboCard(combo, len(runs), len(ratios), spread,
-                           disturbed=sum(1 for blocks in runs for _, why in blocks if why))
-        if max(len(blocks) for blocks in runs) >= MIN_BLOCKS:
+        card = AbComboCard(combo, len(pools), len(ratios), spread,
+                           disturbed=sum(1 for blocks in pools for _, why in blocks if why),
+                           recorded_runs=len(runs), longest=max((len(b) for b in pools), default=0),
+                           host_synchronous=combo in synchronous)
+        if pools:
+            combo_policy = paired.host_synchronous(policy) if card.host_synchronous else policy
             rng = random.Random(seed * 1_000_003 + zlib.crc32(combo.encode()))
             card.simulations = simulations
             for effect in (0.0, *effects):
-                card.outcomes[effect], card.mean_blocks[effect] = simulate(runs, policy, effect, simulations, rng)
+                card.outcomes[effect], card.mean_blocks[effect] = simulate(pools, combo_policy, effect, simulations,
+                                                                           rng)
         cards.append(card)
     return cards
 
@@ -198,6 +215,7 @@ class InjectedRun:
     outcome: str
     ratio: float
     blocks: int
+    min_effect: float | None = None  # the rule's minimum effect it was judged with (None: not recorded)
 
 
 def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun]:
@@ -210,7 +228,7 @@ def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun
         if inject.get("combo") not in ("*", combo) or not ab.get("outcome"):
             continue
         found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab["outcome"],
-                                 float(ab.get("ratio") or math.nan), int(ab.get("blocks") or 0)))
+                                 float(ab.get("ratio") or math.nan), int(ab.get("blocks") or 0), ab.get("min_effect")))
     return sorted(found, key=lambda run: (run.combo, run.run))
 
 
@@ -219,11 +237,11 @@ def _share(value: float, blocks: float) -> str:
 
 
 def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPolicy | None = None,
-             injected: list[InjectedRun] | None = None, host_synchronous: Iterable[str] = ()) -> str:
+             injected: list[InjectedRun] | None = None) -> str:
     """The card's A/B section as markdown (empty when there are no A/A A/B records of the class): how it was made,
-    the headline figures (A/A false alarms: mean and highest; detection at +2 % of the combos not in
-    `host_synchronous`), one row per combo, then the real injected runs (`injected_runs`) beside the resampled
-    figure for the same effect."""
+    the headline figures (A/A false alarms: mean and highest; detection at +2 % of the combos that are not
+    host-synchronous), one row per combo, then the real injected runs (`injected_runs`) beside the resampled figure
+    for the same effect."""
     if not cards:
         return ""
     policy = policy or policy_of(gpu_class)
@@ -231,20 +249,22 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
     measured = [card for card in cards if card.simulations]
     simulations = max((card.simulations for card in measured), default=0)
     runs = max(card.runs for card in cards)
-    synchronous = set(host_synchronous)
+    synchronous = {card.combo for card in cards if card.host_synchronous}
     lines = ["## The A/B rule (interleaved base and candidate on one GPU)", "",
              f"From recorded A/A A/B runs of {gpu_class} (`python -m fluxgate.ab`, both sides the same tree, nothing "
-             f"injected; up to {runs} runs per combo): {simulations} sequential comparisons per combo, each picking "
-             f"one recorded run (of {MIN_RUN_BLOCKS}+ blocks when there is one) and taking its blocks' "
-             "candidate/base ratios in a random order, without replacement, judged after each by the A/B rule (`judging.paired`: "
-             f"±{policy.equivalence:.1%} equivalence, {policy.min_effect:.2%} effect, {policy.confidence:.1%} per "
-             f"look, {policy.min_blocks}-{policy.max_blocks} blocks, up to {policy.max_disturbed} disturbed blocks "
-             "set aside; a comparison whose run has no blocks left ends as a live run out of budget does). A false alarm "
-             "is SLOW or FAST on the ratios as recorded; detection is SLOW with every ratio stretched by the effect. "
-             "Each cell: the share of the simulated comparisons (the mean blocks they judged). Each simulated "
-             "comparison is a live run that could have happened (that run's side bias and spread, its blocks in "
-             "another order); recorded runs cannot show a spread they did not have: rows resting on fewer than "
-             f"{FEW_BLOCKS} blocks are marked.", ""]
+             f"injected; up to {runs} usable runs per combo: of {MIN_RUN_BLOCKS}+ blocks, or {MIN_BLOCKS}+ where "
+             f"none is that long): {simulations} sequential comparisons per combo, each picking one usable run and "
+             "taking its blocks' candidate/base ratios in a random order, without replacement, then drawing from "
+             "the same run again up to the rule's block limit; judged after each block by the A/B rule "
+             f"(`judging.paired`: ±{policy.equivalence:.1%} equivalence, {policy.min_effect:.2%} effect, "
+             f"{policy.confidence:.1%} per look, {policy.min_blocks}-{policy.max_blocks} judged blocks, up to "
+             f"{policy.max_disturbed} disturbed blocks set aside unless they keep to one side; host-synchronous "
+             f"combos at ±{paired.host_synchronous(policy).min_effect:.0%}; no time budget). A false alarm is SLOW or "
+             "FAST on the ratios as recorded; detection is SLOW with every ratio stretched by the effect. Each cell: "
+             "the share of the simulated comparisons (the mean blocks they judged). Each simulated comparison is a "
+             "live run on one recorded load (its side bias and spread); recorded runs cannot show a spread they did "
+             f"not have, and rows whose longest run is under {FEW_BLOCKS} blocks are marked: their later draws "
+             "repeat blocks.", ""]
     if measured:
         alarms = statistics.fmean(card.false_alarms for card in measured)
         worst = max(measured, key=lambda card: card.false_alarms)
@@ -258,12 +278,13 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
             lines.append(f"Detected at +2 %, the {len(gated)} combos that are not host-synchronous: at least "
                          f"**{weakest.detected(0.02):.0%}** ({lowest}).")
         lines.append("")
-    lines += ["| combo | runs | recorded blocks | set aside | block spread | A/A false alarms | A/A SAME | "
+    lines += ["| combo | usable runs (recorded) | blocks | disturbed | block spread | A/A false alarms | A/A SAME | "
               + " | ".join(f"detected at +{e:.0%}" for e in effects) + " | note |",
               "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * len(effects) + "---|"]
     for card in cards:
         spread = "—" if math.isnan(card.spread) else f"{card.spread:.2%}"
-        notes = ["host-synchronous"] if card.combo in synchronous else []
+        notes = [f"host-synchronous: judged at ±{paired.host_synchronous(policy).min_effect:.0%}"] \
+            if card.host_synchronous else []
         if not card.simulations:
             cells = ["—"] * (2 + len(effects))
             notes.append(f"no run of {MIN_BLOCKS}+ recorded blocks: no figures")
@@ -271,25 +292,29 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
             cells = [_share(card.false_alarms, card.mean_blocks[0.0]),
                      _share(card.outcomes[0.0].get(paired.SAME, 0.0), card.mean_blocks[0.0]),
                      *(_share(card.detected(e), card.mean_blocks[e]) for e in effects)]
-            if card.blocks < FEW_BLOCKS:
-                notes.append(f"few blocks ({card.blocks} < {FEW_BLOCKS}): shares are optimistic")
-        lines.append("| " + " | ".join([f"`{card.combo}`", str(card.runs), str(card.blocks), str(card.disturbed),
-                                         spread, *cells, "; ".join(notes)]) + " |")
+            if card.longest < FEW_BLOCKS:
+                notes.append(f"runs of {card.longest} blocks at most: shares are optimistic")
+        lines.append("| " + " | ".join([f"`{card.combo}`", f"{card.runs} ({card.recorded_runs})", str(card.blocks),
+                                         str(card.disturbed), spread, *cells, "; ".join(notes)]) + " |")
     if injected:
         by_combo = {card.combo: card for card in cards}
         lines += ["", "### Real injected runs", "",
                   "A/B runs on the GPU with the candidate's steps slowed by a GPU-side delay of the stated fraction of "
                   "its first step (`--inject-slow`, tests/injectors/slow_combo.py), judged live by the same rule: the "
                   "check of the resampled detection above. The measured ratio is below the fraction where the first "
-                  "step is shorter than the steady steps.", "",
-                  "| combo | injected | run | verdict | blocks judged | measured ratio | resampled detection at that "
-                  "effect |", "|---|--:|---|---|--:|--:|--:|"]
+                  "step is shorter than the steady steps. The verdict is as recorded, under the rule's minimum effect of "
+                  "that run (not recorded by fluxgate before it stored it: 0.5 % with no host-synchronous rule and "
+                  "nothing set aside until the A/B runs of 2026-11-30 14:09 UTC, 0.75 % with both from then); the "
+                  "resampled figure is today's rule.", "",
+                  "| combo | injected | run | rule's effect | verdict | blocks judged | measured ratio | resampled "
+                  "detection at that effect |", "|---|--:|---|--:|---|--:|--:|--:|"]
         for run in injected:
             card = by_combo.get(run.combo)
             effect = min(card.outcomes, key=lambda e: abs(e - run.fraction)) if card and card.outcomes else None
             resampled = f"{card.detected(effect):.0%} at +{effect:.0%}" if effect else "—"
-            lines.append(f"| `{run.combo}` | +{run.fraction:.1%} | `{run.run}` | {run.outcome} | {run.blocks} | "
-                         f"{run.ratio:.4f} | {resampled} |")
+            rule = f"{run.min_effect:.2%}" if run.min_effect is not None else "not recorded"
+            lines.append(f"| `{run.combo}` | +{run.fraction:.1%} | `{run.run}` | {rule} | {run.outcome} | {run.blocks} "
+                         f"| {run.ratio:.4f} | {resampled} |")
         slow = sum(run.outcome == paired.SLOW for run in injected if run.combo not in synchronous)
         total = sum(run.combo not in synchronous for run in injected)
         lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW."]

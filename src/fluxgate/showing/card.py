@@ -94,8 +94,7 @@ def markdown(cards: list[ComboCard], gpu_class: str, runs: int, ab_cards: list |
     if ab_cards:
         from fluxgate.showing import ab_card
 
-        synchronous = [card.combo for card in cards if card.host_synchronous]
-        text += "\n" + ab_card.markdown(ab_cards, gpu_class, injected=injected, host_synchronous=synchronous)
+        text += "\n" + ab_card.markdown(ab_cards, gpu_class, injected=injected)
     return text
 
 
