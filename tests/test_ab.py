@@ -347,7 +347,7 @@ def test_a_disturbed_block_is_set_aside_and_another_measured_but_never_makes_sam
     assert [bool(pair.set_aside) for pair in slow.pairs][:3] == [False, True, False]
     assert slow.verdict.blocks == len(slow.pairs) - 1 and "1 disturbed block(s) set aside" in slow.verdict.message
     same = interleave.run_blocks("m[bf16]", sides(1.0), policy, budget_s=1e9)  # SAME only without the burst
-    assert same.verdict.outcome == paired.UNKNOWN and "not with the 1 disturbed block(s)" in same.verdict.message
+    assert same.verdict.outcome == paired.UNKNOWN and "SAME without the 1 disturbed block(s) set aside" in same.verdict.message
 
 
 def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_history(tmp_path):
@@ -363,8 +363,12 @@ def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_histo
                                                                      kernel_path={"host_syncs_per_step": syncs})))
 
     run("20261130T010000Z-aaaaaa", 2)
-    run("20261130T020000Z-bbbbbb", 24)  # newest one-sided run: host-synchronous
-    run("20261130T030000Z-cccccc-base", 0, {"ab_run": "x", "ab_side": "base"})  # A/B runs do not count
-    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {"flux1-dev[nvfp4]": "20261130T020000Z-bbbbbb"}
+    run("20261130T020000Z-bbbbbb", 24)  # newest one-sided run host-synchronous, the one before not: a PR that made
+    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {}  # it so keeps the tighter rule
+    run("20261130T030000Z-cccccc", 24)
+    run("20261130T040000Z-dddddd-base", 0, {"ab_run": "x", "ab_side": "base"})  # A/B runs do not count
+    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200", window=1) == {
+        "flux1-dev[nvfp4]": "host-synchronous in its 2 newest one-sided runs (to 20261130T030000Z-cccccc)"}
+    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {}  # within the default window, one is not
     assert ab.host_synchronous_combos(tmp_path, "nvidia-h100") == {}
     assert ab.host_synchronous_combos(tmp_path / "none", "nvidia-h200") == {}

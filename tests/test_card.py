@@ -144,6 +144,9 @@ def test_simulations_draw_from_usable_runs_and_an_empty_pool_has_no_figures():
 
     short, long_ = [1.0, 1.01, 0.99], [1.0, 1.002, 0.998, 1.001, 0.999, 1.0]
     assert ab_card.usable([short, long_]) == [[(r, None) for r in long_]]  # a run of 5+ blocks exists
+    rows = ab_card.build(ab_run(0, short) + ab_run(1, long_), "nvidia-h200", simulations=20)
+    assert rows[0].left_out == [(3, pytest.approx(1.0, abs=1e-3))]
+    assert "left out, too short: a run of 3 blocks at" in ab_card.markdown(rows, "nvidia-h200")
     assert ab_card.usable([short, [1.0]]) == [[(r, None) for r in short]]
     assert ab_card.usable([[1.0, 1.0]]) == [] and ab_card.usable([[]]) == []
     shares, used = ab_card.simulate([[]], paired.PairedPolicy(), 0.0, 10, random.Random(0))
@@ -161,6 +164,10 @@ def test_a_host_synchronous_combo_is_simulated_at_its_own_effect():
     (plain,) = ab_card.build(biased, "nvidia-h200", simulations=100)
     (synchronous,) = ab_card.build(biased, "nvidia-h200", simulations=100, host_synchronous=["flux1-dev[nvfp4]"])
     assert plain.false_alarms == 1.0 and synchronous.false_alarms == 0.0 and synchronous.host_synchronous
+    for record in biased:  # or as an A/B run recorded it
+        record.extra["ab"]["host_synchronous"] = True
+    (recorded,) = ab_card.build(biased, "nvidia-h200", simulations=100)
+    assert recorded.host_synchronous and recorded.false_alarms == 0.0
     assert "host-synchronous: judged at ±4%" in ab_card.markdown([synchronous], "nvidia-h200")
 
 

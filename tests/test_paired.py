@@ -141,7 +141,23 @@ def test_same_needs_the_set_aside_blocks_inside_the_band_too():
     assert judge(blocks.ratios).outcome == SAME and blocks.judge() is None  # 0.93 set aside, yet not SAME yet
     blocks.add(1.0)
     verdict = blocks.judge()
-    assert verdict.outcome == UNKNOWN and "not with the 1 disturbed block(s) set aside" in verdict.message
+    assert verdict.outcome == UNKNOWN and "SAME without the 1 disturbed block(s) set aside, UNKNOWN with them" \
+        in verdict.message
+
+
+def test_set_aside_blocks_never_turn_slow_into_same():
+    from fluxgate.judging.paired import Blocks, Disturbance
+
+    stall = Disturbance("candidate", 0.05, 0.001)
+    rng, blocks = random.Random(3), Blocks(PairedPolicy())
+    for index in range(20):  # 18 blocks at +0.68 %, two stalled candidate images at +1.5 %
+        blocks.add(1.015 if index in (4, 11) else 1.0068 + rng.uniform(-0.0004, 0.0004), stall if index in (4, 11)
+                   else None)
+    assert judge(blocks.ratios).outcome == SAME  # the judged blocks alone
+    assert judge(blocks.ratios + [1.015, 1.015]).outcome == SLOW  # every block
+    assert blocks.judge() is None  # room for more blocks: measure on
+    verdict = blocks.judge(out_of_budget=True)
+    assert verdict.outcome == UNKNOWN and "SLOW with them" in verdict.message
 
 
 def test_a_host_synchronous_combo_is_judged_at_its_own_wider_effect():

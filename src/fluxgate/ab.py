@@ -12,7 +12,8 @@ alternating (A B, B A, ...), until the paired verdict (`fluxgate.judging.paired`
 SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged blocks or --budget-s (--ab-min-blocks: no verdict before that
 many). A disturbed block (one side's steps spread by a burst of host work) is set aside and another measured, up to 5
 per combo and unless they keep to one side. A combo that the newest one-sided run of its class in --history-dir found
-host-synchronous (on a PR: the same job's `nox -s perf-gpu`) is judged at its own ±4 % (`paired.host_synchronous`).
+host-synchronous, and the one-sided runs before it too, is judged at its own ±4 % (`paired.host_synchronous`; a combo
+that only the newest run, e.g. the PR's own, found host-synchronous keeps the tighter rule).
 Memory (candidate/base peak GiB) and similarity
 (MS-SSIM of the candidate's image against the base's of the same seed) are judged on the same pairs.
 
@@ -343,7 +344,7 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
 
 
 def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
-             policy: paired.PairedPolicy | None = None):
+             policy: paired.PairedPolicy | None = None, host_synchronous: bool = False):
     """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]`."""
     from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
 
@@ -364,7 +365,7 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
           "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
           "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention}
     if policy is not None:
-        ab.update(min_effect=policy.min_effect, equivalence=policy.equivalence)
+        ab.update(min_effect=policy.min_effect, equivalence=policy.equivalence, host_synchronous=host_synchronous)
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
@@ -372,23 +373,30 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                   if failed else None, extra={"ab": ab})
 
 
-def host_synchronous_combos(history_dir: Path, gpu_class: str) -> dict[str, str]:
-    """combo -> the one-sided run (newest of the class in `history_dir`) whose kernel path shows it host-synchronous
-    (`judging.compare.is_host_synchronous`): an A/B run judges those with `paired.host_synchronous`. On a PR the
-    one-sided `nox -s perf-gpu` of the same job has just written them. Empty when the folder holds none; unreadable
-    runs are skipped (`load_paths` warns)."""
+def host_synchronous_combos(history_dir: Path, gpu_class: str, window: int = 5) -> dict[str, str]:
+    """combo -> why an A/B run judges it with `paired.host_synchronous`: its newest one-sided record of the class in
+    `history_dir` AND the `window` one-sided records before it all show it host-synchronous (their kernel paths:
+    `judging.compare.is_host_synchronous`), at least one of them older. On a PR the newest is the PR's own
+    `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step, which may be the
+    regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty when the folder
+    holds no such records; unreadable runs are skipped (`load_paths` warns)."""
     from fluxgate.judging.compare import host_syncs_per_step, is_host_synchronous
     from fluxgate.storing.fsstore import load_paths
 
     if not history_dir.is_dir():
         return {}
-    newest: dict[str, object] = {}
+    runs: dict[str, list] = {}
     for record in load_paths([history_dir]):
-        if record.gpu_class != gpu_class or record.env.get("ab_run") or host_syncs_per_step(record) is None:
-            continue
-        if record.combo not in newest or (record.run_id or "") > (newest[record.combo].run_id or ""):
-            newest[record.combo] = record
-    return {combo: record.run_id for combo, record in newest.items() if is_host_synchronous(record)}
+        if record.gpu_class == gpu_class and not record.env.get("ab_run") and host_syncs_per_step(record) is not None:
+            runs.setdefault(record.combo, []).append(record)
+    found = {}
+    for combo, records in runs.items():
+        records.sort(key=lambda record: record.run_id or "")
+        recent = records[-(window + 1):]
+        if len(recent) >= 2 and all(is_host_synchronous(record) for record in recent):
+            found[combo] = (f"host-synchronous in its {len(recent)} newest one-sided runs (to "
+                            f"{recent[-1].run_id or 'an unnamed run'})")
+    return found
 
 
 def new_ab_id() -> str:
@@ -452,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             combo_policy = paired.host_synchronous(policy) if combo.id in synchronous else policy
             print(f"[{index + 1}/{len(options.combos)}] {combo.id}: loading both sides"
                   + (f" (share of the total budget: {deadline - time.monotonic():.0f} s)" if deadline else "")
-                  + (f"; host-synchronous in run {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
+                  + (f"; {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
                      if combo.id in synchronous else ""), file=sys.stderr, flush=True)
             try:
                 result, settings = _measure_combo(combo, sides, combo_policy, options.budget_s, limits, deadline,
@@ -465,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks, "
                   f"{time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
             for name, side in sides.items():
-                writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy))
+                writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy,
+                                              combo.id in synchronous))
     except SideError as error:
         print(f"fluxgate.ab: error: {error}", file=sys.stderr)
         return 2

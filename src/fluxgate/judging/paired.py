@@ -161,22 +161,23 @@ class Blocks:
         return False
 
     def judge(self, out_of_budget: bool = False) -> PairedVerdict | None:
-        """`judge` on the judged blocks, with one more condition: SAME needs the interval of every block, the ones
-        set aside included, inside the band as well. Setting blocks aside may keep a burst from making SLOW or FAST
-        or from hiding a slowdown, but never turns unclear blocks into SAME: until more blocks settle it this
-        answers None, and UNKNOWN when no more can be measured (`out_of_budget` or `max_blocks`)."""
+        """`judge` on the judged blocks, with one more condition: SAME needs `judge` on every block, the ones set aside
+        included, to say SAME as well. Setting blocks aside may keep a burst from making SLOW or FAST or from hiding
+        a slowdown, but never turns blocks that are unclear (or SLOW, or FAST) with them into SAME: until more blocks
+        settle it this answers None, and UNKNOWN when no more can be measured (`out_of_budget` or `max_blocks`)."""
         verdict = judge(self.ratios, self.policy, out_of_budget)
         if verdict is None or verdict.outcome != SAME or not self.set_aside or self.restored:
             return verdict
-        every = self.ratios + [ratio for ratio, _ in self.set_aside]
-        _, low, high = interval(every, self.policy.confidence)
-        if low > 1 - self.policy.equivalence and high < 1 + self.policy.equivalence:
+        every = judge(self.ratios + [ratio for ratio, _ in self.set_aside], self.policy, out_of_budget=True)
+        if every.outcome == SAME:
             return verdict
         if len(self.ratios) < self.policy.max_blocks and not out_of_budget:
             return None
         return PairedVerdict(UNKNOWN, verdict.ratio, verdict.low, verdict.high, verdict.blocks,
-                             "UNKNOWN" + verdict.message.removeprefix("SAME") + f", but not with the "
-                             f"{len(self.set_aside)} disturbed block(s) set aside: more blocks would settle it")
+                             f"UNKNOWN: candidate/base step time {verdict.ratio:.4f} ({verdict.ratio - 1:+.2%}), "
+                             f"{self.policy.confidence:.1%} interval {verdict.low:.4f}-{verdict.high:.4f}, "
+                             f"{verdict.blocks} blocks: SAME without the {len(self.set_aside)} disturbed block(s) set "
+                             f"aside, {every.outcome} with them ({every.ratio - 1:+.2%})")
 
     def note(self) -> str:
         """`; 2 disturbed block(s) set aside (base's steps spread ...)`, the restored ones' line, or empty."""

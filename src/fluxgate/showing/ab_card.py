@@ -17,7 +17,7 @@ the same run again up to the policy's `max_blocks`, judging after each block wit
 
 Each figure is a share of the simulated comparisons, with the mean number of blocks they judged; each row says how
 many recorded runs and blocks it rests on. Recorded runs understate the spread a new run can meet (another GPU,
-another day), and a run shorter than `FEW_BLOCKS` blocks repeats its blocks in the later draws: such rows say so.
+another day), and a run shorter than the policy's `max_blocks` repeats its blocks in the later draws: such rows say so.
 Real A/B runs with a slowdown injected (`injected_runs`) are listed beside the resampled figures they check.
 Imports neither torch nor diffusers.
 """
@@ -38,7 +38,6 @@ EFFECTS = (0.01, 0.02, 0.03, 0.05, 0.08)  # +5 and +8 %: what host-synchronous c
 SIMULATIONS = 400
 MIN_BLOCKS = 3  # no recorded run of this many blocks: no figures for the combo
 MIN_RUN_BLOCKS = 5  # simulations draw from runs of this many blocks when the combo has one
-FEW_BLOCKS = 20  # fewer than this: the row warns that the shares are optimistic
 
 
 @dataclass
@@ -54,6 +53,7 @@ class AbComboCard:
     recorded_runs: int = 0  # A/A runs of the combo recorded, usable or not (`usable`)
     longest: int = 0  # blocks of the longest usable run
     host_synchronous: bool = False  # judged with `paired.host_synchronous`
+    left_out: list[tuple[int, float]] = field(default_factory=list)  # (blocks, geometric mean ratio) of unused runs
     simulations: int = 0
     outcomes: dict[float, dict[str, float]] = field(default_factory=dict)  # effect -> outcome -> share
     mean_blocks: dict[float, float] = field(default_factory=dict)
@@ -80,6 +80,11 @@ def _images(record: Record) -> list[list[float]]:
 
 
 Block = tuple[float, "paired.Disturbance | None"]  # (candidate/base ratio, why it is disturbed or None)
+
+
+def _mean(blocks: Sequence[Block]) -> float:
+    """Geometric mean ratio of a run's blocks."""
+    return math.exp(statistics.fmean(math.log(ratio) for ratio, _ in blocks))
 
 
 def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = paired.PairedPolicy()
@@ -184,7 +189,7 @@ def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] 
     records = list(records)
     synchronous = set(host_synchronous) | {  # and those an A/B run itself judged as host-synchronous
         combo for combo, _, candidate in _ab_pairs(records, gpu_class)
-        if ((candidate.extra.get("ab") or {}).get("min_effect") or 0) >= paired.HOST_SYNC_EFFECT}
+        if (candidate.extra.get("ab") or {}).get("host_synchronous")}
     cards = []
     for combo, runs in sorted(aa_runs(records, gpu_class, policy).items()):
         pools = usable(runs)
@@ -193,7 +198,9 @@ def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] 
         card = AbComboCard(combo, len(pools), len(ratios), spread,
                            disturbed=sum(1 for blocks in pools for _, why in blocks if why),
                            recorded_runs=len(runs), longest=max((len(b) for b in pools), default=0),
-                           host_synchronous=combo in synchronous)
+                           host_synchronous=combo in synchronous,
+                           left_out=[(len(blocks), _mean(blocks)) for blocks in runs
+                                     if not any(blocks is pool or blocks == pool for pool in pools)])
         if pools:
             combo_policy = paired.host_synchronous(policy) if card.host_synchronous else policy
             rng = random.Random(seed * 1_000_003 + zlib.crc32(combo.encode()))
@@ -258,13 +265,14 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
              "the same run again up to the rule's block limit; judged after each block by the A/B rule "
              f"(`judging.paired`: ±{policy.equivalence:.1%} equivalence, {policy.min_effect:.2%} effect, "
              f"{policy.confidence:.1%} per look, {policy.min_blocks}-{policy.max_blocks} judged blocks, up to "
-             f"{policy.max_disturbed} disturbed blocks set aside unless they keep to one side; host-synchronous "
-             f"combos at ±{paired.host_synchronous(policy).min_effect:.0%}; no time budget). A false alarm is SLOW or "
+             f"{policy.max_disturbed} disturbed blocks set aside unless they keep to one side"
+             + (f"; host-synchronous combos at ±{paired.host_synchronous(policy).min_effect:.0%}" if synchronous
+                else "") + "; no time budget). A false alarm is SLOW or "
              "FAST on the ratios as recorded; detection is SLOW with every ratio stretched by the effect. Each cell: "
              "the share of the simulated comparisons (the mean blocks they judged). Each simulated comparison is a "
              "live run on one recorded load (its side bias and spread); recorded runs cannot show a spread they did "
-             f"not have, and rows whose longest run is under {FEW_BLOCKS} blocks are marked: their later draws "
-             "repeat blocks.", ""]
+             f"not have, and rows whose longest run is under {policy.max_blocks} blocks are marked: their later "
+             "draws repeat blocks; runs too short to draw from are named in the row.", ""]
     if measured:
         alarms = statistics.fmean(card.false_alarms for card in measured)
         worst = max(measured, key=lambda card: card.false_alarms)
@@ -292,8 +300,11 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
             cells = [_share(card.false_alarms, card.mean_blocks[0.0]),
                      _share(card.outcomes[0.0].get(paired.SAME, 0.0), card.mean_blocks[0.0]),
                      *(_share(card.detected(e), card.mean_blocks[e]) for e in effects)]
-            if card.longest < FEW_BLOCKS:
+            if card.longest < policy.max_blocks:
                 notes.append(f"runs of {card.longest} blocks at most: shares are optimistic")
+        if card.left_out:
+            notes.append("left out, too short: " + ", ".join(f"a run of {n} blocks at {mean - 1:+.2%}"
+                                                            for n, mean in card.left_out))
         lines.append("| " + " | ".join([f"`{card.combo}`", f"{card.runs} ({card.recorded_runs})", str(card.blocks),
                                          str(card.disturbed), spread, *cells, "; ".join(notes)]) + " |")
     if injected:
@@ -303,9 +314,9 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
                   "its first step (`--inject-slow`, tests/injectors/slow_combo.py), judged live by the same rule: the "
                   "check of the resampled detection above. The measured ratio is below the fraction where the first "
                   "step is shorter than the steady steps. The verdict is as recorded, under the rule's minimum effect of "
-                  "that run (not recorded by fluxgate before it stored it: 0.5 % with no host-synchronous rule and "
-                  "nothing set aside until the A/B runs of 2026-11-30 14:09 UTC, 0.75 % with both from then); the "
-                  "resampled figure is today's rule.", "",
+                  "that run (where not recorded: 0.5 % with nothing set aside before the A/B runs of 2026-11-30 14:09 UTC, "
+                  "0.75 % with set-aside from then; neither had the host-synchronous rule); the resampled figure is "
+                  "today's rule.", "",
                   "| combo | injected | run | rule's effect | verdict | blocks judged | measured ratio | resampled "
                   "detection at that effect |", "|---|--:|---|--:|---|--:|--:|--:|"]
         for run in injected:
