@@ -170,8 +170,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--total-budget-s", type=_positive(float),
                         help="seconds for the whole run: each combo (loading included) gets at most its share of what "
                              "is left; combos left without time are listed as not measured [none]")
-    parser.add_argument("--ab-max-blocks", type=_positive(int), help="blocks per combo at most [policy's: 20 CUDA, "
-                        "12 CPU]")
+    parser.add_argument("--ab-max-blocks", type=_positive(int), help="judged blocks per combo at most (set-aside "
+                        "disturbed blocks come on top) [policy's: 20 CUDA, 12 CPU]")
     parser.add_argument("--ab-min-blocks", type=_positive(int),
                         help="blocks per combo at least, whatever the verdict after fewer (raises --ab-max-blocks to "
                              "it): record a fixed number of blocks, e.g. A/A evidence for the detection card "
