@@ -344,8 +344,9 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
 
 
 def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
-             policy: paired.PairedPolicy | None = None, host_synchronous: bool = False):
-    """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]`."""
+             policy: paired.PairedPolicy, host_synchronous: bool):
+    """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]` with the policy it
+    was judged by."""
     from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
 
     answers = [getattr(pair, side) for pair in result.pairs]
@@ -363,9 +364,8 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
           "ratios": [pair.ratio for pair in result.pairs], "orders": ["".join(s[0] for s in p.order) for p in
                                                                        result.pairs],
           "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
-          "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention}
-    if policy is not None:
-        ab.update(min_effect=policy.min_effect, equivalence=policy.equivalence, host_synchronous=host_synchronous)
+          "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention,
+          "min_effect": policy.min_effect, "equivalence": policy.equivalence, "host_synchronous": host_synchronous}
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,

@@ -115,9 +115,6 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         judged = blocks.add(ratio, disturbed)
         pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
                           None if judged else str(disturbed)))
-        if blocks.restored:  # a lopsided set: the blocks set aside are judged after all
-            for pair in pairs:
-                pair.set_aside = None
         now = clock()
         slowest = max(slowest, now - block_start)
         if on_block is not None:
@@ -126,6 +123,9 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         verdict = blocks.judge(out_of_budget=out_of_budget)
         if verdict is not None:
             break
+    if blocks.restored:  # a lopsided set: the blocks set aside were judged after all
+        for pair in pairs:
+            pair.set_aside = None
     verdict = replace(verdict, message=verdict.message + blocks.note())
     return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images)
 

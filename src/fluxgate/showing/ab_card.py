@@ -139,12 +139,18 @@ def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPoli
     return runs
 
 
-def usable(runs: Sequence[Sequence[Block]]) -> list[list[Block]]:
-    """The runs a simulation draws from: those of MIN_RUN_BLOCKS blocks or more; when there are none, those of
-    MIN_BLOCKS or more (a run cut short by its time budget, an early live verdict); possibly none."""
+def partition(runs: Sequence[Sequence[Block]]) -> tuple[list[list[Block]], list[list[Block]]]:
+    """(usable, left out) runs: usable are those of MIN_RUN_BLOCKS blocks or more; when there are none, those of
+    MIN_BLOCKS or more (a run cut short by its time budget, an early live verdict); possibly none. `runs` may also
+    hold plain ratios (no disturbances)."""
     pools = [[block if isinstance(block, tuple) else (block, None) for block in run] for run in runs]
-    return [pool for pool in pools if len(pool) >= MIN_RUN_BLOCKS] or \
-        [pool for pool in pools if len(pool) >= MIN_BLOCKS]
+    least = MIN_RUN_BLOCKS if any(len(pool) >= MIN_RUN_BLOCKS for pool in pools) else MIN_BLOCKS
+    return [pool for pool in pools if len(pool) >= least], [pool for pool in pools if len(pool) < least]
+
+
+def usable(runs: Sequence[Sequence[Block]]) -> list[list[Block]]:
+    """The runs a simulation draws from (`partition`)."""
+    return partition(runs)[0]
 
 
 def simulate(runs: Sequence[Sequence[Block]], policy: paired.PairedPolicy, effect: float, simulations: int,
@@ -192,15 +198,14 @@ def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] 
         if (candidate.extra.get("ab") or {}).get("host_synchronous")}
     cards = []
     for combo, runs in sorted(aa_runs(records, gpu_class, policy).items()):
-        pools = usable(runs)
+        pools, short = partition(runs)
         ratios = [ratio for blocks in pools for ratio, _ in blocks]
         spread = statistics.stdev(math.log(r) for r in ratios) if len(ratios) > 1 else math.nan
         card = AbComboCard(combo, len(pools), len(ratios), spread,
                            disturbed=sum(1 for blocks in pools for _, why in blocks if why),
                            recorded_runs=len(runs), longest=max((len(b) for b in pools), default=0),
                            host_synchronous=combo in synchronous,
-                           left_out=[(len(blocks), _mean(blocks)) for blocks in runs
-                                     if not any(blocks is pool or blocks == pool for pool in pools)])
+                           left_out=[(len(blocks), _mean(blocks)) for blocks in short])
         if pools:
             combo_policy = paired.host_synchronous(policy) if card.host_synchronous else policy
             rng = random.Random(seed * 1_000_003 + zlib.crc32(combo.encode()))
