@@ -167,18 +167,41 @@ def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(
     assert "--cuda-alloc-conf" in matrix.runpytest("--help").stdout.str()
 
 
-def test_cupti_teardown_is_set_before_the_first_combo(matrix, monkeypatch):
+def test_a_session_without_fluxgate_items_sees_no_environment_variable_changed(matrix, monkeypatch):
+    from fluxgate import environ
     from fluxgate.measuring import kernels
 
-    monkeypatch.setenv(kernels.CUPTI_TEARDOWN_ENV, "")  # so the test's end restores this process's own setting
-    monkeypatch.delenv(kernels.CUPTI_TEARDOWN_ENV)
+    for name in (kernels.CUPTI_TEARDOWN_ENV, environ.ALLOC_CONF_ENV, *environ.DEFAULTS):
+        monkeypatch.delenv(name, raising=False)
+    matrix.makepyfile(test_own="""
+        import os
+
+        def test_own():
+            assert not {"TEARDOWN_CUPTI", "HF_HUB_OFFLINE", "DIFFUSERS_GGUF_CUDA_KERNELS"} & set(os.environ)
+    """)
+    matrix.runpytest("test_own.py", "--cuda-alloc-conf", "expandable_segments:True").assert_outcomes(passed=1)
+
+
+def test_cupti_teardown_and_offline_defaults_are_set_when_the_first_combo_runs(matrix, monkeypatch):
+    from fluxgate import environ
+    from fluxgate.measuring import kernels
+
+    for name in (kernels.CUPTI_TEARDOWN_ENV, *environ.DEFAULTS):
+        monkeypatch.setenv(name, "")  # so the test's end restores this process's own setting
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DIFFUSERS_GGUF_CUDA_KERNELS", "true")  # the user's own setting wins
     matrix.makepyfile(test_teardown="""
         import os
 
-        def test_teardown():
-            assert os.environ["TEARDOWN_CUPTI"] == "1"
+        from fluxgate.plugin import matrix_test
+
+        @matrix_test
+        def test_combo(combo, judge, gate):
+            assert os.environ["TEARDOWN_CUPTI"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+            assert os.environ["DIFFUSERS_GGUF_CUDA_KERNELS"] == "true"
     """)
-    matrix.runpytest("test_teardown.py").assert_outcomes(passed=1)
+    matrix.runpytest("test_teardown.py", "--device", "cpu", "--models", "z-image-turbo",
+                     "--precisions", "bf16").assert_outcomes(passed=1)
 
 
 def test_an_installed_fluxgate_gives_its_plugin_to_any_repository(tmp_path):

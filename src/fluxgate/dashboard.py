@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fluxgate import defaults
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import dashboard, decision
 from fluxgate.storing import open_store
@@ -23,14 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"), metavar="DIR",
                         help="reference images for the grids, and ../docs/detection-card-<class>.md beside it "
                              "[default: baselines]")
-    parser.add_argument("--decision-file", type=Path, default=decision.DEFAULT_FILE, metavar="FILE",
-                        help=f"prices and quality floors of the decision report [default: {decision.DEFAULT_FILE}]")
+    parser.add_argument("--decision-file", type=Path, default=None, metavar="FILE",
+                        help=f"prices and quality floors of the decision report [default: {defaults.describe('decision')}]")
     parser.add_argument("--vram-budget-gib", type=float, default=None, metavar="GIB",
                         help="the decision recommends only combos within this VRAM budget [default: none]")
     args = parser.parse_args(argv)
     try:
-        settings = decision.load(args.decision_file, args.vram_budget_gib,
-                                 missing_ok=args.decision_file == decision.DEFAULT_FILE)
+        settings = decision.load(args.decision_file or defaults.input_file("decision"), args.vram_budget_gib,
+                                 missing_ok=args.decision_file is None)
         index = dashboard.build(open_store(args.history_dir), args.out, args.baselines_dir, settings)
     except (FluxgateError, OSError) as error:
         print(f"fluxgate.dashboard: error: {error}", file=sys.stderr)

@@ -19,3 +19,7 @@ class SkipCombo(FluxgateError):
 
 class HistoryError(FluxgateError):
     """A history file that cannot be written or read."""
+
+
+class RegistryError(FluxgateError):
+    """A model, precision, rule or hook registration (an entry point) that cannot be read."""

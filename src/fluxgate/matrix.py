@@ -102,14 +102,15 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
 
 def combos(models: list[str] | None = None, precisions: list[str] | None = None,
            runtimes: list[str] | None = None) -> list[Combo]:
-    """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early."""
+    """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early; a
+    model's combos are the precisions it runs in (`ModelSpec.precisions`)."""
     from fluxgate.precisions import PRECISIONS
 
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions
     runtimes = DEFAULT_RUNTIMES if runtimes is None else runtimes
     return [Combo(model, precision, runtime) for model in models for precision in PRECISIONS
-            if precision in precisions for runtime in RUNTIMES if runtime in runtimes]
+            if precision in precisions and MODELS[model].runs(precision) for runtime in RUNTIMES if runtime in runtimes]
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

@@ -1,5 +1,9 @@
 """fluxgate's command-line options: their declarations, and the types that check each value as the command line is
-parsed (a bad value is a usage error naming the option, before any combo runs)."""
+parsed (a bad value is a usage error naming the option, before any combo runs).
+
+Light on purpose: pytest imports this in every session of a repository that installs fluxgate, so nothing here
+imports torch, diffusers or the registries' implementations; model and precision names are checked when the run
+starts (`session.Settings`), from the registries' light specs."""
 
 from __future__ import annotations
 
@@ -9,14 +13,9 @@ import os
 
 import pytest
 
-from fluxgate.measuring import memory
+from fluxgate import defaults
+from fluxgate.environ import DEFAULT_ALLOC_CONF
 from fluxgate.measuring.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
-from fluxgate.models import MODELS
-from fluxgate.precisions import PRECISIONS
-from fluxgate.showing import decision
-
-INPUT_FILE_DEFAULTS = {"prompts": "fixtures/prompts.toml", "models_file": "fixtures/models.toml"}
-DEFAULT_DECISION_FILE = str(decision.DEFAULT_FILE)
 
 
 def _converted(text: str, convert, noun: str):
@@ -65,9 +64,11 @@ def add(parser: pytest.Parser) -> None:
     """Declare every fluxgate option (pytest's `pytest_addoption`)."""
     group = parser.getgroup("fluxgate", "fluxgate: model x precision perf gate")
     group.addoption("--models", default=None, metavar="NAMES",
-                    help=f"comma-separated models to run (default all): {', '.join(MODELS)}")
+                    help="comma-separated models to run [default: all registered; `fluxgate list` names them and "
+                         "who registered each]")
     group.addoption("--precisions", default=None, metavar="NAMES",
-                    help=f"comma-separated precisions to run (default all): {', '.join(PRECISIONS)}")
+                    help="comma-separated precisions (file formats and load-then-transform backends) to run "
+                         "[default: all registered; `fluxgate list`]")
     group.addoption("--runtimes", default="eager", metavar="NAMES",
                     help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
                          "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
@@ -82,7 +83,7 @@ def add(parser: pytest.Parser) -> None:
                          "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
                          "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
                          "synthetic on a CUDA device, tiny on CPU [default: auto]")
-    group.addoption("--models-file", default=INPUT_FILE_DEFAULTS["models_file"], metavar="FILE",
+    group.addoption("--models-file", default=str(defaults.MODELS_FILE), metavar="FILE",
                     help="where the real profile finds checkpoints and pipeline folders [default: "
                          "fixtures/models.toml]")
     group.addoption("--device", default="auto", metavar="DEV", type=_device,
@@ -103,9 +104,9 @@ def add(parser: pytest.Parser) -> None:
     group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
                     help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
                          ".fluxgate-cache]")
-    group.addoption("--prompts", default=INPUT_FILE_DEFAULTS["prompts"], metavar="FILE",
+    group.addoption("--prompts", default=None, metavar="FILE",
                     help="the weight seed and each model's cases (prompt, noise seed, an editing model's input "
-                         "image) [default: fixtures/prompts.toml]")
+                         f"image) [default: {defaults.describe('prompts')}]")
     group.addoption("--cases", type=_count(1), default=None, metavar="N",
                     help="images per combo: the first N cases of each model's set (all it has when fewer), one timed "
                          "image each, each compared with the BF16 image of its case. Default: the profile's (tiny 3; "
@@ -119,7 +120,7 @@ def add(parser: pytest.Parser) -> None:
                     help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
                          "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
                          "at the end [default: 100]")
-    group.addoption("--cuda-alloc-conf", default=memory.DEFAULT_ALLOC_CONF, metavar="CONF",
+    group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
                     help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
                          "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
                          "Recorded in each run's environment; the history gate does not compare runs with different "
@@ -127,9 +128,9 @@ def add(parser: pytest.Parser) -> None:
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
                          "(off by default; `nox -s report` makes the same from history alone)")
-    group.addoption("--decision-file", default=DEFAULT_DECISION_FILE, metavar="FILE",
+    group.addoption("--decision-file", default=None, metavar="FILE",
                     help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
-                         "ship' section [default: fixtures/decision.toml]")
+                         f"ship' section [default: {defaults.describe('decision')}]")
     group.addoption("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
                     help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
     group.addoption("--history-gate", default="on", choices=["on", "off"],
@@ -158,8 +159,8 @@ def add(parser: pytest.Parser) -> None:
                          "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
                          "nothing")
     group.addoption("--write-baselines", action="store_true",
-                    help="measure and write baselines for this GPU class instead of asserting against them "
-                         "(what `nox -s baselines` runs)")
+                    help="measure and write baselines for this GPU class (under --baselines-dir) instead of "
+                         "asserting against them")
 
 
 def cpu_threads(option: str) -> int:

@@ -1,40 +1,58 @@
 """The fluxgate pytest plugin: options, markers, one item per combo, and hooks that hand each event to the run's
 `session.RunSession`. Installed packages expose it through the `pytest11` entry point; nothing here decides anything.
+
+It costs nothing until used: loading it imports no torch, diffusers, gguf, numpy or matplotlib and changes no
+environment variable. The run (`RunSession`: settings, history store, gate) is made when the first matrix test is
+collected (or an xdist worker reports one), and the environment is prepared when its first combo runs.
 """
 
 from __future__ import annotations
 
-import os
+import pytest
 
-# Nothing may reach the network unless the user opts in (HF_HUB_OFFLINE=0). Set before anything imports
-# huggingface_hub, which reads it once at import time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fluxgate import hooks, options, workers
+from fluxgate.matrix import Combo
 
-import pytest  # noqa: E402
-
-from fluxgate import options, workers  # noqa: E402
-from fluxgate.matrix import (
-    RUNTIMES,  # noqa: E402
-    Combo,  # noqa: E402
-)
-from fluxgate.models import MODELS  # noqa: E402
-from fluxgate.precisions import PRECISIONS  # noqa: E402
-from fluxgate.session import RunSession  # noqa: E402
-
-SESSION_KEY = pytest.StashKey[RunSession]()
+SESSION_KEY = pytest.StashKey["RunSession"]()
+PENDING_ERROR_KEY = pytest.StashKey[pytest.UsageError]()
 COMBO_KEY = pytest.StashKey[Combo]()
 MATRIX_ATTR = "_fluxgate_matrix_test"
+ITEM_MARKER = "fluxgate"  # on every matrix item: its reports (also an xdist worker's, on the controller) are counted
 
 
 def matrix_test(function):
-    """Decorator: collect `function` once per selected combo, as items named like `flux2-dev[nvfp4]`."""
+    """Decorator: collect `function` once per selected combo, as items named like `flux2-dev[nvfp4]` with the
+    combo's marks. The function may ask for the fixtures `combo` (this item's `Combo`) and `judge` (call
+    `judge(combo)` to measure and judge it). A test module of a team's repository is just:
+
+        from fluxgate.plugin import matrix_test
+
+        @matrix_test
+        def test_combo(combo, judge):
+            judge(combo)
+    """
     setattr(function, MATRIX_ATTR, True)
     return function
 
 
-def run_session(config: pytest.Config) -> RunSession:
-    """This pytest session's fluxgate run."""
+def run_session(config: pytest.Config):
+    """This pytest session's fluxgate run (`session.RunSession`), made on first use. Raises pytest.UsageError for a bad
+    option value, input file or registry entry."""
+    if SESSION_KEY not in config.stash:
+        from fluxgate.session import RunSession
+
+        config.stash[SESSION_KEY] = RunSession(config)
+        _register_markers(config)
     return config.stash[SESSION_KEY]
+
+
+def _started(config: pytest.Config):
+    """The run, if this session made one (None: no fluxgate item was collected)."""
+    return config.stash.get(SESSION_KEY, None)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    hooks.register(pluginmanager)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,7 +61,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     workers.pin_this_worker(config)  # first: before anything initializes CUDA in this process
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # again: the module-level default ran once per process
     if workers.controller_workers(config):
         if config.getoption("write_baselines"):
             raise pytest.UsageError("--write-baselines with xdist (-n): workers would rewrite the same thresholds "
@@ -51,41 +68,51 @@ def pytest_configure(config: pytest.Config) -> None:
         if config.option.dist == "load":
             config.option.dist = "loadgroup"  # each worker takes whole shares of the matrix (see `workers`)
         workers.pin_worker_processes(config)  # CUDA_VISIBLE_DEVICES set as each worker process starts
-    os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
-    from fluxgate.measuring import kernels, memory
-
-    memory.configure_allocator(config.getoption("cuda_alloc_conf"))
-    kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
+    config.addinivalue_line("markers", f"{ITEM_MARKER}: every fluxgate matrix item")
     config.addinivalue_line("markers", "gpu: a model x precision perf item (runs on the device in hand)")
     config.addinivalue_line("markers", "faults: GPU fault injection after the matrix (out of memory, teardown)")
-    for kind, specs in (("model", MODELS), ("precision", PRECISIONS)):
+    config.pluginmanager.register(_ReportCounter(config), f"fluxgate-counter-{id(config)}")
+
+
+def _register_markers(config: pytest.Config) -> None:
+    """One marker per registered model, precision and runtime (`-m "flux2_dev and nvfp4"`), once the run reads the
+    registries."""
+    from fluxgate.matrix import RUNTIMES
+    from fluxgate.models import MODELS
+    from fluxgate.precisions import PRECISIONS
+
+    for kind, specs in (("model", MODELS), ("precision", PRECISIONS), ("runtime", RUNTIMES)):
         for name, spec in specs.items():
             config.addinivalue_line("markers", f"{spec.marker}: combos of {kind} {name}")
-    for name, spec in RUNTIMES.items():
-        config.addinivalue_line("markers", f"{spec.marker}: combos run {name}")
-    config.stash[SESSION_KEY] = RunSession(config)
-    config.pluginmanager.register(_ReportCounter(config.stash[SESSION_KEY]), f"fluxgate-counter-{id(config)}")
 
 
 class _ReportCounter:
-    """Hands each test report to the run (one per config: a pytest run started inside this one counts its own)."""
+    """Hands each matrix item's test report to the run (one per config: a pytest run started inside this one counts
+    its own); other tests' reports are left alone and start no run."""
 
-    def __init__(self, session: RunSession):
-        self.session = session
+    def __init__(self, config: pytest.Config):
+        self.config = config
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.session.count(report)
+        if ITEM_MARKER in report.keywords:
+            run_session(self.config).count(report)
 
 
 def pytest_pycollect_makeitem(collector, name, obj):
     if not (callable(obj) and getattr(obj, MATRIX_ATTR, False)):
         return None
+    config = collector.config
+    try:
+        run = run_session(config)
+    except pytest.UsageError as error:  # raised again after collection: a usage error (exit 4), not a module error
+        config.stash[PENDING_ERROR_KEY] = error
+        return []
     items = []
-    me = workers.worker(collector.config)
-    shares = me[1] if me else workers.controller_workers(collector.config)
-    for position, combo in enumerate(run_session(collector.config).settings.combos):
+    me = workers.worker(config)
+    shares = me[1] if me else workers.controller_workers(config)
+    for position, combo in enumerate(run.settings.combos):
         item = pytest.Function.from_parent(collector, name=combo.id, callobj=obj)
-        for mark in combo.marks:
+        for mark in (ITEM_MARKER, *combo.marks):
             item.add_marker(mark)
         if shares:
             item.add_marker(workers.group_marker(position, shares))
@@ -130,15 +157,25 @@ def judge(gate):
     return evaluate
 
 
+def pytest_collection_modifyitems(config: pytest.Config) -> None:
+    error = config.stash.get(PENDING_ERROR_KEY, None)
+    if error is not None:
+        raise error
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    run = run_session(session.config)
+    run = _started(session.config)
+    if run is None:
+        return
     session.exitstatus = run.finish(session.exitstatus)
     if run.worker is not None and run.worker_output() is not None:  # the controller merges, judges and reports
         session.config.workeroutput["fluxgate"] = run.worker_output()
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    run_session(config).summary(terminalreporter)
+    run = _started(config)
+    if run is not None:
+        run.summary(terminalreporter)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -163,5 +200,5 @@ def pytest_configure_node(node) -> None:
 def pytest_testnodedown(node, error) -> None:
     """xdist controller: keep what each worker reported about its history file and verdicts."""
     output = getattr(node, "workeroutput", {}).get("fluxgate")
-    if output:
+    if output:  # a worker ran fluxgate items: the controller's run merges and reports them
         run_session(node.config).worker_outputs.append(output)

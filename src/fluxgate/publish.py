@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from fluxgate import defaults
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import decision, publish
 from fluxgate.storing import open_store
@@ -30,9 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                              "the run's own bf16 image [default: baselines]")
     parser.add_argument("--run-id", default=None, metavar="ID",
                         help="the run to publish (a history file name without .json) [default: the newest run]")
-    parser.add_argument("--decision-file", default=decision.DEFAULT_FILE, type=Path, metavar="FILE",
+    parser.add_argument("--decision-file", default=None, type=Path, metavar="FILE",
                         help="$/GPU-hour per GPU class and quality floor per model for the 'which precision to ship' "
-                             f"section [default: {decision.DEFAULT_FILE}]")
+                             f"section [default: {defaults.describe('decision')}]")
     parser.add_argument("--vram-budget-gib", default=None, type=float, metavar="GIB",
                         help="recommend only combos whose peak VRAM fits this budget [default: no budget]")
     return parser
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # restored on exit; a skipped file is news, not a traceback
-            settings = decision.load(args.decision_file, args.vram_budget_gib,
-                                     missing_ok=args.decision_file == decision.DEFAULT_FILE)
+            settings = decision.load(args.decision_file or defaults.input_file("decision"), args.vram_budget_gib,
+                                     missing_ok=args.decision_file is None)
             if not is_url(args.history_dir) and not Path(args.history_dir).is_dir():
                 raise publish.PublishError(f"--history-dir {args.history_dir}: no such directory")
             publish.write_report(open_store(args.history_dir), args.out, args.baselines_dir, args.run_id,

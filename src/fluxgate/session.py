@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate import options, workers
+from fluxgate import defaults, environ, hooks, options, workers
 from fluxgate.judging.compare import REGRESSION
 from fluxgate.matrix import RUNTIMES, Combo, combos, parse_names, parse_shard, shard
 from fluxgate.models import MODELS
@@ -25,10 +25,6 @@ from fluxgate.precisions import PRECISIONS
 from fluxgate.showing import report
 from fluxgate.storing import open_store
 from fluxgate.storing.fsio import is_url, resolve
-
-
-class _NoPrompts(Exception):
-    """The default prompts file is absent: nothing to check when pytest starts."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +80,14 @@ class Settings:
                 raise pytest.UsageError(f"--history-dir {error}") from None
             return value
 
-        named = [("--prompts", "prompts")] + ([("--models-file", "models_file")] if get("profile") == "real" else [])
-        for flag, option in named:  # a file named on the command line: missing is a usage error, not 16 failures
-            if get(option) != options.INPUT_FILE_DEFAULTS[option] and not path(option).is_file():
+        named = [("--prompts", "prompts", None), ("--decision-file", "decision_file", None)]
+        if get("profile") == "real":
+            named.append(("--models-file", "models_file", str(defaults.MODELS_FILE)))
+        for flag, option, default in named:  # a file named on the command line: missing is a usage error
+            if get(option) != default and not path(option).is_file():
                 raise pytest.UsageError(f"{flag} {path(option)}: not found")
-        from fluxgate.errors import FixtureError
+        prompts = path("prompts") if get("prompts") else defaults.input_file("prompts", config.rootpath)
+        from fluxgate.errors import FixtureError, RegistryError
         from fluxgate.inputs import Inputs
 
         try:
@@ -97,29 +96,26 @@ class Settings:
                               parse_names("--runtimes", get("runtimes"), RUNTIMES))
             shard_of = parse_shard(get("shard"))
             min_speed_effect = options.fraction("--min-speed-effect", get("min_speed_effect"))
-        except ValueError as error:
+        except (ValueError, RegistryError) as error:
             raise pytest.UsageError(str(error)) from None
         try:  # the prompts file, and the cases and input images of the models selected: one line, before any combo
-            if not path("prompts").is_file():  # the default file of a repository without one: the first combo says
-                raise _NoPrompts
             models = sorted({combo.model for combo in selected})
             profile = get("profile")
             # the profile's case count (auto, --cases: every case the model has; --cases takes as many as there are)
             counts = {model: None if profile == "auto" or get("cases") else MODELS[model].settings(profile).cases
                       for model in models}
-            Inputs.from_file(path("prompts")).check(models, counts)
+            Inputs.from_file(prompts).check(models, counts)
         except FixtureError as error:
             raise pytest.UsageError(f"--prompts {error}") from None
-        except _NoPrompts:
-            pass
         return cls(
             combos=tuple(shard(selected, *shard_of) if shard_of else selected), device=get("device"),
-            profile=get("profile"), gpu_class=get("gpu_class"), prompts=path("prompts"),
+            profile=get("profile"), gpu_class=get("gpu_class"), prompts=prompts,
             models_file=path("models_file"), fixture_cache=path("fixture_cache"), baselines_dir=path("baselines_dir"),
             history_dir=history_location(get("history_dir")),
             report_dir=path("report_dir") if get("report_dir") else None,
-            decision_file=path("decision_file"),
-            decision_file_given=get("decision_file") != options.DEFAULT_DECISION_FILE,
+            decision_file=path("decision_file") if get("decision_file") else defaults.input_file("decision",
+                                                                                                config.rootpath),
+            decision_file_given=get("decision_file") is not None,
             vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), cases=get("cases"),
             warmup_steps=get("warmup_steps"),
             compile_mode=get("compile_mode"), telemetry_interval_s=get("telemetry_interval_ms") / 1000,
@@ -134,6 +130,7 @@ class RunSession:
     against history, the xdist merge, the report, image pruning) and writes the terminal summary."""
 
     def __init__(self, config: pytest.Config):
+        self.config = config
         self.settings = Settings.from_config(config)
         self.store = open_store(self.settings.history_dir)
         self.rootpath = config.rootpath
@@ -167,6 +164,13 @@ class RunSession:
         return self.gate
 
     def _make_gate(self):
+        # The first combo is about to run: now, not when pytest started, set what the run needs in the environment
+        # (each only where the user has not), before anything imports diffusers or starts CUDA.
+        environ.apply_defaults()
+        from fluxgate.measuring import kernels, memory
+
+        memory.configure_allocator(self.config.getoption("cuda_alloc_conf"))
+        kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
         from fluxgate.judging.gate import Gate
         from fluxgate.measuring.environment import fingerprint, gpu_class, resolve_device
         from fluxgate.measuring.runner import Inputs, Runner
@@ -182,9 +186,12 @@ class RunSession:
         inputs = Inputs.from_file(s.prompts)
         profile = s.profile if s.profile != "auto" else ("synthetic" if device.type == "cuda" else "tiny")
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
+        hook = self.config.hook
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
-                        compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s)
-        environment = fingerprint(device, self.rootpath)
+                        compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s,
+                        prepare_pipeline=lambda pipe, combo: hook.fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
+                                                                                             device=device))
+        environment = hooks.extended_environment(hook, fingerprint(device, self.rootpath), device)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
         environment["history_gate"] = "on" if s.history_gate else "off"
         if device.type == "cuda":  # the roof MFU is judged against, measured once per run on this GPU

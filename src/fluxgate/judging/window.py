@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+from fluxgate.hookspec import COMPARABLE_FIELDS as DECLARED_FIELDS
 from fluxgate.measuring import stats
 from fluxgate.storing.record import Record
 
@@ -35,6 +36,9 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "cupti_teardown": ("cupti_teardown",),  # kernel-path profiles detach CUPTI (fluxgate.measuring.kernels), or leave it on
     "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
 }
+# A run's environment lists under DECLARED_FIELDS the further fields it declared comparable (the hook
+# `fluxgate_comparable_fields`, e.g. a team's attention backend): compared like the fields above, where either run
+# declares them.
 # Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.
 CPU_ONLY_FIELDS = {"cpu_threads"}
 # A field's value where a record has none: CUDA records made before these were recorded ran torch's own allocator
@@ -56,7 +60,8 @@ def fingerprint_differences(window_env: Mapping | None, candidate_env: Mapping |
     """`"torch 2.11.0 -> 2.12.0"` for each comparability field that differs (baseline -> candidate). Raises
     ValueError for an unknown field in `ignore_fields`."""
     ignored = set(ignore_fields)
-    unknown = ignored - set(COMPARABILITY_FIELDS)
+    declared = set(_declared(window_env)) | set(_declared(candidate_env))
+    unknown = ignored - set(COMPARABILITY_FIELDS) - declared
     if unknown:
         raise ValueError(f"ignore_fields: unknown field(s) {sorted(unknown)}; known: {sorted(COMPARABILITY_FIELDS)}")
     differences = []
@@ -68,7 +73,18 @@ def fingerprint_differences(window_env: Mapping | None, candidate_env: Mapping |
         before, after = (COMPARABILITY_DEFAULTS.get(name) if value is None else value for value in (before, after))
         if name not in ignored and before != after:
             differences.append(f"{name} {_show(before)} -> {_show(after)}")
+    declared = {name for env in (window_env, candidate_env) for name in _declared(env)} - set(COMPARABILITY_FIELDS)
+    for name in sorted(declared - ignored):
+        before, after = (_environment_field(env, (name,)) for env in (window_env, candidate_env))
+        if before != after:
+            differences.append(f"{name} {_show(before)} -> {_show(after)}")
     return differences
+
+
+def _declared(environment: Mapping | None) -> list[str]:
+    """The field names a run declared comparable (DECLARED_FIELDS), ignoring a malformed list."""
+    names = (environment or {}).get(DECLARED_FIELDS) if isinstance(environment, Mapping) else None
+    return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
 def _show(value) -> str:

@@ -125,7 +125,7 @@ class _Legacy:
         try:
             transformer, _ = runner.source.transformer(self.combo, runner.device)
             runtimes.prepare(transformer, self.combo.runtime, runner.compile_mode)
-            self.pipe = model.builder.pipeline_class(transformer=transformer, **components)
+            self.pipe = model.builder.pipeline_class(transformer=transformer, **components)  # an old tree's way
             self.pipe.set_progress_bar_config(disable=True)
             self.kwargs = runner.call_kwargs(model)
             if self.combo.runtime_spec.compiles:

@@ -16,6 +16,8 @@ from torch.utils import flop_counter
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from fluxgate.models import denoiser_of
+
 # (positional args, keyword args) of one transformer forward.
 TransformerCall = tuple[tuple, dict]
 
@@ -44,7 +46,7 @@ def capture_transformer_calls(pipe, call_kwargs: dict) -> list[TransformerCall]:
     kwargs = {key: value for key, value in call_kwargs.items() if key != "callback_on_step_end"}
     # A fresh generator: a caller's generator must not be advanced, and the noise values do not change any shape.
     kwargs.update(num_inference_steps=1, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
-    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    handle = denoiser_of(pipe).register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.inference_mode():
             pipe(**kwargs)
@@ -85,7 +87,7 @@ def count_step_flops(pipe, call_kwargs: dict, *, calls: list[TransformerCall] | 
     `capture_transformer_calls`.
     """
     calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
-    transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)  # unwrap torch.compile
+    transformer = getattr(denoiser_of(pipe), "_orig_mod", denoiser_of(pipe))  # unwrap torch.compile
     try:
         twin = _meta_twin(transformer, _compute_dtype(calls))
         meta_calls = tree_map(lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x,
@@ -95,7 +97,7 @@ def count_step_flops(pipe, call_kwargs: dict, *, calls: list[TransformerCall] | 
         warnings.warn(f"count_step_flops: the meta-device twin of {type(transformer).__name__} failed "
                       f"({type(error).__name__}: {error}); counting the loaded transformer, whose quantized kernels "
                       f"the counter may not see", stacklevel=2)
-        return float(_count(pipe.transformer, calls))
+        return float(_count(denoiser_of(pipe), calls))
 
 
 def _time_ms(fn, warmup: int, iters: int) -> float:

@@ -5,7 +5,7 @@ capability 8.9+ (and dequantizes elsewhere), `BFLNVFP4Linear` runs FlashInfer's 
 with FlashInfer installed, and `GGUFLinear` always dequantizes (with or without its CUDA dequantize kernels). A
 dequantize fallback is correct but slow, so the gate shows which path ran next to the it/s it explains. Which layer
 class is quantized, and which op or kernel names are a precision's own GEMM, each precision's spec says
-(`PrecisionSpec.quantized_layer`, `PrecisionSpec.fast_gemm`); this module profiles and counts.
+(`PrecisionFormat.quantized`, `PrecisionFormat.fast_gemm`); this module profiles and counts.
 
 The profile runs after a combo's timed images, so it never touches their times; but torch's profiler (Kineto) keeps
 NVIDIA's CUPTI attached to the process after it stops unless `TEARDOWN_CUPTI=1` (pytorch/pytorch#144455), and
@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
+from fluxgate.models import denoiser_of
 from fluxgate.precisions import PRECISIONS
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
@@ -133,7 +134,7 @@ def _classify(precision: str, quantized_linears: int, quantized_calls: int,
     """(label, fallback) from the layer count, their calls in the step, and the calls of each precision's fast GEMM
     ({label: calls}, in `PRECISIONS` order) among them."""
     if quantized_linears == 0:
-        if PRECISIONS[precision].quantized_layer is None:
+        if not PRECISIONS[precision].implementation.quantizes:
             return BF16_GEMM, False
         return f"{BF16_GEMM} (no quantized layers: weights dequantized at load)", True
     ran = {label: calls for label, calls in fast_calls.items() if calls}
@@ -145,17 +146,22 @@ def _classify(precision: str, quantized_linears: int, quantized_calls: int,
     return label, False
 
 
+def _importable(specs):
+    """The specs whose implementation imports here (a precision whose optional package is missing has no layers in
+    this process to recognise)."""
+    return [spec for spec in specs if spec.missing_package() is None]
+
+
 def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
                 calls: list[TransformerCall] | None = None) -> KernelPath:
     """Profile one denoising step of `pipe.transformer` (CPU and, on CUDA, kernel activity) and name the GEMM path
     its quantized linears ran. `calls` reuses inputs from `flops.capture_transformer_calls`."""
     calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
-    transformer = pipe.transformer
+    transformer = denoiser_of(pipe)
     device = next(transformer.parameters(), torch.empty(0)).device
-    specs = PRECISIONS.values()
-    layers = tuple(spec.quantized_layer for spec in specs if spec.quantized_layer is not None)
-    fast_gemms = [spec.fast_gemm for spec in specs if spec.fast_gemm is not None]
-    quantized = [module for module in transformer.modules() if isinstance(module, layers)]
+    formats = [spec.implementation for spec in _importable(PRECISIONS.values())]
+    fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
+    quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]
     quantized_calls = 0
 
     def count_call(module, args):

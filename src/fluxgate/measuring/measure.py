@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fluxgate.measuring import telemetry
+from fluxgate.models import denoiser_of
 from fluxgate.measuring.stats import Spikes, StepStats, spikes, step_stats
 
 GIB = 1024**3
@@ -241,7 +242,7 @@ def _seeded(call_kwargs: dict, seed: int, **overrides) -> dict:
 def _timed_call(pipe, call_kwargs: dict, device: torch.device, probe_s: float = IDLE_PROBE_MIN_S
                 ) -> tuple[list[float], float, Any, _StepClock]:
     clock = _StepClock(device, probe_s)
-    handle = pipe.transformer.register_forward_pre_hook(clock.loop_start)
+    handle = denoiser_of(pipe).register_forward_pre_hook(clock.loop_start)
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()

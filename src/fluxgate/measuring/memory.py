@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from fluxgate.environ import ALLOC_CONF_ENV, DEFAULT_ALLOC_CONF  # noqa: F401 - re-exported
 from fluxgate.errors import FluxgateError
 from fluxgate.measuring import telemetry
 
 GIB = 1024**3
-ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
-# torch's own allocator settings. Tried on the device H100 for FLUX.1-dev eager fp8-scaled, whose steps spike:
-# `expandable_segments:True` gave step CV 0.29 % in one process but 8.4, 5.7 and 6.7 % over three full runs (and
-# 4.5/6.4/2.4 % vs 8.1/5.4/2.3 % without it in three pairs), so it is not the default; the setting is recorded
-# with every run and runs with different settings are not compared.
-DEFAULT_ALLOC_CONF = "default"
+# DEFAULT_ALLOC_CONF is torch's own allocator settings. Tried on the device H100 for FLUX.1-dev eager fp8-scaled,
+# whose steps spike: `expandable_segments:True` gave step CV 0.29 % in one process but 8.4, 5.7 and 6.7 % over three
+# full runs (and 4.5/6.4/2.4 % vs 8.1/5.4/2.3 % without it in three pairs), so it is not the default; the setting is
+# recorded with every run and runs with different settings are not compared.
 LEAK_TOLERANCE = 0.01  # teardown may leave at most 1 % more device memory in use than before the combo
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from fluxgate.errors import FixtureError
 from fluxgate.inputs import Case, Inputs  # noqa: F401 - Inputs re-exported (scripts and tests import it here)
 from fluxgate.matrix import Combo
 from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
-from fluxgate.models import ModelSpec
-from fluxgate.weights.sources import Source
+from fluxgate.models import ModelSpec, pipeline
+from fluxgate.weights.sources import Source, load_denoiser
 
 
 class Runner:
@@ -23,7 +24,9 @@ class Runner:
 
     def __init__(self, profile: str, device: torch.device, source: Source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
-                 telemetry_interval_s: float = 0.1, cases: int | None = None):
+                 telemetry_interval_s: float = 0.1, cases: int | None = None,
+                 prepare_pipeline: Callable[[Any, Combo], None] | None = None):
+        self.prepare_pipeline = prepare_pipeline or (lambda pipe, combo: None)  # the hook before warm-up and timing
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)
         self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
@@ -136,11 +139,12 @@ class Loaded:
         runner.last_teardown = None
         try:
             clock = time.perf_counter()
-            transformer, self.origin = runner.source.transformer(combo, runner.device)
+            transformer, self.origin = load_denoiser(runner.source, combo, runner.device)
             runtimes.prepare(transformer, combo.runtime, runner.compile_mode)
-            self.pipe = model.builder.pipeline_class(transformer=transformer, **components)
+            self.pipe = pipeline(model, transformer, components)
             transformer = None
             self.pipe.set_progress_bar_config(disable=True)
+            runner.prepare_pipeline(self.pipe, combo)
             self.cases = runner.cases(model)
             self._calls = [(runner.call_kwargs(model, case), case.seed) for case in self.cases]
             self.kwargs = self._calls[0][0]

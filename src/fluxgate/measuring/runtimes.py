@@ -23,9 +23,14 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA graphs: ste
 
 
 def prepare(transformer: "torch.nn.Module", runtime: str, mode: str = DEFAULT_COMPILE_MODE) -> "torch.nn.Module":
-    """Make `transformer` run under `runtime` (in place; compilation itself happens on the first call)."""
+    """Make `transformer` (a model's denoiser) run under `runtime` (in place; compilation itself happens on the first
+    call): its repeated blocks compiled where the diffusers class names them (`_repeated_blocks`), else the whole
+    module (`nn.Module.compile`, e.g. a UNet)."""
     if RUNTIMES[runtime].compiles:
-        transformer.compile_repeated_blocks(mode=mode)
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks(mode=mode)
+        else:
+            transformer.compile(mode=mode)
     return transformer
 
 

@@ -1,8 +1,10 @@
-"""The models of the matrix: one `ModelSpec` per model, in `MODELS`. Adding a model is one builder module here (a class
-implementing `builder.ModelBuilder`, and its instance `BUILDER`) and its entry in `MODELS`.
+"""The models of the matrix: `MODELS`, one `ModelSpec` per model, from the `fluxgate.models` entry-point group
+(`fluxgate.registry`; fluxgate's own four are declared in `fluxgate.models.builtin`).
 
-Importing this package is cheap: a spec names its builder through a function that imports the builder's module (and
-with it torch, diffusers and transformers) the first time `ModelSpec.builder` is asked for.
+A model is a builder (a class implementing `builder.ModelBuilder`: its diffusers pipeline and denoiser classes, tiny
+and full configs) and a light spec naming it. Importing this package is cheap: a spec names its builder as
+`module:attribute` (or a function returning it), imported with torch, diffusers and transformers the first time
+`ModelSpec.builder` is asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from fluxgate.models.builder import ModelBuilder
+from fluxgate.registry import MODELS_GROUP, Registry, load_target
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +36,16 @@ class ImageSettings:
     cases: int = 2
 
 
+OUTPUT_KINDS = ("image",)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model of the matrix and how to build, quantize and run it."""
 
     name: str
-    import_builder: Callable[[], ModelBuilder]  # returns the model's builder, importing its module on first use
+    # The model's builder: `module:attribute`, or a function returning it; imported on first use
+    import_builder: str | Callable[[], ModelBuilder]
     quantized_blocks: tuple[str, ...]  # state-dict prefixes whose linear layers real quantized checkpoints quantize
     gguf_arch: str  # general.architecture written into GGUF files, as community converters do
     tiny: ImageSettings
@@ -48,6 +55,18 @@ class ModelSpec:
     # gates as in a trained model: zeroing the blocks then drops MS-SSIM to ~0.65-0.9, 5 % weight noise to ~0.995.
     tiny_modulation: tuple[str, float] = ("", 1.0)  # (regex on linear module names, weight gain)
     needs_input_image: bool = False
+    # The pipeline's denoiser: its keyword and attribute (`pipeline_class(**{denoiser: module})`, `pipe.<denoiser>`),
+    # "transformer" for DiT pipelines, "unet" for UNet ones (SDXL). Timing, FLOPs and the kernel path follow it.
+    denoiser: str = "transformer"
+    # What the pipeline returns: "image" (`.images[0]`, a PIL image). Only image models are measured today.
+    output: str = "image"
+    # The precisions it runs in (None: every registered one); others are not items of the matrix.
+    precisions: tuple[str, ...] | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if self.output not in OUTPUT_KINDS:
+            raise ValueError(f"model {self.name}: output {self.output!r} is not one of {', '.join(OUTPUT_KINDS)}")
 
     @property
     def marker(self) -> str:
@@ -56,8 +75,17 @@ class ModelSpec:
 
     @property
     def builder(self) -> ModelBuilder:
-        """The model's diffusers classes, configs and components (`builder.ModelBuilder`)."""
+        """The model's diffusers classes, configs and components (`builder.ModelBuilder`). Raises RegistryError when
+        its module cannot be imported."""
+        if isinstance(self.import_builder, str):
+            return load_target(self.import_builder)
         return self.import_builder()
+
+    def runs(self, precision: str) -> bool:
+        """Whether `precision` is one of this model's (`precisions`; None: every one)."""
+        return self.precisions is None or precision in self.precisions
+
+
 
     @property
     def module(self) -> SimpleNamespace:
@@ -105,77 +133,20 @@ class ModelSpec:
         return self.tiny if profile == "tiny" else self.full
 
 
-def _flux1_dev() -> ModelBuilder:
-    from fluxgate.models.flux1 import BUILDER
+MODELS: Registry[ModelSpec] = Registry(MODELS_GROUP, ModelSpec, "model")
 
-    return BUILDER
-
-
-def _flux1_kontext_dev() -> ModelBuilder:
-    from fluxgate.models.flux1_kontext import BUILDER
-
-    return BUILDER
+DENOISER_ATTR = "fluxgate_denoiser"  # set on a pipeline by `pipeline`: the attribute naming its denoiser
 
 
-def _flux2_dev() -> ModelBuilder:
-    from fluxgate.models.flux2 import BUILDER
-
-    return BUILDER
-
-
-def _z_image_turbo() -> ModelBuilder:
-    from fluxgate.models.zimage import BUILDER
-
-    return BUILDER
+def pipeline(model: ModelSpec, denoiser: torch.nn.Module, components: dict[str, Any]):
+    """The model's diffusers pipeline around `denoiser` (passed as the model's `denoiser` keyword) and the other
+    `components`; it remembers which attribute is its denoiser (`denoiser_of`)."""
+    pipe = model.builder.pipeline_class(**{model.denoiser: denoiser}, **components)
+    setattr(pipe, DENOISER_ATTR, model.denoiser)
+    return pipe
 
 
-# Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three cases per combo.
-_TINY = {"steps": 8, "size_px": 256, "cases": 3}
-_FLUX_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
-_FLUX1_MODULATION = (r"(norm1|norm1_context|norm)\.linear$", 32.0)
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            name="flux1-dev",
-            import_builder=_flux1_dev,
-            quantized_blocks=_FLUX_BLOCKS,
-            gguf_arch="flux",
-            tiny_modulation=_FLUX1_MODULATION,
-            tiny=ImageSettings(**_TINY, guidance_scale=3.5, extra={"max_sequence_length": 32}),
-            full=ImageSettings(steps=28, guidance_scale=3.5, size_px=1024, cases=3),
-        ),
-        ModelSpec(
-            name="flux1-kontext-dev",
-            import_builder=_flux1_kontext_dev,
-            quantized_blocks=_FLUX_BLOCKS,
-            gguf_arch="flux",
-            tiny_modulation=_FLUX1_MODULATION,
-            # Without max_area/_auto_resize the pipeline renders ~1 MP whatever height/width say.
-            tiny=ImageSettings(**_TINY, guidance_scale=2.5,
-                             extra={"max_sequence_length": 32, "max_area": 256 * 256, "_auto_resize": False}),
-            full=ImageSettings(steps=28, guidance_scale=2.5, size_px=1024,
-                             extra={"max_area": 1024 * 1024, "_auto_resize": False}),
-            needs_input_image=True,
-        ),
-        ModelSpec(
-            name="flux2-dev",
-            import_builder=_flux2_dev,
-            quantized_blocks=_FLUX_BLOCKS,
-            gguf_arch="flux",  # city96 and ComfyUI-GGUF write FLUX.2 as arch "flux" (ComfyUI-GGUF knows no "flux2")
-            tiny_modulation=(r"modulation", 32.0),  # FLUX.2 shares three modulation linears across blocks
-            tiny=ImageSettings(**_TINY, guidance_scale=4.0, extra={"max_sequence_length": 64}),
-            full=ImageSettings(steps=50, guidance_scale=4.0, size_px=1024, cases=1),
-        ),
-        ModelSpec(
-            name="z-image-turbo",
-            import_builder=_z_image_turbo,
-            quantized_blocks=("layers.", "noise_refiner.", "context_refiner."),
-            gguf_arch="lumina2",
-            tiny_modulation=(r"adaLN_modulation", 4.0),
-            tiny=ImageSettings(**_TINY, guidance_scale=0.0, extra={"max_sequence_length": 32}),
-            full=ImageSettings(steps=9, guidance_scale=0.0, size_px=1024, cases=4),
-        ),
-    )
-}
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The denoiser module of a pipeline made by `pipeline` (`pipe.unet` for a UNet model); `pipe.transformer` for any
+    other pipeline."""
+    return getattr(pipe, getattr(pipe, DENOISER_ATTR, "transformer"))

@@ -1,25 +1,88 @@
-"""The weight precisions of the matrix: one `PrecisionSpec` per precision, each in its own module. Adding a precision is
-one module here and its entry in `PRECISIONS`.
+"""The weight precisions of the matrix: `PRECISIONS`, one `PrecisionSpec` per precision, from the `fluxgate.precisions`
+entry-point group (`fluxgate.registry`; fluxgate's own four are in `fluxgate.precisions.builtin`).
 
-A spec carries all fluxgate knows of its precision: the checkpoint file's format and writer (`write`), the config of
-diffusers' own single-file loader (`quantization_config`), the same tensors made in memory for the synthetic profile
-(`layout`), the quantized linear layer the loader swaps in and the shapes of its tensors (`quantized_layer`,
-`packed_shapes`), and the low-precision GEMM a profile shows when that layer does not fall back to dequantizing
-(`fast_gemm`). Every file is in diffusers key format, so `from_single_file(path, config=<folder with config.json>)`
-loads it without a key conversion.
+A spec holds the light facts (name, quality tier, file suffix, block size, the file a load-then-transform backend
+loads) and names its `PrecisionFormat` (`fluxgate.precisions.spec`), the part that imports torch, diffusers or gguf:
+how the file is written and loaded, the quantized layer the loader swaps in, its fast GEMM. Importing this package
+imports none of them; `spec.format` imports the implementation the first time a combo needs it.
+
+Adding a precision from outside fluxgate: a module declaring `PrecisionSpec(name=..., tier=..., format="pkg.mod:FORMAT")`
+and an entry point naming it (README, "Extending from your own repository").
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-# Must be set before diffusers' GGUF utils are imported: its CUDA-kernels path downloads code from the Hub.
-os.environ.setdefault("DIFFUSERS_GGUF_CUDA_KERNELS", "false")
+from fluxgate.registry import PRECISIONS_GROUP, Registry, load_target
 
-from fluxgate.precisions import bf16, fp8_scaled, gguf_q8_0, nvfp4  # noqa: E402
-from fluxgate.precisions.spec import DTYPE, PrecisionSpec  # noqa: E402
+if TYPE_CHECKING:
+    from fluxgate.precisions.spec import PrecisionFormat
 
-__all__ = ["DTYPE", "PRECISIONS", "PrecisionSpec"]
+__all__ = ["PRECISIONS", "TIERS", "PrecisionSpec"]
 
-PRECISIONS: dict[str, PrecisionSpec] = {spec.name: spec for spec in (bf16.SPEC, fp8_scaled.SPEC, gguf_q8_0.SPEC,
-                                                                      nvfp4.SPEC)}
+# Similarity limits are set per tier (fluxgate.judging.noise): the reference itself, 8-bit and 4-bit weights.
+TIERS = ("reference", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """A weight precision as the matrix knows it, without importing its implementation.
+
+    `format` is the `module:attribute` of its `PrecisionFormat`. `file_precision` is None for a file format (the
+    profile writes or finds a file in this precision), or the precision whose file a load-then-transform backend loads
+    before its format's `transform` (e.g. torchao's fp8 quantizes a loaded bf16 transformer: "bf16"). `requires` names
+    the Python packages its format imports, for the skip that says which one is missing. Raises ValueError for a tier
+    outside `TIERS`."""
+
+    name: str
+    tier: str  # "reference", "8bit", "4bit": which similarity limits apply
+    format: str  # `module:attribute` of its PrecisionFormat
+    suffix: str = ".safetensors"  # the checkpoint file's extension (file formats)
+    block_size: int = 1  # quantized linears need in_features divisible by this
+    file_precision: str | None = None
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if self.tier not in TIERS:
+            raise ValueError(f"precision {self.name}: tier {self.tier!r} is not one of {', '.join(TIERS)}")
+
+    @property
+    def marker(self) -> str:
+        """The pytest marker of its combos: `fp8_scaled` for `fp8-scaled`."""
+        return self.name.replace("-", "_").replace(".", "_")
+
+    @cached_property
+    def implementation(self) -> PrecisionFormat:
+        """The `PrecisionFormat` that `format` names, imported on first use. Raises RegistryError when it cannot be
+        imported (a missing optional package among them: `missing_package` tells which)."""
+        return load_target(self.format)
+
+    # The format's parts, for code that writes, loads or profiles weights (each imports the implementation).
+    write = property(lambda self: self.implementation.write)
+    quantization_config = property(lambda self: self.implementation.quantization_config)
+    layout = property(lambda self: self.implementation.layout)
+    quantized_layer = property(lambda self: self.implementation.quantized_layer)
+    packed_shapes = property(lambda self: self.implementation.packed_shapes)
+    fast_gemm = property(lambda self: self.implementation.fast_gemm)
+    transform = property(lambda self: self.implementation.transform)
+
+    def missing_package(self) -> str | None:
+        """The first of `requires` that is not installed, else None (cheap: no import)."""
+        from importlib.util import find_spec
+
+        return next((package for package in self.requires if find_spec(package) is None), None)
+
+
+PRECISIONS: Registry[PrecisionSpec] = Registry(PRECISIONS_GROUP, PrecisionSpec, "precision")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPE":  # the compute dtype lives with the implementations (torch); kept importable from here
+        from fluxgate.precisions.spec import DTYPE
+
+        return DTYPE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

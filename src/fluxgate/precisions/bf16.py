@@ -5,7 +5,6 @@ Nothing is quantized, so the loader keeps plain `nn.Linear` layers and every GEM
 
 from __future__ import annotations
 
-from fluxgate.precisions.spec import PrecisionSpec, safetensors_writer
+from fluxgate.precisions.spec import PrecisionFormat, safetensors_writer
 
-SPEC = PrecisionSpec(name="bf16", tier="reference", suffix=".safetensors", block_size=1,
-                     write=safetensors_writer(None), quantization_config=lambda dtype: None)
+FORMAT = PrecisionFormat(write=safetensors_writer(None), quantization_config=lambda dtype: None)

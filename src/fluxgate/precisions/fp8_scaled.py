@@ -11,7 +11,7 @@ import torch
 from diffusers import BFLQuantizationConfig
 from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
 
-from fluxgate.precisions.spec import FastGemm, PrecisionSpec, StateDict, require_finite, safetensors_writer
+from fluxgate.precisions.spec import FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer
 
 FP8_GEMM = "fp8 GEMM (_scaled_mm)"
 
@@ -29,8 +29,7 @@ def _packed_shapes(layer: torch.nn.Linear) -> dict[str, tuple[int, ...]]:
     return {"weight": (layer.out_features, layer.in_features), "weight_scale": (layer.out_features,)}
 
 
-SPEC = PrecisionSpec(name="fp8-scaled", tier="8bit", suffix=".safetensors", block_size=1,
-                     write=safetensors_writer(fp8r_tensors),
-                     quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),
-                     layout=fp8r_tensors, quantized_layer=BFLFP8RLinear, packed_shapes=_packed_shapes,
-                     fast_gemm=FastGemm(FP8_GEMM, lambda name: name == "aten::_scaled_mm"))
+FORMAT = PrecisionFormat(write=safetensors_writer(fp8r_tensors),
+                         quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),
+                         layout=fp8r_tensors, quantized_layer=BFLFP8RLinear, packed_shapes=_packed_shapes,
+                         fast_gemm=FastGemm(FP8_GEMM, lambda name: name == "aten::_scaled_mm"))

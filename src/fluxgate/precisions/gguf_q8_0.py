@@ -20,7 +20,7 @@ from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
 from gguf import GGMLQuantizationType as GGMLType
 
 from fluxgate.errors import FixtureError
-from fluxgate.precisions.spec import PrecisionSpec, StateDict, require_finite
+from fluxgate.precisions.spec import PrecisionFormat, StateDict, require_finite
 
 Q8_0_BLOCK = 32  # values per Q8_0 block, stored as 34 bytes: an fp16 scale, then 32 int8 codes
 # Q8_0 stores each block's scale d = amax / 127 as fp16: beyond 127 * 65504 it overflows to inf.
@@ -101,6 +101,6 @@ def q8_0_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
     return {f"{prefix}.weight": GGUFParameter(quantize_q8_0(weight), quant_type=GGMLType.Q8_0)}
 
 
-SPEC = PrecisionSpec(name="gguf-q8_0", tier="8bit", suffix=".gguf", block_size=Q8_0_BLOCK, write=_write,
-                     quantization_config=lambda dtype: GGUFQuantizationConfig(compute_dtype=dtype),
-                     layout=q8_0_tensors, quantized_layer=GGUFLinear)
+FORMAT = PrecisionFormat(write=_write,
+                         quantization_config=lambda dtype: GGUFQuantizationConfig(compute_dtype=dtype),
+                         layout=q8_0_tensors, quantized_layer=GGUFLinear)

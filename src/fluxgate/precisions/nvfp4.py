@@ -13,7 +13,7 @@ import torch
 from diffusers import BFLQuantizationConfig
 from diffusers.quantizers.bfl.utils import E2M1_MAX, FP8_MAX, NVFP4_BLOCK, BFLNVFP4Linear, quantize_nvfp4
 
-from fluxgate.precisions.spec import FastGemm, PrecisionSpec, StateDict, require_finite, safetensors_writer
+from fluxgate.precisions.spec import FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer
 
 FP4_GEMM = "fp4 GEMM"
 
@@ -53,8 +53,7 @@ def is_fp4_gemm(name: str) -> bool:
     return ("fp4" in lower or "e2m1" in lower) and ("mm" in lower or "gemm" in lower)
 
 
-SPEC = PrecisionSpec(name="nvfp4", tier="4bit", suffix=".safetensors", block_size=NVFP4_BLOCK,
-                     write=safetensors_writer(nvfp4_tensors),
-                     quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),
-                     layout=nvfp4_tensors, quantized_layer=BFLNVFP4Linear, packed_shapes=_packed_shapes,
-                     fast_gemm=FastGemm(FP4_GEMM, is_fp4_gemm))
+FORMAT = PrecisionFormat(write=safetensors_writer(nvfp4_tensors),
+                         quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),
+                         layout=nvfp4_tensors, quantized_layer=BFLNVFP4Linear, packed_shapes=_packed_shapes,
+                         fast_gemm=FastGemm(FP4_GEMM, is_fp4_gemm))

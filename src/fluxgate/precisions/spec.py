@@ -1,8 +1,9 @@
-"""What a weight precision is to fluxgate (`PrecisionSpec`), and what the precisions' writers share.
+"""How a weight precision is written, loaded and recognised (`PrecisionFormat`), and what the precisions' writers
+share. Imports torch: only code that writes or loads weights imports it.
 
-Every precision's module (`bf16`, `fp8_scaled`, `gguf_q8_0`, `nvfp4`) builds one `PrecisionSpec` from its own writer,
-loader config, in-memory layout, quantized layer, shape check and fast GEMM; `fluxgate.precisions.PRECISIONS` lists
-them. The mechanism is diffusers' own: its single-file loader with the spec's quantization config swaps in the
+Every precision's module (`bf16`, `fp8_scaled`, `gguf_q8_0`, `nvfp4`) builds one `PrecisionFormat`, `FORMAT`, from its
+own writer, loader config, in-memory layout, quantized layer, shape check and fast GEMM; its light
+`fluxgate.precisions.PrecisionSpec` (in `fluxgate.precisions.builtin`) names it. The mechanism is diffusers' own: its single-file loader with the spec's quantization config swaps in the
 spec's quantized linear layer.
 """
 
@@ -36,29 +37,40 @@ class FastGemm:
 
 
 @dataclass(frozen=True)
-class PrecisionSpec:
-    """A weight precision: its file format and writer, how diffusers loads it, and how a loaded model shows it.
+class PrecisionFormat:
+    """How a precision is written, loaded and recognised: the heavy half of a `fluxgate.precisions.PrecisionSpec`
+    (which holds the light facts: name, tier, suffix, block size) and what the spec's `format` target names.
 
-    `layout` is None for a precision that quantizes nothing (bf16); `quantized_layer` is the diffusers linear the
-    loader swaps in for a quantized weight; `packed_shapes` checks that layer's tensors where diffusers does not
-    (None where it does); `fast_gemm` is None where no low-precision GEMM exists (the layer always dequantizes).
+    A file format: `write` makes its checkpoint file and `quantization_config` gives diffusers' single-file loader the
+    config that swaps in `quantized_layer`. A load-then-transform backend (its spec's `file_precision` names the file
+    it loads, e.g. bf16): `transform` quantizes the loaded module in place or returns its replacement. `layout` is the
+    synthetic profile's in-memory tensors of one linear (None: nothing quantized in the file); `packed_shapes` checks
+    the quantized layer's tensors where diffusers does not; `fast_gemm` is the precision's own low-precision GEMM as
+    a profile shows it (None: the layer always dequantizes); `is_quantized` recognises a quantized module where no
+    single layer class does (a tensor subclass in a plain `nn.Linear`); `unavailable` says why this device cannot
+    run it (None: it can).
     """
 
-    name: str
-    tier: str  # similarity limits are set per tier: "reference", "8bit", "4bit"
-    suffix: str  # the checkpoint file's extension
-    block_size: int  # quantized linears need in_features divisible by this
-    write: Writer  # the checkpoint file, as real quantized checkpoints store it
-    quantization_config: Callable[[torch.dtype], object | None]  # compute dtype -> `from_single_file`'s config
-    layout: Layout | None = None  # the synthetic profile's in-memory tensors: what `write` stores for one linear
+    write: Writer | None = None
+    quantization_config: Callable[[torch.dtype], object | None] = lambda dtype: None
+    layout: Layout | None = None
     quantized_layer: type | None = None
     packed_shapes: PackedShapes | None = None
     fast_gemm: FastGemm | None = None
+    transform: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None
+    is_quantized: Callable[[torch.nn.Module], bool] | None = None
+    unavailable: Callable[[torch.device], str | None] | None = None
+
+    def quantized(self, module: torch.nn.Module) -> bool:
+        """`module` is one of this format's quantized linears."""
+        if self.is_quantized is not None:
+            return self.is_quantized(module)
+        return self.quantized_layer is not None and isinstance(module, self.quantized_layer)
 
     @property
-    def marker(self) -> str:
-        """The pytest marker of its combos: `fp8_scaled` for `fp8-scaled`."""
-        return self.name.replace("-", "_")
+    def quantizes(self) -> bool:
+        """Whether this format quantizes anything (bf16 does not)."""
+        return self.quantized_layer is not None or self.is_quantized is not None
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:

@@ -20,12 +20,13 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
+from fluxgate import defaults
 from fluxgate.errors import FixtureError
 from fluxgate.matrix import Combo
 from fluxgate.showing.text import number
 from fluxgate.storing.record import PASSED, Record
 
-DEFAULT_FILE = Path("fixtures/decision.toml")
+DEFAULT_FILE = defaults.PACKAGED["decision"]  # fluxgate's own prices; a repository's fixtures/decision.toml wins
 RULE = ("Recommended: the fastest combo (median it/s) that passed its item's speed, VRAM and similarity asserts, "
         "meets the model's quality floor against the BF16 image and fits the VRAM budget; ties go to the smaller "
         "peak VRAM. Cost per 1000 images = median seconds per image × $/GPU-hour ÷ 3.6.")

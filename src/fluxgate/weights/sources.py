@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fluxgate.errors import SkipCombo
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
 
@@ -37,6 +38,30 @@ class Source(Protocol):
     def prompt_kwargs(self, model: ModelSpec, prompt: str, device: torch.device) -> dict[str, Any]:
         """The pipeline call's keyword arguments that stand for `prompt`: the prompt itself, or its embeddings."""
         ...
+
+
+def load_denoiser(source: Source, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The combo's denoiser from `source`, in the combo's precision, and its origin. A file format comes from the source
+    as it is; a load-then-transform backend (`PrecisionSpec.file_precision`) loads that precision's denoiser and then
+    applies its format's `transform` (the origin says so). Raises SkipCombo when the precision's Python package is
+    missing or its format says this device cannot run it (the reason names the package or the device), and what the
+    source raises."""
+    from dataclasses import replace
+
+    spec = combo.precision_spec
+    missing = spec.missing_package()
+    if missing:
+        raise SkipCombo(f"{combo.id}: precision {spec.name} needs the Python package {missing!r} (pip install "
+                        f"{missing.replace('_', '-')})")
+    reason = spec.implementation.unavailable(device) if spec.implementation.unavailable else None
+    if reason:
+        raise SkipCombo(f"{combo.id}: precision {spec.name} cannot run on {device}: {reason}")
+    if spec.file_precision is None:
+        return source.transformer(combo, device)
+    denoiser, origin = source.transformer(replace(combo, precision=spec.file_precision), device)
+    transformed = spec.transform(denoiser)
+    denoiser = denoiser if transformed is None else transformed
+    return denoiser, {**origin, "transform": f"{spec.file_precision} -> {spec.name} ({spec.format})"}
 
 
 def for_profile(profile: str, cache_dir: Path, seed: int, models_file: Path) -> Source:

@@ -31,7 +31,7 @@ import torch
 from fluxgate.errors import SkipCombo
 from fluxgate.files import atomic_write
 from fluxgate.matrix import Combo
-from fluxgate.models import ModelSpec
+from fluxgate.models import ModelSpec, pipeline
 from fluxgate.models.seeding import device_of
 from fluxgate.precisions import DTYPE, PrecisionSpec
 from fluxgate.precisions.spec import StateDict
@@ -118,8 +118,7 @@ def build_transformer(model: ModelSpec, precision: PrecisionSpec, device: torch.
 def build_pipeline(model: ModelSpec, transformer: torch.nn.Module, device: torch.device | str, seed: int = 0):
     """The model's diffusers pipeline: `transformer` plus the full-size components (`full_components`) on `device`.
     Call it with the model's `prompt_inputs` in place of a prompt."""
-    components = model.builder.full_components(device_of(device), DTYPE, seed)
-    return model.builder.pipeline_class(transformer=transformer, **components)
+    return pipeline(model, transformer, model.builder.full_components(device_of(device), DTYPE, seed))
 
 
 class SyntheticSource:

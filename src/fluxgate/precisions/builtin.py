@@ -1,0 +1,17 @@
+"""fluxgate's own precisions, registered through `fluxgate.registry` like any team's (`fluxgate.precisions` group)."""
+
+from __future__ import annotations
+
+from fluxgate.precisions import PrecisionSpec
+
+PRECISIONS = (
+    PrecisionSpec("bf16", tier="reference", format="fluxgate.precisions.bf16:FORMAT",
+                  description="safetensors, every tensor bfloat16 (BFL's and Tongyi's releases)"),
+    PrecisionSpec("fp8-scaled", tier="8bit", format="fluxgate.precisions.fp8_scaled:FORMAT",
+                  description="BFL fp8r: E4M3 weights with a per-row fp32 scale, diffusers' BFLFP8RLinear"),
+    PrecisionSpec("gguf-q8_0", tier="8bit", format="fluxgate.precisions.gguf_q8_0:FORMAT", suffix=".gguf",
+                  block_size=32, requires=("gguf",),
+                  description="GGUF Q8_0 (city96 / ComfyUI-GGUF), diffusers' GGUFLinear"),
+    PrecisionSpec("nvfp4", tier="4bit", format="fluxgate.precisions.nvfp4:FORMAT", block_size=16,
+                  description="ModelOpt NVFP4: E2M1 weights, an E4M3 scale per 16 values, diffusers' BFLNVFP4Linear"),
+)
