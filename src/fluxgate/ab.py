@@ -130,7 +130,7 @@ class Outcome:
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fluxgate.ab", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fluxgate ab", description=__doc__.split("\n\n")[0],
                                      usage="python -m fluxgate.ab --base-tree BASE_TREE [options]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))

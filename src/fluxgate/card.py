@@ -13,7 +13,7 @@ from fluxgate.storing.fsstore import load_paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxgate.card", description=card.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fluxgate card", description=card.__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="history run files or folders of them (paths or URLs)")
     parser.add_argument("--gpu-class", required=True, help="the class to make the card of, e.g. nvidia-h200")
     parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"),

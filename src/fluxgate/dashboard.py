@@ -7,27 +7,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from fluxgate import defaults
+from fluxgate import defaults, options
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import dashboard, decision
 from fluxgate.storing import open_store
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxgate.dashboard", description=dashboard.__doc__.split("\n\n")[0])
-    parser.add_argument("--history-dir", default=".fluxgate/history", metavar="DIR|URL",
-                        help="the benchmark history to show, every GPU class in it: a folder or a store URL such as "
-                             "s3://bucket/prefix (see --history-dir in README) [default: .fluxgate/history]")
+    parser = argparse.ArgumentParser(prog="fluxgate dashboard", description=dashboard.__doc__.split("\n\n")[0])
+    options.declare(parser, "history_dir", "decision_file", "vram_budget_gib", history_dir={
+        "help": "the history to show, a folder or URL [default: .fluxgate/history]"})
     parser.add_argument("--out", type=Path, default=Path(".fluxgate/dashboard"), metavar="DIR",
                         help="where the site goes; an earlier site there is removed first; open DIR/index.html "
                              "[default: .fluxgate/dashboard]")
     parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"), metavar="DIR",
                         help="reference images for the grids, and ../docs/detection-card-<class>.md beside it "
                              "[default: baselines]")
-    parser.add_argument("--decision-file", type=Path, default=None, metavar="FILE",
-                        help=f"prices and quality floors of the decision report [default: {defaults.describe('decision')}]")
-    parser.add_argument("--vram-budget-gib", type=float, default=None, metavar="GIB",
-                        help="the decision recommends only combos within this VRAM budget [default: none]")
     args = parser.parse_args(argv)
     try:
         settings = decision.load(args.decision_file or defaults.input_file("decision"), args.vram_budget_gib,

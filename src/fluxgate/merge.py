@@ -13,7 +13,7 @@ from fluxgate.storing import open_store
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fluxgate.merge",
+        prog="fluxgate merge",
         description="Combine the history run files written by shards (--shard i/n, one runner or GPU each) into "
                     "one run file, so verdicts and reports see one run with every combo.")
     parser.add_argument("files", nargs="+", help="the shards' run files, paths or URLs (<history-dir>/<run-id>.json)")

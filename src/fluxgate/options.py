@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-
-import pytest
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fluxgate import defaults
 from fluxgate.environ import DEFAULT_ALLOC_CONF
 from fluxgate.measuring.runtimes import COMPILE_MODES, DEFAULT_COMPILE_MODE
+
+if TYPE_CHECKING:
+    import pytest
 
 
 def _converted(text: str, convert, noun: str):
@@ -60,107 +63,150 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N (N a GPU number, e.g. cuda:1)")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option, declared once: its flags and argparse attributes (type, default, metavar, help, choices, action),
+    added alike to pytest's parser and to a `fluxgate` command's argparse parser (pytest-benchmark's
+    `add_global_options`)."""
+
+    flags: tuple[str, ...]
+    attrs: dict[str, Any]
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+OPTIONS: dict[str, Option] = {}  # dest -> Option, in --help order
+
+
+def _option(*flags: str, **attrs: Any) -> None:
+    option = Option(flags, attrs)
+    OPTIONS[option.dest] = option
+
+
+_option("--models", default=None, metavar="NAMES",
+        help="comma-separated models to run [default: all registered; `fluxgate list` names them and "
+             "who registered each]")
+_option("--precisions", default=None, metavar="NAMES",
+        help="comma-separated precisions (file formats and load-then-transform backends) to run "
+             "[default: all registered; `fluxgate list`]")
+_option("--runtimes", default="eager", metavar="NAMES",
+        help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
+             "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
+             "compiled items are named like flux1-dev[fp8-scaled-compile] [default: eager]")
+_option("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
+        help=f"torch.compile mode of the 'compile' runtime [default: {DEFAULT_COMPILE_MODE}]")
+_option("--shard", default=None, metavar="I/N",
+        help="run only shard I of N of the selected combos (every N-th, starting at I), for splitting "
+             "the matrix across runners; merge their histories with `python -m fluxgate.merge`")
+_option("--profile", default="auto", choices=["auto", "tiny", "synthetic", "real"],
+        help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
+             "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
+             "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
+             "synthetic on a CUDA device, tiny on CPU [default: auto]")
+_option("--models-file", default=str(defaults.MODELS_FILE), metavar="FILE",
+        help="where the real profile finds checkpoints and pipeline folders [default: "
+             "fixtures/models.toml]")
+_option("--device", default="auto", metavar="DEV", type=_device,
+        help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
+             "and no CUDA device every combo is skipped [default: auto]")
+_option("--gpu-class", default=None, metavar="NAME",
+        help="baseline folder under --baselines-dir [default: 'cpu' on CPU, else the GPU name as a slug]")
+_option("--baselines-dir", default="baselines", metavar="DIR",
+        help="stored baselines, one folder per GPU class [default: baselines]")
+_option("--history-dir", default=".fluxgate/history", metavar="DIR",
+        help="benchmark history: this run adds one JSON file (and its images) here. A folder, or a URL "
+             "of an fsspec filesystem: an S3 or S3-compatible bucket s3://bucket/fluxgate/history "
+             "(needs s3fs, the 's3' extra; endpoint and keys from fsspec's config or the environment, "
+             "e.g. FSSPEC_S3_ENDPOINT_URL=http://minio:9000 AWS_ACCESS_KEY_ID=... "
+             "AWS_SECRET_ACCESS_KEY=...), Google Cloud Storage gs://bucket/fluxgate/history (pip install "
+             "gcsfs), a Hugging Face dataset hf://datasets/org/name/history (HF_TOKEN; each write is a "
+             "commit), memory://history (one process, for tests) [default: .fluxgate/history]")
+_option("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
+        help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
+             ".fluxgate-cache]")
+_option("--prompts", default=None, metavar="FILE",
+        help="the weight seed and each model's cases (prompt, noise seed, an editing model's input "
+             f"image) [default: {defaults.describe('prompts')}]")
+_option("--cases", type=_count(1), default=None, metavar="N",
+        help="images per combo: the first N cases of each model's set (all it has when fewer), one timed "
+             "image each, each compared with the BF16 image of its case. Default: the profile's (tiny 3; "
+             "full size FLUX.1 3, Kontext 2, FLUX.2 1, Z-Image 4: the eager matrix fits 10 min on an "
+             "H200). Baselines made with more cases serve runs that make fewer")
+_option("--steps", type=_count(1), default=None, metavar="N",
+        help="denoising steps per image, overriding the profile's default (makes baselines stale)")
+_option("--warmup-steps", type=_count(0), default=1, metavar="N",
+        help="steps of the untimed warm-up image made before a combo's timed images [default: 1]")
+_option("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
+        help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
+             "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
+             "at the end [default: 100]")
+_option("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
+        help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
+             "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
+             "Recorded in each run's environment; the history gate does not compare runs with different "
+             "settings [default: 'default', torch's own settings]")
+_option("--report-dir", default=None, metavar="DIR",
+        help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
+             "(off by default; `nox -s report` makes the same from history alone)")
+_option("--decision-file", default=None, metavar="FILE",
+        help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
+             f"ship' section [default: {defaults.describe('decision')}]")
+_option("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
+        help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
+_option("--history-gate", default="on", choices=["on", "off"],
+        help="also judge this run against the history (last --history-window comparable runs, or the runs "
+             "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
+             "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
+             "[default: on]")
+_option("--history-window", type=_count(1), default=5, metavar="N",
+        help="how many earlier comparable runs form the window [default: 5]")
+_option("--min-speed-effect", default="auto", metavar="PCT",
+        help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
+             "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 elsewhere, e.g. CPU (tiny-profile "
+             "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
+_option("--history-rule", default="rank-test", metavar="NAME",
+        help="the registered decision rule against history (`fluxgate list` names them; teams add their own "
+             "through the fluxgate.rules entry-point group) [default: rank-test]")
+_option("--base-commit", default=None, metavar="SHA",
+        help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
+_option("--cpu-threads", default="auto", type=_threads, metavar="N",
+        help="torch threads for a CPU device: a number, or 'auto' = half the cores this process may use, "
+             "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
+             "environment [default: auto]")
+_option("--history-images", default=20, type=_count(0), metavar="N",
+        help="keep the combo images (PNGs, ~40 MB per GPU run) of the newest N runs in --history-dir and "
+             "delete older runs' image folders after the run; their records stay. 0 keeps none "
+             "[default: 20]")
+_option("--allow-empty", action="store_true",
+        help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
+             "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
+             "nothing")
+_option("--write-baselines", action="store_true",
+        help="measure and write baselines for this GPU class (under --baselines-dir) instead of "
+             "asserting against them")
+
+
+
+
+RUN_ONLY = ("write_baselines", "allow_empty")  # options of a pytest run that no command shares
+
+
 def add(parser: pytest.Parser) -> None:
     """Declare every fluxgate option (pytest's `pytest_addoption`)."""
     group = parser.getgroup("fluxgate", "fluxgate: model x precision perf gate")
-    group.addoption("--models", default=None, metavar="NAMES",
-                    help="comma-separated models to run [default: all registered; `fluxgate list` names them and "
-                         "who registered each]")
-    group.addoption("--precisions", default=None, metavar="NAMES",
-                    help="comma-separated precisions (file formats and load-then-transform backends) to run "
-                         "[default: all registered; `fluxgate list`]")
-    group.addoption("--runtimes", default="eager", metavar="NAMES",
-                    help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
-                         "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
-                         "compiled items are named like flux1-dev[fp8-scaled-compile] [default: eager]")
-    group.addoption("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
-                    help=f"torch.compile mode of the 'compile' runtime [default: {DEFAULT_COMPILE_MODE}]")
-    group.addoption("--shard", default=None, metavar="I/N",
-                    help="run only shard I of N of the selected combos (every N-th, starting at I), for splitting "
-                         "the matrix across runners; merge their histories with `python -m fluxgate.merge`")
-    group.addoption("--profile", default="auto", choices=["auto", "tiny", "synthetic", "real"],
-                    help="where weights come from: 'tiny' = toy-size real architectures, seeded random weights, runs "
-                         "on CPU; 'synthetic' = full-size real architectures, seeded random weights made on the GPU, "
-                         "1024 px, default steps; 'real' = your checkpoints named in --models-file; 'auto' = "
-                         "synthetic on a CUDA device, tiny on CPU [default: auto]")
-    group.addoption("--models-file", default=str(defaults.MODELS_FILE), metavar="FILE",
-                    help="where the real profile finds checkpoints and pipeline folders [default: "
-                         "fixtures/models.toml]")
-    group.addoption("--device", default="auto", metavar="DEV", type=_device,
-                    help="torch device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1'; with 'cuda' "
-                         "and no CUDA device every combo is skipped [default: auto]")
-    group.addoption("--gpu-class", default=None, metavar="NAME",
-                    help="baseline folder under --baselines-dir [default: 'cpu' on CPU, else the GPU name as a slug]")
-    group.addoption("--baselines-dir", default="baselines", metavar="DIR",
-                    help="stored baselines, one folder per GPU class [default: baselines]")
-    group.addoption("--history-dir", default=".fluxgate/history", metavar="DIR",
-                    help="benchmark history: this run adds one JSON file (and its images) here. A folder, or a URL "
-                         "of an fsspec filesystem: an S3 or S3-compatible bucket s3://bucket/fluxgate/history "
-                         "(needs s3fs, the 's3' extra; endpoint and keys from fsspec's config or the environment, "
-                         "e.g. FSSPEC_S3_ENDPOINT_URL=http://minio:9000 AWS_ACCESS_KEY_ID=... "
-                         "AWS_SECRET_ACCESS_KEY=...), Google Cloud Storage gs://bucket/fluxgate/history (pip install "
-                         "gcsfs), a Hugging Face dataset hf://datasets/org/name/history (HF_TOKEN; each write is a "
-                         "commit), memory://history (one process, for tests) [default: .fluxgate/history]")
-    group.addoption("--fixture-cache", default=os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache"), metavar="DIR",
-                    help="cache of generated checkpoints, keyed by content hash [default: $FLUXGATE_CACHE or "
-                         ".fluxgate-cache]")
-    group.addoption("--prompts", default=None, metavar="FILE",
-                    help="the weight seed and each model's cases (prompt, noise seed, an editing model's input "
-                         f"image) [default: {defaults.describe('prompts')}]")
-    group.addoption("--cases", type=_count(1), default=None, metavar="N",
-                    help="images per combo: the first N cases of each model's set (all it has when fewer), one timed "
-                         "image each, each compared with the BF16 image of its case. Default: the profile's (tiny 3; "
-                         "full size FLUX.1 3, Kontext 2, FLUX.2 1, Z-Image 4: the eager matrix fits 10 min on an "
-                         "H200). Baselines made with more cases serve runs that make fewer")
-    group.addoption("--steps", type=_count(1), default=None, metavar="N",
-                    help="denoising steps per image, overriding the profile's default (makes baselines stale)")
-    group.addoption("--warmup-steps", type=_count(0), default=1, metavar="N",
-                    help="steps of the untimed warm-up image made before a combo's timed images [default: 1]")
-    group.addoption("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
-                    help="NVML sampling period during the timed images (clocks, power, temperature, throttle "
-                         "reasons, process memory); 0 = no sampling thread, only the energy counter and one sample "
-                         "at the end [default: 100]")
-    group.addoption("--cuda-alloc-conf", default=DEFAULT_ALLOC_CONF, metavar="CONF",
-                    help="torch's CUDA caching-allocator settings for the run, e.g. expandable_segments:True "
-                         "(sets PYTORCH_CUDA_ALLOC_CONF; one already set in the environment wins, with a warning). "
-                         "Recorded in each run's environment; the history gate does not compare runs with different "
-                         "settings [default: 'default', torch's own settings]")
-    group.addoption("--report-dir", default=None, metavar="DIR",
-                    help="after the run, write this run's summary.md (PR comment), trend plots and image grids here "
-                         "(off by default; `nox -s report` makes the same from history alone)")
-    group.addoption("--decision-file", default=None, metavar="FILE",
-                    help="$/GPU-hour per GPU class and quality floor per model for the report's 'which precision to "
-                         f"ship' section [default: {defaults.describe('decision')}]")
-    group.addoption("--vram-budget-gib", type=_amount(positive=True), default=None, metavar="GIB",
-                    help="the report recommends only combos whose peak VRAM fits this budget [default: no budget]")
-    group.addoption("--history-gate", default="on", choices=["on", "off"],
-                    help="also judge this run against the history (last --history-window comparable runs, or the runs "
-                         "of --base-commit) with a rank test plus a minimum effect; a suspected speed regression is "
-                         "re-measured and, if confirmed, fails the session. 'off': report verdicts, fail on none "
-                         "[default: on]")
-    group.addoption("--history-window", type=_count(1), default=5, metavar="N",
-                    help="how many earlier comparable runs form the window [default: 5]")
-    group.addoption("--min-speed-effect", default="auto", metavar="PCT",
-                    help="smallest step-time shift (percent of the window's median) the history gate calls a change. "
-                         "'auto': 2 on CUDA (the H100's run-to-run noise is under 1 %%), 50 elsewhere, e.g. CPU (tiny-profile "
-                         "steps of 10-25 ms swing ±25 %% between runs on a shared 2-core machine) [default: auto]")
-    group.addoption("--base-commit", default=None, metavar="SHA",
-                    help="judge against the runs of this git commit (e.g. the PR's base) instead of the last N runs")
-    group.addoption("--cpu-threads", default="auto", type=_threads, metavar="N",
-                    help="torch threads for a CPU device: a number, or 'auto' = half the cores this process may use, "
-                         "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
-                         "environment [default: auto]")
-    group.addoption("--history-images", default=20, type=_count(0), metavar="N",
-                    help="keep the combo images (PNGs, ~40 MB per GPU run) of the newest N runs in --history-dir and "
-                         "delete older runs' image folders after the run; their records stay. 0 keeps none "
-                         "[default: 20]")
-    group.addoption("--allow-empty", action="store_true",
-                    help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
-                         "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "
-                         "nothing")
-    group.addoption("--write-baselines", action="store_true",
-                    help="measure and write baselines for this GPU class (under --baselines-dir) instead of "
-                         "asserting against them")
+    for option in OPTIONS.values():
+        group.addoption(*option.flags, **option.attrs)
+
+
+def declare(parser: argparse.ArgumentParser, *dests: str, **changes: dict[str, Any]) -> None:
+    """Add the options named by `dests` (e.g. "history_dir") to a command's parser, each declared as for pytest;
+    `changes` overrides attributes of one, e.g. `history_dir={"default": None}`. Raises KeyError for an unknown
+    option."""
+    for dest in dests:
+        option = OPTIONS[dest]
+        parser.add_argument(*option.flags, **{**option.attrs, **changes.get(dest, {})})
 
 
 def cpu_threads(option: str) -> int:

@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fluxgate import defaults
+from fluxgate import defaults, options
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import decision, publish
 from fluxgate.storing import open_store
@@ -16,13 +16,13 @@ from fluxgate.storing.fsio import is_url
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fluxgate.publish",
+        prog="fluxgate publish",
         description="Publish one fluxgate run from the benchmark history: summary.md (a PR comment), per-combo trend "
                     "plots (trends/*.png) and reference | candidate | difference grids for combos whose image "
                     "moved (grids/*.png).")
-    parser.add_argument("--history-dir", required=True, metavar="DIR",
-                        help="benchmark history written by the pytest run (<run_id>.json files and image folders), "
-                             "a folder or URL, e.g. .fluxgate/history or s3://bucket/fluxgate/history")
+    options.declare(parser, "history_dir", "decision_file", "vram_budget_gib", history_dir={
+        "required": True, "help": "benchmark history written by the pytest run (<run_id>.json files and image "
+                                  "folders), a folder or URL, e.g. .fluxgate/history or s3://bucket/fluxgate/history"})
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="where to write summary.md, trends/ and grids/ (created if missing; an earlier report's "
                              "summary, decision and PNGs there are removed first)")
@@ -31,11 +31,6 @@ def _parser() -> argparse.ArgumentParser:
                              "the run's own bf16 image [default: baselines]")
     parser.add_argument("--run-id", default=None, metavar="ID",
                         help="the run to publish (a history file name without .json) [default: the newest run]")
-    parser.add_argument("--decision-file", default=None, type=Path, metavar="FILE",
-                        help="$/GPU-hour per GPU class and quality floor per model for the 'which precision to ship' "
-                             f"section [default: {defaults.describe('decision')}]")
-    parser.add_argument("--vram-budget-gib", default=None, type=float, metavar="GIB",
-                        help="recommend only combos whose peak VRAM fits this budget [default: no budget]")
     return parser
 
 

@@ -33,7 +33,7 @@ HOOKS_GROUP = "fluxgate.hooks"  # modules implementing `fluxgate.hookspec` (regi
 BUILTINS: dict[str, tuple[str, ...]] = {
     MODELS_GROUP: ("fluxgate.models.builtin:MODELS",),
     PRECISIONS_GROUP: ("fluxgate.precisions.builtin:PRECISIONS",),
-    RULES_GROUP: ("fluxgate.judging.rules:RULES",),
+    RULES_GROUP: ("fluxgate.judging.rules:RULES_BUILTIN",),
     HOOKS_GROUP: (),
 }
 BUILTIN_ORIGIN = "fluxgate"

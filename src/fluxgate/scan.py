@@ -10,7 +10,7 @@ from fluxgate.weights import scan
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fluxgate.scan", description=scan.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fluxgate scan", description=scan.__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder to scan (recursively)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the models file here (run it with `--profile real --models-file FILE`) "

@@ -54,6 +54,7 @@ class Settings:
     history_window: int
     base_commit: str | None
     min_speed_effect: float | None  # a fraction; None: the device type's default
+    history_rule: str  # the registered history rule (`judging.rules`)
     history_images: int
     allow_empty: bool
     write_baselines: bool
@@ -95,6 +96,9 @@ class Settings:
                               parse_names("--precisions", get("precisions"), PRECISIONS),
                               parse_names("--runtimes", get("runtimes"), RUNTIMES))
             shard_of = parse_shard(get("shard"))
+            from fluxgate.judging.rules import RULES
+
+            parse_names("--history-rule", get("history_rule"), RULES)
             min_speed_effect = options.fraction("--min-speed-effect", get("min_speed_effect"))
         except (ValueError, RegistryError) as error:
             raise pytest.UsageError(str(error)) from None
@@ -121,6 +125,7 @@ class Settings:
             compile_mode=get("compile_mode"), telemetry_interval_s=get("telemetry_interval_ms") / 1000,
             cpu_threads=get("cpu_threads"), history_gate=get("history_gate") == "on",
             history_window=get("history_window"), base_commit=get("base_commit"), min_speed_effect=min_speed_effect,
+            history_rule=get("history_rule"),
             history_images=get("history_images"), allow_empty=get("allow_empty"),
             write_baselines=get("write_baselines"))
 
@@ -249,7 +254,8 @@ class RunSession:
 
         gating = self.settings.history_gate and not gate.write
         judged = gate.verdicts(last_n=self.settings.history_window, base_commit=self.settings.base_commit,
-                               confirm=gating, min_speed_effect=self.settings.min_speed_effect)
+                               confirm=gating, min_speed_effect=self.settings.min_speed_effect,
+                               rule=self.settings.history_rule)
         self.verdicts = [(verdict.outcome, verdict.message) for verdict in judged]
         self.regression = gating and any(verdict.outcome == REGRESSION for verdict in judged)
         self.history_warnings = gate.history_warnings

@@ -81,7 +81,7 @@ def _parts(value: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fluxgate.thresholds", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog="fluxgate thresholds", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         epilog="parts: speed = min it/s per combo from the spread of the runs (needs 3 runs on 2 GPUs per combo); "
                "quality = each model's bf16 noise floor ([noise_floor.<model>]) and every combo's min_ms_ssim / "
                "min_psnr_db from it and its tier; tradeoffs = [tradeoffs.<model>.<variant>]: peak memory and p10 "

@@ -220,12 +220,13 @@ class Gate:
                                provenance)
 
     def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True,
-                 min_speed_effect: float | None = None) -> list:
+                 min_speed_effect: float | None = None, rule: str | None = None) -> list:
         """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
         (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
         recorded in history with outcome REMEASURE (never part of a later window).
         `min_speed_effect`: the rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA,
-        50 % elsewhere). Problems met reading the history (a skipped file) are kept in `history_warnings`."""
+        50 % elsewhere). `rule`: the registered history rule to judge by (`judging.rules`; None: the default).
+        Problems met reading the history (a skipped file) are kept in `history_warnings`."""
         from fluxgate.judging import compare
 
         with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
@@ -241,7 +242,9 @@ class Gate:
         records = earlier + [r.with_environment(self.history.environment) for r in self.history.records]
         if min_speed_effect is None:
             min_speed_effect = compare.min_speed_effect_for(self.runner.device.type)
-        policy = compare.Policy(min_speed_effect=min_speed_effect)
+        from fluxgate.judging.rules import DEFAULT_RULE, RULES
+
+        policy = RULES[rule or DEFAULT_RULE].policy(min_speed_effect)
         verdicts = compare.compare_run(records, self.history.run_id, last_n=last_n, base_commit=base_commit,
                                        policy=policy)
         judged = []
