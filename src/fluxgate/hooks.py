@@ -28,27 +28,37 @@ def register(pluginmanager: pluggy.PluginManager) -> None:
             pluginmanager.register(plugin, name)
 
 
+class _WorkerManager(pluggy.PluginManager):
+    """Recognises plain `pytest_fluxgate_*` functions as hook implementations, as pytest's own manager does."""
+
+    def parse_hookimpl_opts(self, plugin, name: str):
+        options = super().parse_hookimpl_opts(plugin, name)
+        if options is None and name.startswith("pytest_fluxgate_") and callable(getattr(plugin, name, None)):
+            return {}
+        return options
+
+
 def worker_manager() -> pluggy.PluginManager:
     """A plugin manager with fluxgate's hooks and the `fluxgate.hooks` entry points, for a process without pytest (an
     A/B worker). A conftest.py's hooks are pytest's alone: package them under `fluxgate.hooks` to reach A/B runs."""
-    manager = pluggy.PluginManager("pytest")
+    manager = _WorkerManager("pytest")
     register(manager)
     return manager
 
 
 def extended_environment(hook: Any, environment: dict, device) -> dict:
-    """`environment` (a run's fingerprint) with what `fluxgate_environment` implementations add, and the union of the
-    `fluxgate_comparable_fields` they declare under COMPARABLE_FIELDS (sorted; absent when none). Raises
+    """`environment` (a run's fingerprint) with what `pytest_fluxgate_environment` implementations add, and the union of the
+    `pytest_fluxgate_comparable_fields` they declare under COMPARABLE_FIELDS (sorted; absent when none). Raises
     RegistryError when a hook replaces one of fluxgate's own fields or adds a value JSON cannot hold."""
     added: dict = {}
-    hook.fluxgate_environment(environment=added, device=device)
+    hook.pytest_fluxgate_environment(environment=added, device=device)
     replaced = sorted(set(added) & (set(environment) | {COMPARABLE_FIELDS}))
     if replaced:
-        raise RegistryError(f"fluxgate_environment: a hook sets fluxgate's own field(s) {', '.join(replaced)}; "
+        raise RegistryError(f"pytest_fluxgate_environment: a hook sets fluxgate's own field(s) {', '.join(replaced)}; "
                             "add fields under new names")
     try:
         json.dumps(added)
     except (TypeError, ValueError) as error:
-        raise RegistryError(f"fluxgate_environment: a hook added a value JSON cannot hold ({error})") from None
-    fields = sorted({name for names in hook.fluxgate_comparable_fields() for name in names})
+        raise RegistryError(f"pytest_fluxgate_environment: a hook added a value JSON cannot hold ({error})") from None
+    fields = sorted({name for names in hook.pytest_fluxgate_comparable_fields() for name in names})
     return {**environment, **added, **({COMPARABLE_FIELDS: fields} if fields else {})}

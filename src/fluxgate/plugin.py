@@ -137,7 +137,10 @@ def gate(request: pytest.FixtureRequest):
         if not torch.cuda.is_available():
             pytest.skip(f"--device {device}: no CUDA device (torch {torch.__version__} sees none); run on a GPU runner "
                         "or use --device cpu")
-    return run_session(request.config).open_gate()
+    try:
+        return run_session(request.config).open_gate()
+    except pytest.UsageError as error:  # before any combo ran: stop the session, one line, exit 4
+        pytest.exit(f"fluxgate: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture

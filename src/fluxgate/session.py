@@ -184,6 +184,7 @@ class RunSession:
 
         s = self.settings
         device = resolve_device(s.device)
+        self._require_baselines(s.gpu_class or gpu_class(device))
         if device.type == "cpu" and self.worker is None:  # workers took their share already
             import torch
 
@@ -194,7 +195,7 @@ class RunSession:
         hook = self.config.hook
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s,
-                        prepare_pipeline=lambda pipe, combo: hook.fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
+                        prepare_pipeline=lambda pipe, combo: hook.pytest_fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
                                                                                              device=device))
         environment = hooks.extended_environment(hook, fingerprint(device, self.rootpath), device)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
@@ -212,6 +213,16 @@ class RunSession:
                 workers.check_pinned(str(torch.cuda.get_device_properties(device).uuid))
         history = self.store.open_run(new_run_id(), environment, shard=self.worker is not None)
         return Gate(runner, s.baselines_dir, s.gpu_class or gpu_class(device), history, write=s.write_baselines)
+
+    def _require_baselines(self, gpu_class: str) -> None:
+        """A run that asserts against baselines needs its GPU class's thresholds file: without one, a usage error
+        naming the folder and the command that writes it (not one failure per combo)."""
+        from fluxgate.judging.baselines import THRESHOLDS_FILE, WRITE_HINT
+
+        path = self.settings.baselines_dir / gpu_class / THRESHOLDS_FILE
+        if not self.settings.write_baselines and not path.is_file():
+            raise pytest.UsageError(f"{path}: no baselines for GPU class {gpu_class!r} (--baselines-dir "
+                                    f"{self.settings.baselines_dir}); {WRITE_HINT}")
 
     def count(self, report_: pytest.TestReport) -> None:
         """Count a matrix item's report (one process, or the controller, which sees every worker's reports)."""

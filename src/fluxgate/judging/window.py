@@ -37,7 +37,7 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
 }
 # A run's environment lists under DECLARED_FIELDS the further fields it declared comparable (the hook
-# `fluxgate_comparable_fields`, e.g. a team's attention backend): compared like the fields above, where either run
+# `pytest_fluxgate_comparable_fields`, e.g. a team's attention backend): compared like the fields above, where either run
 # declares them.
 # Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.
 CPU_ONLY_FIELDS = {"cpu_threads"}
