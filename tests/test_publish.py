@@ -211,7 +211,7 @@ def test_cli_help_explains_every_option(capsys):
 
 
 def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_path, baselines_dir):
-    from fluxgate.measuring.stats import spikes
+    from fluxgate.stats import spikes
 
     times = [0.28] * 26 + [0.40, 0.36]
     spiked = _with_metrics(_record("flux1-dev[fp8-scaled]", 3.5, 12.3),

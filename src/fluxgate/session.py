@@ -142,7 +142,7 @@ class RunSession:
         self.worker = workers.worker(config)  # (index, count) in an xdist worker
         self.controller = workers.controller_workers(config) > 0
         self.started = time.time()
-        self.gate = None  # judging.gate.Gate, built by `open_gate`
+        self.gate = None  # fluxgate.gate.Gate, built by `open_gate`
         self.measured_items = 0
         self.skipped_items: Counter[str] = Counter()
         self.verdicts: list[tuple[str, str]] = []  # (outcome, message) against history, every combo of the run
@@ -176,7 +176,7 @@ class RunSession:
 
         memory.configure_allocator(self.config.getoption("cuda_alloc_conf"))
         kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
-        from fluxgate.judging.gate import Gate
+        from fluxgate.gate import Gate
         from fluxgate.measuring.environment import fingerprint, gpu_class, resolve_device
         from fluxgate.measuring.runner import Inputs, Runner
         from fluxgate.storing.store import new_run_id
@@ -261,7 +261,7 @@ class RunSession:
                 self.written = gate.write_baselines()
         if gate is None or not gate.history.records:
             return
-        from fluxgate.judging.gate import verdicts_for_report
+        from fluxgate.gate import verdicts_for_report
 
         gating = self.settings.history_gate and not gate.write
         judged = gate.verdicts(last_n=self.settings.history_window, base_commit=self.settings.base_commit,

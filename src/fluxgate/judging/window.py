@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from fluxgate.hookspec import COMPARABLE_FIELDS as DECLARED_FIELDS
-from fluxgate.measuring import stats
+from fluxgate import stats
 from fluxgate.storing.record import Record
 
 FIRST_RUN = "no earlier runs of"  # the start of a not-comparable reason where the combo has no history at all

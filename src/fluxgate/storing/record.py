@@ -61,15 +61,15 @@ def _json(instance, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Everything measured about one combo (`judging.gate` writes it). Times in seconds, memory in GiB (2**30 bytes),
+    """Everything measured about one combo (`fluxgate.gate` writes it). Times in seconds, memory in GiB (2**30 bytes),
     speeds in denoising steps per second; lists hold one value per timed step. None: not measured (a CPU run has no
     telemetry, an error record may stop before similarity)."""
 
     it_s: float | None = None  # 1 / median step time
     it_s_mean: float | None = None  # 1 / mean step time
     step_times_s: Sequence[float] | None = None  # every timed step (each image's first step excluded)
-    step_stats: Mapping[str, Any] | None = None  # measuring.stats.StepStats.to_json()
-    spikes: Mapping[str, Any] | None = None  # measuring.stats.Spikes.to_json()
+    step_stats: Mapping[str, Any] | None = None  # stats.StepStats.to_json()
+    spikes: Mapping[str, Any] | None = None  # stats.Spikes.to_json()
     off_cpu_s: Sequence[float] | None = None  # per step: wall minus the main thread's CPU time
     run_wait_s: Sequence[float] | None = None  # per step: the main thread runnable but not running (Linux)
     host_step_times_s: Sequence[float] | None = None  # CUDA: host-clock step durations

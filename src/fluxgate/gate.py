@@ -18,7 +18,8 @@ from PIL import Image
 from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.judging import baselines, similarity, spread, tripwire
 from fluxgate.matrix import Combo
-from fluxgate.measuring import flops, stats
+from fluxgate import stats
+from fluxgate.measuring import flops
 from fluxgate.measuring.measure import Measurement
 from fluxgate.measuring.memory import OutOfMemory
 from fluxgate.measuring.runner import Runner
