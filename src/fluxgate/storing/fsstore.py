@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 from fsspec.implementations.local import LocalFileSystem
 
 from fluxgate.errors import HistoryError
-from fluxgate.storing import names
+from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.fsio import backend_errors, resolve, write_whole
 from fluxgate.storing.record import REMEASURE, Record
 from fluxgate.storing.store import Run, file_name, holds_all_of, merge_runs, new_run_id, now, stamped
@@ -238,12 +238,12 @@ class FsspecStore:
     def open_run(self, run_id: str, environment: dict, *, shard: bool = False) -> RunObject:
         """The writer of run `run_id`; nothing is written before its first record. A shard's run goes to `.workers/`
         until `merge`. Raises HistoryError for a run id that is no safe file name."""
-        return RunObject(self, names.check_run_id(run_id, "run id"), environment, shard)
+        return RunObject(self, check_run_id(run_id, "run id"), environment, shard)
 
     def read_image(self, name: str) -> bytes | None:
         """The bytes of `<root>/<name>` (a record's `image`), None when it is gone or unreadable or `name` is no image
-        name (`names.is_image`: a record's crafted `../x` reads nothing outside the root)."""
-        if not names.is_image(name):
+        name (`is_image`: a record's crafted `../x` reads nothing outside the root)."""
+        if not is_image(name):
             return None
         data = self._read_many([self.join(name)])[0]
         return None if isinstance(data, Exception) else data
@@ -304,7 +304,7 @@ class FsspecStore:
             except OSError as error:
                 data = error
             shards.append((name, self._parse_or_raise(data, name)))
-        merged = merge_runs(shards, names.check_run_id(run_id) if run_id else new_run_id(), mark)
+        merged = merge_runs(shards, check_run_id(run_id) if run_id else new_run_id(), mark)
         if merged.run_id in merged.merged_from:
             raise HistoryError(f"--run-id {merged.run_id}: the id of a shard; the merged run needs an id of its own")
         self._refuse_collisions(merged, sources)

@@ -79,12 +79,12 @@ def _readable_records(documents: list, source: str):
 
 
 def holds_all_of(merged: Run, shard: Run) -> bool:
-    """`merged` is older than nothing it hides and holds every record of `shard` (each of `shard`'s combos, with
-    `source_run_id` naming it): only then may readers skip `shard` as merged into it. Run ids start with their UTC
-    start time, so a run merged from `shard` sorts after it."""
+    """`merged` holds every record of `shard` (each of `shard`'s combos, with `source_run_id` naming it) and `shard` is
+    not newer than `merged`: only then may readers skip `shard` as merged into it (nothing is lost). Run ids start
+    with their UTC start time to the second (`new_run_id`), and a merge makes its id after its shards ran."""
     held = {record.combo for record in merged.records if record.source_run_id == shard.run_id}
     combos = {record.combo for record in shard.records if record.outcome != REMEASURE}
-    return shard.run_id < merged.run_id and combos <= held
+    return shard.run_id[:len(_TIME)] <= merged.run_id[:len(_TIME)] and combos <= held
 
 
 class RunWriter(Protocol):
@@ -179,6 +179,9 @@ def stamped(record: Record, run_id: str) -> Record:
 def now() -> str:
     """UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_TIME = "20261130T083818Z"  # the time part of a run id, as long as it is
 
 
 def new_run_id() -> str:

@@ -25,16 +25,22 @@ AB_OUTCOMES = ("SAME", "SLOW", "FAST", "UNKNOWN")
 NOT_RECORDED = "not recorded"  # a record without a stored verdict (written before verdicts were, or interrupted)
 
 
+_OWN = {"extra", "present"}  # bookkeeping fields, never written
+
+
 def _from(cls, data: Mapping[str, Any]):
-    """`cls` from a checked JSON object (`storing.validate`), unknown keys kept in `extra`."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    """`cls` from a checked JSON object (`storing.validate`), unknown keys kept in `extra`, the keys read kept in
+    `present` (written back as they were)."""
+    names = {f.name for f in dataclasses.fields(cls)} - _OWN
     known = {key: value for key, value in data.items() if key in names}
     return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in known.items()},
-               extra={key: value for key, value in data.items() if key not in names})
+               extra={key: value for key, value in data.items() if key not in names}, present=frozenset(known))
 
 
 def _to(instance) -> dict[str, Any]:
-    out = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.name != "extra"}
+    """The JSON object: the keys it was read with, or every field of one made here."""
+    out = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.name not in _OWN
+           and (instance.present is None or f.name in instance.present)}
     return {**{key: list(value) if isinstance(value, tuple) else value for key, value in out.items()},
             **instance.extra}
 
@@ -57,6 +63,7 @@ class HistoryVerdict:
     remeasured: bool = False
     gating: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> HistoryVerdict:
@@ -96,6 +103,7 @@ class ABVerdict:
     equivalence: float | None = None
     host_synchronous: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ABVerdict:
