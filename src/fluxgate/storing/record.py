@@ -54,12 +54,12 @@ def update_to_2(document: Mapping[str, Any]) -> dict[str, Any]:
     records = [dict(record) if isinstance(record, Mapping) else record for record in document.get("records") or []]
     confirmed = {record.get("combo"): record.get("verdict") for record in records
                  if isinstance(record, dict) and record.get("outcome") == REMEASURE and isinstance(
-                     record.get("verdict"), str)}
+                     record.get("verdict"), str) and isinstance(record.get("combo"), str)}
     for record in records:
         if not isinstance(record, dict):
             continue
         record["schema"] = 2
-        verdict = confirmed.get(record.get("combo"))
+        verdict = confirmed.get(record.get("combo")) if isinstance(record.get("combo"), str) else None
         if verdict and record.get("outcome") != REMEASURE and record.get("history_verdict") is None:
             message = f"{record['combo']}: {verdict} (confirmed by re-measurement; recorded before schema 2)"
             record["history_verdict"] = {"outcome": verdict, "message": message, "remeasured": True,
