@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fluxgate.errors import FluxgateError, HistoryError
 from fluxgate.judging import compare
-from fluxgate.showing import dashboard, figures, publish
+from fluxgate.showing import dashboard, decision, figures, publish
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.names import contained
 
@@ -95,15 +95,17 @@ def test_mutated_records_never_crash_load_gate_report_or_dashboard(tmp_path_fact
             _set(candidate, path[1:], value)
         else:
             _set(candidate["records"][1], path, copy.deepcopy(value))
-    _write(history, {**candidate, "run_id": "20261130T110000Z-bbbbbb"})
+    _write(history, {**candidate, "run_id": "20261130T110000Z-bbbbbb"})  # the file keeps its name
     store = LocalFolderStore(history)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = store.load()
         for run_id in sorted({r.run_id for r in records}):  # what the gate does with them at the end of a run
             compare.compare_run(records, run_id, policy=compare.Policy(min_speed_effect=0.5))
-        for step in (lambda: publish.write_report(store, folder / "report", folder / "baselines"),
-                     lambda: dashboard.build(store, folder / "site", folder / "baselines")):
+        prices = decision.load(decision.DEFAULT_FILE, None, missing_ok=True)
+        for step in (lambda: publish.write_report(store, folder / "report", folder / "baselines",
+                                                  decision_settings=prices),
+                     lambda: dashboard.build(store, folder / "site", folder / "baselines", prices)):
             try:
                 step()
             except Exception as error:  # noqa: BLE001 - only the documented one-line errors may leave a reader
