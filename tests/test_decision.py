@@ -10,7 +10,7 @@ from PIL import Image
 
 from fluxgate.errors import FixtureError
 from fluxgate.showing import decision, publish
-from fluxgate.storing.record import ERROR, FAILED, PASSED, REMEASURE, Metrics, Record
+from fluxgate.storing.record import ERROR, FAILED, PASSED, Metrics, Record
 from fluxgate.storing.verdicts import HistoryVerdict
 from fluxgate.storing.store import Run
 
