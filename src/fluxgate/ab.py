@@ -345,9 +345,10 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
 
 def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
              policy: paired.PairedPolicy, host_synchronous: bool):
-    """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]` with the policy it
-    was judged by."""
+    """One side's Record of a combo: its images' steps pooled, the A/B verdict (`Record.ab`) with the policy it was
+    judged by."""
     from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
+    from fluxgate.storing.verdicts import ABVerdict
 
     answers = [getattr(pair, side) for pair in result.pairs]
     steps = [s for a in answers for s in a["step_times_s"]]
@@ -359,18 +360,17 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                       peak_mem_gib=max(a["peak_mem_gib"] for a in answers), mem_kind=answers[0]["mem_kind"],
                       images=len(answers), ms_ssim=result.min_ms_ssim if side == CANDIDATE else None)
     verdict = result.verdict
-    ab = {"outcome": verdict.outcome, "ratio": verdict.ratio, "low": verdict.low, "high": verdict.high,
-          "blocks": verdict.blocks, "message": verdict.message, "mem_ratio": result.mem_ratio,
-          "ratios": [pair.ratio for pair in result.pairs], "orders": ["".join(s[0] for s in p.order) for p in
-                                                                       result.pairs],
-          "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
-          "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention,
-          "min_effect": policy.min_effect, "equivalence": policy.equivalence, "host_synchronous": host_synchronous}
+    ab = ABVerdict(verdict.outcome, verdict.ratio, verdict.low, verdict.high, verdict.blocks, verdict.message,
+                   result.mem_ratio, tuple(pair.ratio for pair in result.pairs),
+                   tuple("".join(s[0] for s in p.order) for p in result.pairs),
+                   tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
+                   result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
+                   host_synchronous)
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
                   failures=([verdict.message] if verdict.outcome == "SLOW" else []) + result.failures
-                  if failed else None, extra={"ab": ab})
+                  if failed else None, ab=ab)
 
 
 def host_synchronous_combos(history_dir: Path, gpu_class: str, window: int = 5) -> dict[str, str]:

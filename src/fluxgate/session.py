@@ -261,8 +261,6 @@ class RunSession:
                 self.written = gate.write_baselines()
         if gate is None or not gate.history.records:
             return
-        from fluxgate.gate import verdicts_for_report
-
         gating = self.settings.history_gate and not gate.write
         judged = gate.verdicts(last_n=self.settings.history_window, base_commit=self.settings.base_commit,
                                confirm=gating, min_speed_effect=self.settings.min_speed_effect,
@@ -272,7 +270,7 @@ class RunSession:
         self.history_warnings = gate.history_warnings
         self.run_id = gate.history.run_id
         if self.worker is None and self.settings.report_dir:
-            self._write_report(gate.history.run_id, verdicts_for_report(judged))
+            self._write_report(gate.history.run_id)
 
     def worker_output(self) -> dict | None:
         """What an xdist worker hands the controller (pytest's `workeroutput`)."""
@@ -301,9 +299,9 @@ class RunSession:
         if shared:  # timings from a shared GPU measure nothing: the run cannot pass
             self.problems.append(shared)
         if self.settings.report_dir:
-            self._write_report(self.run_id, None)
+            self._write_report(self.run_id)
 
-    def _write_report(self, run_id: str, verdicts: dict | None) -> None:
+    def _write_report(self, run_id: str) -> None:
         from fluxgate.errors import FluxgateError
         from fluxgate.showing import decision
         from fluxgate.showing.publish import write_report
@@ -311,7 +309,7 @@ class RunSession:
         s = self.settings
         try:  # a reporting problem must never change the gate's result
             decision_settings = decision.load(s.decision_file, s.vram_budget_gib, missing_ok=not s.decision_file_given)
-            written = write_report(self.store, s.report_dir, s.baselines_dir, run_id=run_id, verdicts=verdicts,
+            written = write_report(self.store, s.report_dir, s.baselines_dir, run_id=run_id,
                                    decision_settings=decision_settings)
             self.report_path = written[0]
         except (FluxgateError, OSError) as error:
