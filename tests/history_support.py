@@ -1,4 +1,4 @@
-"""Test histories whose records carry the gate's verdicts, stored the way `judging.gate.Gate.verdicts` stores them."""
+"""Test histories whose records carry the gate's verdicts, stored the way `fluxgate.gate.Gate.verdicts` stores them."""
 
 from __future__ import annotations
 
