@@ -48,7 +48,7 @@ def test_one_scale_per_tensor_fp8_becomes_per_row_fp8r_with_the_same_values(tmp_
     comfy = {"l.weight": (weight / scale).to(torch.float8_e4m3fn), "l.weight_scale": scale.reshape(()),
              "l.input_scale": torch.tensor(1.0), "l.comfy_quant": comfy_marker("float8_e4m3fn"),
              "l.bias": torch.zeros(32, dtype=torch.bfloat16)}
-    adapted, changed = layouts.per_tensor_fp8_to_fp8r(comfy, tmp_path / "x.safetensors")
+    adapted, changed = layouts.fp8_scales_to_fp8r(comfy, tmp_path / "x.safetensors")
     assert changed == 1 and set(adapted) == {"l.weight", "l.weight_scale", "l.bias"}
     assert adapted["l.weight_scale"].shape == (32,)
     restored = dequantize_fp8r(adapted["l.weight"], adapted["l.weight_scale"]).float()
