@@ -78,15 +78,19 @@ class Member:
 
 def structure(shapes: dict[str, tuple[int, ...]]) -> dict:
     """A FLUX-type model's shape facts from its tensor names and shapes (BFL or diffusers keys): double and single
-    block counts, whether it holds a guidance embedder, the image input and output widths (None when absent)."""
+    block counts, whether it holds a guidance embedder (None when it holds no timestep embedder either), the image
+    input and output widths (None when absent)."""
     def count(pattern):
         found = [int(m.group(1)) for key in shapes if (m := pattern.search(key))]
         return max(found) + 1 if found else 0
 
     image_in = next((shapes[k][1] for k in _IMAGE_IN if len(shapes.get(k, ())) == 2), None)
     image_out = next((shapes[k][0] for k in _IMAGE_OUT if len(shapes.get(k, ())) == 2), None)
+    guidance = any("guidance_in." in k or "guidance_embedder." in k for k in shapes)
+    timestep = any("time_in." in k or "timestep_embedder." in k for k in shapes)
+    # no guidance embedder beside a timestep embedder is a fact; beside none, a part of a file says nothing
     return {"double_blocks": count(_DOUBLE), "single_blocks": count(_SINGLE),
-            "guidance_embedder": any("guidance_in." in k or "guidance_embedder." in k for k in shapes),
+            "guidance_embedder": guidance if guidance or timestep else None,
             "image_in": image_in, "image_out": image_out}
 
 
@@ -99,10 +103,10 @@ def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: 
     candidates = [name for name, f in everyone.items() if f.family == family]
     evidence = []
     guidance = guidance_embeds if guidance_embeds is not None else facts.get("guidance_embedder")
-    if facts:
-        if facts["image_in"] and facts["image_out"] and facts["image_in"] != facts["image_out"]:
-            return Member(CONDITIONED_FLUX1 if family == "flux1" else None, (), f"image input {facts['image_in']} wide, "
-                          f"output {facts['image_out']} (a conditioned variant)", facts)
+    if facts and facts["image_in"] and facts["image_out"] and facts["image_in"] != facts["image_out"]:
+        return Member(CONDITIONED_FLUX1 if family == "flux1" else None, (), f"image input {facts['image_in']} wide, "
+                      f"output {facts['image_out']} (a conditioned variant)", facts)
+    if facts and guidance is not None:
         candidates = [n for n in candidates if everyone[n].guidance_embedder in (None, guidance)]
         evidence.append("a guidance embedder" if guidance else "no guidance embedder")
     if pipeline_class:

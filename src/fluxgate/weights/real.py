@@ -92,7 +92,7 @@ class RealSource:
             return
         wants = {"double_blocks": config.get("num_layers"), "single_blocks": config.get("num_single_layers"),
                  "guidance_embedder": config.get("guidance_embeds")}
-        differ = [key for key, want in wants.items() if want is not None and have.get(key) != want]
+        differ = [key for key, want in wants.items() if None not in (want, have.get(key)) and have[key] != want]
         if differ:
             def says(facts):
                 guidance = "a guidance embedder" if facts["guidance_embedder"] else "no guidance embedder"
