@@ -1,34 +1,116 @@
 """fluxgate's nox sessions. `nox -l` lists them; arguments after `--` go to pytest.
 
+Sessions that import torch (tests, perf, perf-gpu, baselines, perf-ab) share one virtualenv, `.nox/torch` (a CPU
+torch virtualenv is ~1.9 GB); the sessions that only read history and write files (report, dashboard, card,
+thresholds) get a light virtualenv each, without torch; lint gets its linters.
+
 On a self-hosted GPU runner whose interpreter already has the dependencies, run
-`nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a fresh virtualenv.
+`nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a virtualenv.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
 import shutil
+import sys
+import tomllib
+from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+# nox looks for uv on every run and logs its absence; this project installs with pip, so the line says nothing.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
+
 # Pinned so CI installs the same CPU build every time. GPU runners set FLUXGATE_TORCH to the build they gate
 # (e.g. "torch==2.11.0" from the CUDA index), or run with --no-venv on an interpreter that has it.
 TORCH = os.environ.get("FLUXGATE_TORCH", "torch==2.13.0")
-ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "PYTHONUNBUFFERED": "1"}
+# Set for every command a session runs, each only where the user has not set it: a user's HF_HUB_OFFLINE=0 (an
+# hf:// history) or DIFFUSERS_GGUF_CUDA_KERNELS=true reaches fluxgate as given.
+DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "PYTHONUNBUFFERED": "1"}
+ENV = {name: value for name, value in DEFAULT_ENV.items() if name not in os.environ}
+
+ROOT = Path(__file__).resolve().parent
+TORCH_VENV = ROOT / ".nox" / "torch"  # the one virtualenv of every session that imports torch
+# The package's dependencies that the history readers need (report, dashboard, card, thresholds import neither torch
+# nor diffusers: docs/architecture.md); their version bounds are read from pyproject.toml, never repeated here.
+LIGHT_DEPENDENCIES = ("numpy", "scipy", "matplotlib", "pillow", "fsspec", "tomli-w", "plotly", "markdown-it-py")
 
 
-def _install(session: nox.Session) -> None:
-    session.install(*shlex.split(TORCH))  # FLUXGATE_TORCH may carry pip options, e.g. an --index-url
-    session.install("-e", ".[test]")
+def _requirement_name(requirement: str) -> str:
+    """`scipy>=1.10` -> `scipy` (PEP 503 normalised)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def _light_requirements() -> list[str]:
+    """pyproject.toml's requirement strings of LIGHT_DEPENDENCIES (a name missing there is an error here)."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    by_name = {_requirement_name(requirement): requirement for requirement in declared}
+    missing = [name for name in LIGHT_DEPENDENCIES if name not in by_name]
+    if missing:
+        raise ValueError(f"noxfile LIGHT_DEPENDENCIES: not in pyproject.toml's dependencies: {', '.join(missing)}")
+    return [by_name[name] for name in LIGHT_DEPENDENCIES]
+
+
+def _install_light(session: nox.Session) -> None:
+    """This package without its torch-side dependencies, plus what reading history and writing reports needs."""
+    session.install(*_light_requirements())
+    session.install("--no-deps", "-e", ".")
+
+
+def _passthrough(session: nox.Session) -> bool:
+    """nox runs without virtualenvs (`--no-venv`, `--force-venv-backend none`): use the interpreter on PATH as is."""
+    options = session._runner.global_config  # nox has no public view of its command line
+    return bool(getattr(options, "no_venv", False)) or getattr(options, "force_venv_backend", None) == "none"
+
+
+def torch_session(func=None, **kwargs):
+    """`@nox.session` for a session that imports torch: it runs in TORCH_VENV (see `_torch_python`), not in a
+    virtualenv of its own."""
+    if func is None:
+        return lambda f: torch_session(f, **kwargs)
+    return nox.session(func, venv_backend="none", **kwargs)
+
+
+def _torch_python(session: nox.Session) -> str:
+    """The interpreter of the shared torch virtualenv, made on first use and (re)installed when TORCH or
+    pyproject.toml changed since (a stamp file records what was installed); with `--no-venv`, "python" as is."""
+    if _passthrough(session):
+        return "python"
+    python = str(TORCH_VENV / "bin" / "python")
+    stamp = TORCH_VENV / "fluxgate-installed.txt"
+    wanted = f"{TORCH}\n{(ROOT / 'pyproject.toml').read_text()}"
+    if not os.path.exists(python):
+        session.run(sys.executable, "-m", "venv", str(TORCH_VENV), external=True)
+    elif stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    stamp.unlink(missing_ok=True)  # a half-done install is redone next time
+    pip = (python, "-m", "pip", "install", "--quiet")
+    session.run(*pip, *shlex.split(TORCH), external=True)  # FLUXGATE_TORCH may carry pip options, e.g. --index-url
+    session.run(*pip, "-e", ".[test]", external=True)
+    stamp.write_text(wanted)
+    return python
+
+
+def _run_torch(session: nox.Session, *args: str, **kwargs) -> None:
+    """`python ARGS` in the shared torch virtualenv, with ENV and that virtualenv's bin first on PATH (tests start
+    `nox`-free subprocesses by `sys.executable`, tools by name)."""
+    python = _torch_python(session)
+    env = dict(ENV)
+    if python != "python":
+        env.update(VIRTUAL_ENV=str(TORCH_VENV), PATH=os.pathsep.join([str(TORCH_VENV / "bin"), os.environ["PATH"]]))
+    session.run(python, *args, env=env, external=True, **kwargs)
 
 
 def _matrix(session: nox.Session, *args: str) -> None:
-    session.run("python", "-m", "pytest", "perf", *args, *session.posargs, env=ENV)
+    _run_torch(session, "-m", "pytest", "perf", *args, *session.posargs)
 
 
 def _chromium(session: nox.Session) -> None:
@@ -44,31 +126,48 @@ def _chromium(session: nox.Session) -> None:
         session.warn("no Chromium, and no root to apt-get it: the dashboard's browser check will skip")
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """CPU unit and integration tests, then the tiny matrix on CPU against baselines/cpu (what CI runs)."""
-    _install(session)
-    _chromium(session)
-    session.run("python", "-m", "pytest", "tests", *session.posargs, env=ENV)
+# `nox -s tests`, phase by phase: every phase runs, and the session fails at the end if any did. The timing tests
+# (`-m timing`: they judge measured speed) run alone, after the rest has run on both cores through pytest-xdist.
+TEST_PHASES = (
+    ("unit and integration tests", ("tests", "-m", "not timing", "-n", "2")),
+    ("timing tests", ("tests", "-m", "timing")),
     # CPU CI judges the fixed thresholds only: a shared CPU runner's own history is no stable speed baseline (the
     # history gate is exercised by tests/test_history_gate.py instead).
-    _matrix(session, "--device", "cpu", "--profile", "tiny", "--history-gate", "off")
+    ("tiny matrix on CPU", ("perf", "--device", "cpu", "--profile", "tiny", "--history-gate", "off")),
+)
 
 
-@nox.session
+@torch_session
+def tests(session: nox.Session) -> None:
+    """CPU unit and integration tests (on two cores), the timing tests, then the tiny matrix on CPU against
+    baselines/cpu (what CI runs). Every phase runs; the session fails at the end if one failed."""
+    _torch_python(session)
+    _chromium(session)
+    failed = []
+    for number, (phase, args) in enumerate(TEST_PHASES, 1):
+        session.log(f"phase {number}/{len(TEST_PHASES)}: {phase}")
+        try:
+            _run_torch(session, "-m", "pytest", *args, *session.posargs)
+        except CommandFailed as failure:
+            if failure.return_code is None:  # the command could not start: nothing further can run either
+                raise
+            failed.append(f"{phase} (pytest exit code {failure.return_code})")
+    if failed:
+        session.error(f"failed: {'; '.join(failed)}")
+
+
+@torch_session
 def perf(session: nox.Session) -> None:
     """The matrix on the device in hand: the synthetic profile on CUDA, else the tiny profile on CPU."""
-    _install(session)
     _matrix(session, "--device", "auto")
 
 
-@nox.session(name="perf-gpu")
+@torch_session(name="perf-gpu")
 def perf_gpu(session: nox.Session) -> None:
     """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
     Fails without CUDA (a runner that lost its driver must not pass PRs); `-- --allow-empty` makes that a skip."""
-    _install(session)
     probe = "import torch; print(torch.cuda.is_available())"
-    if session.run("python", "-c", probe, silent=True).strip() != "True":
+    if session.run(_torch_python(session), "-c", probe, silent=True, external=True).strip() != "True":
         reason = "no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)"
         if "--allow-empty" in session.posargs:
             session.skip(reason)
@@ -79,7 +178,7 @@ def perf_gpu(session: nox.Session) -> None:
 AB_DIR = ".fluxgate/ab"  # the base's git worktree (`base`) and, with --own-envs, each side's virtualenv
 
 
-@nox.session(name="perf-ab")
+@torch_session(name="perf-ab")
 def perf_ab(session: nox.Session) -> None:
     """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate.ab options]`.
 
@@ -96,7 +195,6 @@ def perf_ab(session: nox.Session) -> None:
     at = args.index("--base")
     ref = args[at + 1]
     del args[at:at + 2]
-    _install(session)
     sha = session.run("git", "rev-parse", "--verify", f"{ref}^{{commit}}", external=True, silent=True).strip()
     base = os.path.join(AB_DIR, "base")
     if not os.path.exists(os.path.join(base, ".git")):
@@ -105,22 +203,21 @@ def perf_ab(session: nox.Session) -> None:
     elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
         session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
     envs = ["--envs-dir", AB_DIR, "--torch", TORCH] if "--own-envs" in args else []
-    session.run("python", "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args, env=ENV)
+    _run_torch(session, "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args)
+
+
+@torch_session
+def baselines(session: nox.Session) -> None:
+    """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
+    _matrix(session, "--device", "auto", "--write-baselines")
 
 
 @nox.session
 def report(session: nox.Session) -> None:
     """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""
-    _install(session)
+    _install_light(session)
     session.run("python", "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
                 "--baselines-dir", "baselines", *session.posargs, env=ENV)
-
-
-@nox.session
-def baselines(session: nox.Session) -> None:
-    """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
-    _install(session)
-    _matrix(session, "--device", "auto", "--write-baselines")
 
 
 @nox.session
@@ -129,9 +226,9 @@ def thresholds(session: nox.Session) -> None:
     baselines/<class>/thresholds.toml: speed limits from the spread over several GPUs, the BF16 noise floor and the
     similarity limits built on it, the trade-offs against bf16: `nox -s thresholds -- nvidia-h200`. The cpu class
     has no GPUs to spread over: its speed limits stay the baselines' smoke check."""
-    _install(session)
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
+    _install_light(session)
     gpu_class = session.posargs[0]
     parts = ["--parts", "quality,tradeoffs"] if gpu_class == "cpu" else []
     session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
@@ -143,7 +240,7 @@ def dashboard(session: nox.Session) -> None:
     """The history as a static site (trend charts, verdicts, first bad commits, image grids, decision, detection
     card) from .fluxgate/history into .fluxgate/dashboard; open its index.html, or publish it as GitHub Pages.
     Arguments after `--` go to `python -m fluxgate.dashboard` (e.g. `-- --history-dir DIR --out DIR`)."""
-    _install(session)
+    _install_light(session)
     session.run("python", "-m", "fluxgate.dashboard", *session.posargs, env=ENV)
 
 
@@ -151,9 +248,9 @@ def dashboard(session: nox.Session) -> None:
 def card(session: nox.Session) -> None:
     """The detection card of a GPU class from its recorded runs (baselines/<class>/runs/): A/A false alarms and
     detection of +1/2/3 % per combo, into docs/detection-card-<class>.md: `nox -s card -- nvidia-h200`."""
-    _install(session)
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s card -- nvidia-h200")
+    _install_light(session)
     gpu_class = session.posargs[0]
     session.run("python", "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
                 "--out", f"docs/detection-card-{gpu_class}.md", env=ENV)
