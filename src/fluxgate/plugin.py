@@ -94,6 +94,11 @@ def pytest_pycollect_makeitem(collector, name, obj):
     return items
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before any combo runs: every place the run writes is probed (`RunSession.probe_outputs`)."""
+    run_session(session.config).probe_outputs([item.nodeid for item in session.items])
+
+
 @pytest.fixture
 def combo(request: pytest.FixtureRequest) -> Combo:
     """The model x precision combo of this item."""
@@ -157,6 +162,12 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_configure_node(node) -> None:
     """xdist controller, before a worker starts collecting: see `workers.configure_node`."""
     workers.configure_node(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """xdist controller, before it hands out items: the places the run writes are probed (once)."""
+    run_session(node.config).probe_outputs(ids)
 
 
 @pytest.hookimpl(optionalhook=True)
