@@ -4,6 +4,7 @@ combo runs (exit code 4); a writable folder or memory:// store passes and keeps 
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -106,3 +107,13 @@ def test_a_run_with_an_unwritable_history_stops_before_any_combo_in_one_line(tmp
                                    "not a folder)")
     assert done.stdout.strip().startswith("no tests ran"), done.stdout  # pytest's closing line, nothing else
     assert not (tmp_path / "cache").exists()  # no combo was built
+
+
+@pytest.mark.parametrize("command", ["publish", "dashboard"])
+def test_the_report_and_dashboard_commands_refuse_an_unwritable_out_folder_in_one_line(tmp_path, capsys, command):
+    main = importlib.import_module(f"fluxgate.{command}").main
+    (tmp_path / "history").mkdir()
+    (tmp_path / "out").write_text("not a folder")
+    assert main(["--history-dir", str(tmp_path / "history"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fluxgate.{command}: error: --out {tmp_path / 'out'}: cannot write there (it is a file, not a folder)"]

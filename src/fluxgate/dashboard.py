@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fluxgate import probing
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import dashboard, decision
 from fluxgate.storing import open_store
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = decision.load(args.decision_file, args.vram_budget_gib,
                                  missing_ok=args.decision_file == decision.DEFAULT_FILE)
+        probing.check_writable([("--out", args.out)])  # before reading the history, not after
         index = dashboard.build(open_store(args.history_dir), args.out, args.baselines_dir, settings)
     except (FluxgateError, OSError) as error:
         print(f"fluxgate.dashboard: error: {error}", file=sys.stderr)
