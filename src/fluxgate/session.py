@@ -155,6 +155,11 @@ class RunSession:
         self.collect_only = config.getoption("collectonly")
         self.probed = False
         self.refused = False  # an output location could not be written: the run stopped before any combo
+        if self.worker is None and config.getoption("verbose") >= 0:  # a line per combo's start and end, unless -q
+            from fluxgate.progress import ComboProgress
+
+            progress = ComboProgress(config, (combo.id for combo in self.settings.combos))
+            config.pluginmanager.register(progress, f"fluxgate-progress-{id(config)}")
 
     def probe_outputs(self, item_ids: list[str]) -> None:
         """Before the first combo of a run that has combos to measure (one process, or the xdist controller for its

@@ -13,7 +13,7 @@ import torch
 from fluxgate.errors import FixtureError
 from fluxgate.inputs import Case, Inputs  # noqa: F401 - Inputs re-exported (scripts and tests import it here)
 from fluxgate.matrix import Combo
-from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
+from fluxgate.measuring import flops, kernels, measure, memory, quiet, runtimes, telemetry
 from fluxgate.models import ModelSpec
 from fluxgate.weights.sources import Source
 
@@ -24,6 +24,7 @@ class Runner:
     def __init__(self, profile: str, device: torch.device, source: Source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
                  telemetry_interval_s: float = 0.1, cases: int | None = None):
+        quiet.quiet_libraries()
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)
         self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
