@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fluxgate import defaults, options
+from fluxgate import defaults, options, probing
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import dashboard, decision
 from fluxgate.showing.site import OutFolderError
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = decision.load(args.decision_file or defaults.input_file("decision"), args.vram_budget_gib,
                                  missing_ok=args.decision_file is None)
+        probing.check_writable([("--out", args.out)])  # before reading the history, not after
         index = dashboard.build(open_store(args.history_dir), args.out, args.baselines_dir, settings)
     except OutFolderError as error:  # a folder it must not write into: a usage error
         print(f"fluxgate.dashboard: error: {error}", file=sys.stderr)

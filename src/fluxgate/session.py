@@ -154,6 +154,30 @@ class RunSession:
         self.written: tuple[Path, list[str]] | None = None  # baselines folder, combos floored below their tier
         self.problems: list[str] = []  # why the run fails although no item may show a failure
         self.tradeoff_lines: list[str] = []  # the run's cross-precision trade-offs, for the summary
+        self.collect_only = config.getoption("collectonly")
+        self.probed = False
+        self.refused = False  # an output location could not be written: the run stopped before any combo
+        if self.worker is None and config.getoption("verbose") >= 0:  # a line per combo's start and end, unless -q
+            from fluxgate.progress import ComboProgress
+
+            progress = ComboProgress(config, (combo.id for combo in self.settings.combos))
+            config.pluginmanager.register(progress, f"fluxgate-progress-{id(config)}")
+
+    def probe_outputs(self, item_ids: list[str]) -> None:
+        """Before the first combo of a run that has combos to measure (one process, or the xdist controller for its
+        workers): raise pytest.UsageError, one line, when a place it writes cannot be written (`probing`)."""
+        combo_ids = {combo.id for combo in self.settings.combos}
+        if self.probed or self.worker is not None or self.collect_only or not any(
+                item_id.rsplit("::", 1)[-1] in combo_ids for item_id in item_ids):
+            return
+        from fluxgate import probing
+
+        self.probed = True
+        try:
+            probing.check_writable(probing.run_outputs(self.settings))
+        except probing.UnwritableError as error:
+            self.refused = True
+            raise pytest.UsageError(str(error)) from None
 
     # --- measuring -----------------------------------------------------------------------------------------------
     def open_gate(self):
@@ -238,6 +262,8 @@ class RunSession:
     def finish(self, exitstatus: int) -> int:
         """Everything after the last combo; returns the session's exit status (a confirmed regression, a shared GPU
         or an empty run turn an OK run into a failed one)."""
+        if self.refused:
+            return exitstatus
         if self.controller:
             self._finish_controller()
         else:
@@ -370,6 +396,8 @@ class RunSession:
         """The fluxgate section of the terminal summary: one table from this run's records (one process or merged
         from the workers), the verdicts against history, where things were written, then why the run failed."""
         write = terminalreporter.write_line
+        if self.refused:
+            return
         if self.run_id is not None and self.worker is None:
             gate, s = self.gate, self.settings
             context = report.RunContext(
