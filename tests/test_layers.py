@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fluxgate"
 # (a package stands for every module in it).
 LAYERS = [
     {"plugin", "cli", "ab", "merge", "scan", "publish", "card", "thresholds", "dashboard", "sources"},
-    {"session", "workers", "options"},
+    {"session", "workers", "options", "progress", "probing"},
     {"gate"},
     {"showing"},
     {"judging"},

@@ -167,11 +167,14 @@ def read_gguf_index(path: Path) -> GGUFIndex:
     return GGUFIndex(version, fields, tensors)
 
 
+def truncated(size: int, described: int) -> str:
+    """The phrase for a file shorter than its header says (`headers` and this module)."""
+    return f"truncated: {size} bytes, but its header describes {described}; download it again"
+
+
 def _check_extents(tensors: list[GGUFTensor], data_start: int, size: int) -> None:
     """Every tensor of a type gguf-py knows lies inside the file; a type it does not know is named as newer."""
     import gguf
-
-    from fluxgate.weights.headers import truncated
 
     newer = [t for t in tensors if t.type_name is None]
     if newer:

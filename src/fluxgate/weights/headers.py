@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
-from fluxgate.weights.gguf_index import GGUFIndex, GGUFIndexError, read_gguf_index
+from fluxgate.weights.gguf_index import GGUFIndex, GGUFIndexError, read_gguf_index, truncated
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL's first releases (flux1-dev.sft, ae.sft) are safetensors
 # Bounds on what a header may claim, far above any diffusion checkpoint (a full ComfyUI FLUX checkpoint: ~2,000
@@ -34,10 +34,6 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
 
 class HeaderProblem(ValueError):
     """A safetensors header that cannot be what it claims; the message is one phrase."""
-
-
-def truncated(size: int, described: int) -> str:
-    return f"truncated: {size} bytes, but its header describes {described}; download it again"
 
 
 def missing(path: Path) -> str:
