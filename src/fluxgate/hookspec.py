@@ -1,8 +1,9 @@
 """fluxgate's hooks: what a team's conftest.py, pytest plugin or `fluxgate.hooks` entry point may change without
-forking (pytest-benchmark's `hookspec.py`, pyperf's `pyperf.hook` group). `plugin.pytest_addhooks` adds them to
-pytest's plugin manager; modules named by a `fluxgate.hooks` entry point are registered there too, and in each A/B
-worker (which runs no pytest), so a packaged hook changes both kinds of run. Implement one with the plain function
-name (`def fluxgate_prepare_pipeline(pipe, combo, device): ...`) or `@pytest.hookimpl`.
+forking (pytest-benchmark's `hookspec.py`, pyperf's `pyperf.hook` group). A run gathers the implementations of
+every plugin pytest holds (conftest.py files, installed plugins) and of every module a `fluxgate.hooks` entry point
+names (`fluxgate.hooks.manager`); an A/B worker (which runs no pytest) those modules', so a packaged hook changes both
+kinds of run. Implement one with the plain function name (`def fluxgate_prepare_pipeline(pipe, combo, device): ...`)
+or `@pytest.hookimpl`.
 """
 
 from __future__ import annotations

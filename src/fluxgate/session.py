@@ -191,7 +191,7 @@ class RunSession:
         inputs = Inputs.from_file(s.prompts)
         profile = s.profile if s.profile != "auto" else ("synthetic" if device.type == "cuda" else "tiny")
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
-        hook = self.config.hook
+        hook = hooks.manager(self.config.pluginmanager).hook  # conftest.py files are all loaded by now
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s,
                         prepare_pipeline=lambda pipe, combo: hook.fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
