@@ -11,6 +11,7 @@ from fluxgate.measuring import kernels
 from fluxgate.measuring.kernels import BF16_GEMM, DEQUANT_FALLBACK, kernel_path
 from fluxgate.precisions import PRECISIONS
 from fluxgate.precisions.fp8_scaled import FP8_GEMM
+from fluxgate.precisions.spec import FastGemm, PrecisionFormat
 
 QUANTIZED_CLASS = {"fp8-scaled": "BFLFP8RLinear", "nvfp4": "BFLNVFP4Linear", "gguf-q8_0": "GGUFLinear"}
 
@@ -129,3 +130,30 @@ def test_each_precision_spec_names_its_own_fast_gemm():
     assert fp4.matches("flashinfer::mm_fp4") and fp4.matches("cutlass_e2m1_gemm_kernel")
     assert not fp4.matches("aten::_scaled_mm") and not fp4.matches("aten::addmm")
     assert PRECISIONS["bf16"].fast_gemm is None and PRECISIONS["gguf-q8_0"].fast_gemm is None
+
+
+# A team's load-then-transform fp8 backend whose GEMM is the same op as fp8-scaled's (torchao's row-wise fp8 also runs
+# `torch._scaled_mm`); its layers are recognised by their class here.
+TEAM_FP8 = PrecisionFormat(is_quantized=lambda module: isinstance(module, BFLFP8RLinear),
+                                   fast_gemm=FastGemm("team fp8 GEMM", lambda name: name == "aten::_scaled_mm"))
+
+
+@pytest.fixture
+def team_fp8(monkeypatch):
+    from fluxgate.precisions import PrecisionSpec
+
+    spec = PrecisionSpec("team-fp8", tier="8bit", format=f"{__name__}:TEAM_FP8", file_precision="bf16")
+    monkeypatch.setattr(kernels, "PRECISIONS", {**PRECISIONS, spec.name: spec})
+
+
+def test_a_combo_is_labelled_by_its_own_fast_gemm_where_another_precision_matches_the_same_op(team_fp8):
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(ScaledMMLinear), precision="team-fp8")
+    assert path.label == "team fp8 GEMM" and path.fallback is False
+
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(ScaledMMLinear), precision="fp8-scaled")
+    assert path.label == FP8_GEMM and path.fallback is False
+
+
+def test_a_shared_fast_gemm_op_is_counted_once_so_a_partial_fallback_shows(team_fp8):
+    path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(BFLFP8RLinear), precision="team-fp8")
+    assert path.fallback is True and path.label == "team fp8 GEMM; dequantize fallback in 1 of 2 calls"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fluxgate import hooks, options, workers
+from fluxgate.errors import RegistryError
 from fluxgate.matrix import Combo
 
 SESSION_KEY = pytest.StashKey["RunSession"]()
@@ -52,7 +53,10 @@ def _started(config: pytest.Config):
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    hooks.register(pluginmanager)
+    try:
+        hooks.register(pluginmanager)
+    except RegistryError as error:  # a broken `fluxgate.hooks` entry point: one line and exit 4, not a traceback
+        raise pytest.UsageError(str(error)) from None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

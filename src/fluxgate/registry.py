@@ -82,7 +82,7 @@ class Registry(Mapping[str, Spec], Generic[Spec]):
     def _entries(self) -> dict[str, tuple[Spec, str]]:
         entries: dict[str, tuple[Spec, str]] = {}
         for origin, target in group_targets(self.group):
-            value = load_target(target)
+            value = _loaded(origin, target)
             specs = [value] if isinstance(value, self.kind) else _iterable(value)
             for spec in specs:
                 if not isinstance(spec, self.kind):
@@ -124,7 +124,16 @@ def _iterable(value: Any) -> list:
         return [value]
 
 
+def _loaded(origin: str, target: str) -> Any:
+    """`load_target(target)`, its RegistryError naming who registered it (`origin`: the distribution and entry point),
+    so the user knows which package to fix or uninstall."""
+    try:
+        return load_target(target)
+    except RegistryError as error:
+        raise RegistryError(f"{origin}: {error}") from None
+
+
 def hook_modules() -> list[tuple[str, Any]]:
     """(origin, module or object) of every `fluxgate.hooks` entry point: plugins that implement `fluxgate.hookspec`,
     registered in pytest's plugin manager and in each A/B worker's."""
-    return [(origin, load_target(target)) for origin, target in group_targets(HOOKS_GROUP)]
+    return [(origin, _loaded(origin, target)) for origin, target in group_targets(HOOKS_GROUP)]

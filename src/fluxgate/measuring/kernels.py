@@ -132,7 +132,9 @@ def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[s
 def _classify(precision: str, quantized_linears: int, quantized_calls: int,
               fast_calls: dict[str, int]) -> tuple[str, bool]:
     """(label, fallback) from the layer count, their calls in the step, and the calls of each precision's fast GEMM
-    ({label: calls}, in `PRECISIONS` order) among them."""
+    ({label: calls}, the combo's own precision first, then in `PRECISIONS` order) among them. The first GEMM that
+    ran names the path, and only its calls count against the quantized layers' calls: two precisions' GEMMs may
+    match the same op (`aten::_scaled_mm`), and counting it twice would hide a partial fallback."""
     if quantized_linears == 0:
         if not PRECISIONS[precision].implementation.quantizes:
             return BF16_GEMM, False
@@ -140,7 +142,8 @@ def _classify(precision: str, quantized_linears: int, quantized_calls: int,
     ran = {label: calls for label, calls in fast_calls.items() if calls}
     if not ran:
         return DEQUANT_FALLBACK, True
-    label, fast_calls_total = next(iter(ran)), sum(ran.values())
+    label = next(iter(ran))
+    fast_calls_total = ran[label]
     if fast_calls_total < quantized_calls:
         return f"{label}; dequantize fallback in {quantized_calls - fast_calls_total} of {quantized_calls} calls", True
     return label, False
@@ -159,7 +162,9 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
     transformer = denoiser_of(pipe)
     device = next(transformer.parameters(), torch.empty(0)).device
-    formats = [spec.implementation for spec in _importable(PRECISIONS.values())]
+    # the combo's own precision first: its fast GEMM names the path when another's matches the same op
+    specs = sorted(_importable(PRECISIONS.values()), key=lambda spec: spec.name != precision_name)
+    formats = [spec.implementation for spec in specs]
     fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
     quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]
     quantized_calls = 0
