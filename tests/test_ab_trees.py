@@ -27,17 +27,17 @@ HOOKS = """import os
 SIDE = {side!r}
 
 
-def fluxgate_environment(environment, device):
+def pytest_fluxgate_environment(environment, device):
     environment["team_side"] = SIDE
 
 
-def fluxgate_prepare_pipeline(pipe, combo, device):
+def pytest_fluxgate_prepare_pipeline(pipe, combo, device):
     with open(os.environ["TEAM_PREPARED"], "a") as log:
         log.write(f"{{SIDE}} {{combo.id}} {{type(pipe).__name__}}\\n")
 """
 # Only the candidate registers a second hook module: a base that read the candidate's entry points would fail to
 # import it.
-EXTRA = """def fluxgate_environment(environment, device):
+EXTRA = """def pytest_fluxgate_environment(environment, device):
     environment["team_extra"] = "only the candidate registers me"
 """
 
@@ -93,7 +93,7 @@ def test_ab_in_a_team_repository_runs_each_sides_own_code_and_the_same_fluxgate(
     assert base["git_commit"] != candidate["git_commit"]
     worktree = repo / ".fluxgate" / "ab" / "base"
     assert (worktree / "src" / "team_pipes" / "hooks.py").read_text() == HOOKS.format(side="base")
-    lines = prepared.read_text().splitlines()  # fluxgate_prepare_pipeline: once per side's load of the combo
+    lines = prepared.read_text().splitlines()  # pytest_fluxgate_prepare_pipeline: once per side's load of the combo
     assert sorted(lines) == ["base z-image-turbo[bf16] ZImagePipeline",
                              "candidate z-image-turbo[bf16] ZImagePipeline"], lines
     assert subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True,

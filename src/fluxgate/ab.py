@@ -10,9 +10,9 @@ of the candidate's repository under --envs-dir (`base`). Each side is one long-l
 (`fluxgate.measuring.ab_worker`, started through execnet) in its own interpreter (`--base-python`,
 `--candidate-python`; default: this one) with its own tree first on its path: `<tree>/src` for a src layout, else
 the tree itself, and the tree's pyproject.toml entry points as its registries (`fluxgate.models`,
-`fluxgate.precisions`, `fluxgate.hooks`), read in that process; its `fluxgate_prepare_pipeline` hooks change its
-pipelines, its `fluxgate_environment` hooks its records. fluxgate is the candidate's installed one on both sides, except
-in fluxgate's own repository, whose src/fluxgate is the team code: there each side runs its own tree's
+`fluxgate.precisions`, `fluxgate.hooks`), read in that process; its `pytest_fluxgate_prepare_pipeline` hooks change
+its pipelines, its `pytest_fluxgate_environment` hooks its records. fluxgate is the candidate's installed one on both
+sides, except in fluxgate's own repository, whose src/fluxgate is the team code: there each side runs its own tree's
 (`fluxgate.ab_sides` has the rules).
 
 For each combo both sides load its pipeline (when both do not fit in device memory at once,
@@ -261,10 +261,10 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
 def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str, str]:
     """combo -> why an A/B run judges it with `paired.host_synchronous`: its newest one-sided record of the class in
     `store` (a HistoryStore, `fluxgate.storing.open_store`) AND the `window` one-sided records before it all show it
-    host-synchronous (their kernel paths: `judging.compare.is_host_synchronous`), at least one of them older. On a PR the newest is the PR's own
-    `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step, which may be the
-    regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty when the store
-    holds no such records; unreadable runs are skipped (`store.load` warns)."""
+    host-synchronous (their kernel paths: `judging.compare.is_host_synchronous`), at least one of them older. On a PR
+    the newest is the PR's own `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step,
+    which may be the regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty
+    when the store holds no such records; unreadable runs are skipped (`store.load` warns)."""
     from fluxgate.judging.compare import host_syncs_per_step, is_host_synchronous
 
     runs: dict[str, list] = {}

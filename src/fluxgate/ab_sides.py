@@ -181,7 +181,8 @@ def side_env(venv: Path, tree: Path, torch_spec: str, name: str, log=None) -> st
     venv, tree = venv.absolute(), tree.resolve()
     python = venv / "bin" / "python"
     pyproject = tree / "pyproject.toml"
-    want = {"python": f"{platform.python_version()} {os.path.realpath(getattr(sys, '_base_executable', sys.executable))}",
+    interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    want = {"python": f"{platform.python_version()} {interpreter}",
             "torch": torch_spec, "tree": str(tree),
             "pyproject_sha256": hashlib.sha256(pyproject.read_bytes()).hexdigest() if pyproject.is_file() else None}
     try:

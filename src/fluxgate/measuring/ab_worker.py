@@ -7,13 +7,13 @@ the worker puts `paths` first on `sys.path` (the side's tree: its import root an
 `fluxgate.ab_sides`), imports fluxgate from the folder `fluxgate` names (the same on both sides, or in fluxgate's own
 repository the side's own), applies `env`, optionally imports an injector module, reads the side's hooks
 (`fluxgate.hooks.worker_manager`: its `fluxgate.hooks` entry points) and builds a Runner whose pipelines go through
-their `fluxgate_prepare_pipeline`, and answers:
+their `pytest_fluxgate_prepare_pipeline`, and answers:
 
     config {"tree", "paths": [dir, ...], "fluxgate": dir, "profile", "device", "prompts", "fixture_cache",
             "models_file", "cpu_threads", "warmup_steps", "steps", "env": {name: value},
             "inject": {"path": dir, "module": name} | None}
         -> {"ok": True, "fluxgate": <its __file__>, "python": <sys.executable>, "device": "cuda:0", "gpu_class",
-            "environment": fingerprint (with what the side's `fluxgate_environment` hooks add),
+            "environment": fingerprint (with what the side's `pytest_fluxgate_environment` hooks add),
             "hooks": ["module:attribute [origin]", ...]}
     {"op": "load", "combo": "flux1-dev[bf16]", "steps": N (optional: this combo's denoising steps, over the
      config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
@@ -77,8 +77,9 @@ class Worker:
         registered = []
         if manager is not None:  # the side's own hooks: its prepare_pipeline on every combo, its environment fields
             device = self.device
-            kwargs["prepare_pipeline"] = lambda pipe, combo: manager.hook.fluxgate_prepare_pipeline(
-                pipe=pipe, combo=combo, device=device)
+            prepare = getattr(manager.hook, "pytest_fluxgate_prepare_pipeline", None)  # None: a tree with other names
+            if prepare is not None:
+                kwargs["prepare_pipeline"] = lambda pipe, combo: prepare(pipe=pipe, combo=combo, device=device)
             environment = hooks.extended_environment(manager.hook, environment, self.device)
             from fluxgate.registry import HOOKS_GROUP, group_targets
 
