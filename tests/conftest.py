@@ -3,10 +3,25 @@
 import pytest
 import torch
 
+# pytester's in-process runs (`runpytest`) drop every module first imported during them, and numpy's, scipy's and
+# torch's extension modules and operator libraries cannot be imported twice. The plugin imports the run's modules only
+# when a matrix test is collected and the builders and formats when a combo runs (free when unused), so this process
+# imports them up front, once.
+import fluxgate.gate  # noqa: F401
+import fluxgate.measuring.runner  # noqa: F401
+import fluxgate.session  # noqa: F401
+import fluxgate.showing.publish  # noqa: F401
 from fluxgate.matrix import Combo
+from fluxgate.models import MODELS
+from fluxgate.precisions import PRECISIONS
 from fluxgate.weights.tiny import TinySource
 
 pytest_plugins = ["pytester"]
+
+for _model in MODELS.values():
+    _model.builder  # noqa: B018 - imported for the reason above
+for _precision in PRECISIONS.values():
+    _precision.implementation  # noqa: B018
 
 
 @pytest.fixture(scope="session")

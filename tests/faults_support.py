@@ -16,6 +16,7 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
+from fluxgate import defaults
 from fluxgate.judging import baselines
 from fluxgate.measuring.runner import Inputs
 from fluxgate.models import MODELS
@@ -27,7 +28,7 @@ from fluxgate.weights import tiny
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX = "perf/test_matrix.py"
 SHARED_CACHE = Path(os.environ.get("FLUXGATE_CACHE", ROOT / ".fluxgate-cache")).resolve()
-INPUTS = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+INPUTS = Inputs.from_file(defaults.PACKAGED["prompts"])
 CPU = torch.device("cpu")
 FLUX1_LINEAR = "single_transformer_blocks.0.attn.to_k.weight"
 

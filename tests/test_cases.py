@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fluxgate import defaults
 from fluxgate.errors import FixtureError
 from fluxgate.judging.baselines import Baseline, Thresholds
 from fluxgate.gate import limit_failures
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_committed_prompts_file_gives_every_model_its_cases():
-    inputs = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+    inputs = Inputs.from_file(defaults.PACKAGED["prompts"])
     assert [c.name for c in inputs.cases("flux1-dev")] == ["fox", "harbour", "portrait", "sign"]
     kontext = inputs.cases("flux1-kontext-dev", 2)
     assert [c.name for c in kontext] == ["moon", "snow"] and all(c.image.is_file() for c in kontext)
@@ -54,12 +55,12 @@ def test_a_bad_prompts_file_stops_the_run_before_any_combo_with_one_line(tmp_pat
     import subprocess
     import sys
 
-    good = (ROOT / "fixtures" / "prompts.toml").read_text()
+    good = (defaults.PACKAGED["prompts"]).read_text()
     typo = tmp_path / "typo.toml"
     typo.write_text(good.replace('[["flux1-kontext-dev"]]', '[["flux1-kontex-dev"]]'))
     missing = tmp_path / "missing.toml"
-    missing.write_text(good.replace("inputs/kontext-shapes-1.png", str(ROOT / "fixtures" / "inputs" / "nope.png"))
-                       .replace('image = "inputs/', f'image = "{ROOT}/fixtures/inputs/'))
+    missing.write_text(good.replace("inputs/kontext-shapes-1.png", str(defaults.DATA / "inputs" / "nope.png"))
+                       .replace('image = "inputs/', f'image = "{defaults.DATA}/inputs/'))
     for prompts, models, says, code in (
             (typo, "z-image-turbo", "[[flux1-kontex-dev]] names no model", 4),
             (missing, "flux1-kontext-dev", "input image", 4),

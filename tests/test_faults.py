@@ -44,6 +44,7 @@ from faults_support import (
 )
 from PIL import Image
 
+from fluxgate import defaults
 from fluxgate.judging import baselines
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Runner
@@ -96,7 +97,7 @@ def blocked_network_env(folder: Path) -> dict[str, str]:
 
 def matrix_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cpu", "--profile", "tiny",
-            "--prompts", str(ROOT / "fixtures" / "prompts.toml"), *args]
+            "--prompts", str(defaults.PACKAGED["prompts"]), *args]
 
 
 def copy_cache(target: Path, *models: str) -> Path:

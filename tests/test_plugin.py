@@ -1,5 +1,7 @@
 """The fluxgate pytest plugin: one item per model x precision combo, selected by options and marks."""
 
+from pathlib import Path
+
 import pytest
 
 from fluxgate.models import MODELS
@@ -155,15 +157,7 @@ def test_cuda_alloc_conf_sets_the_allocator_unless_the_environment_already_does(
     with pytest.warns(UserWarning, match="--cuda-alloc-conf expandable_segments:True not applied"):
         assert memory.configure_allocator("expandable_segments:True") == "garbage_collection_threshold:0.8"
 
-    # the option is applied in pytest_configure, before anything initializes CUDA
-    monkeypatch.delenv(memory.ALLOC_CONF_ENV)
-    matrix.makepyfile(test_alloc="""
-        import os
-
-        def test_conf():
-            assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
-    """)
-    matrix.runpytest("test_alloc.py", "--cuda-alloc-conf", "max_split_size_mb:512").assert_outcomes(passed=1)
+    # applied when the first combo runs (test_cupti_teardown_and_offline_defaults_are_set_when_the_first_combo_runs)
     assert "--cuda-alloc-conf" in matrix.runpytest("--help").stdout.str()
 
 
@@ -186,7 +180,7 @@ def test_cupti_teardown_and_offline_defaults_are_set_when_the_first_combo_runs(m
     from fluxgate import environ
     from fluxgate.measuring import kernels
 
-    for name in (kernels.CUPTI_TEARDOWN_ENV, *environ.DEFAULTS):
+    for name in (kernels.CUPTI_TEARDOWN_ENV, environ.ALLOC_CONF_ENV, *environ.DEFAULTS):
         monkeypatch.setenv(name, "")  # so the test's end restores this process's own setting
         monkeypatch.delenv(name)
     monkeypatch.setenv("DIFFUSERS_GGUF_CUDA_KERNELS", "true")  # the user's own setting wins
@@ -196,12 +190,15 @@ def test_cupti_teardown_and_offline_defaults_are_set_when_the_first_combo_runs(m
         from fluxgate.plugin import matrix_test
 
         @matrix_test
-        def test_combo(combo, judge, gate):
+        def test_combo(combo, gate):
             assert os.environ["TEARDOWN_CUPTI"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
             assert os.environ["DIFFUSERS_GGUF_CUDA_KERNELS"] == "true"
+            assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
     """)
-    matrix.runpytest("test_teardown.py", "--device", "cpu", "--models", "z-image-turbo",
-                     "--precisions", "bf16").assert_outcomes(passed=1)
+    baselines = Path(__file__).resolve().parents[1] / "baselines"
+    matrix.runpytest("test_teardown.py", "--device", "cpu", "--models", "z-image-turbo", "--precisions", "bf16",
+                     "--baselines-dir", str(baselines), "--history-dir", str(matrix.path / "history"),
+                     "--cuda-alloc-conf", "max_split_size_mb:512").assert_outcomes(passed=1)
 
 
 def test_an_installed_fluxgate_gives_its_plugin_to_any_repository(tmp_path):

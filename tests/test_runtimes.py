@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from fluxgate import defaults
 from fluxgate.judging import similarity
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Inputs, Runner
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_compiled_combo_reports_compile_time_outside_its_timed_steps_and_keeps_the_image(tmp_path):
-    inputs = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+    inputs = Inputs.from_file(defaults.PACKAGED["prompts"])
     runner = Runner("tiny", torch.device("cpu"), TinySource(tmp_path, inputs.seed), inputs)
 
     eager, _ = runner.measure(Combo("flux1-dev", "bf16"))
