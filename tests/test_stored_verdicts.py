@@ -223,7 +223,7 @@ def test_the_gate_writes_its_verdicts_once_onto_the_runs_records(tmp_path):
     record with the 50 % policy, the re-measurement beside it; the unchanged combo's verdict is stored too."""
     from types import SimpleNamespace
 
-    from fluxgate.judging.gate import Gate
+    from fluxgate.gate import Gate
 
     store = LocalFolderStore(tmp_path / "history")
     environment = {"device_type": "cpu", "device_name": "cpu", "history_gate": "on"}
