@@ -131,7 +131,8 @@ def test_mutated_records_never_crash_load_gate_report_card_or_dashboard(tmp_path
 
 
 @pytest.mark.parametrize("field, value, named", [
-    (("metrics", "step_times_s"), [0.1, None, 0.1], "field metrics.step_times_s: expected a list of finite numbers > 0"),
+    (("metrics", "step_times_s"), [0.1, None, 0.1],
+     "field metrics.step_times_s: expected a list of finite numbers > 0"),
     (("metrics", "it_s"), "fast", "field metrics.it_s: expected a finite number >= 0, got 'fast'"),
     (("failures",), "one string", "field failures: expected a list of strings"),
     (("gpu_class",), "../../etc", "field gpu_class: expected a safe name"),

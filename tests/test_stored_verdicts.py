@@ -212,7 +212,8 @@ def test_dashboard_rebuilds_over_its_own_site_and_removes_only_what_it_wrote(tmp
     marker = json.loads((tmp_path / "site" / ".fluxgate-dashboard").read_text())
     stale.mkdir()
     (stale / "page.html").write_text("an older build's page")
-    (tmp_path / "site" / ".fluxgate-dashboard").write_text(json.dumps({"files": marker["files"] + ["cpu-old/page.html"]}))
+    listed = {"files": marker["files"] + ["cpu-old/page.html"]}  # as an earlier build with another class wrote it
+    (tmp_path / "site" / ".fluxgate-dashboard").write_text(json.dumps(listed))
     assert main(args) == 0 and not stale.exists() and (tmp_path / "site" / "index.html").is_file()
     (tmp_path / "site" / "mine.txt").write_text("a user's file")
     assert main(args) == 4 and (tmp_path / "site" / "mine.txt").read_text() == "a user's file"
