@@ -39,6 +39,8 @@ def test_the_committed_prompts_file_gives_every_model_its_cases():
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\n[[default]]\nname = "a"\nprompt = "q"\nseed = 1\n',
      r"\[\[default\]\] names a case twice"),
     ('seed = 0\n[[default]\nname = "a"\n', r"not valid TOML \(.*line 2"),
+    ('seed = 0\n[[default]]\nname = "../a"\nprompt = "p"\nseed = 0\n',
+     r"case 1 of \[\[default\]\]: name '\.\./a' is not a safe file name"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "nowhere.png"\n', "input image .* not found"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "bad.png"\n', "is not a readable image"),
 ])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fluxgate.errors import FluxgateError, HistoryError
 from fluxgate.judging import compare
-from fluxgate.showing import dashboard, decision, figures, publish
+from fluxgate.showing import ab_card, card, dashboard, decision, figures, publish
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.names import contained
 
@@ -56,7 +56,8 @@ def _paths(value, prefix=()) -> list[tuple]:
     return found
 
 
-RECORD_PATHS = sorted(set(_paths(_run("x")["records"][0])), key=str)
+RECORD_PATHS = sorted(set(_paths(_run("x")["records"][0])) | {("history_verdict",), ("ab",), ("history_verdict", "x"),
+                                                              ("environment",), ("source_run_id",)}, key=str)
 RUN_PATHS = [("run_id",), ("merged_from",), ("environment",), ("schema",), ("records",), ("environment", "gpu"),
              ("environment", "git_commit"), ("environment", "device_name"), ("environment", "branch")]
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats() | st.text(max_size=12)
@@ -82,19 +83,30 @@ def _one_line(error: BaseException) -> None:
     assert "\n" not in str(error) and "Traceback" not in str(error)
 
 
+AB_RUN = ROOT / "baselines" / "nvidia-h200" / "runs" / "20261130T111747Z-fe443e-{side}.json"  # one combo, SLOW
+AB_PATHS = sorted(set(_paths(json.loads(Path(str(AB_RUN).format(side="candidate")).read_text())["records"][0])),
+                  key=str)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutations=st.lists(st.tuples(st.sampled_from(RECORD_PATHS + [("run",) + p for p in RUN_PATHS]), JSON),
+@given(mutations=st.lists(st.tuples(st.sampled_from(RECORD_PATHS + [("run",) + p for p in RUN_PATHS]
+                                                    + [("ab-run",) + p for p in AB_PATHS]), JSON),
                           min_size=1, max_size=3))
-def test_mutated_records_never_crash_load_gate_report_or_dashboard(tmp_path_factory, mutations):
+def test_mutated_records_never_crash_load_gate_report_card_or_dashboard(tmp_path_factory, mutations):
     folder = tmp_path_factory.mktemp("fuzz")
     history = folder / "history"
     _write(history, _run("20261130T100000Z-aaaaaa"))
     candidate = _run("20261130T110000Z-bbbbbb")
+    sides = {side: json.loads(Path(str(AB_RUN).format(side=side)).read_text()) for side in ("base", "candidate")}
     for path, value in mutations:
         if path[0] == "run":
             _set(candidate, path[1:], value)
+        elif path[0] == "ab-run":
+            _set(sides["candidate"]["records"][0], path[1:], copy.deepcopy(value))
         else:
             _set(candidate["records"][1], path, copy.deepcopy(value))
+    for document in sides.values():
+        _write(history, document)
     _write(history, {**candidate, "run_id": "20261130T110000Z-bbbbbb"})  # the file keeps its name
     store = LocalFolderStore(history)
     with warnings.catch_warnings(record=True) as caught:
@@ -102,6 +114,10 @@ def test_mutated_records_never_crash_load_gate_report_or_dashboard(tmp_path_fact
         records = store.load()
         for run_id in sorted({r.run_id for r in records}):  # what the gate does with them at the end of a run
             compare.compare_run(records, run_id, policy=compare.Policy(min_speed_effect=0.5))
+        for gpu_class in {str(r.gpu_class) for r in records}:  # the detection card's readers
+            card.build(records, gpu_class, effects=(0.02,))
+            ab_card.build(records, gpu_class, effects=(0.02,), simulations=5)
+            ab_card.injected_runs(records, gpu_class)
         prices = decision.load(decision.DEFAULT_FILE, None, missing_ok=True)
         for step in (lambda: publish.write_report(store, folder / "report", folder / "baselines",
                                                   decision_settings=prices),
@@ -115,7 +131,8 @@ def test_mutated_records_never_crash_load_gate_report_or_dashboard(tmp_path_fact
 
 
 @pytest.mark.parametrize("field, value, named", [
-    (("metrics", "step_times_s"), [0.1, None, 0.1], "field metrics.step_times_s: expected a list of finite numbers > 0"),
+    (("metrics", "step_times_s"), [0.1, None, 0.1],
+     "field metrics.step_times_s: expected a list of finite numbers > 0"),
     (("metrics", "it_s"), "fast", "field metrics.it_s: expected a finite number >= 0, got 'fast'"),
     (("failures",), "one string", "field failures: expected a list of strings"),
     (("gpu_class",), "../../etc", "field gpu_class: expected a safe name"),

@@ -212,7 +212,38 @@ def test_dashboard_rebuilds_over_its_own_site_and_removes_only_what_it_wrote(tmp
     marker = json.loads((tmp_path / "site" / ".fluxgate-dashboard").read_text())
     stale.mkdir()
     (stale / "page.html").write_text("an older build's page")
-    (tmp_path / "site" / ".fluxgate-dashboard").write_text(json.dumps({"files": marker["files"] + ["cpu-old/page.html"]}))
+    listed = {"files": marker["files"] + ["cpu-old/page.html"]}  # as an earlier build with another class wrote it
+    (tmp_path / "site" / ".fluxgate-dashboard").write_text(json.dumps(listed))
     assert main(args) == 0 and not stale.exists() and (tmp_path / "site" / "index.html").is_file()
     (tmp_path / "site" / "mine.txt").write_text("a user's file")
     assert main(args) == 4 and (tmp_path / "site" / "mine.txt").read_text() == "a user's file"
+
+
+def test_the_gate_writes_its_verdicts_once_onto_the_runs_records(tmp_path):
+    """`Gate.verdicts` at the end of a run: a CPU regression confirmed by a re-measurement is stored on the combo's
+    record with the 50 % policy, the re-measurement beside it; the unchanged combo's verdict is stored too."""
+    from types import SimpleNamespace
+
+    from fluxgate.gate import Gate
+
+    store = LocalFolderStore(tmp_path / "history")
+    environment = {"device_type": "cpu", "device_name": "cpu", "history_gate": "on"}
+    for run in range(2):
+        writer = store.open_run(f"2026120{run + 1}T000000Z-aaaaa{run}", environment)
+        for combo in ("flux1-dev[bf16]", "flux1-dev[nvfp4]"):
+            writer.append(_record(combo, 0.02, run, environment))
+    slow = _steps(0.06, 9)
+    runner = SimpleNamespace(device=SimpleNamespace(type="cpu"), profile="tiny",
+                             measure=lambda combo: (SimpleNamespace(step_times_s=slow, it_s=1 / 0.06), None))
+    gate = Gate(runner, tmp_path / "baselines", "cpu", store.open_run("20261205T000000Z-bbbbbb", environment),
+                write=False)
+    gate.history.append(_record("flux1-dev[bf16]", 0.02, 7, environment))
+    gate.history.append(_record("flux1-dev[nvfp4]", 0.06, 8, environment))
+    judged = gate.verdicts(confirm=True)
+    assert {v.combo: v.outcome for v in judged} == {"flux1-dev[bf16]": NO_CHANGE, "flux1-dev[nvfp4]": REGRESSION}
+    stored = {r.combo: r for r in store.load_run(gate.history.run_id) if r.outcome != "remeasure"}
+    nvfp4 = stored["flux1-dev[nvfp4]"].history_verdict
+    assert nvfp4.fails_run and nvfp4.remeasured and nvfp4.policy["min_speed_effect"] == 0.5
+    assert nvfp4.window_run_ids == ("20261201T000000Z-aaaaa0", "20261202T000000Z-aaaaa1")
+    assert stored["flux1-dev[bf16]"].history_verdict.outcome == NO_CHANGE
+    assert publish.regressions(store.load(), gate.history.run_id) == {"flux1-dev[nvfp4]"}

@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     options.declare(parser, "history_dir", "decision_file", "vram_budget_gib", history_dir={
         "help": "the history to show, a folder or URL [default: .fluxgate/history]"})
     parser.add_argument("--out", type=Path, default=Path(".fluxgate/dashboard"), metavar="DIR",
-                        help="where the site goes: a new or empty folder, or one an earlier build wrote (only its files, "
-                             "listed in DIR/.fluxgate-dashboard, are removed); never the history folder or one above "
-                             "it; open DIR/index.html [default: .fluxgate/dashboard]")
+                        help="where the site goes: a new or empty folder, or one an earlier build wrote (only its "
+                             "files, listed in DIR/.fluxgate-dashboard, are removed); never the history folder or one "
+                             "above it; open DIR/index.html [default: .fluxgate/dashboard]")
     parser.add_argument("--baselines-dir", type=Path, default=Path("baselines"), metavar="DIR",
                         help="reference images for the grids, and ../docs/detection-card-<class>.md beside it "
                              "[default: baselines]")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
+from fluxgate.storing.names import is_name
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class Inputs:
                 except (KeyError, TypeError, ValueError, AttributeError) as error:
                     raise FixtureError(f"{path}: case {index + 1} of [[{model}]] needs name, prompt and an integer "
                                        f"seed ({type(error).__name__}: {error})") from None
+                if not is_name(case.name):  # it names the case's image file in history and in baselines
+                    raise FixtureError(f"{path}: case {index + 1} of [[{model}]]: name {case.name!r} is not a safe "
+                                       "file name (letters, digits, '._@+-'; no '/', space or leading '.')")
                 cases.append(case)
             names = [case.name for case in cases]
             if len(set(names)) != len(names):

@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 from fsspec.implementations.local import LocalFileSystem
 
 from fluxgate.errors import HistoryError
-from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.fsio import backend_errors, resolve, write_whole
+from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.record import REMEASURE, Record
 from fluxgate.storing.store import Run, file_name, holds_all_of, merge_runs, new_run_id, now, stamped
 from fluxgate.storing.verdicts import HistoryVerdict

@@ -67,7 +67,8 @@ ENVIRONMENT: Spec = {
 }
 CASE: Spec = {"case": NAME, "image": IMAGE, "ms_ssim": NUMBER, "psnr_db": NUMBER, "broken_image": STRS}
 METRICS: Spec = {
-    "it_s": NONNEGATIVE, "it_s_mean": NONNEGATIVE, "step_times_s": POSITIVES, "off_cpu_s": NUMBERS, "run_wait_s": NUMBERS,
+    "it_s": NONNEGATIVE, "it_s_mean": NONNEGATIVE, "step_times_s": POSITIVES, "off_cpu_s": NUMBERS,
+    "run_wait_s": NUMBERS,
     "host_step_times_s": POSITIVES, "gpu_idle_at_end": BOOLS, "idle_probe_s": NUMBER, "first_steps_s": POSITIVES,
     "step_sm_clock_mhz": NUMBERS_OR_NULL, "throttled_steps": BOOLS, "e2e_s": NONNEGATIVE,
     "peak_mem_gib": NONNEGATIVE, "mem_kind": STR, "peak_reserved_gib": NONNEGATIVE,
