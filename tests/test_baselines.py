@@ -97,7 +97,7 @@ def test_writing_compiled_combos_against_the_stored_image_keeps_the_run_that_mad
     import json
     from types import SimpleNamespace
 
-    from fluxgate.judging.gate import Gate
+    from fluxgate.gate import Gate
     from fluxgate.storing.local import LocalFolderStore
 
     baselines.write(tmp_path, "cpu", [Measured(BF16, 2.0, 1.0, 1.0, None)], {"flux1-dev": {"fox": IMAGE}},

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from fluxgate.showing import card
 from fluxgate.storing.record import PASSED, Metrics, Record
+from fluxgate.storing.verdicts import ABVerdict
 
 
 def record(run: int, steps: list[float], combo="flux1-dev[bf16]"):
@@ -57,7 +60,7 @@ def ab_run(run: int, ratios: list[float], combo="flux1-dev[fp8-scaled]", same_tr
         records.append(R(combo=combo, run_id=f"ab{run}-{side}", gpu_class="nvidia-h200", profile="synthetic",
                          settings={}, outcome=PASSED, environment=env,
                          metrics=Metrics(step_times_s=steps, images=len(ratios)),
-                         extra={"ab": {"ratios": list(ratios), "contention": contention}}))
+                         ab=ABVerdict("UNKNOWN", ratios=tuple(ratios), contention=contention)))
     return records
 
 
@@ -164,8 +167,7 @@ def test_a_host_synchronous_combo_is_simulated_at_its_own_effect():
     (plain,) = ab_card.build(biased, "nvidia-h200", simulations=100)
     (synchronous,) = ab_card.build(biased, "nvidia-h200", simulations=100, host_synchronous=["flux1-dev[nvfp4]"])
     assert plain.false_alarms == 1.0 and synchronous.false_alarms == 0.0 and synchronous.host_synchronous
-    for record in biased:  # or as an A/B run recorded it
-        record.extra["ab"]["host_synchronous"] = True
+    biased = [replace(record, ab=replace(record.ab, host_synchronous=True)) for record in biased]  # as recorded
     (recorded,) = ab_card.build(biased, "nvidia-h200", simulations=100)
     assert recorded.host_synchronous and recorded.false_alarms == 0.0
     assert "host-synchronous: judged at ±4%" in ab_card.markdown([synchronous], "nvidia-h200")
@@ -177,8 +179,7 @@ def test_real_injected_runs_are_listed_beside_the_resampled_detection():
     rng = np.random.default_rng(6)
     aa = ab_run(0, list(np.exp(rng.normal(0, 0.002, 12))))
     injected = ab_run(1, [1.02, 1.021, 1.019], inject={"combo": "*", "fraction": 0.02})
-    for record in injected:
-        record.extra["ab"].update(outcome="SLOW", ratio=1.02, blocks=3)
+    injected = [replace(record, ab=replace(record.ab, outcome="SLOW", ratio=1.02, blocks=3)) for record in injected]
     runs = ab_card.injected_runs(aa + injected, "nvidia-h200")
     assert [(r.combo, r.fraction, r.outcome, r.blocks) for r in runs] == [("flux1-dev[fp8-scaled]", 0.02, "SLOW", 3)]
     text = ab_card.markdown(ab_card.build(aa + injected, "nvidia-h200", simulations=100), "nvidia-h200",
@@ -193,7 +194,7 @@ def test_block_ratios_of_records_without_recorded_ratios_come_from_per_image_med
     from fluxgate.showing import ab_card
 
     base, candidate = ab_run(0, [1.01, 0.99, 1.02])
-    candidate = replace(candidate, extra={"ab": {}})
+    candidate = replace(candidate, ab=None)
     assert ab_card.block_ratios(base, candidate) == pytest.approx([1.01, 0.99, 1.02])
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from fluxgate.errors import FixtureError
 from fluxgate.judging.baselines import Baseline, Thresholds
-from fluxgate.judging.gate import limit_failures
+from fluxgate.gate import limit_failures
 from fluxgate.judging.similarity import Similarity, summarise
 from fluxgate.measuring.measure import Measurement
 from fluxgate.measuring.runner import Inputs

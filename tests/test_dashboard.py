@@ -11,6 +11,7 @@ import pytest
 from fluxgate.showing import dashboard
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.record import Metrics, Record
+from history_support import judge_like_the_gate
 
 CLASSES = {"nvidia-h200": ("NVIDIA H200", 0.175), "nvidia-h100-80gb-hbm3": ("NVIDIA H100 80GB HBM3", 0.205)}
 COMBOS = ("flux1-dev[bf16]", "flux1-dev[nvfp4]")
@@ -41,6 +42,7 @@ def _history(directory):
                                                      peak_mem_gib=24.7 if precision == "bf16" else 8.9,
                                                      mem_kind="cuda_max_allocated", ms_ssim=1.0 - 0.02 * (
                                                          precision == "nvfp4"))))
+            judge_like_the_gate(writer)
     return store
 
 

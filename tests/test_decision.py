@@ -10,7 +10,8 @@ from PIL import Image
 
 from fluxgate.errors import FixtureError
 from fluxgate.showing import decision, publish
-from fluxgate.storing.record import ERROR, FAILED, PASSED, REMEASURE, Metrics, Record
+from fluxgate.storing.record import ERROR, FAILED, PASSED, Metrics, Record
+from fluxgate.storing.verdicts import HistoryVerdict
 from fluxgate.storing.store import Run
 
 GPU = "nvidia-h100-80gb-hbm3"
@@ -208,8 +209,10 @@ def test_the_summary_headline_says_whether_the_run_passed_the_gate():
     assert publish.gate_headline(run, set()) == "**Gate: passed**"
     # every combo inside its limits, yet a confirmed regression against history: the gate failed
     assert publish.gate_headline(run, {"flux1-dev[nvfp4]"}) == "**Gate: FAILED** (1 regressed against history)"
-    remeasure = Record(combo="flux1-dev[nvfp4]", run_id="r2", outcome=REMEASURE, verdict="regression")
-    assert publish.regressions([*run, remeasure], "r2") == {"flux1-dev[nvfp4]"}
+    judged = Record(combo="flux1-dev[nvfp4]", run_id="r2", outcome=PASSED,
+                    history_verdict=HistoryVerdict("regression", remeasured=True, gating=True))
+    advisory = replace(judged, combo="flux1-dev[bf16]", history_verdict=HistoryVerdict("regression", gating=False))
+    assert publish.regressions([*run, judged, advisory], "r2") == {"flux1-dev[nvfp4]"}
     failed = [record("bf16", 5.5, 22.7, 1.0, None, outcome=FAILED)]
     assert publish.gate_headline(failed, set()) == "**Gate: FAILED** (1 missed a limit)"
     assert publish.gate_headline([], set()) == "**Gate: FAILED** (nothing was measured)"

@@ -15,24 +15,24 @@ SRC = str(Path(fluxgate.__file__).resolve().parents[1])
 
 
 def test_a_conftests_fluxgate_hooks_reach_the_runs_environment(pytester):
-    # pytest's own plugin manager ignores any function not named pytest_*: fluxgate gathers its hooks itself.
+    # pytest's own plugin manager takes functions named pytest_*: fluxgate's hooks are named so.
     pytester.makeconftest("""
         import pytest
 
         pytest_plugins = ["fluxgate.plugin"]
 
-        def fluxgate_environment(environment, device):
+        def pytest_fluxgate_environment(environment, device):
             environment["team_attention"] = "sage"
 
         @pytest.hookimpl
-        def fluxgate_comparable_fields():
+        def pytest_fluxgate_comparable_fields():
             return ["team_attention"]
     """)
     pytester.makepyfile(test_hooks="""
         from fluxgate import hooks
 
         def test_environment(pytestconfig):
-            hook = hooks.manager(pytestconfig.pluginmanager).hook
+            hook = pytestconfig.hook
             environment = hooks.extended_environment(hook, {"torch": "2.13.0"}, None)
             assert environment == {"torch": "2.13.0", "team_attention": "sage", "comparable_fields": ["team_attention"]}
     """)

@@ -150,30 +150,34 @@ def test_pruning_removes_the_image_folders_an_xdist_run_keeps_under_its_workers_
 
 
 def test_every_committed_run_file_reads_and_writes_back_with_the_same_keys_and_values():
+    from fluxgate.storing.record import update_to_2
     from fluxgate.storing.store import Run
 
     paths = sorted((ROOT / "baselines").glob("*/runs/*.json"))
     assert paths
     for path in paths:
         document = json.loads(path.read_text())
-        assert Run.from_json(document, str(path)).to_json() == document, path
+        assert Run.from_json(document, str(path)).to_json() == update_to_2(document), path
         assert all(record.measured and record.metrics.it_s for record in LocalFolderStore(path.parent).load())
 
 
 def test_an_unknown_or_missing_schema_is_one_line_naming_the_file_the_schema_and_what_is_read(tmp_path):
-    with pytest.raises(HistoryError, match=r"^run\.json: history schema 2 is not one this fluxgate reads \(schema 1\)$"):
-        Record.from_json({"schema": 2, "combo": "flux1-dev[bf16]"}, "run.json")
-    with pytest.raises(HistoryError, match=r"^run\.json: no history schema number \(this fluxgate reads schema 1\)$"):
+    with pytest.raises(HistoryError, match=r"^run\.json: history schema 'x' is not one this fluxgate reads "
+                                          r"\(schema 1, 2\)$"):
+        Record.from_json({"schema": "x", "combo": "flux1-dev[bf16]"}, "run.json")
+    with pytest.raises(HistoryError, match=r"^run\.json: no history schema number \(this fluxgate reads schema "
+                                          r"1, 2\)$"):
         Record.from_json({"combo": "flux1-dev[bf16]"}, "run.json")
     LocalFolderStore(tmp_path).open_run("run-a", ENVIRONMENT).append(_record("flux1-dev[bf16]"))
     future = tmp_path / "run-b.json"
-    future.write_text(json.dumps({"schema": 2, "run_id": "run-b", "records": []}))
-    with pytest.warns(UserWarning, match=f"{future}: skipped unreadable history file .*history schema 2"):
+    future.write_text(json.dumps({"schema": 3, "run_id": "run-b", "layout": "whatever came next"}))
+    with pytest.warns(UserWarning, match=f"{future}: skipped unreadable history file .*written by a newer fluxgate "
+                                         r"\(history schema 3; this one reads schema 1, 2\)"):
         assert [record.run_id for record in read(tmp_path)] == ["run-a"]
 
 
 def test_a_record_keeps_keys_it_does_not_know_and_the_keys_it_held_as_null():
-    data = {"schema": 1, "combo": "flux1-dev[bf16]", "error": None, "teardown": None, "future_field": [1, 2],
+    data = {"schema": 2, "combo": "flux1-dev[bf16]", "error": None, "teardown": None, "future_field": [1, 2],
             "metrics": {"it_s": 2.0, "compile_s": None, "new_metric": {"x": 1}}}
     record = Record.from_json(data, "run.json")
     assert record.extra == {"future_field": [1, 2]} and record.metrics.extra == {"new_metric": {"x": 1}}

@@ -54,8 +54,17 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
     header = next(line for line in done.stdout.splitlines() if line.startswith("against history ("))
     assert header.startswith("against history (a confirmed regression fails the run): ") and "1 regression" in header
     newest = max((tmp_path / "history").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    outcomes = [(r["combo"], r["outcome"]) for r in json.loads(newest.read_text())["records"]]
-    assert ("flux1-dev[nvfp4]", REMEASURE) in outcomes
+    records = json.loads(newest.read_text())["records"]
+    assert ("flux1-dev[nvfp4]", REMEASURE) in [(r["combo"], r["outcome"]) for r in records]
+    # the verdicts are written once, on the records, with the policy the gate judged by (CPU: a 50 % minimum effect)
+    stored = {r["combo"]: r["history_verdict"] for r in records if r["outcome"] != REMEASURE}
+    assert stored["flux1-dev[nvfp4]"]["outcome"] == "regression" and stored["flux1-dev[nvfp4]"]["remeasured"]
+    assert stored["flux1-dev[bf16]"]["outcome"] != "regression"
+    assert {verdict["policy"]["min_speed_effect"] for verdict in stored.values()} == {0.5}
+    from fluxgate.showing.publish import write_report
+
+    (summary, *_) = write_report(tmp_path / "history", tmp_path / "report", baselines_dir)
+    assert "**Gate: FAILED** (1 regressed against history)" in summary.read_text()
 
 
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):

@@ -48,7 +48,7 @@ def test_one_scale_per_tensor_fp8_becomes_per_row_fp8r_with_the_same_values(tmp_
     comfy = {"l.weight": (weight / scale).to(torch.float8_e4m3fn), "l.weight_scale": scale.reshape(()),
              "l.input_scale": torch.tensor(1.0), "l.comfy_quant": comfy_marker("float8_e4m3fn"),
              "l.bias": torch.zeros(32, dtype=torch.bfloat16)}
-    adapted, changed = layouts.per_tensor_fp8_to_fp8r(comfy, tmp_path / "x.safetensors")
+    adapted, changed = layouts.fp8_scales_to_fp8r(comfy, tmp_path / "x.safetensors")
     assert changed == 1 and set(adapted) == {"l.weight", "l.weight_scale", "l.bias"}
     assert adapted["l.weight_scale"].shape == (32,)
     restored = dequantize_fp8r(adapted["l.weight"], adapted["l.weight_scale"]).float()
@@ -98,9 +98,10 @@ def test_prefixes_index_files_shards_and_folders_are_named(tiny_files, tmp_path)
     assert set(adapted) == set(state) and note.startswith("key prefix 'model.diffusion_model.' stripped")
     folder = tmp_path / "transformer"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"_class_name": "Flux2Transformer2DModel"}')
     save_file(state, str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        '{"weight_map": {"x": "diffusion_pytorch_model-00001-of-00002.safetensors"}}')
     assert identify.identify(folder).layout == "diffusers-folder"
     for part in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00002.safetensors"):
         with pytest.raises(FixtureError, match=f"give the folder {folder} instead"):
@@ -169,14 +170,15 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     tree = tmp_path / "ComfyUI" / "models"
     (tree / "diffusion_models").mkdir(parents=True)
     (tree / "unet").mkdir()
-    shutil.copy(tiny_files["z-image-turbo.nvfp4"], tree / "diffusion_models" / "anything.safetensors")
+    # Z-Image-Turbo and Z-Image share their tensors: the published name in the path breaks the tie (README)
+    shutil.copy(tiny_files["z-image-turbo.nvfp4"], tree / "diffusion_models" / "z_image_turbo_anything.safetensors")
     shutil.copy(tiny_files["flux2-dev.gguf-q8_0"], tree / "unet" / "flux2-dev-Q4_K_M.gguf")  # the name lies
     (tree / "unet" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     out = tmp_path / "models.toml"
     assert scan_command.main([str(tree), "--out", str(out)]) == 0
     table = tomllib.loads(out.read_text())
     assert table["z-image-turbo"]["checkpoints"] == {"nvfp4": {"path": str(tree / "diffusion_models" /
-                                                                             "anything.safetensors")}}
+                                                                             "z_image_turbo_anything.safetensors")}}
     assert table["flux2-dev"]["checkpoints"]["gguf-q8_0"]["path"].endswith("flux2-dev-Q4_K_M.gguf")
     assert table["flux2-dev"]["pipeline"] == "black-forest-labs/FLUX.2-dev"  # no pipeline folder in the tree
     listed, _ = scan.scan(tree)
@@ -202,13 +204,16 @@ def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_f
         RealSource(tmp_path / "models.toml").transformer(Combo("z-image-turbo", "bf16"), torch.device("cpu"))
 
 
-def test_a_flux1_file_under_a_kontext_folder_fills_the_kontext_slot():
+def test_a_flux1_dev_or_kontext_file_is_placed_by_the_published_name_in_its_path_else_left_to_the_user():
     from fluxgate.weights import scan
 
-    found = identify.Identity("/cache/models--black-forest-labs--FLUX.1-Kontext-dev/snapshots/x/transformer",
-                              "flux1", "bf16", "diffusers-folder")
-    assert scan.model_of(found) == "flux1-kontext-dev"
-    assert scan.model_of(identify.Identity("/models/flux1-dev.safetensors", "flux1", "bf16", "bf16")) == "flux1-dev"
+    def alike(path):
+        return identify.Identity(path, "flux1", "bf16", "bf16", candidates=("flux1-dev", "flux1-kontext-dev"))
+
+    assert scan.model_of(alike("/cache/models--black-forest-labs--FLUX.1-Kontext-dev/snapshots/x/t.sft")) == \
+        "flux1-kontext-dev"
+    assert scan.model_of(alike("/models/flux1-dev.safetensors")) == "flux1-dev"
+    assert scan.model_of(alike("/models/my-favourite.safetensors")) is None
 
 
 def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fluxgate.measuring import measure
-from fluxgate.measuring.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
+from fluxgate.stats import HOST_BOUND, HOST_PAUSE, OTHER, SERIALIZED, spikes, step_stats
 from fluxgate.showing.report import RunContext, history_lines, spike_line, terminal_summary
 from fluxgate.storing.record import PASSED, Metrics, Record
 

@@ -111,7 +111,7 @@ def test_min_speed_effect_is_a_percentage_or_auto_which_follows_the_device(monke
     import torch
 
     from fluxgate.judging import compare
-    from fluxgate.judging.gate import Gate
+    from fluxgate.gate import Gate
     from fluxgate.options import fraction as _fraction
     from fluxgate.storing.local import LocalFolderStore
 

@@ -12,6 +12,7 @@ from fluxgate.publish import main
 from fluxgate.showing.publish import write_report
 from fluxgate.storing.local import LocalFolderStore, RunHistory
 from fluxgate.storing.record import ERROR, FAILED, PASSED, Metrics, Record
+from fluxgate.storing.verdicts import NO_CHANGE, REGRESSION, HistoryVerdict
 
 ENVIRONMENT = {"device_name": "AMD EPYC", "gpu_class": "cpu", "torch": "2.13.0+cpu", "diffusers": "0.42.1",
                "git_commit": "6815fe4d4b485284320fd11c42ee3ad0b975e827", "git_dirty": False}
@@ -166,17 +167,22 @@ def test_without_a_stored_reference_the_grid_uses_the_runs_own_bf16_image(tmp_pa
     assert tmp_path / "report" / "grids" / "z-image-turbo.nvfp4.png" in written
 
 
-def test_verdicts_from_a_comparison_replace_outcome_base_and_add_their_message(history_dir, baselines_dir, tmp_path):
-    verdicts = {"flux1-dev[bf16]": {"verdict": "regressed", "message": "speed: 11.0 it/s is 12 % below 12.5",
-                                    "window_it_s": 12.5, "window_peak_mem_gib": None},
-                "flux1-dev[nvfp4]": {"verdict": "no change", "message": ""}}
-    write_report(history_dir, tmp_path / "report", baselines_dir, verdicts=verdicts)
+def test_the_verdicts_stored_on_the_records_replace_outcome_base_and_add_their_message(history_dir, baselines_dir,
+                                                                                        tmp_path):
+    run = LocalFolderStore(history_dir).open_run(RUNS[-1], ENVIRONMENT)
+    run.records[:] = LocalFolderStore(history_dir).load_run(RUNS[-1])
+    run.record_verdicts({
+        "flux1-dev[bf16]": HistoryVerdict(REGRESSION, "flux1-dev[bf16]: regression - speed: 11.0 it/s is 12 % below "
+                                          "12.5", {"min_speed_effect": 0.5}, window_it_s=12.5),
+        "flux1-dev[nvfp4]": HistoryVerdict(NO_CHANGE, "flux1-dev[nvfp4]: no change - ...")})
+    write_report(history_dir, tmp_path / "report", baselines_dir)
     summary = (tmp_path / "report" / "summary.md").read_text()
     row = _table(summary)["flux1-dev[bf16]"]
-    assert row[2] == "-12.0%" and row[4] == "—" and row[-1] == "**REGRESSED**"
-    assert "`flux1-dev[bf16]` speed: 11.0 it/s is 12 % below 12.5" in summary
+    assert row[2] == "-12.0%" and row[4] == "—" and row[-1] == "**REGRESSION**"
+    assert "`flux1-dev[bf16]` regression - speed: 11.0 it/s is 12 % below 12.5" in summary
+    assert "Gate: FAILED** (1 missed a limit, 1 errors, 1 regressed against history)" in summary
     assert _table(summary)["flux1-dev[nvfp4]"][-1] == "NO CHANGE" and _table(summary)["flux1-dev[nvfp4]"][2] == "—"
-    assert _table(summary)["z-image-turbo[bf16]"][-1] == "PASS"  # not in verdicts: its own outcome
+    assert _table(summary)["z-image-turbo[bf16]"][-1] == "PASS"  # no stored verdict: its own outcome
 
 
 def test_cli_prints_each_file_written(history_dir, baselines_dir, tmp_path, capsys):
@@ -211,7 +217,7 @@ def test_cli_help_explains_every_option(capsys):
 
 
 def test_step_spikes_with_host_bound_flags_get_a_section_naming_the_cause(tmp_path, baselines_dir):
-    from fluxgate.measuring.stats import spikes
+    from fluxgate.stats import spikes
 
     times = [0.28] * 26 + [0.40, 0.36]
     spiked = _with_metrics(_record("flux1-dev[fp8-scaled]", 3.5, 12.3),

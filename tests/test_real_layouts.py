@@ -45,10 +45,10 @@ def _tiny_file(root: Path, model: str, precision: str) -> Path:
     return tiny.ensure(MODELS[model], PRECISIONS[precision], S.SEED, root / "cache").path
 
 
-def _safetensors(layer_fn, marking=None, model="flux2-dev"):
+def _safetensors(layer_fn, marking=None, model="flux2-dev", whole_file=lambda tensors: tensors):
     def write(root: Path, name: str) -> Path:
         tensors, metadata = S.quantized_tensors(_original(model), layer_fn, marking)
-        return S.write_safetensors(root / f"{name}.safetensors", tensors, metadata)
+        return S.write_safetensors(root / f"{name}.safetensors", whole_file(tensors), metadata)
     return write
 
 
@@ -77,6 +77,12 @@ CASES = [
     # ModelOpt's FP8 export: one fp32 scale per tensor, no ComfyUI marker
     ("modelopt-fp8-scalar-scale", "flux2-dev", "fp8-scaled", "scalar-scale-fp8", "fp8",
      _safetensors(S.comfy_fp8), _safetensors(S.fp8r_twin)),
+    # convert_to_quant row-wise fp8 (shared case fp8_rowwise_e5m2): fp8r's own numbers in ComfyUI's two namings
+    ("convert_to_quant-rowwise-comfy_quant", "z-image-turbo", "fp8-scaled", "comfy-rowwise-fp8", "fp8",
+     _safetensors(S.rowwise_fp8, "tensors", "z-image-turbo"), _safetensors(S.rowwise_fp8, None, "z-image-turbo")),
+    ("convert_to_quant-rowwise-legacy-scale_weight", "z-image-turbo", "fp8-scaled", "comfy-scaled-fp8-rowwise", "fp8",
+     _safetensors(S.legacy_rowwise_fp8, None, "z-image-turbo", S.with_scaled_fp8_marker),
+     _safetensors(S.rowwise_fp8, None, "z-image-turbo")),
     # ComfyUI / comfy-kitchen NVFP4 of Z-Image (shared case comfy_nvfp4_zimage), with and without input_scale
     ("comfy-nvfp4-with-input-scale", "z-image-turbo", "nvfp4", "comfy-nvfp4", "nvfp4",
      _safetensors(S.comfy_nvfp4, "tensors", "z-image-turbo"), _safetensors(S.modelopt_nvfp4, None, "z-image-turbo")),

@@ -61,7 +61,7 @@ WRONG_SLOTS = [(kind, slot) for kind, (_, precision) in KINDS.items() for slot i
 def test_a_file_of_another_precision_is_refused_naming_what_it_is_and_what_the_slot_needs(root, kind, slot):
     write, precision = KINDS[kind]
     message = refusal(write(root), "flux2-dev", slot)
-    assert f"is flux2, {precision} (" in message
+    assert f"is flux2-dev, {precision} (" in message
     assert f"the {slot} slot needs {identify.PRECISION_NEEDS[slot]}" in message
 
 
@@ -80,7 +80,7 @@ def test_every_gguf_type_but_q8_0_is_named_and_refused_from_the_q8_0_slot(root, 
         "double_blocks.0.img_attn.qkv.weight": kind, "single_blocks.0.linear1.weight": kind,
         "double_stream_modulation_img.lin.weight": gguf.GGMLQuantizationType.BF16})
     message = refusal(path, "flux2-dev", "gguf-q8_0")
-    assert f"is flux2, no fluxgate precision (gguf-{kind.name}; arch flux" in message
+    assert "is flux2 (" in message and f"no fluxgate precision (gguf-{kind.name}; arch flux" in message
     assert "the gguf-q8_0 slot needs a GGUF file whose quantized weights are all Q8_0" in message
     if kind.name == "NVFP4":  # GGUF's own NVFP4 is not the safetensors layouts the nvfp4 slot loads
         assert "the nvfp4 slot needs NVFP4 safetensors" in refusal(path, "flux2-dev", "nvfp4")
@@ -142,7 +142,7 @@ def test_a_file_no_slot_takes_is_refused_from_every_slot_saying_what_it_is(root,
     }
     for what, path in files.items():
         for slot in identify.PRECISION_NEEDS:
-            assert f"is flux2, no fluxgate precision ({what}" in refusal(path, "flux2-dev", slot)
+            assert f"is flux2-dev, no fluxgate precision ({what}" in refusal(path, "flux2-dev", slot)
     unknown = S.write_safetensors(tmp_path / "llm.safetensors", {
         "model.layers.0.mlp.up_proj.weight": torch.ones(4, 4, dtype=torch.bfloat16)})
     assert "its tensor names match none of flux1, flux2, z-image" in refusal(unknown, "flux2-dev", "bf16")

@@ -50,7 +50,7 @@ def test_one_gpu_or_too_few_runs_or_contended_runs_are_not_enough():
 
 
 def test_the_speed_limit_compares_the_statistic_it_was_derived_for(tmp_path):
-    from fluxgate.judging.gate import limit_failures
+    from fluxgate.gate import limit_failures
     from fluxgate.judging.similarity import Similarity, summarise
     from fluxgate.measuring.measure import Measurement
 

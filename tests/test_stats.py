@@ -1,11 +1,11 @@
-"""fluxgate.measuring.stats: the step-time summary a verdict rests on (median, IQR, low quantiles, robust CV)."""
+"""fluxgate.stats: the step-time summary a verdict rests on (median, IQR, low quantiles, robust CV)."""
 
 import json
 import math
 
 import pytest
 
-from fluxgate.measuring.stats import step_stats
+from fluxgate.stats import step_stats
 
 
 def test_summary_of_known_step_times():
@@ -54,7 +54,7 @@ def test_json_holds_every_figure_as_plain_numbers():
 
 
 def test_contention_is_the_median_share_of_a_step_spent_waiting_for_a_cpu():
-    from fluxgate.measuring.stats import HOST_CONTENTION, contention_note, run_wait_share
+    from fluxgate.stats import HOST_CONTENTION, contention_note, run_wait_share
 
     assert run_wait_share([0.1, 0.1, 0.3], [0.01, 0.02, 0.2]) == pytest.approx(0.2)
     assert run_wait_share([0.1], None) is None and run_wait_share([0.1, 0.1], [0.0]) is None

@@ -1,12 +1,21 @@
 """Interleaved A/B: base and candidate measured on one device in the same job, image by image, judged on their
 paired per-block step-time ratios (issue 18).
 
-    python -m fluxgate.ab --base-tree .fluxgate/ab/base [--candidate-tree .] --models flux1-dev --precisions bf16
-    nox -s perf-ab -- --base origin/main [--own-envs] [these options]   (makes the base's git worktree first)
+    fluxgate ab --base origin/main --models flux1-dev --precisions bf16      (in any repository that uses fluxgate)
+    fluxgate ab --base-tree CHECKOUT [--candidate-tree .] [options]          (the base already checked out)
+    nox -s perf-ab -- --base origin/main [--own-envs] [these options]        (fluxgate's own repository)
 
-Each side is one long-lived worker process (`fluxgate.measuring.ab_worker`, started through execnet) running its own
-tree's fluxgate (`<tree>/src` first on its path) in its own interpreter (`--base-python`, `--candidate-python`;
-default: this one). For each combo both sides load its pipeline (when both do not fit in device memory at once,
+The sides differ by the repository's tree, never by fluxgate: `--base REF` makes (or reuses) a git worktree of REF
+of the candidate's repository under --envs-dir (`base`). Each side is one long-lived worker process
+(`fluxgate.measuring.ab_worker`, started through execnet) in its own interpreter (`--base-python`,
+`--candidate-python`; default: this one) with its own tree first on its path: `<tree>/src` for a src layout, else
+the tree itself, and the tree's pyproject.toml entry points as its registries (`fluxgate.models`,
+`fluxgate.precisions`, `fluxgate.hooks`), read in that process; its `pytest_fluxgate_prepare_pipeline` hooks change
+its pipelines, its `pytest_fluxgate_environment` hooks its records. fluxgate is the candidate's installed one on both
+sides, except in fluxgate's own repository, whose src/fluxgate is the team code: there each side runs its own tree's
+(`fluxgate.ab_sides` has the rules).
+
+For each combo both sides load its pipeline (when both do not fit in device memory at once,
 each image loads its side again: said in the output), then blocks of one base and one candidate image, the order
 alternating (A B, B A, ...), until the paired verdict (`fluxgate.judging.paired`, the device's policy) is clear:
 SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged blocks or --budget-s (--ab-min-blocks: no verdict before that
@@ -17,21 +26,23 @@ that only the newest run, e.g. the PR's own, found host-synchronous keeps the ti
 Memory (candidate/base peak GiB) and similarity
 (MS-SSIM of the candidate's image against the base's of the same seed) are judged on the same pairs.
 
-Each side is measured with the same options. --steps sets the denoising steps of every image on both sides (fewer
-than the model's default: more blocks in the same time; the verdict is on per-step times, so it keeps its meaning).
---budget-s bounds each combo's blocks, --total-budget-s the whole run: each combo gets at most its share of what is
-left (combos whose share is gone are listed as not measured). Progress goes to stderr, one line per combo and per
-block; the run ends with its wall time and the seconds inside timed steps (the figure to put next to a one-sided
-run's).
+Each side is measured with the same options; each reads its own tree's fixtures/prompts.toml (else fluxgate's
+packaged prompts) unless --prompts names one for both. --steps sets the denoising steps of every image on both sides
+(fewer than the model's default: more blocks in the same time; the verdict is on per-step times, so it keeps its
+meaning). --budget-s bounds each combo's blocks, --total-budget-s the whole run: each combo gets at most its share of
+what is left (combos whose share is gone are listed as not measured). Progress goes to stderr, one line per combo
+and per block; the run ends with its wall time and the seconds inside timed steps (the figure to put next to a
+one-sided run's).
 
 --own-envs makes (or reuses) one virtualenv per side under --envs-dir (`venv-base`, `venv-candidate`): `python -m
 venv`, then `pip install <--torch> -e <tree>`, so each side runs with its own tree's pins. A venv is
 reused only when its stamp (`fluxgate-ab-env.json`: interpreter, torch spec, tree, sha256 of the tree's
 pyproject.toml) matches and its interpreter imports torch and fluxgate; otherwise it is cleared and made again.
 
-Both sides' records go to --history-dir as two run files, `<ab id>-base` and `<ab id>-candidate`, whose environments
-carry {"ab_run": <ab id>, "ab_side": "base" | "candidate", "ab_tree": <sha256 of the side's src/ and
-pyproject.toml>, "ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
+Both sides' records go to --history-dir (a folder or an fsspec URL) as two run files, `<ab id>-base` and
+`<ab id>-candidate`, whose environments carry {"ab_run": <ab id>, "ab_side": "base" | "candidate", "ab_tree":
+<sha256 of the side's sources and pyproject.toml>, "ab_fluxgate": <the fluxgate package the side imported>,
+"ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
 (`fluxgate.judging.window.unfit_for_window`).
 
 Exit status: 0 no combo SLOW and no memory or similarity regression; 1 one of those, or a combo that failed to
@@ -42,83 +53,38 @@ cannot start (one line: `fluxgate.ab: error: base side: ...`).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import platform
 import secrets
-import shlex
 import statistics
-import subprocess
 import sys
+import shutil
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fluxgate import options as shared
+from fluxgate.ab_sides import DEFAULT_TORCH, Side, SideError, prepare
 from fluxgate.judging import interleave, paired
 from fluxgate.judging.interleave import BASE, CANDIDATE
 
-ENV = {"HF_HUB_OFFLINE": "1", "DIFFUSERS_GGUF_CUDA_KERNELS": "false"}
 DEFAULT_BUDGET_S = 600.0
-DEFAULT_TORCH = "torch==2.13.0"  # noxfile.py's TORCH; `nox -s perf-ab` passes its own (FLUXGATE_TORCH) as --torch
-ENV_STAMP = "fluxgate-ab-env.json"
-
-
-class SideError(Exception):
-    """A side's worker answered with an error (`oom`: it ran out of device memory) or could not be reached."""
-
-    def __init__(self, message: str, oom: bool = False):
-        super().__init__(message)
-        self.oom = oom
-
-
-class Side:
-    """One side's worker: an execnet gateway to `python` running ab_worker with `config`. Raises SideError (one line
-    naming the side) when it cannot start."""
-
-    def __init__(self, name: str, tree: Path, python: str, config: dict):
-        import execnet
-
-        from fluxgate.measuring import ab_worker
-
-        self.name, self.tree = name, tree
-        if not (tree / "src" / "fluxgate").is_dir():
-            raise SideError(f"{name} side: {tree} is no fluxgate tree (no src/fluxgate there)")
-        try:
-            self.gateway = execnet.makegateway(f"popen//python={python}//chdir={tree}")
-            self.channel = self.gateway.remote_exec(ab_worker)
-        except Exception as error:  # execnet raises plain exceptions for a missing or broken interpreter
-            raise SideError(f"{name} side: cannot start {python}: {type(error).__name__}: {error}") from None
-        try:
-            self.hello = self.ask(config)
-        except SideError:
-            self.gateway.exit()
-            raise
-        expected = (tree / "src" / "fluxgate").resolve()
-        if Path(self.hello["fluxgate"]).resolve().parent != expected:
-            self.close()
-            raise SideError(f"{name} side: imported fluxgate from {self.hello['fluxgate']}, not {expected}")
-
-    def ask(self, message: dict) -> dict:
-        """Send one message, return the answer; SideError for an error answer or a worker that ended."""
-        try:
-            self.channel.send(message)
-            answer = self.channel.receive()
-        except Exception as error:  # execnet: RemoteError, EOFError, channel closed
-            text = " ".join(str(error).split())[-400:]
-            raise SideError(f"{self.name} side: worker failed: {type(error).__name__}: {text}") from None
-        if not answer.get("ok"):
-            raise SideError(f"{self.name} side: {answer.get('error')}", oom=bool(answer.get("oom")))
-        return answer
-
-    def close(self) -> None:
-        try:
-            self.ask({"op": "close"})
-        except SideError:
-            pass
-        self.gateway.exit()
+# Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
+SHARED = ("models", "precisions", "runtimes", "device", "profile", "prompts", "models_file", "fixture_cache",
+          "steps", "warmup_steps", "cpu_threads", "history_dir")
+CHANGES = {
+    "prompts": {"help": "prompts file for both sides [each side's own fixtures/prompts.toml, else fluxgate's packaged "
+                        "prompts]"},
+    "models_file": {"default": None, "help": "the real profile's models file [the candidate's fixtures/models.toml]"},
+    "fixture_cache": {"help": "generated checkpoints, shared by both sides [$FLUXGATE_CACHE or .fluxgate-cache]"},
+    "steps": {"help": "denoising steps of every image, both sides [each model's profile default]. Fewer steps give "
+                      "more blocks in the same time; the verdict is on per-step times, so it keeps its meaning "
+                      "(FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
+    "history_dir": {"help": "where both sides' records go: a folder or an fsspec URL (s3://bucket/prefix, ...; see "
+                            "`pytest --help`) [.fluxgate/history]; its one-sided runs say which combos are "
+                            "host-synchronous"},
+}
 
 
 @dataclass
@@ -131,40 +97,28 @@ class Outcome:
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fluxgate ab", description=__doc__.split("\n\n")[0],
-                                     usage="python -m fluxgate.ab --base-tree BASE_TREE [options]",
+                                     usage="fluxgate ab (--base REF | --base-tree BASE_TREE) [options]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--base-tree", required=True, type=Path, help="the base's checkout (a git worktree of REF)")
+    base = parser.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", metavar="REF", help="the base: a git worktree of REF (a commit, branch or tag of the "
+                      "candidate's repository) under --envs-dir, made or reused")
+    base.add_argument("--base-tree", type=Path, help="the base: a checkout already made")
     parser.add_argument("--base-python", default=sys.executable, help="the base's interpreter [default: this one]")
     parser.add_argument("--candidate-tree", type=Path, default=Path("."), help="the candidate's checkout [.]")
     parser.add_argument("--candidate-python", default=sys.executable, help="its interpreter [default: this one]")
     parser.add_argument("--own-envs", action="store_true",
                         help="one virtualenv per side under --envs-dir with that tree's pins (overrides --*-python)")
     parser.add_argument("--envs-dir", type=Path, default=Path(".fluxgate/ab"),
-                        help="where --own-envs keeps venv-base and venv-candidate [.fluxgate/ab]")
+                        help="where --base's worktree (base) and --own-envs' venv-base and venv-candidate are kept "
+                             "[.fluxgate/ab]")
     parser.add_argument("--torch", default=os.environ.get("FLUXGATE_TORCH", DEFAULT_TORCH),
                         help="pip requirement(s) of torch for --own-envs, shell-quoted [$FLUXGATE_TORCH or "
                              f"{DEFAULT_TORCH}]")
-    parser.add_argument("--models", help="comma-separated models [all]")
-    parser.add_argument("--precisions", help="comma-separated precisions [all]")
-    parser.add_argument("--runtimes", default="eager", help="eager, compile or all [eager]")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [auto]")
-    parser.add_argument("--profile", default="auto", help="auto, tiny, synthetic, real [auto: synthetic on CUDA]")
-    parser.add_argument("--prompts", type=Path, help="prompts file for both sides [each side's own fixtures/prompts.toml]")
-    parser.add_argument("--models-file", type=Path, help="real profile's models file [candidate's fixtures/models.toml]")
-    parser.add_argument("--fixture-cache", type=Path,
-                        default=Path(os.environ.get("FLUXGATE_CACHE", ".fluxgate-cache")),
-                        help="generated checkpoints, shared by both sides [$FLUXGATE_CACHE or .fluxgate-cache]")
-    parser.add_argument("--steps", type=_positive(int),
-                        help="denoising steps of every image, both sides [each model's profile default]. Fewer steps "
-                             "give more blocks in the same time; the verdict is on per-step times, so it keeps its "
-                             "meaning (FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)")
+    shared.declare(parser, *SHARED, **CHANGES)
     parser.add_argument("--model-steps", metavar="MODEL=N[,MODEL=N...]",
                         help="denoising steps per model, over --steps (e.g. flux2-dev=3,flux1-kontext-dev=4): "
                              "each model's images about as long as the others'")
-    parser.add_argument("--warmup-steps", type=_positive(int), default=1, help="steps of the warm-up image [1]")
-    parser.add_argument("--cpu-threads", type=_positive(int),
-                        help="torch threads per side on a CPU [half the usable cores]")
     parser.add_argument("--budget-s", type=_positive(float), default=DEFAULT_BUDGET_S,
                         help=f"seconds of blocks per combo before an unclear verdict is UNKNOWN [{DEFAULT_BUDGET_S:g}]")
     parser.add_argument("--total-budget-s", type=_positive(float),
@@ -179,8 +133,6 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-mem-ratio", type=_positive(float),
                         help="candidate/base peak memory above this fails [1.02 CUDA, 1.10 CPU]")
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
-    parser.add_argument("--history-dir", type=Path, default=Path(".fluxgate/history"),
-                        help="where both sides' records go [.fluxgate/history]")
     parser.add_argument("--summary-out", type=Path,
                         help="also write the result as markdown here (the PR comment's A/B section)")
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION",
@@ -220,73 +172,6 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"'{text}': must be above 0")
         return value
     return parse
-
-
-def tree_digest(tree: Path) -> str:
-    """sha256 (16 hex digits) of a tree's `src/**/*.py` and `pyproject.toml`, paths and contents: equal digests on both
-    sides mark an A/A run (the detection card resamples those)."""
-    digest = hashlib.sha256()
-    files = sorted((tree / "src").rglob("*.py")) + [tree / "pyproject.toml"]
-    for path in files:
-        if path.is_file():
-            digest.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def side_env(venv: Path, tree: Path, torch_spec: str, name: str, log=None) -> str:
-    """The interpreter of `name`'s own virtualenv (`--own-envs`), made or reused: see the module docs. Raises
-    SideError (one line naming the side and the failing step) when it cannot be made."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    venv, tree = venv.absolute(), tree.resolve()
-    python = venv / "bin" / "python"
-    pyproject = tree / "pyproject.toml"
-    want = {"python": f"{platform.python_version()} {os.path.realpath(getattr(sys, '_base_executable', sys.executable))}",
-            "torch": torch_spec, "tree": str(tree),
-            "pyproject_sha256": hashlib.sha256(pyproject.read_bytes()).hexdigest() if pyproject.is_file() else None}
-    try:
-        have = json.loads((venv / ENV_STAMP).read_text())
-    except (OSError, ValueError):
-        have = None
-    if have == want and python.exists():
-        probe = subprocess.run([str(python), "-c", "import torch, fluxgate"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            log(f"{name} side: reusing {venv} ({torch_spec}, {tree}'s pins)")
-            return str(python)
-        log(f"{name} side: {venv} cannot import torch and fluxgate: making it again")
-    elif have is not None:
-        changed = ", ".join(key for key in want if have.get(key) != want[key])
-        log(f"{name} side: {venv} was made for another {changed}: making it again")
-    started = time.monotonic()
-    log(f"{name} side: making {venv} (pip install {torch_spec} -e {tree})")
-    (venv / ENV_STAMP).unlink(missing_ok=True)
-    # One pip call for torch and the tree (one resolve): torch's pin wins over the tree's `torch>=...`.
-    pip = [str(python), "-m", "pip", "install", "-q", *shlex.split(torch_spec), "-e", str(tree)]
-    for step in ([sys.executable, "-m", "venv", "--clear", str(venv)], pip):
-        done = subprocess.run(step, capture_output=True, text=True)
-        if done.returncode != 0:
-            text = " ".join((done.stderr or done.stdout).split())[-400:]
-            raise SideError(f"{name} side: `{shlex.join(step)}` failed ({done.returncode}): {text}")
-    (venv / ENV_STAMP).write_text(json.dumps(want, indent=1) + "\n")  # last: an interrupted make is never reused
-    log(f"{name} side: made {venv} in {time.monotonic() - started:.0f} s")
-    return str(python)
-
-
-def _config(options: argparse.Namespace, tree: Path, side: str) -> dict:
-    candidate_tree = options.candidate_tree.resolve()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    config = {"tree": str(tree), "profile": options.profile, "device": options.device,
-              # each side reads its own tree's prompts file (its format is that tree's: fluxgate 0.1's [prompts]
-              # table or cases), unless one is given for both; the first case is the old default prompt and seed
-              "prompts": str((options.prompts or tree / "fixtures/prompts.toml").resolve()),
-              "models_file": str((options.models_file or candidate_tree / "fixtures/models.toml").resolve()),
-              "fixture_cache": str(options.fixture_cache.resolve()), "warmup_steps": options.warmup_steps,
-              "steps": options.steps, "cpu_threads": options.cpu_threads or max(1, usable // 2),
-              "env": ENV, "inject": None}
-    if side == CANDIDATE and options.inject_slow:
-        combo, fraction = options.inject_slow
-        config["inject"] = {"path": str(tree / "tests" / "injectors"), "module": "slow_combo"}
-        config["env"] = {**ENV, "FLUXGATE_SLOW_COMBO": combo, "FLUXGATE_SLOW_FRACTION": str(fraction)}
-    return config
 
 
 def _progress(combo: str):
@@ -345,9 +230,10 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
 
 def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
              policy: paired.PairedPolicy, host_synchronous: bool):
-    """One side's Record of a combo: its images' steps pooled, the A/B verdict under `extra["ab"]` with the policy it
-    was judged by."""
+    """One side's Record of a combo: its images' steps pooled, the A/B verdict (`Record.ab`) with the policy it was
+    judged by."""
     from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
+    from fluxgate.storing.verdicts import ABVerdict
 
     answers = [getattr(pair, side) for pair in result.pairs]
     steps = [s for a in answers for s in a["step_times_s"]]
@@ -359,34 +245,30 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                       peak_mem_gib=max(a["peak_mem_gib"] for a in answers), mem_kind=answers[0]["mem_kind"],
                       images=len(answers), ms_ssim=result.min_ms_ssim if side == CANDIDATE else None)
     verdict = result.verdict
-    ab = {"outcome": verdict.outcome, "ratio": verdict.ratio, "low": verdict.low, "high": verdict.high,
-          "blocks": verdict.blocks, "message": verdict.message, "mem_ratio": result.mem_ratio,
-          "ratios": [pair.ratio for pair in result.pairs], "orders": ["".join(s[0] for s in p.order) for p in
-                                                                       result.pairs],
-          "set_aside": [[number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside],
-          "seconds": result.seconds, "alternating_loads": result.alternating_loads, "contention": result.contention,
-          "min_effect": policy.min_effect, "equivalence": policy.equivalence, "host_synchronous": host_synchronous}
+    ab = ABVerdict(verdict.outcome, verdict.ratio, verdict.low, verdict.high, verdict.blocks, verdict.message,
+                   result.mem_ratio, tuple(pair.ratio for pair in result.pairs),
+                   tuple("".join(s[0] for s in p.order) for p in result.pairs),
+                   tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
+                   result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
+                   host_synchronous)
     failed = side == CANDIDATE and result.failed
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
                   failures=([verdict.message] if verdict.outcome == "SLOW" else []) + result.failures
-                  if failed else None, extra={"ab": ab})
+                  if failed else None, ab=ab)
 
 
-def host_synchronous_combos(history_dir: Path, gpu_class: str, window: int = 5) -> dict[str, str]:
+def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str, str]:
     """combo -> why an A/B run judges it with `paired.host_synchronous`: its newest one-sided record of the class in
-    `history_dir` AND the `window` one-sided records before it all show it host-synchronous (their kernel paths:
-    `judging.compare.is_host_synchronous`), at least one of them older. On a PR the newest is the PR's own
-    `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step, which may be the
-    regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty when the folder
-    holds no such records; unreadable runs are skipped (`load_paths` warns)."""
+    `store` (a HistoryStore, `fluxgate.storing.open_store`) AND the `window` one-sided records before it all show it
+    host-synchronous (their kernel paths: `judging.compare.is_host_synchronous`), at least one of them older. On a PR
+    the newest is the PR's own `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step,
+    which may be the regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty
+    when the store holds no such records; unreadable runs are skipped (`store.load` warns)."""
     from fluxgate.judging.compare import host_syncs_per_step, is_host_synchronous
-    from fluxgate.storing.fsstore import load_paths
 
-    if not history_dir.is_dir():
-        return {}
     runs: dict[str, list] = {}
-    for record in load_paths([history_dir]):
+    for record in store.load():
         if record.gpu_class == gpu_class and not record.env.get("ab_run") and host_syncs_per_step(record) is not None:
             runs.setdefault(record.combo, []).append(record)
     found = {}
@@ -407,45 +289,39 @@ def new_ab_id() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the A/B comparison; returns the exit status (module docstring)."""
     options = _options(argv)
+    from fluxgate.errors import HistoryError
     from fluxgate.showing import ab_table
-    from fluxgate.storing.local import LocalFolderStore
+    from fluxgate.storing import open_store
 
-    trees = {BASE: options.base_tree.resolve(), CANDIDATE: options.candidate_tree.resolve()}
-    pythons = {BASE: options.base_python, CANDIDATE: options.candidate_python}
     sides: dict[str, Side] = {}
     started = time.monotonic()
     results, errors, left_out = [], [], []
+    site = Path(tempfile.mkdtemp(prefix="fluxgate-ab-"))  # the sides' generated distributions, read all run long
     try:
+        trees, configs, pythons = prepare(options, site)
         for name in (BASE, CANDIDATE):
-            if not (trees[name] / "src" / "fluxgate").is_dir():
-                raise SideError(f"{name} side: {trees[name]} is no fluxgate tree (no src/fluxgate there)")
-        if options.own_envs:  # both venvs at once: pip mostly waits on unpacking
-            with ThreadPoolExecutor(2) as pool:
-                made = {name: pool.submit(side_env, options.envs_dir / f"venv-{name}", trees[name], options.torch,
-                                          name) for name in (BASE, CANDIDATE)}
-            pythons = {name: future.result() for name, future in made.items()}
-        for name in (BASE, CANDIDATE):
-            sides[name] = Side(name, trees[name], pythons[name], _config(options, trees[name], name))
+            sides[name] = Side(name, trees[name], pythons[name], configs[name])
+            if sides[name].hello.get("hooks"):
+                print(f"{name} side: hooks {', '.join(sides[name].hello['hooks'])}", file=sys.stderr, flush=True)
         device_type = sides[BASE].hello["device"].split(":")[0]
         if sides[CANDIDATE].hello["device"] != sides[BASE].hello["device"]:
             raise SideError(f"the sides resolved different devices: base {sides[BASE].hello['device']}, "
                             f"candidate {sides[CANDIDATE].hello['device']}")
         policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
-        synchronous = host_synchronous_combos(options.history_dir, sides[BASE].hello["gpu_class"]) \
-            if device_type == "cuda" else {}
+        store = open_store(options.history_dir)
+        synchronous = host_synchronous_combos(store, sides[BASE].hello["gpu_class"]) if device_type == "cuda" else {}
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
-        store = LocalFolderStore(options.history_dir)
         writers = {}
         for name, side in sides.items():
             environment = {**side.hello["environment"], "ab_run": ab_id, "ab_side": name,
-                           "ab_tree": tree_digest(trees[name]), "ab_python": side.hello.get("python", pythons[name])}
-            inject = _config(options, trees[name], name)["inject"]
-            if inject:
+                           "ab_tree": trees[name].digest(), "ab_python": side.hello.get("python", pythons[name]),
+                           "ab_fluxgate": str(Path(side.hello.get("fluxgate", configs[name]["fluxgate"])).parent)}
+            if configs[name]["inject"]:
                 environment["ab_inject"] = {"combo": options.inject_slow[0], "fraction": options.inject_slow[1]}
             writers[name] = store.open_run(f"{ab_id}-{name}", environment)
         print(f"A/B run {ab_id} on {sides[BASE].hello['device']} (profile {sides[BASE].hello['profile']}): "
-              f"base {trees[BASE]}, candidate {trees[CANDIDATE]}; {len(options.combos)} combos", flush=True)
+              f"base {trees[BASE].root}, candidate {trees[CANDIDATE].root}; {len(options.combos)} combos", flush=True)
         for index, combo in enumerate(options.combos):
             deadline = None
             if options.total_budget_s:
@@ -475,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             for name, side in sides.items():
                 writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy,
                                               combo.id in synchronous))
-    except SideError as error:
+    except (SideError, HistoryError) as error:
         print(f"fluxgate.ab: error: {error}", file=sys.stderr)
         return 2
     finally:
         for side in sides.values():
             side.close()
+        shutil.rmtree(site, ignore_errors=True)
     wall_s = time.monotonic() - started
     for line in ab_table.table(results):
         print(line)
@@ -491,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     timed_s = sum(s for result in results for pair in result.pairs for side in (BASE, CANDIDATE)
                   for s in getattr(pair, side)["step_times_s"])
     print(f"wall {wall_s:.1f} s for {len(results)} combos, of which {timed_s:.1f} s ({timed_s / wall_s:.0%}) inside "
-          f"timed steps of both sides; history: {options.history_dir}/{ab_id}-base.json and {ab_id}-candidate.json")
+          f"timed steps of both sides; history: {writers[BASE].location} and {writers[CANDIDATE].location}")
     if options.summary_out:
         options.summary_out.parent.mkdir(parents=True, exist_ok=True)
         options.summary_out.write_text(ab_table.markdown(

@@ -125,6 +125,13 @@ def pytest_pycollect_makeitem(collector, name, obj):
     return items
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before any combo runs: every place the run writes is probed (`RunSession.probe_outputs`)."""
+    run = _started(session.config)
+    if run is not None:  # matrix items were collected
+        run.probe_outputs([item.nodeid for item in session.items])
+
+
 @pytest.fixture
 def combo(request: pytest.FixtureRequest) -> Combo:
     """The model x precision combo of this item."""
@@ -141,7 +148,10 @@ def gate(request: pytest.FixtureRequest):
         if not torch.cuda.is_available():
             pytest.skip(f"--device {device}: no CUDA device (torch {torch.__version__} sees none); run on a GPU runner "
                         "or use --device cpu")
-    return run_session(request.config).open_gate()
+    try:
+        return run_session(request.config).open_gate()
+    except pytest.UsageError as error:  # before any combo ran: stop the session, one line, exit 4
+        pytest.exit(f"fluxgate: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture
@@ -198,6 +208,16 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_configure_node(node) -> None:
     """xdist controller, before a worker starts collecting: see `workers.configure_node`."""
     workers.configure_node(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    """xdist controller, before it hands out items: the places the run writes are probed (once), if the workers
+    collected matrix items (ids named like a registered model's combos)."""
+    from fluxgate.models import MODELS
+
+    if any(Combo.parse(item_id.rsplit("::", 1)[-1]).model in MODELS for item_id in ids):
+        run_session(node.config).probe_outputs(ids)
 
 
 @pytest.hookimpl(optionalhook=True)

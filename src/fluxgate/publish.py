@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fluxgate import defaults, options
+from fluxgate import defaults, options, probing
 from fluxgate.errors import FluxgateError
 from fluxgate.showing import decision, publish
 from fluxgate.storing import open_store
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                      missing_ok=args.decision_file is None)
             if not is_url(args.history_dir) and not Path(args.history_dir).is_dir():
                 raise publish.PublishError(f"--history-dir {args.history_dir}: no such directory")
+            probing.check_writable([("--out", args.out)])  # before reading the history, not after
             publish.write_report(open_store(args.history_dir), args.out, args.baselines_dir, args.run_id,
                                  progress=lambda path: print(f"wrote {path}", flush=True), decision_settings=settings)
     except (FluxgateError, OSError) as error:

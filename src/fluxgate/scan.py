@@ -21,22 +21,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     listed, slots = scan.scan(args.root)
     if not listed:
-        print(f"no checkpoints (.safetensors, .gguf or diffusers model folders) found under {args.root}")
+        print(f"no checkpoints (.safetensors, .sft, .gguf or diffusers model folders) found under {args.root}")
         return 1
     print("-> fills a slot of the models file; x has no slot (why in brackets); = another file fills the slot")
     for path, identity in listed:
         if isinstance(identity, str):
-            print(f"x  unreadable: {identity}")
+            print(f"x  skipped: {identity}")
             continue
-        model = scan.model_of(identity)
+        placement = scan.place(identity)
+        model = placement.model
         used = slots.get(model or "", {}).get(identity.precision or "")
         if used == path:
-            mark, why = "->", ""
+            mark, why = "->", f" [{placement.how}]" if placement.how else ""
         elif model is None or identity.precision is None:
-            mark, why = "x ", " [no fluxgate model or precision]"
+            mark, why = "x ", f" [{placement.how if model is None else 'no fluxgate precision'}]"
         else:
             mark, why = "= ", f" [slot taken by {used}]"
-        print(f"{mark} {model or '?'}[{identity.precision or '-'}]  {path}  ({identity.describe()}){why}")
+        print(f"{mark} {model or identity.member or '?'}[{identity.precision or '-'}]  {path}  ({identity.describe()}){why}")
     text = scan.models_toml(slots, scan.pipelines(args.root))
     if args.out:
         args.out.write_text(text)

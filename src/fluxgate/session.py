@@ -142,7 +142,7 @@ class RunSession:
         self.worker = workers.worker(config)  # (index, count) in an xdist worker
         self.controller = workers.controller_workers(config) > 0
         self.started = time.time()
-        self.gate = None  # judging.gate.Gate, built by `open_gate`
+        self.gate = None  # fluxgate.gate.Gate, built by `open_gate`
         self.measured_items = 0
         self.skipped_items: Counter[str] = Counter()
         self.verdicts: list[tuple[str, str]] = []  # (outcome, message) against history, every combo of the run
@@ -154,6 +154,30 @@ class RunSession:
         self.written: tuple[Path, list[str]] | None = None  # baselines folder, combos floored below their tier
         self.problems: list[str] = []  # why the run fails although no item may show a failure
         self.tradeoff_lines: list[str] = []  # the run's cross-precision trade-offs, for the summary
+        self.collect_only = config.getoption("collectonly")
+        self.probed = False
+        self.refused = False  # an output location could not be written: the run stopped before any combo
+        if self.worker is None and config.getoption("verbose") >= 0:  # a line per combo's start and end, unless -q
+            from fluxgate.progress import ComboProgress
+
+            progress = ComboProgress(config, (combo.id for combo in self.settings.combos))
+            config.pluginmanager.register(progress, f"fluxgate-progress-{id(config)}")
+
+    def probe_outputs(self, item_ids: list[str]) -> None:
+        """Before the first combo of a run that has combos to measure (one process, or the xdist controller for its
+        workers): raise pytest.UsageError, one line, when a place it writes cannot be written (`probing`)."""
+        combo_ids = {combo.id for combo in self.settings.combos}
+        if self.probed or self.worker is not None or self.collect_only or not any(
+                item_id.rsplit("::", 1)[-1] in combo_ids for item_id in item_ids):
+            return
+        from fluxgate import probing
+
+        self.probed = True
+        try:
+            probing.check_writable(probing.run_outputs(self.settings))
+        except probing.UnwritableError as error:
+            self.refused = True
+            raise pytest.UsageError(str(error)) from None
 
     # --- measuring -----------------------------------------------------------------------------------------------
     def open_gate(self):
@@ -176,7 +200,7 @@ class RunSession:
 
         memory.configure_allocator(self.config.getoption("cuda_alloc_conf"))
         kernels.configure_profiler_teardown()  # before the first combo's profile: see `kernels`
-        from fluxgate.judging.gate import Gate
+        from fluxgate.gate import Gate
         from fluxgate.measuring.environment import fingerprint, gpu_class, resolve_device
         from fluxgate.measuring.runner import Inputs, Runner
         from fluxgate.storing.store import new_run_id
@@ -184,6 +208,7 @@ class RunSession:
 
         s = self.settings
         device = resolve_device(s.device)
+        self._require_baselines(s.gpu_class or gpu_class(device))
         if device.type == "cpu" and self.worker is None:  # workers took their share already
             import torch
 
@@ -191,10 +216,10 @@ class RunSession:
         inputs = Inputs.from_file(s.prompts)
         profile = s.profile if s.profile != "auto" else ("synthetic" if device.type == "cuda" else "tiny")
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
-        hook = hooks.manager(self.config.pluginmanager).hook  # conftest.py files are all loaded by now
+        hook = self.config.hook
         runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s,
-                        prepare_pipeline=lambda pipe, combo: hook.fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
+                        prepare_pipeline=lambda pipe, combo: hook.pytest_fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
                                                                                              device=device))
         environment = hooks.extended_environment(hook, fingerprint(device, self.rootpath), device)
         # A run whose speed nobody gated is kept out of later windows (compare.unfit_for_window).
@@ -213,6 +238,16 @@ class RunSession:
         history = self.store.open_run(new_run_id(), environment, shard=self.worker is not None)
         return Gate(runner, s.baselines_dir, s.gpu_class or gpu_class(device), history, write=s.write_baselines)
 
+    def _require_baselines(self, gpu_class: str) -> None:
+        """A run that asserts against baselines needs its GPU class's thresholds file: without one, a usage error
+        naming the folder and the command that writes it (not one failure per combo)."""
+        from fluxgate.judging.baselines import THRESHOLDS_FILE, WRITE_HINT
+
+        path = self.settings.baselines_dir / gpu_class / THRESHOLDS_FILE
+        if not self.settings.write_baselines and not path.is_file():
+            raise pytest.UsageError(f"{path}: no baselines for GPU class {gpu_class!r} (--baselines-dir "
+                                    f"{self.settings.baselines_dir}); {WRITE_HINT}")
+
     def count(self, report_: pytest.TestReport) -> None:
         """Count a matrix item's report (one process, or the controller, which sees every worker's reports)."""
         if "gpu" not in report_.keywords or self.worker is not None:
@@ -227,6 +262,8 @@ class RunSession:
     def finish(self, exitstatus: int) -> int:
         """Everything after the last combo; returns the session's exit status (a confirmed regression, a shared GPU
         or an empty run turn an OK run into a failed one)."""
+        if self.refused:
+            return exitstatus
         if self.controller:
             self._finish_controller()
         else:
@@ -250,8 +287,6 @@ class RunSession:
                 self.written = gate.write_baselines()
         if gate is None or not gate.history.records:
             return
-        from fluxgate.judging.gate import verdicts_for_report
-
         gating = self.settings.history_gate and not gate.write
         judged = gate.verdicts(last_n=self.settings.history_window, base_commit=self.settings.base_commit,
                                confirm=gating, min_speed_effect=self.settings.min_speed_effect,
@@ -261,7 +296,7 @@ class RunSession:
         self.history_warnings = gate.history_warnings
         self.run_id = gate.history.run_id
         if self.worker is None and self.settings.report_dir:
-            self._write_report(gate.history.run_id, verdicts_for_report(judged))
+            self._write_report(gate.history.run_id)
 
     def worker_output(self) -> dict | None:
         """What an xdist worker hands the controller (pytest's `workeroutput`)."""
@@ -290,9 +325,9 @@ class RunSession:
         if shared:  # timings from a shared GPU measure nothing: the run cannot pass
             self.problems.append(shared)
         if self.settings.report_dir:
-            self._write_report(self.run_id, None)
+            self._write_report(self.run_id)
 
-    def _write_report(self, run_id: str, verdicts: dict | None) -> None:
+    def _write_report(self, run_id: str) -> None:
         from fluxgate.errors import FluxgateError
         from fluxgate.showing import decision
         from fluxgate.showing.publish import write_report
@@ -300,7 +335,7 @@ class RunSession:
         s = self.settings
         try:  # a reporting problem must never change the gate's result
             decision_settings = decision.load(s.decision_file, s.vram_budget_gib, missing_ok=not s.decision_file_given)
-            written = write_report(self.store, s.report_dir, s.baselines_dir, run_id=run_id, verdicts=verdicts,
+            written = write_report(self.store, s.report_dir, s.baselines_dir, run_id=run_id,
                                    decision_settings=decision_settings)
             self.report_path = written[0]
         except (FluxgateError, OSError) as error:
@@ -361,6 +396,8 @@ class RunSession:
         """The fluxgate section of the terminal summary: one table from this run's records (one process or merged
         from the workers), the verdicts against history, where things were written, then why the run failed."""
         write = terminalreporter.write_line
+        if self.refused:
+            return
         if self.run_id is not None and self.worker is None:
             gate, s = self.gate, self.settings
             context = report.RunContext(

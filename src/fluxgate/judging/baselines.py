@@ -27,6 +27,9 @@ from fluxgate.matrix import Combo
 
 THRESHOLDS_FILE = "thresholds.toml"
 PROVENANCE_FILE = "provenance.json"
+# What a missing or stale baseline's error says to do (a team's repository has no `nox -s baselines`).
+WRITE_HINT = ("measure and write them on this GPU class with `pytest <your matrix tests> --write-baselines` "
+              "(`nox -s baselines` in fluxgate's own repository)")
 
 # Margins turn a measurement into a limit: min it/s = measured * (1 - speed), max memory = measured * (1 + memory).
 # CPU: tiny steps take milliseconds on shared 2-core machines (it/s seen to vary +-40 % run to run, and 3x slower
@@ -82,7 +85,7 @@ class Baseline:
             with Image.open(path) as image:
                 return image.convert("RGB")
         except FileNotFoundError:
-            raise BaselineError(f"{path}: reference image missing; run `nox -s baselines`") from None
+            raise BaselineError(f"{path}: reference image missing; {WRITE_HINT}") from None
         except (UnidentifiedImageError, OSError) as error:
             raise BaselineError(f"{path}: unreadable reference image ({error})") from None
 
@@ -100,7 +103,7 @@ def _read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise BaselineError(f"{path}: no thresholds for this GPU class; run `nox -s baselines` on it") from None
+        raise BaselineError(f"{path}: no thresholds for this GPU class; {WRITE_HINT}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise BaselineError(f"{path}: malformed TOML ({error})") from None
 
@@ -109,7 +112,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise BaselineError(f"{path}: provenance missing; run `nox -s baselines`") from None
+        raise BaselineError(f"{path}: provenance missing; {WRITE_HINT}") from None
     except ValueError as error:
         raise BaselineError(f"{path}: malformed JSON ({error})") from None
 
@@ -122,7 +125,7 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
     table = _read_toml(path)
     entry = table.get(combo.model, {}).get(combo.variant)
     if entry is None:
-        raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; run `nox -s baselines`"
+        raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; {WRITE_HINT}"
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
         measured = entry.get("measured_ms_ssim")
@@ -181,7 +184,7 @@ def check_fresh(provenance_path: Path, model: str, settings: dict, environment: 
     provenance = _read_json(provenance_path)
     stored = provenance.get("models", {}).get(model)
     if stored is None:
-        raise BaselineError(f"{provenance_path}: no settings recorded for {model}; run `nox -s baselines`")
+        raise BaselineError(f"{provenance_path}: no settings recorded for {model}; {WRITE_HINT}")
     differ = [_difference(key, stored.get(key), settings.get(key)) for key in IMAGE_SETTINGS
               if not _same_setting(key, stored.get(key), settings.get(key))]
     made_on = provenance.get("runs", {}).get(stored.get("run_id"), {}).get("environment") or {}
@@ -190,7 +193,7 @@ def check_fresh(provenance_path: Path, model: str, settings: dict, environment: 
                    if made_on.get(key) != environment.get(key)]
     if differ:
         raise BaselineError(f"{provenance_path}: stale baseline for {model} (made with other settings: "
-                            f"{'; '.join(differ)}); regenerate with `nox -s baselines`")
+                            f"{'; '.join(differ)}); {WRITE_HINT}")
     cases = stored.get("cases")
     return len(cases) if isinstance(cases, list) else None
 

@@ -37,7 +37,7 @@ Which runs a candidate is judged against (its window) is `fluxgate.judging.windo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -56,12 +56,14 @@ from fluxgate.judging.window import (  # noqa: F401 - FIRST_RUN, COMPARABILITY_F
     unfit_for_window,
 )
 from fluxgate.storing.record import REMEASURE, Metrics, Record  # noqa: F401 - REMEASURE re-exported
-
-REGRESSION = "regression"
-IMPROVEMENT = "improvement"
-UNEXPLAINED_IMPROVEMENT = "improvement (unexplained, check)"
-NO_CHANGE = "no change"
-NOT_COMPARABLE = "not comparable"
+from fluxgate.storing.verdicts import (  # the names are the stored record's (storing.verdicts)
+    IMPROVEMENT,
+    HistoryVerdict,
+    NO_CHANGE,
+    NOT_COMPARABLE,
+    REGRESSION,
+    UNEXPLAINED_IMPROVEMENT,
+)
 
 # Worst first: a verdict's outcome is the worst of its metrics'.
 _SEVERITY = (REGRESSION, UNEXPLAINED_IMPROVEMENT, IMPROVEMENT, NO_CHANGE)
@@ -135,6 +137,16 @@ class Verdict:
 
     def metric(self, name: str) -> MetricVerdict | None:
         return next((m for m in self.metrics if m.metric == name), None)
+
+    def stored(self, gating: bool) -> HistoryVerdict:
+        """This verdict as its record stores it (`storing.verdicts.HistoryVerdict`): outcome, message, the policy it
+        was judged with, its window and the window's it/s and memory (the base of a report's Δ). `gating`: a
+        regression fails the run (speed regressions were re-measured: `confirm`)."""
+        speed, memory = self.metric("step_time_s"), self.metric("peak_mem_gib")
+        return HistoryVerdict(self.outcome, self.message, asdict(self.policy), tuple(self.window_run_ids),
+                              window_it_s=1 / speed.window if speed and speed.window else None,
+                              window_peak_mem_gib=memory.window if memory else None,
+                              remeasured=any("re-measured" in note for note in self.notes), gating=gating)
 
     @property
     def message(self) -> str:

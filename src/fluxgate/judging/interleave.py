@@ -146,9 +146,9 @@ def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seco
 
 
 def contention(pairs: list[Pair]) -> str | None:
-    """`<side>: host contention: ...` (`measuring.stats.contention_note`) for the first side whose pooled steps
+    """`<side>: host contention: ...` (`stats.contention_note`) for the first side whose pooled steps
     waited for a CPU, else None: the verdict then rests on a machine other work held (UNKNOWN is likely)."""
-    from fluxgate.measuring.stats import contention_note
+    from fluxgate.stats import contention_note
 
     for side in (BASE, CANDIDATE):
         answers = [getattr(pair, side) for pair in pairs]

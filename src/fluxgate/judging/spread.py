@@ -33,7 +33,7 @@ from typing import Iterable
 import numpy as np
 
 from fluxgate.judging.window import contention, workload
-from fluxgate.measuring import stats
+from fluxgate import stats
 from fluxgate.storing.record import Record
 
 STATISTIC = "p10"  # it/s at the 10th-percentile step time (thresholds.toml: speed_statistic)

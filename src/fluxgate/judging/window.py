@@ -6,7 +6,11 @@ skipped runs measured nothing usable), other than the candidate's own run: the l
 every clean run of a named base commit. They must agree with the candidate on every comparability field
 (`COMPARABILITY_FIELDS`). When only disagreeing runs exist, the verdict is "not comparable" and names the fields;
 `ignore_fields` compares across a deliberate upgrade. A run made with the history gate off, under host contention,
-on a GPU its xdist workers shared, or as one side of an A/B run never enters a window (`unfit_for_window`).
+on a GPU its xdist workers shared, as one side of an A/B run, or for a pull request never enters a window
+(`unfit_for_window`). A run made in CI (its `event` is GitHub's) is judged only against the runs of its own branch
+(`branch`: the pushed branch, or a pull request's target branch) started by a push, a manual dispatch or a schedule
+(`lane_mismatch`): main's pushes against main's pushes, a pull request against its target's. A local run takes any
+run but pull requests'; records made before runs named their branch and event (schema 1) are taken by every run.
 
 Pure functions of `Record`s: no I/O, and the result never depends on the order of the records given.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from fluxgate.hookspec import COMPARABLE_FIELDS as DECLARED_FIELDS
-from fluxgate.measuring import stats
+from fluxgate import stats
 from fluxgate.storing.record import Record
 
 FIRST_RUN = "no earlier runs of"  # the start of a not-comparable reason where the combo has no history at all
@@ -37,7 +41,7 @@ COMPARABILITY_FIELDS: dict[str, tuple[str, ...]] = {
     "cpu_threads": ("cpu_threads",),  # torch's intra-op threads: CPU devices only (CPU_ONLY_FIELDS)
 }
 # A run's environment lists under DECLARED_FIELDS the further fields it declared comparable (the hook
-# `fluxgate_comparable_fields`, e.g. a team's attention backend): compared like the fields above, where either run
+# `pytest_fluxgate_comparable_fields`, e.g. a team's attention backend): compared like the fields above, where either run
 # declares them.
 # Fields compared only between CPU runs: on a GPU the host's torch thread count does not set the step time.
 CPU_ONLY_FIELDS = {"cpu_threads"}
@@ -100,10 +104,28 @@ def contention(record: Record) -> str | None:
     return stats.contention_note(record.metrics.step_times_s, record.metrics.run_wait_s)
 
 
+TRUSTED_EVENTS = ("push", "workflow_dispatch", "schedule")  # runs of a branch's own code, not a pull request's
+
+
+def lane_mismatch(record: Record, candidate: Record) -> str | None:
+    """Why `record` may not stand in the window of `candidate`, a CI run, for its branch or event (module docs);
+    None when it may."""
+    if candidate.event in (None, "local") or (record.event is None and record.branch is None):
+        return None
+    if record.event not in TRUSTED_EVENTS:
+        return f"{record.event} run (the window of a CI run holds {', '.join(TRUSTED_EVENTS)} runs only)"
+    if record.branch != candidate.branch:
+        return f"run on branch {record.branch} (this run is judged against branch {candidate.branch})"
+    return None
+
+
 def unfit_for_window(record: Record) -> str | None:
     """Why a record may not stand in anyone's window, or None: its run had the history gate off (a CI
     `tests` run, whose speed nobody vouches for), its xdist workers shared a GPU, it is one side of an A/B run
-    (`fluxgate.ab`: environment `ab_run`), or its steps ran under host contention. One such run in a window of few would blind the gate to a real slowdown."""
+    (`fluxgate.ab`: environment `ab_run`), it ran a pull request's code, or its steps ran under host contention. One
+    such run in a window of few would blind the gate to a real slowdown."""
+    if str(record.event or "").startswith("pull_request"):
+        return "pull request run (its own code: never in another run's window)"
     if record.env.get("history_gate") == "off":
         return "run with --history-gate off"
     if record.env.get("shared_gpu"):
@@ -138,10 +160,14 @@ def same_measurement(records: Iterable[Record], candidate: Record) -> list[Recor
     return [r for r in records if same(r) and r.measured and r.run_id != candidate.run_id]
 
 
+def _kept_out(record: Record, candidate: Record) -> str | None:
+    return unfit_for_window(record) or lane_mismatch(record, candidate)
+
+
 def _eligible(records: Iterable[Record], candidate: Record, base_commit: str | None) -> list[Record]:
     """`same_measurement` records fit for a window (`unfit_for_window`), earlier or of the base commit; oldest
     first."""
-    chosen = [r for r in same_measurement(records, candidate) if unfit_for_window(r) is None]
+    chosen = [r for r in same_measurement(records, candidate) if _kept_out(r, candidate) is None]
     if base_commit is None:
         # Without a named base, the baseline is the past: history replayed for an old run sees what existed then.
         chosen = [r for r in chosen if _time_order(r) < _time_order(candidate)]
@@ -175,7 +201,7 @@ def no_window_reason(records: list[Record], candidate: Record, base_commit: str 
     if base_commit is not None:
         where += f" at commit {base_commit}"
     if not eligible:
-        kept_out = [why for r in same_measurement(records, candidate) if (why := unfit_for_window(r))]
+        kept_out = [why for r in same_measurement(records, candidate) if (why := _kept_out(r, candidate))]
         if kept_out:
             return (f"no usable earlier runs of {candidate.combo} on {where}: {len(kept_out)} kept out of "
                     f"windows, e.g. {kept_out[-1]}")

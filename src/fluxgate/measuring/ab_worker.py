@@ -3,13 +3,18 @@ and makes one timed image whenever asked, so base and candidate can alternate im
 
 The controller starts it through execnet (the library pytest-xdist uses): `gateway.remote_exec(ab_worker)` sends this
 module's source to the side's own interpreter, where it runs as `__channelexec__`. The first message is the config;
-the worker puts `<tree>/src` first on `sys.path` (so the side's own fluxgate is imported, whatever the interpreter
-has installed), applies `env`, optionally imports an injector module, builds a Runner and answers:
+the worker puts `paths` first on `sys.path` (the side's tree: its import root and its generated distribution, see
+`fluxgate.ab_sides`), imports fluxgate from the folder `fluxgate` names (the same on both sides, or in fluxgate's own
+repository the side's own), applies `env`, optionally imports an injector module, reads the side's hooks
+(`fluxgate.hooks.worker_manager`: its `fluxgate.hooks` entry points) and builds a Runner whose pipelines go through
+their `pytest_fluxgate_prepare_pipeline`, and answers:
 
-    config {"tree", "profile", "device", "prompts", "fixture_cache", "models_file", "cpu_threads", "warmup_steps",
-            "steps", "env": {name: value}, "inject": {"path": dir, "module": name} | None}
+    config {"tree", "paths": [dir, ...], "fluxgate": dir, "profile", "device", "prompts", "fixture_cache",
+            "models_file", "cpu_threads", "warmup_steps", "steps", "env": {name: value},
+            "inject": {"path": dir, "module": name} | None}
         -> {"ok": True, "fluxgate": <its __file__>, "python": <sys.executable>, "device": "cuda:0", "gpu_class",
-            "environment": fingerprint}
+            "environment": fingerprint (with what the side's `pytest_fluxgate_environment` hooks add),
+            "hooks": ["module:attribute [origin]", ...]}
     {"op": "load", "combo": "flux1-dev[bf16]", "steps": N (optional: this combo's denoising steps, over the
      config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
     {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
@@ -40,7 +45,10 @@ class Worker:
 
     def __init__(self, config: dict):
         tree = os.path.abspath(config["tree"])
-        sys.path.insert(0, os.path.join(tree, "src"))
+        for path in reversed(config.get("paths") or [os.path.join(tree, "src")]):
+            sys.path.insert(0, path)
+        if config.get("fluxgate"):
+            _import_fluxgate(config["fluxgate"])
         os.environ.update({str(k): str(v) for k, v in (config.get("env") or {}).items()})
         inject = config.get("inject")
         if inject:
@@ -64,10 +72,22 @@ class Worker:
         source = for_profile(self.profile, _path(tree, cache), inputs.seed,
                              _path(tree, config.get("models_file") or "fixtures/models.toml"))
         kwargs = {"warmup_steps": int(config.get("warmup_steps", 1)), "steps": config.get("steps")}
+        hooks, manager = _hooks()
+        environment = fingerprint(self.device, __import__("pathlib").Path(tree))
+        registered = []
+        if manager is not None:  # the side's own hooks: its prepare_pipeline on every combo, its environment fields
+            device = self.device
+            prepare = getattr(manager.hook, "pytest_fluxgate_prepare_pipeline", None)  # None: a tree with other names
+            if prepare is not None:
+                kwargs["prepare_pipeline"] = lambda pipe, combo: prepare(pipe=pipe, combo=combo, device=device)
+            environment = hooks.extended_environment(manager.hook, environment, self.device)
+            from fluxgate.registry import HOOKS_GROUP, group_targets
+
+            registered = [f"{target} [{origin}]" for origin, target in group_targets(HOOKS_GROUP)]
         self.runner = Runner(self.profile, self.device, source, inputs, **kwargs)
         self.hello = {"ok": True, "fluxgate": self.fluxgate_file, "python": sys.executable, "device": str(self.device),
-                      "gpu_class": gpu_class(self.device), "profile": self.profile,
-                      "environment": fingerprint(self.device, __import__("pathlib").Path(tree))}
+                      "gpu_class": gpu_class(self.device), "profile": self.profile, "environment": environment,
+                      "hooks": registered}
         self.stack: contextlib.ExitStack | None = None
         self.held = None
         self.steps = kwargs["steps"]
@@ -149,6 +169,34 @@ class _Legacy:
         self.pipe = self.kwargs = None
         runtimes.reset(self.combo.runtime)
         memory.release(self.runner.device)
+
+
+def _import_fluxgate(folder: str) -> None:
+    """Import the fluxgate package from `folder` (its `__init__.py`), whatever `sys.path` holds: its submodules then
+    come from the same folder (the package's `__path__`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fluxgate", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no fluxgate package in {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fluxgate"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["fluxgate"]
+        raise
+
+
+def _hooks():
+    """(fluxgate.hooks, its worker_manager()) of the side's fluxgate; (None, None) for a fluxgate tree from before
+    hooks (a base of fluxgate's own repository)."""
+    try:
+        from fluxgate import hooks
+    except ImportError:
+        return None, None
+    return hooks, hooks.worker_manager()
 
 
 def _path(tree: str, path: str) -> "os.PathLike":

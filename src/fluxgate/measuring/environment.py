@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -55,6 +56,24 @@ def git_commit(root: str = ".") -> dict:
     return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
+def lane(root: str = ".") -> dict:
+    """The run's `branch` (whose history it belongs to: the pushed branch, or a pull request's target branch) and
+    `event` (GitHub's event name: push, pull_request, workflow_dispatch, schedule; `local` outside GitHub Actions),
+    from GITHUB_EVENT_NAME / GITHUB_REF_NAME / GITHUB_BASE_REF, else git's current branch (None when detached).
+    `judging.window` keeps each branch's windows to its own pushes and pull-request runs out of every window."""
+    event = os.environ.get("GITHUB_EVENT_NAME")
+    if event:
+        name = "GITHUB_BASE_REF" if event.startswith("pull_request") else "GITHUB_REF_NAME"
+        return {"branch": os.environ.get(name) or None, "event": event}
+    try:
+        found = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True,
+                               timeout=10)
+        branch = found.stdout.strip() if found.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        branch = ""
+    return {"branch": branch if branch and branch != "HEAD" else None, "event": "local"}
+
+
 def fingerprint(device: torch.device, root: Path) -> dict:
     """Versions, device and commit: two runs are comparable only where these agree."""
     import diffusers
@@ -72,6 +91,7 @@ def fingerprint(device: torch.device, root: Path) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "step_timing": STEP_TIMING,
         **git_commit(str(root)),
+        **lane(str(root)),
     }
     if device.type == "cuda":
         from fluxgate.measuring.kernels import profiler_teardown

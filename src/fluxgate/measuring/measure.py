@@ -31,7 +31,7 @@ import torch
 
 from fluxgate.measuring import telemetry
 from fluxgate.models import denoiser_of
-from fluxgate.measuring.stats import Spikes, StepStats, spikes, step_stats
+from fluxgate.stats import Spikes, StepStats, spikes, step_stats
 
 GIB = 1024**3
 IDLE_PROBE_MIN_S, IDLE_PROBE_MAX_S = 20e-6, 500e-6  # bounds of the per-run idle probe (`idle_probe_s`)

@@ -14,7 +14,7 @@ import torch
 from fluxgate.errors import FixtureError
 from fluxgate.inputs import Case, Inputs  # noqa: F401 - Inputs re-exported (scripts and tests import it here)
 from fluxgate.matrix import Combo
-from fluxgate.measuring import flops, kernels, measure, memory, runtimes, telemetry
+from fluxgate.measuring import flops, kernels, measure, memory, quiet, runtimes, telemetry
 from fluxgate.models import ModelSpec, pipeline
 from fluxgate.weights.sources import Source, load_denoiser
 
@@ -26,6 +26,7 @@ class Runner:
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
                  telemetry_interval_s: float = 0.1, cases: int | None = None,
                  prepare_pipeline: Callable[[Any, Combo], None] | None = None):
+        quiet.quiet_libraries()
         self.prepare_pipeline = prepare_pipeline or (lambda pipe, combo: None)  # the hook before warm-up and timing
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)

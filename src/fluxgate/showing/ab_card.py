@@ -96,7 +96,7 @@ def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = 
     if bases and len(bases) == len(candidates):
         return [(paired.block_ratio(b, c), paired.disturbance(b, c, policy)) for b, c in zip(bases, candidates)
                 if min(b) > 0 and min(c) > 0]
-    recorded = (candidate.extra.get("ab") or {}).get("ratios") or []
+    recorded = candidate.ab.ratios if candidate.ab is not None else ()
     return [(float(r), None) for r in recorded if r and math.isfinite(r) and r > 0]
 
 
@@ -131,7 +131,7 @@ def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPoli
     policy = policy or policy_of(gpu_class)
     runs: dict[str, list[list[Block]]] = {}
     for combo, base, candidate in _ab_pairs(records, gpu_class):
-        if not is_a_a(base.env, candidate.env) or (candidate.extra.get("ab") or {}).get("contention"):
+        if not is_a_a(base.env, candidate.env) or (candidate.ab is not None and candidate.ab.contention):
             continue
         blocks = combo_blocks(base, candidate, policy)
         if blocks:
@@ -195,7 +195,7 @@ def build(records: Iterable[Record], gpu_class: str, effects: tuple[float, ...] 
     records = list(records)
     synchronous = set(host_synchronous) | {  # and those an A/B run itself judged as host-synchronous
         combo for combo, _, candidate in _ab_pairs(records, gpu_class)
-        if (candidate.extra.get("ab") or {}).get("host_synchronous")}
+        if candidate.ab is not None and candidate.ab.host_synchronous}
     cards = []
     for combo, runs in sorted(aa_runs(records, gpu_class, policy).items()):
         pools, short = partition(runs)
@@ -236,11 +236,11 @@ def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun
     found = []
     for combo, base, candidate in _ab_pairs(records, gpu_class):
         inject = candidate.env.get("ab_inject") or {}
-        ab = candidate.extra.get("ab") or {}
-        if inject.get("combo") not in ("*", combo) or not ab.get("outcome"):
+        ab = candidate.ab
+        if inject.get("combo") not in ("*", combo) or ab is None:
             continue
-        found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab["outcome"],
-                                 float(ab.get("ratio") or math.nan), int(ab.get("blocks") or 0), ab.get("min_effect")))
+        found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab.outcome,
+                                 float(ab.ratio or math.nan), int(ab.blocks or 0), ab.min_effect))
     return sorted(found, key=lambda run: (run.combo, run.run))
 
 

@@ -124,6 +124,12 @@ class Row:
         return f"MS-SSIM {self.ms_ssim:.4f}, PSNR {psnr}" if self.ms_ssim is not None else "similarity not measured"
 
 
+def _decidable(record: Record) -> bool:
+    """A measured record with what a row needs: it/s above 0, peak memory and seconds per image."""
+    m = record.metrics
+    return record.measured and bool(m.it_s) and m.peak_mem_gib is not None and m.e2e_s is not None
+
+
 @dataclass
 class Decision:
     """One model on one GPU class: its rows (fastest first), the recommendation and what it saves against BF16."""
@@ -184,7 +190,7 @@ def decide(records: list[Record], settings: Settings, references: dict[tuple[str
     """One Decision per (GPU class, model) among measured `records` (one per combo); `references` may supply the
     BF16 eager record of a (GPU class, model) the records lack (e.g. from an earlier run). A combo in `regressed`
     regressed against history in this run: it is not passed, so never recommended."""
-    rows = [Row.from_record(r) for r in records if r.measured and r.metrics.to_json()]
+    rows = [Row.from_record(r) for r in records if _decidable(r)]
     for row in rows:
         if row.combo in regressed:
             row.passed = False

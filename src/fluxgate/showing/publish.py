@@ -10,9 +10,12 @@
                                             the last section of summary.md
     <out>/decision/<gpu-class>.<model>.png  it/s vs MS-SSIM scatter, marker area = peak VRAM
 
-"Base" for the Δ columns is the median of the earlier runs of the same combo, GPU class and profile in the history,
-unless the caller passes `verdicts` from a comparison module (see `write_report`). The figures are drawn by
-`fluxgate.showing.figures`; the history is read through a `fluxgate.storing.store.HistoryStore`.
+The verdict column shows the verdict the gate stored on each record (`storing.verdicts.shown`: against history, or
+an A/B run's), never a new judgement; a record without one shows its outcome. "Base" for the Δ columns is the window
+the stored verdict was judged against, else the median of the window the history rule would take (records made
+before verdicts were stored). Every value from a record is escaped (`text.md_text`): a PR comment renders HTML.
+The figures are drawn by `fluxgate.showing.figures`; the history is read through a
+`fluxgate.storing.store.HistoryStore`.
 
     python -m fluxgate.publish --history-dir .fluxgate/history --out .fluxgate/report
 """
@@ -30,10 +33,12 @@ from fluxgate.matrix import Combo
 from fluxgate.showing import decision
 from fluxgate.showing.figures import rgb, write_grid, write_trend
 from fluxgate.showing.report import VERDICTS, spike_line, sync_line
-from fluxgate.showing.text import NONE, number
+from fluxgate.showing.text import NONE, md_text, number
 from fluxgate.storing import open_store
 from fluxgate.storing.record import ERROR, FAILED, REMEASURE, SKIPPED, Record
+from fluxgate.storing.names import contained
 from fluxgate.storing.store import HistoryStore, file_name
+from fluxgate.storing.verdicts import NO_CHANGE, shown
 
 SIMILARITY_EPS = 1e-4  # MS-SSIM further below 1.0 than this counts as "moved" and gets an image grid
 CALM_VERDICTS = ("PASS", "OK", "NO CHANGE", "IMPROVEMENT")  # shown plain; every other verdict in bold
@@ -81,7 +86,7 @@ def _delta(value, base) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md_text(text).replace("|", "\\|")
 
 
 def _gemm_path(record: Record) -> str:
@@ -102,16 +107,16 @@ def _row(record: Record, base: dict, verdict: str) -> list[str]:
             number(m.energy_j, ".0f"), _gemm_path(record), verdict]
 
 
-def _verdict(record: Record, given: dict | None) -> str:
-    text = given["verdict"].upper() if given and given.get("verdict") else VERDICTS.get(record.outcome, "?")
+def _verdict(record: Record) -> str:
+    text = (shown(record) or VERDICTS.get(record.outcome, "?")).upper()
     return text if text in CALM_VERDICTS else f"**{text}**"
 
 
 def regressions(records: list[Record], run_id: str) -> set[str]:
-    """The combos of run `run_id` with a confirmed regression against history, the kind that fails a run: a gating
-    run re-measures a suspected one and records the re-measurement with verdict "regression"."""
-    return {r.combo for r in records if r.run_id == run_id and r.outcome == REMEASURE
-            and r.verdict == compare.REGRESSION}
+    """The combos of run `run_id` whose stored verdict is a regression against history that failed the run (a
+    gating run's, confirmed by re-measurement)."""
+    return {r.combo for r in records if r.run_id == run_id and r.history_verdict is not None
+            and r.history_verdict.fails_run}
 
 
 def gate_headline(run: list[Record], regressed: set[str], tradeoffs_missed: int = 0) -> str:
@@ -128,20 +133,28 @@ def gate_headline(run: list[Record], regressed: set[str], tradeoffs_missed: int 
     return f"**Gate: FAILED** ({', '.join(reasons)})" if reasons else "**Gate: passed**"
 
 
-def _problems(run: list[Record], verdicts: dict) -> list[str]:
-    """The lines under the table: each failed limit, error or skip reason, and verdict message."""
+def _message(record: Record) -> str:
+    """The stored verdict's message where it says more than "no change" (A/B: unless SAME), else ""."""
+    verdict, ab = record.history_verdict, record.ab
+    if verdict is not None and verdict.outcome != NO_CHANGE:
+        return verdict.message.removeprefix(f"{record.combo}: ")
+    return ab.message if ab is not None and ab.outcome != "SAME" else ""
+
+
+def _problems(run: list[Record]) -> list[str]:
+    """The lines under the table: each failed limit, error or skip reason, and verdict message (escaped)."""
     problems = []
     for record in run:
-        problems += [f"- `{record.combo}` {failure}" for failure in record.failures or []]
+        problems += [f"- `{record.combo}` {md_text(failure)}" for failure in record.failures or []]
         if record.error:
-            problems.append(f"- `{record.combo}` {SKIPPED if record.outcome == SKIPPED else ERROR}: {record.error}")
-        message = (verdicts.get(record.combo) or {}).get("message")
-        if message:
-            problems.append(f"- `{record.combo}` {message}")
+            kind = SKIPPED if record.outcome == SKIPPED else ERROR
+            problems.append(f"- `{record.combo}` {kind}: {md_text(record.error)}")
+        if message := _message(record):
+            problems.append(f"- `{record.combo}` {md_text(message)}")
     return problems
 
 
-def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts: dict, notes: list[str],
+def _summary(run: list[Record], bases: dict[str, dict], base_note: str, notes: list[str],
              regressed: set[str] = frozenset(), tradeoff_lines: tuple[list[str], int] = ([], 0)) -> str:
     environment = run[0].env
     commit = (environment.get("git_commit") or "")[:10] or "unknown"
@@ -149,19 +162,21 @@ def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts
     profiles = ", ".join(sorted({str(r.profile) for r in run}))
     counts = {outcome: sum(r.outcome == outcome for r in run) for outcome in VERDICTS}
     cuda = any(r.metrics.on_cuda for r in run)
-    lines = [f"### fluxgate · {environment.get('device_name', 'unknown device')} · profile {profiles}",
-             f"run `{run[0].run_id}` · commit `{commit}` · GPU class `{run[0].gpu_class}` · "
-             f"torch {environment.get('torch', '?')} · diffusers {environment.get('diffusers', '?')}", "",
+    lines = [f"### fluxgate · {md_text(environment.get('device_name', 'unknown device'))} · profile "
+             f"{md_text(profiles)}",
+             f"run `{run[0].run_id}` · commit `{md_text(commit)}` · GPU class `{run[0].gpu_class}` · "
+             f"torch {md_text(environment.get('torch', '?'))} · diffusers {md_text(environment.get('diffusers', '?'))}",
+             "",
              gate_headline(run, regressed, tradeoff_lines[1]) + " · "
              f"{len(run)} combos: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n), "",
              f"| combo | it/s | Δ vs base | peak {'VRAM' if cuda else 'RSS'} GiB | Δ | MS-SSIM | PSNR dB | MFU | "
              "J/image | GEMM path | verdict |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|"]
     for record in run:
-        row = _row(record, bases[record.combo], _verdict(record, verdicts.get(record.combo)))
+        row = _row(record, bases[record.combo], _verdict(record))
         lines.append("| " + " | ".join(map(_cell, row)) + " |")
     lines += ["", base_note]
-    if problems := _problems(run, verdicts):
+    if problems := _problems(run):
         lines += ["", "**Failures, errors and verdict notes**", *problems]
     if tradeoff_lines[0]:
         tally, *moved = tradeoff_lines[0]
@@ -173,7 +188,7 @@ def _summary(run: list[Record], bases: dict[str, dict], base_note: str, verdicts
     if synced := sync_line(run):
         lines += ["", f"**Host-synchronous combos**: {synced.removeprefix('host-synchronous ')}"]
     if notes:
-        lines += ["", "<details><summary>Report notes</summary>", "", *(f"- {note}" for note in notes), "",
+        lines += ["", "<details><summary>Report notes</summary>", "", *(f"- {md_text(note)}" for note in notes), "",
                   "</details>"]
     return "\n".join(lines) + "\n"
 
@@ -246,19 +261,12 @@ def _footnote(earlier_counts: list[int], written: list[Path], from_verdicts: boo
 
 
 def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path, run_id: str | None = None,
-                 verdicts: dict[str, dict] | None = None, progress: Callable[[Path], None] | None = None,
+                 progress: Callable[[Path], None] | None = None,
                  decision_settings: decision.Settings | None = None) -> list[Path]:
     """Write summary.md, trends/*.png and grids/*.png for one run of `store` (default: the newest), and with
     `decision_settings` decision.md and decision/*.png (also appended to summary.md); returns the paths written,
     summary.md first. Raises PublishError when the store holds no readable record or no run `run_id`, OSError when
-    a file cannot be written.
-
-    `verdicts` (optional, from a comparison module) maps a combo id to a dict; every key is optional:
-        "verdict": str                  shown (upper-cased) instead of the record's outcome
-        "message": str                  one line listed under the table (leave empty when there is nothing to say)
-        "window_it_s": float | None   base of the it/s Δ (None: "—") instead of the history median
-        "window_peak_mem_gib": float | None   base of the memory Δ
-    Combos missing from `verdicts` fall back to the record's outcome and the history median.
+    a file cannot be written. The verdicts shown are those stored on the records (module docs).
     """
     if isinstance(store, (str, Path)):  # a folder or URL, as the command line gives it
         store = open_store(store)
@@ -268,7 +276,6 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
     run_id = run_id or runs[-1]
     if run_id not in runs:
         raise PublishError(f"--run-id {run_id}: no such run in {store} (newest is {runs[-1]})")
-    verdicts = verdicts or {}
     _clear_previous_report(out_dir)
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
     run = list({r.combo: r for r in records if r.run_id == run_id and r.outcome != REMEASURE}.values())
@@ -284,16 +291,16 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
     bases, earlier_counts = {}, []
     for record in run:
         series = _series(record, records, runs) if record.measured else []
-        given = verdicts.get(record.combo)
-        # Without verdicts, the base is the window the history gate judges against (the last comparable runs, none
-        # made under host contention or with the gate off), so the Δ beside a verdict measures what it judged.
+        given = record.history_verdict
+        # Without a stored verdict, the base is the window the history gate judges against (the last comparable
+        # runs, none made under host contention or with the gate off), so the Δ measures what it would judge.
         window = compare.select_window(records, record) if series and not given else []
-        bases[record.combo] = {metric: given.get(f"window_{metric}") if given else _median(window, metric)
+        bases[record.combo] = {metric: getattr(given, f"window_{metric}") if given else _median(window, metric)
                                for metric in ("it_s", "peak_mem_gib")}
         if not series:
             continue  # error / skipped: listed in the summary, nothing to plot
         earlier_counts.append(len(series) - 1)
-        name = f"{file_name(record.combo)}.png"
+        name = contained(out_dir, out_dir / "trends" / f"{file_name(record.combo)}.png").name
         (out_dir / "trends").mkdir(parents=True, exist_ok=True)
         write_trend(out_dir / "trends" / name, record, series, bases[record.combo])
         wrote(out_dir / "trends" / name)
@@ -312,7 +319,8 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
         notes.insert(0, f"detection card of this GPU class: `docs/{card.name}`")
     checked = tradeoffs.check_run(run, baselines_dir)  # what the run's session checked at its end, said again
     traded = (tradeoffs.summary_lines(*checked), sum(v.failed for v in checked[1])) if checked else ([], 0)
-    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, bool(verdicts)), verdicts, notes,
+    from_verdicts = any(record.history_verdict is not None for record in run)
+    summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, from_verdicts), notes,
                                 regressed, traded)
                        + section)
     wrote(summary)

@@ -16,7 +16,7 @@ from fluxgate.judging.compare import (
     REMEASURE,
     is_host_synchronous,
 )
-from fluxgate.measuring.stats import Spikes, mostly_idle
+from fluxgate.stats import Spikes, mostly_idle
 from fluxgate.showing.text import number
 from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED, Metrics, Record
 
@@ -187,7 +187,7 @@ def terminal_summary(terminalreporter, records: list[Record], context: RunContex
         write(f"history: {context.run_location}")
 
 
-# The phases of one combo (`runner.Runner.measure`, `judging.gate`), in the order they run, as the summary names them.
+# The phases of one combo (`runner.Runner.measure`, `fluxgate.gate`), in the order they run, as the summary names them.
 PHASES = {"components_s": "shared components", "transformer_s": "transformer build/load", "compile_s": "compile",
           "warmup_s": "warm-up image", "images_s": "timed images", "profile_s": "kernel-path profile",
           "judge_s": "similarity + images saved", "release_s": "release"}

@@ -11,25 +11,31 @@ Writes are whole or nothing (`fsio.write_whole`): a run object is rewritten afte
 leaves a readable object holding every combo that finished. Run ids are unique (`store.new_run_id`), so runners
 writing at once never touch each other's objects; a merge writes the merged run before it sets the shards aside, and
 readers skip a run that another run names in `merged_from`, so no record is lost or counted twice, even after a crash
-in between.
+in between. Others can write a shared store, so a reader trusts a `merged_from` entry only where it loses nothing:
+the merged run holds a record of every combo of the named run (with `source_run_id` naming it) and is newer than it
+(`store.holds_all_of`); a run object whose run id is not its file name is skipped, and a merge refuses a run id (its
+own or a shard's) that names another run of the root.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from fsspec.implementations.local import LocalFileSystem
 
 from fluxgate.errors import HistoryError
+from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.fsio import backend_errors, resolve, write_whole
-from fluxgate.storing.record import Record
-from fluxgate.storing.store import Run, file_name, merge_runs, new_run_id, now, stamped
+from fluxgate.storing.record import REMEASURE, Record
+from fluxgate.storing.store import Run, file_name, holds_all_of, merge_runs, new_run_id, now, stamped
+from fluxgate.storing.verdicts import HistoryVerdict
 
 SHARDS_DIR = ".workers"  # shard runs not merged yet: readers do not look there
 MERGED_DIR = ".merged"  # runs of the root merged into another run: kept, so nothing is lost, and not read
@@ -96,6 +102,14 @@ class RunObject:
         self.records.append(record)  # only once it is stored: a failed write never poisons later appends
         return record
 
+    def record_verdicts(self, verdicts: Mapping[str, HistoryVerdict]) -> None:
+        """Store each combo's verdict against history on its result record (not on a re-measurement) and rewrite the
+        run object whole. Raises OSError when it cannot be written (the records in memory stay as they were)."""
+        records = [dataclasses.replace(record, history_verdict=verdicts[record.combo])
+                   if record.combo in verdicts and record.outcome != REMEASURE else record for record in self.records]
+        write_whole(self.owner.fs, self.key, dump(Run(self.run_id, self.environment, tuple(records), self.started)))
+        self.records[:] = records
+
 
 class FsspecStore:
     """A HistoryStore under `root` of the fsspec filesystem `fs` (see the module docs for the layout). The root need
@@ -150,7 +164,7 @@ class FsspecStore:
             return list(pool.map(read, paths))
 
     def _runs(self) -> list[Run]:
-        """Every readable run of the root, oldest first, less those another run names as merged into it."""
+        """Every readable run of the root, oldest first, less those another run really merged (`holds_all_of`)."""
         runs = []
         paths = self._run_objects()
         for path, data in zip(paths, self._read_many(paths)):
@@ -159,11 +173,22 @@ class FsspecStore:
             try:
                 if isinstance(data, Exception):
                     raise data
-                runs.append(parse(data, self.display(path)))
+                run = parse(data, self.display(path))
+                if f"{run.run_id}.json" != path.rsplit("/", 1)[-1]:
+                    raise HistoryError(f"its run id {run.run_id} is not its file name")
+                runs.append(run)
             except (OSError, ValueError, HistoryError) as error:
                 _skip(self.display(path), error)
-        merged = {shard for run in runs for shard in run.merged_from or ()}
-        return [run for run in runs if run.run_id not in merged]
+        by_id = {run.run_id: run for run in runs}
+        hidden = set()
+        for run in runs:
+            for shard in run.merged_from or ():
+                if shard in by_id and holds_all_of(run, by_id[shard]):
+                    hidden.add(shard)
+                elif shard in by_id:
+                    warnings.warn(f"{self.display(self.join(run.run_id + '.json'))}: names run {shard} as merged but "
+                                  "does not hold its records (or is older): both are read", stacklevel=3)
+        return [run for run in runs if run.run_id not in hidden]
 
     def list_runs(self) -> list[str]:
         """Run ids, oldest first (run ids start with their UTC start time). Raises OSError when the root cannot be
@@ -212,11 +237,14 @@ class FsspecStore:
 
     def open_run(self, run_id: str, environment: dict, *, shard: bool = False) -> RunObject:
         """The writer of run `run_id`; nothing is written before its first record. A shard's run goes to `.workers/`
-        until `merge`."""
-        return RunObject(self, run_id, environment, shard)
+        until `merge`. Raises HistoryError for a run id that is no safe file name."""
+        return RunObject(self, check_run_id(run_id, "run id"), environment, shard)
 
     def read_image(self, name: str) -> bytes | None:
-        """The bytes of `<root>/<name>` (a record's `image`), None when it is gone or unreadable."""
+        """The bytes of `<root>/<name>` (a record's `image`), None when it is gone or unreadable or `name` is no image
+        name (`is_image`: a record's crafted `../x` reads nothing outside the root)."""
+        if not is_image(name):
+            return None
         data = self._read_many([self.join(name)])[0]
         return None if isinstance(data, Exception) else data
 
@@ -276,11 +304,23 @@ class FsspecStore:
             except OSError as error:
                 data = error
             shards.append((name, self._parse_or_raise(data, name)))
-        merged = merge_runs(shards, run_id or new_run_id(), mark)
+        merged = merge_runs(shards, check_run_id(run_id) if run_id else new_run_id(), mark)
         if merged.run_id in merged.merged_from:
             raise HistoryError(f"--run-id {merged.run_id}: the id of a shard; the merged run needs an id of its own")
+        self._refuse_collisions(merged, sources)
         write_whole(self.fs, self.join(f"{merged.run_id}.json"), dump(merged))
         return merged, self._set_aside(sources)
+
+    def _refuse_collisions(self, merged: Run, sources: list[tuple]) -> None:
+        """HistoryError when the merged run's id, or a shard's, names a run of the root other than that shard's own
+        file: the merged run would overwrite it, or its `merged_from` would name (and hide) a run it did not merge."""
+        own = {self._canonical(fs, path) for fs, path in sources}
+        with backend_errors(str(self)):
+            for run_id, what in ((merged.run_id, "--run-id"), *((shard, "a shard's run id") for shard in
+                                                              merged.merged_from)):
+                path = self.join(f"{run_id}.json")
+                if self.fs.isfile(path) and self._canonical(self.fs, path) not in own:
+                    raise HistoryError(f"{what} {run_id}: a run with this id is already in {self}; not merged")
 
     def _display_in(self, fs, path: str) -> str:
         return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)

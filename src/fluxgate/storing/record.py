@@ -7,9 +7,13 @@ A record's outcome (the names are defined here once; the gate, history, reports 
 - REMEASURE: the confirmation re-measurement of a suspected regression; evidence for its run's verdict, never a
   combo's result and never part of a window.
 
-On disk a record is a JSON object (`Record.to_json`); `Record.from_json` reads it back and refuses a schema it does
-not know. The round trip keeps every key: a field is written when it is set or was read as null (`nulls`), and keys
-this version does not know stay in `extra`. Imports nothing heavy (no numpy, torch or diffusers).
+On disk a record is a JSON object (`Record.to_json`); `Record.from_json` reads it back, checks every field's type
+and range (`storing.validate`) and refuses a schema it does not know. The round trip keeps every key: a field is
+written when it is set or was read as null (`nulls`), and keys this version does not know stay in `extra`. Imports
+nothing heavy (no numpy, torch or diffusers).
+
+Schema 2 (this version) stores the gate's verdicts on the record (`history_verdict`, `ab`: `storing.verdicts`);
+schema 1 files are read through `update_to_2`, the one place that knows the older layout.
 """
 
 from __future__ import annotations
@@ -19,23 +23,48 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from fluxgate.errors import HistoryError
+from fluxgate.storing.validate import check_record
+from fluxgate.storing.verdicts import REGRESSION, ABVerdict, HistoryVerdict
 
 PASSED, FAILED, ERROR, SKIPPED, REMEASURE = "passed", "failed", "error", "skipped", "remeasure"
 MEASURED = (PASSED, FAILED)  # outcomes whose metrics are measurements
 
-SCHEMA = 1  # what this version writes
-SCHEMAS = (1,)  # what it reads
+SCHEMA = 2  # what this version writes
+SCHEMAS = (1, 2)  # what it reads (1 through `update_to_2`)
 
 
 def check_schema(found: Any, source: str) -> None:
     """Raises HistoryError (one line naming `source`, the schema found and the ones understood) unless `found` is
-    a schema number this version reads."""
+    a schema number this version reads; a larger one says it was written by a newer fluxgate."""
+    readable = ", ".join(map(str, SCHEMAS))
     if found is None:
-        raise HistoryError(f"{source}: no history schema number (this fluxgate reads schema "
-                           f"{', '.join(map(str, SCHEMAS))})")
+        raise HistoryError(f"{source}: no history schema number (this fluxgate reads schema {readable})")
+    if isinstance(found, int) and not isinstance(found, bool) and found > SCHEMA:
+        raise HistoryError(f"{source}: written by a newer fluxgate (history schema {found}; this one reads schema "
+                           f"{readable}): upgrade fluxgate to read it")
     if isinstance(found, bool) or found not in SCHEMAS:
-        raise HistoryError(f"{source}: history schema {found!r} is not one this fluxgate reads (schema "
-                           f"{', '.join(map(str, SCHEMAS))})")
+        raise HistoryError(f"{source}: history schema {found!r} is not one this fluxgate reads (schema {readable})")
+
+
+def update_to_2(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema-1 run document as schema 2. Schema 1 kept no history verdict on the record, only the confirmation
+    re-measurement (outcome REMEASURE, its `verdict`) of a suspected regression, which a gating run made: that
+    becomes its combo's `history_verdict` (remeasured, gating). Every other record keeps none (readers say "not
+    recorded"); the A/B verdict was already under the `ab` key."""
+    records = [dict(record) if isinstance(record, Mapping) else record for record in document.get("records") or []]
+    confirmed = {record.get("combo"): record.get("verdict") for record in records
+                 if isinstance(record, dict) and record.get("outcome") == REMEASURE and isinstance(
+                     record.get("verdict"), str) and isinstance(record.get("combo"), str)}
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        record["schema"] = 2
+        verdict = confirmed.get(record.get("combo")) if isinstance(record.get("combo"), str) else None
+        if verdict and record.get("outcome") != REMEASURE and record.get("history_verdict") is None:
+            message = f"{record['combo']}: {verdict} (confirmed by re-measurement; recorded before schema 2)"
+            record["history_verdict"] = {"outcome": verdict, "message": message, "remeasured": True,
+                                         "gating": verdict == REGRESSION}
+    return {**document, "schema": 2, "records": records}
 
 
 def _split(cls, data: Mapping[str, Any], source: str) -> tuple[dict, dict, frozenset[str]]:
@@ -55,21 +84,21 @@ def _json(instance, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(instance, f.name)
         if f.name in ("extra", "nulls", *skip) or (value is None and f.name not in instance.nulls):
             continue
-        out[f.name] = value.to_json() if isinstance(value, Metrics) else value
+        out[f.name] = value.to_json() if hasattr(value, "to_json") else value
     return {**out, **instance.extra}
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """Everything measured about one combo (`judging.gate` writes it). Times in seconds, memory in GiB (2**30 bytes),
+    """Everything measured about one combo (`fluxgate.gate` writes it). Times in seconds, memory in GiB (2**30 bytes),
     speeds in denoising steps per second; lists hold one value per timed step. None: not measured (a CPU run has no
     telemetry, an error record may stop before similarity)."""
 
     it_s: float | None = None  # 1 / median step time
     it_s_mean: float | None = None  # 1 / mean step time
     step_times_s: Sequence[float] | None = None  # every timed step (each image's first step excluded)
-    step_stats: Mapping[str, Any] | None = None  # measuring.stats.StepStats.to_json()
-    spikes: Mapping[str, Any] | None = None  # measuring.stats.Spikes.to_json()
+    step_stats: Mapping[str, Any] | None = None  # stats.StepStats.to_json()
+    spikes: Mapping[str, Any] | None = None  # stats.Spikes.to_json()
     off_cpu_s: Sequence[float] | None = None  # per step: wall minus the main thread's CPU time
     run_wait_s: Sequence[float] | None = None  # per step: the main thread runnable but not running (Linux)
     host_step_times_s: Sequence[float] | None = None  # CUDA: host-clock step durations
@@ -171,6 +200,8 @@ class Record:
     run_id: str | None = None
     recorded: str | None = None  # UTC ISO time the record was written
     source_run_id: str | None = None  # a merged run's record: the shard run it came from
+    history_verdict: HistoryVerdict | None = None  # the gate's verdict against history (schema 2)
+    ab: ABVerdict | None = None  # one side of an A/B run: the paired verdict (`fluxgate.ab`)
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # fields written as null when None
 
@@ -179,13 +210,15 @@ class Record:
         """Read one record. `source` names where it came from (a run file) in errors; `environment` is the run's
         fingerprint, for a record that carries none of its own (only a merged run's records do).
 
-        Raises HistoryError (one line naming `source`) for an unknown or missing schema, no combo, or metrics that
-        are not a JSON object."""
+        Raises HistoryError (one line naming `source`, the combo and the field) for an unknown or missing schema or
+        a field of the wrong type or range (`storing.validate.check_record`)."""
+        check_record(data, source)
         known, extra, nulls = _split(cls, data, source)
         check_schema(extra.pop("schema", None), source)
-        if not isinstance(known.get("combo"), str):
-            raise HistoryError(f"{source}: a history record without a combo name ({sorted(data)[:6]} ...)")
         known["metrics"] = Metrics.from_json(known.get("metrics") or {}, f"{source}: {known['combo']} metrics")
+        for name, typed in (("history_verdict", HistoryVerdict), ("ab", ABVerdict)):
+            if known.get(name) is not None:
+                known[name] = typed.from_json(known[name])
         nulls -= {"metrics"}
         record = cls(**known, extra=extra, nulls=nulls)
         return record.with_environment(environment) if environment is not None else record
@@ -207,6 +240,18 @@ class Record:
     def env(self) -> Mapping[str, Any]:
         """The fingerprint, {} when there is none."""
         return self.environment or {}
+
+    @property
+    def branch(self) -> str | None:
+        """The branch whose history the run belongs to (the pushed branch, or a pull request's target branch), from
+        its fingerprint; None when not recorded (`measuring.environment.lane`)."""
+        return self.env.get("branch")
+
+    @property
+    def event(self) -> str | None:
+        """What started the run: `push`, `pull_request`, `workflow_dispatch`, `schedule` (GitHub's event names) or
+        `local`; None when not recorded."""
+        return self.env.get("event")
 
     @property
     def gpu_uuid(self) -> str:

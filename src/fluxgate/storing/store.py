@@ -13,12 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol, Sequence
 
 from fluxgate.errors import HistoryError
-from fluxgate.storing.record import REMEASURE, SCHEMA, Record, check_schema
+from fluxgate.storing import names
+from fluxgate.storing.record import REMEASURE, SCHEMA, Record, check_schema, update_to_2
+from fluxgate.storing.validate import check_environment
+from fluxgate.storing.verdicts import HistoryVerdict
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,25 @@ class Run:
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> Run:
-        """Read a run document. Raises HistoryError (one line naming `source`) when it is no run document or has an
-        unknown or missing schema."""
+        """Read a run document (a schema-1 one through `update_to_2`). A record of the wrong shape is skipped with a
+        UserWarning naming `source`, the combo and the field; the run's other records stay. Raises HistoryError (one
+        line naming `source`) when it is no run document, has an unknown, missing or newer schema, or a run id,
+        fingerprint or `merged_from` of the wrong shape."""
+        if isinstance(data, Mapping) and data.get("schema") is not None:
+            check_schema(data.get("schema"), source)  # a newer fluxgate's file says so, whatever its layout
         if not isinstance(data, Mapping) or not isinstance(data.get("records"), list):
             raise HistoryError(f"{source}: not a history run (a JSON object with a list of records)")
         check_schema(data.get("schema"), source)
-        merged_from = data.get("merged_from")
-        return cls(str(data.get("run_id", "")), data.get("environment") or {},
-                   tuple(Record.from_json(record, source) for record in data["records"]), str(data.get("started", "")),
-                   None if merged_from is None else tuple(merged_from))
+        if data["schema"] == 1:
+            data = update_to_2(data)
+        environment = data.get("environment") or {}
+        check_environment(environment, source)
+        run_id, merged_from = data.get("run_id"), data.get("merged_from")
+        names.check_run_id(run_id, f"{source}: field run_id")
+        if merged_from is not None and not (isinstance(merged_from, list) and all(map(names.is_name, merged_from))):
+            raise HistoryError(f"{source}: field merged_from: expected a list of run ids, got {str(merged_from)[:40]}")
+        return cls(run_id, environment, tuple(_readable_records(data["records"], source)),
+                   str(data.get("started", "")), None if merged_from is None else tuple(merged_from))
 
     def to_json(self) -> dict[str, Any]:
         """The run document: schema, run_id, started, environment, records (and merged_from for a merged run)."""
@@ -53,6 +67,24 @@ class Run:
     def readable(self) -> list[Record]:
         """The records as readers take them: each with the run's fingerprint unless it carries its own."""
         return [record.with_environment(self.environment) for record in self.records]
+
+
+def _readable_records(documents: list, source: str):
+    """The records of a run document that have the right shape; each other one skipped with a one-line warning."""
+    for document in documents:
+        try:
+            yield Record.from_json(document, source)
+        except HistoryError as error:
+            warnings.warn(f"{error}; record skipped", stacklevel=4)
+
+
+def holds_all_of(merged: Run, shard: Run) -> bool:
+    """`merged` holds every record of `shard` (each of `shard`'s combos, with `source_run_id` naming it) and `shard` is
+    not newer than `merged`: only then may readers skip `shard` as merged into it (nothing is lost). Run ids start
+    with their UTC start time to the second (`new_run_id`), and a merge makes its id after its shards ran."""
+    held = {record.combo for record in merged.records if record.source_run_id == shard.run_id}
+    combos = {record.combo for record in shard.records if record.outcome != REMEASURE}
+    return shard.run_id[:len(_TIME)] <= merged.run_id[:len(_TIME)] and combos <= held
 
 
 class RunWriter(Protocol):
@@ -77,6 +109,10 @@ class RunWriter(Protocol):
         """Add one combo's record (stamped with run id, schema and time) and persist the run; returns the stored
         record. Raises ValueError (a value JSON cannot hold) or OSError when it cannot be written; earlier records
         stay stored."""
+
+    def record_verdicts(self, verdicts: Mapping[str, HistoryVerdict]) -> None:
+        """Store each combo's verdict against history (combo id -> verdict) on its record and persist the run, once,
+        at the end of the run. Raises OSError when it cannot be written."""
 
 
 class HistoryStore(Protocol):
@@ -143,6 +179,9 @@ def stamped(record: Record, run_id: str) -> Record:
 def now() -> str:
     """UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_TIME = "20261130T083818Z"  # the time part of a run id, as long as it is
 
 
 def new_run_id() -> str:

@@ -40,11 +40,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
-from fluxgate.weights.headers import gguf_field, gguf_reader, read_safetensors_header
+from fluxgate.weights.headers import (
+    MAX_HEADER_BYTES,
+    SAFETENSORS_SUFFIXES,
+    missing,
+    read_gguf,
+    read_safetensors_header,
+)
+from fluxgate.weights.formats import (
+    PREFIXES,
+    COMFY_FORMATS,
+    comfy_layers,
+    fp8_scales,
+    foreign_quantization,
+    json_object,
+    legacy_scaled_fp8,
+)
+from fluxgate.weights.members import MEMBERS, Member, member_of
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 GGUF_Q8_0_COMPANIONS = {"F32", "F16", "BF16"}  # what stays high precision beside Q8_0 in a Q8_0 file
-COMFY_FORMATS = {"float8_e4m3fn": ("fp8-scaled", "comfy-mixed-fp8"), "nvfp4": ("nvfp4", "comfy-nvfp4")}
 # What each slot of the models file takes, as the one-line refusal says it.
 PRECISION_NEEDS = {
     "bf16": "bf16 weights (a safetensors file or a diffusers folder)",
@@ -56,10 +70,13 @@ PRECISION_NEEDS = {
 
 @dataclass(frozen=True)
 class Identity:
-    """A checkpoint's identification. `family`: "flux1", "flux2", "z-image" or None (unrecognised); `precision`: the
-    fluxgate precision it can fill ("bf16", "fp8-scaled", "gguf-q8_0", "nvfp4") or None; `layout`: the on-disk layout
-    (module docs); `prefix`: the key prefix its model's tensors carry ("" for none); `tensor_types`: tensor count per
-    dtype or GGUF type (the model's tensors only); `detail`: a short human description."""
+    """A checkpoint's identification. `family`: "flux1", "flux2", "z-image", "chroma" or None (unrecognised);
+    `precision`: the fluxgate precision it can fill ("bf16", "fp8-scaled", "gguf-q8_0", "nvfp4") or None; `layout`:
+    the on-disk layout (module docs); `prefix`: the key prefix its model's tensors carry ("" for none);
+    `tensor_types`: tensor count per dtype or GGUF type (the model's tensors only); `detail`: a short human
+    description; `member`: the family member (`members`: "flux1-dev", "flux1-schnell", "flux2-klein", ...), None
+    when the contents leave several `candidates`; `evidence`: what told the member; `structure`: block counts and
+    widths (`members.structure`)."""
 
     path: str
     family: str | None
@@ -68,23 +85,39 @@ class Identity:
     prefix: str = ""
     tensor_types: dict[str, int] = field(default_factory=dict)
     detail: str = ""
+    member: str | None = None
+    candidates: tuple[str, ...] = ()
+    evidence: str = ""
+    structure: dict = field(default_factory=dict)
+
+    def what(self) -> str:
+        """The member, else the family and the members its contents cannot tell apart."""
+        if self.member:
+            return self.member
+        if len(self.candidates) > 1:
+            return f"{self.family} ({' or '.join(self.candidates)}: the contents cannot tell them apart)"
+        return self.family or "unrecognised model"
 
     def describe(self) -> str:
-        family = self.family or "unrecognised model"
         precision = self.precision or "no fluxgate precision"
         prefix = f", keys under '{self.prefix}'" if self.prefix else ""
-        return f"{family}, {precision} ({self.layout}{prefix}{'; ' + self.detail if self.detail else ''})"
+        notes = "; ".join(n for n in (self.detail, self.evidence) if n)
+        return f"{self.what()}, {precision} ({self.layout}{prefix}{'; ' + notes if notes else ''})"
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-MODEL_FAMILY = {"flux1-dev": "flux1", "flux1-kontext-dev": "flux1", "flux2-dev": "flux2", "z-image-turbo": "z-image"}
+MODEL_FAMILY = {model: facts.family for model, facts in MEMBERS.items()}
 
 
 def family_of(keys: list[str]) -> str | None:
-    """The model family from tensor names (original BFL/Tongyi keys or diffusers keys, any prefix)."""
+    """The model family from tensor names (original BFL/Tongyi keys or diffusers keys, any prefix). Chroma keeps
+    FLUX.1's blocks but not its embedders: its `distilled_guidance_layer` makes it "chroma" (ComfyUI
+    comfy/model_detection.py)."""
     text = "\n".join(keys)
+    if "distilled_guidance_layer." in text:
+        return "chroma"
     if "double_stream_modulation" in text:
         return "flux2"  # FLUX.2 shares one modulation per stream (BFL and diffusers keys alike)
     if "cap_embedder" in text or "noise_refiner" in text or "context_refiner" in text:
@@ -106,20 +139,23 @@ def model_prefix(keys: list[str]) -> str:
 
 
 def identify(path: Path) -> Identity:
-    """Identify the checkpoint at `path` (a .safetensors or .gguf file, or a diffusers folder).
+    """Identify the checkpoint at `path` (a .safetensors / .sft or .gguf file, or a diffusers folder).
 
-    Raises FixtureError, one line naming the path, for a missing path, an index json or a single shard of a
-    sharded folder (give the folder), and an unreadable, truncated, damaged or unknown file."""
+    Raises FixtureError, one line naming the path, for a missing path (a dangling link named with its target), an
+    index json or a single shard of a sharded folder (give the folder), and an unreadable, truncated, damaged or
+    unknown file."""
     path = Path(path)
     if not path.exists():
-        raise FixtureError(f"{path}: not found")
+        raise FixtureError(f"{path}: {missing(path)}")
     if path.name.endswith(".index.json"):
         raise FixtureError(f"{path}: the index of a sharded diffusers folder; give the folder {path.parent} instead")
     if path.suffix == ".safetensors" and "-of-" in path.stem and any(path.parent.glob("*.safetensors.index.json")):
         raise FixtureError(f"{path}: one shard of a sharded diffusers folder; give the folder {path.parent} instead")
-    reader = _folder if path.is_dir() else {".gguf": _gguf, ".safetensors": _safetensors}.get(path.suffix)
+    readers = {".gguf": _gguf, **{suffix: _safetensors for suffix in SAFETENSORS_SUFFIXES}}
+    reader = _folder if path.is_dir() else readers.get(path.suffix)
     if reader is None:
-        raise FixtureError(f"{path}: not a checkpoint fluxgate reads (.safetensors, .gguf or a diffusers folder)")
+        raise FixtureError(f"{path}: not a checkpoint fluxgate reads (.safetensors, .sft, .gguf or a diffusers "
+                           "folder)")
     try:
         return reader(path)
     except FixtureError:
@@ -127,45 +163,6 @@ def identify(path: Path) -> Identity:
     except Exception as error:  # noqa: BLE001 - header parsers fail in many ways on a damaged file
         raise FixtureError(f"{path}: cannot identify it ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:200]})") from None
-
-
-def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, str], str]:
-    """The model's ComfyUI-quantized linears: {layer name without `prefix`: format}, and where they are marked
-    ("_quantization_metadata", "comfy_quant tensors", both, or "" for none), as ComfyUI's `convert_old_quants` reads
-    them. A listed layer is the model's when `<prefix><layer>.weight` is a tensor of the file; names in the metadata
-    may carry the prefix (or another of PREFIXES) or not. Raises FixtureError naming the file for a marker that is not
-    ComfyUI's JSON, and for markers that name no tensor of the file (its layers could not be told from ModelOpt's)."""
-    listed: dict[str, str] = {}
-    sources = []
-    if "_quantization_metadata" in metadata:
-        try:
-            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
-            listed.update({name: str((conf or {}).get("format")) for name, conf in layers.items()})
-        except (ValueError, AttributeError) as error:
-            raise FixtureError(f"{path}: unreadable _quantization_metadata ({error})") from None
-        sources.append("_quantization_metadata")
-    markers = [key for key in header if key.endswith(".comfy_quant")]
-    if markers:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            for key in markers:
-                try:
-                    listed[key.removesuffix(".comfy_quant")] = str(json.loads(bytes(handle.get_tensor(key).tolist()))
-                                                                   .get("format"))
-                except (ValueError, AttributeError) as error:
-                    raise FixtureError(f"{path}: {key} is not ComfyUI's JSON marker ({error})") from None
-        sources.append("comfy_quant tensors")
-    own = {}
-    for name, fmt in listed.items():
-        bare = [name.removeprefix(p) for p in (prefix, *PREFIXES) if name.startswith(p)] + [name]
-        layer = next((b for b in bare if f"{prefix}{b}.weight" in header), None)
-        if layer is not None:
-            own[layer] = fmt
-    if listed and not own and not any(f"{name}.weight" in header for name in listed):  # others: a VAE's, an encoder's
-        raise FixtureError(f"{path}: its {' and '.join(sources)} list {len(listed)} quantized layers, e.g. "
-                           f"'{next(iter(listed))}', but name none of its tensors")
-    return own, " and ".join(sources)
 
 
 def _safetensors(path: Path) -> Identity:
@@ -176,12 +173,18 @@ def _safetensors(path: Path) -> Identity:
     dtypes = Counter(str(entry.get("dtype")) for entry in model.values())
     ignored = len(header) - len(model)
     family = family_of(keys)
+    config = json_object(metadata.get("config"))  # nunchaku's merge_safetensors.py stores the diffusers config
+    found = member_of(family, {key: tuple(entry["shape"]) for key, entry in model.items()}, metadata,
+                      config.get("guidance_embeds"))
 
     def identity(precision, layout, detail=""):
         left_out = f"{ignored} tensors outside '{prefix}' (VAE, text encoders) left out" if ignored else ""
         notes = "; ".join(note for note in (detail, left_out) if note)
-        return Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes)
+        return _with_member(Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes), found)
 
+    foreign = foreign_quantization(model, metadata)
+    if foreign:
+        return identity(None, *foreign)
     layers, marked_by = comfy_layers(path, header, metadata, prefix)
     if layers:
         formats = Counter(layers.values())
@@ -189,17 +192,18 @@ def _safetensors(path: Path) -> Identity:
             return identity(*COMFY_FORMATS[next(iter(formats))],
                             f"{len(layers)} layers marked {next(iter(formats))} in {marked_by}")
         return identity(None, "comfy-mixed", "layers: " + ", ".join(f"{n}x {f}" for f, n in formats.most_common()))
-    if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
-        return identity("fp8-scaled", "comfy-scaled-fp8")
     weights = {key: entry for key, entry in model.items()
                if key.endswith(".weight") and len(entry.get("shape", ())) == 2}
+    if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
+        return identity(*legacy_scaled_fp8(model, weights))
     weight_dtypes = Counter(str(entry["dtype"]) for entry in weights.values())
     if weight_dtypes.get("U8") and any(key.endswith(".weight_scale_2") for key in keys):
         return identity("nvfp4", "modelopt-nvfp4", f"{weight_dtypes['U8']} packed E2M1 weights")
     if weight_dtypes.get("F8_E4M3"):
-        return identity(*_fp8_scales(model, [key for key, entry in weights.items() if entry["dtype"] == "F8_E4M3"]))
+        return identity(*fp8_scales(model, [key for key, entry in weights.items() if entry["dtype"] == "F8_E4M3"]))
     if weight_dtypes.get("F8_E5M2"):
-        return identity(None, "fp8-e5m2")
+        return identity(None, "fp8-e5m2", f"{weight_dtypes['F8_E5M2']} e5m2 weights (a plain cast, Kijai's "
+                        "flux-fp8 e5m2 files); fluxgate's fp8 slot runs e4m3 with scales")
     plain = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
     if weight_dtypes and set(weight_dtypes) <= set(plain):
         dominant = weight_dtypes.most_common(1)[0][0]
@@ -207,32 +211,22 @@ def _safetensors(path: Path) -> Identity:
     return identity(None, "unknown", "weights: " + ", ".join(f"{n}x {d}" for d, n in weight_dtypes.items()))
 
 
-def _fp8_scales(model: dict[str, dict], fp8_weights: list[str]) -> tuple[str | None, str, str]:
-    """(precision, layout, detail) of unmarked e4m3 weights, from their `weight_scale` shapes: per row `[N]` is
-    `bfl-fp8`; one fp32 number each is `scalar-scale-fp8` (ModelOpt's FP8 export, ComfyUI fp8 without its markers;
-    value = e4m3 x scale either way); no scale at all (a plain cast) or a mix fills no slot."""
-    scales = [model.get(key.removesuffix(".weight") + ".weight_scale") for key in fp8_weights]
-    shapes = [tuple(scale.get("shape", ())) if scale else None for scale in scales]
-    if all(shape is not None and len(shape) == 1 and shape[0] > 1 for shape in shapes):
-        return "fp8-scaled", "bfl-fp8", f"{len(scales)} e4m3 weights, per-row scales"
-    if all(shape is not None and math.prod(shape) == 1 and scale.get("dtype") == "F32"
-           for shape, scale in zip(shapes, scales)):
-        return "fp8-scaled", "scalar-scale-fp8", f"{len(scales)} e4m3 weights, one fp32 scale each, no ComfyUI marker"
-    if all(shape is None for shape in shapes):
-        return None, "fp8-unscaled", f"{len(scales)} e4m3 weights without a weight_scale (a plain cast)"
-    return None, "fp8-mixed-scales", f"{len(scales)} e4m3 weights, weight_scale shapes {sorted(set(map(str, shapes)))}"
+def _with_member(identity: Identity, found: Member) -> Identity:
+    from dataclasses import replace
+
+    return replace(identity, member=found.name, candidates=found.candidates, evidence=found.evidence,
+                   structure=found.structure)
 
 
 def _gguf(path: Path) -> Identity:
     import gguf
 
-    reader = gguf_reader(path)
-    arch = gguf_field(reader, "general.architecture")
-    file_type = gguf_field(reader, "general.file_type")
-    prefix = model_prefix([tensor.name for tensor in reader.tensors])
-    tensors = [tensor for tensor in reader.tensors if tensor.name.startswith(prefix)]
-    types = Counter(tensor.tensor_type.name for tensor in tensors)
-    weight_types = Counter(tensor.tensor_type.name for tensor in tensors
+    index = read_gguf(path)  # bounded: a hostile header is one line before gguf-py sees it
+    arch, file_type = index.fields.get("general.architecture"), index.fields.get("general.file_type")
+    prefix = model_prefix([tensor.name for tensor in index.tensors])
+    tensors = [tensor for tensor in index.tensors if tensor.name.startswith(prefix)]
+    types = Counter(tensor.type_name for tensor in tensors)
+    weight_types = Counter(tensor.type_name for tensor in tensors
                            if len(tensor.shape) >= 2 and tensor.name.endswith(".weight"))
     quantized = Counter({t: n for t, n in weight_types.items() if t not in GGUF_Q8_0_COMPANIONS})
     if set(quantized) == {"Q8_0"}:
@@ -242,38 +236,81 @@ def _gguf(path: Path) -> Identity:
     names = {t.value: t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
     kind = f", file type {names.get(file_type, file_type)}" if file_type is not None else ""
     detail = f"arch {arch or 'none (sd.cpp)'}{kind}, " + ", ".join(f"{n}x {t}" for t, n in types.most_common())
-    return Identity(str(path), family_of([t.name for t in tensors]), precision, layout, prefix, dict(types), detail)
+    family = family_of([t.name for t in tensors])
+    shapes = {t.name[len(prefix):]: t.shape for t in tensors}
+    return _with_member(Identity(str(path), family, precision, layout, prefix, dict(types), detail),
+                        member_of(family, shapes))
+
+
+def model_shards(path: Path) -> list[Path]:
+    """The weight files of a diffusers model folder (`save_pretrained`): those its `*.safetensors.index.json`
+    names, else `diffusion_pytorch_model.safetensors`; [] for any other folder (a folder of single-file
+    checkpoints beside a config.json is none). Raises FixtureError for an index that cannot be read or names a
+    shard that is not there."""
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if not indexes:
+        single = path / "diffusion_pytorch_model.safetensors"
+        return [single] if single.is_file() else []
+    index = indexes[0]
+    if index.stat().st_size > MAX_HEADER_BYTES:
+        raise FixtureError(f"{index}: an index of {index.stat().st_size} bytes; fluxgate reads at most "
+                           f"{MAX_HEADER_BYTES}")
+    weight_map = json_object(index.read_text(errors="replace")).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FixtureError(f"{index}: not a diffusers index (no weight_map)")
+    shards = [path / name for name in sorted(set(map(str, weight_map.values())))]
+    absent = [shard.name for shard in shards if not shard.is_file() or shard.parent != path]
+    if absent:
+        raise FixtureError(f"{index}: names shard {absent[0]}, which is not in {path} ({len(absent)} missing)")
+    return shards
 
 
 def is_model_folder(path: Path) -> bool:
-    """A diffusers model folder: `config.json` beside one or more safetensors shards."""
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    """A diffusers model folder: a diffusers `config.json` beside the weight files `model_shards` finds."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return False
+    try:
+        return "_class_name" in json_object((path / "config.json").read_text()) and bool(model_shards(path))
+    except (OSError, FixtureError):
+        return True  # a model folder whose index is damaged: identify says why
 
 
 def _folder(path: Path) -> Identity:
-    shards = sorted(path.glob("*.safetensors"))
     if not is_model_folder(path):
-        raise FixtureError(f"{path}: a folder, but not a diffusers model folder (needs config.json and *.safetensors)"
-                           "; give a checkpoint file or a transformer/ folder")
+        raise FixtureError(f"{path}: a folder, but not a diffusers model folder (needs a diffusers config.json and "
+                           "diffusion_pytorch_model*.safetensors); give a checkpoint file or a transformer/ folder")
+    shards = model_shards(path)
     headers = [read_safetensors_header(shard)[0] for shard in shards]
     keys = [key for header in headers for key in header]
     dtypes = Counter(str(entry.get("dtype")) for header in headers for entry in header.values())
     weight_dtypes = Counter(str(entry.get("dtype")) for header in headers for key, entry in header.items()
                             if key.endswith(".weight") and len(entry.get("shape", ())) == 2)
     dominant = weight_dtypes.most_common(1)[0][0] if weight_dtypes else "?"
-    return Identity(str(path), family_of(keys), "bf16" if dominant == "BF16" else None, "diffusers-folder",
-                    model_prefix(keys), dict(dtypes), f"{len(shards)} shard(s), weights {dominant}")
+    config = json_object((path / "config.json").read_text())
+    pipeline = path.parent / "model_index.json"
+    pipeline_class = json_object(pipeline.read_text()).get("_class_name") if pipeline.is_file() else None
+    family = family_of(keys)
+    shapes = {key: tuple(entry["shape"]) for header in headers for key, entry in header.items()}
+    found = member_of(family, shapes, None, config.get("guidance_embeds"), pipeline_class)
+    return _with_member(Identity(str(path), family, "bf16" if dominant == "BF16" else None, "diffusers-folder",
+                                 model_prefix(keys), dict(dtypes), f"{len(shards)} shard(s), weights {dominant}"),
+                        found)
 
 
 def check_slot(identity: Identity, model: str, precision: str) -> None:
     """Refuse a checkpoint that is not what its slot in the models file says (`model`, `precision`): FixtureError,
-    one line naming the file, what it is and what the slot needs. Nothing is measured under a wrong label."""
+    one line naming the file, what it is and what the slot needs. Nothing is measured under a wrong label. A file
+    whose contents cannot tell `model` from a relative (`Identity.candidates`) is taken on the models file's word."""
     wanted = MODEL_FAMILY.get(model)
     problems = []
     if identity.precision != precision:
         problems.append(f"the {precision} slot needs {PRECISION_NEEDS.get(precision, precision)}")
     if identity.family is not None and wanted is not None and identity.family != wanted:
         problems.append(f"the {model} slot needs a {wanted} model")
+    elif identity.member and identity.member != model and wanted is not None:
+        problems.append(f"it is {identity.member} ({identity.evidence or 'its contents'}), not {model}")
+    elif not identity.member and identity.candidates and model not in identity.candidates:
+        problems.append(f"it is one of {', '.join(identity.candidates)}, not {model}")
     if identity.family is None and identity.precision is not None:
         problems.append("its tensor names match none of flux1, flux2, z-image")
     if problems:

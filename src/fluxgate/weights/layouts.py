@@ -7,7 +7,9 @@ of what was changed. Each adapter is the smallest mapping for its layout (`fluxg
   tensors outside it (VAE, text encoders) are left out.
 - `comfy-scaled-fp8` (legacy), `comfy-mixed-fp8` and `scalar-scale-fp8`: e4m3 weights with ONE fp32 scale per tensor (`scale_weight`
   or a scalar `weight_scale`) -> diffusers' BFL fp8r layout, whose `weight_scale` is per row `[N]`: the scalar is
-  repeated for every row (exact: the same number). `input_scale` / `scale_input` (static activation scaling) has no
+  repeated for every row (exact: the same number). convert_to_quant's row-wise fp8 (`comfy-rowwise-fp8`:
+  `weight_scale` [N] marked `float8_e4m3fn_rowwise`; `comfy-scaled-fp8-rowwise`: legacy `scale_weight` [N] beside
+  `scaled_fp8`) already holds fp8r's numbers: renamed to `weight_scale`, markers dropped. `input_scale` / `scale_input` (static activation scaling) has no
   counterpart in fp8r and is dropped; ComfyUI's `comfy_quant` markers are dropped.
 - `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads), for the layers the header's
   `_quantization_metadata` or `comfy_quant` tensors mark (`identify.comfy_layers`, as ComfyUI's `convert_old_quants`):
@@ -22,6 +24,8 @@ of what was changed. Each adapter is the smallest mapping for its layout (`fluxg
   Z-Image's `x_pad_token` / `cap_pad_token`, `[1, dim]` in the model, come back to that shape when stored flattened
   `[dim]` (llama.cpp's quantize writes `ggml_n_dims` dimensions, dropping the trailing 1; city96's tools/lcpp.patch
   leaves lumina2's non-2-D tensors unquantized).
+- BFL's `.sft` files (safetensors under another extension, which diffusers' loader would hand to torch.load): read
+  with safetensors and given as a state dict.
 Everything else is passed to diffusers as the file it is. Any failure reading the tensors is a FixtureError naming the
 file.
 """
@@ -34,7 +38,8 @@ import torch
 
 from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import read_safetensors_header
-from fluxgate.weights.identify import Identity, comfy_layers
+from fluxgate.weights.formats import comfy_layers
+from fluxgate.weights.identify import Identity
 
 NVFP4_BLOCK = 16
 
@@ -80,19 +85,25 @@ def comfy_nvfp4_to_modelopt(state_dict: dict, layers, path: Path) -> tuple[dict,
     return out, missing_input_scale
 
 
-def per_tensor_fp8_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
-    """e4m3 weights with one fp32 scale per tensor (`scale_weight` or a scalar `weight_scale`) -> fp8r per-row
-    `weight_scale` `[N]`; static activation scales and ComfyUI markers dropped. Returns it and the linears changed."""
+def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
+    """e4m3 weights with one fp32 scale per tensor or per row (`scale_weight` or `weight_scale`, `[]`, `[1]` or
+    `[N]`) -> fp8r's `weight_scale` `[N]` fp32 (a scalar repeated per row); static activation scales and ComfyUI
+    markers dropped. Returns it and the linears changed. Raises FixtureError naming the tensor for a scale of
+    another shape or without an e4m3 weight."""
     out, changed = {}, 0
     for key, value in state_dict.items():
         if key == "scaled_fp8" or key.endswith((".comfy_quant", ".scale_input", ".input_scale")):
             continue
-        if key.endswith((".scale_weight", ".weight_scale")) and value.numel() == 1:
+        if key.endswith((".scale_weight", ".weight_scale")):
             layer = key.rsplit(".", 1)[0]
             weight = state_dict.get(f"{layer}.weight")
             if weight is None or weight.dtype != torch.float8_e4m3fn:
-                raise FixtureError(f"{path}: {key} is a per-tensor scale without an e4m3 `{layer}.weight`")
-            out[f"{layer}.weight_scale"] = value.float().reshape(()).expand(weight.shape[0]).contiguous()
+                raise FixtureError(f"{path}: {key} is an fp8 scale without an e4m3 `{layer}.weight`")
+            rows = weight.shape[0]
+            if value.numel() != 1 and tuple(value.shape) != (rows,):
+                raise FixtureError(f"{path}: {key} has shape {list(value.shape)}; an fp8 scale is one number or "
+                                   f"one per row ([{rows}])")
+            out[f"{layer}.weight_scale"] = value.float().reshape(-1).expand(rows).contiguous()
             changed += 1
             continue
         out[key] = value
@@ -135,7 +146,7 @@ def _model_part(state_dict: dict, prefix: str) -> tuple[dict, int]:
 
 def _load(path: Path) -> dict:
     if path.suffix == ".gguf":
-        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint  # after identify's bounded read
 
         return load_gguf_checkpoint(str(path))
     from safetensors.torch import load_file
@@ -143,14 +154,14 @@ def _load(path: Path) -> dict:
     return load_file(str(path))
 
 
-PER_TENSOR_FP8 = ("comfy-scaled-fp8", "comfy-mixed-fp8", "scalar-scale-fp8")
+SCALED_FP8 = ("comfy-scaled-fp8", "comfy-mixed-fp8", "scalar-scale-fp8", "comfy-rowwise-fp8", "comfy-scaled-fp8-rowwise")
 
 
 def adapt(identity: Identity, path: Path) -> tuple[Path | dict, str]:
     """What to hand diffusers' `from_single_file` for this checkpoint, and a note of any change made (module docs).
     Raises FixtureError, one line naming the file, for tensors that cannot be read or do not fit their layout."""
     path = Path(path)
-    if not (identity.prefix or identity.layout in (*PER_TENSOR_FP8, "comfy-nvfp4") or path.suffix == ".gguf"):
+    if not (identity.prefix or identity.layout in (*SCALED_FP8, "comfy-nvfp4") or path.suffix != ".safetensors"):
         return path, "checkpoint file -> from_single_file"
     try:
         return _adapted(identity, path)
@@ -169,9 +180,9 @@ def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
     if path.suffix == ".gguf":
         state_dict, notes = gguf_plain_tensors(state_dict)
         changes += notes
-    if identity.layout in PER_TENSOR_FP8:
-        state_dict, count = per_tensor_fp8_to_fp8r(state_dict, path)
-        changes.append(f"{identity.layout} -> fp8r: {count} per-tensor scales repeated per row")
+    if identity.layout in SCALED_FP8:
+        state_dict, count = fp8_scales_to_fp8r(state_dict, path)
+        changes.append(f"{identity.layout} -> fp8r: {count} scales as per-row weight_scale")
     elif identity.layout == "comfy-nvfp4":
         header, metadata = read_safetensors_header(path)
         layers, _ = comfy_layers(path, header, metadata, identity.prefix)
@@ -181,5 +192,6 @@ def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
         if missing:
             changes.append(f"{missing} linears had no input_scale (ComfyUI scales activations at run time): 1.0 given, "
                            "read only by FP4 GEMMs")
-    return state_dict, "; ".join(changes or ["GGUF tensors as they are"]) + " -> from_single_file"
+    as_is = "GGUF tensors as they are" if path.suffix == ".gguf" else f"{path.suffix} read as safetensors"
+    return state_dict, "; ".join(changes or [as_is]) + " -> from_single_file"
 

@@ -15,7 +15,7 @@ import torch
 from fluxgate.errors import FixtureError
 from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
 from fluxgate.precisions.spec import StateDict
-from fluxgate.weights.headers import gguf_problem, gguf_reader, safetensors_problem
+from fluxgate.weights.headers import gguf_problem, read_gguf, safetensors_problem
 
 
 def load_transformer(precision: PrecisionSpec, transformer_class: type, checkpoint: Path | StateDict,
@@ -65,11 +65,11 @@ def file_problem(path: Path) -> str | None:
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
     readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *SUPPORTED_GGUF_QUANT_TYPES}
-    unsupported = [tensor for tensor in gguf_reader(path).tensors if tensor.tensor_type not in readable]
+    unsupported = [tensor for tensor in read_gguf(path).tensors if tensor.type_id not in {t.value for t in readable}]
     if unsupported:
         first = unsupported[0]
         return (f"{len(unsupported)} tensor(s) in a GGUF type diffusers cannot dequantize, e.g. {first.name} is "
-                f"{first.tensor_type.name}; it reads {', '.join(sorted(t.name for t in readable))}")
+                f"{first.type_name}; it reads {', '.join(sorted(t.name for t in readable))}")
     return None
 
 

@@ -20,6 +20,7 @@ from fluxgate.models import ModelSpec
 from fluxgate.precisions import DTYPE
 from fluxgate.precisions.spec import first_nonfinite
 from fluxgate.weights import identify, layouts
+from fluxgate.weights.headers import missing
 from fluxgate.weights.loading import load_transformer
 
 
@@ -53,6 +54,8 @@ class RealSource:
                             f"[{combo.model}.checkpoints] {combo.precision} = {{ path = ... }}")
         raw = checkpoint["path"].replace("$FLUXGATE_MODELS", os.environ.get("FLUXGATE_MODELS", "~/models"))
         path = Path(os.path.expanduser(os.path.expandvars(raw)))
+        if path.is_symlink() and not path.exists():
+            raise FixtureError(f"{path}: {missing(path)}; mount it or fix the link named in {self.models_file}")
         if not path.exists():
             how = checkpoint.get("source", "see fixtures/models.toml")
             raise SkipCombo(f"{combo.id}: real checkpoint {path} not found; get it from {how} and set its path in "
@@ -60,6 +63,7 @@ class RealSource:
         found = identify.identify(path)  # FixtureError for an index json, one shard, an unreadable or damaged file
         identify.check_slot(found, combo.model, combo.precision)  # nothing is measured under a label it does not carry
         model, precision = combo.model_spec, combo.precision_spec
+        self._check_structure(found, model)
         if found.layout == "diffusers-folder":
             transformer, how_loaded = _from_folder(model.builder.transformer_class, path, device), "diffusers folder"
         else:
@@ -67,12 +71,35 @@ class RealSource:
             transformer = load_transformer(precision, model.builder.transformer_class, loadable,
                                            self._pipeline(model), device, config_subfolder="transformer",
                                            name=str(path))
-        bad = first_nonfinite([*transformer.named_parameters(), *transformer.named_buffers()])
+        bad = first_nonfinite([*transformer.named_parameters(), *transformer.named_buffers()]) or nonfinite_gguf(
+            transformer)
         if bad:
             raise FixtureError(f"{path}: {bad[0]} holds {bad[1]} NaN/Inf values (of {bad[2]})")
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
         return transformer, {"path": how_loaded, "file": str(path), "size_bytes": size,
                              "identity": found.to_json(), "sha256": identify.sha256(path)}
+
+    def _check_structure(self, found: identify.Identity, model: ModelSpec) -> None:
+        """Refuse a file whose blocks or guidance embedder differ from the slot's model config (the pipeline's
+        transformer/config.json): a relative or a block-pruned variant of the model, one line saying what differs.
+        Nothing to compare when the pipeline is not here yet (its combo is skipped later, saying so)."""
+        try:
+            config = _transformer_config(self._pipeline(model))
+        except SkipCombo:
+            return
+        have = found.structure
+        if not have or not config:
+            return
+        wants = {"double_blocks": config.get("num_layers"), "single_blocks": config.get("num_single_layers"),
+                 "guidance_embedder": config.get("guidance_embeds")}
+        differ = [key for key, want in wants.items() if None not in (want, have.get(key)) and have[key] != want]
+        if differ:
+            def says(facts):
+                guidance = "a guidance embedder" if facts["guidance_embedder"] else "no guidance embedder"
+                return f"{facts['double_blocks']} double + {facts['single_blocks']} single blocks and {guidance}"
+            raise FixtureError(f"{found.path}: is {found.what()} with {says(have)}; the {model.name} config of "
+                               f"{self._entry(model)['pipeline']} has {says(wants)} (a relative or a block-pruned "
+                               "variant)")
 
     def _pipeline(self, model: ModelSpec) -> str:
         """The model's pipeline folder or cached Hub id; SkipCombo, saying how to get it, when it is not here."""
@@ -104,6 +131,41 @@ def _from_folder(transformer_class: type, folder: Path, device: torch.device) ->
     except Exception as error:  # noqa: BLE001 - the loader raises many types; the user needs the folder and reason
         raise FixtureError(f"{folder}: cannot load the diffusers folder ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:200]})") from None
+
+
+def nonfinite_gguf(module: torch.nn.Module) -> tuple[str, int, int] | None:
+    """The first GGUF-quantized parameter whose dequantized values hold NaN or Inf: (name, how many, of how many),
+    else None. A NaN weight makes a Q8_0 block's fp16 scale NaN (gguf-py quants.py: d = max|x| / 127), which
+    `first_nonfinite`, reading floats only, cannot see in the packed bytes."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    for name, parameter in module.named_parameters():
+        if isinstance(parameter, GGUFParameter):
+            values = dequantize_gguf_tensor(parameter.detach())
+            count = int((~torch.isfinite(values)).sum())
+            if count:
+                return name, count, values.numel()
+    return None
+
+
+def _transformer_config(pipeline: str) -> dict:
+    """The pipeline's transformer/config.json (a local folder or the Hugging Face cache), {} when unreadable."""
+    import json
+
+    local = Path(pipeline).expanduser() / "transformer" / "config.json"
+    if not local.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(pipeline, "config.json", subfolder="transformer")
+        except ValueError:
+            return {}
+        local = Path(cached) if isinstance(cached, str) else local
+    try:
+        config = json.loads(local.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _pipeline_available(pipeline: str) -> bool:

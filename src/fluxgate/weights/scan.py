@@ -1,57 +1,96 @@
 """Point fluxgate at a folder: every checkpoint in it identified, and a models file the `real` profile runs as is.
 
-    python -m fluxgate.weights.scan DIR [--out models.toml]
+    python -m fluxgate.scan DIR [--out models.toml]
 
 DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cache. Files are identified from their
-contents (`fluxgate.weights.identify`), never from their names, except that FLUX.1-dev and FLUX.1-Kontext-dev share one
-architecture: a FLUX.1 file whose path says "kontext" (its name, or a folder such as an HF cache's
-`models--black-forest-labs--FLUX.1-Kontext-dev`) goes to flux1-kontext-dev. Pipeline folders (a
-`model_index.json`) found in DIR are used for their model; else the Hub id fluxgate's own models file names.
-For each slot the first file found wins; the others are listed.
+contents (`fluxgate.weights.identify`), down to the family member (`fluxgate.weights.members`): a relative of a
+fluxgate model (FLUX.1-schnell, FLUX.2 [klein], Chroma, a FLUX.1 Fill/Depth/Canny) fills no slot. Where the contents
+cannot tell two members apart (FLUX.1-dev and FLUX.1-Kontext-dev; Z-Image-Turbo and Z-Image), the tie is broken only
+by the published name in the file's path (`members.tie_break`), else the file is listed and left for the user to name.
+Pipeline folders (a `model_index.json`) found in DIR are used for the model their transformer is; else the Hub id
+fluxgate's own models file names. For each slot a file told by its contents wins over one placed by its path, then
+the first found; damaged and refused files are listed with the reason and never fill a slot.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
-from fluxgate.weights.identify import Identity, identify, is_model_folder
+from fluxgate.weights.headers import SAFETENSORS_SUFFIXES
+from fluxgate.weights.identify import Identity, identify, is_model_folder, model_shards
+from fluxgate.weights.members import MEMBERS, tie_break
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[3] / "fixtures" / "models.toml"
-PIPELINE_CLASSES = {"FluxPipeline": "flux1-dev", "FluxKontextPipeline": "flux1-kontext-dev",
-                    "Flux2Pipeline": "flux2-dev", "ZImagePipeline": "z-image-turbo"}
-FAMILY_MODEL = {"flux2": "flux2-dev", "z-image": "z-image-turbo"}
+COMMAND = "python -m fluxgate.scan"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where scan puts a file: `model` (None: no slot) and why, in words (`how`: how the model was told, or why
+    none; `by_path`: True when only the path's published name broke a tie)."""
+
+    model: str | None
+    how: str
+    by_path: bool = False
+
+
+def place(identity: Identity) -> Placement:
+    """The fluxgate model a checkpoint fills, from its member (module docs)."""
+    if identity.member in MEMBERS:
+        return Placement(identity.member, "")
+    if identity.member:
+        return Placement(None, f"{identity.member} is a relative fluxgate has no slot for")
+    if len(identity.candidates) > 1:
+        chosen = tie_break(identity.candidates, identity.path)
+        if chosen in MEMBERS:
+            return Placement(chosen, f"the contents fit {' and '.join(identity.candidates)}; its path names {chosen}",
+                             by_path=True)
+        return Placement(None, f"the contents cannot tell {' from '.join(identity.candidates)}; name it under the "
+                               "model it is in the models file")
+    return Placement(None, "no fluxgate model")
 
 
 def model_of(identity: Identity) -> str | None:
-    """The fluxgate model a checkpoint fills (module docs), None for an unrecognised family."""
-    if identity.family == "flux1":
-        return "flux1-kontext-dev" if "kontext" in str(identity.path).lower() else "flux1-dev"
-    return FAMILY_MODEL.get(identity.family or "")
+    """The fluxgate model a checkpoint fills (`place`), None when it fills none."""
+    return place(identity).model
 
 
 def candidates(root: Path) -> list[Path]:
-    """Checkpoint files and diffusers model folders under `root`, sorted; shards and index files of a folder are
-    represented by the folder, and of a pipeline folder only its transformer/ is one."""
+    """Checkpoint files (.safetensors, .sft, .gguf; dangling links too, so they are named) and diffusers model
+    folders under `root`, sorted; the weight files of a model folder are represented by the folder, and of a pipeline
+    folder only its transformer/ is one. A config.json beside single-file checkpoints makes no model folder."""
     found = []
     for path in sorted(root.rglob("*")):
-        if is_model_folder(path):
-            if path.name == "transformer" or not (path.parent / "model_index.json").is_file():
+        if path.is_dir():
+            if is_model_folder(path) and (path.name == "transformer"
+                                          or not (path.parent / "model_index.json").is_file()):
                 found.append(path)  # a pipeline's text encoders and VAE are no checkpoints of the matrix
-        elif path.is_file() and path.suffix in (".safetensors", ".gguf") and not (path.parent / "config.json").is_file():
+        elif path.suffix in (*SAFETENSORS_SUFFIXES, ".gguf") and not _folder_weight(path):
             found.append(path)
     return found
 
 
+def _folder_weight(path: Path) -> bool:
+    if not is_model_folder(path.parent):
+        return False
+    try:
+        return path in model_shards(path.parent)
+    except FixtureError:
+        return True
+
+
 def pipelines(root: Path) -> dict[str, Path]:
-    """model -> the first diffusers pipeline folder under `root` whose model_index.json names its pipeline class."""
+    """model -> the first diffusers pipeline folder under `root` whose transformer is that model (identified like any
+    checkpoint: a FLUX.1-schnell pipeline is no FLUX.1-dev pipeline)."""
     found: dict[str, Path] = {}
     for index in sorted(root.rglob("model_index.json")):
         try:
-            model = PIPELINE_CLASSES.get(json.loads(index.read_text()).get("_class_name", ""))
-        except (OSError, ValueError):
+            model = model_of(identify(index.parent / "transformer"))
+        except FixtureError:
             continue
         if model:
             found.setdefault(model, index.parent)
@@ -60,19 +99,23 @@ def pipelines(root: Path) -> dict[str, Path]:
 
 def scan(root: Path) -> tuple[list[tuple[Path, Identity | str]], dict[str, dict[str, Path]]]:
     """Every candidate with its identity (or the one-line reason it could not be read), and the slots filled:
-    {model: {precision: path}}."""
+    {model: {precision: path}}, a file told by its contents before one placed by its path."""
     listed: list[tuple[Path, Identity | str]] = []
-    slots: dict[str, dict[str, Path]] = {}
-    for path in candidates(root):
+    ranked: dict[tuple[str, str], tuple[bool, int, Path]] = {}
+    for order, path in enumerate(candidates(root)):
         try:
             identity = identify(path)
         except FixtureError as error:
             listed.append((path, str(error)))
             continue
         listed.append((path, identity))
-        model = model_of(identity)
-        if model and identity.precision:
-            slots.setdefault(model, {}).setdefault(identity.precision, path)
+        placement = place(identity)
+        if placement.model and identity.precision:
+            slot = (placement.model, identity.precision)
+            ranked[slot] = min(ranked.get(slot, (True, order, path)), (placement.by_path, order, path))
+    slots: dict[str, dict[str, Path]] = {}
+    for (model, precision), (_, _, path) in sorted(ranked.items()):
+        slots.setdefault(model, {})[precision] = path
     return listed, slots
 
 
@@ -80,7 +123,7 @@ def models_toml(slots: dict[str, dict[str, Path]], found_pipelines: dict[str, Pa
                 defaults: Path = DEFAULT_MODELS_FILE) -> str:
     """The models file text for the filled slots (pipeline: a found folder, else the default file's Hub id)."""
     default = tomllib.loads(defaults.read_text()) if defaults.is_file() else {}
-    lines = ["# Written by `python -m fluxgate.weights.scan`: every checkpoint identified from its contents.", ""]
+    lines = [f"# Written by `{COMMAND}`: every checkpoint identified from its contents.", ""]
     for model, precisions in sorted(slots.items()):
         pipeline = found_pipelines.get(model) or default.get(model, {}).get("pipeline", "")
         lines += [f'["{model}"]', f"pipeline = {json.dumps(str(pipeline))}", f'["{model}".checkpoints]']

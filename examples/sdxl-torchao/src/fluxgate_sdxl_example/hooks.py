@@ -2,8 +2,8 @@
 one pytest option, `--sdxl-attention`.
 
 A UNet denoiser's attention runs through diffusers' attention processors; which one ran changes speed, so the choice
-is set on the pipeline before warm-up and timing (`fluxgate_prepare_pipeline`), recorded in the run's environment as
-`sdxl_attention` (`fluxgate_environment`) and declared comparable (`fluxgate_comparable_fields`): a run with another
+is set on the pipeline before warm-up and timing (`pytest_fluxgate_prepare_pipeline`), recorded in the run's environment as
+`sdxl_attention` (`pytest_fluxgate_environment`) and declared comparable (`pytest_fluxgate_comparable_fields`): a run with another
 processor is "not comparable" with this one in the history gate rather than a speed regression.
 
 Light at import (no torch, no diffusers): pytest loads this module when it starts.
@@ -41,7 +41,7 @@ def pytest_configure(config) -> None:
         _chosen["attention"] = value
 
 
-def fluxgate_prepare_pipeline(pipe, combo, device) -> None:
+def pytest_fluxgate_prepare_pipeline(pipe, combo, device) -> None:
     """Set the chosen attention processor on every attention layer of a UNet denoiser (other denoisers are left as
     they are: FLUX's and Z-Image's attention takes its own processors)."""
     if combo.model_spec.denoiser != "unet":
@@ -54,9 +54,9 @@ def fluxgate_prepare_pipeline(pipe, combo, device) -> None:
     pipe.unet.set_attn_processor(getattr(attention_processor, PROCESSORS[choice])())
 
 
-def fluxgate_environment(environment: dict, device) -> None:
+def pytest_fluxgate_environment(environment: dict, device) -> None:
     environment[ATTENTION_FIELD] = attention()
 
 
-def fluxgate_comparable_fields() -> list[str]:
+def pytest_fluxgate_comparable_fields() -> list[str]:
     return [ATTENTION_FIELD]

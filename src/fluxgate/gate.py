@@ -18,7 +18,8 @@ from PIL import Image
 from fluxgate.errors import FluxgateError, SkipCombo
 from fluxgate.judging import baselines, similarity, spread, tripwire
 from fluxgate.matrix import Combo
-from fluxgate.measuring import flops, stats
+from fluxgate import stats
+from fluxgate.measuring import flops
 from fluxgate.measuring.measure import Measurement
 from fluxgate.measuring.memory import OutOfMemory
 from fluxgate.measuring.runner import Runner
@@ -257,20 +258,6 @@ class Gate:
                 self.history.append(Record(**self._identity(combo), outcome=REMEASURE, verdict=verdict.outcome,
                                            metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s)))
             judged.append(verdict)
+        # Written once, on the records: every reader shows these and never judges again.
+        self.history.record_verdicts({verdict.combo: verdict.stored(gating=confirm) for verdict in judged})
         return judged
-
-
-def verdicts_for_report(verdicts: list) -> dict[str, dict]:
-    """compare.Verdict list -> the mapping `publish.write_report(verdicts=...)` reads."""
-    from fluxgate.judging.compare import NO_CHANGE
-
-    table = {}
-    for verdict in verdicts:
-        speed, memory = verdict.metric("step_time_s"), verdict.metric("peak_mem_gib")
-        table[verdict.combo] = {
-            "verdict": verdict.outcome,
-            "message": "" if verdict.outcome == NO_CHANGE else verdict.message.removeprefix(f"{verdict.combo}: "),
-            "window_it_s": 1 / speed.window if speed and speed.window else None,
-            "window_peak_mem_gib": memory.window if memory else None,
-        }
-    return table

@@ -1,0 +1,132 @@
+"""The quantization markers a checkpoint carries, read from its header: ComfyUI's (`comfy_quant`,
+`_quantization_metadata`, legacy `scaled_fp8`), convert_to_quant's row-wise fp8, unmarked fp8 scale shapes, and the
+4-bit formats fluxgate has no slot for (nunchaku SVDQuant, AWQ). `identify` asks here; each function's docstring names
+the writer's source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from fluxgate.errors import FixtureError
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")  # ComfyUI / sd.cpp key prefixes
+# comfy_quant / _quantization_metadata format -> (precision, layout); "float8_e4m3fn_rowwise" is convert_to_quant's
+# (constants.py VALID_QUANT_FORMATS, formats/fp8_conversion.py): e4m3 with an fp32 `weight_scale` [N], fp8r's numbers
+COMFY_FORMATS = {"float8_e4m3fn": ("fp8-scaled", "comfy-mixed-fp8"), "nvfp4": ("nvfp4", "comfy-nvfp4"),
+                 "float8_e4m3fn_rowwise": ("fp8-scaled", "comfy-rowwise-fp8")}
+MAX_MARKER_BYTES = 1 << 16  # a comfy_quant marker is a JSON object of a few dozen bytes
+
+
+def json_object(text) -> dict:
+    """The JSON object in `text` (a metadata string), {} for anything else."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, str], str]:
+    """The model's ComfyUI-quantized linears: {layer name without `prefix`: format}, and where they are marked
+    ("_quantization_metadata", "comfy_quant tensors", both, or "" for none), as ComfyUI's `convert_old_quants` reads
+    them. A listed layer is the model's when `<prefix><layer>.weight` is a tensor of the file; names in the metadata
+    may carry the prefix (or another of PREFIXES) or not. Raises FixtureError naming the file for a marker that is not
+    ComfyUI's JSON, and for markers that name no tensor of the file (its layers could not be told from ModelOpt's)."""
+    listed: dict[str, str] = {}
+    sources = []
+    if "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+            listed.update({name: str((conf or {}).get("format")) for name, conf in layers.items()})
+        except (ValueError, AttributeError) as error:
+            raise FixtureError(f"{path}: unreadable _quantization_metadata ({error})") from None
+        sources.append("_quantization_metadata")
+    markers = [key for key in header if key.endswith(".comfy_quant")]
+    if markers:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            for key in markers:
+                begin, end = header[key]["data_offsets"]
+                if end - begin > MAX_MARKER_BYTES:
+                    raise FixtureError(f"{path}: {key} is a comfy_quant marker of {end - begin} bytes; ComfyUI's are "
+                                       f"a short JSON object (fluxgate reads at most {MAX_MARKER_BYTES})")
+                try:
+                    listed[key.removesuffix(".comfy_quant")] = str(json.loads(bytes(handle.get_tensor(key).tolist()))
+                                                                   .get("format"))
+                except (ValueError, AttributeError) as error:
+                    raise FixtureError(f"{path}: {key} is not ComfyUI's JSON marker ({error})") from None
+        sources.append("comfy_quant tensors")
+    own = {}
+    for name, fmt in listed.items():
+        bare = [name.removeprefix(p) for p in (prefix, *PREFIXES) if name.startswith(p)] + [name]
+        layer = next((b for b in bare if f"{prefix}{b}.weight" in header), None)
+        if layer is not None:
+            own[layer] = fmt
+    if listed and not own and not any(f"{name}.weight" in header for name in listed):  # others: a VAE's, an encoder's
+        raise FixtureError(f"{path}: its {' and '.join(sources)} list {len(listed)} quantized layers, e.g. "
+                           f"'{next(iter(listed))}', but name none of its tensors")
+    return own, " and ".join(sources)
+
+
+def foreign_quantization(model: dict[str, dict], metadata: dict) -> tuple[str, str] | None:
+    """(layout, detail) of 4-bit formats fluxgate runs no kernels for, by their own markers, else None.
+
+    nunchaku (nunchaku/models/linear.py, merge_safetensors.py): SVDQuant W4A4 linears `qweight` int8 [N, K/2] +
+    `wscales` (+ `smooth_factor`, low-rank `proj_down`/`proj_up`, saved as `smooth`/`lora_down`/`lora_up`), AWQ
+    W4A16 linears `qweight` int32 + `wscales` + `wzeros`; `__metadata__` `quantization_config` {"method":
+    "svdquant", "weight": {"dtype": "int4" | "fp4_e2m1_all"}, "rank": r}. Named as nunchaku's files are:
+    `svdq-int4_r32`, `svdq-fp4_r32`."""
+    qweights = [key.removesuffix(".qweight") for key in model if key.endswith(".qweight")]
+    if not qweights:
+        return None
+    svdq = [layer for layer in qweights if any(f"{layer}.{part}" in model for part in
+                                               ("smooth_factor", "smooth", "proj_down", "lora_down"))]
+    if not svdq:
+        return "awq-w4a16", f"{len(qweights)} AWQ W4A16 linears (qweight/wscales/wzeros); no fluxgate precision"
+    config = json_object(metadata.get("quantization_config"))
+    weight = config.get("weight") if isinstance(config.get("weight"), dict) else {}
+    kind = {"int4": "int4", "fp4_e2m1_all": "fp4"}.get(str(weight.get("dtype")))
+    if kind is None:
+        scales = model.get(f"{svdq[0]}.wscales", {})
+        kind = "fp4" if scales.get("dtype") == "F8_E4M3" else "int4"
+    down = model.get(f"{svdq[0]}.proj_down") or model.get(f"{svdq[0]}.lora_down") or {}
+    rank = config.get("rank") or (min(down["shape"]) if len(down.get("shape", ())) == 2 else "?")
+    return (f"nunchaku-svdq-{kind}_r{rank}", f"nunchaku SVDQuant W4A4 ({kind}, rank {rank}): {len(svdq)} linears as "
+            f"qweight/wscales and a low-rank branch, {len(qweights) - len(svdq)} AWQ W4A16; fluxgate runs no SVDQuant "
+            "kernels")
+
+
+def legacy_scaled_fp8(model: dict[str, dict], weights: dict[str, dict]) -> tuple[str | None, str, str]:
+    """(precision, layout, detail) of ComfyUI's legacy `scaled_fp8` naming (comfy/utils.py `convert_old_quants`):
+    `scale_weight` one fp32 number per tensor (ComfyUI), or one per row `[N]` (convert_to_quant
+    `--scaling_mode row` without `--comfy_quant`: formats/fp8_conversion.py) - fp8r's own numbers either way."""
+    scales = {key.removesuffix(".scale_weight"): tuple(entry["shape"]) for key, entry in model.items()
+              if key.endswith(".scale_weight")}
+    rows = {layer: weights.get(f"{layer}.weight", {}).get("shape", [None])[0] for layer in scales}
+    if all(math.prod(shape) == 1 for shape in scales.values()):
+        return "fp8-scaled", "comfy-scaled-fp8", f"{len(scales)} e4m3 weights, one scale_weight each"
+    if all(shape == (rows[layer],) for layer, shape in scales.items()):
+        return "fp8-scaled", "comfy-scaled-fp8-rowwise", f"{len(scales)} e4m3 weights, scale_weight per row"
+    return None, "fp8-mixed-scales", f"scale_weight shapes {sorted(set(map(str, scales.values())))}"
+
+
+def fp8_scales(model: dict[str, dict], fp8_weights: list[str]) -> tuple[str | None, str, str]:
+    """(precision, layout, detail) of unmarked e4m3 weights, from their `weight_scale` shapes: per row `[N]` is
+    `bfl-fp8`; one fp32 number each is `scalar-scale-fp8` (ModelOpt's FP8 export, ComfyUI fp8 without its markers;
+    value = e4m3 x scale either way); no scale at all (a plain cast) or a mix fills no slot."""
+    scales = [model.get(key.removesuffix(".weight") + ".weight_scale") for key in fp8_weights]
+    shapes = [tuple(scale.get("shape", ())) if scale else None for scale in scales]
+    if all(shape is not None and len(shape) == 1 and shape[0] > 1 for shape in shapes):
+        return "fp8-scaled", "bfl-fp8", f"{len(scales)} e4m3 weights, per-row scales"
+    if all(shape is not None and math.prod(shape) == 1 and scale.get("dtype") == "F32"
+           for shape, scale in zip(shapes, scales)):
+        return "fp8-scaled", "scalar-scale-fp8", f"{len(scales)} e4m3 weights, one fp32 scale each, no ComfyUI marker"
+    if all(shape is None for shape in shapes):
+        return None, "fp8-unscaled", f"{len(scales)} e4m3 weights without a weight_scale (a plain cast)"
+    return None, "fp8-mixed-scales", f"{len(scales)} e4m3 weights, weight_scale shapes {sorted(set(map(str, shapes)))}"
+
+

@@ -1,0 +1,132 @@
+"""Which member of a model family a checkpoint is, told from what its contents hold, never from its name.
+
+Facts per member (`MEMBERS`: fluxgate's models; `RELATIVES`: members fluxgate has no slot for), and their sources:
+- FLUX.1-dev carries a guidance embedder, FLUX.1-schnell none: BFL flux src/flux/util.py `configs` (`guidance_embed`
+  True for flux-dev, False for flux-schnell), so only dev files hold `guidance_in.*` (diffusers:
+  `time_text_embed.guidance_embedder.*`, config `guidance_embeds`); diffusers loaders/single_file_utils.py
+  `infer_diffusers_model_type` tells "flux-dev" from "flux-schnell" by `guidance_in.in_layer.bias` alone.
+- FLUX.1 Fill / Depth / Canny: `img_in` takes 384 / 128 channels while the output has 64 (`infer_diffusers_model_type`
+  "flux-fill", "flux-depth"); here: the image input wider than the output.
+- FLUX.1-Kontext-dev has FLUX.1-dev's tensors, names, shapes and config (diffusers `FluxKontextPipeline` runs the
+  same `FluxTransformer2DModel` config; neither `infer_diffusers_model_type` nor ComfyUI comfy/model_detection.py has
+  a Kontext case): only a pipeline folder's model_index.json (`FluxKontextPipeline`) or `modelspec.architecture`
+  metadata tells them apart.
+- Chroma (lodestones/Chroma) replaces the embedders and modulations with `distilled_guidance_layer` (ComfyUI
+  comfy/model_detection.py): family "chroma" (`identify.family_of`), never FLUX.1.
+- FLUX.2 [klein] has no guidance embedder (diffusers pipelines/flux2/pipeline_flux2_klein.py calls the transformer
+  with `guidance=None`; `Flux2KleinPipeline`), FLUX.2-dev has one; klein's blocks are fewer (4B: 5 + 20, 9B: 8 + 24,
+  dev: 8 + 48).
+- Z-Image-Turbo is distilled from Z-Image with the same architecture and tensors (Tongyi-MAI; `ZImagePipeline`
+  both): nothing in a file tells them apart.
+
+Where the contents leave more than one member, the answer says so (`Member.name` None, `candidates` all of them);
+`tie_break` then takes the member whose published name a path carries (`path_words`: flux1-kontext-dev.safetensors,
+z_image_turbo_bf16.safetensors, an HF cache's models--black-forest-labs--FLUX.1-dev), as README's "Real checkpoints"
+documents, and only when exactly one member's word is there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemberFacts:
+    """How a member is recognised. `guidance_embedder`: whether its files hold one (None: not a FLUX fact);
+    `pipelines`: model_index.json `_class_name`s of its pipeline; `path_words`: its published name's words (the
+    documented tie-break, lower case)."""
+
+    family: str
+    guidance_embedder: bool | None
+    pipelines: tuple[str, ...]
+    path_words: tuple[str, ...]
+
+
+# Keyed by fluxgate model name (the registry may take these over).
+MEMBERS = {
+    "flux1-dev": MemberFacts("flux1", True, ("FluxPipeline",), ("flux1-dev", "flux.1-dev")),
+    "flux1-kontext-dev": MemberFacts("flux1", True, ("FluxKontextPipeline",), ("kontext",)),
+    "flux2-dev": MemberFacts("flux2", True, ("Flux2Pipeline",), ("flux2-dev", "flux.2-dev")),
+    "z-image-turbo": MemberFacts("z-image", None, ("ZImagePipeline",), ("turbo",)),
+}
+RELATIVES = {
+    "flux1-schnell": MemberFacts("flux1", False, ("FluxPipeline",), ("schnell",)),
+    "flux2-klein": MemberFacts("flux2", False, ("Flux2KleinPipeline",), ("klein",)),
+    "z-image": MemberFacts("z-image", None, ("ZImagePipeline",), ()),
+    "chroma": MemberFacts("chroma", None, ("ChromaPipeline",), ("chroma",)),
+}
+CONDITIONED_FLUX1 = "flux1-fill/depth/canny"
+
+_DOUBLE = re.compile(r"(?:^|\.)(?:double_blocks|transformer_blocks)\.(\d+)\.")
+_SINGLE = re.compile(r"(?:^|\.)(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
+_IMAGE_IN = ("img_in.weight", "x_embedder.weight")
+_IMAGE_OUT = ("final_layer.linear.weight", "proj_out.weight")
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the contents say: `name` (a key of MEMBERS or RELATIVES, or CONDITIONED_FLUX1), None when they leave
+    several `candidates`; `evidence`: the facts that decided, in words; `structure`: block counts, guidance embedder,
+    image input/output widths."""
+
+    name: str | None
+    candidates: tuple[str, ...]
+    evidence: str
+    structure: dict
+
+
+def structure(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """A FLUX-type model's shape facts from its tensor names and shapes (BFL or diffusers keys): double and single
+    block counts, whether it holds a guidance embedder (None when it holds no timestep embedder either), the image
+    input and output widths (None when absent)."""
+    def count(pattern):
+        found = [int(m.group(1)) for key in shapes if (m := pattern.search(key))]
+        return max(found) + 1 if found else 0
+
+    image_in = next((shapes[k][1] for k in _IMAGE_IN if len(shapes.get(k, ())) == 2), None)
+    image_out = next((shapes[k][0] for k in _IMAGE_OUT if len(shapes.get(k, ())) == 2), None)
+    guidance = any("guidance_in." in k or "guidance_embedder." in k for k in shapes)
+    timestep = any("time_in." in k or "timestep_embedder." in k for k in shapes)
+    # no guidance embedder beside a timestep embedder is a fact; beside none, a part of a file says nothing
+    return {"double_blocks": count(_DOUBLE), "single_blocks": count(_SINGLE),
+            "guidance_embedder": guidance if guidance or timestep else None,
+            "image_in": image_in, "image_out": image_out}
+
+
+def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: dict | None = None,
+              guidance_embeds: bool | None = None, pipeline_class: str | None = None) -> Member:
+    """The member a checkpoint of `family` is (module docs), from its tensors' `shapes`, its safetensors
+    `metadata`, a folder config's `guidance_embeds` and its pipeline's model_index.json `pipeline_class`."""
+    facts = structure(shapes) if family in ("flux1", "flux2") else {}
+    everyone = {**MEMBERS, **RELATIVES}
+    candidates = [name for name, f in everyone.items() if f.family == family]
+    evidence = []
+    guidance = guidance_embeds if guidance_embeds is not None else facts.get("guidance_embedder")
+    if facts and facts["image_in"] and facts["image_out"] and facts["image_in"] != facts["image_out"]:
+        return Member(CONDITIONED_FLUX1 if family == "flux1" else None, (), f"image input {facts['image_in']} wide, "
+                      f"output {facts['image_out']} (a conditioned variant)", facts)
+    if facts and guidance is not None:
+        candidates = [n for n in candidates if everyone[n].guidance_embedder in (None, guidance)]
+        evidence.append("a guidance embedder" if guidance else "no guidance embedder")
+    if pipeline_class:
+        kept = [n for n in candidates if pipeline_class in everyone[n].pipelines]
+        if kept:
+            candidates = kept
+            evidence.append(f"pipeline {pipeline_class}")
+    architecture = str((metadata or {}).get("modelspec.architecture", "")).lower()
+    if architecture and len(candidates) > 1:
+        kept = [n for n in candidates if any(w in architecture for w in everyone[n].path_words)]
+        if len(kept) == 1:
+            candidates = kept
+            evidence.append(f"modelspec.architecture {architecture!r}")
+    name = candidates[0] if len(candidates) == 1 else None
+    return Member(name, tuple(candidates), ", ".join(evidence), facts)
+
+
+def tie_break(candidates: tuple[str, ...], path: str) -> str | None:
+    """The one candidate whose published name's words the path carries (module docs), else None."""
+    text = path.lower()
+    everyone = {**MEMBERS, **RELATIVES}
+    named = [n for n in candidates if any(word in text for word in everyone[n].path_words)]
+    return named[0] if len(named) == 1 else None
