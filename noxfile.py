@@ -189,30 +189,15 @@ AB_DIR = ".fluxgate/ab"  # the base's git worktree (`base`) and, with --own-envs
 
 @shared_session(name="perf-ab")
 def perf_ab(session: nox.Session) -> None:
-    """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate.ab options]`.
+    """Interleaved A/B on the device in hand: `nox -s perf-ab -- --base REF [--own-envs] [fluxgate ab options]`.
 
-    The base is a git worktree of REF under .fluxgate/ab/base (reused when it is at that commit already), the
-    candidate this checkout. By default both sides run in this session's interpreter, each with its own tree's src
-    first on its path (what `--no-venv` GPU runners do); `--own-envs` has `python -m fluxgate.ab` make (or reuse,
-    when its stamp still matches) a virtualenv per side (.fluxgate/ab/venv-base, venv-candidate) with that tree's own
-    pins: FLUXGATE_TORCH, then `pip install -e <tree>`. Every other argument goes to `python -m fluxgate.ab`
-    (`--models`, `--precisions`, `--steps`, `--budget-s`, `--total-budget-s`, `--summary-out`, ...;
-    `python -m fluxgate.ab --help`)."""
-    args = list(session.posargs)
-    if "--base" not in args or args.index("--base") + 1 >= len(args):
-        session.error("name the base: nox -s perf-ab -- --base origin/main [fluxgate.ab options]")
-    at = args.index("--base")
-    ref = args[at + 1]
-    del args[at:at + 2]
-    sha = session.run("git", "rev-parse", "--verify", f"{ref}^{{commit}}", external=True, silent=True).strip()
-    base = os.path.join(AB_DIR, "base")
-    if not os.path.exists(os.path.join(base, ".git")):
-        session.run("git", "worktree", "prune", external=True)
-        session.run("git", "worktree", "add", "--detach", base, sha, external=True)
-    elif session.run("git", "-C", base, "rev-parse", "HEAD", external=True, silent=True).strip() != sha:
-        session.run("git", "-C", base, "checkout", "--detach", "--force", sha, external=True)
-    envs = ["--envs-dir", AB_DIR, "--torch", TORCH] if "--own-envs" in args else []
-    TORCH_ENV.run(session, "-m", "fluxgate.ab", "--base-tree", base, "--candidate-tree", ".", *envs, *args)
+    `fluxgate ab` makes the base, a git worktree of REF under .fluxgate/ab/base (reused when it is at that commit
+    already); the candidate is this checkout. By default both sides run in this session's interpreter, each with its
+    own tree's src first on its path (what `--no-venv` GPU runners do); `--own-envs` makes (or reuses, when its stamp
+    still matches) a virtualenv per side (.fluxgate/ab/venv-base, venv-candidate) with that tree's own pins:
+    FLUXGATE_TORCH, then `pip install -e <tree>`. Every argument goes to `fluxgate ab` (`--models`, `--precisions`,
+    `--steps`, `--budget-s`, `--total-budget-s`, `--summary-out`, ...; `fluxgate ab --help`)."""
+    TORCH_ENV.run(session, "-m", "fluxgate.ab", "--envs-dir", AB_DIR, "--torch", TORCH, *session.posargs)
 
 
 @shared_session

@@ -290,6 +290,20 @@ def test_the_injected_side_is_named_in_its_run_and_a_slow_combo_fails_the_summar
     assert "| `flux1-dev[bf16]` | SLOW | 1.5000 |" in summary
 
 
+def test_history_dir_takes_a_url_as_the_pytest_option_does(monkeypatch, capsys):
+    from fluxgate import ab
+    from fluxgate.storing import open_store
+
+    monkeypatch.setattr(ab, "Side", lambda *args: SleepySide(*args))
+    status = ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev", "--precisions", "bf16", "--history-dir",
+                      "memory://ab-history"])
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    records = open_store("memory://ab-history").load()  # the fsspec store, not a local folder named `memory:`
+    assert sorted(record.env["ab_side"] for record in records) == ["base", "candidate"]
+    assert re.search(r"history: memory://\S*ab-history/\S+-base.json", out) and not Path("memory:").exists()
+
+
 def test_model_steps_name_known_models_and_positive_counts():
     from fluxgate import ab
 

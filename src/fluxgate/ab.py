@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     results, errors, left_out = [], [], []
     site = Path(tempfile.mkdtemp(prefix="fluxgate-ab-"))  # the sides' generated distributions, read all run long
     try:
+        store = open_store(options.history_dir)  # a URL no installed backend serves fails here, before any side
         trees, configs, pythons = prepare(options, site)
         for name in (BASE, CANDIDATE):
             sides[name] = Side(name, trees[name], pythons[name], configs[name])
@@ -308,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SideError(f"the sides resolved different devices: base {sides[BASE].hello['device']}, "
                             f"candidate {sides[CANDIDATE].hello['device']}")
         policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
-        store = open_store(options.history_dir)
         synchronous = host_synchronous_combos(store, sides[BASE].hello["gpu_class"]) if device_type == "cuda" else {}
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
