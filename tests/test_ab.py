@@ -51,6 +51,7 @@ def runs(history: Path) -> dict[str, dict]:
             for p in history.glob("*.json")}
 
 
+@pytest.mark.timing
 def test_a_a_on_the_same_tree_is_same_and_both_sides_are_recorded_as_one_ab_run(tmp_path, cache):
     done = run_ab("--base-tree", str(ROOT), "--candidate-tree", str(ROOT), "--precisions", "bf16", *TINY, *ROOM,
                   history=tmp_path, cache=cache)
@@ -69,6 +70,7 @@ def test_a_a_on_the_same_tree_is_same_and_both_sides_are_recorded_as_one_ab_run(
         assert record["settings"]["profile"] == "tiny" and record["metrics"]["step_times_s"]
 
 
+@pytest.mark.timing
 def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_only(tmp_path, cache):
     done = run_ab("--base-tree", str(ROOT), "--precisions", "bf16,nvfp4", "--inject-slow", "flux1-dev[nvfp4]:0.6",
                   *TINY, *ROOM, history=tmp_path, cache=cache)
@@ -84,6 +86,7 @@ def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_on
 @pytest.mark.parametrize("base, expected", [(["--base-tree", "no-such-tree"], "base side: "),
                                             (["--base", "no-such-ref"], "base side: --base 'no-such-ref' names no "
                                                                         "commit of the repository at ")])
+@pytest.mark.subprocess
 def test_a_base_that_cannot_be_had_is_one_error_line(tmp_path, cache, base, expected):
     if base[0] == "--base-tree":
         base = [base[0], str(tmp_path / base[1])]
@@ -94,6 +97,7 @@ def test_a_base_that_cannot_be_had_is_one_error_line(tmp_path, cache, base, expe
     assert not (tmp_path / "h").exists()
 
 
+@pytest.mark.subprocess
 def test_a_base_python_that_cannot_start_is_one_error_line(tmp_path, cache):
     done = run_ab("--base-tree", str(ROOT), "--base-python", str(tmp_path / "missing-python"), "--precisions", "bf16",
                   *TINY, history=tmp_path / "h", cache=cache)

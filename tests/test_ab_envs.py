@@ -17,6 +17,8 @@ import pytest
 
 from fluxgate import ab_sides
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--profile", "tiny", "--models", "flux1-dev", "--precisions", "bf16", "--cpu-threads", "1"]
 TORCH = "torch==2.13.0"  # noxfile.py's default pin: a local CPU wheel on CI
@@ -40,6 +42,7 @@ def run_ab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.timing
 def test_own_envs_a_a_is_same_each_side_in_its_venv_and_a_second_run_reuses_them(tmp_path):
     trees = {side: tree_copy(tmp_path / side) for side in ("base", "candidate")}
     envs, cache = tmp_path / "envs", tmp_path / "cache"

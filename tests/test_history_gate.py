@@ -15,6 +15,8 @@ from faults_support import copy_baselines
 
 from fluxgate.judging.compare import REMEASURE
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 INJECTORS = Path(__file__).resolve().parent / "injectors"  # slow_combo.py: `-p slow_combo` slows one combo
@@ -39,6 +41,7 @@ def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | Non
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ)
 
 
+@pytest.mark.timing
 def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, baselines_dir):
     for _ in range(2):  # history only (their verdicts are not what this test is about)
         run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
@@ -67,6 +70,7 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
     assert "**Gate: FAILED** (1 regressed against history)" in summary.read_text()
 
 
+@pytest.mark.timing
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):
     for _ in range(2):
         run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
