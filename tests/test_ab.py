@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from timing_support import prioritized
 
 from fluxgate.judging import interleave, paired, window
 from fluxgate.storing.record import PASSED, Metrics, Record
@@ -29,7 +30,7 @@ def cache(tmp_path_factory) -> Path:
 def run_ab(*args: str, history: Path, cache: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fluxgate.ab", "--history-dir", str(history), "--fixture-cache", str(cache),
                *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=prioritized,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")})
 
 

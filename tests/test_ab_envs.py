@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from timing_support import prioritized
 
 from fluxgate import ab_sides
 
@@ -39,7 +40,8 @@ def run_ab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fluxgate.ab", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     env.pop("FLUXGATE_TORCH", None)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env,
+                          preexec_fn=prioritized)
 
 
 @pytest.mark.timing

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from faults_support import copy_baselines
+from timing_support import prioritized
 
 from fluxgate.judging.compare import REMEASURE
 
@@ -38,7 +39,8 @@ def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | Non
                "--baselines-dir", str(baselines_dir), *extra]
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(INJECTORS), os.environ.get("PYTHONPATH", "")]),
                **(env or {})}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ,
+                          preexec_fn=prioritized)
 
 
 @pytest.mark.timing
