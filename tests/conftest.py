@@ -78,9 +78,10 @@ class FileProgress:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files that hold subprocess-heavy tests first (keeping the order within each file and among the rest), so
-    that under xdist a long file does not start last and leave one worker running alone."""
-    heavy = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("subprocess")}
+    """The files that hold subprocess-heavy or external tests first (keeping the order within each file and among
+    the rest), so that under xdist a long file does not start last and leave one worker running alone."""
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("subprocess") or item.get_closest_marker("external")}
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
 
 

@@ -21,5 +21,6 @@ def md_text(value) -> str:
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """`1 combo`, `2 combos`, `0 combos`; `plural` where adding "s" is not it: `counted(n, "combo was", "combos were")`."""
+    """`1 combo`, `2 combos`, `0 combos`; `plural` where adding "s" is not it:
+    `counted(n, "combo was", "combos were")`."""
     return f"{n} {noun if n == 1 else (plural or noun + 's')}"
