@@ -136,9 +136,11 @@ def _chromium(session: nox.Session) -> None:
 
 
 # `nox -s tests`, phase by phase: every phase runs, and the session fails at the end if any did. The timing tests
-# (`-m timing`: they judge measured speed) run alone, after the rest has run on both cores through pytest-xdist.
+# (`-m timing`: they judge measured speed) run alone, after the rest has run on two cores through pytest-xdist, whole
+# files per worker (module fixtures such as test_faults' runs are made once; tests/conftest.py puts the
+# subprocess-heavy files first).
 TEST_PHASES = (
-    ("unit and integration tests", ("tests", "-m", "not timing", "-n", "2")),
+    ("unit and integration tests", ("tests", "-m", "not timing", "-n", "2", "--dist", "loadfile")),
     ("timing tests", ("tests", "-m", "timing")),
     # CPU CI judges the fixed thresholds only: a shared CPU runner's own history is no stable speed baseline (the
     # history gate is exercised by tests/test_history_gate.py instead).

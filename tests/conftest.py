@@ -1,4 +1,8 @@
-"""Shared fixtures: pytester for the plugin tests, and the tiny FLUX.1 pipeline several modules measure."""
+"""Shared fixtures: pytester for the plugin tests, and the tiny FLUX.1 pipeline several modules measure; a line per
+test file as its last test ends (the suite takes minutes: dots alone do not say where it is)."""
+
+import time
+from collections import Counter
 
 import pytest
 import torch
@@ -22,6 +26,68 @@ for _model in MODELS.values():
     _model.builder  # noqa: B018 - imported for the reason above
 for _precision in PRECISIONS.values():
     _precision.implementation  # noqa: B018
+
+
+class FileProgress:
+    """`tests/test_ab.py: 9 passed, 1 failed in 0:41 (12/44 files, 3:05 elapsed)` as a file's last test ends, in the
+    process that writes the terminal (one process, or the xdist controller); not under -q."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.left: Counter[str] = Counter()  # file -> tests not yet ended
+        self.outcomes: dict[str, Counter[str]] = {}
+        self.first_seen: dict[str, float] = {}
+        self.started = time.monotonic()
+        self.files_done = 0
+
+    def _count(self, nodeids) -> None:
+        if not self.left:
+            self.left.update(nodeid.split("::")[0] for nodeid in nodeids)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._count(item.nodeid for item in session.items)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        self._count(ids)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        path = report.nodeid.split("::")[0]
+        if path not in self.left:
+            return
+        self.first_seen.setdefault(path, time.monotonic())
+        outcomes = self.outcomes.setdefault(path, Counter())
+        if report.when == "call" or not report.passed:
+            outcomes["error" if report.when != "call" and report.failed else report.outcome] += 1
+        if report.when != "teardown":
+            return
+        self.left[path] -= 1
+        if self.left[path]:
+            return
+        from fluxgate.progress import clock
+
+        self.files_done += 1
+        now = time.monotonic()
+        tally = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.ensure_newline()
+        if reporter._tw.width_of_current_line:  # xdist's controller writes its dots without a current file
+            reporter._tw.line()
+        reporter.write_line(f"{path}: {tally} in {clock(now - self.first_seen[path])} "
+                            f"({self.files_done}/{len(self.left)} files, {clock(now - self.started)} elapsed)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that hold subprocess-heavy or external tests first (keeping the order within each file and among
+    the rest), so that under xdist a long file does not start last and leave one worker running alone."""
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("subprocess") or item.get_closest_marker("external")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and config.getoption("verbose") >= 0:
+        config.pluginmanager.register(FileProgress(config), "fluxgate-tests-file-progress")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from timing_support import prioritized
 
 from fluxgate import ab_sides
+
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--profile", "tiny", "--models", "flux1-dev", "--precisions", "bf16", "--cpu-threads", "1"]
@@ -37,9 +40,11 @@ def run_ab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fluxgate.ab", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     env.pop("FLUXGATE_TORCH", None)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env=env,
+                          preexec_fn=prioritized)
 
 
+@pytest.mark.timing
 def test_own_envs_a_a_is_same_each_side_in_its_venv_and_a_second_run_reuses_them(tmp_path):
     trees = {side: tree_copy(tmp_path / side) for side in ("base", "candidate")}
     envs, cache = tmp_path / "envs", tmp_path / "cache"

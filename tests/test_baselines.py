@@ -31,6 +31,11 @@ def test_written_baseline_loads_back_as_margin_and_tier_limits(tmp_path):
             measured_ms_ssim=ms_ssim)
 
 
+def test_the_thresholds_file_names_the_command_that_wrote_it_in_any_repository(tmp_path):
+    first_line = (_write(tmp_path) / "thresholds.toml").read_text().splitlines()[0]
+    assert first_line == "# fluxgate thresholds for GPU class 'cpu', written by `pytest --write-baselines`."
+
+
 def test_written_reference_image_loads_back_pixel_identical(tmp_path):
     _write(tmp_path)
     reference = baselines.load(tmp_path, "cpu", BF16, SETTINGS).reference("fox")

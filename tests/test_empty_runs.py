@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -55,6 +55,8 @@ from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.record import ERROR, PASSED, Record
 from fluxgate.weights import tiny
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 INJECTORS = Path(__file__).resolve().parent / "injectors"
 plugin_project = faults_support.plugin_project  # the shared fixture, found by pytest under this module's name for it
 

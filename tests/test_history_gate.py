@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 from faults_support import copy_baselines
+from timing_support import prioritized
 
 from fluxgate.judging.compare import REMEASURE
+
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +39,11 @@ def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | Non
                "--baselines-dir", str(baselines_dir), *extra]
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(INJECTORS), os.environ.get("PYTHONPATH", "")]),
                **(env or {})}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environ,
+                          preexec_fn=prioritized)
 
 
+@pytest.mark.timing
 def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, baselines_dir):
     for _ in range(2):  # history only (their verdicts are not what this test is about)
         run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
@@ -67,6 +72,7 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
     assert "**Gate: FAILED** (1 regressed against history)" in summary.read_text()
 
 
+@pytest.mark.timing
 def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):
     for _ in range(2):
         run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -94,8 +94,12 @@ def test_help_lists_every_fluxgate_option(matrix):
     assert "fluxgate: model x precision perf gate" in help_text
 
 
-def test_pytest_benchmark_saved_runs_carry_the_fluxgate_fingerprint(matrix):
+def test_pytest_benchmark_saved_runs_carry_the_fluxgate_fingerprint(matrix, monkeypatch):
     import json
+
+    # Under `-n`, this test's own xdist worker variable would tell the inner run's pytest-benchmark that it is a
+    # worker, which saves no JSON.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
 
     matrix.makepyfile(test_bench="""
         def test_sum(benchmark):

@@ -14,6 +14,8 @@ from fluxgate.matrix import combos, parse_shard, shard
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.record import Record
 
+pytestmark = pytest.mark.subprocess  # starts pytest or python in subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -68,6 +68,7 @@ from fluxgate import options as shared
 from fluxgate.ab_sides import DEFAULT_TORCH, Side, SideError, prepare
 from fluxgate.judging import interleave, paired
 from fluxgate.judging.interleave import BASE, CANDIDATE
+from fluxgate.showing.text import counted
 
 DEFAULT_BUDGET_S = 600.0
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 environment["ab_inject"] = {"combo": options.inject_slow[0], "fraction": options.inject_slow[1]}
             writers[name] = store.open_run(f"{ab_id}-{name}", environment)
         print(f"A/B run {ab_id} on {sides[BASE].hello['device']} (profile {sides[BASE].hello['profile']}): "
-              f"base {trees[BASE].root}, candidate {trees[CANDIDATE].root}; {len(options.combos)} combos", flush=True)
+              f"base {trees[BASE].root}, candidate {trees[CANDIDATE].root}; {counted(len(options.combos), 'combo')}",
+              flush=True)
         for index, combo in enumerate(options.combos):
             deadline = None
             if options.total_budget_s:
@@ -367,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not measured (--total-budget-s {options.total_budget_s:g} spent): {', '.join(left_out)}")
     timed_s = sum(s for result in results for pair in result.pairs for side in (BASE, CANDIDATE)
                   for s in getattr(pair, side)["step_times_s"])
-    print(f"wall {wall_s:.1f} s for {len(results)} combos, of which {timed_s:.1f} s ({timed_s / wall_s:.0%}) inside "
-          f"timed steps of both sides; history: {writers[BASE].location} and {writers[CANDIDATE].location}")
+    print(f"wall {wall_s:.1f} s for {counted(len(results), 'combo')}, of which {timed_s:.1f} s "
+          f"({timed_s / wall_s:.0%}) inside timed steps of both sides; history: {writers[BASE].location} and "
+          f"{writers[CANDIDATE].location}")
     if options.summary_out:
         options.summary_out.parent.mkdir(parents=True, exist_ok=True)
         options.summary_out.write_text(ab_table.markdown(

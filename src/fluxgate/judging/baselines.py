@@ -277,7 +277,7 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
     old = _read_json(prov_path) if prov_path.exists() else {}
     provenance = {**old, **provenance, "models": {**old.get("models", {}), **provenance.get("models", {})},
                   "runs": {**old.get("runs", {}), **provenance.get("runs", {})}}
-    header = (f"# fluxgate thresholds for GPU class '{gpu_class}', written by `nox -s baselines`.\n"
+    header = (f"# fluxgate thresholds for GPU class '{gpu_class}', written by `pytest --write-baselines`.\n"
               "# min_it_s = measured_it_s * (1 - margins.speed); max_peak_mem_gib = measured * (1 + margins.memory);\n"
               "# similarity floors come from [similarity.<tier>] of the combo's precision, except where the measured\n"
               "# value is already below the tier (below_tier = true): there the floor is measured - margins.ms_ssim\n"

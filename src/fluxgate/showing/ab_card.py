@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fluxgate.judging import paired
+from fluxgate.showing.text import counted
 from fluxgate.storing.record import Record
 
 EFFECTS = (0.01, 0.02, 0.03, 0.05, 0.08)  # +5 and +8 %: what host-synchronous combos can show
@@ -282,13 +283,14 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
         alarms = statistics.fmean(card.false_alarms for card in measured)
         worst = max(measured, key=lambda card: card.false_alarms)
         highest = f"highest {worst.false_alarms:.1%}, `{worst.combo}`" if worst.false_alarms else "none in any combo"
-        lines.append(f"A/A false alarms, mean over {len(measured)} combos: **{alarms:.1%}** of simulated comparisons "
-                     f"({highest}).")
+        lines.append(f"A/A false alarms, mean over {counted(len(measured), 'combo')}: **{alarms:.1%}** of simulated "
+                     f"comparisons ({highest}).")
         gated = [card for card in measured if card.combo not in synchronous and 0.02 in card.outcomes]
         if gated:
             weakest = min(gated, key=lambda card: card.detected(0.02))
             lowest = "every one" if weakest.detected(0.02) == 1.0 else f"lowest: `{weakest.combo}`"
-            lines.append(f"Detected at +2 %, the {len(gated)} combos that are not host-synchronous: at least "
+            lines.append(f"Detected at +2 %, the {counted(len(gated), 'combo that is', 'combos that are')} not "
+                         "host-synchronous: at least "
                          f"**{weakest.detected(0.02):.0%}** ({lowest}).")
         lines.append("")
     lines += ["| combo | usable runs (recorded) | blocks | disturbed | block spread | A/A false alarms | A/A SAME | "

@@ -17,7 +17,7 @@ from fluxgate.judging.compare import (
     is_host_synchronous,
 )
 from fluxgate.stats import Spikes, mostly_idle
-from fluxgate.showing.text import number
+from fluxgate.showing.text import counted, number
 from fluxgate.storing.record import ERROR, FAILED, PASSED, SKIPPED, Metrics, Record
 
 VERDICTS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", SKIPPED: "SKIP"}
@@ -128,11 +128,11 @@ def history_lines(verdicts: list[tuple[str, str]], rule: str, scope: str = "") -
                   and message not in first]
     lines = [f"against history ({rule}{scope}): {tally}"]
     if first:  # a first run on a GPU class: one line, not one per combo
-        lines.append(f"  {len(first)} combos have no earlier comparable run yet (the first on this GPU class, "
-                     "profile and settings): nothing to judge against")
+        lines.append(f"  {counted(len(first), 'combo has', 'combos have')} no earlier comparable run yet (the first "
+                     "on this GPU class, profile and settings): nothing to judge against")
     if unmeasured:  # skipped or errored: their reasons are in the table and the item lines already
-        lines.append(f"  {len(unmeasured)} combos were not measured (skipped or error, reasons above): nothing to "
-                     "judge")
+        lines.append(f"  {counted(len(unmeasured), 'combo was', 'combos were')} not measured (skipped or error, "
+                     "reasons above): nothing to judge")
     return lines + [f"  {message}" for outcome, message in verdicts
                     if outcome != NO_CHANGE and message not in first and message not in unmeasured]
 
@@ -216,8 +216,8 @@ def notes(records: list[Record]) -> list[str]:
     lines = []
     reused = [(r.weights or {}).get("reused") for r in records]
     if any(flag is not None for flag in reused):
-        lines.append(f"fixtures: {reused.count(True)} checkpoints reused from the fixture cache, {reused.count(False)} "
-                     "built")
+        lines.append(f"fixtures: {counted(reused.count(True), 'checkpoint')} reused from the fixture cache, "
+                     f"{reused.count(False)} built")
     fallbacks = [r.combo for r in records if r.metrics.fallback]
     if fallbacks:
         lines.append(f"dequantize fallback (no quantized GEMM ran): {', '.join(fallbacks)}")

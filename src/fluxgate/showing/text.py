@@ -18,3 +18,9 @@ def md_text(value) -> str:
     autolink (one before a letter, `/`, `!` or `?`: CommonMark's raw HTML) as `&lt;`, so that a markdown renderer (a
     PR comment, the dashboard) shows the text and never reads a tag in it (`< min 0.98`, `->` stay as they are)."""
     return _TAG_OPEN.sub("&lt;", " ".join(str(value).splitlines()))
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 combo`, `2 combos`, `0 combos`; `plural` where adding "s" is not it:
+    `counted(n, "combo was", "combos were")`."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
