@@ -42,7 +42,9 @@ ENV = {name: value for name, value in DEFAULT_ENV.items() if name not in os.envi
 ROOT = Path(__file__).resolve().parent
 # The package's dependencies that the history readers need (report, dashboard, card, thresholds import neither torch
 # nor diffusers: docs/architecture.md); their version bounds are read from pyproject.toml, never repeated here.
-LIGHT_DEPENDENCIES = ("numpy", "scipy", "matplotlib", "pillow", "fsspec", "tomli-w", "plotly", "markdown-it-py")
+# pytest brings pluggy, which fluxgate.hookspec (read by judging.window) imports.
+LIGHT_DEPENDENCIES = ("numpy", "scipy", "matplotlib", "pillow", "fsspec", "tomli-w", "plotly", "markdown-it-py",
+                      "pytest")
 
 
 def _requirement_name(requirement: str) -> str:
