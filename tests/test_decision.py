@@ -189,10 +189,18 @@ def test_the_report_from_history_alone_has_the_decision_and_takes_bf16_from_an_e
     assert tmp_path / "report" / "decision" / f"{GPU}.flux1-dev.png" in written
 
 
-def test_without_the_default_settings_file_the_report_skips_the_section_with_a_warning(tmp_path, monkeypatch):
+def test_a_repository_without_its_own_settings_file_uses_the_packaged_one(tmp_path, monkeypatch):
+    from fluxgate import defaults
+
     monkeypatch.chdir(tmp_path)  # no fixtures/decision.toml here
+    assert defaults.input_file("decision", tmp_path) == decision.DEFAULT_FILE
+    assert decision.load(defaults.input_file("decision", tmp_path), missing_ok=True).gpu_hour_usd["default"] > 0
+    own = tmp_path / "fixtures" / "decision.toml"
+    own.parent.mkdir()
+    own.write_text(decision.DEFAULT_FILE.read_text())
+    assert defaults.input_file("decision", tmp_path) == own  # the repository's own file wins
     with pytest.warns(UserWarning, match="no 'which precision to ship' section"):
-        assert decision.load(decision.DEFAULT_FILE, missing_ok=True) is None
+        assert decision.load(tmp_path / "absent.toml", missing_ok=True) is None
     with pytest.raises(FixtureError, match="decision settings not found"):
         decision.load(tmp_path / "mine.toml")
 

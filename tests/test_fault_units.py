@@ -151,7 +151,7 @@ def _append_records(directory: str, run_id: str, start) -> None:
     run = LocalFolderStore(Path(directory)).open_run(run_id, {"writer": run_id})
     start.wait()
     for index in range(APPENDS):
-        run.append(Record(combo=f"{run_id}#{index}", extra={"index": index, "payload": _payload(run_id, index)}))
+        run.append(Record(combo=f"{run_id}[p{index}]", extra={"index": index, "payload": _payload(run_id, index)}))
 
 
 def _watch(directory: str, start, stop, problems) -> None:

@@ -193,6 +193,7 @@ def test_a_folder_of_single_files_beside_a_config_is_not_a_sharded_folder(tmp_pa
 
 def test_the_models_file_scan_writes_names_a_command_that_runs():
     command = scan.models_toml({}, {}).split("`")[1]
-    assert command.startswith("python -m ")
-    done = subprocess.run([sys.executable, *command.split()[1:], "--help"], capture_output=True, text=True)
+    assert command.startswith("fluxgate ")  # the console script; `python -m fluxgate.cli` is the same command
+    done = subprocess.run([sys.executable, "-m", "fluxgate.cli", *command.split()[1:], "--help"], capture_output=True,
+                          text=True)
     assert done.returncode == 0 and "usage:" in done.stdout

@@ -2,7 +2,7 @@
 
 Both `identify` (what a file is) and `loading` (why diffusers' loader failed on it) ask here, so a damaged file is
 named the same way wherever it is met: "truncated: N bytes, but its header describes M", "corrupt safetensors header
-(...)", "names tensor X twice", "not a GGUF file (...)", "corrupt GGUF header (...)", a GGUF type newer than the
+(...)", "names tensor X twice", "not a GGUF file (...)", "truncated or corrupt GGUF header (...)", a GGUF type newer than the
 installed gguf-py, "a link to X, which does not exist".
 
 Formats: safetensors (huggingface/safetensors README "Format": an unsigned 64-bit little-endian header length N, N
@@ -59,9 +59,12 @@ def _parse(path: Path) -> tuple[dict[str, dict], dict, int]:
     with path.open("rb") as handle:
         length_field = handle.read(8)
         length = int.from_bytes(length_field, "little")
-        if len(length_field) < 8 or not 2 <= length <= size - 8:
-            raise HeaderProblem(f"corrupt safetensors header (header length {length} does not fit the file's "
-                                f"{size} bytes)")
+        if len(length_field) < 8:
+            raise HeaderProblem(f"truncated or corrupt safetensors file ({size} bytes, shorter than its 8-byte "
+                                "header length; download it again)")
+        if not 2 <= length <= size - 8:
+            raise HeaderProblem(f"truncated or corrupt safetensors header (header length {length} does not fit the "
+                                f"file's {size} bytes)")
         if length > MAX_HEADER_BYTES:
             raise HeaderProblem(f"a header of {length} bytes; fluxgate reads at most {MAX_HEADER_BYTES} "
                                 "(a diffusion checkpoint's is under 1 MiB)")
@@ -157,7 +160,7 @@ def read_gguf(path: Path) -> GGUFIndex:
     except GGUFIndexError as error:
         problem = str(error)
         if not problem.startswith(("not a GGUF", "truncated:")) and "newer GGUF type" not in problem:
-            problem = f"corrupt GGUF header ({problem})"
+            problem = f"truncated or corrupt GGUF header ({problem})"
         raise FixtureError(f"{path}: {problem}") from None
 
 

@@ -34,7 +34,6 @@ encoders) are left out of it, as ComfyUI-GGUF's tools/convert.py `strip_prefix` 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Point fluxgate at a folder: every checkpoint in it identified, and a models file the `real` profile runs as is.
 
-    python -m fluxgate.scan DIR [--out models.toml]
+    fluxgate scan DIR [--out models.toml]
 
 DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cache. Files are identified from their
 contents (`fluxgate.weights.identify`), down to the family member (`fluxgate.weights.members`): a relative of a
@@ -25,7 +25,7 @@ from fluxgate.weights.identify import Identity, identify, is_model_folder, model
 from fluxgate.weights.members import MEMBERS, tie_break
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[3] / "fixtures" / "models.toml"
-COMMAND = "python -m fluxgate.scan"
+COMMAND = "fluxgate scan"
 
 
 @dataclass(frozen=True)
