@@ -68,13 +68,17 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.flo
 
 def _set(document, path, value) -> None:
     """Set `path` in `document` to `value`, where an earlier mutation left the path there."""
+    def holds(container, key) -> bool:  # an index into a list, a key of a dict (an earlier mutation may swap them)
+        if isinstance(container, list):
+            return isinstance(key, int) and key < len(container)
+        return isinstance(container, dict) and isinstance(key, str)
+
     target = document
     for key in path[:-1]:
-        if not isinstance(target, (dict, list)) or (isinstance(target, list) and len(target) <= key) or (
-                isinstance(target, dict) and key not in target):
+        if not holds(target, key) or (isinstance(target, dict) and key not in target):
             return
         target = target[key]
-    if isinstance(target, dict) or (isinstance(target, list) and len(target) > path[-1]):
+    if holds(target, path[-1]):
         target[path[-1]] = value
 
 

@@ -15,6 +15,7 @@ from diffusers.quantizers.bfl.utils import dequantize_fp8r, dequantize_nvfp4, qu
 from layouts_support import comfy_marker, tiled
 from safetensors.torch import load_file, save_file
 
+from fluxgate.weights.members import members
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
@@ -68,7 +69,7 @@ def test_every_file_fluxgate_writes_is_identified_as_what_it_is(tiny_files):
         model, precision = name.split(".")
         found = identify.identify(path)
         assert (found.family, found.precision, found.layout) == (
-            identify.MODEL_FAMILY[model], precision, expected_layout[precision]), found
+            members()[model].family, precision, expected_layout[precision]), found
         identify.check_slot(found, model, precision)
     # The tiny profile writes GGUF as the community converters do: FLUX.2 as arch `flux` (city96, ComfyUI-GGUF)
     assert identify.identify(tiny_files["flux2-dev.gguf-q8_0"]).detail.startswith("arch flux,")
@@ -182,7 +183,7 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     assert table["flux2-dev"]["checkpoints"]["gguf-q8_0"]["path"].endswith("flux2-dev-Q4_K_M.gguf")
     assert table["flux2-dev"]["pipeline"] == "black-forest-labs/FLUX.2-dev"  # no pipeline folder in the tree
     listed, _ = scan.scan(tree)
-    assert any(isinstance(i, str) and "broken.safetensors: corrupt safetensors header" in i for _, i in listed)
+    assert any(isinstance(i, str) and "broken.safetensors: truncated or corrupt safetensors header" in i for _, i in listed)
 
 
 def test_a_real_file_with_non_finite_weights_is_refused_naming_the_tensor(tiny_files, tmp_path):
@@ -226,7 +227,7 @@ def test_a_models_file_naming_some_models_skips_the_others_and_a_junk_file_is_on
         RealSource(tmp_path / "models.toml").transformer(Combo("flux2-dev", "bf16"), torch.device("cpu"))
     junk = tmp_path / "x.safetensors"
     junk.write_bytes(b"\xff" * 5 + b"\x7f" * 8)  # a header length no file of this size can hold
-    with pytest.raises(FixtureError, match=r"x.safetensors: corrupt safetensors header .*does not fit"):
+    with pytest.raises(FixtureError, match=r"x.safetensors: truncated or corrupt safetensors header .*does not fit"):
         identify.identify(junk)
 
 

@@ -13,6 +13,7 @@ import layouts_support as S
 import pytest
 import torch
 
+from fluxgate.weights.members import members
 from fluxgate.errors import FixtureError
 from fluxgate.models import MODELS
 from fluxgate.weights import identify
@@ -70,7 +71,7 @@ def test_a_file_of_another_precision_is_refused_naming_what_it_is_and_what_the_s
 def test_a_file_of_another_model_is_refused_naming_the_family_the_slot_needs(root, kind, model):
     write, precision = KINDS[kind]
     message = refusal(write(root), model, precision)
-    assert f"the {model} slot needs a {identify.MODEL_FAMILY[model]} model" in message and "is flux2" in message
+    assert f"the {model} slot needs a {members()[model].family} model" in message and "is flux2" in message
 
 
 @pytest.mark.parametrize("kind", GGUF_TYPES, ids=[t.name for t in GGUF_TYPES])

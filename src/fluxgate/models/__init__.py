@@ -40,6 +40,19 @@ OUTPUT_KINDS = ("image",)
 
 
 @dataclass(frozen=True)
+class MemberFacts:
+    """How a model's checkpoints are told from its relatives' (`fluxgate.weights.members`): its `family` (as
+    `weights.identify.family_of` names it), whether its files hold a guidance embedder (None: not a FLUX fact),
+    `pipelines`: model_index.json `_class_name`s of its pipeline, `path_words`: its published name's words (the
+    documented tie-break, lower case)."""
+
+    family: str
+    guidance_embedder: bool | None
+    pipelines: tuple[str, ...]
+    path_words: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model of the matrix and how to build, quantize and run it."""
 
@@ -62,6 +75,8 @@ class ModelSpec:
     output: str = "image"
     # The precisions it runs in (None: every registered one); others are not items of the matrix.
     precisions: tuple[str, ...] | None = None
+    # How the real profile's identification and scan tell its files from its relatives' (None: scan places none)
+    member: MemberFacts | None = None
     description: str = ""
 
     def __post_init__(self):

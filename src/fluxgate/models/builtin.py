@@ -1,8 +1,10 @@
-"""fluxgate's own models, registered through `fluxgate.registry` like any team's (`fluxgate.models` group)."""
+"""fluxgate's own models, registered through `fluxgate.registry` like any team's (`fluxgate.models` group).
+
+The member facts' sources are in `fluxgate.weights.members`."""
 
 from __future__ import annotations
 
-from fluxgate.models import ImageSettings, ModelSpec
+from fluxgate.models import ImageSettings, MemberFacts, ModelSpec
 
 # Tiny profile: 256 px (MS-SSIM needs >= 176), 8 steps, three cases per combo.
 _TINY = {"steps": 8, "size_px": 256, "cases": 3}
@@ -12,6 +14,7 @@ _FLUX1_MODULATION = (r"(norm1|norm1_context|norm)\.linear$", 32.0)
 MODELS = (
     ModelSpec(
         name="flux1-dev",
+        member=MemberFacts("flux1", True, ("FluxPipeline",), ("flux1-dev", "flux.1-dev")),
         import_builder="fluxgate.models.flux1:BUILDER",
         quantized_blocks=_FLUX_BLOCKS,
         gguf_arch="flux",
@@ -21,6 +24,7 @@ MODELS = (
     ),
     ModelSpec(
         name="flux1-kontext-dev",
+        member=MemberFacts("flux1", True, ("FluxKontextPipeline",), ("kontext",)),
         import_builder="fluxgate.models.flux1_kontext:BUILDER",
         quantized_blocks=_FLUX_BLOCKS,
         gguf_arch="flux",
@@ -34,6 +38,7 @@ MODELS = (
     ),
     ModelSpec(
         name="flux2-dev",
+        member=MemberFacts("flux2", True, ("Flux2Pipeline",), ("flux2-dev", "flux.2-dev")),
         import_builder="fluxgate.models.flux2:BUILDER",
         quantized_blocks=_FLUX_BLOCKS,
         gguf_arch="flux",  # city96 and ComfyUI-GGUF write FLUX.2 as arch "flux" (ComfyUI-GGUF knows no "flux2")
@@ -43,6 +48,7 @@ MODELS = (
     ),
     ModelSpec(
         name="z-image-turbo",
+        member=MemberFacts("z-image", None, ("ZImagePipeline",), ("turbo",)),
         import_builder="fluxgate.models.zimage:BUILDER",
         quantized_blocks=("layers.", "noise_refiner.", "context_refiner."),
         gguf_arch="lumina2",

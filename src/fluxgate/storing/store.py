@@ -55,7 +55,7 @@ class Run:
         names.check_run_id(run_id, f"{source}: field run_id")
         if merged_from is not None and not (isinstance(merged_from, list) and all(map(names.is_name, merged_from))):
             raise HistoryError(f"{source}: field merged_from: expected a list of run ids, got {str(merged_from)[:40]}")
-        return cls(run_id, environment, tuple(_readable_records(data["records"], source)),
+        return cls(run_id, environment, tuple(_readable_records(data["records"], source, run_id)),
                    str(data.get("started", "")), None if merged_from is None else tuple(merged_from))
 
     def to_json(self) -> dict[str, Any]:
@@ -69,13 +69,22 @@ class Run:
         return [record.with_environment(self.environment) for record in self.records]
 
 
-def _readable_records(documents: list, source: str):
-    """The records of a run document that have the right shape; each other one skipped with a one-line warning."""
+def _readable_records(documents: list, source: str, run_id: str):
+    """The records of a run document that have the right shape and belong to it (a record without a run id takes the
+    run's); each other one skipped with a one-line warning."""
     for document in documents:
         try:
-            yield Record.from_json(document, source)
+            record = Record.from_json(document, source)
         except HistoryError as error:
             warnings.warn(f"{error}; record skipped", stacklevel=4)
+            continue
+        if record.run_id is None:
+            record = dataclasses.replace(record, run_id=run_id)
+        if record.run_id != run_id:
+            warnings.warn(f"{source}: record {record.combo}: run_id {record.run_id} is not this run's ({run_id}); "
+                          "record skipped", stacklevel=4)
+            continue
+        yield record
 
 
 def holds_all_of(merged: Run, shard: Run) -> bool:

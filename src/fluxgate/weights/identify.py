@@ -55,7 +55,7 @@ from fluxgate.weights.formats import (
     json_object,
     legacy_scaled_fp8,
 )
-from fluxgate.weights.members import MEMBERS, Member, member_of
+from fluxgate.weights.members import Member, member_of, members
 
 GGUF_Q8_0_COMPANIONS = {"F32", "F16", "BF16"}  # what stays high precision beside Q8_0 in a Q8_0 file
 # What each slot of the models file takes, as the one-line refusal says it.
@@ -107,7 +107,6 @@ class Identity:
         return asdict(self)
 
 
-MODEL_FAMILY = {model: facts.family for model, facts in MEMBERS.items()}
 
 
 def family_of(keys: list[str]) -> str | None:
@@ -300,7 +299,8 @@ def check_slot(identity: Identity, model: str, precision: str) -> None:
     """Refuse a checkpoint that is not what its slot in the models file says (`model`, `precision`): FixtureError,
     one line naming the file, what it is and what the slot needs. Nothing is measured under a wrong label. A file
     whose contents cannot tell `model` from a relative (`Identity.candidates`) is taken on the models file's word."""
-    wanted = MODEL_FAMILY.get(model)
+    facts = members().get(model)
+    wanted = facts.family if facts else None
     problems = []
     if identity.precision != precision:
         problems.append(f"the {precision} slot needs {PRECISION_NEEDS.get(precision, precision)}")

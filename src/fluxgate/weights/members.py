@@ -1,6 +1,7 @@
 """Which member of a model family a checkpoint is, told from what its contents hold, never from its name.
 
-Facts per member (`MEMBERS`: fluxgate's models; `RELATIVES`: members fluxgate has no slot for), and their sources:
+Facts per member (`ModelSpec.member` of each registered model, `members()`; `RELATIVES`: members fluxgate has no slot
+for), and their sources:
 - FLUX.1-dev carries a guidance embedder, FLUX.1-schnell none: BFL flux src/flux/util.py `configs` (`guidance_embed`
   True for flux-dev, False for flux-schnell), so only dev files hold `guidance_in.*` (diffusers:
   `time_text_embed.guidance_embedder.*`, config `guidance_embeds`); diffusers loaders/single_file_utils.py
@@ -30,26 +31,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class MemberFacts:
-    """How a member is recognised. `guidance_embedder`: whether its files hold one (None: not a FLUX fact);
-    `pipelines`: model_index.json `_class_name`s of its pipeline; `path_words`: its published name's words (the
-    documented tie-break, lower case)."""
-
-    family: str
-    guidance_embedder: bool | None
-    pipelines: tuple[str, ...]
-    path_words: tuple[str, ...]
+from fluxgate.models import MODELS, MemberFacts
 
 
-# Keyed by fluxgate model name (the registry may take these over).
-MEMBERS = {
-    "flux1-dev": MemberFacts("flux1", True, ("FluxPipeline",), ("flux1-dev", "flux.1-dev")),
-    "flux1-kontext-dev": MemberFacts("flux1", True, ("FluxKontextPipeline",), ("kontext",)),
-    "flux2-dev": MemberFacts("flux2", True, ("Flux2Pipeline",), ("flux2-dev", "flux.2-dev")),
-    "z-image-turbo": MemberFacts("z-image", None, ("ZImagePipeline",), ("turbo",)),
-}
+def members() -> dict[str, MemberFacts]:
+    """The registered models' member facts (`ModelSpec.member`), by model name: the slots scan may fill."""
+    return {name: spec.member for name, spec in MODELS.items() if spec.member is not None}
+
+
+# Members fluxgate has no slot for: a file identified as one is refused from every slot, naming what it is.
 RELATIVES = {
     "flux1-schnell": MemberFacts("flux1", False, ("FluxPipeline",), ("schnell",)),
     "flux2-klein": MemberFacts("flux2", False, ("Flux2KleinPipeline",), ("klein",)),
@@ -66,7 +56,7 @@ _IMAGE_OUT = ("final_layer.linear.weight", "proj_out.weight")
 
 @dataclass(frozen=True)
 class Member:
-    """What the contents say: `name` (a key of MEMBERS or RELATIVES, or CONDITIONED_FLUX1), None when they leave
+    """What the contents say: `name` (a key of members() or RELATIVES, or CONDITIONED_FLUX1), None when they leave
     several `candidates`; `evidence`: the facts that decided, in words; `structure`: block counts, guidance embedder,
     image input/output widths."""
 
@@ -99,7 +89,7 @@ def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: 
     """The member a checkpoint of `family` is (module docs), from its tensors' `shapes`, its safetensors
     `metadata`, a folder config's `guidance_embeds` and its pipeline's model_index.json `pipeline_class`."""
     facts = structure(shapes) if family in ("flux1", "flux2") else {}
-    everyone = {**MEMBERS, **RELATIVES}
+    everyone = {**members(), **RELATIVES}
     candidates = [name for name, f in everyone.items() if f.family == family]
     evidence = []
     guidance = guidance_embeds if guidance_embeds is not None else facts.get("guidance_embedder")
@@ -127,6 +117,6 @@ def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: 
 def tie_break(candidates: tuple[str, ...], path: str) -> str | None:
     """The one candidate whose published name's words the path carries (module docs), else None."""
     text = path.lower()
-    everyone = {**MEMBERS, **RELATIVES}
+    everyone = {**members(), **RELATIVES}
     named = [n for n in candidates if any(word in text for word in everyone[n].path_words)]
     return named[0] if len(named) == 1 else None

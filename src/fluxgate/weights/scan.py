@@ -22,7 +22,7 @@ from pathlib import Path
 from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import SAFETENSORS_SUFFIXES
 from fluxgate.weights.identify import Identity, identify, is_model_folder, model_shards
-from fluxgate.weights.members import MEMBERS, tie_break
+from fluxgate.weights.members import members, tie_break
 
 DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[3] / "fixtures" / "models.toml"
 COMMAND = "fluxgate scan"
@@ -40,13 +40,13 @@ class Placement:
 
 def place(identity: Identity) -> Placement:
     """The fluxgate model a checkpoint fills, from its member (module docs)."""
-    if identity.member in MEMBERS:
+    if identity.member in members():
         return Placement(identity.member, "")
     if identity.member:
         return Placement(None, f"{identity.member} is a relative fluxgate has no slot for")
     if len(identity.candidates) > 1:
         chosen = tie_break(identity.candidates, identity.path)
-        if chosen in MEMBERS:
+        if chosen in members():
             return Placement(chosen, f"the contents fit {' and '.join(identity.candidates)}; its path names {chosen}",
                              by_path=True)
         return Placement(None, f"the contents cannot tell {' from '.join(identity.candidates)}; name it under the "
