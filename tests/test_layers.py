@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fluxgate"
 # (a package stands for every module in it).
 LAYERS = [
     {"plugin", "cli", "ab", "ab_sides", "merge", "scan", "publish", "card", "thresholds", "dashboard", "sources"},
-    {"session", "workers", "options", "progress", "probing"},
+    {"session", "settings", "workers", "options", "progress", "probing"},
     {"gate"},
     {"showing"},
     {"judging"},

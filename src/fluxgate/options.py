@@ -3,7 +3,7 @@ parsed (a bad value is a usage error naming the option, before any combo runs).
 
 Light on purpose: pytest imports this in every session of a repository that installs fluxgate, so nothing here
 imports torch, diffusers or the registries' implementations; model and precision names are checked when the run
-starts (`session.Settings`), from the registries' light specs."""
+starts (`settings.Settings`), from the registries' light specs."""
 
 from __future__ import annotations
 

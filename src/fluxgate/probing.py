@@ -88,7 +88,7 @@ def _one_line(error: Exception) -> str:
 
 
 def run_outputs(settings) -> list[tuple[str, str]]:
-    """`(option, location)` of each place a run with these `session.Settings` writes: the history store, the fixture
+    """`(option, location)` of each place a run with these `settings.Settings` writes: the history store, the fixture
     cache, the report folder when asked for, the baselines folder when writing baselines."""
     outputs = [("--history-dir", settings.history_dir), ("--fixture-cache", os.fspath(settings.fixture_cache))]
     if settings.report_dir is not None:
