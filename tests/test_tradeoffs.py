@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxgate.judging import spread, tradeoffs
+from fluxgate.judging import spread, tradeoff_checks, tradeoffs
 from fluxgate.judging.baselines import DEFAULT_SIMILARITY
 from fluxgate.storing.local import load_paths
 from fluxgate.storing.record import ERROR, FAILED, PASSED, REMEASURE, Metrics, Record
@@ -48,7 +48,7 @@ def derived_table(records: list[Record], gpu_class: str = "nvidia-h200") -> dict
     return table
 
 
-def by_kind(verdicts) -> dict[str, tradeoffs.TradeoffVerdict]:
+def by_kind(verdicts) -> dict[str, tradeoff_checks.TradeoffVerdict]:
     return {v.kind: v for v in verdicts}
 
 
@@ -82,60 +82,60 @@ def test_a_run_whose_quantized_vram_ratio_jumps_fails_naming_ratio_limit_and_key
     table = derived_table(runs())
     heavier = [record("flux1-dev[bf16]", "new", 0.175, 24.75),
                record("flux1-dev[fp8-scaled]", "new", 0.25, 16.0, ms_ssim=0.998)]
-    verdict = by_kind(tradeoffs.check(heavier, table, "baselines/nvidia-h200/thresholds.toml"))["memory"]
+    verdict = by_kind(tradeoff_checks.check(heavier, table, "baselines/nvidia-h200/thresholds.toml"))["memory"]
     assert verdict.failed
     assert verdict.message == (
         "flux1-dev[fp8-scaled] memory: peak VRAM 0.6465x bf16's (16.000 / 24.750 GiB) > max 0.5663x "
         "([tradeoffs.\"flux1-dev\".\"fp8-scaled\"].max_mem_ratio in baselines/nvidia-h200/thresholds.toml)")
-    same = by_kind(tradeoffs.check(runs()[:2], table))
+    same = by_kind(tradeoff_checks.check(runs()[:2], table))
     assert [same[k].status for k in ("memory", "speed", "quality")] == ["passed"] * 3
 
 
 def test_lost_speed_fails_and_an_unexpected_speed_up_is_a_change_to_check_not_a_failure():
     table = derived_table(runs())
-    slower = by_kind(tradeoffs.check(runs(fp8_steps=(0.30,))[:2], table))["speed"]
+    slower = by_kind(tradeoff_checks.check(runs(fp8_steps=(0.30,))[:2], table))["speed"]
     assert slower.failed and "0.5833x bf16's p10 it/s" in slower.message and "< min 0.6790x" in slower.message
     assert "min_speed_ratio" in slower.message
-    faster = by_kind(tradeoffs.check(runs(fp8_steps=(0.20,))[:2], table))["speed"]
+    faster = by_kind(tradeoff_checks.check(runs(fp8_steps=(0.20,))[:2], table))["speed"]
     assert faster.status == tradeoffs.CHANGED and not faster.failed and "check" in faster.message
     # Both slower by the same factor (a slower machine): the ratio holds
-    both = by_kind(tradeoffs.check(runs(fp8_steps=(0.30,), bf16_step=0.21)[:2], table))["speed"]
+    both = by_kind(tradeoff_checks.check(runs(fp8_steps=(0.30,), bf16_step=0.21)[:2], table))["speed"]
     assert both.status == tradeoffs.PASSED
 
 
 def test_what_cannot_be_checked_says_why():
     table = derived_table(runs())
     bf16, fp8 = runs()[:2]
-    alone = by_kind(tradeoffs.check([fp8], table))
+    alone = by_kind(tradeoff_checks.check([fp8], table))
     assert alone["memory"].status == alone["speed"].status == tradeoffs.NOT_CHECKED
     assert "flux1-dev[bf16] not in this run, no ratio" in alone["memory"].message
     assert alone["quality"].status == tradeoffs.PASSED  # quality needs no bf16
-    (missing,) = tradeoffs.check([bf16], table)
+    (missing,) = tradeoff_checks.check([bf16], table)
     assert missing.status == tradeoffs.NOT_CHECKED and "not in this run" in missing.message
     errored = replace(fp8, outcome=ERROR, error="broken input", metrics=Metrics())
-    (error,) = tradeoffs.check([bf16, errored], table)
+    (error,) = tradeoff_checks.check([bf16, errored], table)
     assert error.status == tradeoffs.NOT_CHECKED and "not measured in this run (error: broken input)" in error.message
     failed = replace(fp8, outcome=FAILED, metrics=replace(fp8.metrics, peak_mem_gib=20.0))
-    assert by_kind(tradeoffs.check([bf16, failed], table))["memory"].failed  # a failed record is still measured
-    (unknown,) = tradeoffs.check([bf16, record("flux1-dev[nvfp4]", "a", 0.4, 9.0, ms_ssim=0.98)], TABLE)
+    assert by_kind(tradeoff_checks.check([bf16, failed], table))["memory"].failed  # a failed record is still measured
+    (unknown,) = tradeoff_checks.check([bf16, record("flux1-dev[nvfp4]", "a", 0.4, 9.0, ms_ssim=0.98)], TABLE)
     assert unknown.status == tradeoffs.NOT_CHECKED and "[tradeoffs.\"flux1-dev\".\"nvfp4\"]" in unknown.message
     contended = replace(fp8, metrics=replace(fp8.metrics, run_wait_s=[0.1] * 27))
-    assert "host contention" in by_kind(tradeoffs.check([bf16, contended], table))["speed"].message
+    assert "host contention" in by_kind(tradeoff_checks.check([bf16, contended], table))["speed"].message
     remeasured = replace(fp8, outcome=REMEASURE, metrics=replace(fp8.metrics, peak_mem_gib=99.0))
-    assert not any(v.failed for v in tradeoffs.check([bf16, fp8, remeasured], table))
+    assert not any(v.failed for v in tradeoff_checks.check([bf16, fp8, remeasured], table))
 
 
 def test_quality_outside_the_tier_fails_unless_the_combo_was_measured_below_it():
     table = derived_table(runs())
     bf16, fp8 = runs()[:2]
     worse = replace(fp8, metrics=replace(fp8.metrics, ms_ssim=0.99))
-    verdict = by_kind(tradeoffs.check([bf16, worse], table))["quality"]
+    verdict = by_kind(tradeoff_checks.check([bf16, worse], table))["quality"]
     assert verdict.failed and "MS-SSIM 0.990000 < 0.995" in verdict.message
     synthetic = [replace(r, metrics=replace(r.metrics, ms_ssim=0.98)) if r.precision != "bf16" else r
                  for r in runs()]
     below = derived_table(synthetic)
     assert below["tradeoffs"]["flux1-dev"]["fp8-scaled"]["quality_below_tier"]
-    stated = by_kind(tradeoffs.check([bf16, worse], below))["quality"]
+    stated = by_kind(tradeoff_checks.check([bf16, worse], below))["quality"]
     assert stated.status == tradeoffs.NOT_CHECKED and "below the 8bit tier's 0.995, as measured" in stated.message
 
 
@@ -160,7 +160,7 @@ def test_the_committed_h200_runs_state_their_trade_offs_and_pass_them():
              if len({q.combo for q in records if q.run_id == r.run_id}) == 16}  # one-sided whole-matrix runs
     assert len(whole) == 6
     for run in whole:
-        verdicts = tradeoffs.check([r for r in records if r.run_id == run], table)
+        verdicts = tradeoff_checks.check([r for r in records if r.run_id == run], table)
         assert len(verdicts) == 36 and not [v.message for v in verdicts if v.failed or v.status == "changed, check"]
 
 
@@ -168,9 +168,9 @@ def test_the_tier_floor_of_the_quality_check_widens_by_the_models_noise_floor():
     table = derived_table(runs())
     bf16, fp8 = runs()[:2]
     near = replace(fp8, metrics=replace(fp8.metrics, ms_ssim=0.9945))
-    assert by_kind(tradeoffs.check([bf16, near], table))["quality"].failed
+    assert by_kind(tradeoff_checks.check([bf16, near], table))["quality"].failed
     noisy = {**table, "noise_floor": {"flux1-dev": {"d_noise": 0.0002, "k": 3.0}}}
-    verdict = by_kind(tradeoffs.check([bf16, near], noisy))["quality"]
+    verdict = by_kind(tradeoff_checks.check([bf16, near], noisy))["quality"]
     assert verdict.status == tradeoffs.PASSED and "0.995 - 3 x d_noise 0.000200 = 0.994400" in verdict.message
 
 
@@ -179,10 +179,10 @@ def test_a_speed_ratio_across_two_gpus_is_no_trade_off():
     bf16, fp8 = runs()[:2]
     elsewhere = replace(fp8, environment={"gpu": {"uuid": "GPU-other"}},  # an xdist worker's share on another GPU
                         metrics=replace(fp8.metrics, step_times_s=[0.40] * 27))
-    speed = by_kind(tradeoffs.check([bf16, elsewhere], table))["speed"]
+    speed = by_kind(tradeoff_checks.check([bf16, elsewhere], table))["speed"]
     assert speed.status == tradeoffs.NOT_CHECKED and "measured on two GPUs" in speed.message
     slow = replace(fp8, metrics=replace(fp8.metrics, step_times_s=[0.40] * 27))
-    assert by_kind(tradeoffs.check([bf16, slow], table))["speed"].failed  # the same GPU: lost speed-up
+    assert by_kind(tradeoff_checks.check([bf16, slow], table))["speed"].failed  # the same GPU: lost speed-up
 
 
 def test_on_a_cpu_lost_speed_is_stated_not_failed():
@@ -190,5 +190,5 @@ def test_on_a_cpu_lost_speed_is_stated_not_failed():
     table = derived_table(cpu, "cpu")
     bf16, fp8 = cpu[:2]
     slow = replace(fp8, metrics=replace(fp8.metrics, step_times_s=[1.0] * 27))
-    speed = by_kind(tradeoffs.check([bf16, slow], table))["speed"]
+    speed = by_kind(tradeoff_checks.check([bf16, slow], table))["speed"]
     assert speed.status == tradeoffs.CHANGED and "speed is not gated on a CPU" in speed.message

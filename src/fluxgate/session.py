@@ -242,17 +242,17 @@ class RunSession:
         if self.run_id is None or self.settings.write_baselines:
             return
         from fluxgate.errors import FluxgateError
-        from fluxgate.judging import tradeoffs
+        from fluxgate.judging import tradeoff_checks
 
         try:
-            checked = tradeoffs.check_run(self.store.load_run(self.run_id), self.settings.baselines_dir)
+            checked = tradeoff_checks.check_run(self.store.load_run(self.run_id), self.settings.baselines_dir)
         except (OSError, ValueError, TypeError, FluxgateError) as error:  # never an internal error at the end
             warnings.warn(f"trade-offs against bf16 not checked ({type(error).__name__}: {error})", stacklevel=1)
             return
         if checked is None:
             return
         path, verdicts = checked
-        lines = tradeoffs.summary_lines(path, verdicts)
+        lines = tradeoff_checks.summary_lines(path, verdicts)
         self.tradeoff_lines = lines[:1] + [f"  {line}" for line in lines[1:]]
         failed = sum(v.failed for v in verdicts)
         if failed:

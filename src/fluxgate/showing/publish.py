@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from fluxgate.errors import FluxgateError
-from fluxgate.judging import compare, tradeoffs
+from fluxgate.judging import compare, tradeoff_checks
 from fluxgate.matrix import Combo
 from fluxgate.showing import decision
 from fluxgate.showing.figures import rgb, write_grid, write_trend
@@ -317,8 +317,8 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
     card = baselines_dir.parent / "docs" / f"detection-card-{run[0].gpu_class}.md"
     if card.is_file():  # what the gate can and cannot see on this GPU class, measured
         notes.insert(0, f"detection card of this GPU class: `docs/{card.name}`")
-    checked = tradeoffs.check_run(run, baselines_dir)  # what the run's session checked at its end, said again
-    traded = (tradeoffs.summary_lines(*checked), sum(v.failed for v in checked[1])) if checked else ([], 0)
+    checked = tradeoff_checks.check_run(run, baselines_dir)  # what the run's session checked at its end, said again
+    traded = (tradeoff_checks.summary_lines(*checked), sum(v.failed for v in checked[1])) if checked else ([], 0)
     from_verdicts = any(record.history_verdict is not None for record in run)
     summary.write_text(_summary(run, bases, _footnote(earlier_counts, written, from_verdicts), notes,
                                 regressed, traded)
