@@ -88,3 +88,10 @@ def test_the_import_graph_has_no_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles
+
+
+def test_the_rules_import_no_measuring_and_no_orchestration():
+    # judging holds rules (statistics, limits, verdicts): it reads records, never runs or times a model
+    found = sorted(f"{module} -> {target}" for module, targets in _graph().items() if module.startswith("judging")
+                   for target in targets if target.split(".")[0] in ("measuring", "weights", "gate", "session"))
+    assert not found
