@@ -82,8 +82,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _register_markers(config: pytest.Config) -> None:
-    """One marker per registered model, precision and runtime (`-m "flux2_dev and nvfp4"`), once the run reads the
-    registries."""
+    """One marker per registered model, precision and runtime (`-m "flux2_dev and nvfp4"`), from the registries' light
+    specs."""
     from fluxgate.matrix import RUNTIMES
     from fluxgate.models import MODELS
     from fluxgate.precisions import PRECISIONS

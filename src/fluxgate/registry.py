@@ -41,6 +41,11 @@ BUILTIN_ORIGIN = "fluxgate"
 Spec = TypeVar("Spec")
 
 
+def marker_name(name: str) -> str:
+    """The pytest marker of a registered name: `flux2_dev` for `flux2-dev`, `fp8_scaled` for `fp8-scaled`."""
+    return name.replace("-", "_").replace(".", "_")
+
+
 def load_target(target: str) -> Any:
     """The object `module:attribute` names. Raises RegistryError (one line) when it cannot be imported or found."""
     module_name, _, attribute = target.partition(":")

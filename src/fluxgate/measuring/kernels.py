@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
 from fluxgate.models import denoiser_of
-from fluxgate.precisions import PRECISIONS
+from fluxgate.precisions import PRECISIONS, installed
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
@@ -149,12 +149,6 @@ def _classify(precision: str, quantized_linears: int, quantized_calls: int,
     return label, False
 
 
-def _importable(specs):
-    """The specs whose implementation imports here (a precision whose optional package is missing has no layers in
-    this process to recognise)."""
-    return [spec for spec in specs if spec.missing_package() is None]
-
-
 def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
                 calls: list[TransformerCall] | None = None) -> KernelPath:
     """Profile one denoising step of `pipe.transformer` (CPU and, on CUDA, kernel activity) and name the GEMM path
@@ -163,7 +157,7 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     transformer = denoiser_of(pipe)
     device = next(transformer.parameters(), torch.empty(0)).device
     # the combo's own precision first: its fast GEMM names the path when another's matches the same op
-    specs = sorted(_importable(PRECISIONS.values()), key=lambda spec: spec.name != precision_name)
+    specs = sorted(installed(PRECISIONS.values()), key=lambda spec: spec.name != precision_name)
     formats = [spec.implementation for spec in specs]
     fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
     quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from fluxgate.models.builder import ModelBuilder
-from fluxgate.registry import MODELS_GROUP, Registry, load_target
+from fluxgate.registry import MODELS_GROUP, Registry, load_target, marker_name
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ class ModelSpec:
     @property
     def marker(self) -> str:
         """The pytest marker of its combos: `flux2_dev` for `flux2-dev`."""
-        return self.name.replace("-", "_").replace(".", "_")
+        return marker_name(self.name)
 
     @property
     def builder(self) -> ModelBuilder:

@@ -12,11 +12,12 @@ and an entry point naming it (README, "Extending from your own repository").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from fluxgate.registry import PRECISIONS_GROUP, Registry, load_target
+from fluxgate.registry import PRECISIONS_GROUP, Registry, load_target, marker_name
 
 if TYPE_CHECKING:
     from fluxgate.precisions.spec import PrecisionFormat
@@ -53,7 +54,7 @@ class PrecisionSpec:
     @property
     def marker(self) -> str:
         """The pytest marker of its combos: `fp8_scaled` for `fp8-scaled`."""
-        return self.name.replace("-", "_").replace(".", "_")
+        return marker_name(self.name)
 
     @cached_property
     def implementation(self) -> PrecisionFormat:
@@ -78,6 +79,12 @@ class PrecisionSpec:
 
 
 PRECISIONS: Registry[PrecisionSpec] = Registry(PRECISIONS_GROUP, PrecisionSpec, "precision")
+
+
+def installed(specs: Iterable[PrecisionSpec] | None = None) -> list[PrecisionSpec]:
+    """Of `specs` (default: every registered precision), those whose optional packages are installed: the ones whose
+    layers and GEMMs this process can recognise (a precision missing its package has none loaded here)."""
+    return [spec for spec in (PRECISIONS.values() if specs is None else specs) if spec.missing_package() is None]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,25 +28,29 @@ NOT_RECORDED = "not recorded"  # a record without a stored verdict (written befo
 _OWN = {"extra", "present"}  # bookkeeping fields, never written
 
 
-def _from(cls, data: Mapping[str, Any]):
-    """`cls` from a checked JSON object (`storing.validate`), unknown keys kept in `extra`, the keys read kept in
-    `present` (written back as they were)."""
-    names = {f.name for f in dataclasses.fields(cls)} - _OWN
-    known = {key: value for key, value in data.items() if key in names}
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in known.items()},
-               extra={key: value for key, value in data.items() if key not in names}, present=frozenset(known))
+class _Stored:
+    """A verdict as a record stores it: read from a checked JSON object (`storing.validate`) with unknown keys kept in
+    `extra` and the keys read in `present`, written back with the keys it was read with (every field of one made
+    here). Subclasses are frozen dataclasses with those two fields last."""
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]):
+        """From a record's checked verdict object."""
+        names = {f.name for f in dataclasses.fields(cls)} - _OWN
+        known = {key: value for key, value in data.items() if key in names}
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in known.items()},
+                   extra={key: value for key, value in data.items() if key not in names}, present=frozenset(known))
 
-def _to(instance) -> dict[str, Any]:
-    """The JSON object: the keys it was read with, or every field of one made here."""
-    out = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.name not in _OWN
-           and (instance.present is None or f.name in instance.present)}
-    return {**{key: list(value) if isinstance(value, tuple) else value for key, value in out.items()},
-            **instance.extra}
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object a record stores."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _OWN
+               and (self.present is None or f.name in self.present)}
+        return {**{key: list(value) if isinstance(value, tuple) else value for key, value in out.items()},
+                **self.extra}
 
 
 @dataclass(frozen=True)
-class HistoryVerdict:
+class HistoryVerdict(_Stored):
     """One combo of one run against its window of earlier runs, as the gate judged it.
 
     `policy`: the `judging.compare.Policy` fields it was judged with (fractions; min_speed_effect 0.5 on CPU).
@@ -65,15 +69,6 @@ class HistoryVerdict:
     extra: Mapping[str, Any] = field(default_factory=dict)
     present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> HistoryVerdict:
-        """From a record's checked `history_verdict` object."""
-        return _from(cls, data)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object a record stores."""
-        return _to(self)
-
     @property
     def fails_run(self) -> bool:
         """A regression that failed its run."""
@@ -81,7 +76,7 @@ class HistoryVerdict:
 
 
 @dataclass(frozen=True)
-class ABVerdict:
+class ABVerdict(_Stored):
     """One combo of an A/B run: the paired verdict (SAME / SLOW / FAST / UNKNOWN) with the policy it was judged by.
     `ratio` (candidate / base step time), `low`..`high` its interval, `ratios` one per block, `orders` each block's
     side order ("bc"), `set_aside` [block number, why] pairs, `seconds` the time the blocks took."""
@@ -105,14 +100,6 @@ class ABVerdict:
     extra: Mapping[str, Any] = field(default_factory=dict)
     present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ABVerdict:
-        """From a record's checked `ab` object."""
-        return _from(cls, data)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object a record stores."""
-        return _to(self)
 
 
 def shown(record) -> str | None:

@@ -13,7 +13,7 @@ import gguf
 import torch
 
 from fluxgate.errors import FixtureError
-from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
+from fluxgate.precisions import DTYPE, PrecisionSpec, installed
 from fluxgate.precisions.spec import StateDict
 from fluxgate.weights.headers import gguf_problem, read_gguf, safetensors_problem
 
@@ -77,8 +77,7 @@ def misfit_quantized_linear(model: torch.nn.Module) -> str | None:
     """The first quantized linear whose loaded tensors do not have the shapes its in/out features give them (each
     precision's `packed_shapes`), as "<name>.<tensor> has shape [...], but a K -> N linear needs [...]"; else None.
     diffusers checks the shapes of plain and GGUF weights but puts fp8r/nvfp4 tensors in place as they are."""
-    checks = [(spec.quantized_layer, spec.packed_shapes) for spec in PRECISIONS.values()
-              if spec.missing_package() is None and spec.packed_shapes]
+    checks = [(spec.quantized_layer, spec.packed_shapes) for spec in installed() if spec.packed_shapes]
     for name, module in model.named_modules():
         for layer, packed_shapes in checks:
             if not isinstance(module, layer):
