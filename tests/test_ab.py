@@ -3,6 +3,7 @@ injector on the candidate side gives SLOW for that combo only, a broken side is 
 (alternating order, early stop, budget) against fakes; A/B records stay out of history windows."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -140,6 +141,36 @@ def test_a_slow_candidate_is_slow_and_an_unclear_one_is_unknown_when_the_budget_
     assert "blocks" in result.verdict.message
 
 
+def test_time_outside_the_loop_is_judged_on_the_whole_image_at_the_model_s_steps():
+    """A VAE decode 30 % slower, or a new cost on each image's first step: the steps are SAME, the image (at the
+    model's 28 steps, from 4-step blocks) SLOW, and the combo fails; the image time is what the model's steps would
+    take, each per-image cost counted once."""
+    answer = {"first_steps_s": [0.12], "step_times_s": [0.1, 0.1, 0.13], "e2e_s": 0.45 + 0.5}
+    assert interleave.image_s(answer) == pytest.approx(0.95)
+    assert interleave.image_s(answer, 28) == pytest.approx(0.95 + 24 * 0.11)
+    assert interleave.image_s({"step_times_s": [0.1]}) is None
+
+    def sides(outside_s: float, first_s: float):
+        calls = []
+
+        def image(side: str) -> dict:
+            calls.append(side)
+            wobble = (1.0, 1.002, 0.998)[len(calls) % 3]
+            first = 0.1 + (first_s if side == "candidate" else 0.0)
+            outside = 0.5 + (outside_s if side == "candidate" else 0.0)
+            return {"first_steps_s": [first * wobble], "step_times_s": [0.1 * wobble] * 3, "peak_mem_gib": 2.0,
+                    "e2e_s": (first + 0.3) * wobble + outside, "png": None}
+        return image
+
+    for outside_s, first_s in ((0.15, 0.0), (0.0, 0.15)):
+        result = interleave.run_blocks("m[bf16]", sides(outside_s, first_s), paired.PairedPolicy(), budget_s=1e9,
+                                       image_steps=28)
+        assert result.verdict.outcome == paired.SAME and result.image_verdict.outcome == paired.SLOW, \
+            (result.verdict.message, result.image_verdict.message)
+        assert result.image_verdict.ratio == pytest.approx((3.4 + 0.15) / 3.4, rel=2e-3) and result.failed
+        assert result.image_verdict.message.startswith("image SLOW: candidate/base image time")
+
+
 def test_memory_and_similarity_regressions_fail_the_same_pairs():
     pair = interleave.Pair(("base", "candidate"), {}, {}, 1.0, 1.2, 0.90)
     verdict = paired.PairedVerdict(paired.SAME, 1.0, 0.99, 1.01, 3, "SAME")
@@ -258,7 +289,7 @@ def test_a_total_budget_leaves_out_the_combos_it_cannot_pay_for_and_the_run_stat
     out, err = capsys.readouterr()
     assert status == 0, out + err
     assert "[1/4] flux1-dev[bf16]: loading both sides (share of the total budget: 0 s)" in err
-    assert "  flux1-dev[bf16] block 1 (A B): ratio 1.0000" in err  # progress per block
+    assert "  flux1-dev[bf16] block 1 (A B): steps 1.0000" in err  # progress per block
     left_out = [line for line in out.splitlines() if line.startswith("not measured (--total-budget-s 0.5 spent)")]
     assert len(left_out) == 1 and "flux2-dev[nvfp4]" in left_out[0], out
     assert loads[0] == ("base", "flux1-dev[bf16]", 3)  # --model-steps reach the sides' loads
@@ -288,11 +319,77 @@ def test_the_injected_side_is_named_in_its_run_and_a_slow_combo_fails_the_summar
     capsys.readouterr()
     assert status == 1
     sides = runs(tmp_path / "h")
-    assert sides["candidate"]["environment"]["ab_inject"] == {"combo": "flux1-dev[bf16]", "fraction": 0.5}
+    assert sides["candidate"]["environment"]["ab_inject"] == {"combo": "flux1-dev[bf16]", "fraction": 0.5,
+                                                              "shape": "steps"}
     assert "ab_inject" not in sides["base"]["environment"]
     summary = (tmp_path / "ab.md").read_text()
     assert summary.startswith("**A/B gate: FAILED (1 combo(s) SLOW or regressed: flux1-dev[bf16])**")
     assert "| `flux1-dev[bf16]` | SLOW | 1.5000 |" in summary
+
+
+def test_an_unknown_injected_shape_is_one_error_line(capsys):
+    from fluxgate import ab
+
+    with pytest.raises(SystemExit) as stopped:
+        ab.main(["--base-tree", str(ROOT), "--inject-slow", "flux1-dev[bf16]:0.02:wobble"])
+    assert stopped.value.code == 2
+    assert "SHAPE 'wobble' is none of steps, host, first, decode, stallK (K >= 2)" in capsys.readouterr().err
+
+
+SHAPES_SCRIPT = r"""
+import importlib, json, os, sys
+import torch
+from fluxgate import defaults
+from fluxgate.matrix import Combo
+from fluxgate.measuring import measure, runner
+from fluxgate.measuring.runner import Inputs, Runner
+from fluxgate.weights.tiny import TinySource
+
+torch.set_num_threads(1)
+from pathlib import Path
+inputs = Inputs.from_file(defaults.input_file("prompts", Path(sys.argv[2])))
+found = {}
+for shape in ("steps", "stall2", "first", "decode"):
+    os.environ.update(FLUXGATE_SLOW_COMBO="flux1-dev[bf16]", FLUXGATE_SLOW_FRACTION="3", FLUXGATE_SLOW_SHAPE=shape)
+    sys.modules.pop("slow_combo", None)
+    runner.Runner.loaded, measure._StepClock.step_end = ORIGINAL = globals().get("ORIGINAL") or (
+        runner.Runner.loaded, measure._StepClock.step_end)
+    injector = importlib.import_module("slow_combo")
+    run = Runner("tiny", torch.device("cpu"), TinySource(Path(sys.argv[1]), inputs.seed), inputs)
+    with run.loaded(Combo("flux1-dev", "bf16")) as held:
+        result = held.images(2)
+    found[shape] = {"first_steps_s": result.first_steps_s, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
+                    "delay_s": 3 * injector.state["first_step_s"], "model_steps": injector.state["model_steps"]}
+print(json.dumps(found))
+"""
+
+
+def test_each_injected_shape_lands_where_it_says(cache):
+    """The injector's shapes on the tiny profile, a delay of 3x the loop's estimate: `steps` on every step after the
+    first, `stall2` on every second step (twice as much), `first` on each image's first step only (the whole loop's
+    worth, from the image after the one that calibrates it), `decode` outside the loop (its steps untouched). Lower
+    bounds, and upper bounds of 3x a step: a sleep lasts at least its time."""
+    done = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, str(cache), str(ROOT)], capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+                          "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests" / "injectors")])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for shape, got in found.items():
+        loop_s = got["delay_s"] * got["model_steps"]
+        if shape == "steps":
+            assert all(s >= got["delay_s"] for s in got["step_times_s"]), (shape, got)
+        elif shape == "stall2":
+            steps = got["step_times_s"]  # per image: steps 2..n, the even ones slowed by 2 x the delay
+            per_image = len(steps) // 2
+            slowed = [steps[i * per_image + k] for i in range(2) for k in range(per_image) if (k + 2) % 2 == 0]
+            assert slowed and all(s >= 2 * got["delay_s"] for s in slowed), (shape, got)
+        elif shape == "first":
+            # the combo's first timed image calibrates (its first step is the estimate); each one after is slowed
+            assert got["first_steps_s"][0] < loop_s <= got["first_steps_s"][1], (shape, got)
+            assert sum(got["step_times_s"]) < loop_s, (shape, got)
+        else:
+            assert got["e2e_s"] >= loop_s + sum(got["step_times_s"]) / 2, (shape, got)
+            assert max(got["first_steps_s"] + got["step_times_s"]) < loop_s, (shape, got)
 
 
 def test_history_dir_takes_a_url_as_the_pytest_option_does(monkeypatch, capsys):

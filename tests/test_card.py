@@ -184,7 +184,7 @@ def test_real_injected_runs_are_listed_beside_the_resampled_detection():
     assert [(r.combo, r.fraction, r.outcome, r.blocks) for r in runs] == [("flux1-dev[fp8-scaled]", 0.02, "SLOW", 3)]
     text = ab_card.markdown(ab_card.build(aa + injected, "nvidia-h200", simulations=100), "nvidia-h200",
                             injected=runs)
-    assert "### Real injected runs" in text and "| `flux1-dev[fp8-scaled]` | +2.0% | `ab1` | not recorded | SLOW | 3 |" in text
+    assert "### Real injected runs" in text and "| `flux1-dev[fp8-scaled]` | +2.0% | steps | `ab1` | not recorded | SLOW | 3 |" in text
     assert "**1 of 1** real injected runs SLOW" in text
 
 

@@ -30,8 +30,8 @@ def _sequential(effect: float, noise: float, seed: int, policy: PairedPolicy = P
             return verdict
 
 
-def test_a_block_ratio_is_candidate_median_over_base_median():
-    assert block_ratio([0.10, 0.11, 0.30], [0.12, 0.121, 0.119]) == pytest.approx(0.12 / 0.11)
+def test_a_block_ratio_is_candidate_mean_step_over_base_mean_step():
+    assert block_ratio([0.10, 0.11, 0.30], [0.12, 0.121, 0.119]) == pytest.approx(0.36 / 0.51)
     with pytest.raises(ValueError, match="both sides"):
         block_ratio([], [0.1])
 
@@ -167,3 +167,33 @@ def test_a_host_synchronous_combo_is_judged_at_its_own_wider_effect():
     assert policy.min_effect == policy.equivalence == HOST_SYNC_EFFECT > PairedPolicy().min_effect
     assert judge([1.02, 1.021, 1.019, 1.02], PairedPolicy()).outcome == SLOW
     assert judge([1.02, 1.021, 1.019, 1.02], policy).outcome == SAME  # a 2 % shift is inside its ±4 %
+
+
+def _shaped(shape: str, steps: int, step_s: float, effect: float) -> list[float]:
+    """One candidate image's steps after its first with a slowdown of mean `effect` in `shape`: every step alike, a
+    stall on every fifth step, a sync every other step."""
+    if shape == "constant":
+        return [step_s * (1 + effect)] * steps
+    every = 5 if shape == "stall every 5th step" else 2
+    return [step_s * (1 + every * effect) if k % every == every - 1 else step_s for k in range(steps)]
+
+
+@pytest.mark.parametrize("shape", ["constant", "stall every 5th step", "sync every other step"])
+def test_slowdowns_that_are_not_a_constant_shift_come_out_slow(shape):
+    """+2 % of the steps' time in any shape is SLOW, with each side's disturbed blocks (a stall spreads the
+    candidate's steps) set aside as a live run sets them aside: a pattern that keeps to the candidate's side is
+    judged, never made SAME. The median step (the rule before) saw nothing of the last two."""
+    from fluxgate.judging.paired import Blocks, disturbance
+
+    slow = 0
+    for seed in range(40):
+        rng, blocks, verdict = random.Random(seed), Blocks(PairedPolicy()), None
+        while verdict is None:
+            noise = [1 + rng.gauss(0, 0.002) for _ in range(10)]
+            base = [0.25 * n for n in noise]
+            candidate = [s * n * (1 + rng.gauss(0, 0.001)) for s, n in zip(_shaped(shape, 10, 0.25, 0.02), noise)]
+            blocks.add(block_ratio(base, candidate), disturbance(base, candidate))
+            verdict = blocks.judge()
+        slow += verdict.outcome == SLOW
+        assert verdict.outcome != SAME, (seed, verdict.message)
+    assert slow >= 38

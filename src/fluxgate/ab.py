@@ -1,5 +1,5 @@
 """Interleaved A/B: base and candidate measured on one device in the same job, image by image, judged on their
-paired per-block step-time ratios (issue 18).
+paired per-block ratios of the mean step time and of the whole image's time (issues 18, 31).
 
     fluxgate ab --base origin/main --models flux1-dev --precisions bf16      (in any repository that uses fluxgate)
     fluxgate ab --base-tree CHECKOUT [--candidate-tree .] [options]          (the base already checked out)
@@ -45,7 +45,7 @@ Both sides' records go to --history-dir (a folder or an fsspec URL) as two run f
 "ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
 (`fluxgate.judging.window.unfit_for_window`).
 
-Exit status: 0 no combo SLOW and no memory or similarity regression; 1 one of those, or a combo that failed to
+Exit status: 0 no combo SLOW (steps or image) and no memory or similarity regression; 1 one of those, or a combo that failed to
 measure (a combo left out by --total-budget-s does not fail the run: it is listed); 2 a bad option or a side that
 cannot start (one line: `fluxgate.ab: error: base side: ...`).
 """
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import statistics
 import sys
@@ -71,6 +72,7 @@ from fluxgate.judging.interleave import BASE, CANDIDATE
 from fluxgate.showing.text import counted
 
 DEFAULT_BUDGET_S = 600.0
+INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK: tests/injectors/slow_combo.py
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
 SHARED = ("models", "precisions", "runtimes", "device", "profile", "prompts", "models_file", "fixture_cache",
           "steps", "warmup_steps", "cpu_threads", "history_dir")
@@ -136,9 +138,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
     parser.add_argument("--summary-out", type=Path,
                         help="also write the result as markdown here (the PR comment's A/B section)")
-    parser.add_argument("--inject-slow", metavar="COMBO:FRACTION",
-                        help="tests: slow COMBO's steps (`*`: every combo's) on the candidate side by FRACTION of "
-                             "its first step (the candidate tree's tests/injectors/slow_combo.py)")
+    parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE]",
+                        help="tests: slow COMBO (`*`: every combo) on the candidate side by FRACTION of its denoising "
+                             "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), host (host "
+                             "time per step), first (each image's first step), decode (the VAE decode) (the "
+                             "candidate tree's tests/injectors/slow_combo.py)")
     options = parser.parse_args(argv)
     from fluxgate import matrix
     from fluxgate.models import MODELS
@@ -159,8 +163,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         for device_type in ("cuda", "cpu"):  # both policies' block counts, before any side starts
             interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         if options.inject_slow:
-            combo, _, fraction = options.inject_slow.rpartition(":")
-            options.inject_slow = (combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction))
+            combo, fraction, shape = (options.inject_slow.split(":") + ["steps"])[:3]
+            if not (shape in INJECTED_SHAPES or re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape)):
+                raise ValueError(f"--inject-slow {options.inject_slow!r}: SHAPE {shape!r} is none of "
+                                 f"{', '.join(INJECTED_SHAPES)}, stallK (K >= 2)")
+            options.inject_slow = (combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape)
     except ValueError as error:
         parser.error(str(error))
     return options
@@ -178,21 +185,24 @@ def _positive(kind):
 def _progress(combo: str):
     """`on_block` for run_blocks: one stderr line per block."""
     def show(number: int, pair: interleave.Pair, seconds: float) -> None:
-        steps = {side: statistics.median(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
+        steps = {side: statistics.fmean(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
         images_s = sum(getattr(pair, side).get("e2e_s") or 0.0 for side in (BASE, CANDIDATE))
-        print(f"  {combo} block {number} ({' '.join('A' if s == BASE else 'B' for s in pair.order)}): ratio "
-              f"{pair.ratio:.4f}, median step base {steps[BASE]:.4f} s, candidate {steps[CANDIDATE]:.4f} s; "
+        image = f", image {pair.image_ratio:.4f}" if pair.image_ratio is not None else ""
+        print(f"  {combo} block {number} ({' '.join('A' if s == BASE else 'B' for s in pair.order)}): steps "
+              f"{pair.ratio:.4f}{image}, mean step base {steps[BASE]:.4f} s, candidate {steps[CANDIDATE]:.4f} s; "
               f"images {images_s:.1f} s; {seconds:.1f} s"
               + (f"; set aside: {pair.set_aside}" if pair.set_aside else ""), file=sys.stderr, flush=True)
     return show
 
 
 def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits, deadline: float | None = None,
-                   steps: int | None = None) -> tuple[interleave.ComboResult, dict[str, dict]]:
+                   steps: int | None = None, image_steps: int | None = None
+                   ) -> tuple[interleave.ComboResult, dict[str, dict]]:
     """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
     `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()); the sides hold nothing
-    afterwards. `steps`: this combo's denoising steps (None: the side's --steps or the profile's). Returns the
-    result and each side's image settings. Raises SideError."""
+    afterwards. `steps`: this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`:
+    the model's own, at which the whole image is judged. Returns the result and each side's image settings. Raises
+    SideError."""
     base = sides[BASE]
     alternating, settings = False, {}
 
@@ -222,7 +232,7 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
         if deadline is not None:
             budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
         result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
-                                       on_block=_progress(combo.id))
+                                       on_block=_progress(combo.id), image_steps=image_steps)
         return result, settings
     finally:
         for side in sides.values():
@@ -251,12 +261,19 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                    tuple("".join(s[0] for s in p.order) for p in result.pairs),
                    tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
                    result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
-                   host_synchronous)
+                   host_synchronous, *_image_fields(result.image_verdict))
     failed = side == CANDIDATE and result.failed
+    slow = [v.message for v in (verdict, result.image_verdict) if v is not None and v.outcome == paired.SLOW]
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
-                  failures=([verdict.message] if verdict.outcome == "SLOW" else []) + result.failures
-                  if failed else None, ab=ab)
+                  failures=slow + result.failures if failed else None, ab=ab)
+
+
+def _image_fields(verdict: paired.PairedVerdict | None) -> tuple:
+    """ABVerdict's image_outcome, image_ratio, image_low, image_high, image_message (all None without one)."""
+    if verdict is None:
+        return (None,) * 5
+    return verdict.outcome, verdict.ratio, verdict.low, verdict.high, verdict.message
 
 
 def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str, str]:
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                            "ab_tree": trees[name].digest(), "ab_python": side.hello.get("python", pythons[name]),
                            "ab_fluxgate": str(Path(side.hello.get("fluxgate", configs[name]["fluxgate"])).parent)}
             if configs[name]["inject"]:
-                environment["ab_inject"] = {"combo": options.inject_slow[0], "fraction": options.inject_slow[1]}
+                environment["ab_inject"] = dict(zip(("combo", "fraction", "shape"), options.inject_slow))
             writers[name] = store.open_run(f"{ab_id}-{name}", environment)
         print(f"A/B run {ab_id} on {sides[BASE].hello['device']} (profile {sides[BASE].hello['profile']}): "
               f"base {trees[BASE].root}, candidate {trees[CANDIDATE].root}; {counted(len(options.combos), 'combo')}",
@@ -341,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"; {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
                      if combo.id in synchronous else ""), file=sys.stderr, flush=True)
             try:
-                result, settings = _measure_combo(combo, sides, combo_policy, options.budget_s, limits, deadline,
-                                                  options.steps_by_model.get(combo.model))
+                result, settings = _measure_combo(
+                    combo, sides, combo_policy, options.budget_s, limits, deadline,
+                    options.steps_by_model.get(combo.model),
+                    combo.model_spec.settings(sides[BASE].hello["profile"]).steps)
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
                 print(f"{combo.id}: ERROR: {error}", file=sys.stderr, flush=True)

@@ -227,13 +227,14 @@ def worker_config(options: argparse.Namespace, tree: Tree, side: str, site: Path
               "steps": options.steps, "cpu_threads": cpu_threads(options.cpu_threads), "env": ENV,
               "inject": None}
     if side == CANDIDATE and options.inject_slow:
-        combo, fraction = options.inject_slow
+        combo, fraction, shape = options.inject_slow
         injectors = tree.root / "tests" / "injectors"
         if not (injectors / "slow_combo.py").is_file():
             raise SideError(f"candidate side: --inject-slow needs {injectors / 'slow_combo.py'} (fluxgate's test "
                             "injector; only fluxgate's own repository has it)")
         config["inject"] = {"path": str(injectors), "module": "slow_combo"}
-        config["env"] = {**ENV, "FLUXGATE_SLOW_COMBO": combo, "FLUXGATE_SLOW_FRACTION": str(fraction)}
+        config["env"] = {**ENV, "FLUXGATE_SLOW_COMBO": combo, "FLUXGATE_SLOW_FRACTION": str(fraction),
+                         "FLUXGATE_SLOW_SHAPE": shape}
     return config
 
 

@@ -1,12 +1,24 @@
-"""A pytest plugin (`-p slow_combo`, with this folder on PYTHONPATH) that makes one combo's denoising steps slower,
-the way a real regression would, in its measurement and any re-measurement alike. It wraps `Runner.loaded`, which
-`Runner.measure` and an A/B worker (`fluxgate.measuring.ab_worker`, which imports this module when told to) both use.
+"""A pytest plugin (`-p slow_combo`, with this folder on PYTHONPATH) that makes one combo slower the way a real
+regression would, in its measurement and any re-measurement alike. It wraps `Runner.loaded`, which `Runner.measure`
+and an A/B worker (`fluxgate.measuring.ab_worker`, which imports this module when told to) both use.
 
 FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`), or `*` for every combo (each calibrated on its own first
-step: recording real injected A/B blocks of a whole matrix for the detection card). FLUXGATE_SLOW_FRACTION: slow each step by this fraction
-of the combo's first step (CUDA: a GPU-side spin kernel, so it lands in the event-timed stream; CPU: a sleep), or
-FLUXGATE_SLOW_DELAY_S: a fixed delay per step. FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step
-starts (a test that interrupts the combo mid-measurement waits for it).
+step: recording real injected A/B blocks of a whole matrix for the detection card). FLUXGATE_SLOW_FRACTION: the
+slowdown as a fraction of the combo's denoising loop at the model's own steps, the loop estimated from its first step
+(so a mean effect of that fraction on the loop a user waits for), or FLUXGATE_SLOW_DELAY_S: a fixed delay per step.
+FLUXGATE_SLOW_SHAPE, how the delay lands (CUDA: a GPU-side spin kernel in the stream, so it is timed like work; CPU:
+a sleep; "host" busy-waits on the host on both):
+
+- `steps` (default): every step, by the fraction of a step: a constant shift;
+- `stallK` (e.g. `stall5`): every K-th step of each image, by K times that: a periodic stall or sync;
+- `host`: every step, on the host before the step's end is marked: added host time, which only a host-bound combo
+  (its GPU waits for launches) shows; a GPU-bound one hides it behind its queue;
+- `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict);
+  from the image after the one whose first step calibrates the combo;
+- `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict).
+
+FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step starts (a test that interrupts the combo
+mid-measurement waits for it).
 """
 
 import os
@@ -20,26 +32,35 @@ from fluxgate.measuring import measure, runner
 TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
 FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
 DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
+SHAPE = os.environ.get("FLUXGATE_SLOW_SHAPE", "steps")
 MARK = os.environ.get("FLUXGATE_SLOW_MARK")
-state = {"active": False, "first_step_s": None, "calibrated_for": None}
+SHAPES = ("steps", "host", "first", "decode")
+if SHAPE not in SHAPES and not (SHAPE.startswith("stall") and SHAPE[5:].isdigit() and int(SHAPE[5:]) >= 2):
+    raise ValueError(f"FLUXGATE_SLOW_SHAPE={SHAPE!r}: want one of {', '.join(SHAPES)} or stallK (K >= 2)")
+EVERY = int(SHAPE[5:]) if SHAPE.startswith("stall") else 1
+state = {"active": False, "first_step_s": None, "calibrated_for": None, "model_steps": 1, "step": 0}
 original_loaded, original_step_end = runner.Runner.loaded, measure._StepClock.step_end
 
 
 class _Slowed:
-    """`Runner.loaded(combo)`, with the combo's steps slowed while it is loaded when it is the target."""
+    """`Runner.loaded(combo)`, with the combo slowed while it is loaded when it is the target."""
 
-    def __init__(self, held, combo):
-        self.held, self.combo = held, combo
+    def __init__(self, held, combo, model_steps: int):
+        self.held, self.combo, self.model_steps = held, combo, model_steps
 
     def __enter__(self):
         state["active"] = TARGET in ("*", self.combo.id)
+        state["model_steps"] = self.model_steps
         if state["calibrated_for"] != self.combo.id:  # each combo's fraction is of its own first step
             state["first_step_s"], state["calibrated_for"] = None, self.combo.id
         try:
-            return self.held.__enter__()
+            held = self.held.__enter__()
         except BaseException:
             state["active"] = False
             raise
+        if state["active"] and SHAPE == "decode":
+            _slow_decode(held.pipe.vae)
+        return held
 
     def __exit__(self, *exc):
         state["active"] = False
@@ -47,33 +68,61 @@ class _Slowed:
 
 
 def loaded(self, combo):
-    return _Slowed(original_loaded(self, combo), combo)
+    return _Slowed(original_loaded(self, combo), combo, combo.model_spec.settings(self.profile).steps)
 
 
-def _delay_s(clock) -> float:
-    if DELAY_S or not FRACTION:
-        return DELAY_S
-    if state["first_step_s"] is None and len(clock.marks) >= 2:  # calibrate once on an unslowed step
+def _spin(seconds: float, cuda: bool, host: bool = False) -> None:
+    if MARK:
+        Path(MARK).touch()
+    if host:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    elif cuda:
+        properties = torch.cuda.get_device_properties(0)
+        clock_hz = properties.clock_rate * 1000 if hasattr(properties, "clock_rate") else 1.98e9
+        torch.cuda._sleep(int(seconds * clock_hz))
+    else:
+        time.sleep(seconds)
+
+
+def _step_s(clock) -> float:
+    """The combo's first step (seconds), measured once on an unslowed step."""
+    if state["first_step_s"] is None and len(clock.marks) >= 2:
         first, second = clock.marks[0], clock.marks[1]
         if clock.cuda:
             second.synchronize()
             state["first_step_s"] = first.elapsed_time(second) / 1000
         else:
             state["first_step_s"] = second - first
-    return FRACTION * (state["first_step_s"] or 0.0)
+    return state["first_step_s"] or 0.0
+
+
+def _slow_decode(vae) -> None:
+    decode = vae.decode
+
+    def slowed(*args, **kwargs):
+        if state["active"] and state["first_step_s"]:
+            _spin(FRACTION * state["first_step_s"] * state["model_steps"], torch.cuda.is_available())
+        return decode(*args, **kwargs)
+
+    vae.decode = slowed
 
 
 def step_end(self, *args):
-    if state["active"] and len(self.marks) >= 2:
-        delay = _delay_s(self)
-        if MARK:
-            Path(MARK).touch()
-        if self.cuda:
-            clock_hz = torch.cuda.get_device_properties(0).clock_rate * 1000 if hasattr(
-                torch.cuda.get_device_properties(0), "clock_rate") else 1.98e9
-            torch.cuda._sleep(int(delay * clock_hz))
-        else:
-            time.sleep(delay)
+    step = len(self.marks)  # the number of the step ending now (the loop's start is the first mark)
+    if state["active"]:
+        step_s = _step_s(self)  # calibrated on the combo's first image's first step, never slowed
+        if SHAPE == "decode":
+            pass
+        elif DELAY_S or not FRACTION:
+            if step >= 2:
+                _spin(DELAY_S, self.cuda)
+        elif SHAPE == "first":
+            if step == 1 and step_s:  # each later image's first step (its end event comes after the spin)
+                _spin(FRACTION * step_s * state["model_steps"], self.cuda)
+        elif step >= 2 and step % EVERY == 0:
+            _spin(EVERY * FRACTION * step_s, self.cuda, host=SHAPE == "host")
     return original_step_end(self, *args)
 
 

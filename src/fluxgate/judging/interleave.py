@@ -2,9 +2,15 @@
 (A B, B A, ...), judged after each block by the paired rule (`fluxgate.judging.paired`), and the memory and similarity
 of the same pairs.
 
+Two paired verdicts come from the same blocks: the **steps** (`paired.block_ratio`: mean step time) and the
+**image** (`image_s`: the whole image at the model's own steps, with what lies outside the steady steps: the first
+step's start-up, text encoding where the pipeline runs it, VAE decode, the pipeline's own work). A PR that makes the
+VAE decode 30 % slower, or adds a warm-up cost to each image's first steps, leaves the steps SAME and the image SLOW:
+users pay for the whole image.
+
 `run_blocks` is independent of processes: it asks `image(side)` for one timed image of "base" or "candidate" (an
-A/B worker's answer: `step_times_s` in seconds, `peak_mem_gib` in GiB, `png` bytes) and reads the time from `clock`,
-so it runs against fakes in tests.
+A/B worker's answer: `first_steps_s` and `step_times_s` in seconds, `e2e_s` the whole call in seconds,
+`peak_mem_gib` in GiB, `png` bytes) and reads the time from `clock`, so it runs against fakes in tests.
 """
 
 from __future__ import annotations
@@ -39,10 +45,24 @@ def limits_for(device_type: str, max_mem_ratio: float | None = None, min_ms_ssim
                   min_ms_ssim if min_ms_ssim is not None else default.min_ms_ssim)
 
 
+def image_s(answer: dict, steps: int | None = None) -> float | None:
+    """One image's whole time at `steps` denoising steps (seconds): its measured call (`e2e_s`) with `steps` less the
+    steps it made (`first_steps_s` and `step_times_s`) added at its mean step after the first. The A/B's images may
+    have fewer steps than the model's own (`--steps`): this is the image a user waits for at the model's steps, each
+    per-image cost (the first step's start-up, text encoding, VAE decode) counted once. None without `e2e_s`; `steps`
+    None: the image as made."""
+    settled = list(answer["step_times_s"])
+    if not answer.get("e2e_s") or not settled:
+        return None
+    made = len(answer.get("first_steps_s") or []) + len(settled)
+    return answer["e2e_s"] + ((steps or made) - made) * statistics.fmean(settled)
+
+
 @dataclass
 class Pair:
-    """One block: both sides' answers (without their PNG bytes), its step-time ratio, memory ratio, MS-SSIM, and why
-    it was set aside (`paired.disturbance`; None: judged)."""
+    """One block: both sides' answers (without their PNG bytes), its step-time ratio (`paired.block_ratio`), whole
+    image time ratio (`image_s`; None without e2e_s), memory ratio, MS-SSIM, and why it was set aside
+    (`paired.disturbance`; None: judged)."""
 
     order: tuple[str, str]
     base: dict
@@ -51,6 +71,7 @@ class Pair:
     mem_ratio: float
     ms_ssim: float | None
     set_aside: str | None = None
+    image_ratio: float | None = None
 
 
 @dataclass
@@ -68,11 +89,13 @@ class ComboResult:
     failures: list[str] = field(default_factory=list)
     images: dict = field(default_factory=dict, repr=False)  # side -> the last pair's PNG bytes
     contention: str | None = None  # `base: host contention: ...` when a side's steps waited for a CPU
+    image_verdict: paired.PairedVerdict | None = None  # the whole image's (`image_s`); None: no e2e_s measured
 
     @property
     def failed(self) -> bool:
-        """SLOW, or a memory or similarity regression."""
-        return self.verdict.outcome == paired.SLOW or bool(self.failures)
+        """SLOW steps or a SLOW image, or a memory or similarity regression."""
+        return paired.SLOW in (self.verdict.outcome, getattr(self.image_verdict, "outcome", None)) or \
+            bool(self.failures)
 
 
 def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
@@ -92,17 +115,19 @@ def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
 
 def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPolicy, budget_s: float,
                limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
-               alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None
-               ) -> ComboResult:
-    """Blocks until `paired.judge` decides: SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks` judged blocks
-    or when the next block would end past `budget_s` seconds from the start (estimated from the slowest block so far).
-    Disturbed blocks (`paired.disturbance`) are set aside, up to the policy's `max_disturbed` and unless they keep to
-    one side (`paired.Blocks`); the verdict's message says how many. `on_block(number, pair, seconds so far)` is
-    called after each block (progress).
+               alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None,
+               image_steps: int | None = None) -> ComboResult:
+    """Blocks until `paired.judge` decides on both the steps and the whole image (`image_s` at `image_steps`, the
+    model's own steps; None: the steps each image made): SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks`
+    judged blocks or when the next block would end past `budget_s` seconds from the start (estimated from the slowest
+    block so far). Disturbed blocks (`paired.disturbance`) are set aside, up to
+    the policy's `max_disturbed` and unless they keep to one side (`paired.Blocks`), for both verdicts alike; the
+    verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
     Propagates what `image` raises."""
     started, pairs, slowest = clock(), [], 0.0
-    blocks = paired.Blocks(policy)
+    blocks, whole = paired.Blocks(policy), paired.Blocks(policy)
     images: dict = {}
+    timed_images = True
     while True:
         block_start = clock()
         order = (BASE, CANDIDATE) if len(pairs) % 2 == 0 else (CANDIDATE, BASE)
@@ -110,28 +135,38 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         images = {side: answers[side].pop("png", None) for side in order}
         base, candidate = answers[BASE], answers[CANDIDATE]
         ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"])
+        seconds = [image_s(answer, image_steps) for answer in (base, candidate)]
+        image_ratio = seconds[1] / seconds[0] if None not in seconds and seconds[0] > 0 else None
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
         disturbed = paired.disturbance(base["step_times_s"], candidate["step_times_s"], policy)
         judged = blocks.add(ratio, disturbed)
+        timed_images = timed_images and image_ratio is not None  # one block without e2e_s: no image verdict
+        if timed_images:
+            whole.add(image_ratio, disturbed)
         pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
-                          None if judged else str(disturbed)))
+                          None if judged else str(disturbed), image_ratio))
         now = clock()
         slowest = max(slowest, now - block_start)
         if on_block is not None:
             on_block(len(pairs), pairs[-1], now - started)
         out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s
         verdict = blocks.judge(out_of_budget=out_of_budget)
-        if verdict is not None:
+        image_verdict = whole.judge(out_of_budget=out_of_budget) if timed_images else None
+        if verdict is not None and (image_verdict is not None or not timed_images):
             break
     if blocks.restored:  # a lopsided set: the blocks set aside were judged after all
         for pair in pairs:
             pair.set_aside = None
     verdict = replace(verdict, message=verdict.message + blocks.note())
-    return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images)
+    if image_verdict is not None:
+        image_verdict = replace(image_verdict, message="image " + image_verdict.message.replace(
+            "step time", "image time") + whole.note())
+    return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images, image_verdict)
 
 
 def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seconds: float, limits: Limits,
-              alternating_loads: bool = False, images: dict | None = None) -> ComboResult:
+              alternating_loads: bool = False, images: dict | None = None,
+              image_verdict: paired.PairedVerdict | None = None) -> ComboResult:
     """The ComboResult of these pairs: median memory ratio, lowest MS-SSIM, and the failures they make."""
     mem_ratio = statistics.median(p.mem_ratio for p in pairs) if pairs else math.nan
     scores = [p.ms_ssim for p in pairs if p.ms_ssim is not None]
@@ -142,7 +177,7 @@ def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seco
     if lowest is not None and lowest < limits.min_ms_ssim:
         failures.append(f"similarity: MS-SSIM vs base {lowest:.4f} < min {limits.min_ms_ssim:.4f}")
     return ComboResult(combo, verdict, pairs, seconds, mem_ratio, lowest, alternating_loads, failures, images or {},
-                       contention(pairs))
+                       contention(pairs), image_verdict)
 
 
 def contention(pairs: list[Pair]) -> str | None:

@@ -3,7 +3,12 @@ their per-block step-time ratios (duet / interleaved benchmarking).
 
 A **block** is one base image and one candidate image made back to back (the order alternates between blocks: A B,
 B A, ...), so a drift of the machine (clocks, temperature, a neighbour) lands on both sides of a block alike. Its ratio
-is the candidate's median step time over the base's. The verdict is sequential: after each block the geometric mean
+is the candidate's mean step time over the base's (`block_ratio`), each over its image's steps after the first: the
+loop time a user waits for per step. The median step would miss every slowdown that is not a constant shift: a stall
+on every fifth step, a periodic sync, a step cache that skips fewer steps. The first step is a per-image cost, not a
+sample of the steady state (on an H200 it moves by 5-15 % from image to image for eager fp8, whose start is
+launch-bound): a new cost there is judged with the whole image (`judging.interleave.image_s`). The verdict is
+sequential: after each block the geometric mean
 ratio gets a Student-t interval over the log ratios (scipy), at `confidence` per look — 99.9 % two-sided by default,
 so that up to `max_blocks` looks keep the overall error small — and
 
@@ -91,10 +96,11 @@ class PairedVerdict:
 
 
 def block_ratio(base_step_times_s: Sequence[float], candidate_step_times_s: Sequence[float]) -> float:
-    """Candidate median step time / base median step time of one block. Raises ValueError for an empty side."""
+    """Candidate / base mean step time of one block (seconds per step: each side's image's steps after its first).
+    Raises ValueError for an empty side."""
     if not base_step_times_s or not candidate_step_times_s:
         raise ValueError("a block needs step times from both sides")
-    return statistics.median(candidate_step_times_s) / statistics.median(base_step_times_s)
+    return statistics.fmean(candidate_step_times_s) / statistics.fmean(base_step_times_s)
 
 
 def _spread(step_times_s: Sequence[float]) -> float:

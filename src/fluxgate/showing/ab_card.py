@@ -4,7 +4,8 @@ runs.
 
 An A/A A/B run is one whose two sides ran the same tree (equal `ab_tree` digests in the two run files' environments)
 with nothing injected (no `ab_inject`) and no host contention. Each of its combos recorded one candidate/base
-step-time ratio per block (the medians of its two images' steps), and whether the rule sets it aside as disturbed
+step-time ratio per block (`paired.block_ratio`: the mean steps of its two images, recomputed from the recorded
+steps), and whether the rule sets it aside as disturbed
 (`judging.paired.disturbance`). Per combo, many sequential A/B comparisons are simulated: each picks one usable
 recorded run and takes its blocks in a random order (without replacement: a live run on that load), then draws from
 the same run again up to the policy's `max_blocks`, judging after each block with the real rule (`paired.Blocks`,
@@ -229,6 +230,14 @@ class InjectedRun:
     ratio: float
     blocks: int
     min_effect: float | None = None  # the rule's minimum effect it was judged with (None: not recorded)
+    shape: str = "steps"  # how the slowdown landed (tests/injectors/slow_combo.py)
+    image_outcome: str | None = None  # the whole image's verdict (None: not recorded)
+    image_ratio: float | None = None
+
+    @property
+    def slow(self) -> bool:
+        """SLOW on the steps or on the whole image."""
+        return paired.SLOW in (self.outcome, self.image_outcome)
 
 
 def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun]:
@@ -241,7 +250,8 @@ def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun
         if inject.get("combo") not in ("*", combo) or ab is None:
             continue
         found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab.outcome,
-                                 float(ab.ratio or math.nan), int(ab.blocks or 0), ab.min_effect))
+                                 float(ab.ratio or math.nan), int(ab.blocks or 0), ab.min_effect,
+                                 str(inject.get("shape") or "steps"), ab.image_outcome, ab.image_ratio))
     return sorted(found, key=lambda run: (run.combo, run.run))
 
 
@@ -317,23 +327,31 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
     if injected:
         by_combo = {card.combo: card for card in cards}
         lines += ["", "### Real injected runs", "",
-                  "A/B runs on the GPU with the candidate's steps slowed by a GPU-side delay of the stated fraction of "
-                  "its first step (`--inject-slow`, tests/injectors/slow_combo.py), judged live by the same rule: the "
-                  "check of the resampled detection above. The measured ratio is below the fraction where the first "
-                  "step is shorter than the steady steps. The verdict is as recorded, under the rule's minimum effect of "
+                  "A/B runs on the GPU with the candidate slowed by the stated fraction of its denoising loop "
+                  "(estimated from its first step) in the stated shape (`--inject-slow`, "
+                  "tests/injectors/slow_combo.py: steps = a GPU-side delay on every step, stallK = on every K-th step, "
+                  "host = host time on every step, first = on each image's first step, decode = in the VAE decode), "
+                  "judged live by the same rule: the check of the resampled detection above (which stretches every "
+                  "step alike). The measured ratio is below the fraction where the first step is shorter than the "
+                  "steady steps. Steps: the step-time verdict and ratio; image: the whole image's at the model's "
+                  "steps (recorded from 2026-12-07). The verdict is as recorded, under the rule's minimum effect of "
                   "that run (where not recorded: 0.5 % with nothing set aside before the A/B runs of 2026-11-30 14:09 UTC, "
                   "0.75 % with set-aside from then; neither had the host-synchronous rule); the resampled figure is "
                   "today's rule.", "",
-                  "| combo | injected | run | rule's effect | verdict | blocks judged | measured ratio | resampled "
-                  "detection at that effect |", "|---|--:|---|--:|---|--:|--:|--:|"]
+                  "| combo | injected | shape | run | rule's effect | verdict (steps) | blocks judged | measured ratio "
+                  "| image verdict | image ratio | resampled detection at that effect |",
+                  "|---|--:|---|---|--:|---|--:|--:|---|--:|--:|"]
         for run in injected:
             card = by_combo.get(run.combo)
             effect = min(card.outcomes, key=lambda e: abs(e - run.fraction)) if card and card.outcomes else None
             resampled = f"{card.detected(effect):.0%} at +{effect:.0%}" if effect else "—"
             rule = f"{run.min_effect:.2%}" if run.min_effect is not None else "not recorded"
-            lines.append(f"| `{run.combo}` | +{run.fraction:.1%} | `{run.run}` | {rule} | {run.outcome} | {run.blocks} "
-                         f"| {run.ratio:.4f} | {resampled} |")
-        slow = sum(run.outcome == paired.SLOW for run in injected if run.combo not in synchronous)
+            image = (run.image_outcome or "not recorded",
+                     "—" if run.image_ratio is None else f"{run.image_ratio:.4f}")
+            lines.append(f"| `{run.combo}` | +{run.fraction:.1%} | {run.shape} | `{run.run}` | {rule} | {run.outcome} "
+                         f"| {run.blocks} | {run.ratio:.4f} | {image[0]} | {image[1]} | "
+                         f"{resampled if run.shape == 'steps' else '—'} |")
+        slow = sum(run.slow for run in injected if run.combo not in synchronous)
         total = sum(run.combo not in synchronous for run in injected)
-        lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW."]
+        lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW (steps or image)."]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
 """The terminal table of an A/B run (`python -m fluxgate.ab`): one row per combo. Imports neither torch nor diffusers.
 
-    combo            verdict  ratio   interval         blocks  seconds  mem ratio  MS-SSIM
-    flux1-dev[bf16]  SAME     1.0031  0.9871-1.0194    4       12.3     1.001      1.0000
+    combo            verdict  ratio   interval       image        blocks  seconds  mem ratio  MS-SSIM
+    flux1-dev[bf16]  SAME     1.0031  0.9871-1.0194  SAME 1.0012  4       12.3     1.001      1.0000
 
-ratio: the geometric mean of the per-block candidate/base median step times; interval: its paired interval at the
-policy's confidence; mem ratio: median candidate/base peak GiB over the pairs; MS-SSIM: the lowest of the candidate's
-images against the base's of the same seed (1.0 = identical).
+verdict, ratio: the steps' (the geometric mean of the per-block candidate/base mean step times, every step of each
+image); interval: its paired interval at the policy's confidence; image: the whole image's verdict and ratio at the
+model's steps (`judging.interleave.image_s`: text encoding, VAE decode and the rest outside the loop included); mem
+ratio: median candidate/base peak GiB over the pairs; MS-SSIM: the lowest of the candidate's images against the base's
+of the same seed (1.0 = identical).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 
 from fluxgate.showing.text import number
 
-HEADER = ["combo", "verdict", "ratio", "interval", "blocks", "seconds", "mem ratio", "MS-SSIM"]
+HEADER = ["combo", "verdict", "ratio", "interval", "image", "blocks", "seconds", "mem ratio", "MS-SSIM"]
 
 
 def _finite(value: float | None, spec: str) -> str:
@@ -27,7 +29,9 @@ def row(result) -> list[str]:
     verdict = result.verdict
     outcome = verdict.outcome + "".join(f"+{failure.split(':')[0][:3].upper()}" for failure in result.failures)
     interval = "—" if math.isnan(verdict.low) else f"{verdict.low:.4f}-{verdict.high:.4f}"
-    return [result.combo, outcome, _finite(verdict.ratio, ".4f"), interval, str(verdict.blocks),
+    image = result.image_verdict
+    whole = "—" if image is None else f"{image.outcome} {_finite(image.ratio, '.4f')}"
+    return [result.combo, outcome, _finite(verdict.ratio, ".4f"), interval, whole, str(verdict.blocks),
             f"{result.seconds:.1f}", _finite(result.mem_ratio, ".3f"), _finite(result.min_ms_ssim, ".4f")]
 
 
@@ -38,7 +42,8 @@ def table(results) -> list[str]:
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     lines = [line(HEADER), line(["-" * w for w in widths]), *map(line, body)]
     for result in results:
-        notes = [result.verdict.message, *result.failures]
+        notes = [result.verdict.message, *([result.image_verdict.message] if result.image_verdict else []),
+                 *result.failures]
         if result.contention:
             notes.append(f"{result.contention}: the verdict rests on a busy machine")
         if result.alternating_loads:
@@ -60,7 +65,8 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
     for result in results:
         counts[result.verdict.outcome] = counts.get(result.verdict.outcome, 0) + 1
     lines = [f"**{headline}**", "", f"{title}: base {base or '?'}, candidate {candidate or '?'}, interleaved image by "
-             "image on one device; verdict on the paired per-block step-time ratios (candidate/base).", ""]
+             "image on one device; verdicts on the paired per-block ratios (candidate/base) of the mean step time and of the "
+             "whole image at the model's steps.", ""]
     if counts:
         lines += [", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())), ""]
     body = [row(result) for result in results]
@@ -70,7 +76,9 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
         lines.append("")
     notes = []
     for result in results:
-        for note in [result.verdict.message, *result.failures, *([result.contention] if result.contention else [])]:
+        image = result.image_verdict
+        for note in [result.verdict.message, *([image.message] if image and image.outcome != "SAME" else []),
+                     *result.failures, *([result.contention] if result.contention else [])]:
             if result.verdict.outcome != "SAME" or note is not result.verdict.message:
                 notes.append(f"- `{result.combo}`: {note}")
         if result.alternating_loads:

@@ -89,7 +89,8 @@ AB: Spec = {
     "set_aside": Kind("a list of [block, why] pairs", lambda value: isinstance(value, list) and all(
         isinstance(item, list) and len(item) == 2 for item in value)),
     "seconds": NUMBER, "alternating_loads": BOOL, "contention": STR, "min_effect": NUMBER, "equivalence": NUMBER,
-    "host_synchronous": BOOL,
+    "host_synchronous": BOOL, "image_outcome": _one_of(AB_OUTCOMES), "image_ratio": NUMBER, "image_low": NUMBER,
+    "image_high": NUMBER, "image_message": STR,
 }
 OUTCOMES = ("passed", "failed", "error", "skipped", "remeasure")
 RECORD: Spec = {

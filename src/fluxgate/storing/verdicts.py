@@ -78,8 +78,9 @@ class HistoryVerdict(_Stored):
 @dataclass(frozen=True)
 class ABVerdict(_Stored):
     """One combo of an A/B run: the paired verdict (SAME / SLOW / FAST / UNKNOWN) with the policy it was judged by.
-    `ratio` (candidate / base step time), `low`..`high` its interval, `ratios` one per block, `orders` each block's
-    side order ("bc"), `set_aside` [block number, why] pairs, `seconds` the time the blocks took."""
+    `ratio` (candidate / base mean step time), `low`..`high` its interval, `ratios` one per block, `orders` each
+    block's side order ("bc"), `set_aside` [block number, why] pairs, `seconds` the time the blocks took; `image_*`
+    the same for the whole image at the model's steps (`judging.interleave.image_s`; absent in runs before it)."""
 
     outcome: str
     ratio: float | None = None
@@ -97,9 +98,13 @@ class ABVerdict(_Stored):
     min_effect: float | None = None
     equivalence: float | None = None
     host_synchronous: bool | None = None
+    image_outcome: str | None = None
+    image_ratio: float | None = None
+    image_low: float | None = None
+    image_high: float | None = None
+    image_message: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     present: frozenset[str] | None = field(default=None, compare=False, repr=False)
-
 
 
 def shown(record) -> str | None:
