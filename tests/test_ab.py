@@ -60,8 +60,14 @@ def test_a_a_on_the_same_tree_is_same_and_both_sides_are_recorded_as_one_ab_run(
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     table = rows(done.stdout)
     same_or_contended(done.stdout, "flux1-dev[bf16]")
-    assert table["flux1-dev[bf16]"][-1] == "1.0000"  # bit-for-bit the same image on CPU
+    assert table["flux1-dev[bf16]"][-2] == "1.0000"  # bit-for-bit the same image on CPU
+    # the same pass judged the candidate as a one-sided run: fixed limits (a busy CPU's speed: not judged, said
+    # so) and each case at the model's 8 steps against the stored BF16 references in baselines/cpu
+    assert table["flux1-dev[bf16]"][-1] == "pass", done.stdout
     sides = runs(tmp_path)
+    candidate = sides["candidate"]["records"][0]
+    assert candidate["thresholds"]["min_it_s"] > 0 and len(candidate["metrics"]["cases"]) == 3
+    assert candidate["metrics"]["ms_ssim"] > 0.99 and all(case["image"] for case in candidate["metrics"]["cases"])
     assert set(sides) == {"base", "candidate"}
     assert sides["base"]["environment"]["ab_run"] == sides["candidate"]["environment"]["ab_run"]
     for side in sides.values():
@@ -271,7 +277,24 @@ class SleepySide:
             time.sleep(self.image_s)
             return {"ok": True, "step_times_s": [0.1] * 5, "peak_mem_gib": 1.0, "e2e_s": 0.5, "png": None,
                     "mem_kind": "RSS", "run_wait_s": None}
+        if op == "judge":
+            self.log.append((self.name, "judge", message["baselines_dir"]))
+            return self.judged()
         return {"ok": True}
+
+    def judged(self) -> dict:
+        """A judge answer: every limit held, one case image (a 4 px gray PNG)."""
+        import io
+
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4), (128, 128, 128)).save(png, format="PNG")
+        return {"ok": True, "failures": [], "steps": 28, "settings": {}, "images": {"flux1-dev[bf16]": png.getvalue()},
+                "thresholds": {"min_it_s": 1.0, "max_peak_mem_gib": 2.0, "min_ms_ssim": 0.9, "min_psnr_db": 20.0},
+                "metrics": {"ms_ssim": 0.99, "psnr_db": 40.0, "broken_image": [],
+                            "cases": [{"case": "c1", "ms_ssim": 0.99, "psnr_db": 40.0, "broken_image": [],
+                                       "image": "flux1-dev[bf16]"}]}}
 
     def close(self):
         pass
@@ -300,6 +323,47 @@ def test_a_total_budget_leaves_out_the_combos_it_cannot_pay_for_and_the_run_stat
     sides = runs(tmp_path / "h")
     assert sides["base"]["environment"]["ab_tree"] == sides["candidate"]["environment"]["ab_tree"]
     assert sides["candidate"]["records"][0]["ab"]["ratios"] == [1.0] * sides["candidate"]["records"][0]["ab"]["blocks"]
+
+
+def test_the_candidate_is_judged_by_the_fixed_limits_and_references_in_the_same_pass(tmp_path, monkeypatch, capsys):
+    """One pass, one exit status: the candidate's records carry the one-sided judgement (thresholds, similarity to
+    the BF16 reference, its case image stored in history); a missed limit fails the A/B run beside a SAME verdict; a
+    combo that cannot be judged (no baseline) fails naming why; --limits off leaves the A/B verdict alone."""
+    from fluxgate import ab
+
+    class Missing(SleepySide):
+        def judged(self):
+            if self.log[-1][0] == "candidate" and "flux1-dev" in str(self.log):
+                return {"ok": True, **{k: v for k, v in super().judged().items() if k != "ok"},
+                        "failures": ["speed: 0.900 it/s < min 1.000 it/s (baselines/cpu/thresholds.toml ...)"]}
+            return super().judged()
+
+    log = []
+    monkeypatch.setattr(ab, "Side", lambda *args: Missing(*args, log=log))
+    status = ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev", "--precisions", "bf16", "--history-dir",
+                      str(tmp_path / "h"), "--summary-out", str(tmp_path / "ab.md")])
+    out, _ = capsys.readouterr()
+    assert status == 1 and ("candidate", "judge", str((ROOT / "baselines").resolve())) in log
+    assert "flux1-dev[bf16]: speed: 0.900 it/s < min 1.000 it/s" in out
+    assert "| `flux1-dev[bf16]` | SAME |" in (tmp_path / "ab.md").read_text()
+    assert "FAIL (1)" in (tmp_path / "ab.md").read_text()
+    record = runs(tmp_path / "h")["candidate"]["records"][0]
+    assert record["outcome"] == "failed" and record["thresholds"]["min_it_s"] == 1.0
+    assert record["metrics"]["ms_ssim"] == 0.99 and record["ab"]["ms_ssim"] is None
+    assert record["image"] and list((tmp_path / "h").rglob("*.png"))
+
+    class Unjudged(SleepySide):
+        def ask(self, message):
+            if message["op"] == "judge":
+                raise ab.SideError("candidate side: BaselineError: baselines/cpu/thresholds.toml: no entry")
+            return super().ask(message)
+
+    monkeypatch.setattr(ab, "Side", lambda *args: Unjudged(*args))
+    assert ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev", "--precisions", "bf16", "--history-dir",
+                    str(tmp_path / "h2")]) == 1
+    assert "fixed limits not judged: candidate side: BaselineError" in capsys.readouterr().out
+    assert ab.main(["--base-tree", str(ROOT), "--models", "flux1-dev", "--precisions", "bf16", "--history-dir",
+                    str(tmp_path / "h3"), "--limits", "off"]) == 0
 
 
 def test_the_injected_side_is_named_in_its_run_and_a_slow_combo_fails_the_summary(tmp_path, monkeypatch, capsys):

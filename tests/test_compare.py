@@ -244,6 +244,18 @@ def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
     assert confirm(first, step_times(rng, 0.05), interleaved_base).outcome == NO_CHANGE
 
 
+def test_speed_not_judged_leaves_the_other_metrics_judged():
+    from fluxgate.judging.compare import speed_not_judged
+
+    rng = np.random.default_rng(6)
+    history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]
+    (first,) = compare_run(history, history[-1].run_id)
+    unjudged = speed_not_judged(first, "host contention: 40 %")
+    assert first.outcome == REGRESSION and unjudged.outcome == NO_CHANGE
+    assert unjudged.metric("step_time_s").message.startswith("not judged: host contention: 40 %")
+    assert unjudged.metric("peak_mem_gib") == first.metric("peak_mem_gib") and not unjudged.stored(True).fails_run
+
+
 def host_synchronous(entry, syncs=494):
     return with_metrics(entry, kernel_path={"host_syncs_per_step": syncs})
 

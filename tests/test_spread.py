@@ -119,3 +119,52 @@ def test_the_thresholds_command_derives_each_part_on_its_own(tmp_path, capsys):
     assert thresholds.main([str(one), *args, "--parts", "quality"]) == 0
     with pytest.raises(SystemExit):
         thresholds.main([str(one), *args, "--parts", "memory"])
+
+
+def test_a_speed_limit_missed_under_host_contention_is_not_judged_on_cpu_and_named_on_a_gpu(tmp_path):
+    """Issue 31: a busy laptop's quick start does not fail on speed; the miss is reported as not judged, with the
+    contention that caused it. Without a `not_judged` list (a GPU run, which re-measures instead) it fails, naming
+    the contention. A limit met under contention is met, and a miss without contention fails either way."""
+    from fluxgate.gate import limit_failures
+    from fluxgate.judging.similarity import Similarity, summarise
+    from fluxgate.measuring.measure import Measurement
+
+    similar = summarise({"fox": Similarity(1.0, float("inf"))})
+    baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0), tmp_path / "flux1-dev")
+    contended = Measurement([0.2] * 8, 3.0, 1.0, "process_rss_peak", None, None, run_wait_s=[0.08] * 8)
+    not_judged = []
+    assert limit_failures(contended, similar, baseline, "e", not_judged) == []
+    assert len(not_judged) == 1 and "5.000 it/s < min 9.000 it/s" in not_judged[0]
+    assert "not judged, host contention: the main thread waited for a CPU 40% of each step" in not_judged[0]
+    (line,) = limit_failures(contended, similar, baseline, "e")
+    assert line.startswith("speed: 5.000 it/s") and "host contention" in line and "not necessarily the code" in line
+    quiet = Measurement([0.2] * 8, 3.0, 1.0, "process_rss_peak", None, None, run_wait_s=[0.001] * 8)
+    not_judged = []
+    assert limit_failures(quiet, similar, baseline, "e", not_judged) and not not_judged
+    fast = Measurement([0.1] * 8, 3.0, 1.0, "process_rss_peak", None, None, run_wait_s=[0.08] * 8)
+    assert limit_failures(fast, similar, baseline, "e", not_judged) == [] and not not_judged
+
+
+def test_on_a_gpu_a_contended_miss_is_measured_again_and_judged_only_uncontended(tmp_path):
+    """Gate._contended_speed: the re-measurement's steps decide when they ran uncontended (a pass drops the miss, a
+    miss stays, saying why it was re-measured); contended again, the combo fails as invalid, not on speed."""
+    from fluxgate.gate import Gate, Outcome
+    from fluxgate.matrix import Combo
+    from fluxgate.measuring.measure import Measurement
+
+    baseline = Baseline(tmp_path, Thresholds(9.0, 2.0, 0.9, 20.0), tmp_path / "flux1-dev")
+    contended = Measurement([0.2] * 8, 3.0, 1.0, "cuda_max_allocated", 1.0, None, run_wait_s=[0.08] * 8)
+
+    def judged(again: Measurement) -> list[str]:
+        gate = Gate.__new__(Gate)
+        gate.runner = type("R", (), {"measure": lambda self, combo: (again, {})})()
+        outcome = Outcome(Combo("flux1-dev", "bf16"), failures=["speed: 5.000 it/s < min ...", "memory: ..."])
+        gate._contended_speed(Combo("flux1-dev", "bf16"), contended, baseline, "e", outcome)
+        return outcome.failures
+
+    assert judged(Measurement([0.1] * 8, 3.0, 1.0, "cuda_max_allocated", 1.0, None, run_wait_s=[0.0] * 8)) == \
+        ["memory: ..."]
+    slow = judged(Measurement([0.2] * 8, 3.0, 1.0, "cuda_max_allocated", 1.0, None, run_wait_s=[0.0] * 8))
+    assert slow[1].startswith("speed: 5.000 it/s") and "re-measured: the first measurement was under host" in slow[1]
+    invalid = judged(contended)
+    assert invalid[1].startswith("invalid: host contention in the measurement and its re-measurement")

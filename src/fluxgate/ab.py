@@ -75,7 +75,7 @@ DEFAULT_BUDGET_S = 600.0
 INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK: tests/injectors/slow_combo.py
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
 SHARED = ("models", "precisions", "runtimes", "device", "profile", "prompts", "models_file", "fixture_cache",
-          "steps", "warmup_steps", "cpu_threads", "history_dir")
+          "steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
 CHANGES = {
     "prompts": {"help": "prompts file for both sides [each side's own fixtures/prompts.toml, else fluxgate's packaged "
                         "prompts]"},
@@ -84,6 +84,9 @@ CHANGES = {
     "steps": {"help": "denoising steps of every image, both sides [each model's profile default]. Fewer steps give "
                       "more blocks in the same time; the verdict is on per-step times, so it keeps its meaning "
                       "(FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
+    "baselines_dir": {"default": None, "help": "stored baselines, one folder per GPU class: the fixed limits, BF16 "
+                                               "references and trade-offs the candidate is judged by [the candidate's "
+                                               "baselines/]"},
     "history_dir": {"help": "where both sides' records go: a folder or an fsspec URL (s3://bucket/prefix, ...; see "
                             "`pytest --help`) [.fluxgate/history]; its one-sided runs say which combos are "
                             "host-synchronous"},
@@ -133,6 +136,11 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                         help="blocks per combo at least, whatever the verdict after fewer (raises --ab-max-blocks to "
                              "it): record a fixed number of blocks, e.g. A/A evidence for the detection card "
                              "[policy's: 3]")
+    parser.add_argument("--limits", choices=("on", "off"), default="on",
+                        help="judge the candidate as a one-sided run judges it, besides the A/B verdict: the class's "
+                             "fixed speed and memory limits on its images, one image per case at the model's steps "
+                             "against the stored BF16 references (similarity limits, broken-image tripwire), and the "
+                             "trade-offs against BF16 [on]; off: the A/B verdict alone")
     parser.add_argument("--max-mem-ratio", type=_positive(float),
                         help="candidate/base peak memory above this fails [1.02 CUDA, 1.10 CPU]")
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
@@ -144,6 +152,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                              "time per step), first (each image's first step), decode (the VAE decode) (the "
                              "candidate tree's tests/injectors/slow_combo.py)")
     options = parser.parse_args(argv)
+    options.baselines_dir = Path(options.baselines_dir).resolve() if options.baselines_dir else \
+        options.candidate_tree.resolve() / "baselines"
     from fluxgate import matrix
     from fluxgate.models import MODELS
     from fluxgate.precisions import PRECISIONS
@@ -196,19 +206,24 @@ def _progress(combo: str):
 
 
 def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits, deadline: float | None = None,
-                   steps: int | None = None, image_steps: int | None = None
+                   steps: int | None = None, image_steps: int | None = None, baselines_dir: Path | None = None
                    ) -> tuple[interleave.ComboResult, dict[str, dict]]:
     """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
-    `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()); the sides hold nothing
-    afterwards. `steps`: this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`:
-    the model's own, at which the whole image is judged. Returns the result and each side's image settings. Raises
-    SideError."""
+    `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()), then (with `baselines_dir`)
+    the candidate judged against the class's baselines there (`_judge`); the sides hold nothing afterwards. `steps`:
+    this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`: the model's own, at
+    which the whole image is judged. Returns the result and each side's image settings. Raises SideError."""
     base = sides[BASE]
     alternating, settings = False, {}
+    phases = {"load_s": 0.0, "blocks_s": 0.0, "judge_s": 0.0, "release_s": 0.0}
 
     def load(side: str) -> None:
+        started = time.monotonic()
         message = {"op": "load", "combo": combo.id, **({"steps": steps} if steps else {})}
-        settings[side] = sides[side].ask(message)["settings"]
+        try:
+            settings[side] = sides[side].ask(message)["settings"]
+        finally:
+            phases["load_s"] += time.monotonic() - started
 
     load(BASE)
     try:
@@ -218,6 +233,8 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
             raise
         alternating = True  # the candidate's failed load is unloaded already
         base.ask({"op": "unload"})
+    print(f"  {combo.id}: loaded in {phases['load_s']:.1f} s" + (" (alternating)" if alternating else ""),
+          file=sys.stderr, flush=True)
 
     def image(side: str) -> dict:
         if not alternating:
@@ -233,10 +250,52 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
             budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
         result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
                                        on_block=_progress(combo.id), image_steps=image_steps)
+        phases["blocks_s"] = result.seconds
+        if baselines_dir is not None:
+            if alternating:
+                load(CANDIDATE)
+            started = time.monotonic()
+            _judge(result, sides[CANDIDATE], baselines_dir)
+            phases["judge_s"] = time.monotonic() - started
+        result.phases_s = phases
         return result, settings
     finally:
+        started = time.monotonic()
         for side in sides.values():
             side.ask({"op": "unload"})
+        phases["release_s"] = time.monotonic() - started
+
+
+def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path) -> None:
+    """The candidate, still loaded, judged as a one-sided run judges it (its worker's `judge`: one image per case at
+    the model's steps against the stored BF16 references, the fixed speed and memory limits on all its images): sets
+    the result's `limit_failures` and `judged`; a combo that cannot be judged (no baseline, stale references) gets
+    one failure line naming why."""
+    started = time.monotonic()
+    try:
+        judged = candidate.ask({"op": "judge", "baselines_dir": str(baselines_dir)})
+    except SideError as error:  # a worker that died fails the combo at its unload, right after
+        result.limit_failures = [f"fixed limits not judged: {error} (--limits off: the A/B verdict alone)"]
+        result.limits_note = "not judged"
+        return
+    result.judged, result.limit_failures = judged, list(judged["failures"])
+    result.limits_note = (f"{len(judged['metrics'].get('cases') or [])} case image(s) at {judged['steps']} steps "
+                          f"against the BF16 references, fixed limits on every candidate image: "
+                          f"{time.monotonic() - started:.1f} s")
+
+
+def _keep_images(result: interleave.ComboResult, writer) -> None:
+    """The judged candidate's case images into its run's history (`writer.save_image`); each case then names where
+    its image went, as a one-sided record's do."""
+    import io
+
+    from PIL import Image
+
+    stored = {name: writer.save_image(name, Image.open(io.BytesIO(png)))
+              for name, png in (result.judged.get("images") or {}).items()}
+    for case in (result.judged.get("metrics") or {}).get("cases") or []:
+        case["image"] = stored.get(case.get("image"))
+    result.judged.pop("images", None)
 
 
 def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
@@ -261,12 +320,17 @@ def _records(result: interleave.ComboResult, combo, hello: dict, side: str, sett
                    tuple("".join(s[0] for s in p.order) for p in result.pairs),
                    tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
                    result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
-                   host_synchronous, *_image_fields(result.image_verdict))
+                   host_synchronous, *_image_fields(result.image_verdict), result.min_ms_ssim)
     failed = side == CANDIDATE and result.failed
     slow = [v.message for v in (verdict, result.image_verdict) if v is not None and v.outcome == paired.SLOW]
+    judged = result.judged if side == CANDIDATE else {}
+    if judged:  # the one-sided judgement: similarity against the BF16 references, its cases, the limits used
+        metrics = Metrics.from_json({**metrics.to_json(), **judged["metrics"]})
     return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
                   settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
-                  failures=slow + result.failures if failed else None, ab=ab)
+                  failures=slow + result.failures + (result.limit_failures or []) if failed else None, ab=ab,
+                  thresholds=judged.get("thresholds"), image=(judged["metrics"].get("cases") or [{}])[0].get("image")
+                  if judged else None, not_judged=judged.get("not_judged") or None)
 
 
 def _image_fields(verdict: paired.PairedVerdict | None) -> tuple:
@@ -326,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if sides[CANDIDATE].hello["device"] != sides[BASE].hello["device"]:
             raise SideError(f"the sides resolved different devices: base {sides[BASE].hello['device']}, "
                             f"candidate {sides[CANDIDATE].hello['device']}")
+        setup_s = time.monotonic() - started
         policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         synchronous = host_synchronous_combos(store, sides[BASE].hello["gpu_class"]) if device_type == "cuda" else {}
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
@@ -361,14 +426,17 @@ def main(argv: list[str] | None = None) -> int:
                 result, settings = _measure_combo(
                     combo, sides, combo_policy, options.budget_s, limits, deadline,
                     options.steps_by_model.get(combo.model),
-                    combo.model_spec.settings(sides[BASE].hello["profile"]).steps)
+                    combo.model_spec.settings(sides[BASE].hello["profile"]).steps,
+                    options.baselines_dir if options.limits == "on" else None)
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
                 print(f"{combo.id}: ERROR: {error}", file=sys.stderr, flush=True)
                 continue
             results.append(result)
-            print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks, "
-                  f"{time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
+            _keep_images(result, writers[CANDIDATE])
+            print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks"
+                  + (f"; limits: {result.limits_note}" if result.limits_note else "")
+                  + f"; {time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
             for name, side in sides.items():
                 writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy,
                                               combo.id in synchronous))
@@ -379,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides.values():
             side.close()
         shutil.rmtree(site, ignore_errors=True)
+    tradeoffs, traded_off = _tradeoffs(store, writers.get(CANDIDATE), options)
     wall_s = time.monotonic() - started
     for line in ab_table.table(results):
+        print(line)
+    for line in tradeoffs:
         print(line)
     for error in errors:
         print(f"{error.combo}: ERROR: {error.error}")
@@ -391,13 +462,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall {wall_s:.1f} s for {counted(len(results), 'combo')}, of which {timed_s:.1f} s "
           f"({timed_s / wall_s:.0%}) inside timed steps of both sides; history: {writers[BASE].location} and "
           f"{writers[CANDIDATE].location}")
+    print(phase_line(results, wall_s, setup_s))
     if options.summary_out:
         options.summary_out.parent.mkdir(parents=True, exist_ok=True)
         options.summary_out.write_text(ab_table.markdown(
             results, [(e.combo, e.error) for e in errors], left_out, wall_s=wall_s, timed_s=timed_s,
             title=f"A/B run `{ab_id}` on {sides[BASE].hello['gpu_class']}",
-            base=_describe(sides[BASE].hello), candidate=_describe(sides[CANDIDATE].hello)))
-    return 1 if errors or any(result.failed for result in results) else 0
+            base=_describe(sides[BASE].hello), candidate=_describe(sides[CANDIDATE].hello), tradeoffs=tradeoffs,
+            traded_off=traded_off))
+    return 1 if errors or traded_off or any(result.failed for result in results) else 0
+
+
+def phase_line(results: list, wall_s: float, setup_s: float) -> str:
+    """Where an A/B run's wall time went: starting the sides (worktree, venvs, workers), loads (both sides'
+    pipelines, warm-ups and compiles included), blocks (the paired images and their comparison), judging (the
+    candidate's case images at the model's steps and its one-sided limits), releases, and the rest (trade-offs,
+    report, history writes)."""
+    totals = {name: sum((getattr(result, "phases_s", None) or {}).get(name, 0.0) for result in results)
+              for name in ("load_s", "blocks_s", "judge_s", "release_s")}
+    rest = wall_s - setup_s - sum(totals.values())
+    return (f"phases: sides started {setup_s:.0f} s, loads {totals['load_s']:.0f} s, blocks {totals['blocks_s']:.0f} "
+            f"s, judging the candidate {totals['judge_s']:.0f} s, releases {totals['release_s']:.0f} s, the rest "
+            f"{rest:.0f} s (of {wall_s:.0f} s)")
+
+
+def _tradeoffs(store, writer, options) -> tuple[list[str], int]:
+    """The candidate's trade-offs against BF16 of the same run (`judging.tradeoff_checks`), as a one-sided run checks
+    them at its end: (its summary lines, how many failed); nothing with `--limits off` or without a class file that
+    has trade-offs."""
+    if options.limits != "on" or writer is None:
+        return [], 0
+    from fluxgate.errors import FluxgateError
+    from fluxgate.judging import tradeoff_checks
+
+    try:
+        checked = tradeoff_checks.check_run(store.load_run(writer.run_id), options.baselines_dir)
+    except (OSError, ValueError, TypeError, FluxgateError) as error:
+        return [f"trade-offs against bf16 not checked ({type(error).__name__}: {error})"], 0
+    if checked is None:
+        return [], 0
+    return tradeoff_checks.summary_lines(*checked), sum(verdict.failed for verdict in checked[1])
 
 
 def _describe(hello: dict) -> str:

@@ -375,5 +375,16 @@ def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
                    notes=(*first.notes, f"speed re-measured against {against}"))
 
 
+def speed_not_judged(verdict: Verdict, why: str) -> Verdict:
+    """`verdict` with its speed not judged (NOT_COMPARABLE, `why` in its message), the other metrics as they are: a
+    CPU run whose measurement and re-measurement both waited for a CPU says nothing of the code's speed."""
+    speed = verdict.metric("step_time_s")
+    if speed is None:
+        return verdict
+    unjudged = replace(speed, outcome=NOT_COMPARABLE, message=f"not judged: {why} ({speed.message})")
+    metrics = tuple(unjudged if m.metric == "step_time_s" else m for m in verdict.metrics)
+    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=(*verdict.notes, f"speed: {why}"))
+
+
 def _direction(outcome: str) -> str:
     return IMPROVEMENT if outcome in (IMPROVEMENT, UNEXPLAINED_IMPROVEMENT) else outcome

@@ -90,12 +90,19 @@ class ComboResult:
     images: dict = field(default_factory=dict, repr=False)  # side -> the last pair's PNG bytes
     contention: str | None = None  # `base: host contention: ...` when a side's steps waited for a CPU
     image_verdict: paired.PairedVerdict | None = None  # the whole image's (`image_s`); None: no e2e_s measured
+    # The candidate judged as a one-sided run judges it (`fluxgate.ab`: the class's fixed limits, each case against
+    # the stored BF16 reference): the lines of the limits it missed; None: not judged (`limits_note` says why).
+    limit_failures: list[str] | None = None
+    limits_note: str | None = None
+    judged: dict = field(default_factory=dict, repr=False)  # the candidate worker's `judge` answer
+    phases_s: dict = field(default_factory=dict)  # where the combo's time went (`fluxgate.ab`), seconds
 
     @property
     def failed(self) -> bool:
-        """SLOW steps or a SLOW image, or a memory or similarity regression."""
+        """SLOW steps or a SLOW image, a memory or similarity regression against the base, or a fixed limit
+        missed."""
         return paired.SLOW in (self.verdict.outcome, getattr(self.image_verdict, "outcome", None)) or \
-            bool(self.failures)
+            bool(self.failures) or bool(self.limit_failures)
 
 
 def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:

@@ -19,6 +19,13 @@ their `pytest_fluxgate_prepare_pipeline`, and answers:
      config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
     {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
                           "mem_kind", "e2e_s": s, "png": bytes}
+    {"op": "judge", "baselines_dir": dir}
+        -> {"ok": True, "failures": [line...], "not_judged": [line...], "metrics": {ms_ssim, psnr_db, cases, ...},
+            "thresholds": {...}, "images": {name: png bytes}, "steps": N, "settings": {...}}
+        the loaded combo judged as a one-sided run judges it (`fluxgate.gate`): one image per case at the model's own
+        steps against the stored BF16 references under `<baselines_dir>/<gpu class>` (similarity limits and the
+        broken-image tripwire), and the fixed speed and memory limits on every image it made since its load (the
+        blocks' and these), pooled
     {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
     {"op": "close"}   -> {"ok": True}, and the worker ends
 
@@ -91,11 +98,13 @@ class Worker:
         self.stack: contextlib.ExitStack | None = None
         self.held = None
         self.steps = kwargs["steps"]
+        self.made: list = []  # the Measurements of the images made since the load
 
     def load(self, combo_id: str, steps: int | None = None) -> dict:
         from fluxgate.matrix import Combo
 
         self.unload()
+        self.made = []
         self.runner.steps = steps or self.steps  # Runner.settings and call_kwargs read it at load
         combo = Combo.parse(combo_id)
         stack = contextlib.ExitStack()
@@ -112,11 +121,57 @@ class Worker:
         except BaseException as error:
             self._unload_after(error)
             raise
+        self.made.append(result)
         png = io.BytesIO()
         result.image.save(png, format="PNG")
         return {"ok": True, "step_times_s": list(result.step_times_s), "first_steps_s": result.first_steps_s,
                 "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
                 "e2e_s": result.e2e_s, "png": png.getvalue()}
+
+    def judge(self, baselines_dir: str) -> dict:
+        import dataclasses
+        from pathlib import Path
+
+        from fluxgate import gate
+        from fluxgate.judging import baselines
+
+        if self.held is None:
+            raise RuntimeError("no combo loaded: send {'op': 'load'} first")
+        combo, runner = self.held.combo, self.runner
+        loaded_steps, runner.steps = runner.steps, None  # the model's own steps: the references'
+        try:
+            settings = runner.settings(combo.model_spec)
+        finally:
+            runner.steps = loaded_steps
+        try:
+            result = self.held.images(len(self.held.cases), steps=settings["steps"])
+        except BaseException as error:
+            self._unload_after(error)
+            raise
+        made = [*self.made, result]
+        waits = [m.run_wait_s for m in made]
+        pooled = dataclasses.replace(
+            result, step_times_s=[s for m in made for s in m.step_times_s],
+            run_wait_s=None if any(w is None for w in waits) else [s for w in waits for s in w],
+            peak_mem_gib=max(m.peak_mem_gib for m in made))
+        baseline = baselines.load(Path(baselines_dir), self.hello["gpu_class"], combo, settings,
+                                  self.hello["environment"])
+        images, metrics = {}, {}
+
+        def keep(name: str, image) -> str:
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            images[name] = png.getvalue()
+            return name
+
+        summary, broken = gate.judge_cases(combo, result, baseline.references(list(result.case_names)), metrics,
+                                           self.device, keep, baseline_ms_ssim=baseline.thresholds.measured_ms_ssim)
+        not_judged = [] if self.device.type != "cuda" else None  # a busy CPU's speed is not judged (gate.py)
+        failures = [f"broken image: {problem}" for problem in broken] + gate.limit_failures(
+            pooled, summary, baseline, f'["{combo.model}"."{combo.variant}"]', not_judged)
+        return {"ok": True, "failures": failures, "not_judged": not_judged or [], "metrics": metrics,
+                "images": images, "steps": settings["steps"],
+                "thresholds": dataclasses.asdict(baseline.thresholds), "settings": settings}
 
     def _unload_after(self, error: BaseException) -> None:
         stack, self.stack, self.held = self.stack, None, None
@@ -124,6 +179,7 @@ class Worker:
             stack.__exit__(type(error), error, error.__traceback__)  # raises OutOfMemory for out of memory
 
     def unload(self) -> dict:
+        self.made = []
         stack, self.stack, self.held = self.stack, None, None
         if stack is not None:
             stack.close()
@@ -225,6 +281,8 @@ def serve(channel) -> None:
                 answer = worker.load(message["combo"], message.get("steps"))
             elif op == "image":
                 answer = worker.image()
+            elif op == "judge":
+                answer = worker.judge(message["baselines_dir"])
             elif op == "unload":
                 answer = worker.unload()
             else:

@@ -1,13 +1,15 @@
 """The terminal table of an A/B run (`python -m fluxgate.ab`): one row per combo. Imports neither torch nor diffusers.
 
-    combo            verdict  ratio   interval       image        blocks  seconds  mem ratio  MS-SSIM
-    flux1-dev[bf16]  SAME     1.0031  0.9871-1.0194  SAME 1.0012  4       12.3     1.001      1.0000
+    combo            verdict  ratio   interval       image        blocks  seconds  mem ratio  MS-SSIM  limits
+    flux1-dev[bf16]  SAME     1.0031  0.9871-1.0194  SAME 1.0012  4       12.3     1.001      1.0000   pass
 
 verdict, ratio: the steps' (the geometric mean of the per-block candidate/base mean step times, every step of each
 image); interval: its paired interval at the policy's confidence; image: the whole image's verdict and ratio at the
 model's steps (`judging.interleave.image_s`: text encoding, VAE decode and the rest outside the loop included); mem
 ratio: median candidate/base peak GiB over the pairs; MS-SSIM: the lowest of the candidate's images against the base's
-of the same seed (1.0 = identical).
+of the same seed (1.0 = identical); limits: the candidate judged as a one-sided run judges it (`fluxgate ab
+--limits`: fixed speed and memory limits, each case against the stored BF16 reference): pass, FAIL (how many missed)
+or — (not judged).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 
 from fluxgate.showing.text import number
 
-HEADER = ["combo", "verdict", "ratio", "interval", "image", "blocks", "seconds", "mem ratio", "MS-SSIM"]
+HEADER = ["combo", "verdict", "ratio", "interval", "image", "blocks", "seconds", "mem ratio", "MS-SSIM", "limits"]
 
 
 def _finite(value: float | None, spec: str) -> str:
@@ -32,7 +34,15 @@ def row(result) -> list[str]:
     image = result.image_verdict
     whole = "—" if image is None else f"{image.outcome} {_finite(image.ratio, '.4f')}"
     return [result.combo, outcome, _finite(verdict.ratio, ".4f"), interval, whole, str(verdict.blocks),
-            f"{result.seconds:.1f}", _finite(result.mem_ratio, ".3f"), _finite(result.min_ms_ssim, ".4f")]
+            f"{result.seconds:.1f}", _finite(result.mem_ratio, ".3f"), _finite(result.min_ms_ssim, ".4f"),
+            _limits(result)]
+
+
+def _limits(result) -> str:
+    failures = getattr(result, "limit_failures", None)
+    if failures is None:
+        return "—"
+    return f"FAIL ({len(failures)})" if failures else "pass"
 
 
 def table(results) -> list[str]:
@@ -43,7 +53,8 @@ def table(results) -> list[str]:
     lines = [line(HEADER), line(["-" * w for w in widths]), *map(line, body)]
     for result in results:
         notes = [result.verdict.message, *([result.image_verdict.message] if result.image_verdict else []),
-                 *result.failures]
+                 *result.failures, *(result.limit_failures or []),
+                 *(f"not judged: {line}" for line in result.judged.get("not_judged") or [])]
         if result.contention:
             notes.append(f"{result.contention}: the verdict rests on a busy machine")
         if result.alternating_loads:
@@ -54,12 +65,15 @@ def table(results) -> list[str]:
 
 
 def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = (), *, wall_s: float | None = None,
-             timed_s: float | None = None, title: str = "A/B run", base: str = "", candidate: str = "") -> str:
+             timed_s: float | None = None, title: str = "A/B run", base: str = "", candidate: str = "",
+             tradeoffs: list[str] = (), traded_off: int = 0) -> str:
     """An A/B run as markdown (the PR comment's A/B section): a headline (`A/B gate: passed` or `A/B gate: FAILED
-    (...)`), the sides, the table, each combo's verdict message and failures, errors, combos left out, wall time."""
+    (...)`), the sides, the table, each combo's verdict message and failures, errors, combos left out, the
+    trade-offs' lines (`tradeoff_checks.summary_lines`; `traded_off` of them failed), wall time."""
     failed = [result.combo for result in results if result.failed]
     problems = ([f"{len(failed)} combo(s) SLOW or regressed: {', '.join(failed)}"] if failed else []) + \
-        ([f"{len(errors)} combo(s) not measured: {', '.join(combo for combo, _ in errors)}"] if errors else [])
+        ([f"{len(errors)} combo(s) not measured: {', '.join(combo for combo, _ in errors)}"] if errors else []) + \
+        ([f"{traded_off} trade-off(s) against bf16 missed"] if traded_off else [])
     headline = "A/B gate: passed" if not problems else f"A/B gate: FAILED ({'; '.join(problems)})"
     counts = {}
     for result in results:
@@ -78,7 +92,8 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
     for result in results:
         image = result.image_verdict
         for note in [result.verdict.message, *([image.message] if image and image.outcome != "SAME" else []),
-                     *result.failures, *([result.contention] if result.contention else [])]:
+                     *result.failures, *(result.limit_failures or []),
+                     *([result.contention] if result.contention else [])]:
             if result.verdict.outcome != "SAME" or note is not result.verdict.message:
                 notes.append(f"- `{result.combo}`: {note}")
         if result.alternating_loads:
@@ -88,6 +103,8 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
         notes.append(f"- not measured (total time budget spent): {', '.join(f'`{c}`' for c in left_out)}")
     if notes:
         lines += [*notes, ""]
+    if tradeoffs:
+        lines += [f"- {line}" for line in tradeoffs] + [""]
     if wall_s is not None:
         timed = f", of which {timed_s:.0f} s inside timed steps of both sides" if timed_s is not None else ""
         lines.append(f"A/B wall time {wall_s:.0f} s{timed}.")

@@ -178,6 +178,11 @@ def terminal_summary(terminalreporter, records: list[Record], context: RunContex
         write(phases)
     for line in notes(measured):
         write(line)
+    unjudged = [(r.combo, line) for r in measured for line in r.not_judged or ()]
+    if unjudged:
+        write(f"NOT JUDGED ({len(unjudged)} limit(s), not failures; the rest of each combo was judged):", yellow=True)
+        for combo, line in unjudged:
+            write(f"  {combo}: {line}", yellow=True)
     if context.distributed:
         placements = _placements(measured)
         for where, combos in sorted(placements.items()):

@@ -196,6 +196,7 @@ class Record:
     verdict: str | None = None  # REMEASURE records: the confirmed verdict ("regression", "no change", ...)
     teardown: Mapping[str, Any] | None = None  # device memory before the combo and after its teardown
     thresholds: Mapping[str, Any] | None = None  # the limits it was judged against (judging.baselines.Thresholds)
+    not_judged: Sequence[str] | None = None  # limits not judged, one line each with why (CPU: host contention)
     environment: Mapping[str, Any] | None = None  # the machine's fingerprint (measuring.environment)
     run_id: str | None = None
     recorded: str | None = None  # UTC ISO time the record was written

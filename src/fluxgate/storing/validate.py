@@ -90,7 +90,7 @@ AB: Spec = {
         isinstance(item, list) and len(item) == 2 for item in value)),
     "seconds": NUMBER, "alternating_loads": BOOL, "contention": STR, "min_effect": NUMBER, "equivalence": NUMBER,
     "host_synchronous": BOOL, "image_outcome": _one_of(AB_OUTCOMES), "image_ratio": NUMBER, "image_low": NUMBER,
-    "image_high": NUMBER, "image_message": STR,
+    "image_high": NUMBER, "image_message": STR, "ms_ssim": NUMBER,
 }
 OUTCOMES = ("passed", "failed", "error", "skipped", "remeasure")
 RECORD: Spec = {
@@ -98,7 +98,7 @@ RECORD: Spec = {
     "weights": OBJECT, "image": IMAGE, "metrics": METRICS, "failures": STRS, "error": STR,
     "outcome": _one_of(OUTCOMES), "verdict": STR, "teardown": OBJECT, "environment": ENVIRONMENT, "run_id": NAME,
     "thresholds": {"min_it_s": NUMBER, "max_peak_mem_gib": NUMBER, "min_ms_ssim": NUMBER, "min_psnr_db": NUMBER},
-    "recorded": STR, "source_run_id": NAME,
+    "recorded": STR, "source_run_id": NAME, "not_judged": STRS,
     "history_verdict": HISTORY_VERDICT, "ab": AB,
 }
 REQUIRED = {"history_verdict": ("outcome",), "ab": ("outcome",)}  # keys a verdict object cannot do without

@@ -103,6 +103,7 @@ class ABVerdict(_Stored):
     image_low: float | None = None
     image_high: float | None = None
     image_message: str | None = None
+    ms_ssim: float | None = None  # the lowest MS-SSIM of the candidate's images against the base's (same seed)
     extra: Mapping[str, Any] = field(default_factory=dict)
     present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
