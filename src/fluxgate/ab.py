@@ -7,7 +7,7 @@ paired per-block ratios of the mean step time and of the whole image's time (iss
 
 The sides differ by the repository's tree, never by fluxgate: `--base REF` makes (or reuses) a git worktree of REF
 of the candidate's repository under --envs-dir (`base`). Each side is one long-lived worker process
-(`fluxgate.measuring.ab_worker`, started through execnet) in its own interpreter (`--base-python`,
+(`fluxgate.ab_worker`, started through execnet) in its own interpreter (`--base-python`,
 `--candidate-python`; default: this one) with its own tree first on its path: `<tree>/src` for a src layout, else
 the tree itself, and the tree's pyproject.toml entry points as its registries (`fluxgate.models`,
 `fluxgate.precisions`, `fluxgate.hooks`), read in that process; its `pytest_fluxgate_prepare_pipeline` hooks change
@@ -126,7 +126,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                         help="denoising steps per model, over --steps (e.g. flux2-dev=3,flux1-kontext-dev=4): "
                              "each model's images about as long as the others'")
     parser.add_argument("--budget-s", type=_positive(float), default=DEFAULT_BUDGET_S,
-                        help=f"seconds of blocks per combo before an unclear verdict is UNKNOWN [{DEFAULT_BUDGET_S:g}]")
+                        help="seconds of blocks per combo, the candidate's judging after them included (--limits "
+                             f"on: estimated from its blocks), before an unclear verdict is UNKNOWN "
+                             f"[{DEFAULT_BUDGET_S:g}]")
     parser.add_argument("--total-budget-s", type=_positive(float),
                         help="seconds for the whole run: each combo (loading included) gets at most its share of what "
                              "is left; combos left without time are listed as not measured [none]")
@@ -210,20 +212,22 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
                    ) -> tuple[interleave.ComboResult, dict[str, dict]]:
     """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
     `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()), then (with `baselines_dir`)
-    the candidate judged against the class's baselines there (`_judge`); the sides hold nothing afterwards. `steps`:
+    the candidate judged against the class's baselines there (`_judge`; its images' time, estimated from the
+    candidate's blocks, is kept out of the blocks' budget); the sides hold nothing afterwards. `steps`:
     this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`: the model's own, at
     which the whole image is judged. Returns the result and each side's image settings. Raises SideError."""
     base = sides[BASE]
     alternating, settings = False, {}
     phases = {"load_s": 0.0, "blocks_s": 0.0, "judge_s": 0.0, "release_s": 0.0}
 
-    def load(side: str) -> None:
+    def load(side: str, phase: str | None = "load_s") -> None:
         started = time.monotonic()
         message = {"op": "load", "combo": combo.id, **({"steps": steps} if steps else {})}
         try:
             settings[side] = sides[side].ask(message)["settings"]
         finally:
-            phases["load_s"] += time.monotonic() - started
+            if phase:  # a load inside a block is the block's time
+                phases[phase] += time.monotonic() - started
 
     load(BASE)
     try:
@@ -236,20 +240,28 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
     print(f"  {combo.id}: loaded in {phases['load_s']:.1f} s" + (" (alternating)" if alternating else ""),
           file=sys.stderr, flush=True)
 
+    judging_s = [0.0]  # the candidate's judging to come: its cases' images at the model's steps, estimated
+
     def image(side: str) -> dict:
         if not alternating:
-            return sides[side].ask({"op": "image"})
-        load(side)
-        try:
-            return sides[side].ask({"op": "image"})
-        finally:
-            sides[side].ask({"op": "unload"})
+            answer = sides[side].ask({"op": "image"})
+        else:
+            load(side, phase=None)
+            try:
+                answer = sides[side].ask({"op": "image"})
+            finally:
+                sides[side].ask({"op": "unload"})
+        if side == CANDIDATE and baselines_dir is not None:
+            whole = interleave.image_s(answer, image_steps)
+            judging_s[0] = len(settings[CANDIDATE].get("cases") or [None]) * (whole or 0.0)
+        return answer
 
     try:
         if deadline is not None:
             budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
         result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
-                                       on_block=_progress(combo.id), image_steps=image_steps)
+                                       on_block=_progress(combo.id), image_steps=image_steps,
+                                       reserve_s=lambda: judging_s[0])
         phases["blocks_s"] = result.seconds
         if baselines_dir is not None:
             if alternating:

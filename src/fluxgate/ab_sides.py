@@ -261,14 +261,14 @@ def prepare(options: argparse.Namespace, site: Path) -> tuple[dict[str, Tree], d
 
 
 class Side:
-    """One side's worker: an execnet gateway to `python` running `fluxgate.measuring.ab_worker` in `tree` with
+    """One side's worker: an execnet gateway to `python` running `fluxgate.ab_worker` in `tree` with
     `config` (its "paths" and "fluxgate": what it imports). Raises SideError (one line naming the side) when it
     cannot start or imported fluxgate from elsewhere than `config["fluxgate"]`."""
 
     def __init__(self, name: str, tree: Tree, python: str, config: dict):
         import execnet
 
-        from fluxgate.measuring import ab_worker
+        from fluxgate import ab_worker
 
         self.name, self.tree = name, tree
         try:

@@ -1,6 +1,6 @@
 """A pytest plugin (`-p slow_combo`, with this folder on PYTHONPATH) that makes one combo slower the way a real
 regression would, in its measurement and any re-measurement alike. It wraps `Runner.loaded`, which `Runner.measure`
-and an A/B worker (`fluxgate.measuring.ab_worker`, which imports this module when told to) both use.
+and an A/B worker (`fluxgate.ab_worker`, which imports this module when told to) both use.
 
 FLUXGATE_SLOW_COMBO: the combo id (`flux1-dev[gguf-q8_0]`), or `*` for every combo (each calibrated on its own first
 step: recording real injected A/B blocks of a whole matrix for the detection card). FLUXGATE_SLOW_FRACTION: the

@@ -123,11 +123,11 @@ def ms_ssim(candidate_png: bytes, base_png: bytes) -> float | None:
 def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPolicy, budget_s: float,
                limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
                alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None,
-               image_steps: int | None = None) -> ComboResult:
+               image_steps: int | None = None, reserve_s: Callable[[], float] = lambda: 0.0) -> ComboResult:
     """Blocks until `paired.judge` decides on both the steps and the whole image (`image_s` at `image_steps`, the
     model's own steps; None: the steps each image made): SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks`
     judged blocks or when the next block would end past `budget_s` seconds from the start (estimated from the slowest
-    block so far). Disturbed blocks (`paired.disturbance`) are set aside, up to
+    block so far; `reserve_s()`: seconds of the budget kept for what follows the blocks). Disturbed blocks (`paired.disturbance`) are set aside, up to
     the policy's `max_disturbed` and unless they keep to one side (`paired.Blocks`), for both verdicts alike; the
     verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
     Propagates what `image` raises."""
@@ -156,7 +156,7 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         slowest = max(slowest, now - block_start)
         if on_block is not None:
             on_block(len(pairs), pairs[-1], now - started)
-        out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s
+        out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s - reserve_s()
         verdict = blocks.judge(out_of_budget=out_of_budget)
         image_verdict = whole.judge(out_of_budget=out_of_budget) if timed_images else None
         if verdict is not None and (image_verdict is not None or not timed_images):

@@ -353,5 +353,12 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
                          f"{resampled if run.shape == 'steps' else '—'} |")
         slow = sum(run.slow for run in injected if run.combo not in synchronous)
         total = sum(run.combo not in synchronous for run in injected)
-        lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW (steps or image)."]
+        shapes = sorted({run.shape for run in injected})
+        tally = "; ".join(f"{shape} {sum(r.slow for r in injected if r.shape == shape and r.combo not in synchronous)}"
+                          f" of {sum(r.shape == shape and r.combo not in synchronous for r in injected)}"
+                          for shape in shapes)
+        lines += ["", f"Not host-synchronous: **{slow} of {total}** real injected runs SLOW (steps or image)"
+                  + (f"; by shape: {tally}" if len(shapes) > 1 else "") + ". The image ratio is the effect the "
+                  "injection had on the whole image: where the GPU hides it (host time on a GPU-bound combo, a "
+                  "first-step delay the host's lead absorbs), the user pays less than the fraction injected."]
     return "\n".join(lines) + "\n"

@@ -143,6 +143,9 @@ class Worker:
             settings = runner.settings(combo.model_spec)
         finally:
             runner.steps = loaded_steps
+        # the baseline first: a missing or stale one is said before a minute of images is spent
+        baseline = baselines.load(Path(baselines_dir), self.hello["gpu_class"], combo, settings,
+                                  self.hello["environment"])
         try:
             result = self.held.images(len(self.held.cases), steps=settings["steps"])
         except BaseException as error:
@@ -154,8 +157,6 @@ class Worker:
             result, step_times_s=[s for m in made for s in m.step_times_s],
             run_wait_s=None if any(w is None for w in waits) else [s for w in waits for s in w],
             peak_mem_gib=max(m.peak_mem_gib for m in made))
-        baseline = baselines.load(Path(baselines_dir), self.hello["gpu_class"], combo, settings,
-                                  self.hello["environment"])
         images, metrics = {}, {}
 
         def keep(name: str, image) -> str:
