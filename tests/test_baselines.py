@@ -65,6 +65,19 @@ def test_malformed_thresholds_toml_names_the_file(tmp_path):
     assert str(folder / baselines.THRESHOLDS_FILE) in str(error.value)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", '"fast"', "true"])
+def test_a_limit_that_is_not_a_finite_number_is_refused_naming_it(tmp_path, value):
+    """Issue 27: `min_it_s = nan` made every speed comparison false, switching the check off; now the file and key."""
+    import re
+
+    folder = _write(tmp_path)
+    path = folder / baselines.THRESHOLDS_FILE
+    path.write_text(re.sub(r"^min_it_s = .+$", f"min_it_s = {value}", path.read_text(), count=1, flags=re.M))
+    with pytest.raises(BaselineError, match=r'\["flux1-dev"\."bf16"\] needs finite numeric .*min_it_s = ') as error:
+        baselines.load(tmp_path, "cpu", BF16, SETTINGS)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
 def test_missing_combo_entry_names_the_file_and_the_key(tmp_path):
     folder = _write(tmp_path)
     with pytest.raises(BaselineError, match=r'no entry \["flux1-dev"\."gguf-q8_0"\]') as error:

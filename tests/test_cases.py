@@ -43,6 +43,10 @@ def test_the_committed_prompts_file_gives_every_model_its_cases():
      r"case 1 of \[\[default\]\]: name '\.\./a' is not a safe file name"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "nowhere.png"\n', "input image .* not found"),
     ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\nimage = "bad.png"\n', "is not a readable image"),
+    ('seed = inf\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\n', r"needs `seed = <int>`.*seed inf is not an integer"),
+    ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = 1.5\n', r"integer seed .*seed 1\.5 is not an integer"),
+    ('seed = 0\n[[default]]\nname = "a"\nprompt = "p"\nseed = -1\n', r"seed -1 is outside 0 to 2\*\*64 - 1"),
+    ('seed = true\n[[default]]\nname = "a"\nprompt = "p"\nseed = 0\n', r"seed True is not an integer"),
 ])
 def test_a_bad_prompts_file_is_one_line_naming_it(tmp_path, text, says):
     (tmp_path / "bad.png").write_bytes(b"not a png")

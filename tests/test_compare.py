@@ -256,6 +256,25 @@ def test_speed_not_judged_leaves_the_other_metrics_judged():
     assert unjudged.metric("peak_mem_gib") == first.metric("peak_mem_gib") and not unjudged.stored(True).fails_run
 
 
+def test_the_whole_image_time_is_judged_against_the_window_and_confirmed_by_the_re_measurement():
+    """Issue 31: a VAE decode 30 % slower leaves the steps alone and moves the image (e2e_s): a regression beyond
+    the window's slowest run and its own range, kept only if the re-measurement's image is one too."""
+    from fluxgate.judging.compare import image_time_verdict
+
+    assert image_time_verdict(3.30, [3.00, 3.03]).outcome == REGRESSION
+    assert image_time_verdict(3.06, [3.00, 3.03]).outcome == NO_CHANGE  # within 2 % of the slowest run
+    assert image_time_verdict(3.30, [2.90, 3.20]).outcome == NO_CHANGE  # within the window's own 10 % range
+    assert image_time_verdict(None, [3.0]).outcome == NOT_COMPARABLE
+    rng = np.random.default_rng(6)
+    history = [with_metrics(record(i, step_times(rng)), e2e_s=e2e) for i, e2e in enumerate((3.00, 3.02, 3.90))]
+    (first,) = compare_run(history, history[-1].run_id)
+    assert first.metric("step_time_s").outcome == NO_CHANGE and first.metric("image_s").outcome == REGRESSION
+    assert first.outcome == REGRESSION and "s per image vs window 3.000-3.020 s" in first.message
+    assert confirm(first, step_times(rng), remeasured_e2e_s=3.88).outcome == REGRESSION
+    not_again = confirm(first, step_times(rng), remeasured_e2e_s=3.01)
+    assert not_again.outcome == NO_CHANGE and "not confirmed by re-measurement" in not_again.message
+
+
 def host_synchronous(entry, syncs=494):
     return with_metrics(entry, kernel_path={"host_syncs_per_step": syncs})
 

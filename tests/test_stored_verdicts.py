@@ -234,7 +234,7 @@ def test_the_gate_writes_its_verdicts_once_onto_the_runs_records(tmp_path):
             writer.append(_record(combo, 0.02, run, environment))
     slow = _steps(0.06, 9)
     runner = SimpleNamespace(device=SimpleNamespace(type="cpu"), profile="tiny",
-                             measure=lambda combo: (SimpleNamespace(step_times_s=slow, it_s=1 / 0.06, run_wait_s=None), None))
+                             measure=lambda combo: (SimpleNamespace(step_times_s=slow, it_s=1 / 0.06, run_wait_s=None, e2e_s=None), None))
     gate = Gate(runner, tmp_path / "baselines", "cpu", store.open_run("20261205T000000Z-bbbbbb", environment),
                 write=False)
     gate.history.append(_record("flux1-dev[bf16]", 0.02, 7, environment))

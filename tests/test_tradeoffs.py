@@ -192,3 +192,21 @@ def test_on_a_cpu_lost_speed_is_stated_not_failed():
     slow = replace(fp8, metrics=replace(fp8.metrics, step_times_s=[1.0] * 27))
     speed = by_kind(tradeoff_checks.check([bf16, slow], table))["speed"]
     assert speed.status == tradeoffs.CHANGED and "speed is not gated on a CPU" in speed.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", True])
+def test_a_malformed_trade_off_fails_its_combo_naming_the_key_and_the_others_are_checked(value):
+    """Issue 27: NaN, an infinity or a string in a trade-off entry switched its check off or skipped every check with
+    exit 0; now that combo fails naming file and key, and every other combo is checked as ever."""
+    import copy
+
+    table = copy.deepcopy(derived_table(runs()))
+    table["tradeoffs"]["flux1-dev"]["fp8-scaled"]["max_mem_ratio"] = value
+    verdicts = tradeoff_checks.check(runs()[:2], table, "t.toml")
+    (bad,) = [v for v in verdicts if v.combo == "flux1-dev[fp8-scaled]"]
+    assert bad.failed and bad.message.startswith(
+        'flux1-dev[fp8-scaled] all: t.toml: [tradeoffs."flux1-dev"."fp8-scaled"] max_mem_ratio = ')
+    assert "not a finite number" in bad.message
+    extra = record("flux1-dev[gguf-q8_0]", "a", 0.25, 16.0, ms_ssim=0.998)  # no entry: still said, not skipped
+    assert [v.status for v in tradeoff_checks.check([*runs()[:2], extra], table) if v.combo.endswith("q8_0]")] == \
+        ["not checked"]

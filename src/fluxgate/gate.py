@@ -300,18 +300,21 @@ class Gate:
                                        policy=policy)
         judged = []
         for verdict in verdicts:
-            speed = verdict.metric("step_time_s")
-            if confirm and speed is not None and speed.outcome == compare.REGRESSION:
+            suspected = [m for m in (verdict.metric("step_time_s"), verdict.metric("image_s"))
+                         if m is not None and m.outcome == compare.REGRESSION]
+            if confirm and suspected:
                 combo = Combo.parse(verdict.combo)
                 result, _ = self.runner.measure(combo)
                 first = next((r for r in self.history.records if r.combo == verdict.combo), None)
-                verdict = compare.confirm(verdict, result.step_times_s)
+                verdict = compare.confirm(verdict, result.step_times_s, remeasured_e2e_s=result.e2e_s)
                 again = stats.contention_note(result.step_times_s, result.run_wait_s)
+                speed = verdict.metric("step_time_s")
                 if self.runner.device.type != "cuda" and first is not None and compare.contention(first) and again \
-                        and verdict.metric("step_time_s").outcome == compare.REGRESSION:
+                        and speed is not None and speed.outcome == compare.REGRESSION:
                     verdict = compare.speed_not_judged(verdict, f"{again} in the measurement and its re-measurement")
                 self.history.append(Record(**self._identity(combo), outcome=REMEASURE, verdict=verdict.outcome,
-                                           metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s)))
+                                           metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s,
+                                                           e2e_s=result.e2e_s)))
             judged.append(verdict)
         # Written once, on the records: every reader shows these and never judges again.
         self.history.record_verdicts({verdict.combo: verdict.stored(gating=confirm) for verdict in judged})

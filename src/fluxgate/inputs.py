@@ -54,6 +54,17 @@ def _check_image(path: Path, model: str, case: Case) -> None:
                            f"image ({error})") from None
 
 
+def _seed(value) -> int:
+    """A seed as the prompts file gives it: a TOML integer that torch's generators take (0 to 2**64 - 1). Raises
+    TypeError for anything but an integer (a float such as `inf` or 1.5, a string, a boolean), ValueError out of
+    range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed {value!r} is not an integer")
+    if not 0 <= value < 2 ** 64:
+        raise ValueError(f"seed {value} is outside 0 to 2**64 - 1")
+    return value
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The weight seed and each model's cases (fixtures/prompts.toml): a `default` set and per-model sets."""
@@ -74,7 +85,7 @@ class Inputs:
         except tomllib.TOMLDecodeError as error:
             raise FixtureError(f"{path}: not valid TOML ({error})") from None
         try:
-            seed = int(data["seed"])
+            seed = _seed(data["seed"])
         except (KeyError, TypeError, ValueError) as error:
             raise FixtureError(f"{path}: needs `seed = <int>` (the weight seed) ({type(error).__name__}: "
                                f"{error})") from None
@@ -96,7 +107,7 @@ class Inputs:
             for index, entry in enumerate(entries):
                 try:
                     image = entry.get("image")
-                    case = Case(str(entry["name"]), str(entry["prompt"]), int(entry["seed"]),
+                    case = Case(str(entry["name"]), str(entry["prompt"]), _seed(entry["seed"]),
                                 None if image is None else (path.parent / image).resolve())
                 except (KeyError, TypeError, ValueError, AttributeError) as error:
                     raise FixtureError(f"{path}: case {index + 1} of [[{model}]] needs name, prompt and an integer "

@@ -13,6 +13,7 @@ similarity limits are set per precision tier (reference / 8bit / 4bit) in the sa
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,16 @@ def _read_json(path: Path) -> dict:
         raise BaselineError(f"{path}: malformed JSON ({error})") from None
 
 
+def _finite(value, key: str) -> float:
+    """A limit as a number; ValueError naming `key` for NaN or an infinity (either would switch its check off: every
+    comparison with NaN is false), TypeError for a non-number (a boolean included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} = {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{key} = {value}: not a finite number (it would switch the check off)")
+    return float(value)
+
+
 def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: dict | None = None) -> Baseline:
     """The baseline of `combo` on `gpu_class`, checked against this run's image `settings` (see IMAGE_SETTINGS) and,
     on a GPU, the hardware in its `environment` fingerprint (see HARDWARE_FIELDS)."""
@@ -129,11 +140,11 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
         measured = entry.get("measured_ms_ssim")
-        thresholds = Thresholds(**{name: float(entry[name]) for name in LIMITS},
+        thresholds = Thresholds(**{name: _finite(entry[name], name) for name in LIMITS},
                                 speed_statistic=str(entry.get("speed_statistic", "median")),
-                                measured_ms_ssim=None if measured is None else float(measured))
+                                measured_ms_ssim=None if measured is None else _finite(measured, "measured_ms_ssim"))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs numeric "
+        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs finite numeric "
                             f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None
     if thresholds.speed_statistic not in SPEED_STATISTICS:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "

@@ -32,6 +32,10 @@ is below the window's minimum by as much. MS-SSIM (`ms_ssim`, deterministic for 
 regression when it is below the window's minimum by more than `similarity_tolerance` (0.002), an improvement when
 above its maximum by as much.
 
+The whole image's time (`image_s`, from each record's `e2e_s`: text encoding, VAE decode and the pipeline's own work
+besides the steps) is a regression when it exceeds the window's slowest run by more than `min_speed_effect` or the
+window's own relative range, whichever is larger; like speed, it is final only after `confirm` sees it again.
+
 Which runs a candidate is judged against (its window) is `fluxgate.judging.window`.
 """
 
@@ -111,7 +115,7 @@ class MetricVerdict:
     MS-SSIM: candidate minus the window's min (or max), in MS-SSIM units. `p_value` is set for step time only.
     """
 
-    metric: str  # "step_time_s", "peak_mem_gib" or "ms_ssim"
+    metric: str  # "step_time_s", "peak_mem_gib", "ms_ssim" or "image_s"
     outcome: str
     candidate: float | None
     window: float | None  # the window's value the candidate is compared with (median step time, max memory, ...)
@@ -133,6 +137,7 @@ class Verdict:
     notes: tuple[str, ...] = ()  # ignored fingerprint differences, confirmation
     window_run_ids: tuple[str, ...] = ()
     window_step_times_s: tuple[tuple[float, ...], ...] = ()  # per window run, sorted; `confirm` reuses them
+    window_e2e_s: tuple[float | None, ...] = ()  # per window run with the same images: seconds per image
     policy: Policy = DEFAULT_POLICY
 
     def metric(self, name: str) -> MetricVerdict | None:
@@ -264,6 +269,30 @@ def similarity_verdict(candidate_ms_ssim: float | None, window_ms_ssim: Sequence
     return _metric("ms_ssim", outcome, candidate_ms_ssim, float(np.median(window)), None, effect, message)
 
 
+def image_time_verdict(candidate_e2e_s: float | None, window_e2e_s: Sequence[float | None],
+                       policy: Policy = DEFAULT_POLICY) -> MetricVerdict:
+    """The whole image's time (`e2e_s`, seconds: the pipeline call, text encoding, denoising and VAE decode) of the
+    candidate against the window's runs: a regression when it exceeds the window's slowest run by more than the
+    minimum speed effect or the window's own relative range, whichever is larger (one value per run, so the run is
+    the unit of evidence, as for memory); an improvement mirrored. What the steps' verdict cannot see lands here: a
+    slower VAE decode, a new per-image cost."""
+    window = sorted(v for v in window_e2e_s if v is not None and v > 0)
+    if candidate_e2e_s is None or candidate_e2e_s <= 0 or not window:
+        return _metric("image_s", NOT_COMPARABLE, candidate_e2e_s, None, None, None, "no image time to compare")
+    low, high, base = window[0], window[-1], float(np.median(window))
+    margin = max(policy.min_speed_effect, (high - low) / base)
+    if candidate_e2e_s > high * (1 + margin):
+        outcome, effect = REGRESSION, candidate_e2e_s / high - 1
+    elif candidate_e2e_s < low * (1 - margin):
+        effect = candidate_e2e_s / low - 1
+        outcome = UNEXPLAINED_IMPROVEMENT if -effect > policy.unexplained_improvement else IMPROVEMENT
+    else:
+        outcome, effect = NO_CHANGE, 0.0
+    message = (f"{outcome}: {candidate_e2e_s:.3f} s per image vs window {low:.3f}-{high:.3f} s (flags beyond "
+               f"{margin:.1%} of the window's bound)")
+    return _metric("image_s", outcome, candidate_e2e_s, base, None, effect, message)
+
+
 def _overall(metrics: Sequence[MetricVerdict]) -> str:
     outcomes = {m.outcome for m in metrics}
     return next((o for o in _SEVERITY if o in outcomes), NO_CHANGE)
@@ -293,6 +322,7 @@ def compare_record(records: Iterable[Record], candidate: Record, *, last_n: int 
         speed_verdict(m.step_times_s or (), window_steps, policy),
         memory_verdict(m.peak_mem_gib, [r.metrics.peak_mem_gib for r in window], policy),
         similarity_verdict(m.ms_ssim, [r.metrics.ms_ssim for r in window if same_images(r, candidate)], policy),
+        image_time_verdict(m.e2e_s, [r.metrics.e2e_s for r in window if same_images(r, candidate)], policy),
     )
     # A contended candidate is still judged (a change that oversubscribes the cores must not switch off its own
     # judgement); the verdict says so, and a suspected regression is re-measured before it fails the run.
@@ -300,7 +330,8 @@ def compare_record(records: Iterable[Record], candidate: Record, *, last_n: int 
     host_note = host_note + ([f"{contended}: the speed verdict may be the host's, not the code's"] if contended else [])
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
                    policy=policy, window_run_ids=tuple(str(r.run_id) for r in window),
-                   window_step_times_s=window_steps)
+                   window_step_times_s=window_steps,
+                   window_e2e_s=tuple(r.metrics.e2e_s for r in window if same_images(r, candidate)))
 
 
 def host_syncs_per_step(record: Record) -> int | None:
@@ -344,9 +375,28 @@ def compare_run(records: Iterable[Record], run_id: str, *, last_n: int = 5, base
                            policy=policy) for c in candidates]
 
 
+def _confirm_image(first: Verdict, remeasured_e2e_s: float | None) -> Verdict:
+    """`first` with its image-time regression kept only if the re-measurement's image time is one too (against the
+    same window); unchanged without a re-measured image time or an image regression."""
+    image = first.metric("image_s")
+    if remeasured_e2e_s is None or image is None or image.outcome != REGRESSION:
+        return first
+    again = image_time_verdict(remeasured_e2e_s, first.window_e2e_s, first.policy)
+    agreed = again.outcome == REGRESSION
+    combined = replace(image, outcome=REGRESSION if agreed else NO_CHANGE,
+                       effect_size=min(image.effect_size, again.effect_size, key=abs) if agreed else 0.0,
+                       message=f"{REGRESSION if agreed else NO_CHANGE} ({'confirmed' if agreed else 'not confirmed'} "
+                               f"by re-measurement): first {image.message}; re-measured {again.message}")
+    metrics = tuple(combined if m.metric == "image_s" else m for m in first.metrics)
+    return replace(first, outcome=_overall(metrics), metrics=metrics,
+                   notes=(*first.notes, "image time re-measured against the same window"))
+
+
 def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
-            base_step_times_s: Sequence[Sequence[float]] | None = None) -> Verdict:
-    """Keep `first`'s speed regression (or improvement) only if a re-measurement shows it too.
+            base_step_times_s: Sequence[Sequence[float]] | None = None,
+            remeasured_e2e_s: float | None = None) -> Verdict:
+    """Keep `first`'s speed regression (or improvement) only if a re-measurement shows it too; with
+    `remeasured_e2e_s` (seconds per image), its image-time regression likewise.
 
     `remeasured_step_times_s`: the candidate's step times (seconds) from a fresh process. `base_step_times_s`: one
     sequence per base run measured alongside it (ideally interleaved, base/candidate/base/..., on the same machine
@@ -355,6 +405,7 @@ def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
     other, while two independent processes each landing beyond the window is what a real change looks like. The
     combined p-value is the larger of the two (an intersection-union test) and the effect the smaller shift.
     """
+    first = _confirm_image(first, remeasured_e2e_s)
     speed = first.metric("step_time_s")
     if first.outcome == NOT_COMPARABLE or speed is None or speed.outcome == NOT_COMPARABLE:
         return first

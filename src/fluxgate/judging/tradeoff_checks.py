@@ -75,6 +75,10 @@ def check(run_records: Iterable[Record], thresholds_table: Mapping,
             verdict(ALL, NOT_CHECKED, f"not checked: no {key} in {source} (derive it with `python -m "
                                       "fluxgate.thresholds`)")
             continue
+        malformed = _malformed(entry)
+        if malformed:  # this combo fails, naming the key; the others are checked as ever
+            verdict(ALL, FAILED, f"{source}: {key} {malformed}")
+            continue
         if quantized is None:
             verdict(ALL, NOT_CHECKED, f"not checked: {NOT_IN_RUN}")
             continue
@@ -91,6 +95,25 @@ def check(run_records: Iterable[Record], thresholds_table: Mapping,
             verdicts.append(_check_speed(combo_id, quantized, bf16, entry, key, source))
         verdicts.append(_check_quality(combo_id, combo, quantized, entry, thresholds_table, key, source))
     return verdicts
+
+
+# The entry's numbers a check reads: each, when present, must be a finite number (NaN or an infinity would switch
+# its comparison off; a string would raise halfway through the run's checks).
+NUMBERS = ("max_mem_ratio", "min_speed_ratio", "max_speed_ratio", "speed_ratio", "tier_min_ms_ssim",
+           "measured_min_ms_ssim")
+
+
+def _malformed(entry) -> str | None:
+    """Why a trade-off entry cannot be checked (`key = value: not a finite number`, or not a table), else None."""
+    if not isinstance(entry, Mapping):
+        return f"is {type(entry).__name__}, not a table"
+    for name in NUMBERS:
+        value = entry.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} = {value!r}: not a finite number"
+    return None
 
 
 def _check_memory(combo_id: str, quantized: Record, bf16: Record, entry: Mapping, where: str) -> TradeoffVerdict:
