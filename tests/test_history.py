@@ -3,6 +3,7 @@ corrupt files; a record is typed and versioned (Record, schema 1) and keeps ever
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,25 @@ def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((line for line in done.stdout.splitlines() if line.startswith("WARNING: ")), "")
     assert "20260101T000000Z-bad000.json: skipped unreadable history file" in line, done.stdout[-3000:]
+
+
+def test_crashed_writers_temporary_files_are_removed_once_old_and_nothing_else_is(tmp_path):
+    """Issue 27: `.tmp` leftovers of a writer killed between write and rename were never pruned. Only that name
+    pattern, only once an hour old (a live writer's is seconds old), in the root, `.workers/` and image folders."""
+    run = "20260101T000000Z-aaaaaa"
+    (tmp_path / run).mkdir()
+    (tmp_path / ".workers").mkdir()
+    old = [tmp_path / f".{run}.json.a1b2c3d4.tmp", tmp_path / run / ".flux1-dev.png.x_y9z8w7.tmp",
+           tmp_path / ".workers" / f".{run}-gw0.json.0f0f0f0f.tmp"]
+    kept = [tmp_path / f".{run}.json.fresh123.tmp", tmp_path / f"{run}.json", tmp_path / "notes.tmp",
+            tmp_path / run / "flux1-dev.png", tmp_path / ".hidden.tmp"]
+    for path in old + kept:
+        path.write_bytes(b"x")
+    for path in old + kept[2:]:
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # 2001: long dead
+    removed = LocalFolderStore(tmp_path).clean_leftovers()
+    assert sorted(Path(p).name for p in removed) == sorted(p.name for p in old)
+    assert not any(p.exists() for p in old) and all(p.exists() for p in kept)
 
 
 def test_image_folders_beyond_the_newest_runs_are_pruned_and_records_stay(tmp_path):

@@ -272,10 +272,15 @@ class RunSession:
                 "nothing passes nothing; --allow-empty accepts such a run")
 
     def _prune_images(self) -> None:
+        """Old runs' image folders (`--history-images`) and crashed writers' temporary files (`clean_leftovers`)."""
         try:
             self.store.prune_images(self.settings.history_images)
         except OSError as error:
             warnings.warn(f"--history-images: old image folders not removed ({error})", stacklevel=1)
+        try:
+            self.store.clean_leftovers()
+        except OSError as error:
+            warnings.warn(f"history: crashed writers' temporary files not removed ({error})", stacklevel=1)
 
     # --- showing -------------------------------------------------------------------------------------------------
     def history_rule(self) -> str:

@@ -23,6 +23,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +111,19 @@ class RunObject:
                    if record.combo in verdicts and record.outcome != REMEASURE else record for record in self.records]
         write_whole(self.owner.fs, self.key, dump(Run(self.run_id, self.environment, tuple(records), self.started)))
         self.records[:] = records
+
+
+# A crashed writer's temporary file: `.<name>.<random>.tmp` (tempfile.mkstemp's 8 characters, or 8 hex digits).
+LEFTOVER = re.compile(r"\.[^/]+\.[A-Za-z0-9_]{8}\.tmp")
+LEFTOVER_AGE_S = 3600.0
+
+
+def _mtime(entry: dict) -> float | None:
+    """An fsspec listing entry's modification time as a POSIX timestamp, None when the backend gives none."""
+    value = entry.get("mtime", entry.get("LastModified"))
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value.timestamp() if hasattr(value, "timestamp") else None
 
 
 class FsspecStore:
@@ -253,6 +268,36 @@ class FsspecStore:
         return self.display(self.join(name))
 
     # --- pruning and merging ---------------------------------------------------------------------------------------
+    def clean_leftovers(self, older_than_s: float = LEFTOVER_AGE_S) -> list[str]:
+        """Delete the temporary files of writers that died between writing and renaming (`.<name>.<random>.tmp`, as
+        `files.atomic_write` and `fsio.write_whole` make them) in the root, `.workers/` and the image folders, once
+        they are `older_than_s` seconds old: a live writer's temporary file exists for well under a second, so a
+        concurrent run's is never touched. Only names of that pattern are deleted, never a folder. Returns what was
+        removed; a store whose listing gives no modification time (object stores, which write in one PUT and leave
+        none) is left alone. Raises OSError when a listing fails."""
+        removed = []
+        now = time.time()
+        folders = [self.root] + [entry["name"] for entry in self._entries() if entry["type"] == "directory"]
+        for folder in folders:
+            with backend_errors(self.display(folder)):
+                try:
+                    entries = self.fs.ls(folder, detail=True)
+                except FileNotFoundError:
+                    continue
+            for entry in entries:
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                mtime = _mtime(entry)
+                if entry["type"] != "file" or not LEFTOVER.fullmatch(name) or mtime is None or \
+                        now - mtime < older_than_s:
+                    continue
+                with backend_errors(self.display(entry["name"])):
+                    try:
+                        self.fs.rm(entry["name"])
+                    except FileNotFoundError:
+                        continue  # another runner cleaned it first
+                removed.append(self.display(entry["name"]))
+        return removed
+
     def prune_images(self, keep_runs: int) -> list[str]:
         """Delete the image folders (`<run_id>/`, and those of the shards a merged run came from) of all but the
         newest `keep_runs` runs; their records stay, with an `image` that no longer exists (reports say so). Returns

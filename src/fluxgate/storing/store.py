@@ -152,6 +152,9 @@ class HistoryStore(Protocol):
     def prune_images(self, keep_runs: int) -> list[str]:
         """Delete the images of all but the newest `keep_runs` runs (records stay); returns what was removed."""
 
+    def clean_leftovers(self, older_than_s: float = 3600.0) -> list[str]:
+        """Delete crashed writers' temporary files older than `older_than_s`; returns what was removed."""
+
     def merge(self, run_ids: Sequence[str], *, run_id: str | None = None, mark: dict | None = None) -> str:
         """Join shard runs of this store into one new run (`merge_runs`) and set the shards aside, so no
         measurement counts twice; returns the new run's id. Raises HistoryError for overlapping or unreadable
