@@ -49,7 +49,7 @@ def test_own_envs_a_a_is_same_each_side_in_its_venv_and_a_second_run_reuses_them
     trees = {side: tree_copy(tmp_path / side) for side in ("base", "candidate")}
     envs, cache = tmp_path / "envs", tmp_path / "cache"
     common = ["--base-tree", str(trees["base"]), "--candidate-tree", str(trees["candidate"]), "--own-envs",
-              "--envs-dir", str(envs), "--torch", TORCH, "--fixture-cache", str(cache), *TINY]
+              "--envs-dir", str(envs), "--torch", TORCH, "--fixture-cache", str(cache), "--limits", "off", *TINY]
     started = time.monotonic()
     first = run_ab(*common, "--ab-max-blocks", "40", "--budget-s", "30", "--history-dir", str(tmp_path / "h1"),
                    "--summary-out", str(tmp_path / "ab.md"), cwd=tmp_path)

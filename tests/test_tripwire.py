@@ -3,6 +3,7 @@ it with a line that names the failure."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -23,15 +24,21 @@ def committed(model: str, gpu_class: str = "cpu") -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
+@functools.lru_cache(maxsize=None)
+def decoded(path: Path) -> Image.Image:
+    """A committed PNG decoded once for the whole module (each is compared with every other of its class)."""
+    return Image.open(path).convert("RGB")
+
+
 @pytest.mark.parametrize("path", REAL, ids=lambda p: str(p.relative_to(BASELINES).with_suffix("")))
 def test_every_committed_reference_image_passes_and_is_closer_to_any_reference_than_noise(path):
-    image = Image.open(path).convert("RGB")
+    image = decoded(path)
     assert tripwire.check(image) == []
     assert tripwire.check(image, image) == []
     # Against another model's reference the structure is lost (r ~ 0), but the noise check's limit holds even there:
     # an image the tiny or synthetic models make is closer to any of their references than uniform noise is.
     for other in (p for p in REAL if p.parts[len(BASELINES.parts)] == path.parts[len(BASELINES.parts)]):
-        problems = tripwire.check(image, Image.open(other).convert("RGB"))
+        problems = tripwire.check(image, decoded(other))
         assert not [p for p in problems if p.startswith("no closer")], (other, problems)
 
 

@@ -17,9 +17,10 @@ sides, except in fluxgate's own repository, whose src/fluxgate is the team code:
 
 For each combo both sides load its pipeline (when both do not fit in device memory at once,
 each image loads its side again: said in the output), then blocks of one base and one candidate image, the order
-alternating (A B, B A, ...), until the paired verdict (`fluxgate.judging.paired`, the device's policy) is clear:
-SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged blocks or --budget-s (--ab-min-blocks: no verdict before that
-many). A disturbed block (one side's steps spread by a burst of host work) is set aside and another measured, up to 5
+alternating (A B, B A, ...), until the paired verdicts (`fluxgate.judging.paired`, the device's policy) are clear,
+one on the mean step time and one on the whole image at the model's steps (`judging.interleave.image_s`: the first
+step, text encoding and VAE decode counted once per image): SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged
+blocks or --budget-s (--ab-min-blocks: no verdict before that many). A disturbed block (one side's steps spread by a burst of host work) is set aside and another measured, up to 5
 per combo and unless they keep to one side. A combo that the newest one-sided run of its class in --history-dir found
 host-synchronous, and the one-sided runs before it too, is judged at its own ±4 % (`paired.host_synchronous`; a combo
 that only the newest run, e.g. the PR's own, found host-synchronous keeps the tighter rule).
@@ -45,9 +46,14 @@ Both sides' records go to --history-dir (a folder or an fsspec URL) as two run f
 "ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
 (`fluxgate.judging.window.unfit_for_window`).
 
-Exit status: 0 no combo SLOW (steps or image) and no memory or similarity regression; 1 one of those, or a combo that failed to
-measure (a combo left out by --total-budget-s does not fail the run: it is listed); 2 a bad option or a side that
-cannot start (one line: `fluxgate.ab: error: base side: ...`).
+With --limits on (the default) the same pass judges the candidate as a one-sided run judges it: after a combo's
+blocks, one image per case at the model's own steps against the class's stored BF16 references under
+--baselines-dir, the fixed speed and memory limits on all its images, and at the end the trade-offs against BF16.
+
+Exit status: 0 no combo SLOW (steps or image), no memory or similarity regression, no fixed limit or trade-off
+missed; 1 one of those, or a combo that failed to measure or be judged (a combo left out by --total-budget-s does
+not fail the run: it is listed); 2 a bad option or a side that cannot start (one line: `fluxgate.ab: error: base
+side: ...`).
 """
 
 from __future__ import annotations
