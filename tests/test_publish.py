@@ -154,10 +154,11 @@ def test_an_older_run_can_be_published_and_later_runs_do_not_count_as_its_histor
 
 
 def test_a_missing_image_skips_its_grid_with_a_note_in_the_summary(history_dir, baselines_dir, tmp_path):
-    (history_dir / RUNS[-1] / "flux1-dev.nvfp4.png").unlink()
+    (name,) = [r.image for r in LocalFolderStore(history_dir).load_run(RUNS[-1]) if r.combo == "flux1-dev[nvfp4]"]
+    (history_dir / name).unlink()  # content-addressed: images/<hash>.png, this run's alone (its noise is its own)
     written = write_report(history_dir, tmp_path / "report", baselines_dir)
     assert not any(path.parent.name == "grids" for path in written)
-    assert "flux1-dev.nvfp4.png missing" in (tmp_path / "report" / "summary.md").read_text()
+    assert f"{name} missing" in (tmp_path / "report" / "summary.md").read_text()
 
 
 def test_without_a_stored_reference_the_grid_uses_the_runs_own_bf16_image(tmp_path):

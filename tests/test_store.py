@@ -113,7 +113,11 @@ def test_runs_are_written_listed_and_read_back_with_their_images(location):
     assert [(r.run_id, r.combo, r.metrics.it_s) for r in store.load()] == [
         (first.run_id, "a[bf16]", 1.5), (run.run_id, "a[bf16]", 2.0), (run.run_id, "a[nvfp4]", 3.0)]
     assert all(r.environment == {"device": "cpu"} for r in store.load_run(run.run_id))
-    assert name == f"{run.run_id}/a.nvfp4.png" and store.read_image(name)[:4] == b"\x89PNG"
+    assert re.fullmatch(r"images/[0-9a-f]{32}\.png", name) and store.read_image(name)[:4] == b"\x89PNG"
+    # content-addressed: the same image again (another run's, another combo's) is stored once, under one name
+    again = store.open_run("20260103T000000Z-cccccc", {}).save_image("b[bf16]", Image.open(io.BytesIO(_png(200))))
+    other = run.save_image("a[bf16]", Image.open(io.BytesIO(_png(100))))
+    assert again == name and other != name
     assert store.read_image("nowhere/a.png") is None
     assert store.location(run.run_id) == run.location == f"{location}/{run.run_id}.json"
     assert store.image_location(name) == f"{location}/{name}"
@@ -275,14 +279,17 @@ def test_images_of_all_but_the_newest_runs_are_pruned_and_their_records_stay(loc
         names.append(run.save_image("a[bf16]", Image.open(io.BytesIO(_png(day)))))
         run.append(_record("a[bf16]", image=names[-1]))
     shard = store.open_run("20260100T000000Z-shard0", {}, shard=True)  # a merged run's images: in its shard's folder
-    shard.append(_record("b[bf16]", image=shard.save_image("b[bf16]", Image.open(io.BytesIO(_png(9))))))
+    merged_image = shard.save_image("b[bf16]", Image.open(io.BytesIO(_png(9))))
+    shard.append(_record("b[bf16]", image=merged_image))
     merged = store.merge([shard.run_id], run_id="20260100T000000Z-merged")
 
-    removed = store.prune_images(keep_runs=2)
-    assert removed == [f"{location}/20260100T000000Z-shard0", f"{location}/20260101T000000Z-000001"]
+    assert store.prune_images(keep_runs=2) == []  # the images are under an hour old: a live run may name them yet
+    removed = store.prune_images(keep_runs=2, min_age_s=0)
+    # the merged run's (its shard saved it) and the first run's: no kept run names them
+    assert sorted(removed) == sorted(store.image_location(name) for name in (names[0], merged_image))
     assert [store.read_image(name) is not None for name in names] == [False, True, True]
     assert len(store.load()) == 4 and merged in store.list_runs()
-    assert store.prune_images(keep_runs=2) == []
+    assert store.prune_images(keep_runs=2, min_age_s=0) == []
 
 
 def test_a_history_url_is_used_by_a_pytest_run_and_a_bad_one_is_a_usage_error(s3_endpoint):

@@ -176,9 +176,9 @@ _option("--cpu-threads", default="auto", type=_threads, metavar="N",
              "at least 1 (a busy neighbour on a 2-core machine then costs little); recorded in the run's "
              "environment [default: auto]")
 _option("--history-images", default=20, type=_count(0), metavar="N",
-        help="keep the combo images (PNGs, ~40 MB per GPU run) of the newest N runs in --history-dir and "
-             "delete older runs' image folders after the run; their records stay. 0 keeps none "
-             "[default: 20]")
+        help="keep the combo images (PNGs, content-addressed under images/: an image equal to an earlier run's "
+             "is stored once) of the newest N runs in --history-dir and delete, after the run, the images no newer "
+             "run names (once an hour old); their records stay. 0 keeps none [default: 20]")
 _option("--allow-empty", action="store_true",
         help="exit 0 when no combo was measured (every selected combo skipped: no CUDA device, no real "
              "checkpoints, ...). Without it such a run fails: a gate that measured nothing has passed "

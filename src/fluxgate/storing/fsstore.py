@@ -20,6 +20,7 @@ own or a shard's) that names another run of the root.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -40,6 +41,7 @@ from fluxgate.storing.store import Run, file_name, holds_all_of, merge_runs, new
 from fluxgate.storing.verdicts import HistoryVerdict
 
 SHARDS_DIR = ".workers"  # shard runs not merged yet: readers do not look there
+IMAGES_DIR = "images"  # every run's images, content-addressed (`RunObject.save_image`); runs before: `<run_id>/`
 MERGED_DIR = ".merged"  # runs of the root merged into another run: kept, so nothing is lost, and not read
 READERS = 16  # objects read at once from a network store
 
@@ -87,12 +89,19 @@ class RunObject:
         return self.owner
 
     def save_image(self, combo_id: str, image) -> str:
-        """Write a PIL image, whole, as `<run_id>/<combo>.png` beside the run; returns that relative name (the
-        record's `image`). Raises OSError when it cannot be written."""
-        name = f"{self.run_id}/{file_name(combo_id)}.png"
+        """Write a PIL image, whole, content-addressed: `images/<sha256 of its PNG, 32 hex digits>.png`, once per
+        distinct image (a run whose images equal an earlier run's, as a deterministic combo's do, stores nothing
+        new); returns that relative name (the record's `image`). `combo_id` is what the image shows (kept for the
+        interface: the name no longer carries it). Raises OSError when it cannot be written."""
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)  # fast: a run saves dozens of 1024 px images
-        write_whole(self.owner.fs, self.owner.join(name), buffer.getvalue())
+        data = buffer.getvalue()
+        name = f"{IMAGES_DIR}/{hashlib.sha256(data).hexdigest()[:32]}.png"
+        path = self.owner.join(name)
+        with backend_errors(self.owner.display(path)):
+            present = self.owner.fs.exists(path)
+        if not present:  # an equal name holds equal bytes: two writers of one image write the same object
+            write_whole(self.owner.fs, path, data)
         return name
 
     def append(self, record: Record) -> Record:
@@ -120,7 +129,7 @@ LEFTOVER_AGE_S = 3600.0
 
 def _mtime(entry: dict) -> float | None:
     """An fsspec listing entry's modification time as a POSIX timestamp, None when the backend gives none."""
-    value = entry.get("mtime", entry.get("LastModified"))
+    value = next((entry[key] for key in ("mtime", "LastModified", "created") if entry.get(key) is not None), None)
     if isinstance(value, (int, float)):
         return float(value)
     return value.timestamp() if hasattr(value, "timestamp") else None
@@ -298,16 +307,19 @@ class FsspecStore:
                 removed.append(self.display(entry["name"]))
         return removed
 
-    def prune_images(self, keep_runs: int) -> list[str]:
-        """Delete the image folders (`<run_id>/`, and those of the shards a merged run came from) of all but the
-        newest `keep_runs` runs; their records stay, with an `image` that no longer exists (reports say so). Returns
-        the folders removed. A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound. Raises
-        OSError when the root cannot be listed or a folder not removed."""
+    def prune_images(self, keep_runs: int, min_age_s: float = LEFTOVER_AGE_S) -> list[str]:
+        """Delete the images of all but the newest `keep_runs` runs: their image folders (`<run_id>/`, and those of
+        the shards a merged run came from: runs before content addressing) and every `images/<hash>.png` that no
+        kept run nor unmerged shard names, once `min_age_s` old (a live run may have saved it and not yet named it);
+        the old runs' records stay, with an `image` that no longer exists (reports say so). Returns what was
+        removed. A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound. Raises OSError when
+        the root cannot be listed or a file not removed."""
         entries = self._entries()
         folders = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"}
-        folders -= {SHARDS_DIR, MERGED_DIR}
+        content_addressed = IMAGES_DIR in folders
+        folders -= {SHARDS_DIR, MERGED_DIR, IMAGES_DIR}
         runs = self._run_objects()
-        old = runs[:max(0, len(runs) - keep_runs)]
+        old, kept = runs[:max(0, len(runs) - keep_runs)], runs[max(0, len(runs) - keep_runs):]
         removed = []
         for path, data in zip(old, self._read_many(old)):
             run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
@@ -319,7 +331,34 @@ class FsspecStore:
                         pass  # another runner pruned it first
                 folders.discard(folder)
                 removed.append(self.display(self.join(folder)))
+        if content_addressed and old:  # an image goes when no kept run (nor an unmerged shard) names it
+            shards = [entry["name"] for entry in self._list(self.join(SHARDS_DIR)) if entry["type"] == "file"]
+            documents = self._read_many([*kept, *shards])
+            if any(isinstance(data, Exception) for data in documents):
+                return removed  # a run that cannot be read may name any image: keep them all
+            named = set().union(*map(_image_names, documents))
+            now = time.time()
+            for entry in self._list(self.join(IMAGES_DIR)):
+                name = f"{IMAGES_DIR}/{entry['name'].rstrip('/').rsplit('/', 1)[-1]}"
+                mtime = _mtime(entry)
+                if entry["type"] != "file" or name in named or mtime is None or now - mtime < min_age_s:
+                    continue
+                with backend_errors(self.display(entry["name"])):
+                    try:
+                        self.fs.rm(entry["name"])
+                    except FileNotFoundError:
+                        continue
+                removed.append(self.display(entry["name"]))
         return removed
+
+    def _list(self, folder: str) -> list[dict]:
+        """A folder's entries, listed afresh; none for a missing folder. Raises OSError when it cannot be listed."""
+        with backend_errors(self.display(folder)):
+            self.fs.invalidate_cache(folder)
+            try:
+                return self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return []
 
     def merge(self, run_ids: Sequence[str], *, run_id: str | None = None, mark: dict | None = None) -> str:
         """Join the runs `run_ids` of this store (shards, or runs of the root) into one new run, then remove the
@@ -410,6 +449,23 @@ def load_paths(locations: Sequence[str | os.PathLike]) -> list[Record]:
         except (OSError, ValueError, HistoryError) as error:
             _skip(os.fspath(location), error)
     return records
+
+
+def _image_names(data: bytes | Exception) -> set[str]:
+    """The image names (`images/<hash>.png`, `<run>/<file>.png`) a run document's records and cases name; read
+    leniently: an unreadable document names none."""
+    try:
+        records = json.loads(data).get("records") or []
+    except (ValueError, AttributeError, TypeError):
+        return set()
+    names = set()
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        names.add(record.get("image"))
+        cases = (record.get("metrics") or {}).get("cases") if isinstance(record.get("metrics"), dict) else None
+        names |= {case.get("image") for case in cases or [] if isinstance(case, dict)}
+    return {name for name in names if isinstance(name, str)}
 
 
 def _image_folders(data: bytes | Exception) -> set[str]:

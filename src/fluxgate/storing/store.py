@@ -149,8 +149,9 @@ class HistoryStore(Protocol):
     def image_location(self, name: str) -> str:
         """Where a record's `image` is kept, for messages."""
 
-    def prune_images(self, keep_runs: int) -> list[str]:
-        """Delete the images of all but the newest `keep_runs` runs (records stay); returns what was removed."""
+    def prune_images(self, keep_runs: int, min_age_s: float = 3600.0) -> list[str]:
+        """Delete the images of all but the newest `keep_runs` runs (records stay) once `min_age_s` old; returns what
+        was removed."""
 
     def clean_leftovers(self, older_than_s: float = 3600.0) -> list[str]:
         """Delete crashed writers' temporary files older than `older_than_s`; returns what was removed."""
