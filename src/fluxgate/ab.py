@@ -20,10 +20,11 @@ each image loads its side again: said in the output), then blocks of one base an
 alternating (A B, B A, ...), until the paired verdicts (`fluxgate.judging.paired`, the device's policy) are clear,
 one on the mean step time and one on the whole image at the model's steps (`judging.interleave.image_s`: the first
 step, text encoding and VAE decode counted once per image): SAME, SLOW, FAST, or UNKNOWN at --ab-max-blocks judged
-blocks or --budget-s (--ab-min-blocks: no verdict before that many). A disturbed block (one side's steps spread by a burst of host work) is set aside and another measured, up to 5
-per combo and unless they keep to one side. A combo that the newest one-sided run of its class in --history-dir found
-host-synchronous, and the one-sided runs before it too, is judged at its own ±4 % (`paired.host_synchronous`; a combo
-that only the newest run, e.g. the PR's own, found host-synchronous keeps the tighter rule).
+blocks or --budget-s (--ab-min-blocks: no verdict before that many). A disturbed block (one side's steps spread by
+a burst of host work) is set aside and another measured, up to 5 per combo and unless they keep to one side. A combo
+that the newest one-sided run of its class in --history-dir found host-synchronous, and the one-sided runs before it
+too, is judged at its own ±4 % (`paired.host_synchronous`; on a PR those are main's runs, so a combo the PR made
+host-synchronous keeps the tighter rule).
 Memory (candidate/base peak GiB) and similarity
 (MS-SSIM of the candidate's image against the base's of the same seed) are judged on the same pairs.
 
@@ -362,9 +363,10 @@ def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str,
     """combo -> why an A/B run judges it with `paired.host_synchronous`: its newest one-sided record of the class in
     `store` (a HistoryStore, `fluxgate.storing.open_store`) AND the `window` one-sided records before it all show it
     host-synchronous (their kernel paths: `judging.compare.is_host_synchronous`), at least one of them older. On a PR
-    the newest is the PR's own `nox -s perf-gpu` run, so a combo the PR made host-synchronous (a new sync in its step,
-    which may be the regression) is not in it: it keeps the tighter rule, as the one-sided history rule does. Empty
-    when the store holds no such records; unreadable runs are skipped (`store.load` warns)."""
+    these are main's runs (the workflow downloads main's history; A/B runs never count), so a combo the PR made
+    host-synchronous (a new sync in its step, which may be the regression) is not among them: it keeps the tighter
+    rule, as the one-sided history rule does. Empty when the store holds no such records; unreadable runs are skipped
+    (`store.load` warns)."""
     from fluxgate.judging.compare import host_syncs_per_step, is_host_synchronous
 
     runs: dict[str, list] = {}
