@@ -89,8 +89,9 @@ CHANGES = {
     "models_file": {"default": None, "help": "the real profile's models file [the candidate's fixtures/models.toml]"},
     "fixture_cache": {"help": "generated checkpoints, shared by both sides [$FLUXGATE_CACHE or .fluxgate-cache]"},
     "steps": {"help": "denoising steps of every image, both sides [each model's profile default]. Fewer steps give "
-                      "more blocks in the same time; the verdict is on per-step times, so it keeps its meaning "
-                      "(FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
+                      "more blocks in the same time; the steps' verdict is on per-step times and the image's on the "
+                      "image at the model's own steps (its measured time plus the steps it left out), so both keep "
+                      "their meaning (FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
     "baselines_dir": {"default": None, "help": "stored baselines, one folder per GPU class: the fixed limits, BF16 "
                                                "references and trade-offs the candidate is judged by [the candidate's "
                                                "baselines/]"},
@@ -271,10 +272,14 @@ def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limit
                                        reserve_s=lambda: judging_s[0])
         phases["blocks_s"] = result.seconds
         if baselines_dir is not None:
-            if alternating:
-                load(CANDIDATE)
             started = time.monotonic()
-            _judge(result, sides[CANDIDATE], baselines_dir)
+            try:
+                if alternating:
+                    load(CANDIDATE)
+                _judge(result, sides[CANDIDATE], baselines_dir)
+            except SideError as error:  # the blocks stand: the combo is recorded, failing on what was not judged
+                result.limit_failures = [f"fixed limits not judged: {error}"]
+                result.limits_note = "not judged"
             phases["judge_s"] = time.monotonic() - started
         result.phases_s = phases
         return result, settings
@@ -310,8 +315,13 @@ def _keep_images(result: interleave.ComboResult, writer) -> None:
 
     from PIL import Image
 
-    stored = {name: writer.save_image(name, Image.open(io.BytesIO(png)))
-              for name, png in (result.judged.get("images") or {}).items()}
+    stored = {}
+    try:
+        for name, png in (result.judged.get("images") or {}).items():
+            stored[name] = writer.save_image(name, Image.open(io.BytesIO(png)))
+    except OSError as error:  # the records go to history without their images, saying why
+        print(f"{result.combo}: case images not stored ({error}); its records are kept without them",
+              file=sys.stderr, flush=True)
     for case in (result.judged.get("metrics") or {}).get("cases") or []:
         case["image"] = stored.get(case.get("image"))
     result.judged.pop("images", None)

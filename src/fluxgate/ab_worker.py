@@ -98,13 +98,17 @@ class Worker:
         self.stack: contextlib.ExitStack | None = None
         self.held = None
         self.steps = kwargs["steps"]
-        self.made: list = []  # the Measurements of the images made since the load
+        # (step_times_s, run_wait_s, peak GiB) of every image of the combo last loaded, across reloads of it
+        # (alternating loads reload it for each image): the fixed limits are judged on all of them
+        self.made: list[tuple] = []
+        self.made_for: str | None = None
 
     def load(self, combo_id: str, steps: int | None = None) -> dict:
         from fluxgate.matrix import Combo
 
         self.unload()
-        self.made = []
+        if combo_id != self.made_for:
+            self.made, self.made_for = [], combo_id
         self.runner.steps = steps or self.steps  # Runner.settings and call_kwargs read it at load
         combo = Combo.parse(combo_id)
         stack = contextlib.ExitStack()
@@ -121,7 +125,7 @@ class Worker:
         except BaseException as error:
             self._unload_after(error)
             raise
-        self.made.append(result)
+        self.made.append((list(result.step_times_s), result.run_wait_s, result.peak_mem_gib))
         png = io.BytesIO()
         result.image.save(png, format="PNG")
         return {"ok": True, "step_times_s": list(result.step_times_s), "first_steps_s": result.first_steps_s,
@@ -151,12 +155,12 @@ class Worker:
         except BaseException as error:
             self._unload_after(error)
             raise
-        made = [*self.made, result]
-        waits = [m.run_wait_s for m in made]
+        made = [*self.made, (list(result.step_times_s), result.run_wait_s, result.peak_mem_gib)]
+        waits = [wait for _, wait, _ in made]
         pooled = dataclasses.replace(
-            result, step_times_s=[s for m in made for s in m.step_times_s],
+            result, step_times_s=[s for steps, _, _ in made for s in steps],
             run_wait_s=None if any(w is None for w in waits) else [s for w in waits for s in w],
-            peak_mem_gib=max(m.peak_mem_gib for m in made))
+            peak_mem_gib=max(peak for _, _, peak in made))
         images, metrics = {}, {}
 
         def keep(name: str, image) -> str:
@@ -180,7 +184,6 @@ class Worker:
             stack.__exit__(type(error), error, error.__traceback__)  # raises OutOfMemory for out of memory
 
     def unload(self) -> dict:
-        self.made = []
         stack, self.stack, self.held = self.stack, None, None
         if stack is not None:
             stack.close()

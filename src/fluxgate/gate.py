@@ -273,9 +273,10 @@ class Gate:
 
     def verdicts(self, last_n: int = 5, base_commit: str | None = None, confirm: bool = True,
                  min_speed_effect: float | None = None, rule: str | None = None) -> list:
-        """This run's combos judged against the history (`compare`). A suspected speed regression is re-measured
-        (a new pipeline, the same process) and kept only if the re-measurement shows it too; the re-measurement is
-        recorded in history with outcome REMEASURE (never part of a later window).
+        """This run's combos judged against the history (`compare`). A suspected speed or image-time regression is
+        re-measured (a new pipeline, the same process) and kept only if the re-measurement shows it too (on a CPU,
+        when both waited for a CPU, the times are not judged at all); the re-measurement is recorded in history with
+        outcome REMEASURE (never part of a later window).
         `min_speed_effect`: the rule's minimum speed shift (a fraction); None takes the device type's (2 % on CUDA,
         50 % elsewhere). `rule`: the registered history rule to judge by (`judging.rules`; None: the default).
         Problems met reading the history (a skipped file) are kept in `history_warnings`."""
@@ -309,9 +310,9 @@ class Gate:
                 first = next((r for r in self.history.records if r.combo == verdict.combo), None)
                 verdict = compare.confirm(verdict, result.step_times_s, remeasured_e2e_s=result.e2e_s)
                 again = stats.contention_note(result.step_times_s, result.run_wait_s)
-                speed = verdict.metric("step_time_s")
+                slower = any(m.outcome == compare.REGRESSION for m in verdict.metrics if m.metric in compare.TIMES)
                 if self.runner.device.type != "cuda" and first is not None and compare.contention(first) and again \
-                        and speed is not None and speed.outcome == compare.REGRESSION:
+                        and slower:
                     verdict = compare.speed_not_judged(verdict, f"{again} in the measurement and its re-measurement")
                 self.history.append(Record(**self._identity(combo), outcome=REMEASURE, verdict=verdict.outcome,
                                            metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s,

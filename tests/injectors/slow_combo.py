@@ -99,6 +99,10 @@ def _step_s(clock) -> float:
 
 
 def _slow_decode(vae) -> None:
+    """Wrap the VAE's decode once: the VAE is shared by a model's precisions (`Runner._shared_components`), and a
+    wrapper per load would stack their delays."""
+    if getattr(vae.decode, "slowed_by_injector", False):
+        return
     decode = vae.decode
 
     def slowed(*args, **kwargs):
@@ -106,6 +110,7 @@ def _slow_decode(vae) -> None:
             _spin(FRACTION * state["first_step_s"] * state["model_steps"], torch.cuda.is_available())
         return decode(*args, **kwargs)
 
+    slowed.slowed_by_injector = True
     vae.decode = slowed
 
 

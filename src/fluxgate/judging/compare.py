@@ -426,14 +426,17 @@ def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
                    notes=(*first.notes, f"speed re-measured against {against}"))
 
 
+TIMES = ("step_time_s", "image_s")  # the metrics host contention stretches
+
+
 def speed_not_judged(verdict: Verdict, why: str) -> Verdict:
-    """`verdict` with its speed not judged (NOT_COMPARABLE, `why` in its message), the other metrics as they are: a
-    CPU run whose measurement and re-measurement both waited for a CPU says nothing of the code's speed."""
-    speed = verdict.metric("step_time_s")
-    if speed is None:
+    """`verdict` with its times (`TIMES`: the steps and the whole image) not judged (NOT_COMPARABLE, `why` in their
+    messages), memory and similarity as they are: a CPU run whose measurement and re-measurement both waited for a
+    CPU says nothing of the code's speed."""
+    metrics = tuple(replace(m, outcome=NOT_COMPARABLE, message=f"not judged: {why} ({m.message})")
+                    if m.metric in TIMES else m for m in verdict.metrics)
+    if metrics == verdict.metrics:
         return verdict
-    unjudged = replace(speed, outcome=NOT_COMPARABLE, message=f"not judged: {why} ({speed.message})")
-    metrics = tuple(unjudged if m.metric == "step_time_s" else m for m in verdict.metrics)
     return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=(*verdict.notes, f"speed: {why}"))
 
 

@@ -134,7 +134,7 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
     started, pairs, slowest = clock(), [], 0.0
     blocks, whole = paired.Blocks(policy), paired.Blocks(policy)
     images: dict = {}
-    timed_images = True
+    verdict = image_verdict = None  # each kept once decided: more blocks for the other never undo it
     while True:
         block_start = clock()
         order = (BASE, CANDIDATE) if len(pairs) % 2 == 0 else (CANDIDATE, BASE)
@@ -147,8 +147,7 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
         disturbed = paired.disturbance(base["step_times_s"], candidate["step_times_s"], policy)
         judged = blocks.add(ratio, disturbed)
-        timed_images = timed_images and image_ratio is not None  # one block without e2e_s: no image verdict
-        if timed_images:
+        if image_ratio is not None:  # a block without e2e_s counts for the steps only
             whole.add(image_ratio, disturbed)
         pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
                           None if judged else str(disturbed), image_ratio))
@@ -156,10 +155,14 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         slowest = max(slowest, now - block_start)
         if on_block is not None:
             on_block(len(pairs), pairs[-1], now - started)
-        out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s - reserve_s()
-        verdict = blocks.judge(out_of_budget=out_of_budget)
-        image_verdict = whole.judge(out_of_budget=out_of_budget) if timed_images else None
-        if verdict is not None and (image_verdict is not None or not timed_images):
+        # the time kept for what follows is taken from the budget only once the policy's fewest blocks are measured
+        reserve = reserve_s() if len(blocks.ratios) >= policy.min_blocks else 0.0
+        out_of_budget = len(blocks.ratios) >= policy.max_blocks or now - started + slowest > budget_s - reserve
+        verdict = verdict or blocks.judge(out_of_budget=out_of_budget)
+        timed = bool(whole.ratios or whole.set_aside)
+        if timed:
+            image_verdict = image_verdict or whole.judge(out_of_budget=out_of_budget)
+        if verdict is not None and (image_verdict is not None or not timed):
             break
     if blocks.restored:  # a lopsided set: the blocks set aside were judged after all
         for pair in pairs:

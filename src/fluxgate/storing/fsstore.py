@@ -3,7 +3,8 @@
 This module is the only code that knows the layout:
 
     <root>/<run_id>.json              one run: {"schema": 1, "run_id", "started", "environment", "records": [...]}
-    <root>/<run_id>/<combo>.png       its images (a record's "image" is this path, relative to <root>)
+    <root>/images/<sha256>.png        the runs' images, content-addressed (a record's "image" is this path, relative
+                                      to <root>; runs before kept theirs in <root>/<run_id>/)
     <root>/.workers/<run_id>.json     a shard's run (an xdist worker's) until merged, then removed
     <root>/.merged/<run_id>.json      runs of the root already merged into another run (kept, never read)
 
@@ -64,7 +65,7 @@ def _skip(source: str, error: Exception) -> None:
 @dataclass
 class RunObject:
     """The current run in an FsspecStore: `<root>/<run_id>.json`, or `<root>/.workers/<run_id>.json` for a shard
-    (`open_run(..., shard=True)`); its images always go to `<root>/<run_id>/`."""
+    (`open_run(..., shard=True)`); its images go to `<root>/images/`, content-addressed (`save_image`)."""
 
     owner: FsspecStore
     run_id: str
@@ -100,6 +101,11 @@ class RunObject:
         path = self.owner.join(name)
         with backend_errors(self.owner.display(path)):
             present = self.owner.fs.exists(path)
+        if present:  # named again: its time is renewed, so a pruner's hour of grace counts from this run
+            try:
+                self.owner.fs.touch(path, truncate=False)
+            except (NotImplementedError, ValueError, OSError):
+                present = False  # a store that cannot renew it (an object store): written again, the same bytes
         if not present:  # an equal name holds equal bytes: two writers of one image write the same object
             write_whole(self.owner.fs, path, data)
         return name
@@ -333,10 +339,10 @@ class FsspecStore:
                 removed.append(self.display(self.join(folder)))
         if content_addressed and old:  # an image goes when no kept run (nor an unmerged shard) names it
             shards = [entry["name"] for entry in self._list(self.join(SHARDS_DIR)) if entry["type"] == "file"]
-            documents = self._read_many([*kept, *shards])
-            if any(isinstance(data, Exception) for data in documents):
-                return removed  # a run that cannot be read may name any image: keep them all
-            named = set().union(*map(_image_names, documents))
+            names = [_image_names(data) for data in self._read_many([*kept, *shards])]
+            if any(found is None for found in names):
+                return removed  # a run that cannot be read or parsed may name any image: keep them all
+            named = set().union(*names)
             now = time.time()
             for entry in self._list(self.join(IMAGES_DIR)):
                 name = f"{IMAGES_DIR}/{entry['name'].rstrip('/').rsplit('/', 1)[-1]}"
@@ -451,13 +457,17 @@ def load_paths(locations: Sequence[str | os.PathLike]) -> list[Record]:
     return records
 
 
-def _image_names(data: bytes | Exception) -> set[str]:
-    """The image names (`images/<hash>.png`, `<run>/<file>.png`) a run document's records and cases name; read
-    leniently: an unreadable document names none."""
+def _image_names(data: bytes | Exception) -> set[str] | None:
+    """The image names (`images/<hash>.png`, `<run>/<file>.png`) a run document's records and cases name; None for a
+    document that cannot be read or parsed (it may name any)."""
+    if isinstance(data, Exception):
+        return None
     try:
         records = json.loads(data).get("records") or []
     except (ValueError, AttributeError, TypeError):
-        return set()
+        return None
+    if not isinstance(records, list):
+        return None
     names = set()
     for record in records:
         if not isinstance(record, dict):

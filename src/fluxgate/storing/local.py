@@ -19,7 +19,7 @@ __all__ = ["LocalFolderStore", "RunHistory", "load_paths", "SHARDS_DIR", "MERGED
 
 class RunHistory(RunObject):
     """The current run in a LocalFolderStore: `<directory>/<run_id>.json`, or `<directory>/.workers/<run_id>.json` for
-    a shard; its images go to `<directory>/<run_id>/`."""
+    a shard; its images go to `<directory>/images/`, content-addressed."""
 
     @property
     def path(self) -> Path:

@@ -32,7 +32,8 @@ def is_combo(value: object) -> bool:
 
 
 def is_image(value: object) -> bool:
-    """`value` is a record's image name: `<run folder>/<file>`, both safe names."""
+    """`value` is a record's image name: `<folder>/<file>` (`images/<sha256>.png`, or a run's folder before content
+    addressing), both safe names."""
     return isinstance(value, str) and _IMAGE.fullmatch(value) is not None
 
 

@@ -41,7 +41,7 @@ def _one_of(values) -> Kind:
 STR = Kind("a string", lambda value: isinstance(value, str))
 NAME = Kind("a safe name (letters, digits, '._@+-'; no '/' or leading '.')", names.is_name)
 COMBO = Kind("a combo id such as flux1-dev[nvfp4]", names.is_combo)
-IMAGE = Kind("an image name <run>/<file>", names.is_image)
+IMAGE = Kind("an image name <folder>/<file>", names.is_image)
 NUMBER = Kind("a finite number", _number)
 POSITIVE = Kind("a finite number > 0", lambda value: _number(value) and value > 0)
 NONNEGATIVE = Kind("a finite number >= 0", lambda value: _number(value) and value >= 0)
