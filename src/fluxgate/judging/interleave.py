@@ -141,7 +141,7 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         answers = {side: image(side) for side in order}
         images = {side: answers[side].pop("png", None) for side in order}
         base, candidate = answers[BASE], answers[CANDIDATE]
-        ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"])
+        ratio = paired.block_ratio(base["step_times_s"], candidate["step_times_s"], policy.statistic)
         seconds = [image_s(answer, image_steps) for answer in (base, candidate)]
         image_ratio = seconds[1] / seconds[0] if None not in seconds and seconds[0] > 0 else None
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None

@@ -96,8 +96,8 @@ def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = 
     recorded `ab.ratios` without disturbances."""
     bases, candidates = _images(base), _images(candidate)
     if bases and len(bases) == len(candidates):
-        return [(paired.block_ratio(b, c), paired.disturbance(b, c, policy)) for b, c in zip(bases, candidates)
-                if min(b) > 0 and min(c) > 0]
+        return [(paired.block_ratio(b, c, policy.statistic), paired.disturbance(b, c, policy))
+                for b, c in zip(bases, candidates) if min(b) > 0 and min(c) > 0]
     recorded = candidate.ab.ratios if candidate.ab is not None else ()
     return [(float(r), None) for r in recorded if r and math.isfinite(r) and r > 0]
 
