@@ -92,3 +92,44 @@ def test_the_site_renders_in_headless_chromium_and_a_regression_is_two_clicks_aw
         page.wait_for_selector(".js-plotly-plot .main-svg")
         browser.close()
     assert errors == []
+
+
+PAYLOADS = ("<script>window.__pwned = 1</script>", "<img src=x onerror=\"window.__pwned = 1\">",
+            "\"><svg onload=window.__pwned=1>", "[click](javascript:window.__pwned=1)", "</td><script>alert(1)</script>")
+
+
+def test_hostile_records_run_no_script_on_any_page_of_the_site(tmp_path):
+    """Issue 27: every value a record or run file carries (environment, failures, errors, verdict messages, prompts)
+    is escaped on every page the dashboard writes, its report included: loaded in headless Chromium, no page runs a
+    payload (no dialog, no `window.__pwned`, no script error from one)."""
+    from fluxgate.storing.verdicts import HistoryVerdict
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    store = _history(tmp_path / "history")
+    payload = " ".join(PAYLOADS)
+    for run, outcome in ((0, "failed"), (1, "error")):
+        environment = {**_environment(payload, "nvidia-h200", 9), "branch": payload, "hostile": payload}
+        writer = store.open_run(f"2026113{run}T000000Z-evil0{run}", environment)
+        writer.append(Record("flux1-dev[bf16]", model="flux1-dev", precision="bf16", runtime="eager",
+                             profile="synthetic", gpu_class="nvidia-h200", outcome=outcome,
+                             settings={"seed": 0, "steps": 28, "cases": [{"name": "fox", "prompt": payload,
+                                                                          "seed": 0}]},
+                             metrics=Metrics(it_s=5.0, step_times_s=[0.2] * 27, peak_mem_gib=24.7, ms_ssim=0.99),
+                             failures=[payload], error=payload if outcome == "error" else None,
+                             history_verdict=HistoryVerdict("regression", payload)))
+    index = dashboard.build(store, tmp_path / "site", tmp_path / "baselines")
+    pages = sorted(index.parent.rglob("*.html"))
+    assert len(pages) > 3 and any("__pwned" in page.read_text() for page in pages)  # the payloads reached pages
+    fired: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("dialog", lambda dialog: (fired.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+        page.on("pageerror", lambda error: fired.append(f"page error: {error}"))
+        for path in pages:
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            if page.evaluate("() => window.__pwned === 1"):
+                fired.append(f"payload ran on {path.relative_to(index.parent)}")
+        browser.close()
+    assert fired == []
