@@ -74,7 +74,11 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
     problems = ([f"{len(failed)} combo(s) SLOW or regressed: {', '.join(failed)}"] if failed else []) + \
         ([f"{len(errors)} combo(s) not measured: {', '.join(combo for combo, _ in errors)}"] if errors else []) + \
         ([f"{traded_off} trade-off(s) against bf16 missed"] if traded_off else [])
-    headline = "A/B gate: passed" if not problems else f"A/B gate: FAILED ({'; '.join(problems)})"
+    unclear = [r.combo for r in results if "UNKNOWN" in (r.verdict.outcome, getattr(r.image_verdict, "outcome", None))]
+    gaps = ([f"{len(unclear)} UNKNOWN"] if unclear else []) + ([f"{len(left_out)} not measured"] if left_out else [])
+    # a pass says what it did not judge: an UNKNOWN or a combo the time budget left out is no evidence either way
+    headline = (("A/B gate: passed" + (f" (not judged: {', '.join(gaps)})" if gaps else "")) if not problems
+                else f"A/B gate: FAILED ({'; '.join(problems)})")
     counts = {}
     for result in results:
         counts[result.verdict.outcome] = counts.get(result.verdict.outcome, 0) + 1
