@@ -67,8 +67,9 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
                    not_judged: list[str] | None = None) -> list[str]:
     """One line per missed limit: value, limit and where the limit comes from. Similarity is judged on the summary
     of the combo's cases (`similarity.summarise`), the line naming its worst case. A speed limit missed while the
-    steps waited for a CPU (host contention) goes to `not_judged` instead when it is given (CPU runs: a busy
-    laptop's speed says nothing of the code), else it fails naming the contention."""
+    steps waited for a CPU (host contention) goes to `not_judged` instead when it is given (a CPU run reports it so:
+    a busy laptop's speed says nothing of the code; the GPU gate measures it again), else it fails naming the
+    contention."""
     t = baseline.thresholds
     where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
     if baseline.cases and sim.cases < baseline.cases:  # limits derived over more cases: judge each case instead
@@ -202,13 +203,13 @@ class Gate:
             if baseline is not None:
                 found["thresholds"] = asdict(baseline.thresholds)
                 entry = f'["{combo.model}"."{combo.variant}"]'
-                not_judged = [] if self.runner.device.type != "cuda" else None
+                not_judged = []
                 outcome.failures = [f"broken image: {problem}" for problem in broken] + limit_failures(
                     result, sim, baseline, entry, not_judged)
-                if not_judged:
+                if not_judged and self.runner.device.type == "cuda":
+                    self._contended_speed(combo, baseline, entry, outcome)
+                else:
                     outcome.not_judged = not_judged
-                elif not_judged is None:
-                    self._contended_speed(combo, result, baseline, entry, outcome)
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
                                                           sim.to_json()["psnr_db"])
@@ -230,15 +231,10 @@ class Gate:
                 teardown=self.runner.last_teardown, nulls=RESULT_NULLS))
         return outcome
 
-    def _contended_speed(self, combo: Combo, result: Measurement, baseline: baselines.Baseline, entry: str,
-                         outcome: Outcome) -> None:
-        """On a GPU, a speed limit missed under host contention is measured again (a new pipeline): the
-        re-measurement's steps are judged when they ran uncontended; contended again, the combo fails as invalid,
-        never on speed."""
-        missed, contention = speed_failure(result, baseline, entry)
-        if not (missed and contention):
-            return
-        outcome.failures = [line for line in outcome.failures if not line.startswith("speed:")]
+    def _contended_speed(self, combo: Combo, baseline: baselines.Baseline, entry: str, outcome: Outcome) -> None:
+        """On a GPU, a speed limit missed under host contention (`limit_failures` left it not judged) is measured
+        again (a new pipeline): the re-measurement's steps are judged when they ran uncontended; contended again,
+        the combo fails as invalid, never on speed."""
         again, _ = self.runner.measure(combo)
         missed_again, contention_again = speed_failure(again, baseline, entry)
         outcome.metrics["remeasured_steps_s"] = again.step_times_s

@@ -118,11 +118,12 @@ def _read_json(path: Path) -> dict:
         raise BaselineError(f"{path}: malformed JSON ({error})") from None
 
 
-def _finite(value, key: str) -> float:
+def finite_number(value, key: str) -> float:
     """A limit as a number; ValueError naming `key` for NaN or an infinity (either would switch its check off: every
-    comparison with NaN is false), TypeError for a non-number (a boolean included)."""
+    comparison with NaN is false), TypeError for a non-number (a boolean included). Thresholds files' limits and
+    trade-offs (`tradeoff_checks`) alike."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key} = {value!r} is not a number")
+        raise TypeError(f"{key} = {value!r}: not a finite number")
     if not math.isfinite(value):
         raise ValueError(f"{key} = {value}: not a finite number (it would switch the check off)")
     return float(value)
@@ -140,9 +141,9 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
         measured = entry.get("measured_ms_ssim")
-        thresholds = Thresholds(**{name: _finite(entry[name], name) for name in LIMITS},
+        thresholds = Thresholds(**{name: finite_number(entry[name], name) for name in LIMITS},
                                 speed_statistic=str(entry.get("speed_statistic", "median")),
-                                measured_ms_ssim=None if measured is None else _finite(measured, "measured_ms_ssim"))
+                                measured_ms_ssim=None if measured is None else finite_number(measured, "measured_ms_ssim"))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs finite numeric "
                             f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None

@@ -239,16 +239,23 @@ def memory_verdict(candidate_gib: float | None, window_gib: Sequence[float | Non
     def margin(bound: float) -> float:
         return max(policy.memory_tolerance * bound, policy.memory_tolerance_gib)
 
-    if candidate_gib > high + margin(high):
-        outcome, effect = REGRESSION, (candidate_gib - high) / high
-    elif candidate_gib < low - margin(low):
-        effect = (candidate_gib - low) / low
-        outcome = UNEXPLAINED_IMPROVEMENT if -effect > policy.unexplained_improvement else IMPROVEMENT
-    else:
-        outcome, effect = NO_CHANGE, 0.0
+    outcome, effect = _beyond_window(candidate_gib, low, high, high + margin(high), low - margin(low), policy)
     message = (f"{outcome}: {candidate_gib:.3f} GiB vs window {low:.3f}-{high:.3f} GiB "
                f"(tolerance {policy.memory_tolerance:.0%} and {policy.memory_tolerance_gib:g} GiB)")
     return _metric("peak_mem_gib", outcome, candidate_gib, base, None, effect, message)
+
+
+def _beyond_window(value: float, low: float, high: float, upper: float, lower: float,
+                   policy: Policy) -> tuple[str, float]:
+    """(outcome, effect) of one value per run against the window's `low`..`high`: a regression above `upper` (effect
+    relative to `high`), an improvement below `lower` (relative to `low`; unexplained past the policy's
+    `unexplained_improvement`), else no change (effect 0)."""
+    if value > upper:
+        return REGRESSION, (value - high) / high
+    if value < lower:
+        effect = (value - low) / low
+        return (UNEXPLAINED_IMPROVEMENT if -effect > policy.unexplained_improvement else IMPROVEMENT), effect
+    return NO_CHANGE, 0.0
 
 
 def similarity_verdict(candidate_ms_ssim: float | None, window_ms_ssim: Sequence[float | None],
@@ -281,13 +288,7 @@ def image_time_verdict(candidate_e2e_s: float | None, window_e2e_s: Sequence[flo
         return _metric("image_s", NOT_COMPARABLE, candidate_e2e_s, None, None, None, "no image time to compare")
     low, high, base = window[0], window[-1], float(np.median(window))
     margin = max(policy.min_speed_effect, (high - low) / base)
-    if candidate_e2e_s > high * (1 + margin):
-        outcome, effect = REGRESSION, candidate_e2e_s / high - 1
-    elif candidate_e2e_s < low * (1 - margin):
-        effect = candidate_e2e_s / low - 1
-        outcome = UNEXPLAINED_IMPROVEMENT if -effect > policy.unexplained_improvement else IMPROVEMENT
-    else:
-        outcome, effect = NO_CHANGE, 0.0
+    outcome, effect = _beyond_window(candidate_e2e_s, low, high, high * (1 + margin), low * (1 - margin), policy)
     message = (f"{outcome}: {candidate_e2e_s:.3f} s per image vs window {low:.3f}-{high:.3f} s (flags beyond "
                f"{margin:.1%} of the window's bound)")
     return _metric("image_s", outcome, candidate_e2e_s, base, None, effect, message)

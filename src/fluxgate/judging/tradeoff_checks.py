@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 
 from fluxgate.judging import noise, spread
-from fluxgate.judging.baselines import similarity_tiers
+from fluxgate.judging.baselines import finite_number, similarity_tiers
 from fluxgate.judging.tradeoffs import (
     ALL,
     CHANGED,
@@ -108,11 +108,11 @@ def _malformed(entry) -> str | None:
     if not isinstance(entry, Mapping):
         return f"is {type(entry).__name__}, not a table"
     for name in NUMBERS:
-        value = entry.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{name} = {value!r}: not a finite number"
+        if entry.get(name) is not None:
+            try:
+                finite_number(entry[name], name)
+            except (TypeError, ValueError) as error:
+                return str(error)
     return None
 
 

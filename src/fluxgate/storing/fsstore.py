@@ -479,11 +479,6 @@ def _image_names(data: bytes | Exception) -> set[str] | None:
 
 
 def _image_folders(data: bytes | Exception) -> set[str]:
-    """The image folders a run document's records name (a merged run's images stay in its shards' folders); read
-    leniently: an unreadable document names none."""
-    try:
-        records = json.loads(data).get("records") or []
-        return {str(record["image"]).split("/")[0] for record in records
-                if isinstance(record, dict) and record.get("image")}
-    except (ValueError, AttributeError, TypeError):
-        return set()
+    """The image folders a run document's records name (a merged run's images stay in its shards' folders); an
+    unreadable document names none."""
+    return {name.split("/")[0] for name in _image_names(data) or ()}
