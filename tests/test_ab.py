@@ -41,11 +41,16 @@ def rows(stdout: str) -> dict[str, list[str]]:
             and not line.split()[0].endswith(":")}
 
 
-def same_or_contended(stdout: str, combo: str) -> None:
-    """SAME; or, on a machine whose other work held the cores (the run says `host contention`), not SLOW/FAST."""
+def no_false_alarm(stdout: str, combo: str) -> None:
+    """Neither SLOW nor FAST, on the steps or the whole image: SAME, or UNKNOWN saying why (host contention, or a
+    block spread that needs more blocks than the budget holds: a 2-core machine's tiny steps of ~10 ms move by 10-15 %
+    between blocks now and then, other work or none)."""
     outcome = rows(stdout)[combo][1]
-    contended = any(line.startswith(f"{combo}: ") and "host contention" in line for line in stdout.splitlines())
-    assert outcome == "SAME" or (contended and outcome == "UNKNOWN"), stdout
+    lines = [line for line in stdout.splitlines() if line.startswith(f"{combo}: ")]
+    assert outcome in ("SAME", "UNKNOWN"), stdout
+    assert not any(line.startswith((f"{combo}: image SLOW", f"{combo}: image FAST")) for line in lines), stdout
+    if outcome == "UNKNOWN":
+        assert any("host contention" in line or "block spread" in line for line in lines), stdout
 
 
 def runs(history: Path) -> dict[str, dict]:
@@ -59,7 +64,7 @@ def test_a_a_on_the_same_tree_is_same_and_both_sides_are_recorded_as_one_ab_run(
                   history=tmp_path, cache=cache)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     table = rows(done.stdout)
-    same_or_contended(done.stdout, "flux1-dev[bf16]")
+    no_false_alarm(done.stdout, "flux1-dev[bf16]")
     assert table["flux1-dev[bf16]"][-2] == "1.0000"  # bit-for-bit the same image on CPU
     # the same pass judged the candidate as a one-sided run: fixed limits (a busy CPU's speed: not judged, said
     # so) and each case at the model's 8 steps against the stored BF16 references in baselines/cpu
@@ -87,7 +92,7 @@ def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_on
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     table = rows(done.stdout)
     assert table["flux1-dev[nvfp4]"][1] == "SLOW", done.stdout
-    same_or_contended(done.stdout, "flux1-dev[bf16]")
+    no_false_alarm(done.stdout, "flux1-dev[bf16]")
     assert float(table["flux1-dev[nvfp4]"][2]) > 1.3
     failed = {r["combo"]: r["outcome"] for r in runs(tmp_path)["candidate"]["records"]}
     assert failed == {"flux1-dev[bf16]": "passed", "flux1-dev[nvfp4]": "failed"}
@@ -242,13 +247,13 @@ class FakeSide:
 
 
 def test_sides_that_do_not_fit_together_alternate_their_loads_and_say_so():
-    from fluxgate import ab
+    from fluxgate import ab_combo
     from fluxgate.matrix import Combo
 
     held, log = set(), []
     sides = {name: FakeSide(name, held, log) for name in ("base", "candidate")}
-    result, settings = ab._measure_combo(Combo("flux2-dev", "bf16"), sides, paired.CPU_POLICY, 1e9,
-                                         interleave.Limits())
+    result, settings = ab_combo.measure_combo(Combo("flux2-dev", "bf16"), sides, paired.CPU_POLICY, 1e9,
+                                               interleave.Limits())
     assert result.alternating_loads and result.verdict.outcome == paired.SAME
     assert settings == {"base": {"steps": 8}, "candidate": {"steps": 8}}
     assert log[:3] == ["base:load", "candidate:load", "base:unload"]

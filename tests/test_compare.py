@@ -16,12 +16,12 @@ from fluxgate.judging.compare import (
     UNEXPLAINED_IMPROVEMENT,
     Policy,
     compare_run,
-    confirm,
     memory_verdict,
     select_window,
     similarity_verdict,
     speed_verdict,
 )
+from fluxgate.judging.confirm import confirm
 from fluxgate.storing.record import ERROR, PASSED, SKIPPED, Metrics, Record
 
 ENVIRONMENT = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "cuda": "13.0", "device_name": "NVIDIA H100 80GB HBM3",
@@ -245,7 +245,7 @@ def test_confirm_keeps_a_regression_only_when_the_remeasurement_shows_it_too():
 
 
 def test_speed_not_judged_leaves_the_other_metrics_judged():
-    from fluxgate.judging.compare import speed_not_judged
+    from fluxgate.judging.confirm import speed_not_judged
 
     rng = np.random.default_rng(6)
     history = [record(0, step_times(rng)), record(1, step_times(rng)), record(2, step_times(rng, 0.05))]

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fluxgate"
 # Top to bottom; a module may import its own layer and the ones below it. Names are module paths under fluxgate
 # (a package stands for every module in it).
 LAYERS = [
-    {"plugin", "cli", "ab", "ab_sides", "ab_worker", "merge", "scan", "publish", "card", "thresholds", "dashboard", "sources"},
+    {"plugin", "cli", "ab", "ab_combo", "ab_sides", "ab_worker", "merge", "scan", "publish", "card", "thresholds",
+     "dashboard", "sources"},
     {"session", "settings", "workers", "options", "progress", "probing"},
     {"gate"},
     {"showing"},

@@ -14,7 +14,7 @@ import pytest
 from fluxgate import workers
 from fluxgate.errors import FluxgateError
 from fluxgate.matrix import combos, shard
-from fluxgate.storing.fsstore import SHARDS_DIR
+from fluxgate.storing.layout import SHARDS_DIR
 from fluxgate.storing.record import Record
 
 ROOT = Path(__file__).resolve().parents[1]

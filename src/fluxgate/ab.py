@@ -48,8 +48,8 @@ Both sides' records go to --history-dir (a folder or an fsspec URL) as two run f
 (`fluxgate.judging.window.unfit_for_window`).
 
 With --limits on (the default) the same pass judges the candidate as a one-sided run judges it: after a combo's
-blocks, one image per case at the model's own steps against the class's stored BF16 references under
---baselines-dir, the fixed speed and memory limits on all its images, and at the end the trade-offs against BF16.
+blocks, one image per case against the class's stored BF16 references under --baselines-dir (at the blocks' steps
+when the references were made at them, as baselines/pr-steps' are for the PR workflow; else at the model's own), the fixed speed and memory limits on all its images, and at the end the trade-offs against BF16.
 
 Exit status: 0 no combo SLOW (steps or image), no memory or similarity regression, no fixed limit or trade-off
 missed; 1 one of those, or a combo that failed to measure or be judged (a combo left out by --total-budget-s does
@@ -63,7 +63,6 @@ import argparse
 import os
 import re
 import secrets
-import statistics
 import sys
 import shutil
 import tempfile
@@ -72,6 +71,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fluxgate import ab_combo
 from fluxgate import options as shared
 from fluxgate.ab_sides import DEFAULT_TORCH, Side, SideError, prepare
 from fluxgate.judging import interleave, paired
@@ -82,7 +82,7 @@ DEFAULT_BUDGET_S = 600.0
 INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK: tests/injectors/slow_combo.py
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
 SHARED = ("models", "precisions", "runtimes", "device", "profile", "prompts", "models_file", "fixture_cache",
-          "steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
+          "steps", "model_steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
 CHANGES = {
     "prompts": {"help": "prompts file for both sides [each side's own fixtures/prompts.toml, else fluxgate's packaged "
                         "prompts]"},
@@ -92,6 +92,11 @@ CHANGES = {
                       "more blocks in the same time; the steps' verdict is on per-step times and the image's on the "
                       "image at the model's own steps (its measured time plus the steps it left out), so both keep "
                       "their meaning (FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
+    "model_steps": {"help": "denoising steps per model, over --steps (e.g. flux1-dev=6,flux2-dev=4): each model's "
+                            "images about as long as the others'. The candidate's cases are judged at these steps when "
+                            "--baselines-dir's references were made at them (a one-sided run with the same "
+                            "--model-steps and --write-baselines), else at the model's own steps (an image per case "
+                            "more)"},
     "baselines_dir": {"default": None, "help": "stored baselines, one folder per GPU class: the fixed limits, BF16 "
                                                "references and trade-offs the candidate is judged by [the candidate's "
                                                "baselines/]"},
@@ -130,9 +135,6 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                         help="pip requirement(s) of torch for --own-envs, shell-quoted [$FLUXGATE_TORCH or "
                              f"{DEFAULT_TORCH}]")
     shared.declare(parser, *SHARED, **CHANGES)
-    parser.add_argument("--model-steps", metavar="MODEL=N[,MODEL=N...]",
-                        help="denoising steps per model, over --steps (e.g. flux2-dev=3,flux1-kontext-dev=4): "
-                             "each model's images about as long as the others'")
     parser.add_argument("--budget-s", type=_positive(float), default=DEFAULT_BUDGET_S,
                         help="seconds of blocks per combo, the candidate's judging after them included (--limits "
                              f"on: estimated from its blocks), before an unclear verdict is UNKNOWN "
@@ -148,8 +150,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                              "[policy's: 3]")
     parser.add_argument("--limits", choices=("on", "off"), default="on",
                         help="judge the candidate as a one-sided run judges it, besides the A/B verdict: the class's "
-                             "fixed speed and memory limits on its images, one image per case at the model's steps "
-                             "against the stored BF16 references (similarity limits, broken-image tripwire), and the "
+                             "fixed speed and memory limits on its images, one image per case (at the blocks' steps "
+                             "where --baselines-dir's references were made at them, else the model's) against the "
+                             "stored BF16 references (similarity limits, broken-image tripwire), and the "
                              "trade-offs against BF16 [on]; off: the A/B verdict alone")
     parser.add_argument("--max-mem-ratio", type=_positive(float),
                         help="candidate/base peak memory above this fails [1.02 CUDA, 1.10 CPU]")
@@ -173,13 +176,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
             matrix.parse_names("--runtimes", options.runtimes, matrix.RUNTIMES)
         options.combos = matrix.combos(matrix.parse_names("--models", options.models, MODELS),
                                        matrix.parse_names("--precisions", options.precisions, PRECISIONS), runtimes)
-        options.steps_by_model = {}
-        for item in filter(None, (options.model_steps or "").split(",")):
-            model, _, count = item.partition("=")
-            matrix.parse_names("--model-steps", model.strip(), MODELS)
-            if not count.strip().isdigit() or int(count) < 1:
-                raise ValueError(f"--model-steps {item!r}: want MODEL=N with N at least 1")
-            options.steps_by_model[model.strip()] = int(count)
+        options.steps_by_model = dict(options.model_steps or {})
+        for model in options.steps_by_model:
+            matrix.parse_names("--model-steps", model, MODELS)
         for device_type in ("cuda", "cpu"):  # both policies' block counts, before any side starts
             interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         if options.inject_slow:
@@ -200,173 +199,6 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"'{text}': must be above 0")
         return value
     return parse
-
-
-def _progress(combo: str):
-    """`on_block` for run_blocks: one stderr line per block."""
-    def show(number: int, pair: interleave.Pair, seconds: float) -> None:
-        steps = {side: statistics.fmean(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
-        images_s = sum(getattr(pair, side).get("e2e_s") or 0.0 for side in (BASE, CANDIDATE))
-        image = f", image {pair.image_ratio:.4f}" if pair.image_ratio is not None else ""
-        print(f"  {combo} block {number} ({' '.join('A' if s == BASE else 'B' for s in pair.order)}): steps "
-              f"{pair.ratio:.4f}{image}, mean step base {steps[BASE]:.4f} s, candidate {steps[CANDIDATE]:.4f} s; "
-              f"images {images_s:.1f} s; {seconds:.1f} s"
-              + (f"; set aside: {pair.set_aside}" if pair.set_aside else ""), file=sys.stderr, flush=True)
-    return show
-
-
-def _measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits, deadline: float | None = None,
-                   steps: int | None = None, image_steps: int | None = None, baselines_dir: Path | None = None
-                   ) -> tuple[interleave.ComboResult, dict[str, dict]]:
-    """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
-    `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()), then (with `baselines_dir`)
-    the candidate judged against the class's baselines there (`_judge`; its images' time, estimated from the
-    candidate's blocks, is kept out of the blocks' budget); the sides hold nothing afterwards. `steps`:
-    this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`: the model's own, at
-    which the whole image is judged. Returns the result and each side's image settings. Raises SideError."""
-    base = sides[BASE]
-    alternating, settings = False, {}
-    phases = {"load_s": 0.0, "blocks_s": 0.0, "judge_s": 0.0, "release_s": 0.0}
-
-    def load(side: str, phase: str | None = "load_s") -> None:
-        started = time.monotonic()
-        message = {"op": "load", "combo": combo.id, **({"steps": steps} if steps else {})}
-        try:
-            settings[side] = sides[side].ask(message)["settings"]
-        finally:
-            if phase:  # a load inside a block is the block's time
-                phases[phase] += time.monotonic() - started
-
-    load(BASE)
-    try:
-        load(CANDIDATE)
-    except SideError as error:
-        if not error.oom:
-            raise
-        alternating = True  # the candidate's failed load is unloaded already
-        base.ask({"op": "unload"})
-    print(f"  {combo.id}: loaded in {phases['load_s']:.1f} s" + (" (alternating)" if alternating else ""),
-          file=sys.stderr, flush=True)
-
-    judging_s = [0.0]  # the candidate's judging to come: its cases' images at the model's steps, estimated
-
-    def image(side: str) -> dict:
-        if not alternating:
-            answer = sides[side].ask({"op": "image"})
-        else:
-            load(side, phase=None)
-            try:
-                answer = sides[side].ask({"op": "image"})
-            finally:
-                sides[side].ask({"op": "unload"})
-        if side == CANDIDATE and baselines_dir is not None:
-            whole = interleave.image_s(answer, image_steps)
-            judging_s[0] = len(settings[CANDIDATE].get("cases") or [None]) * (whole or 0.0)
-        return answer
-
-    try:
-        if deadline is not None:
-            budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
-        result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
-                                       on_block=_progress(combo.id), image_steps=image_steps,
-                                       reserve_s=lambda: judging_s[0])
-        phases["blocks_s"] = result.seconds
-        if baselines_dir is not None:
-            started = time.monotonic()
-            try:
-                if alternating:
-                    load(CANDIDATE)
-                _judge(result, sides[CANDIDATE], baselines_dir)
-            except SideError as error:  # the blocks stand: the combo is recorded, failing on what was not judged
-                result.limit_failures = [f"fixed limits not judged: {error}"]
-                result.limits_note = "not judged"
-            phases["judge_s"] = time.monotonic() - started
-        result.phases_s = phases
-        return result, settings
-    finally:
-        started = time.monotonic()
-        for side in sides.values():
-            side.ask({"op": "unload"})
-        phases["release_s"] = time.monotonic() - started
-
-
-def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path) -> None:
-    """The candidate, still loaded, judged as a one-sided run judges it (its worker's `judge`: one image per case at
-    the model's steps against the stored BF16 references, the fixed speed and memory limits on all its images): sets
-    the result's `limit_failures` and `judged`; a combo that cannot be judged (no baseline, stale references) gets
-    one failure line naming why."""
-    started = time.monotonic()
-    try:
-        judged = candidate.ask({"op": "judge", "baselines_dir": str(baselines_dir)})
-    except SideError as error:  # a worker that died fails the combo at its unload, right after
-        result.limit_failures = [f"fixed limits not judged: {error} (--limits off: the A/B verdict alone)"]
-        result.limits_note = "not judged"
-        return
-    result.judged, result.limit_failures = judged, list(judged["failures"])
-    result.limits_note = (f"{len(judged['metrics'].get('cases') or [])} case image(s) at {judged['steps']} steps "
-                          f"against the BF16 references, fixed limits on every candidate image: "
-                          f"{time.monotonic() - started:.1f} s")
-
-
-def _keep_images(result: interleave.ComboResult, writer) -> None:
-    """The judged candidate's case images into its run's history (`writer.save_image`); each case then names where
-    its image went, as a one-sided record's do."""
-    import io
-
-    from PIL import Image
-
-    stored = {}
-    try:
-        for name, png in (result.judged.get("images") or {}).items():
-            stored[name] = writer.save_image(name, Image.open(io.BytesIO(png)))
-    except OSError as error:  # the records go to history without their images, saying why
-        print(f"{result.combo}: case images not stored ({error}); its records are kept without them",
-              file=sys.stderr, flush=True)
-    for case in (result.judged.get("metrics") or {}).get("cases") or []:
-        case["image"] = stored.get(case.get("image"))
-    result.judged.pop("images", None)
-
-
-def _records(result: interleave.ComboResult, combo, hello: dict, side: str, settings: dict,
-             policy: paired.PairedPolicy, host_synchronous: bool):
-    """One side's Record of a combo: its images' steps pooled, the A/B verdict (`Record.ab`) with the policy it was
-    judged by."""
-    from fluxgate.storing.record import FAILED, PASSED, Metrics, Record
-    from fluxgate.storing.verdicts import ABVerdict
-
-    answers = [getattr(pair, side) for pair in result.pairs]
-    steps = [s for a in answers for s in a["step_times_s"]]
-    waits = [a.get("run_wait_s") for a in answers]
-    metrics = Metrics(it_s=1 / statistics.median(steps), it_s_mean=len(steps) / sum(steps), step_times_s=steps,
-                      first_steps_s=[s for a in answers for s in a.get("first_steps_s") or []],
-                      run_wait_s=None if any(w is None for w in waits) else [s for w in waits for s in w],
-                      e2e_s=statistics.median(a["e2e_s"] for a in answers),
-                      peak_mem_gib=max(a["peak_mem_gib"] for a in answers), mem_kind=answers[0]["mem_kind"],
-                      images=len(answers), ms_ssim=result.min_ms_ssim if side == CANDIDATE else None)
-    verdict = result.verdict
-    ab = ABVerdict(verdict.outcome, verdict.ratio, verdict.low, verdict.high, verdict.blocks, verdict.message,
-                   result.mem_ratio, tuple(pair.ratio for pair in result.pairs),
-                   tuple("".join(s[0] for s in p.order) for p in result.pairs),
-                   tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
-                   result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
-                   host_synchronous, *_image_fields(result.image_verdict), result.min_ms_ssim)
-    failed = side == CANDIDATE and result.failed
-    slow = [v.message for v in (verdict, result.image_verdict) if v is not None and v.outcome == paired.SLOW]
-    judged = result.judged if side == CANDIDATE else {}
-    if judged:  # the one-sided judgement: similarity against the BF16 references, its cases, the limits used
-        metrics = Metrics.from_json({**metrics.to_json(), **judged["metrics"]})
-    return Record(combo.id, combo.model, combo.precision, combo.runtime, hello["profile"], hello["gpu_class"],
-                  settings=settings, metrics=metrics, outcome=FAILED if failed else PASSED,
-                  failures=slow + result.failures + (result.limit_failures or []) if failed else None, ab=ab,
-                  thresholds=judged.get("thresholds"), image=(judged["metrics"].get("cases") or [{}])[0].get("image")
-                  if judged else None, not_judged=judged.get("not_judged") or None)
-
-
-def _image_fields(verdict: paired.PairedVerdict | None) -> tuple:
-    """ABVerdict's image_outcome, image_ratio, image_low, image_high, image_message (all None without one)."""
-    if verdict is None:
-        return (None,) * 5
-    return verdict.outcome, verdict.ratio, verdict.low, verdict.high, verdict.message
 
 
 def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str, str]:
@@ -391,6 +223,16 @@ def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str,
             found[combo] = (f"host-synchronous in its {len(recent)} newest one-sided runs (to "
                             f"{recent[-1].run_id or 'an unnamed run'})")
     return found
+
+
+def judge_steps(options: argparse.Namespace, gpu_class: str, model: str) -> int | None:
+    """The steps the candidate's case images are judged at: the blocks' (--model-steps, else --steps) when the
+    class's references under --baselines-dir were made at them, so judging costs no image longer than a block's;
+    else None, the model's own steps (the references of `baselines/<class>`)."""
+    from fluxgate.judging import baselines
+
+    steps = options.steps_by_model.get(model) or options.steps
+    return steps if steps and baselines.recorded_steps(options.baselines_dir, gpu_class, model) == steps else None
 
 
 def new_ab_id() -> str:
@@ -452,23 +294,24 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" (share of the total budget: {deadline - time.monotonic():.0f} s)" if deadline else "")
                   + (f"; {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
                      if combo.id in synchronous else ""), file=sys.stderr, flush=True)
+            steps = options.steps_by_model.get(combo.model)
             try:
-                result, settings = _measure_combo(
-                    combo, sides, combo_policy, options.budget_s, limits, deadline,
-                    options.steps_by_model.get(combo.model),
+                result, settings = ab_combo.measure_combo(
+                    combo, sides, combo_policy, options.budget_s, limits, deadline, steps,
                     combo.model_spec.settings(sides[BASE].hello["profile"]).steps,
-                    options.baselines_dir if options.limits == "on" else None)
+                    options.baselines_dir if options.limits == "on" else None,
+                    judge_steps(options, sides[BASE].hello["gpu_class"], combo.model))
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
                 print(f"{combo.id}: ERROR: {error}", file=sys.stderr, flush=True)
                 continue
             results.append(result)
-            _keep_images(result, writers[CANDIDATE])
+            ab_combo.keep_images(result, writers[CANDIDATE])
             print(f"{combo.id}: {result.verdict.message}; {result.seconds:.1f} s of blocks"
                   + (f"; limits: {result.limits_note}" if result.limits_note else "")
                   + f"; {time.monotonic() - started:.0f} s into the run", file=sys.stderr, flush=True)
             for name, side in sides.items():
-                writers[name].append(_records(result, combo, side.hello, name, settings[name], combo_policy,
+                writers[name].append(ab_combo.records(result, combo, side.hello, name, settings[name], combo_policy,
                                               combo.id in synchronous))
     except (SideError, HistoryError) as error:
         print(f"fluxgate.ab: error: {error}", file=sys.stderr)
@@ -522,16 +365,10 @@ def _tradeoffs(store, writer, options) -> tuple[list[str], int]:
     has trade-offs."""
     if options.limits != "on" or writer is None:
         return [], 0
-    from fluxgate.errors import FluxgateError
     from fluxgate.judging import tradeoff_checks
 
-    try:
-        checked = tradeoff_checks.check_run(store.load_run(writer.run_id), options.baselines_dir)
-    except (OSError, ValueError, TypeError, FluxgateError) as error:
-        return [f"trade-offs against bf16 not checked ({type(error).__name__}: {error})"], 0
-    if checked is None:
-        return [], 0
-    return tradeoff_checks.summary_lines(*checked), sum(verdict.failed for verdict in checked[1])
+    lines, failed, problem = tradeoff_checks.check_stored(store, writer.run_id, options.baselines_dir)
+    return ([problem] if problem else lines), failed
 
 
 def _describe(hello: dict) -> str:

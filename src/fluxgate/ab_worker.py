@@ -19,13 +19,12 @@ their `pytest_fluxgate_prepare_pipeline`, and answers:
      config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
     {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
                           "mem_kind", "e2e_s": s, "png": bytes}
-    {"op": "judge", "baselines_dir": dir}
+    {"op": "judge", "baselines_dir": dir, "steps": N (optional; default: the model's own)}
         -> {"ok": True, "failures": [line...], "not_judged": [line...], "metrics": {ms_ssim, psnr_db, cases, ...},
             "thresholds": {...}, "images": {name: png bytes}, "steps": N, "settings": {...}}
-        the loaded combo judged as a one-sided run judges it (`fluxgate.gate`): one image per case at the model's own
-        steps against the stored BF16 references under `<baselines_dir>/<gpu class>` (similarity limits and the
-        broken-image tripwire), and the fixed speed and memory limits on every image it made since its load (the
-        blocks' and these), pooled
+        the loaded combo judged as a one-sided run judges it (`fluxgate.gate`): one image per case at `steps` against
+        the stored BF16 references under `<baselines_dir>/<gpu class>` (similarity limits and the broken-image tripwire), and the
+        fixed speed and memory limits on every image it made since its load (the blocks' and these), pooled
     {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
     {"op": "close"}   -> {"ok": True}, and the worker ends
 
@@ -132,7 +131,7 @@ class Worker:
                 "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
                 "e2e_s": result.e2e_s, "png": png.getvalue()}
 
-    def judge(self, baselines_dir: str) -> dict:
+    def judge(self, baselines_dir: str, steps: int | None = None) -> dict:
         import dataclasses
         from pathlib import Path
 
@@ -142,7 +141,7 @@ class Worker:
         if self.held is None:
             raise RuntimeError("no combo loaded: send {'op': 'load'} first")
         combo, runner = self.held.combo, self.runner
-        loaded_steps, runner.steps = runner.steps, None  # the model's own steps: the references'
+        loaded_steps, runner.steps = runner.steps, steps  # None: the model's own
         try:
             settings = runner.settings(combo.model_spec)
         finally:
@@ -286,7 +285,7 @@ def serve(channel) -> None:
             elif op == "image":
                 answer = worker.image()
             elif op == "judge":
-                answer = worker.judge(message["baselines_dir"])
+                answer = worker.judge(message["baselines_dir"], message.get("steps"))
             elif op == "unload":
                 answer = worker.unload()
             else:

@@ -277,6 +277,7 @@ class Gate:
         50 % elsewhere). `rule`: the registered history rule to judge by (`judging.rules`; None: the default).
         Problems met reading the history (a skipped file) are kept in `history_warnings`."""
         from fluxgate.judging import compare
+        from fluxgate.judging import confirm as second_look
 
         with warnings.catch_warnings(record=True) as caught:  # kept for the summary, where a user looks
             warnings.simplefilter("always")
@@ -304,12 +305,12 @@ class Gate:
                 combo = Combo.parse(verdict.combo)
                 result, _ = self.runner.measure(combo)
                 first = next((r for r in self.history.records if r.combo == verdict.combo), None)
-                verdict = compare.confirm(verdict, result.step_times_s, remeasured_e2e_s=result.e2e_s)
+                verdict = second_look.confirm(verdict, result.step_times_s, remeasured_e2e_s=result.e2e_s)
                 again = stats.contention_note(result.step_times_s, result.run_wait_s)
-                slower = any(m.outcome == compare.REGRESSION for m in verdict.metrics if m.metric in compare.TIMES)
+                slower = any(m.outcome == compare.REGRESSION for m in verdict.metrics if m.metric in second_look.TIMES)
                 if self.runner.device.type != "cuda" and first is not None and compare.contention(first) and again \
                         and slower:
-                    verdict = compare.speed_not_judged(verdict, f"{again} in the measurement and its re-measurement")
+                    verdict = second_look.speed_not_judged(verdict, f"{again} in the measurement and its re-measurement")
                 self.history.append(Record(**self._identity(combo), outcome=REMEASURE, verdict=verdict.outcome,
                                            metrics=Metrics(it_s=result.it_s, step_times_s=result.step_times_s,
                                                            e2e_s=result.e2e_s)))

@@ -56,6 +56,18 @@ def _threads(text: str) -> str:
     return text if text == "auto" else str(_count(1)(text))
 
 
+def model_steps(text: str) -> dict[str, int]:
+    """An argparse type: `MODEL=N[,MODEL=N...]` -> {model: steps}, each N >= 1 (the model names are checked against
+    the registry when the run starts, where it is loaded)."""
+    steps = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        model, equals, count = item.partition("=")
+        if not equals or not model.strip() or not count.strip().isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: want MODEL=N with N at least 1")
+        steps[model.strip()] = int(count)
+    return steps
+
+
 def _device(text: str) -> str:
     """An argparse type: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
@@ -136,6 +148,10 @@ _option("--cases", type=_count(1), default=None, metavar="N",
              "H200). Baselines made with more cases serve runs that make fewer")
 _option("--steps", type=_count(1), default=None, metavar="N",
         help="denoising steps per image, overriding the profile's default (makes baselines stale)")
+_option("--model-steps", type=model_steps, default=None, metavar="MODEL=N[,MODEL=N...]",
+        help="denoising steps per model, over --steps (e.g. flux1-dev=6,flux2-dev=4; makes baselines made at "
+             "other steps stale): the PR pass's steps (`fluxgate ab`), and a one-sided run that writes the "
+             "references it judges at them (--write-baselines --baselines-dir baselines/pr-steps)")
 _option("--warmup-steps", type=_count(0), default=1, metavar="N",
         help="steps of the untimed warm-up image made before a combo's timed images [default: 1]")
 _option("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",

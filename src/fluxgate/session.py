@@ -111,7 +111,8 @@ class RunSession:
         profile = s.profile if s.profile != "auto" else ("synthetic" if device.type == "cuda" else "tiny")
         source = for_profile(profile, s.fixture_cache, inputs.seed, s.models_file)
         hook = self.config.hook
-        runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps, cases=s.cases,
+        runner = Runner(profile, device, source, inputs, warmup_steps=s.warmup_steps, steps=s.steps,
+                        model_steps=s.model_steps, cases=s.cases,
                         compile_mode=s.compile_mode, telemetry_interval_s=s.telemetry_interval_s,
                         prepare_pipeline=lambda pipe, combo: hook.pytest_fluxgate_prepare_pipeline(pipe=pipe, combo=combo,
                                                                                              device=device))
@@ -241,20 +242,13 @@ class RunSession:
         one fails the run. Not when writing baselines, nor without a run or a thresholds file with trade-offs."""
         if self.run_id is None or self.settings.write_baselines:
             return
-        from fluxgate.errors import FluxgateError
         from fluxgate.judging import tradeoff_checks
 
-        try:
-            checked = tradeoff_checks.check_run(self.store.load_run(self.run_id), self.settings.baselines_dir)
-        except (OSError, ValueError, TypeError, FluxgateError) as error:  # never an internal error at the end
-            warnings.warn(f"trade-offs against bf16 not checked ({type(error).__name__}: {error})", stacklevel=1)
+        lines, failed, problem = tradeoff_checks.check_stored(self.store, self.run_id, self.settings.baselines_dir)
+        if problem:
+            warnings.warn(problem, stacklevel=1)  # never an internal error at the end
             return
-        if checked is None:
-            return
-        path, verdicts = checked
-        lines = tradeoff_checks.summary_lines(path, verdicts)
         self.tradeoff_lines = lines[:1] + [f"  {line}" for line in lines[1:]]
-        failed = sum(v.failed for v in verdicts)
         if failed:
             self.problems.append(f"{failed} cross-precision trade-off(s) missed (listed under trade-offs above)")
 

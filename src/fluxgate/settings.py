@@ -35,6 +35,7 @@ class Settings:
     decision_file_given: bool  # False: the default file, which may be missing
     vram_budget_gib: float | None
     steps: int | None
+    model_steps: dict  # model -> denoising steps, over `steps` (--model-steps)
     cases: int | None  # images per combo; None: the profile's
     warmup_steps: int
     compile_mode: str
@@ -90,6 +91,8 @@ class Settings:
 
             parse_names("--history-rule", get("history_rule"), RULES)
             min_speed_effect = options.fraction("--min-speed-effect", get("min_speed_effect"))
+            for model in get("model_steps") or {}:
+                parse_names("--model-steps", model, MODELS)
         except (ValueError, RegistryError) as error:
             raise pytest.UsageError(str(error)) from None
         try:  # the prompts file, and the cases and input images of the models selected: one line, before any combo
@@ -110,7 +113,8 @@ class Settings:
             decision_file=path("decision_file") if get("decision_file") else defaults.input_file("decision",
                                                                                                 config.rootpath),
             decision_file_given=get("decision_file") is not None,
-            vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), cases=get("cases"),
+            vram_budget_gib=get("vram_budget_gib"), steps=get("steps"), model_steps=dict(get("model_steps") or {}),
+            cases=get("cases"),
             warmup_steps=get("warmup_steps"),
             compile_mode=get("compile_mode"), telemetry_interval_s=get("telemetry_interval_ms") / 1000,
             cpu_threads=get("cpu_threads"), history_gate=get("history_gate") == "on",

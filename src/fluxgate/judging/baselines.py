@@ -190,6 +190,17 @@ def _difference(key: str, stored, current) -> str:
     return f"{key} {stored!r} -> {current!r}"
 
 
+def recorded_steps(root: Path, gpu_class: str, model: str) -> int | None:
+    """The denoising steps `model`'s stored references on `gpu_class` under `root` were made at; None when the class
+    has no readable provenance or no such entry (`load` then names the problem)."""
+    try:
+        stored = _read_json(Path(root) / gpu_class / PROVENANCE_FILE).get("models", {}).get(model) or {}
+    except (BaselineError, OSError, AttributeError):
+        return None
+    steps = stored.get("steps") if isinstance(stored, dict) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
 def check_fresh(provenance_path: Path, model: str, settings: dict, environment: dict | None = None) -> int | None:
     """Raise BaselineError naming every image setting, and on a GPU every hardware field, that differs from the ones
     the baseline was made with. Returns how many cases the baseline holds (None: made before cases)."""

@@ -24,7 +24,7 @@ Speed (`step_time_s`, from each record's per-step `step_times_s`) is a regressio
 
 Improvement is the mirror image; an improvement of more than `unexplained_improvement` (10 %) is reported as
 "improvement (unexplained, check)": a big speed-up in a gate more often means work was skipped than made faster.
-A suspected speed regression is final only after `confirm` sees it again in a re-measurement.
+A suspected speed regression is final only after `judging.confirm.confirm` sees it again in a re-measurement.
 
 Peak memory (`peak_mem_gib`, one near-deterministic value per run) is a regression when it exceeds the window's
 maximum by more than both `memory_tolerance` (2 %) and `memory_tolerance_gib` (0.25 GiB), an improvement when it
@@ -34,7 +34,8 @@ above its maximum by as much.
 
 The whole image's time (`image_s`, from each record's `e2e_s`: text encoding, VAE decode and the pipeline's own work
 besides the steps) is a regression when it exceeds the window's slowest run by more than `min_speed_effect` or the
-window's own relative range, whichever is larger; like speed, it is final only after `confirm` sees it again.
+window's own relative range, whichever is larger; like speed, it is final only after
+`judging.confirm.confirm` sees it again.
 
 Which runs a candidate is judged against (its window) is `fluxgate.judging.window`.
 """
@@ -146,7 +147,7 @@ class Verdict:
     def stored(self, gating: bool) -> HistoryVerdict:
         """This verdict as its record stores it (`storing.verdicts.HistoryVerdict`): outcome, message, the policy it
         was judged with, its window and the window's it/s and memory (the base of a report's Δ). `gating`: a
-        regression fails the run (speed regressions were re-measured: `confirm`)."""
+        regression fails the run (speed regressions were re-measured: `judging.confirm`)."""
         speed, memory = self.metric("step_time_s"), self.metric("peak_mem_gib")
         return HistoryVerdict(self.outcome, self.message, asdict(self.policy), tuple(self.window_run_ids),
                               window_it_s=1 / speed.window if speed and speed.window else None,
@@ -294,7 +295,7 @@ def image_time_verdict(candidate_e2e_s: float | None, window_e2e_s: Sequence[flo
     return _metric("image_s", outcome, candidate_e2e_s, base, None, effect, message)
 
 
-def _overall(metrics: Sequence[MetricVerdict]) -> str:
+def overall_outcome(metrics: Sequence[MetricVerdict]) -> str:
     outcomes = {m.outcome for m in metrics}
     return next((o for o in _SEVERITY if o in outcomes), NO_CHANGE)
 
@@ -329,7 +330,7 @@ def compare_record(records: Iterable[Record], candidate: Record, *, last_n: int 
     # judgement); the verdict says so, and a suspected regression is re-measured before it fails the run.
     contended = contention(candidate)
     host_note = host_note + ([f"{contended}: the speed verdict may be the host's, not the code's"] if contended else [])
-    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=tuple(ignored + host_note),
+    return replace(verdict, outcome=overall_outcome(metrics), metrics=metrics, notes=tuple(ignored + host_note),
                    policy=policy, window_run_ids=tuple(str(r.run_id) for r in window),
                    window_step_times_s=window_steps,
                    window_e2e_s=tuple(r.metrics.e2e_s for r in window if same_images(r, candidate)))
@@ -374,72 +375,3 @@ def compare_run(records: Iterable[Record], run_id: str, *, last_n: int = 5, base
         raise ValueError(f"run {run_id}: no records in the history given")
     return [compare_record(records, c, last_n=last_n, base_commit=base_commit, ignore_fields=ignore_fields,
                            policy=policy) for c in candidates]
-
-
-def _confirm_image(first: Verdict, remeasured_e2e_s: float | None) -> Verdict:
-    """`first` with its image-time regression kept only if the re-measurement's image time is one too (against the
-    same window); unchanged without a re-measured image time or an image regression."""
-    image = first.metric("image_s")
-    if remeasured_e2e_s is None or image is None or image.outcome != REGRESSION:
-        return first
-    again = image_time_verdict(remeasured_e2e_s, first.window_e2e_s, first.policy)
-    agreed = again.outcome == REGRESSION
-    combined = replace(image, outcome=REGRESSION if agreed else NO_CHANGE,
-                       effect_size=min(image.effect_size, again.effect_size, key=abs) if agreed else 0.0,
-                       message=f"{REGRESSION if agreed else NO_CHANGE} ({'confirmed' if agreed else 'not confirmed'} "
-                               f"by re-measurement): first {image.message}; re-measured {again.message}")
-    metrics = tuple(combined if m.metric == "image_s" else m for m in first.metrics)
-    return replace(first, outcome=_overall(metrics), metrics=metrics,
-                   notes=(*first.notes, "image time re-measured against the same window"))
-
-
-def confirm(first: Verdict, remeasured_step_times_s: Sequence[float],
-            base_step_times_s: Sequence[Sequence[float]] | None = None,
-            remeasured_e2e_s: float | None = None) -> Verdict:
-    """Keep `first`'s speed regression (or improvement) only if a re-measurement shows it too; with
-    `remeasured_e2e_s` (seconds per image), its image-time regression likewise.
-
-    `remeasured_step_times_s`: the candidate's step times (seconds) from a fresh process. `base_step_times_s`: one
-    sequence per base run measured alongside it (ideally interleaved, base/candidate/base/..., on the same machine
-    so that drift hits both); without it the re-measurement is judged against `first`'s window. Both measurements
-    must clear the whole rule on their own rather than be pooled: pooling would let one process's offset carry the
-    other, while two independent processes each landing beyond the window is what a real change looks like. The
-    combined p-value is the larger of the two (an intersection-union test) and the effect the smaller shift.
-    """
-    first = _confirm_image(first, remeasured_e2e_s)
-    speed = first.metric("step_time_s")
-    if first.outcome == NOT_COMPARABLE or speed is None or speed.outcome == NOT_COMPARABLE:
-        return first
-    window = first.window_step_times_s if base_step_times_s is None else base_step_times_s
-    again = speed_verdict(remeasured_step_times_s, window, first.policy)
-    agreed = speed.outcome != NO_CHANGE and _direction(again.outcome) == _direction(speed.outcome)
-    outcome = speed.outcome if agreed else NO_CHANGE
-    p_values = [p for p in (speed.p_value, again.p_value) if p is not None]
-    shifts = [s for s in (speed.effect_size, again.effect_size) if s is not None]
-    word = "confirmed" if agreed else ("not confirmed" if speed.outcome != NO_CHANGE else "still no change")
-    combined = replace(again, outcome=outcome, p_value=max(p_values) if p_values else None,
-                       effect_size=min(shifts, key=abs) if shifts else None,
-                       message=f"{outcome} ({word} by re-measurement): first {speed.message}; re-measured "
-                               f"{again.message}")
-    metrics = tuple(combined if m.metric == "step_time_s" else m for m in first.metrics)
-    against = "interleaved base runs" if base_step_times_s is not None else "the same window"
-    return replace(first, outcome=_overall(metrics), metrics=metrics,
-                   notes=(*first.notes, f"speed re-measured against {against}"))
-
-
-TIMES = ("step_time_s", "image_s")  # the metrics host contention stretches
-
-
-def speed_not_judged(verdict: Verdict, why: str) -> Verdict:
-    """`verdict` with its times (`TIMES`: the steps and the whole image) not judged (NOT_COMPARABLE, `why` in their
-    messages), memory and similarity as they are: a CPU run whose measurement and re-measurement both waited for a
-    CPU says nothing of the code's speed."""
-    metrics = tuple(replace(m, outcome=NOT_COMPARABLE, message=f"not judged: {why} ({m.message})")
-                    if m.metric in TIMES else m for m in verdict.metrics)
-    if metrics == verdict.metrics:
-        return verdict
-    return replace(verdict, outcome=_overall(metrics), metrics=metrics, notes=(*verdict.notes, f"speed: {why}"))
-
-
-def _direction(outcome: str) -> str:
-    return IMPROVEMENT if outcome in (IMPROVEMENT, UNEXPLAINED_IMPROVEMENT) else outcome

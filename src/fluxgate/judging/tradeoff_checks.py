@@ -220,3 +220,18 @@ def summary_lines(path: Path, verdicts: list[TradeoffVerdict]) -> list[str]:
     lines += [f"FAIL {v.message}" for v in verdicts if v.failed]
     lines += [f"NOT CHECKED {v.message}" for v in verdicts if v.status == NOT_CHECKED]
     return lines
+
+
+def check_stored(store, run_id: str, baselines_dir: Path) -> tuple[list[str], int, str | None]:
+    """`check_run` of run `run_id` read back from `store` (a HistoryStore): (its `summary_lines`, how many failed,
+    None); ([], 0, None) when the run has nothing to check; ([], 0, "trade-offs against bf16 not checked (...)"),
+    never an exception, when it cannot be read or checked (the run's end must still print its summary)."""
+    from fluxgate.errors import FluxgateError
+
+    try:
+        checked = check_run(store.load_run(run_id), baselines_dir)
+    except (OSError, ValueError, TypeError, FluxgateError) as error:
+        return [], 0, f"trade-offs against bf16 not checked ({type(error).__name__}: {error})"
+    if checked is None:
+        return [], 0, None
+    return summary_lines(*checked), sum(verdict.failed for verdict in checked[1]), None

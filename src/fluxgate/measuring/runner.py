@@ -24,13 +24,14 @@ class Runner:
 
     def __init__(self, profile: str, device: torch.device, source: Source, inputs: Inputs, warmup_steps: int = 1,
                  steps: int | None = None, compile_mode: str = runtimes.DEFAULT_COMPILE_MODE,
-                 telemetry_interval_s: float = 0.1, cases: int | None = None,
+                 telemetry_interval_s: float = 0.1, cases: int | None = None, model_steps: dict | None = None,
                  prepare_pipeline: Callable[[Any, Combo], None] | None = None):
         quiet.quiet_libraries()
         self.prepare_pipeline = prepare_pipeline or (lambda pipe, combo: None)  # the hook before warm-up and timing
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)
         self.warmup_steps, self.steps, self.compile_mode = warmup_steps, steps, compile_mode
+        self.model_steps = dict(model_steps or {})  # model name -> denoising steps, over `steps`
         self.telemetry_interval_s = telemetry_interval_s
         self.last_teardown: dict | None = None  # memory before the last combo and after its teardown
         self._components: tuple[str, dict[str, Any]] | None = None
@@ -46,11 +47,15 @@ class Runner:
             return self.inputs.cases(model.name)[:self.case_count]
         return self.inputs.cases(model.name, model.settings(self.profile).cases)
 
+    def steps_of(self, model: ModelSpec) -> int:
+        """Denoising steps of `model`'s images: its --model-steps, else --steps, else its profile's."""
+        return self.model_steps.get(model.name) or self.steps or model.settings(self.profile).steps
+
     def settings(self, model: ModelSpec) -> dict:
         """Everything that decides the images (compared with the baseline's provenance to detect staleness): profile,
         weight seed, steps, size, guidance, and each case's name, prompt, noise seed and input image digest."""
         run = model.settings(self.profile)
-        return {"profile": self.profile, "seed": self.inputs.seed, "steps": self.steps or run.steps,
+        return {"profile": self.profile, "seed": self.inputs.seed, "steps": self.steps_of(model),
                 "size_px": run.size_px, "guidance_scale": run.guidance_scale,
                 "cases": [case.settings() for case in self.cases(model)]}
 

@@ -1,6 +1,6 @@
 """The history on any fsspec filesystem: `FsspecStore`, the one `HistoryStore` (a local folder is
 `fluxgate.storing.local.LocalFolderStore`, this store on fsspec's local filesystem), and `RunObject`, its run writer.
-This module is the only code that knows the layout:
+Its layout (`fluxgate.storing.layout` names the folders; pruning is `fluxgate.storing.housekeeping`):
 
     <root>/<run_id>.json              one run: {"schema": 1, "run_id", "started", "environment", "records": [...]}
     <root>/images/<sha256>.png        the runs' images, content-addressed (a record's "image" is this path, relative
@@ -25,8 +25,6 @@ import hashlib
 import io
 import json
 import os
-import re
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,15 +33,14 @@ from typing import Mapping, Sequence
 from fsspec.implementations.local import LocalFileSystem
 
 from fluxgate.errors import HistoryError
+from fluxgate.storing import housekeeping
 from fluxgate.storing.fsio import backend_errors, resolve, write_whole
+from fluxgate.storing.layout import IMAGES_DIR, LEFTOVER_AGE_S, MERGED_DIR, SHARDS_DIR
 from fluxgate.storing.names import check_run_id, is_image
 from fluxgate.storing.record import REMEASURE, Record
 from fluxgate.storing.store import Run, holds_all_of, merge_runs, new_run_id, now, stamped
 from fluxgate.storing.verdicts import HistoryVerdict
 
-SHARDS_DIR = ".workers"  # shard runs not merged yet: readers do not look there
-IMAGES_DIR = "images"  # every run's images, content-addressed (`RunObject.save_image`); runs before: `<run_id>/`
-MERGED_DIR = ".merged"  # runs of the root merged into another run: kept, so nothing is lost, and not read
 READERS = 16  # objects read at once from a network store
 
 
@@ -126,19 +123,6 @@ class RunObject:
                    if record.combo in verdicts and record.outcome != REMEASURE else record for record in self.records]
         write_whole(self.owner.fs, self.key, dump(Run(self.run_id, self.environment, tuple(records), self.started)))
         self.records[:] = records
-
-
-# A crashed writer's temporary file: `.<name>.<random>.tmp` (tempfile.mkstemp's 8 characters, or 8 hex digits).
-LEFTOVER = re.compile(r"\.[^/]+\.[A-Za-z0-9_]{8}\.tmp")
-LEFTOVER_AGE_S = 3600.0
-
-
-def _mtime(entry: dict) -> float | None:
-    """An fsspec listing entry's modification time as a POSIX timestamp, None when the backend gives none."""
-    value = next((entry[key] for key in ("mtime", "LastModified", "created") if entry.get(key) is not None), None)
-    if isinstance(value, (int, float)):
-        return float(value)
-    return value.timestamp() if hasattr(value, "timestamp") else None
 
 
 class FsspecStore:
@@ -284,78 +268,12 @@ class FsspecStore:
 
     # --- pruning and merging ---------------------------------------------------------------------------------------
     def clean_leftovers(self, older_than_s: float = LEFTOVER_AGE_S) -> list[str]:
-        """Delete the temporary files of writers that died between writing and renaming (`.<name>.<random>.tmp`, as
-        `files.atomic_write` and `fsio.write_whole` make them) in the root, `.workers/` and the image folders, once
-        they are `older_than_s` seconds old: a live writer's temporary file exists for well under a second, so a
-        concurrent run's is never touched. Only names of that pattern are deleted, never a folder. Returns what was
-        removed; a store whose listing gives no modification time (object stores, which write in one PUT and leave
-        none) is left alone. Raises OSError when a listing fails."""
-        removed = []
-        now = time.time()
-        folders = [self.root] + [entry["name"] for entry in self._entries() if entry["type"] == "directory"]
-        for folder in folders:
-            with backend_errors(self.display(folder)):
-                try:
-                    entries = self.fs.ls(folder, detail=True)
-                except FileNotFoundError:
-                    continue
-            for entry in entries:
-                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-                mtime = _mtime(entry)
-                if entry["type"] != "file" or not LEFTOVER.fullmatch(name) or mtime is None or \
-                        now - mtime < older_than_s:
-                    continue
-                with backend_errors(self.display(entry["name"])):
-                    try:
-                        self.fs.rm(entry["name"])
-                    except FileNotFoundError:
-                        continue  # another runner cleaned it first
-                removed.append(self.display(entry["name"]))
-        return removed
+        """Crashed writers' temporary files removed (`housekeeping.clean_leftovers`)."""
+        return housekeeping.clean_leftovers(self, older_than_s)
 
     def prune_images(self, keep_runs: int, min_age_s: float = LEFTOVER_AGE_S) -> list[str]:
-        """Delete the images of all but the newest `keep_runs` runs: their image folders (`<run_id>/`, and those of
-        the shards a merged run came from: runs before content addressing) and every `images/<hash>.png` that no
-        kept run nor unmerged shard names, once `min_age_s` old (a live run may have saved it and not yet named it);
-        the old runs' records stay, with an `image` that no longer exists (reports say so). Returns what was
-        removed. A GPU run's 16 PNGs are ~40 MB: without this the history grows without bound. Raises OSError when
-        the root cannot be listed or a file not removed."""
-        entries = self._entries()
-        folders = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"}
-        content_addressed = IMAGES_DIR in folders
-        folders -= {SHARDS_DIR, MERGED_DIR, IMAGES_DIR}
-        runs = self._run_objects()
-        old, kept = runs[:max(0, len(runs) - keep_runs)], runs[max(0, len(runs) - keep_runs):]
-        removed = []
-        for path, data in zip(old, self._read_many(old)):
-            run_id = path.rsplit("/", 1)[-1].removesuffix(".json")
-            for folder in sorted(({run_id} | _image_folders(data)) & folders):
-                with backend_errors(self.display(self.join(folder))):
-                    try:
-                        self.fs.rm(self.join(folder), recursive=True)
-                    except FileNotFoundError:
-                        pass  # another runner pruned it first
-                folders.discard(folder)
-                removed.append(self.display(self.join(folder)))
-        if content_addressed and old:  # an image goes when no kept run (nor an unmerged shard) names it
-            shards = [entry["name"] for entry in self._list(self.join(SHARDS_DIR)) if entry["type"] == "file"]
-            names = [_image_names(data) for data in self._read_many([*kept, *shards])]
-            if any(found is None for found in names):
-                return removed  # a run that cannot be read or parsed may name any image: keep them all
-            named = set().union(*names)
-            now = time.time()
-            for entry in self._list(self.join(IMAGES_DIR)):
-                name = f"{IMAGES_DIR}/{entry['name'].rstrip('/').rsplit('/', 1)[-1]}"
-                mtime = _mtime(entry)
-                if entry["type"] != "file" or name in named or mtime is None or now - mtime < min_age_s:
-                    continue
-                with backend_errors(self.display(entry["name"])):
-                    try:
-                        self.fs.rm(entry["name"])
-                    except FileNotFoundError:
-                        continue
-                removed.append(self.display(entry["name"]))
-        return removed
+        """All but the newest `keep_runs` runs' images removed (`housekeeping.prune_images`)."""
+        return housekeeping.prune_images(self, keep_runs, min_age_s)
 
     def _list(self, folder: str) -> list[dict]:
         """A folder's entries, listed afresh; none for a missing folder. Raises OSError when it cannot be listed."""
@@ -455,30 +373,3 @@ def load_paths(locations: Sequence[str | os.PathLike]) -> list[Record]:
         except (OSError, ValueError, HistoryError) as error:
             _skip(os.fspath(location), error)
     return records
-
-
-def _image_names(data: bytes | Exception) -> set[str] | None:
-    """The image names (`images/<hash>.png`, `<run>/<file>.png`) a run document's records and cases name; None for a
-    document that cannot be read or parsed (it may name any)."""
-    if isinstance(data, Exception):
-        return None
-    try:
-        records = json.loads(data).get("records") or []
-    except (ValueError, AttributeError, TypeError):
-        return None
-    if not isinstance(records, list):
-        return None
-    names = set()
-    for record in records:
-        if not isinstance(record, dict):
-            continue
-        names.add(record.get("image"))
-        cases = (record.get("metrics") or {}).get("cases") if isinstance(record.get("metrics"), dict) else None
-        names |= {case.get("image") for case in cases or [] if isinstance(case, dict)}
-    return {name for name in names if isinstance(name, str)}
-
-
-def _image_folders(data: bytes | Exception) -> set[str]:
-    """The image folders a run document's records name (a merged run's images stay in its shards' folders); an
-    unreadable document names none."""
-    return {name.split("/")[0] for name in _image_names(data) or ()}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
-from fluxgate.storing.fsstore import MERGED_DIR, SHARDS_DIR, FsspecStore, RunObject, load_paths
+from fluxgate.storing.fsstore import FsspecStore, RunObject, load_paths
+from fluxgate.storing.layout import MERGED_DIR, SHARDS_DIR
 
 __all__ = ["LocalFolderStore", "RunHistory", "load_paths", "SHARDS_DIR", "MERGED_DIR"]
 
