@@ -109,7 +109,17 @@ def test_a_base_that_cannot_be_had_is_one_error_line(tmp_path, cache, base, expe
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("fluxgate.ab: error:")]
     assert len(errors) == 1 and expected in errors[0], done.stderr
-    assert not (tmp_path / "h").exists()
+    assert not list((tmp_path / "h").glob("*"))  # tried for writing at the start; nothing written
+
+
+@pytest.mark.subprocess
+def test_a_history_store_that_cannot_be_written_is_one_error_line_before_any_side_starts(tmp_path, cache):
+    (tmp_path / "a-file").write_text("not a folder")
+    done = run_ab("--base-tree", str(ROOT), "--precisions", "bf16", *TINY, history=tmp_path / "a-file", cache=cache)
+    assert done.returncode == 2
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("fluxgate.ab: error:")]
+    assert f"--history-dir {tmp_path / 'a-file'}: cannot write there" in error, done.stderr
+    assert "Traceback" not in done.stderr and "loading both sides" not in done.stderr
 
 
 @pytest.mark.subprocess

@@ -3,7 +3,8 @@ worktree): each side in its own virtualenv with its own tree's pins, on CPU with
 each side's worker ran in its own venv, and a second run reuses both venvs; the venv stamp's reuse rule on its own.
 
 The end-to-end test makes two real venvs (`pip install torch==2.13.0 -e <tree>`, about 45 s each on a quiet 2-core
-machine, made at once): the slowest test of the file. Deselect it with `-k "not own_envs"`."""
+machine, made at once): the slowest test of the file. Deselect it with `-k "not own_envs"`. It runs beside the other
+tests (not with the timing tests, alone): its verdict may be UNKNOWN there, never SLOW or FAST."""
 
 import json
 import os
@@ -44,7 +45,6 @@ def run_ab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           preexec_fn=prioritized)
 
 
-@pytest.mark.timing
 def test_own_envs_a_a_is_same_each_side_in_its_venv_and_a_second_run_reuses_them(tmp_path):
     trees = {side: tree_copy(tmp_path / side) for side in ("base", "candidate")}
     envs, cache = tmp_path / "envs", tmp_path / "cache"

@@ -11,7 +11,7 @@ from PIL import Image
 from fluxgate.errors import FixtureError
 from fluxgate.showing import decision, publish
 from fluxgate.storing.record import ERROR, FAILED, PASSED, Metrics, Record
-from fluxgate.storing.verdicts import HistoryVerdict
+from fluxgate.storing.verdicts import ABVerdict, HistoryVerdict
 from fluxgate.storing.store import Run
 
 GPU = "nvidia-h100-80gb-hbm3"
@@ -224,3 +224,9 @@ def test_the_summary_headline_says_whether_the_run_passed_the_gate():
     failed = [record("bf16", 5.5, 22.7, 1.0, None, outcome=FAILED)]
     assert publish.gate_headline(failed, set()) == "**Gate: FAILED** (1 missed a limit)"
     assert publish.gate_headline([], set()) == "**Gate: FAILED** (nothing was measured)"
+    # an A/B candidate: SLOW against the base is said as such, apart from a fixed limit it missed
+    slow = ABVerdict("SLOW", 1.05, message="SLOW: ...", image_outcome="SAME")
+    ab_slow = replace(failed[0], ab=slow, failures=["SLOW: ..."])
+    assert publish.gate_headline([ab_slow], set()) == "**Gate: FAILED** (1 SLOW against the base (A/B))"
+    both = replace(ab_slow, failures=["SLOW: ...", "speed 1.2 it/s < min_it_s 1.5"])
+    assert publish.gate_headline([both], set()) == "**Gate: FAILED** (1 SLOW against the base (A/B), 1 missed a limit)"

@@ -53,8 +53,8 @@ when the references were made at them, as baselines/pr-steps' are for the PR wor
 
 Exit status: 0 no combo SLOW (steps or image), no memory or similarity regression, no fixed limit or trade-off
 missed; 1 one of those, or a combo that failed to measure or be judged (a combo left out by --total-budget-s does
-not fail the run: it is listed); 2 a bad option or a side that cannot start (one line: `fluxgate.ab: error: base
-side: ...`).
+not fail the run: it is listed); 2 a bad option, a place it writes that cannot be written (tried before any side
+starts), or a side that cannot start (one line: `fluxgate.ab: error: base side: ...`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fluxgate import ab_combo
+from fluxgate import ab_combo, probing
 from fluxgate import options as shared
 from fluxgate.ab_sides import DEFAULT_TORCH, Side, SideError, prepare
 from fluxgate.judging import interleave, paired
@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     site = Path(tempfile.mkdtemp(prefix="fluxgate-ab-"))  # the sides' generated distributions, read all run long
     try:
         store = open_store(options.history_dir)  # a URL no installed backend serves fails here, before any side
+        # every place the run writes, tried before any side starts (a store without credentials, a read-only folder)
+        probing.check_writable([("--history-dir", options.history_dir), ("--fixture-cache", options.fixture_cache),
+                                ("--envs-dir", options.envs_dir)]
+                               + ([("--summary-out", options.summary_out.parent)] if options.summary_out else []))
         trees, configs, pythons = prepare(options, site)
         for name in (BASE, CANDIDATE):
             sides[name] = Side(name, trees[name], pythons[name], configs[name])
@@ -313,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, side in sides.items():
                 writers[name].append(ab_combo.records(result, combo, side.hello, name, settings[name], combo_policy,
                                               combo.id in synchronous))
-    except (SideError, HistoryError) as error:
+    except (SideError, HistoryError, probing.UnwritableError) as error:
         print(f"fluxgate.ab: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the history store failed mid-run (network, quota): its records are lost, said once
+        print(f"fluxgate.ab: error: --history-dir {options.history_dir}: {type(error).__name__}: {error}",
+              file=sys.stderr)
         return 2
     finally:
         for side in sides.values():

@@ -119,12 +119,22 @@ def regressions(records: list[Record], run_id: str) -> set[str]:
             and r.history_verdict.fails_run}
 
 
+def _ab_slow(record: Record) -> int:
+    """How many of a record's A/B verdicts (the steps', the whole image's) are SLOW: 0 for a one-sided record."""
+    ab = record.ab
+    return 0 if ab is None else (ab.outcome == "SLOW") + (ab.image_outcome == "SLOW")
+
+
 def gate_headline(run: list[Record], regressed: set[str], tradeoffs_missed: int = 0) -> str:
     """One line: did this run pass the gate (every combo inside its limits, no error, no confirmed regression, no
     trade-off against bf16 missed)."""
-    missed = sum(r.outcome == FAILED for r in run)
+    slow = [_ab_slow(r) for r in run]
+    # a failure besides the A/B SLOW lines (a fixed limit, memory or similarity against the base): a limit missed
+    missed = sum(r.outcome == FAILED and len(r.failures or [None]) > n for r, n in zip(run, slow))
     errors = sum(r.outcome == ERROR for r in run)
-    reasons = [text for count, text in ((missed, f"{missed} missed a limit"), (errors, f"{errors} errors"),
+    slowed = sum(r.outcome == FAILED and n > 0 for r, n in zip(run, slow))
+    reasons = [text for count, text in ((slowed, f"{slowed} SLOW against the base (A/B)"),
+                                        (missed, f"{missed} missed a limit"), (errors, f"{errors} errors"),
                                         (len(regressed), f"{len(regressed)} regressed against history"),
                                         (tradeoffs_missed, f"{tradeoffs_missed} trade-offs against bf16 missed"))
                if count]
