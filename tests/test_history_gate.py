@@ -25,11 +25,21 @@ INJECTORS = Path(__file__).resolve().parent / "injectors"  # slow_combo.py: `-p 
 SLOWED = {"FLUXGATE_SLOW_COMBO": "flux1-dev[nvfp4]", "FLUXGATE_SLOW_DELAY_S": "0.15"}
 
 
-@pytest.fixture
-def baselines_dir(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def baselines_dir(tmp_path_factory) -> Path:
     """The CPU baselines without fixed speed and memory limits, so that only the judgement against history can fail
     a run in which a combo is slowed."""
-    return copy_baselines(tmp_path / "baselines")
+    return copy_baselines(tmp_path_factory.mktemp("baselines") / "baselines")
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory, baselines_dir) -> Path:
+    """A history of two normal runs (gate on: a run with the gate off never enters a window), made once for the
+    tests that copy it (their verdicts are not what the tests are about)."""
+    made = tmp_path_factory.mktemp("window")
+    for _ in range(2):
+        run_matrix(made, baselines_dir)
+    return made / "history"
 
 
 def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | None = None
@@ -44,9 +54,8 @@ def run_matrix(tmp_path: Path, baselines_dir: Path, *extra: str, env: dict | Non
 
 
 @pytest.mark.timing
-def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, baselines_dir):
-    for _ in range(2):  # history only (their verdicts are not what this test is about)
-        run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
+def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, baselines_dir, window):
+    shutil.copytree(window, tmp_path / "history")
 
     done = run_matrix(tmp_path, baselines_dir, "-p", "slow_combo", env=SLOWED)
 
@@ -73,9 +82,8 @@ def test_a_slowed_combo_is_a_confirmed_regression_and_fails_the_run(tmp_path, ba
 
 
 @pytest.mark.timing
-def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir):
-    for _ in range(2):
-        run_matrix(tmp_path, baselines_dir)  # gate on: a run with the gate off never enters a window
+def test_with_the_history_gate_off_the_same_regression_is_reported_but_does_not_fail(tmp_path, baselines_dir, window):
+    shutil.copytree(window, tmp_path / "history")
 
     # The same slowdown under a minimum effect larger than itself is no finding (the option reaches the rule).
     shutil.copytree(tmp_path / "history", tmp_path / "lenient" / "history")
