@@ -208,4 +208,5 @@ def no_window_reason(records: list[Record], candidate: Record, base_commit: str 
         return f"{FIRST_RUN} {candidate.combo} on {where}"
     latest = eligible[-1]
     differences = fingerprint_differences(latest.environment, candidate.environment, ignore_fields)
-    return f"{', '.join(differences)} (vs run {latest.run_id}; pass ignore_fields to compare anyway)"
+    return (f"{', '.join(differences)} (vs run {latest.run_id}; runs with the new value make their own window from "
+            "the next run on)")
