@@ -11,7 +11,8 @@ does not wait) for as long as an event recorded on an idle GPU takes to complete
 timed images (`idle_probe_s`, at least 20 µs): an event that completes within it found the GPU with nothing
 queued, i.e. the GPU was waiting for the host at the end of the step; a GPU with queued work is still busy then. The poll costs at most
 that long per step, a few µs when the GPU is idle. A step is one pass of the denoising loop (transformer
-forward + scheduler step), from the first transformer call or the previous step's end to this step's end.
+forward + scheduler step), from the first transformer call or the previous step's end to this step's end: the
+pipeline's `callback_on_step_end`, or the legacy `callback` of pipelines that still take only that (PixArt's).
 
 Memory: on CUDA, torch's max allocated and max reserved bytes during the timed images, and NVML's per-process
 used memory (in `telemetry`, sampled with clocks, power, temperature, throttle reasons and energy); on CPU there is no VRAM, so
@@ -22,6 +23,7 @@ the peak resident set size of the whole process, sampled every 5 ms during the t
 from __future__ import annotations
 
 import gc
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fluxgate.errors import FluxgateError
 from fluxgate.measuring import telemetry
 from fluxgate.models import denoiser_of
 from fluxgate.stats import Spikes, StepStats, spikes, step_stats
@@ -133,11 +136,28 @@ class _StepClock:
             self._mark()
 
     def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """diffusers' `callback_on_step_end`: a step ended; returns `callback_kwargs` unchanged."""
         self._mark()
         self.last_latents = callback_kwargs.get("latents")
         if self.cuda:
             self.denoise_peak_bytes = torch.cuda.max_memory_allocated()
         return callback_kwargs
+
+    def legacy_step_end(self, step: int, timestep, latents) -> None:
+        """The older `callback(step, timestep, latents)` some pipelines still take instead (PixArt's)."""
+        self.step_end(None, step, timestep, {"latents": latents})
+
+    def call_kwargs(self, pipe) -> dict:
+        """The pipeline call's keyword arguments that mark each step's end: `callback_on_step_end` (diffusers' current
+        API), else the legacy `callback` called every step (`callback_steps=1`). Raises FluxgateError naming the
+        pipeline class when its `__call__` takes neither (its steps cannot be timed)."""
+        parameters = inspect.signature(pipe.__call__).parameters
+        if "callback_on_step_end" in parameters:
+            return {"callback_on_step_end": self.step_end}
+        if "callback" in parameters:
+            return {"callback": self.legacy_step_end, "callback_steps": 1}
+        raise FluxgateError(f"{type(pipe).__name__}.__call__ takes neither callback_on_step_end nor callback: "
+                            "fluxgate cannot time its denoising steps")
 
     def step_times_s(self) -> list[float]:
         if self.cuda:
@@ -247,7 +267,7 @@ def _timed_call(pipe, call_kwargs: dict, device: torch.device, probe_s: float = 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        image = pipe(**call_kwargs, callback_on_step_end=clock.step_end).images[0]
+        image = pipe(**call_kwargs, **clock.call_kwargs(pipe)).images[0]
         if device.type == "cuda":
             torch.cuda.synchronize()
         e2e_s = time.perf_counter() - start

@@ -68,7 +68,7 @@ class RealSource:
             transformer, how_loaded = _from_folder(model.builder.transformer_class, path, device), "diffusers folder"
         else:
             loadable, how_loaded = layouts.adapt(found, path)
-            transformer = load_transformer(precision, model.builder.transformer_class, loadable,
+            transformer = load_transformer(precision, model.builder, loadable,
                                            self._pipeline(model), device, config_subfolder="transformer",
                                            name=str(path))
         bad = first_nonfinite([*transformer.named_parameters(), *transformer.named_buffers()]) or nonfinite_gguf(

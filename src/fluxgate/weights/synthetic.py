@@ -35,7 +35,7 @@ from fluxgate.models import ModelSpec, pipeline
 from fluxgate.models.seeding import device_of
 from fluxgate.precisions import DTYPE, PrecisionSpec
 from fluxgate.precisions.spec import StateDict
-from fluxgate.weights.loading import load_transformer
+from fluxgate.weights.loading import load_transformer, loader_name
 
 BIAS_STD = 0.02
 
@@ -87,7 +87,7 @@ def random_state_dict(model: ModelSpec, precision: PrecisionSpec, device: torch.
 
 
 def config_dir(transformer: torch.nn.Module) -> Path:
-    """A folder holding the transformer's config.json, for `from_single_file(config=...)`; one per distinct config,
+    """A folder holding the transformer's config.json, for the loader's `config`; one per distinct config,
     kept in the temp dir (the config of a meta instance is all it needs)."""
     text = transformer.to_json_string()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -99,10 +99,11 @@ def config_dir(transformer: torch.nn.Module) -> Path:
 
 def load(model: ModelSpec, precision: PrecisionSpec, state_dict: StateDict, device: torch.device | str,
          config: dict | None = None) -> torch.nn.Module:
-    """`state_dict` (already on `device`) through `from_single_file` with `precision`'s quantization config: the
-    loader swaps in its quantized linears and takes the tensors as they are, without copying them."""
+    """`state_dict` (already on `device`) through the model's loader (`ModelBuilder.load_transformer`; by default
+    `from_single_file` with `precision`'s quantization config, which swaps in its quantized linears) taking the tensors
+    as they are, without copying them."""
     folder = config_dir(model.meta_transformer(config))
-    return load_transformer(precision, model.builder.transformer_class, state_dict, folder, device_of(device),
+    return load_transformer(precision, model.builder, state_dict, folder, device_of(device),
                             DTYPE, name=f"synthetic {model.name}[{precision.name}] state dict")
 
 
@@ -112,7 +113,7 @@ def build_transformer(model: ModelSpec, precision: PrecisionSpec, device: torch.
     on `device`, loaded by diffusers' own loader; and a line saying how it was made."""
     device = device_of(device)
     transformer = load(model, precision, random_state_dict(model, precision, device, seed, config), device, config)
-    return transformer, f"seeded random {precision.name} state dict on {device} -> from_single_file"
+    return transformer, f"seeded random {precision.name} state dict on {device} -> {loader_name(model.builder)}"
 
 
 def build_pipeline(model: ModelSpec, transformer: torch.nn.Module, device: torch.device | str, seed: int = 0):

@@ -1,8 +1,9 @@
 """The tiny profile: fixture checkpoints made once from seeded random weights, cached by content hash, and its source
-(`TinySource`), which loads them through diffusers beside toy-size text encoders and VAE.
+(`TinySource`), which loads them through the model's loader (`ModelBuilder.load_transformer`) beside toy-size text
+encoders and VAE.
 
 Cache layout (`--fixture-cache`, default `.fluxgate-cache/`, git-ignored):
-    <cache>/<model>/<key>/config.json                   transformer config (for `from_single_file(config=...)`)
+    <cache>/<model>/<key>/config.json                   transformer config (the loader's `config` folder)
     <cache>/<model>/<key>/transformer-<precision><ext>  the checkpoint in that precision's real format
     <cache>/<model>/<key>/transformer-<precision>.json  provenance: sha256, size, seed, versions, source sha256
 `key` hashes everything the bytes depend on (config, seed, format version), so a changed config never reuses a
@@ -26,7 +27,7 @@ from fluxgate.files import atomic_write
 from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
 from fluxgate.precisions import DTYPE, PRECISIONS, PrecisionSpec
-from fluxgate.weights.loading import load_transformer
+from fluxgate.weights.loading import load_transformer, loader_name
 
 FORMAT_VERSION = 1  # bump when a writer's output changes for the same inputs
 
@@ -157,10 +158,9 @@ class TinySource:
     def transformer(self, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict]:
         model, precision = combo.model_spec, combo.precision_spec
         checkpoint = ensure(model, precision, self.seed, self.cache_dir)
-        transformer = load_transformer(precision, model.builder.transformer_class, checkpoint.path,
-                                       checkpoint.config_dir, device)
-        return transformer, {"path": "tiny checkpoint file -> from_single_file", "file": str(checkpoint.path),
-                             "sha256": checkpoint.sha256, "reused": checkpoint.reused}
+        transformer = load_transformer(precision, model.builder, checkpoint.path, checkpoint.config_dir, device)
+        return transformer, {"path": f"tiny checkpoint file -> {loader_name(model.builder)}",
+                             "file": str(checkpoint.path), "sha256": checkpoint.sha256, "reused": checkpoint.reused}
 
     def components(self, model: ModelSpec, device: torch.device) -> dict[str, Any]:
         # Deployed pipelines run every component in bf16 (`torch_dtype=torch.bfloat16`); the pipelines do not cast
