@@ -135,6 +135,69 @@ def test_a_nunchaku_svdquant_file_is_named_as_its_format_in_every_slot(tmp_path,
         assert f"no fluxgate precision (nunchaku-svdq-{kind}_r32; nunchaku SVDQuant" in message and "bf16 (" not in message
 
 
+def gptq(layer: str, weight: torch.Tensor, g_idx: bool = True) -> dict:
+    """AutoGPTQ's QuantLinear buffers, 4 bits, group 64 (auto_gptq/nn_modules/qlinear): qweight int32 [K/8, N]
+    packed along the input, qzeros int32 [K/64, N/8], scales fp16 [K/64, N], g_idx int32 [K]; no `weight`."""
+    n, k = weight.shape
+    out = {f"{layer}.qweight": torch.zeros(k // 8, n, dtype=torch.int32),
+           f"{layer}.qzeros": torch.zeros(k // 64, n // 8, dtype=torch.int32),
+           f"{layer}.scales": torch.ones(k // 64, n, dtype=torch.float16)}
+    return out | ({f"{layer}.g_idx": torch.arange(k, dtype=torch.int32) // 64} if g_idx else {})
+
+
+def gptq_without_g_idx(layer: str, weight: torch.Tensor) -> dict:
+    return gptq(layer, weight, g_idx=False)
+
+
+def autoawq(layer: str, weight: torch.Tensor) -> dict:
+    """AutoAWQ's WQLinear_GEMM (awq/modules/linear/gemm.py), 4 bits, group 64: qweight int32 [K, N/8] packed along
+    the output, qzeros int32 [K/64, N/8], scales fp16 [K/64, N], no g_idx."""
+    n, k = weight.shape
+    return {f"{layer}.qweight": torch.zeros(k, n // 8, dtype=torch.int32),
+            f"{layer}.qzeros": torch.zeros(k // 64, n // 8, dtype=torch.int32),
+            f"{layer}.scales": torch.ones(k // 64, n, dtype=torch.float16)}
+
+
+def bnb_4bit(kind: str, nested: bool):
+    """bitsandbytes' Linear4bit state dict (`QuantState.as_dict(packed=True)`): weight uint8 [K*N/2, 1], absmax,
+    quant_map [16], nested_absmax / nested_quant_map with double quantization, and the JSON quant_state tensor
+    `weight.quant_state.bitsandbytes__<kind>`."""
+    def write(layer: str, weight: torch.Tensor) -> dict:
+        n, k = weight.shape
+        state = {"quant_type": kind, "blocksize": 64, "dtype": "bfloat16", "shape": [n, k]}
+        if nested:
+            state |= {"nested_blocksize": 256, "nested_offset": 0.0, "nested_dtype": "float32"}
+        out = {f"{layer}.weight": torch.zeros(n * k // 2, 1, dtype=torch.uint8),
+               f"{layer}.weight.absmax": torch.ones(n * k // 64, dtype=torch.uint8 if nested else torch.float32),
+               f"{layer}.weight.quant_map": torch.zeros(16),
+               f"{layer}.weight.quant_state.bitsandbytes__{kind}": torch.tensor(list(json.dumps(state).encode()),
+                                                                               dtype=torch.uint8)}
+        nested_tensors = {f"{layer}.weight.nested_absmax": torch.ones(-(-n * k // 64 // 256)),
+                          f"{layer}.weight.nested_quant_map": torch.zeros(256)}
+        return out | (nested_tensors if nested else {})
+    return write
+
+
+def bnb_int8(layer: str, weight: torch.Tensor) -> dict:
+    """bitsandbytes' Linear8bitLt state dict: int8 weight [N, K] and its fp32 row scales SCB [N]."""
+    return {f"{layer}.weight": torch.zeros(weight.shape, dtype=torch.int8), f"{layer}.SCB": torch.ones(weight.shape[0])}
+
+
+@pytest.mark.parametrize("writer, layout, says", [
+    (gptq, "gptq", "GPTQ 4-bit linears"), (gptq_without_g_idx, "gptq", "GPTQ linears"),
+    (autoawq, "awq-w4a16", "AWQ W4A16 linears (AutoAWQ"), (bnb_4bit("nf4", nested=True), "bnb-nf4", "4-bit NF4"),
+    (bnb_4bit("fp4", nested=False), "bnb-fp4", "4-bit FP4"), (bnb_int8, "bnb-int8", "LLM.int8"),
+], ids=["gptq", "gptq-without-g_idx", "autoawq", "bnb-nf4", "bnb-fp4", "bnb-int8"])
+def test_a_foreign_quantized_format_is_named_by_its_own_tensors_in_every_slot(tmp_path, writer, layout, says):
+    tensors, _ = S.quantized_tensors(S.reference("flux1-dev"), writer)
+    path = write(tmp_path / "flux1-dev.safetensors", tensors)
+    found = identify.identify(path)
+    assert (found.family, found.precision, found.layout) == ("flux1", None, layout) and says in found.detail
+    for slot in identify.PRECISION_NEEDS:
+        message = refusal(path, "flux1-dev", slot)
+        assert f"no fluxgate precision ({layout}; " in message and "bf16 (" not in message, message
+
+
 def test_an_e5m2_cast_is_refused_from_the_fp8_slot_naming_e5m2(tmp_path):
     tensors = {k: v.to(torch.float8_e5m2) if S.is_block_linear(k, v) else v for k, v in S.reference("flux1-dev").items()}
     message = refusal(write(tmp_path / "e5m2.safetensors", tensors), "flux1-dev", "fp8-scaled")
