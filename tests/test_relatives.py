@@ -224,6 +224,26 @@ def test_scan_leaves_a_file_whose_member_neither_contents_nor_name_tell_to_the_u
     assert slots == {} and "cannot tell flux1-dev from flux1-kontext-dev" in scan.place(listed[0][1]).how
 
 
+@pytest.mark.parametrize("model, name, placed", [
+    ("flux1-dev", "kontext/my-model.safetensors", None),
+    ("flux1-dev", "kontext-experiments/flux1-dev.safetensors", "flux1-dev"),
+    ("flux1-dev", "hub/models--black-forest-labs--FLUX.1-Kontext-dev/snapshots/0a1b/model.safetensors",
+     "flux1-kontext-dev"),
+    ("z-image-turbo", "turbo/z_image_bf16.safetensors", None),
+    ("z-image-turbo", "base/z_image_turbo_bf16.safetensors", "z-image-turbo"),
+], ids=["kontext-folder", "dev-file-in-kontext-folder", "hf-cache-repo-id", "turbo-folder", "turbo-file"])
+def test_the_tie_is_broken_by_the_files_own_name_or_cache_repo_never_a_parent_folder(tmp_path, model, name, placed):
+    write(tmp_path / name, S.reference(model))
+    (path, identity), = scan.scan(tmp_path)[0]
+    assert identity.member is None and scan.place(identity).model == placed, scan.place(identity)
+
+
+def test_a_pipelines_transformer_folder_is_told_by_its_pipeline_folders_name(tmp_path):
+    folder = pipeline_tree(tmp_path / "Z-Image-Turbo", "ZImagePipeline", S.reference("z-image-turbo"),
+                           {"_class_name": "ZImageTransformer2DModel"})
+    assert scan.place(identify.identify(folder)).model == "z-image-turbo"
+
+
 def test_scan_prefers_a_file_told_by_its_contents_over_one_placed_by_its_name(tmp_path):
     write(tmp_path / "a" / "flux1-dev.safetensors", S.reference("flux1-dev"))
     folder = pipeline_tree(tmp_path / "z", "FluxPipeline", S.reference("flux1-dev"), {"guidance_embeds": True})

@@ -21,15 +21,17 @@ for), and their sources:
   both): nothing in a file tells them apart.
 
 Where the contents leave more than one member, the answer says so (`Member.name` None, `candidates` all of them);
-`tie_break` then takes the member whose published name a path carries (`path_words`: flux1-kontext-dev.safetensors,
-z_image_turbo_bf16.safetensors, an HF cache's models--black-forest-labs--FLUX.1-dev), as README's "Real checkpoints"
-documents, and only when exactly one member's word is there.
+`tie_break` then takes the member whose published name the checkpoint's own name carries (`path_words` in
+`own_names`: the file name flux1-kontext-dev.safetensors or z_image_turbo_bf16.safetensors, a pipeline folder's name
+for its transformer/, an HF cache's repository id models--black-forest-labs--FLUX.1-dev; never another parent
+folder), as README's "Real checkpoints" documents, and only when exactly one member's word is there.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from fluxgate.models import MODELS, MemberFacts
 
@@ -114,9 +116,20 @@ def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: 
     return Member(name, tuple(candidates), ", ".join(evidence), facts)
 
 
+def own_names(path: str) -> list[str]:
+    """The names a checkpoint itself carries: its file (or model folder) name, for a pipeline's `transformer/`
+    folder the pipeline folder's name, and the repository id of the Hugging Face cache it sits in
+    (`models--org--name`). Never any other parent folder's: a folder named "kontext" or "turbo" says nothing about
+    the files in it."""
+    file = Path(path)
+    names = [file.name, *([file.parent.name] if file.name == "transformer" else [])]
+    return names + [part for part in file.parts if part.startswith("models--")]
+
+
 def tie_break(candidates: tuple[str, ...], path: str) -> str | None:
-    """The one candidate whose published name's words the path carries (module docs), else None."""
-    text = path.lower()
+    """The one candidate whose published name's words the checkpoint's own names carry (`own_names`, module docs),
+    else None."""
+    text = "\n".join(own_names(path)).lower()
     everyone = {**members(), **RELATIVES}
     named = [n for n in candidates if any(word in text for word in everyone[n].path_words)]
     return named[0] if len(named) == 1 else None

@@ -6,7 +6,8 @@ DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cac
 contents (`fluxgate.weights.identify`), down to the family member (`fluxgate.weights.members`): a relative of a
 fluxgate model (FLUX.1-schnell, FLUX.2 [klein], Chroma, a FLUX.1 Fill/Depth/Canny) fills no slot. Where the contents
 cannot tell two members apart (FLUX.1-dev and FLUX.1-Kontext-dev; Z-Image-Turbo and Z-Image), the tie is broken only
-by the published name in the file's path (`members.tie_break`), else the file is listed and left for the user to name.
+by the published name in the file's own name or its Hugging Face cache repository id, never another parent folder's
+(`members.tie_break`), else the file is listed and left for the user to name.
 Pipeline folders (a `model_index.json`) found in DIR are used for the model their transformer is; else the Hub id
 fluxgate's own models file names. For each slot a file told by its contents wins over one placed by its path, then
 the first found; damaged and refused files are listed with the reason and never fill a slot.
