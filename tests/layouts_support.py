@@ -309,6 +309,29 @@ def pipeline_folder(model: str, folder: Path) -> Path:
     return folder
 
 
+def tiny_hub_cache(cache: Path, monkeypatch) -> Path:
+    """A Hugging Face cache in huggingface_hub's layout (`models--org--name/refs/main`, `snapshots/<rev>/...`) holding,
+    for each pipeline fluxgate's default models file names, only its `model_index.json` and the tiny transformer's
+    `transformer/config.json`, and huggingface_hub pointed at it: the config scan and the loader compare a tiny
+    file's blocks with, whatever the machine's own cache holds."""
+    import huggingface_hub
+
+    from fluxgate.weights.scan import named_pipelines
+
+    revision = "0" * 40
+    for model, repo in named_pipelines({}).items():
+        repo_cache = cache / f"models--{repo.replace('/', '--')}"
+        (repo_cache / "snapshots" / revision / "transformer").mkdir(parents=True)
+        (repo_cache / "snapshots" / revision / "transformer" / "config.json").write_text(
+            json.dumps(MODELS[model].builder.tiny_transformer_config))
+        (repo_cache / "snapshots" / revision / "model_index.json").write_text(
+            json.dumps({"_class_name": MODELS[model].builder.pipeline_class.__name__}))
+        (repo_cache / "refs").mkdir()
+        (repo_cache / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def load_real(path: Path, model: str, precision: str, pipeline: Path):
     """The real profile's transformer and origin for `path` in the `model` x `precision` slot."""
     toml = path.parent / f"{path.name}.{precision}.models.toml"

@@ -93,11 +93,20 @@ def test_a_gguf_tensor_type_newer_than_gguf_py_is_named_as_such_not_as_corrupt(t
     assert f"GGML type {newer}" in message and "upgrade gguf" in message and "corrupt" not in message
 
 
-def test_a_gguf_naming_one_tensor_twice_is_refused_naming_it(tmp_path):
+def test_a_gguf_naming_one_tensor_twice_is_named_a_duplicate_entry_not_truncated(tmp_path):
     F32 = gguf.GGMLQuantizationType.F32
     twice = tensor_info("img_in.weight", (4,), F32) + tensor_info("img_in.weight", (4,), F32, 32)
     path = gguf_file(tmp_path / "twice.gguf", n_tensors=2, tensors=twice, tail=bytes(128))
-    assert "names tensor img_in.weight twice" in one_line_refusal(path)
+    message = one_line_refusal(path)
+    assert "a damaged GGUF container: its index names tensor img_in.weight twice (a duplicate entry" in message
+    assert "truncated" not in message and "corrupt GGUF header" not in message
+
+
+def test_a_gguf_of_another_version_is_named_by_its_version_not_as_corrupt(tmp_path):
+    path = tmp_path / "v4.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 4, 0, 0))
+    message = one_line_refusal(path)
+    assert "GGUF version 4; gguf-py and fluxgate read versions 2 and 3" in message and "corrupt" not in message
 
 
 def safetensors_file(path: Path, header: dict, data: bytes = b"", length: int | None = None) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.quantizers.bfl.utils import dequantize_fp8r, dequantize_nvfp4, quantize_nvfp4
-from layouts_support import comfy_marker, tiled
+from layouts_support import comfy_marker, tiled, tiny_hub_cache
 from safetensors.torch import load_file, save_file
 
 from fluxgate.weights.members import members
@@ -161,7 +161,8 @@ def test_a_nvfp4_layer_whose_scales_do_not_fit_is_named(tmp_path):
         layouts.comfy_nvfp4_to_modelopt(bad, ["l"], tmp_path / "x.safetensors")
 
 
-def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fills(tiny_files, tmp_path):
+def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fills(tiny_files, tmp_path,
+                                                                                    monkeypatch):
     import shutil
     import tomllib
 
@@ -175,6 +176,7 @@ def test_scan_lists_every_checkpoint_and_writes_a_models_file_of_the_slots_it_fi
     shutil.copy(tiny_files["z-image-turbo.nvfp4"], tree / "diffusion_models" / "z_image_turbo_anything.safetensors")
     shutil.copy(tiny_files["flux2-dev.gguf-q8_0"], tree / "unet" / "flux2-dev-Q4_K_M.gguf")  # the name lies
     (tree / "unet" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    tiny_hub_cache(tmp_path / "hub-cache", monkeypatch)  # the Hub pipelines, as tiny as these files
     out = tmp_path / "models.toml"
     assert scan_command.main([str(tree), "--out", str(out)]) == 0
     table = tomllib.loads(out.read_text())

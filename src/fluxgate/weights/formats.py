@@ -1,13 +1,14 @@
 """The quantization markers a checkpoint carries, read from its header: ComfyUI's (`comfy_quant`,
 `_quantization_metadata`, legacy `scaled_fp8`), convert_to_quant's row-wise fp8, unmarked fp8 scale shapes, and the
-4-bit formats fluxgate has no slot for (nunchaku SVDQuant, AWQ). `identify` asks here; each function's docstring names
-the writer's source.
+quantized formats fluxgate has no slot for (nunchaku SVDQuant, AWQ, GPTQ, bitsandbytes NF4/FP4/int8). `identify` asks
+here; each function's docstring names the writer's source.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
@@ -73,20 +74,79 @@ def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple
 
 
 def foreign_quantization(model: dict[str, dict], metadata: dict) -> tuple[str, str] | None:
-    """(layout, detail) of 4-bit formats fluxgate runs no kernels for, by their own markers, else None.
+    """(layout, detail) of a quantized format fluxgate runs no kernels for, by its own markers (`bitsandbytes`,
+    `packed_int4`), else None."""
+    return bitsandbytes(model) or packed_int4(model, metadata)
 
-    nunchaku (nunchaku/models/linear.py, merge_safetensors.py): SVDQuant W4A4 linears `qweight` int8 [N, K/2] +
-    `wscales` (+ `smooth_factor`, low-rank `proj_down`/`proj_up`, saved as `smooth`/`lora_down`/`lora_up`), AWQ
-    W4A16 linears `qweight` int32 + `wscales` + `wzeros`; `__metadata__` `quantization_config` {"method":
-    "svdquant", "weight": {"dtype": "int4" | "fp4_e2m1_all"}, "rank": r}. Named as nunchaku's files are:
-    `svdq-int4_r32`, `svdq-fp4_r32`."""
+
+BNB_QUANT_STATE = ".quant_state.bitsandbytes__"
+
+
+def bitsandbytes(model: dict[str, dict]) -> tuple[str, str] | None:
+    """(layout, detail) of bitsandbytes-quantized weights, else None.
+
+    4-bit (bitsandbytes/nn/modules.py `Linear4bit._save_to_state_dict`, functional.py `QuantState.as_dict(packed=
+    True)`; diffusers' and Forge's `*-bnb-nf4` files): `<layer>.weight` uint8 `[K*N/2, 1]`, two 4-bit codes a byte,
+    beside `<layer>.weight.absmax` (per-block scales), `.weight.quant_map` (the 16-value code book), with nested
+    (double) quantization also `.weight.nested_absmax` / `.weight.nested_quant_map`, and the packed JSON
+    `.weight.quant_state.bitsandbytes__nf4` (or `__fp4`) whose suffix is the code book: "bnb-nf4" / "bnb-fp4".
+    8-bit (`Linear8bitLt._save_to_state_dict`): int8 `<layer>.weight` and its fp32 row scales `<layer>.SCB`:
+    "bnb-int8"."""
+    kinds = Counter(key.rsplit(BNB_QUANT_STATE, 1)[1] for key in model if BNB_QUANT_STATE in key)
+    if not kinds:  # the code book's name lost (an unpacked QuantState): the 4-bit tensors still say bitsandbytes
+        kinds = Counter("4bit" for key in model if key.endswith(".weight.absmax")
+                        and key.replace(".absmax", ".quant_map") in model)
+    if kinds:
+        names = "+".join(kind for kind, _ in kinds.most_common())
+        return (f"bnb-{names}", f"{sum(kinds.values())} bitsandbytes 4-bit {names.upper()} weights (packed uint8 "
+                "`weight`, `absmax`, `quant_map`, `quant_state`); fluxgate runs no bitsandbytes kernels")
+    int8 = [key for key in model if key.endswith(".SCB")]
+    if int8:
+        return "bnb-int8", (f"{len(int8)} bitsandbytes LLM.int8 weights (int8 `weight`, `SCB` row scales); fluxgate "
+                            "runs no bitsandbytes kernels")
+    return None
+
+
+def packed_int4(model: dict[str, dict], metadata: dict) -> tuple[str, str] | None:
+    """(layout, detail) of linears packed as int32/int8 `qweight`, else None. Told apart by the tensors beside it:
+
+    - nunchaku (nunchaku/models/linear.py, merge_safetensors.py): SVDQuant W4A4 linears `qweight` int8 [N, K/2] +
+      `wscales` (+ `smooth_factor`, low-rank `proj_down`/`proj_up`, saved as `smooth`/`lora_down`/`lora_up`), AWQ
+      W4A16 linears `qweight` int32 + `wscales` + `wzeros`; `__metadata__` `quantization_config` {"method":
+      "svdquant", "weight": {"dtype": "int4" | "fp4_e2m1_all"}, "rank": r}. Named as nunchaku's files are:
+      `svdq-int4_r32`, `svdq-fp4_r32`.
+    - GPTQ (AutoGPTQ auto_gptq/nn_modules/qlinear `QuantLinear` buffers, GPTQModel alike): `qweight` int32
+      [K*bits/32, N] (packed along the input), `qzeros` int32 [groups, N*bits/32], `scales` fp16 [groups, N],
+      `g_idx` int32 [K] (each input channel's group, act-order): "gptq".
+    - AutoAWQ (awq/modules/linear/gemm.py `WQLinear_GEMM`): `qweight` int32 [K, N/8] (packed along the output),
+      `qzeros` int32 [K/group, N/8], `scales` fp16 [K/group, N], no `g_idx`: "awq-w4a16", as nunchaku's AWQ
+      linears."""
     qweights = [key.removesuffix(".qweight") for key in model if key.endswith(".qweight")]
     if not qweights:
         return None
     svdq = [layer for layer in qweights if any(f"{layer}.{part}" in model for part in
                                                ("smooth_factor", "smooth", "proj_down", "lora_down"))]
-    if not svdq:
-        return "awq-w4a16", f"{len(qweights)} AWQ W4A16 linears (qweight/wscales/wzeros); no fluxgate precision"
+    if svdq:
+        return _svdquant(model, metadata, svdq, len(qweights))
+    gptq = [layer for layer in qweights if f"{layer}.g_idx" in model or _packed_along_input(model, layer)]
+    if gptq:
+        bits = {32 * model[f"{layer}.qweight"]["shape"][0] // model[f"{layer}.g_idx"]["shape"][0]
+                for layer in gptq if f"{layer}.g_idx" in model and model[f"{layer}.g_idx"]["shape"][0]}
+        width = f"{'/'.join(map(str, sorted(bits)))}-bit " if bits else ""
+        return "gptq", (f"{len(gptq)} GPTQ {width}linears (qweight packed along the input, qzeros, scales, g_idx); "
+                        "fluxgate runs no GPTQ kernels")
+    writer = "nunchaku: qweight/wscales/wzeros" if any(f"{layer}.wscales" in model for layer in qweights) \
+        else "AutoAWQ: qweight/qzeros/scales"
+    return "awq-w4a16", f"{len(qweights)} AWQ W4A16 linears ({writer}); no fluxgate precision"
+
+
+def _packed_along_input(model: dict[str, dict], layer: str) -> bool:
+    """GPTQ packs `qweight` along the input, so its columns are the outputs `scales` has; AutoAWQ's are N/8."""
+    qweight, scales = model[f"{layer}.qweight"].get("shape", ()), model.get(f"{layer}.scales", {}).get("shape", ())
+    return len(qweight) == 2 and len(scales) == 2 and qweight[1] == scales[1]
+
+
+def _svdquant(model: dict[str, dict], metadata: dict, svdq: list[str], linears: int) -> tuple[str, str]:
     config = json_object(metadata.get("quantization_config"))
     weight = config.get("weight") if isinstance(config.get("weight"), dict) else {}
     kind = {"int4": "int4", "fp4_e2m1_all": "fp4"}.get(str(weight.get("dtype")))
@@ -96,7 +156,7 @@ def foreign_quantization(model: dict[str, dict], metadata: dict) -> tuple[str, s
     down = model.get(f"{svdq[0]}.proj_down") or model.get(f"{svdq[0]}.lora_down") or {}
     rank = config.get("rank") or (min(down["shape"]) if len(down.get("shape", ())) == 2 else "?")
     return (f"nunchaku-svdq-{kind}_r{rank}", f"nunchaku SVDQuant W4A4 ({kind}, rank {rank}): {len(svdq)} linears as "
-            f"qweight/wscales and a low-rank branch, {len(qweights) - len(svdq)} AWQ W4A16; fluxgate runs no SVDQuant "
+            f"qweight/wscales and a low-rank branch, {linears - len(svdq)} AWQ W4A16; fluxgate runs no SVDQuant "
             "kernels")
 
 

@@ -35,6 +35,11 @@ class GGUFIndexError(ValueError):
     """A GGUF header that cannot be what it claims; the message is one phrase naming what is wrong."""
 
 
+class GGUFNamedProblem(GGUFIndexError):
+    """A problem whose phrase already says what the file is (not GGUF, another GGUF version, truncated, a duplicate
+    entry, a type newer than gguf-py): reported as it is, never as "truncated or corrupt"."""
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     """One entry of the tensor index. `shape`: outermost first (numpy order; the file stores innermost first);
@@ -136,10 +141,10 @@ def read_gguf_index(path: Path) -> GGUFIndex:
         magic = handle.read(4)
         cursor.pos = len(magic)
         if magic != b"GGUF":
-            raise GGUFIndexError(f"not a GGUF file (starts with {magic!r}, not b'GGUF')")
+            raise GGUFNamedProblem(f"not a GGUF file (starts with {magic!r}, not b'GGUF')")
         version = cursor.scalar("<I", "version")
         if version not in (2, 3):
-            raise GGUFIndexError(f"GGUF version {version}; gguf-py and fluxgate read versions 2 and 3")
+            raise GGUFNamedProblem(f"GGUF version {version}; gguf-py and fluxgate read versions 2 and 3")
         n_tensors = _count(cursor, "tensors", MAX_TENSORS, 8 + 4 + 8 + 4 + 8)
         n_fields = _count(cursor, "key-value fields", MAX_FIELDS, 8 + 4 + 1)
         fields = {}
@@ -150,7 +155,8 @@ def read_gguf_index(path: Path) -> GGUFIndex:
         for _ in range(n_tensors):
             name = cursor.string("tensor name", limit=MAX_NAME_BYTES)
             if name in seen:
-                raise GGUFIndexError(f"names tensor {name} twice (a damaged or hand-edited file)")
+                raise GGUFNamedProblem(f"a damaged GGUF container: its index names tensor {name} twice (a "
+                                       "duplicate entry: a hand-edited file or a faulty writer, not a cut download)")
             seen.add(name)
             n_dims = cursor.scalar("<I", f"dims of {name}")
             if not 1 <= n_dims <= MAX_DIMS:
@@ -178,9 +184,9 @@ def _check_extents(tensors: list[GGUFTensor], data_start: int, size: int) -> Non
 
     newer = [t for t in tensors if t.type_name is None]
     if newer:
-        raise GGUFIndexError(f"tensor {newer[0].name} has GGML type {newer[0].type_id}, which the installed gguf-py "
-                             f"{_gguf_version()} does not know ({len(newer)} tensor(s)); a newer GGUF type: upgrade "
-                             "gguf (pip install -U gguf), the file may be sound")
+        raise GGUFNamedProblem(f"tensor {newer[0].name} has GGML type {newer[0].type_id}, which the installed gguf-py "
+                               f"{_gguf_version()} does not know ({len(newer)} tensor(s)); a newer GGUF type: "
+                               "upgrade gguf (pip install -U gguf), the file may be sound")
     end = data_start
     for tensor in tensors:
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.type_id)]
@@ -192,7 +198,7 @@ def _check_extents(tensors: list[GGUFTensor], data_start: int, size: int) -> Non
                                  f"{tensor.type_name} blocks of {block}")
         end = max(end, data_start + tensor.offset + count // block * type_size)
     if end > size:
-        raise GGUFIndexError(truncated(size, end))
+        raise GGUFNamedProblem(truncated(size, end))
 
 
 def _gguf_version() -> str:

@@ -2,8 +2,9 @@
 
 Both `identify` (what a file is) and `loading` (why diffusers' loader failed on it) ask here, so a damaged file is
 named the same way wherever it is met: "truncated: N bytes, but its header describes M", "corrupt safetensors header
-(...)", "names tensor X twice", "not a GGUF file (...)", "truncated or corrupt GGUF header (...)", a GGUF type newer than the
-installed gguf-py, "a link to X, which does not exist".
+(...)", "names tensor X twice" (a duplicate entry: a damaged container, in either format), "not a GGUF file (...)",
+"truncated or corrupt GGUF header (...)", a GGUF type newer than the installed gguf-py, "a link to X, which does not
+exist".
 
 Formats: safetensors (huggingface/safetensors README "Format": an unsigned 64-bit little-endian header length N, N
 bytes of JSON {key: {"dtype", "shape", "data_offsets": [begin, end]}} plus an optional "__metadata__" {str: str},
@@ -19,7 +20,7 @@ import os
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
-from fluxgate.weights.gguf_index import GGUFIndex, GGUFIndexError, read_gguf_index, truncated
+from fluxgate.weights.gguf_index import GGUFIndex, GGUFIndexError, GGUFNamedProblem, read_gguf_index, truncated
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # BFL's first releases (flux1-dev.sft, ae.sft) are safetensors
 # Bounds on what a header may claim, far above any diffusion checkpoint (a full ComfyUI FLUX checkpoint: ~2,000
@@ -158,10 +159,8 @@ def read_gguf(path: Path) -> GGUFIndex:
     except OSError as error:
         raise FixtureError(f"{path}: unreadable ({error})") from None
     except GGUFIndexError as error:
-        problem = str(error)
-        if not problem.startswith(("not a GGUF", "truncated:")) and "newer GGUF type" not in problem:
-            problem = f"truncated or corrupt GGUF header ({problem})"
-        raise FixtureError(f"{path}: {problem}") from None
+        named = isinstance(error, GGUFNamedProblem)
+        raise FixtureError(f"{path}: {error if named else f'truncated or corrupt GGUF header ({error})'}") from None
 
 
 def gguf_problem(path: Path) -> str | None:

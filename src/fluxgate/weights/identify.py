@@ -75,7 +75,7 @@ class Identity:
     `tensor_types`: tensor count per dtype or GGUF type (the model's tensors only); `detail`: a short human
     description; `member`: the family member (`members`: "flux1-dev", "flux1-schnell", "flux2-klein", ...), None
     when the contents leave several `candidates`; `evidence`: what told the member; `structure`: block counts and
-    widths (`members.structure`)."""
+    widths (`blocks.structure`)."""
 
     path: str
     family: str | None

@@ -21,17 +21,19 @@ for), and their sources:
   both): nothing in a file tells them apart.
 
 Where the contents leave more than one member, the answer says so (`Member.name` None, `candidates` all of them);
-`tie_break` then takes the member whose published name a path carries (`path_words`: flux1-kontext-dev.safetensors,
-z_image_turbo_bf16.safetensors, an HF cache's models--black-forest-labs--FLUX.1-dev), as README's "Real checkpoints"
-documents, and only when exactly one member's word is there.
+`tie_break` then takes the member whose published name the checkpoint's own name carries (`path_words` in
+`own_names`: the file name flux1-kontext-dev.safetensors or z_image_turbo_bf16.safetensors, a pipeline folder's name
+for its transformer/, an HF cache's repository id models--black-forest-labs--FLUX.1-dev; never another parent
+folder), as README's "Real checkpoints" documents, and only when exactly one member's word is there.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from fluxgate.models import MODELS, MemberFacts
+from fluxgate.weights import blocks
 
 
 def members() -> dict[str, MemberFacts]:
@@ -48,17 +50,11 @@ RELATIVES = {
 }
 CONDITIONED_FLUX1 = "flux1-fill/depth/canny"
 
-_DOUBLE = re.compile(r"(?:^|\.)(?:double_blocks|transformer_blocks)\.(\d+)\.")
-_SINGLE = re.compile(r"(?:^|\.)(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
-_IMAGE_IN = ("img_in.weight", "x_embedder.weight")
-_IMAGE_OUT = ("final_layer.linear.weight", "proj_out.weight")
-
-
 @dataclass(frozen=True)
 class Member:
     """What the contents say: `name` (a key of members() or RELATIVES, or CONDITIONED_FLUX1), None when they leave
-    several `candidates`; `evidence`: the facts that decided, in words; `structure`: block counts, guidance embedder,
-    image input/output widths."""
+    several `candidates`; `evidence`: the facts that decided, in words; `structure`: `blocks.structure` (block counts;
+    FLUX: also guidance embedder, image input/output widths)."""
 
     name: str | None
     candidates: tuple[str, ...]
@@ -66,37 +62,19 @@ class Member:
     structure: dict
 
 
-def structure(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """A FLUX-type model's shape facts from its tensor names and shapes (BFL or diffusers keys): double and single
-    block counts, whether it holds a guidance embedder (None when it holds no timestep embedder either), the image
-    input and output widths (None when absent)."""
-    def count(pattern):
-        found = [int(m.group(1)) for key in shapes if (m := pattern.search(key))]
-        return max(found) + 1 if found else 0
-
-    image_in = next((shapes[k][1] for k in _IMAGE_IN if len(shapes.get(k, ())) == 2), None)
-    image_out = next((shapes[k][0] for k in _IMAGE_OUT if len(shapes.get(k, ())) == 2), None)
-    guidance = any("guidance_in." in k or "guidance_embedder." in k for k in shapes)
-    timestep = any("time_in." in k or "timestep_embedder." in k for k in shapes)
-    # no guidance embedder beside a timestep embedder is a fact; beside none, a part of a file says nothing
-    return {"double_blocks": count(_DOUBLE), "single_blocks": count(_SINGLE),
-            "guidance_embedder": guidance if guidance or timestep else None,
-            "image_in": image_in, "image_out": image_out}
-
-
 def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: dict | None = None,
               guidance_embeds: bool | None = None, pipeline_class: str | None = None) -> Member:
     """The member a checkpoint of `family` is (module docs), from its tensors' `shapes`, its safetensors
     `metadata`, a folder config's `guidance_embeds` and its pipeline's model_index.json `pipeline_class`."""
-    facts = structure(shapes) if family in ("flux1", "flux2") else {}
+    facts = blocks.structure(family, shapes)
     everyone = {**members(), **RELATIVES}
     candidates = [name for name, f in everyone.items() if f.family == family]
     evidence = []
     guidance = guidance_embeds if guidance_embeds is not None else facts.get("guidance_embedder")
-    if facts and facts["image_in"] and facts["image_out"] and facts["image_in"] != facts["image_out"]:
+    if facts.get("image_in") and facts.get("image_out") and facts["image_in"] != facts["image_out"]:
         return Member(CONDITIONED_FLUX1 if family == "flux1" else None, (), f"image input {facts['image_in']} wide, "
                       f"output {facts['image_out']} (a conditioned variant)", facts)
-    if facts and guidance is not None:
+    if "guidance_embedder" in facts and guidance is not None:
         candidates = [n for n in candidates if everyone[n].guidance_embedder in (None, guidance)]
         evidence.append("a guidance embedder" if guidance else "no guidance embedder")
     if pipeline_class:
@@ -114,9 +92,20 @@ def member_of(family: str | None, shapes: dict[str, tuple[int, ...]], metadata: 
     return Member(name, tuple(candidates), ", ".join(evidence), facts)
 
 
+def own_names(path: str) -> list[str]:
+    """The names a checkpoint itself carries: its file (or model folder) name, for a pipeline's `transformer/`
+    folder the pipeline folder's name, and the repository id of the Hugging Face cache it sits in
+    (`models--org--name`). Never any other parent folder's: a folder named "kontext" or "turbo" says nothing about
+    the files in it."""
+    file = Path(path)
+    names = [file.name, *([file.parent.name] if file.name == "transformer" else [])]
+    return names + [part for part in file.parts if part.startswith("models--")]
+
+
 def tie_break(candidates: tuple[str, ...], path: str) -> str | None:
-    """The one candidate whose published name's words the path carries (module docs), else None."""
-    text = path.lower()
+    """The one candidate whose published name's words the checkpoint's own names carry (`own_names`, module docs),
+    else None."""
+    text = "\n".join(own_names(path)).lower()
     everyone = {**members(), **RELATIVES}
     named = [n for n in candidates if any(word in text for word in everyone[n].path_words)]
     return named[0] if len(named) == 1 else None

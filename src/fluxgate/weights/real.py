@@ -19,7 +19,7 @@ from fluxgate.matrix import Combo
 from fluxgate.models import ModelSpec
 from fluxgate.precisions import DTYPE
 from fluxgate.precisions.spec import first_nonfinite
-from fluxgate.weights import identify, layouts
+from fluxgate.weights import blocks, identify, layouts
 from fluxgate.weights.headers import missing
 from fluxgate.weights.loading import load_transformer
 
@@ -81,25 +81,16 @@ class RealSource:
 
     def _check_structure(self, found: identify.Identity, model: ModelSpec) -> None:
         """Refuse a file whose blocks or guidance embedder differ from the slot's model config (the pipeline's
-        transformer/config.json): a relative or a block-pruned variant of the model, one line saying what differs.
-        Nothing to compare when the pipeline is not here yet (its combo is skipped later, saying so)."""
+        transformer/config.json): a relative or a block-pruned variant of the model, one line saying what differs
+        (`blocks.refusal`). Nothing to compare when the pipeline is not here yet (its combo is skipped later, saying
+        so)."""
         try:
-            config = _transformer_config(self._pipeline(model))
+            pipeline = self._pipeline(model)
         except SkipCombo:
             return
-        have = found.structure
-        if not have or not config:
-            return
-        wants = {"double_blocks": config.get("num_layers"), "single_blocks": config.get("num_single_layers"),
-                 "guidance_embedder": config.get("guidance_embeds")}
-        differ = [key for key, want in wants.items() if None not in (want, have.get(key)) and have[key] != want]
-        if differ:
-            def says(facts):
-                guidance = "a guidance embedder" if facts["guidance_embedder"] else "no guidance embedder"
-                return f"{facts['double_blocks']} double + {facts['single_blocks']} single blocks and {guidance}"
-            raise FixtureError(f"{found.path}: is {found.what()} with {says(have)}; the {model.name} config of "
-                               f"{self._entry(model)['pipeline']} has {says(wants)} (a relative or a block-pruned "
-                               "variant)")
+        problem = blocks.refusal(found, blocks.transformer_config(pipeline), f"the {model.name} config of {pipeline}")
+        if problem:
+            raise FixtureError(problem)
 
     def _pipeline(self, model: ModelSpec) -> str:
         """The model's pipeline folder or cached Hub id; SkipCombo, saying how to get it, when it is not here."""
@@ -146,26 +137,6 @@ def nonfinite_gguf(module: torch.nn.Module) -> tuple[str, int, int] | None:
             if count:
                 return name, count, values.numel()
     return None
-
-
-def _transformer_config(pipeline: str) -> dict:
-    """The pipeline's transformer/config.json (a local folder or the Hugging Face cache), {} when unreadable."""
-    import json
-
-    local = Path(pipeline).expanduser() / "transformer" / "config.json"
-    if not local.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(pipeline, "config.json", subfolder="transformer")
-        except ValueError:
-            return {}
-        local = Path(cached) if isinstance(cached, str) else local
-    try:
-        config = json.loads(local.read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _pipeline_available(pipeline: str) -> bool:

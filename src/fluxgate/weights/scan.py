@@ -6,10 +6,13 @@ DIR may be a ComfyUI `models/` tree, a folder of downloads or a Hugging Face cac
 contents (`fluxgate.weights.identify`), down to the family member (`fluxgate.weights.members`): a relative of a
 fluxgate model (FLUX.1-schnell, FLUX.2 [klein], Chroma, a FLUX.1 Fill/Depth/Canny) fills no slot. Where the contents
 cannot tell two members apart (FLUX.1-dev and FLUX.1-Kontext-dev; Z-Image-Turbo and Z-Image), the tie is broken only
-by the published name in the file's path (`members.tie_break`), else the file is listed and left for the user to name.
+by the published name in the file's own name or its Hugging Face cache repository id, never another parent folder's
+(`members.tie_break`), else the file is listed and left for the user to name.
 Pipeline folders (a `model_index.json`) found in DIR are used for the model their transformer is; else the Hub id
-fluxgate's own models file names. For each slot a file told by its contents wins over one placed by its path, then
-the first found; damaged and refused files are listed with the reason and never fill a slot.
+fluxgate's own models file names. A file's blocks are compared with the transformer config of that pipeline (else,
+when it is not downloaded, fluxgate's default config of the model) as the loader compares them (`blocks.refusal`): a
+block-pruned variant or other relative fills no slot. For each slot a file told by its contents wins over one placed
+by its name, then the first found; damaged and refused files are listed with the reason and never fill a slot.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxgate.errors import FixtureError
+from fluxgate.models import MODELS
+from fluxgate.weights import blocks
 from fluxgate.weights.headers import SAFETENSORS_SUFFIXES
 from fluxgate.weights.identify import Identity, identify, is_model_folder, model_shards
 from fluxgate.weights.members import members, tie_break
@@ -47,7 +52,7 @@ def place(identity: Identity) -> Placement:
     if len(identity.candidates) > 1:
         chosen = tie_break(identity.candidates, identity.path)
         if chosen in members():
-            return Placement(chosen, f"the contents fit {' and '.join(identity.candidates)}; its path names {chosen}",
+            return Placement(chosen, f"the contents fit {' and '.join(identity.candidates)}; its name says {chosen}",
                              by_path=True)
         return Placement(None, f"the contents cannot tell {' from '.join(identity.candidates)}; name it under the "
                                "model it is in the models file")
@@ -97,9 +102,32 @@ def pipelines(root: Path) -> dict[str, Path]:
     return found
 
 
-def scan(root: Path) -> tuple[list[tuple[Path, Identity | str]], dict[str, dict[str, Path]]]:
-    """Every candidate with its identity (or the one-line reason it could not be read), and the slots filled:
-    {model: {precision: path}}, a file told by its contents before one placed by its path."""
+def named_pipelines(found_pipelines: dict[str, Path], defaults: Path = DEFAULT_MODELS_FILE) -> dict[str, str]:
+    """model -> the pipeline the models file names for it: one found under the scanned root, else the default models
+    file's (a Hub id)."""
+    default = tomllib.loads(defaults.read_text()) if defaults.is_file() else {}
+    named = {model: str(entry.get("pipeline", "")) for model, entry in default.items() if isinstance(entry, dict)}
+    return {**named, **{model: str(folder) for model, folder in found_pipelines.items()}}
+
+
+def paired_config(model: str, pipelines_named: dict[str, str]) -> tuple[dict, str]:
+    """The transformer config a file of `model` is run with and compared against, and whose it is in words: its
+    pipeline's transformer/config.json (a local folder or the Hugging Face cache), else, when that is not here,
+    fluxgate's default config of the model (the released transformer/config.json, `ModelBuilder`)."""
+    pipeline = pipelines_named.get(model, "")
+    config = blocks.transformer_config(pipeline) if pipeline else {}
+    if config:
+        return config, f"the {model} config of {pipeline}"
+    return MODELS[model].builder.full_transformer_config, f"fluxgate's default {model} config"
+
+
+def scan(root: Path, defaults: Path = DEFAULT_MODELS_FILE) -> tuple[list[tuple[Path, Identity | str]],
+                                                                    dict[str, dict[str, Path]]]:
+    """Every candidate with its identity (or the one-line reason it was skipped: unreadable, or blocks that differ
+    from its model's config, `paired_config`), and the slots filled: {model: {precision: path}}, a file told by its
+    contents before one placed by its name. `defaults`: the models file naming each model's pipeline."""
+    pipelines_named = named_pipelines(pipelines(root), defaults)
+    configs: dict[str, tuple[dict, str]] = {}
     listed: list[tuple[Path, Identity | str]] = []
     ranked: dict[tuple[str, str], tuple[bool, int, Path]] = {}
     for order, path in enumerate(candidates(root)):
@@ -108,8 +136,14 @@ def scan(root: Path) -> tuple[list[tuple[Path, Identity | str]], dict[str, dict[
         except FixtureError as error:
             listed.append((path, str(error)))
             continue
-        listed.append((path, identity))
         placement = place(identity)
+        if placement.model:
+            configs.setdefault(placement.model, paired_config(placement.model, pipelines_named))
+            problem = blocks.refusal(identity, *configs[placement.model])
+            if problem:
+                listed.append((path, problem))
+                continue
+        listed.append((path, identity))
         if placement.model and identity.precision:
             slot = (placement.model, identity.precision)
             ranked[slot] = min(ranked.get(slot, (True, order, path)), (placement.by_path, order, path))
@@ -122,10 +156,10 @@ def scan(root: Path) -> tuple[list[tuple[Path, Identity | str]], dict[str, dict[
 def models_toml(slots: dict[str, dict[str, Path]], found_pipelines: dict[str, Path],
                 defaults: Path = DEFAULT_MODELS_FILE) -> str:
     """The models file text for the filled slots (pipeline: a found folder, else the default file's Hub id)."""
-    default = tomllib.loads(defaults.read_text()) if defaults.is_file() else {}
+    pipelines_named = named_pipelines(found_pipelines, defaults)
     lines = [f"# Written by `{COMMAND}`: every checkpoint identified from its contents.", ""]
     for model, precisions in sorted(slots.items()):
-        pipeline = found_pipelines.get(model) or default.get(model, {}).get("pipeline", "")
+        pipeline = pipelines_named.get(model, "")
         lines += [f'["{model}"]', f"pipeline = {json.dumps(str(pipeline))}", f'["{model}".checkpoints]']
         lines += [f"{precision} = {{ path = {json.dumps(str(path))} }}" for precision, path in sorted(precisions.items())]
         lines.append("")
