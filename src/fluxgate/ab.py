@@ -81,8 +81,8 @@ from fluxgate.showing.text import counted
 DEFAULT_BUDGET_S = 600.0
 INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK: tests/injectors/slow_combo.py
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
-SHARED = ("models", "precisions", "runtimes", "device", "profile", "prompts", "models_file", "fixture_cache",
-          "steps", "model_steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
+SHARED = ("models", "precisions", "runtimes", "backends", "device", "profile", "prompts", "models_file",
+          "fixture_cache", "steps", "model_steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
 CHANGES = {
     "prompts": {"help": "prompts file for both sides [each side's own fixtures/prompts.toml, else fluxgate's packaged "
                         "prompts]"},
@@ -175,7 +175,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         runtimes = list(matrix.RUNTIMES) if options.runtimes == "all" else \
             matrix.parse_names("--runtimes", options.runtimes, matrix.RUNTIMES)
         options.combos = matrix.combos(matrix.parse_names("--models", options.models, MODELS),
-                                       matrix.parse_names("--precisions", options.precisions, PRECISIONS), runtimes)
+                                       matrix.parse_names("--precisions", options.precisions, PRECISIONS), runtimes,
+                                       matrix.parse_backends(options.backends))
         options.steps_by_model = dict(options.model_steps or {})
         for model in options.steps_by_model:
             matrix.parse_names("--model-steps", model, MODELS)

@@ -40,7 +40,7 @@ def list_registered(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="fluxgate list", description=COMMANDS["list"][1]).parse_args(argv)
     from fluxgate.judging.rules import RULES
     from fluxgate.models import MODELS
-    from fluxgate.precisions import PRECISIONS
+    from fluxgate.precisions import BACKENDS, PRECISIONS
     from fluxgate.registry import HOOKS_GROUP, group_targets
 
     try:
@@ -51,7 +51,10 @@ def list_registered(argv: list[str]) -> int:
         print("precisions:")
         for name, spec in PRECISIONS.items():
             how = f"loads {spec.file_precision}, then transforms" if spec.file_precision else f"{spec.suffix} file"
-            print(f"  {name:<22} tier {spec.tier}, {how}  [{PRECISIONS.origin(name)}]")
+            print(f"  {name:<22} tier {spec.tier}, {how}, backend {spec.backend}  [{PRECISIONS.origin(name)}]")
+        print("backends (other than each precision's own; --backends):")
+        for name, backend in BACKENDS.items():
+            print(f"  {name:<22} {backend.description}  [{BACKENDS.origin(name)}]")
         print("history rules:")
         for name, rule in RULES.items():
             print(f"  {name:<22} {rule.description}  [{RULES.origin(name)}]")

@@ -1,7 +1,12 @@
-"""The test matrix: which model x precision x runtime combos exist and which ones a run selects.
+"""The test matrix: which model x precision x backend x runtime combos exist and which ones a run selects.
 
-Its three axes: the models (`fluxgate.models.MODELS`), the precisions (`fluxgate.precisions.PRECISIONS`) and the
+Its axes: the models (`fluxgate.models.MODELS`), the precisions (`fluxgate.precisions.PRECISIONS`), the backends that
+run a precision's file (each precision's own, "diffusers" for fluxgate's, and `fluxgate.precisions.BACKENDS`) and the
 runtimes, defined here (`RUNTIMES`; how each one runs a transformer is `fluxgate.measuring.runtimes`).
+
+A combo's id names what is not the default: `flux1-dev[fp8-scaled]` (default backend, eager),
+`flux1-dev[fp8-scaled@comfy]` (backend comfy), `flux1-dev[fp8-scaled@comfy-compile]` (and compiled). The part in
+brackets, the combo's `variant`, is its key in baselines and trade-offs; history windows compare whole ids.
 """
 
 from __future__ import annotations
@@ -39,25 +44,36 @@ DEFAULT_RUNTIMES = ["eager"]
 
 @dataclass(frozen=True, order=True)
 class Combo:
-    """One item of the matrix: a model at a weight precision, run eager or compiled."""
+    """One item of the matrix: a model at a weight precision, run by a backend ("": the precision's default), eager or
+    compiled. A backend given by its default's name is stored as "" (one combo, one id)."""
 
     model: str
     precision: str
     runtime: str = "eager"
+    backend: str = ""
+
+    def __post_init__(self):
+        if self.backend:
+            from fluxgate.precisions import PRECISIONS
+
+            if self.precision in PRECISIONS and PRECISIONS[self.precision].backend == self.backend:
+                object.__setattr__(self, "backend", "")
 
     @classmethod
     def parse(cls, combo_id: str) -> "Combo":
-        """`flux2-dev[nvfp4]` -> Combo("flux2-dev", "nvfp4"); `flux1-dev[bf16-compile]` -> runtime "compile"."""
+        """`flux2-dev[nvfp4]` -> Combo("flux2-dev", "nvfp4"); `flux1-dev[bf16-compile]` -> runtime "compile";
+        `flux1-dev[fp8-scaled@comfy-compile]` -> backend "comfy", runtime "compile"."""
         model, _, variant = combo_id.rstrip("]").partition("[")
-        for runtime in RUNTIMES.values():
-            if runtime.suffix and variant.endswith(runtime.suffix):
-                return cls(model, variant.removesuffix(runtime.suffix), runtime.name)
-        return cls(model, variant)
+        runtime = next((spec.name for spec in RUNTIMES.values() if spec.suffix and variant.endswith(spec.suffix)),
+                       "eager")
+        precision, _, backend = variant.removesuffix(RUNTIMES[runtime].suffix).partition("@")
+        return cls(model, precision, runtime, backend)
 
     @property
     def variant(self) -> str:
-        """Precision and runtime as one name (`fp8-scaled`, `fp8-scaled-compile`): the key of baselines."""
-        return self.precision + self.runtime_spec.suffix
+        """Precision, backend and runtime as one name (`fp8-scaled`, `fp8-scaled@comfy-compile`): the key of
+        baselines."""
+        return self.precision + (f"@{self.backend}" if self.backend else "") + self.runtime_spec.suffix
 
     @property
     def id(self) -> str:
@@ -66,8 +82,8 @@ class Combo:
 
     @property
     def is_reference(self) -> bool:
-        """The combo whose image is the model's reference: BF16, eager."""
-        return self.precision == "bf16" and self.runtime == "eager"
+        """The combo whose image is the model's reference: BF16, its default backend, eager."""
+        return self.precision == "bf16" and self.runtime == "eager" and not self.backend
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -75,9 +91,16 @@ class Combo:
 
     @property
     def precision_spec(self) -> PrecisionSpec:
-        from fluxgate.precisions import PRECISIONS
+        """The spec that runs this combo: the precision's own, or the precision run by the combo's backend
+        (`PrecisionSpec.with_backend`: its format, the precision's tier)."""
+        from fluxgate.precisions import resolved
 
-        return PRECISIONS[self.precision]
+        return resolved(self.precision, self.backend)
+
+    @property
+    def backend_name(self) -> str:
+        """The backend that runs it, the default's name included (`diffusers`, `comfy`)."""
+        return self.precision_spec.backend
 
     @property
     def runtime_spec(self) -> RuntimeSpec:
@@ -85,8 +108,11 @@ class Combo:
 
     @property
     def marks(self) -> tuple[str, ...]:
-        """Marker names that select this combo (`-m "flux2_dev and nvfp4 and compile"`)."""
-        return ("gpu", self.model_spec.marker, self.precision_spec.marker, self.runtime_spec.marker)
+        """Marker names that select this combo (`-m "flux2_dev and nvfp4 and compile"`, `-m comfy`)."""
+        from fluxgate.registry import marker_name
+
+        return ("gpu", self.model_spec.marker, self.precision_spec.marker, marker_name(self.backend_name),
+                self.runtime_spec.marker)
 
 
 def parse_names(option: str, value: str | None, known: dict[str, object]) -> list[str]:
@@ -101,16 +127,31 @@ def parse_names(option: str, value: str | None, known: dict[str, object]) -> lis
 
 
 def combos(models: list[str] | None = None, precisions: list[str] | None = None,
-           runtimes: list[str] | None = None) -> list[Combo]:
+           runtimes: list[str] | None = None, backends: list[str] | None = None) -> list[Combo]:
     """Every selected combo, grouped by model with bf16 eager first so each model's reference image exists early; a
-    model's combos are the precisions it runs in (`ModelSpec.precisions`)."""
-    from fluxgate.precisions import PRECISIONS
+    model's combos are the precisions it runs in (`ModelSpec.precisions`), each by the selected backends that run it
+    (`backends` None: each precision's default only)."""
+    from fluxgate.precisions import PRECISIONS, backends_of
 
     models = list(MODELS) if models is None else models
     precisions = list(PRECISIONS) if precisions is None else precisions
     runtimes = DEFAULT_RUNTIMES if runtimes is None else runtimes
-    return [Combo(model, precision, runtime) for model in models for precision in PRECISIONS
-            if precision in precisions and MODELS[model].runs(precision) for runtime in RUNTIMES if runtime in runtimes]
+
+    def runs(precision: str) -> list[str]:
+        names = backends_of(precision)
+        return names[:1] if backends is None else [name for name in names if name in backends]
+
+    return [Combo(model, precision, runtime, backend) for model in models for precision in PRECISIONS
+            if precision in precisions and MODELS[model].runs(precision) for backend in runs(precision)
+            for runtime in RUNTIMES if runtime in runtimes]
+
+
+def parse_backends(value: str | None) -> list[str] | None:
+    """`--backends`: None (unset) keeps each precision's default backend; 'all' or names -> the names. Raises
+    ValueError naming an unknown one."""
+    from fluxgate.precisions import backend_names
+
+    return None if value is None else parse_names("--backends", value, backend_names())
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:

@@ -107,6 +107,13 @@ _option("--runtimes", default="eager", metavar="NAMES",
         help="comma-separated runtimes: 'eager', 'compile' (torch.compile of the transformer's repeated "
              "blocks; compile time is measured apart from the timed steps and reported), or 'all'; "
              "compiled items are named like flux1-dev[fp8-scaled-compile] [default: eager]")
+_option("--backends", default=None, metavar="NAMES",
+        help="comma-separated backends that run each precision's file: 'diffusers' (the default of fluxgate's "
+             "precisions: diffusers' own quantized layers), 'comfy' (fp8-scaled through ComfyUI's mixed-precision "
+             "path on comfy-kitchen: per-tensor scales, static input scale, scaled_mm_v2; needs the 'comfy' extra, "
+             "FP8 tensor cores on CUDA (compute capability 8.9+) or a CPU), or 'all'; a precision runs by those of "
+             "them it has, and items of a non-default backend are named like flux1-dev[fp8-scaled@comfy] "
+             "[default: each precision's default backend; `fluxgate list`]")
 _option("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
         help=f"torch.compile mode of the 'compile' runtime [default: {DEFAULT_COMPILE_MODE}]")
 _option("--shard", default=None, metavar="I/N",

@@ -82,15 +82,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _register_markers(config: pytest.Config) -> None:
-    """One marker per registered model, precision and runtime (`-m "flux2_dev and nvfp4"`), from the registries' light
-    specs."""
+    """One marker per registered model, precision, backend and runtime (`-m "flux2_dev and nvfp4"`, `-m comfy`), from
+    the registries' light specs."""
     from fluxgate.matrix import RUNTIMES
     from fluxgate.models import MODELS
-    from fluxgate.precisions import PRECISIONS
+    from fluxgate.precisions import PRECISIONS, backend_names
+    from fluxgate.registry import marker_name
 
     for kind, specs in (("model", MODELS), ("precision", PRECISIONS), ("runtime", RUNTIMES)):
         for name, spec in specs.items():
             config.addinivalue_line("markers", f"{spec.marker}: combos of {kind} {name}")
+    for name, what in backend_names().items():
+        config.addinivalue_line("markers", f"{marker_name(name)}: combos run by backend {name}: {what}")
 
 
 class _ReportCounter:

@@ -1,9 +1,9 @@
-"""The open registries: models, precisions and history rules, each filled from an entry-point group.
+"""The open registries: models, precisions, backends and history rules, each filled from an entry-point group.
 
 fluxgate's own entries load exactly like a team's (the way pytest loads its `default_plugins` and then the `pytest11`
 entry points): first the built-in targets listed in `BUILTINS`, then every installed distribution's entry points of
 the group. An entry point names an object, `package.module:NAME`, that is one spec or an iterable of specs (a
-`fluxgate.models.ModelSpec`, a `fluxgate.precisions.PrecisionSpec`, a `fluxgate.judging.rules.HistoryRule`):
+`fluxgate.models.ModelSpec`, a `fluxgate.precisions.PrecisionSpec` or `BackendSpec`, a `fluxgate.judging.rules.HistoryRule`):
 
     [project.entry-points."fluxgate.models"]
     sdxl = "team_models.specs:SDXL"
@@ -26,6 +26,7 @@ from fluxgate.errors import RegistryError
 
 MODELS_GROUP = "fluxgate.models"
 PRECISIONS_GROUP = "fluxgate.precisions"
+BACKENDS_GROUP = "fluxgate.backends"  # other backends of a precision (`fluxgate.precisions.BackendSpec`)
 RULES_GROUP = "fluxgate.rules"
 HOOKS_GROUP = "fluxgate.hooks"  # modules implementing `fluxgate.hookspec` (registered in pytest and in A/B workers)
 
@@ -33,6 +34,7 @@ HOOKS_GROUP = "fluxgate.hooks"  # modules implementing `fluxgate.hookspec` (regi
 BUILTINS: dict[str, tuple[str, ...]] = {
     MODELS_GROUP: ("fluxgate.models.builtin:MODELS",),
     PRECISIONS_GROUP: ("fluxgate.precisions.builtin:PRECISIONS",),
+    BACKENDS_GROUP: ("fluxgate.precisions.builtin:BACKENDS",),
     RULES_GROUP: ("fluxgate.judging.rules:RULES_BUILTIN",),
     HOOKS_GROUP: (),
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fluxgate import defaults, options
-from fluxgate.matrix import RUNTIMES, Combo, combos, parse_names, parse_shard, shard
+from fluxgate.matrix import RUNTIMES, Combo, combos, parse_backends, parse_names, parse_shard, shard
 from fluxgate.models import MODELS
 from fluxgate.precisions import PRECISIONS
 from fluxgate.storing.fsio import is_url, resolve
@@ -85,7 +85,7 @@ class Settings:
         try:
             selected = combos(parse_names("--models", get("models"), MODELS),
                               parse_names("--precisions", get("precisions"), PRECISIONS),
-                              parse_names("--runtimes", get("runtimes"), RUNTIMES))
+                              parse_names("--runtimes", get("runtimes"), RUNTIMES), parse_backends(get("backends")))
             shard_of = parse_shard(get("shard"))
             from fluxgate.judging.rules import RULES
 

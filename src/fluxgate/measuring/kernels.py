@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
 from fluxgate.models import denoiser_of
-from fluxgate.precisions import PRECISIONS, installed
+from fluxgate.precisions import PRECISIONS, backend_specs, installed
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
@@ -150,14 +150,17 @@ def _classify(precision: str, quantized_linears: int, quantized_calls: int,
 
 
 def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
-                calls: list[TransformerCall] | None = None) -> KernelPath:
+                calls: list[TransformerCall] | None = None, backend: str = "") -> KernelPath:
     """Profile one denoising step of `pipe.transformer` (CPU and, on CUDA, kernel activity) and name the GEMM path
-    its quantized linears ran. `calls` reuses inputs from `flops.capture_transformer_calls`."""
+    its quantized linears ran (`backend`: the combo's, "" for the precision's default). `calls` reuses inputs from
+    `flops.capture_transformer_calls`."""
     calls = capture_transformer_calls(pipe, call_kwargs) if calls is None else calls
     transformer = denoiser_of(pipe)
     device = next(transformer.parameters(), torch.empty(0)).device
-    # the combo's own precision first: its fast GEMM names the path when another's matches the same op
-    specs = sorted(installed(PRECISIONS.values()), key=lambda spec: spec.name != precision_name)
+    # the combo's own precision and backend first: its fast GEMM names the path when another's matches the same op
+    own = (precision_name, backend or PRECISIONS[precision_name].backend)
+    specs = sorted(installed([*PRECISIONS.values(), *backend_specs()]),
+                   key=lambda spec: (spec.name, spec.backend) != own)
     formats = [spec.implementation for spec in specs]
     fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
     quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]

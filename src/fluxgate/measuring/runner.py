@@ -108,7 +108,7 @@ class Runner:
                 profiling = time.perf_counter()
                 calls = flops.capture_transformer_calls(held.pipe, held.kwargs)
                 result.kernel_path = kernels.kernel_path(held.pipe, held.kwargs, combo.precision,
-                                                         calls=calls).to_json()
+                                                         calls=calls, backend=combo.backend).to_json()
                 if model.name not in self._step_flops:
                     self._step_flops[model.name] = flops.count_step_flops(held.pipe, held.kwargs, calls=calls)
                 result.step_flops = self._step_flops[model.name]

@@ -1,8 +1,9 @@
-"""fluxgate's own precisions, registered through `fluxgate.registry` like any team's (`fluxgate.precisions` group)."""
+"""fluxgate's own precisions and their other backends, registered through `fluxgate.registry` like any team's
+(`fluxgate.precisions` and `fluxgate.backends` groups)."""
 
 from __future__ import annotations
 
-from fluxgate.precisions import PrecisionSpec
+from fluxgate.precisions import BackendSpec, PrecisionSpec
 
 PRECISIONS = (
     PrecisionSpec("bf16", tier="reference", format="fluxgate.precisions.bf16:FORMAT",
@@ -14,4 +15,10 @@ PRECISIONS = (
                   description="GGUF Q8_0 (city96 / ComfyUI-GGUF), diffusers' GGUFLinear"),
     PrecisionSpec("nvfp4", tier="4bit", format="fluxgate.precisions.nvfp4:FORMAT", block_size=16,
                   description="ModelOpt NVFP4: E2M1 weights, an E4M3 scale per 16 values, diffusers' BFLNVFP4Linear"),
+)
+
+BACKENDS = (
+    BackendSpec("fp8-scaled", "comfy", format="fluxgate.precisions.fp8_comfy:FORMAT", requires=("comfy_kitchen",),
+                description="ComfyUI's mixed-precision fp8 path through comfy-kitchen: per-tensor weight scale, static "
+                            "input scale (1.0 when the file has none), scaled_mm_v2 without fast accumulation"),
 )

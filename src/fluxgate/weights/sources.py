@@ -42,26 +42,29 @@ class Source(Protocol):
 
 def load_denoiser(source: Source, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The combo's denoiser from `source`, in the combo's precision, and its origin. A file format comes from the source
-    as it is; a load-then-transform backend (`PrecisionSpec.file_precision`) loads that precision's denoiser and then
-    applies its format's `transform` (the origin says so). Raises SkipCombo when the precision's Python package is
-    missing or its format says this device cannot run it (the reason names the package or the device), and what the
-    source raises."""
+    as it is; a load-then-transform backend (`PrecisionSpec.file_precision`; a combo's non-default backend is one) loads
+    that precision's denoiser and then applies its format's `transform` (the origin says so). Raises SkipCombo when
+    the precision's (or backend's) Python package is missing or its format says this device cannot run it (the reason
+    names the package or the device), and what the source raises."""
     from dataclasses import replace
 
     spec = combo.precision_spec
+    what = f"backend {spec.backend} of {spec.name}" if combo.backend else f"precision {spec.name}"
     missing = spec.missing_package()
     if missing:
-        raise SkipCombo(f"{combo.id}: precision {spec.name} needs the Python package {missing!r} (pip install "
+        raise SkipCombo(f"{combo.id}: {what} needs the Python package {missing!r} (pip install "
                         f"{missing.replace('_', '-')})")
     reason = spec.implementation.unavailable(device) if spec.implementation.unavailable else None
     if reason:
-        raise SkipCombo(f"{combo.id}: precision {spec.name} cannot run on {device}: {reason}")
+        raise SkipCombo(f"{combo.id}: {what} cannot run on {device}: {reason}")
     if spec.file_precision is None:
         return source.transformer(combo, device)
-    denoiser, origin = source.transformer(replace(combo, precision=spec.file_precision), device)
+    # the file's precision by its own default backend (itself a file format or a load-then-transform one)
+    denoiser, origin = load_denoiser(source, replace(combo, precision=spec.file_precision, backend=""), device)
     transformed = spec.transform(denoiser)
     denoiser = denoiser if transformed is None else transformed
-    return denoiser, {**origin, "transform": f"{spec.file_precision} -> {spec.name} ({spec.format})"}
+    name = combo.variant.removesuffix(combo.runtime_spec.suffix)
+    return denoiser, {**origin, "transform": f"{spec.file_precision} -> {name} ({spec.format})"}
 
 
 def for_profile(profile: str, cache_dir: Path, seed: int, models_file: Path) -> Source:

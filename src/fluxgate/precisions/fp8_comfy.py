@@ -1,0 +1,105 @@
+"""`fp8-scaled@comfy`: the fp8-scaled file run the way ComfyUI runs scaled / mixed fp8 files, through comfy-kitchen.
+
+ComfyUI (comfy/ops.py `mixed_precision_ops.Linear.forward`, comfy/quant_ops.py) keeps each quantized linear's weight
+as a comfy-kitchen `QuantizedTensor` in `TensorCoreFP8Layout`: float8_e4m3fn `[N, K]` with ONE fp32 scale per tensor
+(`weight_scale`). Each call reshapes the input to 2-D `[M, K]` and quantizes it with the file's static `input_scale`
+(1.0 when the file has none: no amax): `x / scale`, clamped to +-448, cast to float8_e4m3fn (comfy-kitchen
+`quantize_per_tensor_fp8`). `F.linear` on the two quantized tensors runs comfy-kitchen's FP8 linear, the GEMM
+`scaled_mm_v2`: `torch.nn.functional.scaled_mm` where torch has it (`aten::_scaled_mm_v2`), else `torch._scaled_mm`,
+tensor-wise scales, `use_fast_accum=False`. comfy-kitchen falls back to dequantize -> bf16 GEMM (with a warning) when
+that GEMM raises; the kernel path shows it.
+
+Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight, per-row scale `[N]`) and
+`transform` swaps each such layer for a `ComfyFP8Linear`. A ComfyUI per-tensor file, as the real profile loads it
+(`weights.layouts`: the scalar repeated per row), keeps its exact numbers; per-row scales that differ (BFL fp8r,
+the tiny and synthetic profiles' files) are re-quantized to one scale per tensor (amax / 448), which adds one
+rounding. The real profile's loader drops `input_scale` today, so its combos quantize inputs at 1.0.
+
+Where it runs: CUDA devices with FP8 tensor cores (compute capability 8.9+, comfy-kitchen's
+`TensorCoreFP8Layout.MIN_SM_VERSION`) and CPUs (comfy-kitchen's eager backend; torch's CPU `scaled_mm` computes
+the FP8 GEMM in software: a correctness path, not a fast one). comfy-kitchen's CUDA backend is disabled unless
+torch is built for CUDA 13+, as ComfyUI does; its eager backend then quantizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import comfy_kitchen
+from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout
+
+from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
+from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat
+
+LAYOUT = "TensorCoreFP8Layout"  # comfy-kitchen's registered name of its per-tensor FP8 layout
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FP8_TENSORWISE_GEMM = "fp8 GEMM per-tensor, no fast accum (comfy-kitchen scaled_mm_v2)"
+GEMM_OPS = ("aten::_scaled_mm_v2", "aten::_scaled_mm")  # torch.nn.functional.scaled_mm, torch._scaled_mm
+
+
+class ComfyFP8Linear(torch.nn.Module):
+    """A linear over a comfy-kitchen FP8 `QuantizedTensor` weight `[N, K]` (one fp32 scale) and a static fp32
+    `input_scale` (a scalar): ComfyUI's mixed-precision forward (module docstring)."""
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, input_scale: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("input_scale", input_scale)
+
+    @classmethod
+    def from_fp8r(cls, layer: torch.nn.Module, compute_dtype: torch.dtype) -> "ComfyFP8Linear":
+        """From a loaded `BFLFP8RLinear` (e4m3 `weight` `[N, K]`, fp32 `weight_scale` `[N]`): its weight as is when
+        every row has one scale, else re-quantized to one scale per tensor. Its `input_scale`, if a loader kept
+        one, else 1.0."""
+        weight, row_scale = layer.weight.detach(), layer.weight_scale.detach().float()
+        if bool((row_scale == row_scale[0]).all()):
+            params = TensorCoreFP8Layout.Params(scale=row_scale[0].clone(), orig_dtype=compute_dtype,
+                                                orig_shape=tuple(weight.shape))
+            quantized = QuantizedTensor(weight, LAYOUT, params)
+        else:
+            values = weight.float() * row_scale[:, None]
+            scale = (values.abs().amax() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+            quantized = QuantizedTensor.from_float(values.to(compute_dtype), LAYOUT, scale=scale)
+        input_scale = getattr(layer, "input_scale", None)
+        input_scale = torch.ones((), device=weight.device) if input_scale is None else input_scale.detach()
+        return cls(quantized, layer.bias, input_scale.float().reshape(()))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.reshape(-1, self.in_features)
+        quantized = QuantizedTensor.from_float(flat, LAYOUT, scale=self.input_scale)
+        output = torch.nn.functional.linear(quantized, self.weight, self.bias)
+        return output.reshape(*inputs.shape[:-1], self.out_features)
+
+
+def _disable_cuda_backend_below_cuda13() -> None:
+    """ComfyUI's rule (comfy/quant_ops.py): comfy-kitchen's CUDA kernels only with a torch built for CUDA 13+."""
+    cuda = torch.version.cuda
+    if cuda is None or tuple(int(part) for part in cuda.split(".")[:2]) < (13,):
+        comfy_kitchen.registry.disable("cuda")
+
+
+def to_comfy(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Swap every fp8-scaled linear of `transformer` for a `ComfyFP8Linear`, in place."""
+    _disable_cuda_backend_below_cuda13()
+    for parent in list(transformer.modules()):
+        for name, child in list(parent.named_children()):
+            if FP8R.quantized(child):
+                setattr(parent, name, ComfyFP8Linear.from_fp8r(child, DTYPE))
+    return transformer
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why `device` cannot run comfy-kitchen's FP8 GEMM: a CUDA device below compute capability 8.9."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TensorCoreFP8Layout.MIN_SM_VERSION:
+        need = ".".join(map(str, TensorCoreFP8Layout.MIN_SM_VERSION))
+        return (f"comfy-kitchen's FP8 GEMM needs FP8 tensor cores (compute capability {need}+); this GPU is "
+                f"{capability[0]}.{capability[1]}")
+    return None
+
+
+FORMAT = PrecisionFormat(transform=to_comfy, quantized_layer=ComfyFP8Linear, unavailable=unavailable,
+                         fast_gemm=FastGemm(FP8_TENSORWISE_GEMM, lambda name: name in GEMM_OPS))

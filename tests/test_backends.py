@@ -1,0 +1,162 @@
+"""The backend axis: which backend runs a precision's file (`--backends`, marks, combo ids), the skips that say why one
+cannot run, and `fp8-scaled@comfy` (ComfyUI's comfy-kitchen path) on a tiny combo where comfy_kitchen is installed."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxgate.errors import SkipCombo
+from fluxgate.matrix import Combo, combos, parse_backends
+from fluxgate.models import MODELS
+from fluxgate.precisions import BACKENDS, PRECISIONS, BackendSpec, backends_of, resolved
+from fluxgate.weights.sources import load_denoiser
+from test_plugin import collected, matrix  # noqa: F401  (the fixture)
+
+COMFY = "flux1-dev[fp8-scaled@comfy]"
+
+
+def test_a_default_backend_keeps_todays_ids_and_another_backend_is_named_after_an_at_sign():
+    assert Combo("flux1-dev", "fp8-scaled").id == "flux1-dev[fp8-scaled]"
+    assert Combo("flux1-dev", "fp8-scaled", backend="diffusers") == Combo("flux1-dev", "fp8-scaled")
+    assert Combo("flux1-dev", "fp8-scaled", backend="comfy").id == COMFY
+    assert Combo("flux1-dev", "fp8-scaled", "compile", "comfy").id == "flux1-dev[fp8-scaled@comfy-compile]"
+
+
+@pytest.mark.parametrize("combo_id", ["flux1-dev[fp8-scaled]", "flux1-dev[fp8-scaled-compile]", COMFY,
+                                      "flux1-dev[fp8-scaled@comfy-compile]", "flux2-dev[bf16]"])
+def test_combo_ids_parse_back_to_the_same_combo(combo_id):
+    assert Combo.parse(combo_id).id == combo_id
+
+
+def test_backends_keep_apart_in_baseline_keys_history_windows_and_the_reference():
+    default, comfy = Combo.parse("flux1-dev[fp8-scaled]"), Combo.parse(COMFY)
+    assert (comfy.precision, comfy.backend, comfy.runtime) == ("fp8-scaled", "comfy", "eager")
+    assert default.variant != comfy.variant == "fp8-scaled@comfy"  # thresholds.toml keys
+    assert default.id != comfy.id  # history windows compare ids (judging.window)
+    assert not Combo("flux1-dev", "bf16", backend="other").is_reference
+
+
+def test_a_backend_runs_the_precisions_file_through_its_own_format_in_the_precisions_tier():
+    spec = Combo.parse(COMFY).precision_spec
+    assert (spec.name, spec.tier, spec.backend, spec.file_precision) == ("fp8-scaled", "8bit", "comfy", "fp8-scaled")
+    assert spec.format == "fluxgate.precisions.fp8_comfy:FORMAT" and "comfy_kitchen" in spec.requires
+    assert resolved("fp8-scaled") is PRECISIONS["fp8-scaled"] and backends_of("fp8-scaled") == ["diffusers", "comfy"]
+
+
+def test_the_default_selection_is_each_precisions_default_backend():
+    assert all(not combo.backend for combo in combos())
+    assert len(combos()) == len(MODELS) * len(PRECISIONS)
+
+
+def test_backends_select_like_precisions():
+    assert combos(["flux1-dev"], backends=["comfy"]) == [Combo.parse(COMFY)]
+    assert [c.id for c in combos(["flux1-dev"], ["fp8-scaled"], backends=parse_backends("all"))] == [
+        "flux1-dev[fp8-scaled]", COMFY]
+    assert [c.id for c in combos(["flux1-dev"], ["bf16", "fp8-scaled"], ["eager", "compile"], ["diffusers", "comfy"])
+            ] == ["flux1-dev[bf16]", "flux1-dev[bf16-compile]", "flux1-dev[fp8-scaled]",
+                  "flux1-dev[fp8-scaled-compile]", COMFY, "flux1-dev[fp8-scaled@comfy-compile]"]
+    assert parse_backends(None) is None
+
+
+def test_an_unknown_backend_is_an_error_naming_the_option_and_the_choices():
+    with pytest.raises(ValueError, match="--backends: unknown name.*torchx.*choose from diffusers, comfy"):
+        parse_backends("comfy,torchx")
+
+
+def test_a_backend_name_that_would_break_ids_is_refused():
+    for bad in ("", "a@b", "fast-compile"):
+        with pytest.raises(ValueError, match="want a short name"):
+            BackendSpec("fp8-scaled", bad, format="x:Y")
+
+
+def test_backend_option_and_marks_select_items(matrix):  # noqa: F811
+    assert collected(matrix, "--models", "flux1-dev", "--backends", "comfy") == [f"test_x.py::{COMFY}"]
+    assert collected(matrix, "--backends", "all", "-m", "comfy and z_image_turbo") == [
+        "test_x.py::z-image-turbo[fp8-scaled@comfy]"]
+    assert len(collected(matrix, "--backends", "all", "-m", "diffusers")) == 16
+    assert len(collected(matrix)) == 16  # unchanged without --backends
+    result = matrix.runpytest("--collect-only", "--backends", "torchx")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--backends: unknown name(s) torchx" in result.stderr.str()
+
+
+def test_help_and_markers_explain_the_backends(matrix):  # noqa: F811
+    help_text = " ".join(matrix.runpytest("--help").stdout.str().split())
+    assert "--backends=NAMES" in help_text and "flux1-dev[fp8-scaled@comfy]" in help_text
+    assert "comfy-kitchen" in help_text and "compute capability 8.9+" in help_text
+    assert "@pytest.mark.comfy: combos run by backend comfy" in matrix.runpytest("--markers").stdout.str()
+
+
+class NoSource:
+    def transformer(self, combo, device):
+        raise AssertionError("a skipped combo loads nothing")
+
+
+def test_a_missing_backend_package_is_a_one_line_skip_naming_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "comfy_kitchen" else real(name, *args))
+    with pytest.raises(SkipCombo) as skip:
+        load_denoiser(NoSource(), Combo.parse(COMFY), torch.device("cpu"))
+    assert str(skip.value) == (f"{COMFY}: backend comfy of fp8-scaled needs the Python package 'comfy_kitchen' "
+                               "(pip install comfy-kitchen)")
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_a_one_line_skip_with_the_reason(monkeypatch):
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(SkipCombo) as skip:
+        load_denoiser(NoSource(), Combo.parse(COMFY), torch.device("cuda"))
+    assert str(skip.value) == (f"{COMFY}: backend comfy of fp8-scaled cannot run on cuda: comfy-kitchen's FP8 GEMM "
+                               "needs FP8 tensor cores (compute capability 8.9+); this GPU is 8.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_comfy.unavailable(torch.device("cuda")) is None
+    assert fp8_comfy.unavailable(torch.device("cpu")) is None  # comfy-kitchen's eager backend, torch's CPU scaled_mm
+
+
+@pytest.fixture(scope="module")
+def comfy_tiny_images(tmp_path_factory):
+    """The tiny FLUX.1 image (one case) of bf16 and of fp8-scaled@comfy, and the comfy combo's kernel path."""
+    pytest.importorskip("comfy_kitchen", reason="comfy_kitchen is not installed (pip install 'fluxgate[comfy]')")
+    from fluxgate.measuring.kernels import kernel_path
+    from fluxgate.weights.tiny import TinySource
+
+    source, device = TinySource(tmp_path_factory.mktemp("cache"), seed=0), torch.device("cpu")
+    model = MODELS["flux1-dev"]
+    components = source.components(model, device)
+    call = {"prompt": "a red fox", "height": 256, "width": 256, "num_inference_steps": 4, "guidance_scale": 3.5,
+            "max_sequence_length": 32, "output_type": "pil"}
+    images, origins = {}, {}
+    for combo in (Combo("flux1-dev", "bf16"), Combo.parse(COMFY)):
+        transformer, origins[combo.id] = load_denoiser(source, combo, device)
+        pipe = model.builder.pipeline_class(transformer=transformer, **components)
+        pipe.set_progress_bar_config(disable=True)
+        images[combo.id] = pipe(**call, generator=torch.Generator().manual_seed(0)).images[0]
+    return images, origins[COMFY], kernel_path(pipe, call, "fp8-scaled", backend="comfy")
+
+
+def test_comfy_backend_runs_its_fp8_gemm_on_every_quantized_linear(comfy_tiny_images):
+    from fluxgate.precisions.fp8_comfy import FP8_TENSORWISE_GEMM
+
+    _, origin, path = comfy_tiny_images
+    assert path.label == FP8_TENSORWISE_GEMM and path.fallback is False
+    assert path.quantized_kinds == {"ComfyFP8Linear": path.quantized_linears} and path.quantized_linears > 0
+    assert origin["transform"] == "fp8-scaled -> fp8-scaled@comfy (fluxgate.precisions.fp8_comfy:FORMAT)"
+
+
+def test_comfy_backend_image_stays_inside_the_8bit_tier_against_bf16(comfy_tiny_images):
+    from fluxgate.judging.similarity import compare
+
+    images, _, _ = comfy_tiny_images
+    limits = tomllib.loads((Path(__file__).parents[1] / "baselines/cpu/thresholds.toml").read_text())
+    limit = limits["flux1-dev"]["fp8-scaled"]  # the same model's 8-bit limits on this class
+    similarity = compare(images[COMFY], images["flux1-dev[bf16]"])
+    assert similarity.ms_ssim >= limit["min_ms_ssim"] and similarity.psnr_db >= limit["min_psnr_db"], similarity
+
+
+def test_the_registry_holds_the_comfy_backend_with_its_origin():
+    assert BACKENDS["fp8-scaled@comfy"].backend == "comfy" and BACKENDS.origin("fp8-scaled@comfy") == "fluxgate"
