@@ -51,7 +51,7 @@ def test_own_envs_a_a_is_same_each_side_in_its_venv_and_a_second_run_reuses_them
     common = ["--base-tree", str(trees["base"]), "--candidate-tree", str(trees["candidate"]), "--own-envs",
               "--envs-dir", str(envs), "--torch", TORCH, "--fixture-cache", str(cache), "--limits", "off", *TINY]
     started = time.monotonic()
-    first = run_ab(*common, "--ab-max-blocks", "40", "--budget-s", "30", "--history-dir", str(tmp_path / "h1"),
+    first = run_ab(*common, "--ab-max-blocks", "12", "--budget-s", "15", "--history-dir", str(tmp_path / "h1"),
                    "--summary-out", str(tmp_path / "ab.md"), cwd=tmp_path)
     first_s = time.monotonic() - started
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
