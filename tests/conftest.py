@@ -77,29 +77,12 @@ class FileProgress:
                             f"({self.files_done}/{len(self.left)} files, {clock(now - self.started)} elapsed)")
 
 
-# Seconds per file in `nox -s tests`' first phase on CI's 2 cores (run log of 2026-12-07, two xdist workers): the
-# longest go first (longest-processing-time order), so that no long file starts last and leaves one worker running
-# alone. Order only: nothing is judged by these numbers; a file not listed counts by its markers.
-FILE_SECONDS = {"tests/test_ab_envs.py": 144, "tests/test_tripwire_calibration.py": 100,
-                "tests/test_example_package.py": 71, "tests/test_real_profile.py": 54,
-                "tests/test_hostile_records.py": 52, "tests/test_empty_runs.py": 43,
-                "tests/test_matrix_integration.py": 33, "tests/test_tripwire.py": 31, "tests/test_workers.py": 30,
-                "tests/test_faults.py": 29, "tests/test_store.py": 28, "tests/test_shards.py": 26,
-                "tests/test_runtimes.py": 26, "tests/test_ab_trees.py": 21, "tests/test_history.py": 19,
-                "tests/test_cases.py": 19, "tests/test_ab.py": 18, "tests/test_registry.py": 16}
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first (`FILE_SECONDS`, then the files that hold subprocess-heavy or external tests),
-    keeping the order within each file, so that under xdist a long file does not start last and leave one worker
-    running alone."""
+    """The files that hold subprocess-heavy or external tests first (keeping the order within each file and among
+    the rest), so that under xdist a long file does not start last and leave one worker running alone."""
     heavy = {item.nodeid.split("::")[0] for item in items
              if item.get_closest_marker("subprocess") or item.get_closest_marker("external")}
-
-    def order(item: pytest.Item) -> tuple:
-        path = item.nodeid.split("::")[0]
-        return -FILE_SECONDS.get(path, 10 if path in heavy else 0), path not in heavy
-    items.sort(key=order)
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
 
 
 def pytest_configure(config: pytest.Config) -> None:
