@@ -206,6 +206,11 @@ def test_cli_exits_2_with_one_line_for_an_empty_or_missing_history_dir(tmp_path,
 def test_cli_exits_2_for_an_unknown_run_id(history_dir, tmp_path, capsys):
     assert main(["--history-dir", str(history_dir), "--out", str(tmp_path / "r"), "--run-id", "nope"]) == 2
     assert "--run-id nope: no such run" in capsys.readouterr().err
+    # an A/B run's id names its two sides
+    _write_run(history_dir, "20261207T130000Z-abcdef-candidate", [_record("flux1-dev[bf16]", 10.0, 1.0)])
+    assert main(["--history-dir", str(history_dir), "--out", str(tmp_path / "r"), "--run-id",
+                 "20261207T130000Z-abcdef"]) == 2
+    assert "an A/B run's sides are 20261207T130000Z-abcdef-candidate" in capsys.readouterr().err
 
 
 def test_cli_help_explains_every_option(capsys):

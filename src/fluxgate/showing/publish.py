@@ -285,7 +285,9 @@ def write_report(store: HistoryStore | Path, out_dir: Path, baselines_dir: Path,
     runs = _run_order(records)
     run_id = run_id or runs[-1]
     if run_id not in runs:
-        raise PublishError(f"--run-id {run_id}: no such run in {store} (newest is {runs[-1]})")
+        sides = [f"{run_id}-{side}" for side in ("candidate", "base") if f"{run_id}-{side}" in runs]
+        hint = f"an A/B run's sides are {' and '.join(sides)}" if sides else f"newest is {runs[-1]}"
+        raise PublishError(f"--run-id {run_id}: no such run in {store} ({hint})")
     _clear_previous_report(out_dir)
     # A combo's last record wins; confirmation re-measurements are verdict evidence, not the combo's result.
     run = list({r.combo: r for r in records if r.run_id == run_id and r.outcome != REMEASURE}.values())
