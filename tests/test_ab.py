@@ -577,3 +577,10 @@ def test_host_synchronous_combos_come_from_the_newest_one_sided_run_in_the_histo
     assert ab.host_synchronous_combos(store, "nvidia-h200") == {}  # within the default window, one is not
     assert ab.host_synchronous_combos(store, "nvidia-h100") == {}
     assert ab.host_synchronous_combos(open_store(tmp_path / "none"), "nvidia-h200") == {}
+
+
+def test_on_a_cpu_both_sides_share_the_same_cpus():
+    from fluxgate.ab_sides import shared_cpus
+
+    usable = sorted(os.sched_getaffinity(0))
+    assert shared_cpus(1) == usable[-1:] and shared_cpus(len(usable) + 5) == usable

@@ -212,6 +212,15 @@ def side_env(venv: Path, tree: Path, torch_spec: str, name: str, log=None) -> st
     return str(python)
 
 
+def shared_cpus(threads: int) -> list[int]:
+    """The CPUs both sides run on when the device is a CPU: the last `threads` this process may use, the same for
+    both. The sides take turns (one image at a time), so sharing costs nothing, and it keeps a per-core difference
+    out of the comparison: on a 2-core virtual machine an A/A with each side on its own core came out +10.7 % on the
+    steps (one core's hyperthread sibling busy elsewhere, which no run-queue wait shows)."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return usable[-threads:] if usable else []
+
+
 def worker_config(options: argparse.Namespace, tree: Tree, side: str, site: Path, installed: Path) -> dict:
     """The worker config of `side` (`ab_worker`'s first message): what it imports (`Tree.worker_paths`, its
     generated distribution written under `site`; fluxgate from `tree.fluxgate_dir(installed)`) and how it measures."""
@@ -225,7 +234,7 @@ def worker_config(options: argparse.Namespace, tree: Tree, side: str, site: Path
               "prompts": str(prompts), "models_file": str(models_file.resolve()),
               "fixture_cache": str(Path(options.fixture_cache).resolve()), "warmup_steps": options.warmup_steps,
               "steps": options.steps, "cpu_threads": cpu_threads(options.cpu_threads), "env": ENV,
-              "inject": None}
+              "cpus": shared_cpus(cpu_threads(options.cpu_threads)), "inject": None}
     if side == CANDIDATE and options.inject_slow:
         combo, fraction, shape = options.inject_slow
         injectors = tree.root / "tests" / "injectors"

@@ -10,7 +10,8 @@ repository the side's own), applies `env`, optionally imports an injector module
 their `pytest_fluxgate_prepare_pipeline`, and answers:
 
     config {"tree", "paths": [dir, ...], "fluxgate": dir, "profile", "device", "prompts", "fixture_cache",
-            "models_file", "cpu_threads", "warmup_steps", "steps", "env": {name: value},
+            "models_file", "cpu_threads", "cpus": [cpu, ...] (a CPU device's shared CPU set), "warmup_steps",
+            "steps", "env": {name: value},
             "inject": {"path": dir, "module": name} | None}
         -> {"ok": True, "fluxgate": <its __file__>, "python": <sys.executable>, "device": "cuda:0", "gpu_class",
             "environment": fingerprint (with what the side's `pytest_fluxgate_environment` hooks add),
@@ -69,6 +70,11 @@ class Worker:
 
         self.fluxgate_file = fluxgate.__file__
         self.device = resolve_device(config.get("device") or "auto")
+        if self.device.type == "cpu" and config.get("cpus") and hasattr(os, "sched_setaffinity"):
+            try:  # both sides on the same CPUs (`ab_sides.shared_cpus`)
+                os.sched_setaffinity(0, config["cpus"])
+            except OSError:
+                pass  # a CPU set this process may not use: the scheduler's choice, as before
         if self.device.type == "cpu" and config.get("cpu_threads"):
             torch.set_num_threads(int(config["cpu_threads"]))
         inputs = Inputs.from_file(_path(tree, config.get("prompts") or "fixtures/prompts.toml"))
