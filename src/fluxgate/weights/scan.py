@@ -137,7 +137,7 @@ def scan(root: Path, defaults: Path = DEFAULT_MODELS_FILE) -> tuple[list[tuple[P
             listed.append((path, str(error)))
             continue
         placement = place(identity)
-        if placement.model:
+        if placement.model and identity.precision:  # a format with no slot is listed as what it is
             configs.setdefault(placement.model, paired_config(placement.model, pipelines_named))
             problem = blocks.refusal(identity, *configs[placement.model])
             if problem:
