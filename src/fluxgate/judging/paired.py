@@ -74,12 +74,13 @@ class PairedPolicy:
 # On a CPU (the tiny profile) steps of a few milliseconds move by 5-25 % with the host: the same rule at CPU scale.
 # Every CPU image is "disturbed" by that measure, so no block is set aside there; and the median step, since one
 # preempted step of a 7-step tiny image moves its mean by several percent (an A/A run on a busy 2-core CI machine
-# came out FAST at -7.4 % on the mean). The whole image (text encoding and VAE decode are most of a tiny CPU image)
-# carries a per-process offset of its own: an A/A run on a quiet 2-core machine came out FAST at -6.2 % on 4 blocks
-# whose steps were SAME: its rule is 10 % (SAME inside ±15 %). The quick start judges gross slowdowns; the GPU gate
-# judges their shapes.
-CPU_POLICY = PairedPolicy(min_effect=0.05, equivalence=0.10, confidence=0.99, min_blocks=3, max_blocks=12,
-                          max_disturbed=0, statistic="median", image_min_effect=0.10, image_equivalence=0.15)
+# came out FAST at -7.4 % on the mean). Two processes of the same tree also sit apart by a per-process offset on a
+# shared virtual machine: clean-clone CI A/A runs came out +10.7 % (19 blocks, each side on its own vCPU) and +6.3 %
+# (36 blocks, both on one CPU) on the steps, and -6.2 % on the whole image (4 blocks, text encoding and decode are
+# most of a tiny CPU image): SLOW / FAST from 15 %, SAME inside ±20 %, steps and image alike. The quick start
+# judges gross slowdowns (the tests inject 60 %); the GPU gate judges their shapes.
+CPU_POLICY = PairedPolicy(min_effect=0.15, equivalence=0.20, confidence=0.99, min_blocks=3, max_blocks=12,
+                          max_disturbed=0, statistic="median")
 
 
 # A host-synchronous combo (its step waits for the GPU again and again: `judging.compare.is_host_synchronous`, e.g. the
