@@ -91,7 +91,8 @@ def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_on
                   *TINY, *ROOM, history=tmp_path, cache=cache)
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     table = rows(done.stdout)
-    assert table["flux1-dev[nvfp4]"][1] == "SLOW", done.stdout
+    # SLOW (on a CPU its peak RSS may also come out over the 1.10 memory ratio: "SLOW+MEM")
+    assert table["flux1-dev[nvfp4]"][1] in ("SLOW", "SLOW+MEM"), done.stdout
     no_false_alarm(done.stdout, "flux1-dev[bf16]")
     assert float(table["flux1-dev[nvfp4]"][2]) > 1.3
     failed = {r["combo"]: r["outcome"] for r in runs(tmp_path)["candidate"]["records"]}
