@@ -132,7 +132,7 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
     verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
     Propagates what `image` raises."""
     started, pairs, slowest = clock(), [], 0.0
-    blocks, whole = paired.Blocks(policy), paired.Blocks(policy.for_image())
+    blocks, whole = paired.Blocks(policy), paired.Blocks(policy)
     images: dict = {}
     verdict = image_verdict = None  # each kept once decided: more blocks for the other never undo it
     while True:

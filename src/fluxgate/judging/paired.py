@@ -61,14 +61,6 @@ class PairedPolicy:
     # Each side's step time in a block: "mean" (every slowdown that is not a constant shift counts: a stall on some
     # steps, a periodic sync) or "median" (a noisy host's preempted steps do not).
     statistic: str = "mean"
-    # The whole image's verdict (`interleave.image_s`), when it needs a wider rule than the steps' (None: the same)
-    image_min_effect: float | None = None
-    image_equivalence: float | None = None
-
-    def for_image(self) -> "PairedPolicy":
-        """This policy as the whole image's verdict applies it (`image_min_effect`, `image_equivalence`)."""
-        return replace(self, min_effect=self.image_min_effect or self.min_effect,
-                       equivalence=self.image_equivalence or self.equivalence)
 
 
 # On a CPU (the tiny profile) steps of a few milliseconds move by 5-25 % with the host: the same rule at CPU scale.
