@@ -157,3 +157,26 @@ def test_a_baseline_made_with_more_cases_serves_a_run_that_makes_the_first_of_th
     baselines.load(tmp_path, "cpu", BF16, SETTINGS)  # fox is the stored set's first case: fresh
     with pytest.raises(BaselineError, match=r"cases fox, harbour -> harbour"):
         baselines.load(tmp_path, "cpu", BF16, {**SETTINGS, "cases": more["cases"][1:]})
+
+
+def test_references_at_other_steps_keep_their_similarity_limits_and_take_the_class_speed_and_memory(tmp_path):
+    """The PR pass: references made at the blocks' steps (their own folder, one run's limits) judged with the
+    class's speed and memory limits, and a missed one names the class's file."""
+    from fluxgate import gate
+    from fluxgate.judging import similarity
+    from fluxgate.measuring.measure import Measurement
+
+    short = {**SETTINGS, "steps": 2}
+    baselines.write(tmp_path / "class", "cpu", [Measured(NVFP4, 4.0, 0.5, 0.99, 30.0)], {}, {"models": {}})
+    baselines.write(tmp_path / "pr", "cpu", [Measured(NVFP4, 40.0, 5.0, 0.95, 20.0)], {"flux1-dev": {"fox": IMAGE}},
+                    {"models": {"flux1-dev": short}})
+    own = baselines.load(tmp_path / "pr", "cpu", NVFP4, short)
+    judged = baselines.with_class_limits(own, tmp_path / "class", "cpu", NVFP4)
+    limits = baselines.read_thresholds(tmp_path / "class", "cpu", NVFP4)  # no references there: not needed
+    assert (judged.thresholds.min_it_s, judged.thresholds.max_peak_mem_gib) == (limits.min_it_s, limits.max_peak_mem_gib)
+    assert (judged.thresholds.min_ms_ssim, judged.thresholds.measured_ms_ssim) == (own.thresholds.min_ms_ssim, 0.95)
+    assert judged.reference_dir == own.reference_dir and judged.limits_file == tmp_path / "class/cpu/thresholds.toml"
+    slow = Measurement(step_times_s=[2.0] * 4, e2e_s=5.0, peak_mem_gib=9.0, mem_kind="rss", peak_reserved_gib=None,
+                       image=IMAGE)
+    failures = gate.limit_failures(slow, similarity.Summary(1.0, 60.0, 1, "fox", 1.0), judged, "[x]")
+    assert len(failures) == 2 and all(str(judged.limits_file) in line for line in failures)

@@ -48,8 +48,10 @@ Both sides' records go to --history-dir (a folder or an fsspec URL) as two run f
 (`fluxgate.judging.window.unfit_for_window`).
 
 With --limits on (the default) the same pass judges the candidate as a one-sided run judges it: after a combo's
-blocks, one image per case against the class's stored BF16 references under --baselines-dir (at the blocks' steps
-when the references were made at them, as baselines/pr-steps' are for the PR workflow; else at the model's own), the fixed speed and memory limits on all its images, and at the end the trade-offs against BF16.
+blocks, one image per case against the class's stored BF16 references (at the blocks' steps against
+--references-dir's when they were made at them, as the PR workflow's are; else at the model's own steps against
+--baselines-dir's), the class's fixed speed and memory limits under --baselines-dir on all its images, and at the
+end the trade-offs against BF16.
 
 Exit status: 0 no combo SLOW (steps or image), no memory or similarity regression, no fixed limit or trade-off
 missed; 1 one of those, or a combo that failed to measure or be judged (a combo left out by --total-budget-s does
@@ -94,9 +96,8 @@ CHANGES = {
                       "their meaning (FLUX.2's 50 steps of ~0.5-1 s on an H200 make a block of a minute or more)"},
     "model_steps": {"help": "denoising steps per model, over --steps (e.g. flux1-dev=6,flux2-dev=4): each model's "
                             "images about as long as the others'. The candidate's cases are judged at these steps when "
-                            "--baselines-dir's references were made at them (a one-sided run with the same "
-                            "--model-steps and --write-baselines), else at the model's own steps (an image per case "
-                            "more)"},
+                            "--references-dir has references made at them, else at the model's own steps (an image "
+                            "per case more)"},
     "baselines_dir": {"default": None, "help": "stored baselines, one folder per GPU class: the fixed limits, BF16 "
                                                "references and trade-offs the candidate is judged by [the candidate's "
                                                "baselines/]"},
@@ -151,9 +152,16 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limits", choices=("on", "off"), default="on",
                         help="judge the candidate as a one-sided run judges it, besides the A/B verdict: the class's "
                              "fixed speed and memory limits on its images, one image per case (at the blocks' steps "
-                             "where --baselines-dir's references were made at them, else the model's) against the "
+                             "where --references-dir has references made at them, else the model's) against the "
                              "stored BF16 references (similarity limits, broken-image tripwire), and the "
                              "trade-offs against BF16 [on]; off: the A/B verdict alone")
+    parser.add_argument("--references-dir", type=Path, metavar="DIR",
+                        help="BF16 references made at the blocks' steps, one folder per GPU class (a one-sided run "
+                             "with the same --model-steps: `nox -s perf-gpu -- --model-steps ... --write-baselines "
+                             "--baselines-dir DIR`): a model whose references there were made at its blocks' steps "
+                             "has its cases judged at those steps, against them and the similarity limits measured "
+                             "with them; the speed and memory limits stay --baselines-dir's [none: every case at "
+                             "the model's own steps against --baselines-dir]")
     parser.add_argument("--max-mem-ratio", type=_positive(float),
                         help="candidate/base peak memory above this fails [1.02 CUDA, 1.10 CPU]")
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
@@ -167,6 +175,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     options.baselines_dir = Path(options.baselines_dir).resolve() if options.baselines_dir else \
         options.candidate_tree.resolve() / "baselines"
+    if options.references_dir is not None:
+        options.references_dir = options.references_dir.resolve()
+        if not options.references_dir.is_dir():
+            parser.error(f"--references-dir {options.references_dir}: no such folder")
     from fluxgate import matrix
     from fluxgate.models import MODELS
     from fluxgate.precisions import PRECISIONS
@@ -226,14 +238,23 @@ def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str,
     return found
 
 
-def judge_steps(options: argparse.Namespace, gpu_class: str, model: str) -> int | None:
-    """The steps the candidate's case images are judged at: the blocks' (--model-steps, else --steps) when the
-    class's references under --baselines-dir were made at them, so judging costs no image longer than a block's;
-    else None, the model's own steps (the references of `baselines/<class>`)."""
+def judge_steps(options: argparse.Namespace, gpu_class: str, model: str) -> tuple[int | None, Path | None, str]:
+    """How the candidate's case images of `model` are judged: (steps, references folder, a note). At the blocks'
+    steps (--model-steps, else --steps) against --references-dir when its references of the class were made at them,
+    so judging costs no image longer than a block's; else (None, None): at the model's own steps against
+    --baselines-dir's references, the note saying why when --references-dir was given."""
     from fluxgate.judging import baselines
 
     steps = options.steps_by_model.get(model) or options.steps
-    return steps if steps and baselines.recorded_steps(options.baselines_dir, gpu_class, model) == steps else None
+    if not options.references_dir:
+        return None, None, ""
+    made_at = baselines.recorded_steps(options.references_dir, gpu_class, model)
+    if steps and made_at == steps:
+        return steps, options.references_dir, f"cases judged at {steps} steps against {options.references_dir}"
+    wanted = f"{steps} steps" if steps else "the blocks' steps (no --model-steps or --steps)"
+    found = f"made at {made_at} steps" if made_at else "none there"
+    return None, None, (f"{options.references_dir / gpu_class} has no {model} references at {wanted} ({found}): "
+                        f"cases judged at the model's own steps against {options.baselines_dir / gpu_class}")
 
 
 def new_ab_id() -> str:
@@ -269,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"candidate {sides[CANDIDATE].hello['device']}")
         setup_s = time.monotonic() - started
         policy = interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
+        noted: set[str] = set()  # models whose --references-dir note was printed
         synchronous = host_synchronous_combos(store, sides[BASE].hello["gpu_class"]) if device_type == "cuda" else {}
         limits = interleave.limits_for(device_type, options.max_mem_ratio, options.min_ms_ssim)
         ab_id = new_ab_id()
@@ -300,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"; {synchronous[combo.id]}: judged at ±{combo_policy.min_effect:.0%}"
                      if combo.id in synchronous else ""), file=sys.stderr, flush=True)
             steps = options.steps_by_model.get(combo.model)
+            case_steps, references, note = judge_steps(options, sides[BASE].hello["gpu_class"], combo.model)
+            if note and options.limits == "on" and combo.model not in noted:
+                noted.add(combo.model)
+                print(f"  {combo.model}: {note}", file=sys.stderr, flush=True)
             try:
                 result, settings = ab_combo.measure_combo(
                     combo, sides, combo_policy, options.budget_s, limits, deadline, steps,
                     combo.model_spec.settings(sides[BASE].hello["profile"]).steps,
-                    options.baselines_dir if options.limits == "on" else None,
-                    judge_steps(options, sides[BASE].hello["gpu_class"], combo.model))
+                    options.baselines_dir if options.limits == "on" else None, case_steps, references)
             except SideError as error:
                 errors.append(Outcome(combo.id, str(error)))
                 print(f"{combo.id}: ERROR: {error}", file=sys.stderr, flush=True)

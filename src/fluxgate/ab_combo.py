@@ -28,14 +28,15 @@ def _progress(combo: str):
 
 def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits, deadline: float | None = None,
                    steps: int | None = None, image_steps: int | None = None, baselines_dir: Path | None = None,
-                   judge_steps: int | None = None) -> tuple[interleave.ComboResult, dict[str, dict]]:
+                   judge_steps: int | None = None, references_dir: Path | None = None,
+                   ) -> tuple[interleave.ComboResult, dict[str, dict]]:
     """Load the combo on both sides (or alternate loads when both do not fit), then `interleave.run_blocks` with
     `budget_s`, or less when the blocks would run past `deadline` (time.monotonic()), then (with `baselines_dir`)
     the candidate judged against the class's baselines there (`_judge`; its images' time, estimated from the
     candidate's blocks, is kept out of the blocks' budget); the sides hold nothing afterwards. `steps`:
     this combo's denoising steps (None: the side's --steps or the profile's); `image_steps`: the model's own, at
     which the whole image is judged; `judge_steps`: the steps of the candidate's case images (None: the model's
-    own). Returns the result and each side's image settings. Raises SideError."""
+    own), against the references under `references_dir` (made at them) when given. Returns the result and each side's image settings. Raises SideError."""
     base = sides[BASE]
     alternating, settings = False, {}
     phases = {"load_s": 0.0, "blocks_s": 0.0, "judge_s": 0.0, "release_s": 0.0}
@@ -88,7 +89,7 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
             try:
                 if alternating:
                     load(CANDIDATE)
-                _judge(result, sides[CANDIDATE], baselines_dir, judge_steps)
+                _judge(result, sides[CANDIDATE], baselines_dir, judge_steps, references_dir)
             except SideError as error:  # the blocks stand: the combo is recorded, failing on what was not judged
                 result.limit_failures = [f"fixed limits not judged: {error}"]
                 result.limits_note = "not judged"
@@ -102,14 +103,17 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
         phases["release_s"] = time.monotonic() - started
 
 
-def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path, steps: int | None) -> None:
+def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path, steps: int | None,
+           references_dir: Path | None = None) -> None:
     """The candidate, still loaded, judged as a one-sided run judges it (its worker's `judge`: one image per case at
-    `steps` (None: the model's own) against the stored BF16 references, the fixed speed and memory limits on all its images): sets
+    `steps` (None: the model's own) against the stored BF16 references (under `references_dir` when given: made at
+    `steps`), the class's fixed speed and memory limits under `baselines_dir` on all its images): sets
     the result's `limit_failures` and `judged`; a combo that cannot be judged (no baseline, stale references) gets
     one failure line naming why."""
     started = time.monotonic()
     try:
-        judged = candidate.ask({"op": "judge", "baselines_dir": str(baselines_dir), "steps": steps})
+        judged = candidate.ask({"op": "judge", "baselines_dir": str(baselines_dir), "steps": steps,
+                                "references_dir": None if references_dir is None else str(references_dir)})
     except SideError as error:  # a worker that died fails the combo at its unload, right after
         result.limit_failures = [f"fixed limits not judged: {error} (--limits off: the A/B verdict alone)"]
         result.limits_note = "not judged"

@@ -20,12 +20,13 @@ their `pytest_fluxgate_prepare_pipeline`, and answers:
      config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
     {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
                           "mem_kind", "e2e_s": s, "png": bytes}
-    {"op": "judge", "baselines_dir": dir, "steps": N (optional; default: the model's own)}
+    {"op": "judge", "baselines_dir": dir, "steps": N (optional; default: the model's own),
+     "references_dir": dir (optional: references made at `steps`, with their similarity limits)}
         -> {"ok": True, "failures": [line...], "not_judged": [line...], "metrics": {ms_ssim, psnr_db, cases, ...},
             "thresholds": {...}, "images": {name: png bytes}, "steps": N, "settings": {...}}
         the loaded combo judged as a one-sided run judges it (`fluxgate.gate`): one image per case at `steps` against
-        the stored BF16 references under `<baselines_dir>/<gpu class>` (similarity limits and the broken-image tripwire), and the
-        fixed speed and memory limits on every image it made since its load (the blocks' and these), pooled
+        the stored BF16 references under `<references_dir or baselines_dir>/<gpu class>` (similarity limits and the
+        broken-image tripwire), and the fixed speed and memory limits of `<baselines_dir>/<gpu class>` on every image it made since its load (the blocks' and these), pooled
     {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
     {"op": "close"}   -> {"ok": True}, and the worker ends
 
@@ -137,7 +138,7 @@ class Worker:
                 "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
                 "e2e_s": result.e2e_s, "png": png.getvalue()}
 
-    def judge(self, baselines_dir: str, steps: int | None = None) -> dict:
+    def judge(self, baselines_dir: str, steps: int | None = None, references_dir: str | None = None) -> dict:
         import dataclasses
         from pathlib import Path
 
@@ -153,8 +154,13 @@ class Worker:
         finally:
             runner.steps = loaded_steps
         # the baseline first: a missing or stale one is said before a minute of images is spent
-        baseline = baselines.load(Path(baselines_dir), self.hello["gpu_class"], combo, settings,
-                                  self.hello["environment"])
+        gpu_class = self.hello["gpu_class"]
+        if references_dir:  # references made at `steps`; the speed and memory limits stay the class's
+            baseline = baselines.with_class_limits(
+                baselines.load(Path(references_dir), gpu_class, combo, settings, self.hello["environment"]),
+                Path(baselines_dir), gpu_class, combo)
+        else:
+            baseline = baselines.load(Path(baselines_dir), gpu_class, combo, settings, self.hello["environment"])
         try:
             result = self.held.images(len(self.held.cases), steps=settings["steps"])
         except BaseException as error:
@@ -291,7 +297,7 @@ def serve(channel) -> None:
             elif op == "image":
                 answer = worker.image()
             elif op == "judge":
-                answer = worker.judge(message["baselines_dir"], message.get("steps"))
+                answer = worker.judge(message["baselines_dir"], message.get("steps"), message.get("references_dir"))
             elif op == "unload":
                 answer = worker.unload()
             else:

@@ -58,7 +58,7 @@ def speed_failure(result: Measurement, baseline: baselines.Baseline, entry: str)
     if it_s >= t.min_it_s:
         return None, None
     which = "" if t.speed_statistic == "median" else f" ({t.speed_statistic} step)"
-    return (f"speed: {it_s:.3f} it/s{which} < min {t.min_it_s:.3f} it/s ({baseline.folder / baselines.THRESHOLDS_FILE} "
+    return (f"speed: {it_s:.3f} it/s{which} < min {t.min_it_s:.3f} it/s ({baseline.limits_file} "
             f"{entry})",
             stats.contention_note(result.step_times_s, result.run_wait_s))
 
@@ -71,7 +71,7 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
     a busy laptop's speed says nothing of the code; the GPU gate measures it again), else it fails naming the
     contention."""
     t = baseline.thresholds
-    where = f"{baseline.folder / baselines.THRESHOLDS_FILE} {entry}"
+    where = f"{baseline.limits_file} {entry}"
     if baseline.cases and sim.cases < baseline.cases:  # limits derived over more cases: judge each case instead
         sim = sim.worst()
     failures = []

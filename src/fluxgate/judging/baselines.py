@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -78,6 +79,12 @@ class Baseline:
     thresholds: Thresholds | None
     reference_dir: Path  # <folder>/<model>: one PNG per case
     cases: int | None = None  # how many cases the baseline was made with (its limits were derived over them)
+    limits_folder: Path | None = None  # where the speed and memory limits come from, when not `folder`
+
+    @property
+    def limits_file(self) -> Path:
+        """The thresholds.toml the speed and memory limits were read from."""
+        return (self.limits_folder or self.folder) / THRESHOLDS_FILE
 
     def reference(self, case: str) -> Image.Image:
         """The stored BF16 image of `case`; a missing or unreadable file raises BaselineError naming it."""
@@ -133,7 +140,25 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
     """The baseline of `combo` on `gpu_class`, checked against this run's image `settings` (see IMAGE_SETTINGS) and,
     on a GPU, the hardware in its `environment` fingerprint (see HARDWARE_FIELDS)."""
     folder = root / gpu_class
-    path = folder / THRESHOLDS_FILE
+    thresholds = read_thresholds(root, gpu_class, combo)
+    cases = check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
+    return Baseline(folder, thresholds, folder / combo.model, cases)
+
+
+def with_class_limits(baseline: Baseline, limits_root: Path, gpu_class: str, combo: Combo) -> Baseline:
+    """`baseline` (references made at other steps, e.g. the PR pass's, with the similarity limits measured at them)
+    judged by the speed and memory limits of `limits_root/gpu_class` (the class's, derived from many runs): a step's
+    time and the peak memory do not depend on how many steps an image has. Raises BaselineError as `load` does."""
+    limits = read_thresholds(limits_root, gpu_class, combo)
+    return dataclasses.replace(baseline, limits_folder=Path(limits_root) / gpu_class, thresholds=dataclasses.replace(
+        baseline.thresholds, min_it_s=limits.min_it_s, max_peak_mem_gib=limits.max_peak_mem_gib,
+        speed_statistic=limits.speed_statistic))
+
+
+def read_thresholds(root: Path, gpu_class: str, combo: Combo) -> Thresholds:
+    """`combo`'s limits in `root/gpu_class/thresholds.toml`, checked to be finite numbers (no freshness check:
+    `load` adds it). Raises BaselineError naming the file and the entry."""
+    path = root / gpu_class / THRESHOLDS_FILE
     table = _read_toml(path)
     entry = table.get(combo.model, {}).get(combo.variant)
     if entry is None:
@@ -150,8 +175,7 @@ def load(root: Path, gpu_class: str, combo: Combo, settings: dict, environment: 
     if thresholds.speed_statistic not in SPEED_STATISTICS:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "
                             f"{thresholds.speed_statistic!r}: expected one of {', '.join(SPEED_STATISTICS)}")
-    cases = check_fresh(folder / PROVENANCE_FILE, combo.model, settings, environment)
-    return Baseline(folder, thresholds, folder / combo.model, cases)
+    return thresholds
 
 
 def stored_references(root: Path, gpu_class: str, model: str, settings: dict, cases: list[str],
