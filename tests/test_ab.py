@@ -585,3 +585,19 @@ def test_on_a_cpu_both_sides_share_the_same_cpus():
 
     usable = sorted(os.sched_getaffinity(0))
     assert shared_cpus(1) == usable[-1:] and shared_cpus(len(usable) + 5) == usable
+
+
+def test_inject_slow_takes_a_list_each_combo_once_and_the_card_finds_each_combos_shape():
+    from fluxgate import ab
+    from fluxgate.showing import ab_card
+
+    options = ab._options(["--base-tree", ".", "--inject-slow",
+                           "flux1-dev[bf16]:0.02:stall5, flux2-dev[fp8-scaled]:0.03:host"])
+    assert options.inject_slow == [("flux1-dev[bf16]", 0.02, "stall5"), ("flux2-dev[fp8-scaled]", 0.03, "host")]
+    for bad in ("flux1-dev[bf16]:0.02,flux1-dev[bf16]:0.03", "*:0.02,flux1-dev[bf16]:0.02", "flux1-dev[bf16]:0.02:odd"):
+        with pytest.raises(SystemExit):
+            ab._options(["--base-tree", ".", "--inject-slow", bad])
+    plan = {"plan": [{"combo": "flux1-dev[bf16]", "fraction": 0.02, "shape": "stall5"}]}
+    assert ab_card._injected(plan)["flux1-dev[bf16]"]["shape"] == "stall5"
+    assert ab_card._injected({"combo": "*", "fraction": 0.02})["*"]["fraction"] == 0.02
+    assert ab_card._injected("junk") == {} and ab_card._injected({"plan": "junk"}) == {}

@@ -167,11 +167,12 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-ms-ssim", type=float, help="candidate vs base MS-SSIM below this fails [0.95]")
     parser.add_argument("--summary-out", type=Path,
                         help="also write the result as markdown here (the PR comment's A/B section)")
-    parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE]",
+    parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE][,...]",
                         help="tests: slow COMBO (`*`: every combo) on the candidate side by FRACTION of its denoising "
                              "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), host (host "
-                             "time per step), first (each image's first step), decode (the VAE decode) (the "
-                             "candidate tree's tests/injectors/slow_combo.py)")
+                             "time per step), first (each image's first step), decode (the VAE decode); a comma-"
+                             "separated list slows several combos, each its own way (the candidate tree's "
+                             "tests/injectors/slow_combo.py)")
     options = parser.parse_args(argv)
     options.baselines_dir = Path(options.baselines_dir).resolve() if options.baselines_dir else \
         options.candidate_tree.resolve() / "baselines"
@@ -195,11 +196,7 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         for device_type in ("cuda", "cpu"):  # both policies' block counts, before any side starts
             interleave.policy_with(device_type, options.ab_max_blocks, options.ab_min_blocks)
         if options.inject_slow:
-            combo, fraction, shape = (options.inject_slow.split(":") + ["steps"])[:3]
-            if not (shape in INJECTED_SHAPES or re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape)):
-                raise ValueError(f"--inject-slow {options.inject_slow!r}: SHAPE {shape!r} is none of "
-                                 f"{', '.join(INJECTED_SHAPES)}, stallK (K >= 2)")
-            options.inject_slow = (combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape)
+            options.inject_slow = _injections(options.inject_slow)
     except ValueError as error:
         parser.error(str(error))
     return options
@@ -236,6 +233,24 @@ def host_synchronous_combos(store, gpu_class: str, window: int = 5) -> dict[str,
             found[combo] = (f"host-synchronous in its {len(recent)} newest one-sided runs (to "
                             f"{recent[-1].run_id or 'an unnamed run'})")
     return found
+
+
+def _injections(text: str) -> list[tuple[str, float, str]]:
+    """--inject-slow's COMBO:FRACTION[:SHAPE][,...] as (combo id or "*", fraction, shape) per combo. Raises
+    ValueError naming the bad part."""
+    from fluxgate import matrix
+
+    plan = []
+    for part in text.split(","):
+        combo, fraction, shape = (part.strip().split(":") + ["steps"])[:3]
+        if not (shape in INJECTED_SHAPES or re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape)):
+            raise ValueError(f"--inject-slow {part!r}: SHAPE {shape!r} is none of {', '.join(INJECTED_SHAPES)}, "
+                             "stallK (K >= 2)")
+        plan.append((combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape))
+    combos = [combo for combo, _, _ in plan]
+    if len(set(combos)) < len(combos) or ("*" in combos and len(combos) > 1):
+        raise ValueError(f"--inject-slow {text!r}: each combo once, and `*` alone")
+    return plan
 
 
 def judge_steps(options: argparse.Namespace, gpu_class: str, model: str) -> tuple[int | None, Path | None, str]:
@@ -300,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                            "ab_tree": trees[name].digest(), "ab_python": side.hello.get("python", pythons[name]),
                            "ab_fluxgate": str(Path(side.hello.get("fluxgate", configs[name]["fluxgate"])).parent)}
             if configs[name]["inject"]:
-                environment["ab_inject"] = dict(zip(("combo", "fraction", "shape"), options.inject_slow))
+                plan = [dict(zip(("combo", "fraction", "shape"), entry)) for entry in options.inject_slow]
+                environment["ab_inject"] = plan[0] if len(plan) == 1 else {"plan": plan}
             writers[name] = store.open_run(f"{ab_id}-{name}", environment)
         print(f"A/B run {ab_id} on {sides[BASE].hello['device']} (profile {sides[BASE].hello['profile']}): "
               f"base {trees[BASE].root}, candidate {trees[CANDIDATE].root}; {counted(len(options.combos), 'combo')}",

@@ -236,7 +236,8 @@ def worker_config(options: argparse.Namespace, tree: Tree, side: str, site: Path
               "steps": options.steps, "cpu_threads": cpu_threads(options.cpu_threads), "env": ENV,
               "cpus": shared_cpus(cpu_threads(options.cpu_threads)), "inject": None}
     if side == CANDIDATE and options.inject_slow:
-        combo, fraction, shape = options.inject_slow
+        plan = options.inject_slow  # [(combo, fraction, shape), ...]
+        combo, fraction, shape = plan[0]
         injectors = tree.root / "tests" / "injectors"
         if not (injectors / "slow_combo.py").is_file():
             raise SideError(f"candidate side: --inject-slow needs {injectors / 'slow_combo.py'} (fluxgate's test "
@@ -244,6 +245,8 @@ def worker_config(options: argparse.Namespace, tree: Tree, side: str, site: Path
         config["inject"] = {"path": str(injectors), "module": "slow_combo"}
         config["env"] = {**ENV, "FLUXGATE_SLOW_COMBO": combo, "FLUXGATE_SLOW_FRACTION": str(fraction),
                          "FLUXGATE_SLOW_SHAPE": shape}
+        if len(plan) > 1:
+            config["env"]["FLUXGATE_SLOW_PLAN"] = json.dumps({c: [f, s] for c, f, s in plan})
     return config
 
 

@@ -17,10 +17,14 @@ a sleep; "host" busy-waits on the host on both):
   from the image after the one whose first step calibrates the combo;
 - `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict).
 
+FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over the three above: several combos, each
+with its own fraction and shape (`fluxgate ab --inject-slow` with a comma-separated list).
+
 FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step starts (a test that interrupts the combo
 mid-measurement waits for it).
 """
 
+import json
 import os
 import time
 from pathlib import Path
@@ -29,16 +33,27 @@ import torch
 
 from fluxgate.measuring import measure, runner
 
-TARGET = os.environ["FLUXGATE_SLOW_COMBO"]
-FRACTION = float(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"))
 DELAY_S = float(os.environ.get("FLUXGATE_SLOW_DELAY_S", "0"))
-SHAPE = os.environ.get("FLUXGATE_SLOW_SHAPE", "steps")
 MARK = os.environ.get("FLUXGATE_SLOW_MARK")
 SHAPES = ("steps", "host", "first", "decode")
-if SHAPE not in SHAPES and not (SHAPE.startswith("stall") and SHAPE[5:].isdigit() and int(SHAPE[5:]) >= 2):
-    raise ValueError(f"FLUXGATE_SLOW_SHAPE={SHAPE!r}: want one of {', '.join(SHAPES)} or stallK (K >= 2)")
-EVERY = int(SHAPE[5:]) if SHAPE.startswith("stall") else 1
-state = {"active": False, "first_step_s": None, "calibrated_for": None, "model_steps": 1, "step": 0}
+
+
+def _entry(fraction, shape: str) -> tuple[float, str, int]:
+    if shape not in SHAPES and not (shape.startswith("stall") and shape[5:].isdigit() and int(shape[5:]) >= 2):
+        raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)} or stallK (K >= 2)")
+    return float(fraction), shape, int(shape[5:]) if shape.startswith("stall") else 1
+
+
+# combo id (or "*") -> (fraction, shape, every K-th step). FLUXGATE_SLOW_PLAN (JSON, {combo: [fraction, shape]}):
+# several combos, each its own shape (one A/B run carrying every shape); else FLUXGATE_SLOW_COMBO with the
+# FRACTION and SHAPE above.
+if os.environ.get("FLUXGATE_SLOW_PLAN"):
+    PLAN = {combo: _entry(*entry) for combo, entry in json.loads(os.environ["FLUXGATE_SLOW_PLAN"]).items()}
+else:
+    PLAN = {os.environ["FLUXGATE_SLOW_COMBO"]: _entry(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"),
+                                                      os.environ.get("FLUXGATE_SLOW_SHAPE", "steps"))}
+state = {"active": False, "first_step_s": None, "calibrated_for": None, "model_steps": 1, "step": 0,
+         "fraction": 0.0, "shape": "steps", "every": 1}
 original_loaded, original_step_end = runner.Runner.loaded, measure._StepClock.step_end
 
 
@@ -49,7 +64,10 @@ class _Slowed:
         self.held, self.combo, self.model_steps = held, combo, model_steps
 
     def __enter__(self):
-        state["active"] = TARGET in ("*", self.combo.id)
+        entry = PLAN.get(self.combo.id) or PLAN.get("*")
+        state["active"] = entry is not None
+        if entry:
+            state["fraction"], state["shape"], state["every"] = entry
         state["model_steps"] = self.model_steps
         if state["calibrated_for"] != self.combo.id:  # each combo's fraction is of its own first step
             state["first_step_s"], state["calibrated_for"] = None, self.combo.id
@@ -58,7 +76,7 @@ class _Slowed:
         except BaseException:
             state["active"] = False
             raise
-        if state["active"] and SHAPE == "decode":
+        if state["active"] and state["shape"] == "decode":
             _slow_decode(held.pipe.vae)
         return held
 
@@ -106,8 +124,8 @@ def _slow_decode(vae) -> None:
     decode = vae.decode
 
     def slowed(*args, **kwargs):
-        if state["active"] and state["first_step_s"]:
-            _spin(FRACTION * state["first_step_s"] * state["model_steps"], torch.cuda.is_available())
+        if state["active"] and state["shape"] == "decode" and state["first_step_s"]:
+            _spin(state["fraction"] * state["first_step_s"] * state["model_steps"], torch.cuda.is_available())
         return decode(*args, **kwargs)
 
     slowed.slowed_by_injector = True
@@ -118,16 +136,17 @@ def step_end(self, *args):
     step = len(self.marks)  # the number of the step ending now (the loop's start is the first mark)
     if state["active"]:
         step_s = _step_s(self)  # calibrated on the combo's first image's first step, never slowed
-        if SHAPE == "decode":
+        fraction, shape, every = state["fraction"], state["shape"], state["every"]
+        if shape == "decode":
             pass
-        elif DELAY_S or not FRACTION:
+        elif DELAY_S or not fraction:
             if step >= 2:
                 _spin(DELAY_S, self.cuda)
-        elif SHAPE == "first":
+        elif shape == "first":
             if step == 1 and step_s:  # each later image's first step (its end event comes after the spin)
-                _spin(FRACTION * step_s * state["model_steps"], self.cuda)
-        elif step >= 2 and step % EVERY == 0:
-            _spin(EVERY * FRACTION * step_s, self.cuda, host=SHAPE == "host")
+                _spin(fraction * step_s * state["model_steps"], self.cuda)
+        elif step >= 2 and step % every == 0:
+            _spin(every * fraction * step_s, self.cuda, host=shape == "host")
     return original_step_end(self, *args)
 
 

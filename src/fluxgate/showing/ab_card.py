@@ -245,14 +245,24 @@ def injected_runs(records: Iterable[Record], gpu_class: str) -> list[InjectedRun
     run: the real check of the resampled detection figures."""
     found = []
     for combo, base, candidate in _ab_pairs(records, gpu_class):
-        inject = candidate.env.get("ab_inject") or {}
+        entries = _injected(candidate.env.get("ab_inject"))
+        inject = entries.get(combo) or entries.get("*")
         ab = candidate.ab
-        if inject.get("combo") not in ("*", combo) or ab is None:
+        if inject is None or ab is None:
             continue
         found.append(InjectedRun(combo, candidate.env["ab_run"], float(inject.get("fraction") or 0.0), ab.outcome,
                                  float(ab.ratio or math.nan), int(ab.blocks or 0), ab.min_effect,
                                  str(inject.get("shape") or "steps"), ab.image_outcome, ab.image_ratio))
     return sorted(found, key=lambda run: (run.combo, run.run))
+
+
+def _injected(inject) -> dict[str, dict]:
+    """combo id (or "*") -> its injection, from a run's `ab_inject`: one {"combo", "fraction", "shape"}, or
+    {"plan": [those]} when the run slowed several combos each its own way."""
+    if not isinstance(inject, dict):
+        return {}
+    entries = inject.get("plan") if isinstance(inject.get("plan"), list) else [inject]
+    return {entry["combo"]: entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("combo"), str)}
 
 
 def _share(value: float, blocks: float) -> str:

@@ -62,7 +62,9 @@ Spec = Mapping[str, "Kind | Spec | tuple"]  # a tuple ("list", Spec): a list of 
 ENVIRONMENT: Spec = {
     "git_commit": STR, "git_dirty": BOOL, "device_name": STR, "device_type": STR, "gpu_class": STR,
     "gpu": {"uuid": STR, "name": STR}, "history_gate": STR, "shared_gpu": BOOL, "ab_run": NAME, "ab_side": STR,
-    "ab_tree": STR, "ab_inject": {"combo": STR, "fraction": NUMBER}, "branch": STR, "event": STR,
+    "ab_tree": STR, "branch": STR, "event": STR,
+    "ab_inject": {"combo": STR, "fraction": NUMBER, "shape": STR,
+                  "plan": ("list", {"combo": STR, "fraction": NUMBER, "shape": STR})},
     "roof": {"bf16_tflops": NUMBER, "fp8_tflops": NUMBER}, "torch": STR, "diffusers": STR, "xdist_worker": STR,
 }
 CASE: Spec = {"case": NAME, "image": IMAGE, "ms_ssim": NUMBER, "psnr_db": NUMBER, "broken_image": STRS}
