@@ -160,3 +160,32 @@ def test_comfy_backend_image_stays_inside_the_8bit_tier_against_bf16(comfy_tiny_
 
 def test_the_registry_holds_the_comfy_backend_with_its_origin():
     assert BACKENDS["fp8-scaled@comfy"].backend == "comfy" and BACKENDS.origin("fp8-scaled@comfy") == "fluxgate"
+
+
+TORCHAO = "flux1-dev[fp8-scaled@torchao]"
+
+
+def test_the_torchao_backend_is_a_one_line_skip_where_torchao_cannot_run():
+    """torchao 0.18 refuses a CPU: with torchao installed the skip says so, without it the skip names the package;
+    below compute capability 8.9 the reason names the GPU's."""
+    import importlib.util
+
+    assert BACKENDS["fp8-scaled@torchao"].requires == ("torchao",) and BACKENDS.origin("fp8-scaled@torchao") == "fluxgate"
+    with pytest.raises(SkipCombo) as skip:
+        load_denoiser(NoSource(), Combo.parse(TORCHAO), torch.device("cpu"))
+    if importlib.util.find_spec("torchao") is None:
+        assert str(skip.value) == (f"{TORCHAO}: backend torchao of fp8-scaled needs the Python package 'torchao' "
+                                   "(pip install torchao)")
+    else:
+        assert str(skip.value) == (f"{TORCHAO}: backend torchao of fp8-scaled cannot run on cpu: torchao 0.18 quantizes "
+                                   "fp8 dynamic row-wise only for CUDA compute capability 8.9+, MI300+ or XPU (it "
+                                   "refuses a cpu device)")
+
+
+def test_torchao_backend_on_a_gpu_without_fp8_tensor_cores_names_its_capability(monkeypatch):
+    fp8_torchao = pytest.importorskip("fluxgate.precisions.fp8_torchao", exc_type=ImportError)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert fp8_torchao.unavailable(torch.device("cuda")) == (
+        "torchao's fp8 GEMM needs FP8 tensor cores (compute capability 8.9+); this GPU is 8.6")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_torchao.unavailable(torch.device("cuda")) is None
