@@ -13,7 +13,7 @@ from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
 
 from fluxgate.precisions.spec import FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer
 
-FP8_GEMM = "fp8 GEMM (_scaled_mm)"
+FP8_GEMM = "fp8 GEMM per-row, fast accum (diffusers BFLFP8RLinear _scaled_mm)"
 
 
 def fp8r_tensors(prefix: str, weight: torch.Tensor) -> StateDict:

@@ -32,7 +32,7 @@ PackedShapes = Callable[[torch.nn.Linear], dict[str, tuple[int, ...]]]
 class FastGemm:
     """A precision's own low-precision GEMM, as a profile of one step shows it (`fluxgate.measuring.kernels`)."""
 
-    label: str  # the kernel path's name for it, e.g. "fp8 GEMM (_scaled_mm)"
+    label: str  # the kernel path's name for it: what GEMM, its scale granularity, fast accumulation or not, whose
     matches: Callable[[str], bool]  # a profiled CPU-side op name or CUDA kernel name -> whether it is this GEMM
 
 

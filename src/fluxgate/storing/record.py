@@ -158,7 +158,7 @@ class Metrics:
 
     @property
     def gemm_label(self) -> str | None:
-        """The kernel path's label (e.g. "fp8 GEMM (torch._scaled_mm)"), or None."""
+        """The kernel path's label (e.g. "fp8 GEMM per-row, fast accum (diffusers BFLFP8RLinear _scaled_mm)"), or None."""
         return self.kernel_path.get("label") if isinstance(self.kernel_path, Mapping) else None
 
     @property
