@@ -42,7 +42,7 @@ def test_a_backend_runs_the_precisions_file_through_its_own_format_in_the_precis
     spec = Combo.parse(COMFY).precision_spec
     assert (spec.name, spec.tier, spec.backend, spec.file_precision) == ("fp8-scaled", "8bit", "comfy", "fp8-scaled")
     assert spec.format == "fluxgate.precisions.fp8_comfy:FORMAT" and "comfy_kitchen" in spec.requires
-    assert resolved("fp8-scaled") is PRECISIONS["fp8-scaled"] and backends_of("fp8-scaled") == ["diffusers", "comfy"]
+    assert resolved("fp8-scaled") is PRECISIONS["fp8-scaled"] and backends_of("fp8-scaled") == ["diffusers", "comfy", "torchao"]
 
 
 def test_the_default_selection_is_each_precisions_default_backend():
@@ -53,7 +53,9 @@ def test_the_default_selection_is_each_precisions_default_backend():
 def test_backends_select_like_precisions():
     assert combos(["flux1-dev"], backends=["comfy"]) == [Combo.parse(COMFY)]
     assert [c.id for c in combos(["flux1-dev"], ["fp8-scaled"], backends=parse_backends("all"))] == [
-        "flux1-dev[fp8-scaled]", COMFY]
+        "flux1-dev[fp8-scaled]", COMFY, TORCHAO]
+    assert [c.id for c in combos(["flux1-dev"], ["nvfp4"], backends=parse_backends("all"))] == [
+        "flux1-dev[nvfp4]", NVFP4_FP8]
     assert [c.id for c in combos(["flux1-dev"], ["bf16", "fp8-scaled"], ["eager", "compile"], ["diffusers", "comfy"])
             ] == ["flux1-dev[bf16]", "flux1-dev[bf16-compile]", "flux1-dev[fp8-scaled]",
                   "flux1-dev[fp8-scaled-compile]", COMFY, "flux1-dev[fp8-scaled@comfy-compile]"]
@@ -118,25 +120,33 @@ def test_a_gpu_without_fp8_tensor_cores_is_a_one_line_skip_with_the_reason(monke
     assert fp8_comfy.unavailable(torch.device("cpu")) is None  # comfy-kitchen's eager backend, torch's CPU scaled_mm
 
 
-@pytest.fixture(scope="module")
-def comfy_tiny_images(tmp_path_factory):
-    """The tiny FLUX.1 image (one case) of bf16 and of fp8-scaled@comfy, and the comfy combo's kernel path."""
-    pytest.importorskip("comfy_kitchen", reason="comfy_kitchen is not installed (pip install 'fluxgate[comfy]')")
+def _tiny_images(cache, combos: list[Combo], kernel_path_of: Combo):
+    """The tiny FLUX.1 image (one case) of each combo, their load origins, and `kernel_path_of`'s kernel path."""
     from fluxgate.measuring.kernels import kernel_path
     from fluxgate.weights.tiny import TinySource
 
-    source, device = TinySource(tmp_path_factory.mktemp("cache"), seed=0), torch.device("cpu")
+    source, device = TinySource(cache, seed=0), torch.device("cpu")
     model = MODELS["flux1-dev"]
     components = source.components(model, device)
     call = {"prompt": "a red fox", "height": 256, "width": 256, "num_inference_steps": 4, "guidance_scale": 3.5,
             "max_sequence_length": 32, "output_type": "pil"}
-    images, origins = {}, {}
-    for combo in (Combo("flux1-dev", "bf16"), Combo.parse(COMFY)):
+    images, origins, pipes = {}, {}, {}
+    for combo in combos:
         transformer, origins[combo.id] = load_denoiser(source, combo, device)
-        pipe = model.builder.pipeline_class(transformer=transformer, **components)
+        pipe = pipes[combo.id] = model.builder.pipeline_class(transformer=transformer, **components)
         pipe.set_progress_bar_config(disable=True)
         images[combo.id] = pipe(**call, generator=torch.Generator().manual_seed(0)).images[0]
-    return images, origins[COMFY], kernel_path(pipe, call, "fp8-scaled", backend="comfy")
+    path = kernel_path(pipes[kernel_path_of.id], call, kernel_path_of.precision, backend=kernel_path_of.backend)
+    return images, origins, path
+
+
+@pytest.fixture(scope="module")
+def comfy_tiny_images(tmp_path_factory):
+    """The tiny FLUX.1 image (one case) of bf16 and of fp8-scaled@comfy, and the comfy combo's kernel path."""
+    pytest.importorskip("comfy_kitchen", reason="comfy_kitchen is not installed (pip install 'fluxgate[comfy]')")
+    images, origins, path = _tiny_images(tmp_path_factory.mktemp("cache"), [Combo("flux1-dev", "bf16"),
+                                                                          Combo.parse(COMFY)], Combo.parse(COMFY))
+    return images, origins[COMFY], path
 
 
 def test_comfy_backend_runs_its_fp8_gemm_on_every_quantized_linear(comfy_tiny_images):
@@ -189,3 +199,22 @@ def test_torchao_backend_on_a_gpu_without_fp8_tensor_cores_names_its_capability(
         "torchao's fp8 GEMM needs FP8 tensor cores (compute capability 8.9+); this GPU is 8.6")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8_torchao.unavailable(torch.device("cuda")) is None
+
+
+NVFP4_FP8 = "flux1-dev[nvfp4@fp8]"
+
+
+def test_nvfp4_converted_to_fp8_at_load_runs_fp8_layers_and_stays_in_the_4bit_tier_beside_nvfp4(tmp_path):
+    """NVFP4 -> FP8 at load: every NVFP4 linear becomes diffusers' fp8r linear (on CPU it dequantizes, as the
+    kernel path says), and its image is inside the 4-bit tier against bf16 and next to the NVFP4 image it came from."""
+    from fluxgate.judging.similarity import compare
+
+    combos = [Combo("flux1-dev", "bf16"), Combo("flux1-dev", "nvfp4"), Combo.parse(NVFP4_FP8)]
+    images, origins, path = _tiny_images(tmp_path, combos, Combo.parse(NVFP4_FP8))
+    assert path.quantized_kinds == {"BFLFP8RLinear": path.quantized_linears} and path.quantized_linears > 0
+    assert path.fallback is True  # CPU: BFLFP8RLinear dequantizes
+    assert origins[NVFP4_FP8]["transform"] == "nvfp4 -> nvfp4@fp8 (fluxgate.precisions.nvfp4_fp8:FORMAT)"
+    limit = tomllib.loads((Path(__file__).parents[1] / "baselines/cpu/thresholds.toml").read_text())["flux1-dev"]["nvfp4"]
+    against_bf16 = compare(images[NVFP4_FP8], images["flux1-dev[bf16]"])
+    assert against_bf16.ms_ssim >= limit["min_ms_ssim"] and against_bf16.psnr_db >= limit["min_psnr_db"], against_bf16
+    assert compare(images[NVFP4_FP8], images["flux1-dev[nvfp4]"]).ms_ssim > 0.99  # E4M3's rounding of NVFP4 values

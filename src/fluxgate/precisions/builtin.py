@@ -24,4 +24,7 @@ BACKENDS = (
     BackendSpec("fp8-scaled", "torchao", format="fluxgate.precisions.fp8_torchao:FORMAT", requires=("torchao",),
                 description="diffusers users' fp8 through torchao: per-row weight scale, each input quantized per "
                             "row (dynamic), _scaled_mm with fast accumulation"),
+    BackendSpec("nvfp4", "fp8", format="fluxgate.precisions.nvfp4_fp8:FORMAT",
+                description="the NVFP4 weights re-quantized to fp8 per row at load, diffusers' BFLFP8RLinear: FP8 "
+                            "GEMMs on a GPU without FP4 tensor cores (Hopper)"),
 )
