@@ -53,8 +53,10 @@ def test_the_fastest_passing_combo_above_the_quality_floor_is_recommended_with_i
 
     assert d.recommended.combo == "flux1-dev[fp8-scaled-compile]"
     assert d.reference.combo == "flux1-dev[bf16]"
-    assert d.recommended.speedup == pytest.approx(9.7 / 5.5)
-    assert "1.76× BF16 eager's speed" in d.text and "-10.4 GiB" in d.text and "less per 1000 images" in d.text
+    assert d.recommended.speedup == pytest.approx(9.7 / 7.6)  # against BF16 of its own runtime
+    assert d.recommended.speedup_against == "bf16-compile"
+    assert "1.76× BF16 eager's speed (1.28× `bf16-compile`, the same runtime)" in d.text
+    assert "-10.4 GiB" in d.text and "less per 1000 images" in d.text
     # $/1000 images = seconds per image x $/hour / 3.6
     assert d.recommended.usd_per_1000 == pytest.approx((28 / 9.7 + 0.5) * 3.0 / 3.6)
 
@@ -230,3 +232,19 @@ def test_the_summary_headline_says_whether_the_run_passed_the_gate():
     assert publish.gate_headline([ab_slow], set()) == "**Gate: FAILED** (1 SLOW against the base (A/B))"
     both = replace(ab_slow, failures=["SLOW: ...", "speed 1.2 it/s < min_it_s 1.5"])
     assert publish.gate_headline([both], set()) == "**Gate: FAILED** (1 SLOW against the base (A/B), 1 missed a limit)"
+
+
+def test_each_precisions_fastest_path_is_named_against_bf16_of_its_own_runtime():
+    d = only(decision.decide(H100_FLUX1, SETTINGS))
+    table = "\n".join(decision.served_paths(d))
+    assert "| fp8-scaled | 8bit | `flux1-dev[fp8-scaled-compile]` (compile, diffusers) | 9.700 | 1.28 |" in table
+    assert "| nvfp4 | 4bit | `flux1-dev[nvfp4]` (eager, diffusers) | 2.300 | 0.42 |" in table
+    assert "| bf16 | reference | `flux1-dev[bf16-compile]` (compile, diffusers) | 7.600 | 1.00 |" in table
+
+
+def test_a_compiled_combo_without_a_compiled_bf16_says_what_it_is_compared_with():
+    records = [r for r in H100_FLUX1 if r.combo != "flux1-dev[bf16-compile]"]
+    d = only(decision.decide(records, SETTINGS))
+    fp8 = next(r for r in d.rows if r.combo == "flux1-dev[fp8-scaled-compile]")
+    assert decision._speedup_text(fp8) == "1.76 (vs `bf16`: no compile BF16)"
+    assert "(vs `bf16`: no compile BF16)" in decision.markdown([d], SETTINGS)

@@ -1,5 +1,8 @@
-"""Which precision to ship: per GPU class and model, the measured frontier over precision x runtime, the cost of each
-combo from an editable $/GPU-hour table, one scatter plot per model and a plain-language recommendation.
+"""Which precision to ship: per GPU class and model, the measured frontier over precision x runtime x backend, the
+cost of each combo from an editable $/GPU-hour table, each precision's fastest measured path (the paths users serve:
+compiled or not, diffusers, ComfyUI's comfy-kitchen, torchao), one scatter plot per model and a plain-language
+recommendation. Speed ratios are against BF16 of the same runtime (a compiled fp8 against compiled BF16); where that
+BF16 was not measured the cell names the BF16 it used.
 
 The rule (stated in the report too): among the combos of a model that passed every assert of their item (speed, VRAM,
 similarity), meet the model's quality floor (MS-SSIM and PSNR against the BF16 reference) and fit the VRAM budget,
@@ -100,7 +103,8 @@ class Row:
     passed: bool
     failures: list[str]
     usd_per_1000: float | None = None
-    speedup: float | None = None  # it/s against BF16 eager of the same model and GPU class
+    speedup: float | None = None  # it/s against `speedup_against` (BF16 of the same runtime where measured)
+    speedup_against: str = ""  # the BF16 combo of the same model and GPU class the speedup divides by, e.g. "bf16-compile"
     frontier: bool = False
     quality_ok: bool = False
     fits: bool = True
@@ -118,6 +122,17 @@ class Row:
     @property
     def is_reference(self) -> bool:
         return Combo.parse(self.combo).is_reference
+
+    @property
+    def path(self) -> str:
+        """How the combo ran: runtime x backend (`eager, diffusers`, `compile, comfy`)."""
+        combo = Combo.parse(self.combo)
+        return f"{combo.runtime}, {combo.precision_spec.backend}"
+
+    @property
+    def tier(self) -> str:
+        """The precision's quality tier (`reference`, `8bit`, `4bit`)."""
+        return Combo.parse(self.combo).precision_spec.tier
 
     def quality_text(self) -> str:
         psnr = "inf" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
@@ -181,7 +196,8 @@ def _recommendation(rec: Row | None, ref: Row | None, rows: list[Row], settings:
     if rec.usd_per_1000 is not None and ref.usd_per_1000:
         saving = (f", ${ref.usd_per_1000 - rec.usd_per_1000:.2f} less per 1000 images "
                   f"({100 * (1 - rec.usd_per_1000 / ref.usd_per_1000):.0f} % cheaper)")
-    return (text + f": {rec.it_s / ref.it_s:.2f}× BF16 eager's speed, {rec.peak_gib - ref.peak_gib:+.1f} GiB "
+    same = "" if rec.speedup_against in ("", "bf16") else f" ({rec.speedup:.2f}× `{rec.speedup_against}`, the same runtime)"
+    return (text + f": {rec.it_s / ref.it_s:.2f}× BF16 eager's speed{same}, {rec.peak_gib - ref.peak_gib:+.1f} GiB "
             f"VRAM{saving}.")
 
 
@@ -202,9 +218,15 @@ def decide(records: list[Record], settings: Settings, references: dict[tuple[str
         if reference is None and references and (gpu_class, model) in references:
             reference = Row.from_record(references[gpu_class, model])
         price, floor = settings.price(gpu_class), settings.floor(model)
+        bf16 = {Combo.parse(r.combo).runtime: r for r in group
+                if r.precision == "bf16" and not Combo.parse(r.combo).backend}  # per runtime
+        if reference is not None:
+            bf16.setdefault("eager", reference)
         for row in group:
             row.usd_per_1000 = None if price is None else row.seconds_per_image * price / 3.6
-            row.speedup = row.it_s / reference.it_s if reference else None
+            against = bf16.get(Combo.parse(row.combo).runtime) or bf16.get("eager")
+            if against is not None:
+                row.speedup, row.speedup_against = row.it_s / against.it_s, Combo.parse(against.combo).variant
             row.quality_ok = _meets(row, floor)
             row.fits = settings.vram_budget_gib is None or row.peak_gib <= settings.vram_budget_gib
         if reference is not None and reference.usd_per_1000 is None and price is not None:
@@ -219,6 +241,34 @@ def decide(records: list[Record], settings: Settings, references: dict[tuple[str
     return decisions
 
 
+def _speedup_text(row: Row) -> str:
+    """The speed ratio against BF16, naming the BF16 combo when it is not the same runtime's (no compiled BF16 was
+    measured: an eager BF16 is not a fair base for a compiled combo, and the cell says so)."""
+    if row.speedup is None:
+        return "-"
+    runtime = Combo.parse(row.combo).runtime
+    base = Combo.parse(f"x[{row.speedup_against}]").runtime if row.speedup_against else runtime
+    return f"{row.speedup:.2f}" + ("" if base == runtime else f" (vs `{row.speedup_against}`: no {runtime} BF16)")
+
+
+def served_paths(decision: Decision) -> list[str]:
+    """Markdown lines: per precision, its fastest measured path (runtime x backend) among the combos that passed
+    their asserts, with its speed against BF16 of the same runtime, VRAM, quality tier and cost."""
+    best: dict[str, Row] = {}
+    for row in decision.rows:  # fastest first
+        if row.passed and row.precision not in best:
+            best[row.precision] = row
+    if not best:
+        return []
+    lines = ["Fastest measured path per precision (combos that passed their asserts):", "",
+             "| precision | tier | fastest path (runtime, backend) | it/s | × BF16 (same runtime) | peak VRAM GiB | "
+             "$/1000 img |", "|---|---|---|--:|--:|--:|--:|"]
+    for precision, row in best.items():
+        lines.append(f"| {precision} | {row.tier} | `{row.combo}` ({row.path}) | {row.it_s:.3f} | "
+                     f"{_speedup_text(row)} | {row.peak_gib:.2f} | {number(row.usd_per_1000, '.3f')} |")
+    return lines
+
+
 def markdown(decisions: list[Decision], settings: Settings, plots: dict[tuple[str, str], str] | None = None) -> str:
     """The decision section: the rule, then per GPU class and model a table and the recommendation."""
     budget = "none" if settings.vram_budget_gib is None else f"{settings.vram_budget_gib:g} GiB"
@@ -229,8 +279,8 @@ def markdown(decisions: list[Decision], settings: Settings, plots: dict[tuple[st
         lines += [f"#### {d.model} on {d.gpu_class}", "",
                   f"Quality floor MS-SSIM ≥ {floor['min_ms_ssim']:g}, PSNR ≥ {floor['min_psnr_db']:g} dB; "
                   f"{'$' + format(price, '.2f') + '/GPU-hour' if price is not None else 'no price for this class'}.",
-                  "", "| combo | it/s | × BF16 | peak VRAM GiB | MS-SSIM | PSNR dB | J/image | $/1000 img | "
-                  "compile s | notes |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+                  "", "| combo | it/s | × BF16 (same runtime) | peak VRAM GiB | MS-SSIM | PSNR dB | J/image | "
+                  "$/1000 img | compile s | notes |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
         for r in d.rows:
             notes = [n for n, on in (("recommended", r is d.recommended), ("frontier", r.frontier),
                                      ("fallback GEMM", r.fallback), ("failed asserts", not r.passed),
@@ -238,13 +288,13 @@ def markdown(decisions: list[Decision], settings: Settings, plots: dict[tuple[st
                                      ("over VRAM budget", not r.fits)) if on]
             psnr = "inf" if r.psnr_db is None and r.ms_ssim is not None else number(r.psnr_db, ".1f")
             name = f"**`{r.combo}`**" if r is d.recommended else f"`{r.combo}`"
-            lines.append(f"| {name} | {r.it_s:.3f} | {number(r.speedup, '.2f')} | {r.peak_gib:.2f} | "
+            lines.append(f"| {name} | {r.it_s:.3f} | {_speedup_text(r)} | {r.peak_gib:.2f} | "
                          f"{number(r.ms_ssim, '.4f')} | {psnr} | {number(r.energy_j_per_image, '.0f')} | "
                          f"{number(r.usd_per_1000, '.3f')} | {number(r.compile_s, '.1f')} | {', '.join(notes)} |")
         if d.reference is not None and d.reference not in d.rows:
             lines += ["", f"BF16 eager reference from an earlier run: {d.reference.it_s:.3f} it/s, "
                           f"{d.reference.peak_gib:.2f} GiB."]
-        lines += ["", f"Recommendation: {d.text}"]
+        lines += ["", *served_paths(d), "", f"Recommendation: {d.text}"]
         if plots and (d.gpu_class, d.model) in plots:
             lines += ["", f"Scatter plot: `{plots[d.gpu_class, d.model]}`"]
         lines.append("")
@@ -274,7 +324,9 @@ def scatter(path: Path, decision: Decision, settings: Settings) -> None:
         else:
             ax.scatter([x], [r.it_s], s=area(r), facecolors="none" if r.fallback else colour, edgecolors=colour,
                        linewidths=2, alpha=0.75, zorder=3)
-        ax.annotate(f"{r.precision}\n{r.peak_gib:.1f} GiB", (x, r.it_s), textcoords="offset points", xytext=(10, 4),
+        combo = Combo.parse(r.combo)
+        label = r.precision + (f"@{combo.backend}" if combo.backend else "")
+        ax.annotate(f"{label}\n{r.peak_gib:.1f} GiB", (x, r.it_s), textcoords="offset points", xytext=(10, 4),
                     fontsize=8)
     if decision.recommended is not None:
         rec = decision.recommended
