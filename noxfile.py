@@ -109,7 +109,19 @@ class SharedEnv:
 
 
 # FLUXGATE_TORCH may carry pip options, e.g. an --index-url
-TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test]"]])
+def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:
+    """pip arguments installing the package of pyproject.toml's `extra` into `env` from its pure-Python wheel. For
+    comfy-kitchen (the `comfy` backend, exercised on CPU by the tests): the platform wheel pip would pick carries
+    ~190 MB of CUDA/HIP kernels, which comfy-kitchen turns off below a CUDA 13 torch anyway."""
+    (requirement,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"  # the interpreter that makes the virtualenv
+    return ["--no-deps", "--only-binary", ":all:", "--platform", "any", "--implementation", "py", "--python-version",
+            version, "--upgrade", "--target", str(env.location / "lib" / f"python{version}" / "site-packages"),
+            requirement]
+
+
+TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test,torchao]"],
+                                        _pure_python_wheel(TORCH_ENV, "comfy")])
 LIGHT_ENV = SharedEnv("light", lambda: [_light_requirements(), ["--no-deps", "-e", "."]])
 
 
