@@ -77,15 +77,27 @@ class FileProgress:
                             f"({self.files_done}/{len(self.left)} files, {clock(now - self.started)} elapsed)")
 
 
+# Files by how long they take, longest first: those holding external tests (a fresh venv, minutes), then those
+# holding subprocess tests (seconds each), then the rest.
+HEAVIEST_FIRST = ("external", "subprocess")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The files that hold subprocess-heavy or external tests first (keeping the order within each file and among
-    the rest), so that under xdist a long file does not start last and leave one worker running alone."""
-    heavy = {item.nodeid.split("::")[0] for item in items
-             if item.get_closest_marker("subprocess") or item.get_closest_marker("external")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+    """The files that hold external, then subprocess-heavy tests first (keeping the order within each file and among
+    the files of one rank), so that under xdist a long file does not start last and leave one worker running alone."""
+    rank: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        marks = [n for n, name in enumerate(HEAVIEST_FIRST) if item.get_closest_marker(name)]
+        rank[path] = min([rank.get(path, len(HEAVIEST_FIRST)), *marks])
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # xdist hands out whole files (--dist loadfile) in the order above only without its own reordering, which puts
+    # the files with the most tests first (by count, not by time: the two venv-building files would start last).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     if not hasattr(config, "workerinput") and config.getoption("verbose") >= 0:
         config.pluginmanager.register(FileProgress(config), "fluxgate-tests-file-progress")
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fluxgate.ab_sides import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +62,7 @@ def team_commit(repo: Path, side: str, points: dict[str, str], files: dict[str, 
     git(repo, "commit", "-qm", f"{side}'s hooks")
 
 
+@pytest.mark.subprocess
 def test_ab_in_a_team_repository_runs_each_sides_own_code_and_the_same_fluxgate(tmp_path):
     repo = tmp_path / "team"
     repo.mkdir()

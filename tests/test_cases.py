@@ -57,6 +57,7 @@ def test_a_bad_prompts_file_is_one_line_naming_it(tmp_path, text, says):
     assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
 
 
+@pytest.mark.subprocess
 def test_a_bad_prompts_file_stops_the_run_before_any_combo_with_one_line(tmp_path):
     import subprocess
     import sys

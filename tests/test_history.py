@@ -81,6 +81,7 @@ def test_a_record_json_cannot_hold_does_not_stop_later_records_being_stored(tmp_
     assert "flux2-dev[bf16]" in [record.combo for record in read(tmp_path)]
 
 
+@pytest.mark.subprocess
 def test_a_corrupt_history_file_is_named_in_the_run_summary(tmp_path):
     import os
     import subprocess

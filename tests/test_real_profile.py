@@ -72,6 +72,7 @@ gguf-q8_0 = {{ path = "{root / 'missing.gguf'}", source = "the moon" }}
     return root
 
 
+@pytest.mark.subprocess
 def test_real_profile_runs_local_files_and_skips_missing_ones(real_setup):
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "perf", "-q", "-rs", "--profile", "real", "--device", "cpu",

@@ -97,6 +97,7 @@ def test_loading_the_plugin_imports_nothing_heavy_and_sets_no_environment_variab
     assert changed == []
 
 
+@pytest.mark.subprocess
 def test_a_team_package_adds_a_model_whose_items_marks_and_listing_follow(tmp_path):
     site = tmp_path / "site"
     _distribution(site, "team-ext", {"fluxgate.models": {"zimage": "team_specs:TEAM_MODEL"}},
@@ -113,6 +114,7 @@ def test_a_team_package_adds_a_model_whose_items_marks_and_listing_follow(tmp_pa
     assert "team-zimage[fp8-scaled]" not in collected.stdout  # the model runs in bf16 only
 
 
+@pytest.mark.subprocess
 def test_a_broken_entry_point_stops_the_run_with_one_line_naming_it(tmp_path):
     site = tmp_path / "site"
     _distribution(site, "team-broken", {"fluxgate.precisions": {"fp4": "team_missing:SPEC"}}, {})
@@ -126,6 +128,7 @@ def test_a_broken_entry_point_stops_the_run_with_one_line_naming_it(tmp_path):
     assert listed.returncode == 4 and "team_missing" in listed.stderr
 
 
+@pytest.mark.subprocess
 def test_a_team_without_baselines_gets_one_line_naming_the_command_that_writes_them(tmp_path):
     (tmp_path / "test_perf.py").write_text("from fluxgate.plugin import matrix_test\n\n\n@matrix_test\n"
                                            "def test_combo(combo, judge):\n    judge(combo)\n")

@@ -292,6 +292,7 @@ def test_images_of_all_but_the_newest_runs_are_pruned_and_their_records_stay(loc
     assert store.prune_images(keep_runs=2, min_age_s=0) == []
 
 
+@pytest.mark.subprocess
 def test_a_history_url_is_used_by_a_pytest_run_and_a_bad_one_is_a_usage_error(s3_endpoint):
     location = f"s3://{BUCKET}/{uuid.uuid4().hex}/history"
     command = [sys.executable, "-m", "pytest", "perf", "-q", "-p", "no:cacheprovider", "-m", "not faults",

@@ -166,6 +166,7 @@ def _perf(tmp_path: Path, combo: str, kind: str, *args: str) -> subprocess.Compl
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.subprocess
 def test_a_whole_perf_run_breaks_exactly_the_named_combo(tmp_path):
     done = _perf(tmp_path, "flux1-dev[nvfp4]", "swapped-nibbles", "--baselines-dir", str(copy_baselines(tmp_path)),
                  "--models", "flux1-dev", "--precisions", "bf16,nvfp4", "--history-gate", "off")

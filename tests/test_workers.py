@@ -69,6 +69,7 @@ def test_each_worker_share_is_the_shard_of_the_same_number():
             shard(selected, i, count) for i in range(1, count + 1)]
 
 
+@pytest.mark.subprocess
 def test_two_workers_run_on_their_own_devices_and_leave_one_merged_run(tmp_path):
     history = tmp_path / "history"
     # Fake GPU list: on this CPU machine the pin shows only in each worker's fingerprint.
