@@ -1,6 +1,7 @@
 """Shared fixtures: pytester for the plugin tests, and the tiny FLUX.1 pipeline several modules measure; a line per
 test file as its last test ends (the suite takes minutes: dots alone do not say where it is)."""
 
+import os
 import time
 from collections import Counter
 
@@ -21,6 +22,10 @@ from fluxgate.precisions import PRECISIONS
 from fluxgate.weights.tiny import TinySource
 
 pytest_plugins = ["pytester"]
+
+# The many `python -m pytest perf ...` runs the tests start import torch and diffusers each (~4 s of CPU); hypothesis's
+# pytest plugin adds ~1 s more to each and none of them uses it (this process keeps it: it is loaded already).
+os.environ["PYTEST_ADDOPTS"] = " ".join(filter(None, [os.environ.get("PYTEST_ADDOPTS"), "-p no:hypothesispytest"]))
 
 for _model in MODELS.values():
     _model.builder  # noqa: B018 - imported for the reason above
