@@ -120,7 +120,9 @@ def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:
             requirement]
 
 
-TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test,torchao]"],
+# Not torchao: diffusers imports it with every `import diffusers` once installed (~0.3 s and four lines of chatter per
+# process), and it cannot run on a CPU (the `@torchao` items skip naming the package instead of torchao's reason).
+TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test]"],
                                         _pure_python_wheel(TORCH_ENV, "comfy")])
 LIGHT_ENV = SharedEnv("light", lambda: [_light_requirements(), ["--no-deps", "-e", "."]])
 

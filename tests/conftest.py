@@ -23,10 +23,6 @@ from fluxgate.weights.tiny import TinySource
 
 pytest_plugins = ["pytester"]
 
-# The many `python -m pytest perf ...` runs the tests start import torch and diffusers each (~4 s of CPU); hypothesis's
-# pytest plugin adds ~1 s more to each and none of them uses it (this process keeps it: it is loaded already).
-os.environ["PYTEST_ADDOPTS"] = " ".join(filter(None, [os.environ.get("PYTEST_ADDOPTS"), "-p no:hypothesispytest"]))
-
 for _model in MODELS.values():
     _model.builder  # noqa: B018 - imported for the reason above
 for _precision in PRECISIONS.values():
@@ -99,6 +95,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The many `python -m pytest perf ...` runs the tests start import torch and diffusers each (~4 s of CPU);
+    # hypothesis's pytest plugin adds ~1 s more to each and none of them uses it. Set here, where the tests run (a
+    # worker, or a run without xdist), not in an xdist controller: its workers, started after this, need the plugin.
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        os.environ["PYTEST_ADDOPTS"] = " ".join(
+            filter(None, [os.environ.get("PYTEST_ADDOPTS"), "-p no:hypothesispytest"]))
     # xdist hands out whole files (--dist loadfile) in the order above only without its own reordering, which puts
     # the files with the most tests first (by count, not by time: the two venv-building files would start last).
     if hasattr(config.option, "loadscopereorder"):
