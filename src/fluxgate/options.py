@@ -158,7 +158,7 @@ _option("--steps", type=_count(1), default=None, metavar="N",
 _option("--model-steps", type=model_steps, default=None, metavar="MODEL=N[,MODEL=N...]",
         help="denoising steps per model, over --steps (e.g. flux1-dev=6,flux2-dev=4; makes baselines made at "
              "other steps stale): the PR pass's steps (`fluxgate ab`), and a one-sided run that writes the "
-             "references it judges at them (--write-baselines --baselines-dir baselines/pr-steps)")
+             "references `fluxgate ab --references-dir` judges at them (--write-baselines --baselines-dir DIR)")
 _option("--warmup-steps", type=_count(0), default=1, metavar="N",
         help="steps of the untimed warm-up image made before a combo's timed images [default: 1]")
 _option("--telemetry-interval-ms", type=_amount(positive=False), default=100.0, metavar="MS",
