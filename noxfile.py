@@ -108,7 +108,6 @@ class SharedEnv:
         return session.run(python, *args, env=env, external=True, **kwargs)
 
 
-# FLUXGATE_TORCH may carry pip options, e.g. an --index-url
 def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:
     """pip arguments installing the package of pyproject.toml's `extra` into `env` from its pure-Python wheel. For
     comfy-kitchen (the `comfy` backend, exercised on CPU by the tests): the platform wheel pip would pick carries
@@ -120,10 +119,18 @@ def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:
             requirement]
 
 
-# Not torchao: diffusers imports it with every `import diffusers` once installed (~0.3 s and four lines of chatter per
-# process), and it cannot run on a CPU (the `@torchao` items skip naming the package instead of torchao's reason).
-TORCH_ENV = SharedEnv("torch", lambda: [shlex.split(TORCH), ["-e", ".[test]"],
-                                        _pure_python_wheel(TORCH_ENV, "comfy")])
+def _torch_installs() -> list[list[str]]:
+    """The torch environment's pip calls. A CUDA torch build (FLUXGATE_TORCH=torch==...+cu130 on GPU runners): the
+    served-path backends as users install them, comfy-kitchen's platform wheel (its CUDA kernels run with a CUDA 13
+    torch) and torchao. A CPU build: comfy-kitchen's pure-Python wheel and no torchao, which cannot run on a CPU and
+    which diffusers would import with every `import diffusers` (~0.3 s and four lines of chatter per process)."""
+    if re.search(r"\+cu\d+", TORCH):
+        return [shlex.split(TORCH), ["-e", ".[test,comfy,torchao]"]]
+    return [shlex.split(TORCH), ["-e", ".[test]"], _pure_python_wheel(TORCH_ENV, "comfy")]
+
+
+# FLUXGATE_TORCH may carry pip options, e.g. an --index-url
+TORCH_ENV = SharedEnv("torch", _torch_installs)
 LIGHT_ENV = SharedEnv("light", lambda: [_light_requirements(), ["--no-deps", "-e", "."]])
 
 

@@ -594,7 +594,8 @@ def test_inject_slow_takes_a_list_each_combo_once_and_the_card_finds_each_combos
     options = ab._options(["--base-tree", ".", "--inject-slow",
                            "flux1-dev[bf16]:0.02:stall5, flux2-dev[fp8-scaled]:0.03:host"])
     assert options.inject_slow == [("flux1-dev[bf16]", 0.02, "stall5"), ("flux2-dev[fp8-scaled]", 0.03, "host")]
-    for bad in ("flux1-dev[bf16]:0.02,flux1-dev[bf16]:0.03", "*:0.02,flux1-dev[bf16]:0.02", "flux1-dev[bf16]:0.02:odd"):
+    for bad in ("flux1-dev[bf16]:0.02,flux1-dev[bf16]:0.03", "*:0.02,flux1-dev[bf16]:0.02", "flux1-dev[bf16]:0.02:odd",
+                "flux1-dev[bf16]", "flux1-dev[bf16]:0.02,", "flux1-dev[bf16]:nan", "flux1-dev[bf16]:-1"):
         with pytest.raises(SystemExit):
             ab._options(["--base-tree", ".", "--inject-slow", bad])
     plan = {"plan": [{"combo": "flux1-dev[bf16]", "fraction": 0.02, "shape": "stall5"}]}

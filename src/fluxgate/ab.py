@@ -242,10 +242,15 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
 
     plan = []
     for part in text.split(","):
-        combo, fraction, shape = (part.strip().split(":") + ["steps"])[:3]
+        fields = part.strip().split(":")
+        if len(fields) not in (2, 3):
+            raise ValueError(f"--inject-slow {part!r}: want COMBO:FRACTION[:SHAPE]")
+        combo, fraction, shape = (fields + ["steps"])[:3]
         if not (shape in INJECTED_SHAPES or re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape)):
             raise ValueError(f"--inject-slow {part!r}: SHAPE {shape!r} is none of {', '.join(INJECTED_SHAPES)}, "
                              "stallK (K >= 2)")
+        if not (0 <= float(fraction) < 10):  # also refuses nan
+            raise ValueError(f"--inject-slow {part!r}: FRACTION {fraction} is not a fraction of the loop (0 to 10)")
         plan.append((combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape))
     combos = [combo for combo, _, _ in plan]
     if len(set(combos)) < len(combos) or ("*" in combos and len(combos) > 1):

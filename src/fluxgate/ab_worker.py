@@ -143,24 +143,35 @@ class Worker:
         from pathlib import Path
 
         from fluxgate import gate
+        from fluxgate.errors import BaselineError
         from fluxgate.judging import baselines
 
         if self.held is None:
             raise RuntimeError("no combo loaded: send {'op': 'load'} first")
         combo, runner = self.held.combo, self.runner
-        loaded_steps, runner.steps = runner.steps, steps  # None: the model's own
-        try:
-            settings = runner.settings(combo.model_spec)
-        finally:
-            runner.steps = loaded_steps
+
+        def settings_at(at: int | None) -> dict:
+            loaded_steps, runner.steps = runner.steps, at  # None: the model's own
+            try:
+                return runner.settings(combo.model_spec)
+            finally:
+                runner.steps = loaded_steps
+
         # the baseline first: a missing or stale one is said before a minute of images is spent
-        gpu_class = self.hello["gpu_class"]
+        gpu_class, environment, notes = self.hello["gpu_class"], self.hello["environment"], []
+        settings = settings_at(steps)
+        baseline = None
         if references_dir:  # references made at `steps`; the speed and memory limits stay the class's
-            baseline = baselines.with_class_limits(
-                baselines.load(Path(references_dir), gpu_class, combo, settings, self.hello["environment"]),
-                Path(baselines_dir), gpu_class, combo)
-        else:
-            baseline = baselines.load(Path(baselines_dir), gpu_class, combo, settings, self.hello["environment"])
+            try:
+                baseline = baselines.with_class_limits(
+                    baselines.load(Path(references_dir), gpu_class, combo, settings, environment),
+                    Path(baselines_dir), gpu_class, combo)
+            except BaselineError as error:  # e.g. a combo, case or setting the PR changed: its own references
+                notes.append(f"references at {settings['steps']} steps not usable ({error}): judged at the "
+                             "model's own steps")
+                settings = settings_at(None)
+        if baseline is None:
+            baseline = baselines.load(Path(baselines_dir), gpu_class, combo, settings, environment)
         try:
             result = self.held.images(len(self.held.cases), steps=settings["steps"])
         except BaseException as error:
@@ -185,7 +196,7 @@ class Worker:
         not_judged = [] if self.device.type != "cuda" else None  # a busy CPU's speed is not judged (gate.py)
         failures = [f"broken image: {problem}" for problem in broken] + gate.limit_failures(
             pooled, summary, baseline, f'["{combo.model}"."{combo.variant}"]', not_judged)
-        return {"ok": True, "failures": failures, "not_judged": not_judged or [], "metrics": metrics,
+        return {"ok": True, "failures": failures, "not_judged": [*notes, *(not_judged or [])], "metrics": metrics,
                 "images": images, "steps": settings["steps"],
                 "thresholds": dataclasses.asdict(baseline.thresholds), "settings": settings}
 

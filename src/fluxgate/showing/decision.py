@@ -125,14 +125,22 @@ class Row:
 
     @property
     def path(self) -> str:
-        """How the combo ran: runtime x backend (`eager, diffusers`, `compile, comfy`)."""
+        """How the combo ran: runtime x backend (`eager, diffusers`, `compile, comfy`); a precision or backend this
+        installation does not register (a team plugin's, in history) by its name alone."""
         combo = Combo.parse(self.combo)
-        return f"{combo.runtime}, {combo.precision_spec.backend}"
+        try:
+            backend = combo.precision_spec.backend
+        except KeyError:
+            backend = combo.backend or "its default backend"
+        return f"{combo.runtime}, {backend}"
 
     @property
     def tier(self) -> str:
-        """The precision's quality tier (`reference`, `8bit`, `4bit`)."""
-        return Combo.parse(self.combo).precision_spec.tier
+        """The precision's quality tier (`reference`, `8bit`, `4bit`; `?` for one not registered here)."""
+        try:
+            return Combo.parse(self.combo).precision_spec.tier
+        except KeyError:
+            return "?"
 
     def quality_text(self) -> str:
         psnr = "inf" if self.psnr_db is None else f"{self.psnr_db:.1f} dB"
