@@ -28,7 +28,7 @@ import comfy_kitchen
 from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout
 
 from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
-from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat
+from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat, swap_layers
 
 LAYOUT = "TensorCoreFP8Layout"  # comfy-kitchen's registered name of its per-tensor FP8 layout
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -82,11 +82,7 @@ def _disable_cuda_backend_below_cuda13() -> None:
 def to_comfy(transformer: torch.nn.Module) -> torch.nn.Module:
     """Swap every fp8-scaled linear of `transformer` for a `ComfyFP8Linear`, in place."""
     _disable_cuda_backend_below_cuda13()
-    for parent in list(transformer.modules()):
-        for name, child in list(parent.named_children()):
-            if FP8R.quantized(child):
-                setattr(parent, name, ComfyFP8Linear.from_fp8r(child, DTYPE))
-    return transformer
+    return swap_layers(transformer, FP8R.quantized, lambda layer: ComfyFP8Linear.from_fp8r(layer, DTYPE))
 
 
 def unavailable(device: torch.device) -> str | None:

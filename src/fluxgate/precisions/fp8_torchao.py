@@ -25,7 +25,7 @@ import torch
 from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8Tensor, PerRow, quantize_
 
 from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
-from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat
+from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat, swap_layers
 
 FP8_ROWWISE_GEMM = "fp8 GEMM per-row, fast accum (torchao _scaled_mm)"
 GEMM_OPS = ("aten::_scaled_mm", "mslk::f8f8bf16_rowwise")  # torchao 0.18 float8_tensor.py `_float8_linear_impl`
@@ -52,11 +52,7 @@ def _as_torchao(layer: torch.nn.Module) -> torch.nn.Linear:
 
 def to_torchao(transformer: torch.nn.Module) -> torch.nn.Module:
     """Swap every fp8-scaled linear of `transformer` for a torchao-quantized `nn.Linear`, in place."""
-    for parent in list(transformer.modules()):
-        for name, child in list(parent.named_children()):
-            if FP8R.quantized(child):
-                setattr(parent, name, _as_torchao(child))
-    return transformer
+    return swap_layers(transformer, FP8R.quantized, _as_torchao)
 
 
 def is_quantized(module: torch.nn.Module) -> bool:

@@ -23,7 +23,7 @@ import torch
 from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLNVFP4Linear, dequantize_nvfp4, quantize_fp8r
 
 from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
-from fluxgate.precisions.spec import DTYPE, PrecisionFormat
+from fluxgate.precisions.spec import DTYPE, PrecisionFormat, swap_layers
 
 
 def _as_fp8r(layer: BFLNVFP4Linear) -> BFLFP8RLinear:
@@ -42,11 +42,7 @@ def _as_fp8r(layer: BFLNVFP4Linear) -> BFLFP8RLinear:
 
 def to_fp8(transformer: torch.nn.Module) -> torch.nn.Module:
     """Swap every `BFLNVFP4Linear` of `transformer` for a `BFLFP8RLinear`, in place, one layer at a time."""
-    for parent in list(transformer.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, BFLNVFP4Linear):
-                setattr(parent, name, _as_fp8r(child))
-    return transformer
+    return swap_layers(transformer, lambda layer: isinstance(layer, BFLNVFP4Linear), _as_fp8r)
 
 
 FORMAT = PrecisionFormat(transform=to_fp8, quantized_layer=BFLFP8RLinear, fast_gemm=FP8R.fast_gemm)

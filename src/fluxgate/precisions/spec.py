@@ -73,6 +73,17 @@ class PrecisionFormat:
         return self.quantized_layer is not None or self.is_quantized is not None
 
 
+def swap_layers(module: torch.nn.Module, is_layer: Callable[[torch.nn.Module], bool],
+                replacement: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    """Replace every submodule of `module` for which `is_layer` holds by `replacement(it)`, in place, one at a time
+    (a backend's `transform`: the quantized layers of the loaded file swapped for its own); returns `module`."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if is_layer(child):
+                setattr(parent, name, replacement(child))
+    return module
+
+
 def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:
     """The first of the named tensors holding NaN or infinite values: (name, how many, of how many), else None.
     Floating-point tensors only (fp8 included, counted through float32); GGUF's packed blocks are not floats."""
