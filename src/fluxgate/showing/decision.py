@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tomllib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -103,8 +103,8 @@ class Row:
     passed: bool
     failures: list[str]
     usd_per_1000: float | None = None
-    speedup: float | None = None  # it/s against `speedup_against` (BF16 of the same runtime where measured)
-    speedup_against: str = ""  # the BF16 combo of the same model and GPU class the speedup divides by, e.g. "bf16-compile"
+    speedup: float | None = None  # it/s against `speedup_base`'s
+    speedup_base: "Row | None" = field(default=None, compare=False, repr=False)  # the BF16 row it divides by
     frontier: bool = False
     quality_ok: bool = False
     fits: bool = True
@@ -122,6 +122,11 @@ class Row:
     @property
     def is_reference(self) -> bool:
         return Combo.parse(self.combo).is_reference
+
+    @property
+    def speedup_against(self) -> str:
+        """The variant of the BF16 combo the speedup divides by (`bf16-compile`), "" without one."""
+        return Combo.parse(self.speedup_base.combo).variant if self.speedup_base else ""
 
     @property
     def path(self) -> str:
@@ -204,7 +209,8 @@ def _recommendation(rec: Row | None, ref: Row | None, rows: list[Row], settings:
     if rec.usd_per_1000 is not None and ref.usd_per_1000:
         saving = (f", ${ref.usd_per_1000 - rec.usd_per_1000:.2f} less per 1000 images "
                   f"({100 * (1 - rec.usd_per_1000 / ref.usd_per_1000):.0f} % cheaper)")
-    same = "" if rec.speedup_against in ("", "bf16") else f" ({rec.speedup:.2f}× `{rec.speedup_against}`, the same runtime)"
+    same = ("" if rec.speedup_against in ("", "bf16")
+            else f" ({rec.speedup:.2f}× `{rec.speedup_against}`, the same runtime)")
     return (text + f": {rec.it_s / ref.it_s:.2f}× BF16 eager's speed{same}, {rec.peak_gib - ref.peak_gib:+.1f} GiB "
             f"VRAM{saving}.")
 
@@ -234,7 +240,7 @@ def decide(records: list[Record], settings: Settings, references: dict[tuple[str
             row.usd_per_1000 = None if price is None else row.seconds_per_image * price / 3.6
             against = bf16.get(Combo.parse(row.combo).runtime) or bf16.get("eager")
             if against is not None:
-                row.speedup, row.speedup_against = row.it_s / against.it_s, Combo.parse(against.combo).variant
+                row.speedup, row.speedup_base = row.it_s / against.it_s, against
             row.quality_ok = _meets(row, floor)
             row.fits = settings.vram_budget_gib is None or row.peak_gib <= settings.vram_budget_gib
         if reference is not None and reference.usd_per_1000 is None and price is not None:
@@ -255,7 +261,7 @@ def _speedup_text(row: Row) -> str:
     if row.speedup is None:
         return "-"
     runtime = Combo.parse(row.combo).runtime
-    base = Combo.parse(f"x[{row.speedup_against}]").runtime if row.speedup_against else runtime
+    base = Combo.parse(row.speedup_base.combo).runtime if row.speedup_base else runtime
     return f"{row.speedup:.2f}" + ("" if base == runtime else f" (vs `{row.speedup_against}`: no {runtime} BF16)")
 
 
