@@ -138,6 +138,16 @@ def test_quality_outside_the_tier_fails_unless_the_combo_was_measured_below_it()
     stated = by_kind(tradeoff_checks.check([bf16, worse], below))["quality"]
     assert stated.status == tradeoffs.NOT_CHECKED and "below the 8bit tier's 0.995, as measured" in stated.message
 
+    # the PR pass's images at fewer steps, judged by references made at them: the tier (measured at the model's own
+    # steps) is not applied to them, saying what judged them; memory and speed still are
+    elsewhere = {worse.combo: "images at 6 steps, judged by the similarity limits of the references made at them"}
+    verdicts = by_kind(tradeoff_checks.check([bf16, worse], table, quality_judged_by=elsewhere))
+    assert verdicts["quality"].status == tradeoffs.NOT_CHECKED and "images at 6 steps" in verdicts["quality"].message
+    assert verdicts["memory"].status == verdicts["speed"].status == tradeoffs.PASSED
+    lines = tradeoff_checks.summary_lines(Path("t.toml"), tradeoff_checks.check([bf16, worse], table,
+                                                                                quality_judged_by=elsewhere))
+    assert f"NOT CHECKED {worse.combo} quality: not checked here: images at 6 steps, judged" in "\n".join(lines)
+
 
 def test_refusals():
     with pytest.raises(ValueError, match="no run measured a quantized combo together with its model's bf16"):

@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides.values():
             side.close()
         shutil.rmtree(site, ignore_errors=True)
-    tradeoffs, traded_off = _tradeoffs(store, writers.get(CANDIDATE), options)
+    tradeoffs, traded_off = _tradeoffs(store, writers.get(CANDIDATE), options, _quality_judged_by(results))
     wall_s = time.monotonic() - started
     for line in ab_table.table(results):
         print(line)
@@ -414,7 +414,7 @@ def phase_line(results: list, wall_s: float, setup_s: float) -> str:
             f"{rest:.0f} s (of {wall_s:.0f} s)")
 
 
-def _tradeoffs(store, writer, options) -> tuple[list[str], int]:
+def _tradeoffs(store, writer, options, quality_judged_by: dict[str, str]) -> tuple[list[str], int]:
     """The candidate's trade-offs against BF16 of the same run (`judging.tradeoff_checks`), as a one-sided run checks
     them at its end: (its summary lines, how many failed); nothing with `--limits off` or without a class file that
     has trade-offs."""
@@ -422,8 +422,19 @@ def _tradeoffs(store, writer, options) -> tuple[list[str], int]:
         return [], 0
     from fluxgate.judging import tradeoff_checks
 
-    lines, failed, problem = tradeoff_checks.check_stored(store, writer.run_id, options.baselines_dir)
+    lines, failed, problem = tradeoff_checks.check_stored(store, writer.run_id, options.baselines_dir,
+                                                          quality_judged_by)
     return ([problem] if problem else lines), failed
+
+
+def _quality_judged_by(results: list) -> dict[str, str]:
+    """Combos whose cases were judged at the blocks' steps against --references-dir (the worker's `judge` says which
+    folder it used): their quality trade-off (the class's tiers and noise floor, measured at the model's own steps)
+    is left to those references' similarity limits, measured at the same steps."""
+    return {result.combo: f"images at {result.judged['steps']} steps, judged by the similarity limits of the "
+                          f"references made at them ({result.judged['references']}); the trade-off's tier was "
+                          "measured at the model's own steps"
+            for result in results if (getattr(result, "judged", None) or {}).get("references")}
 
 
 def _describe(hello: dict) -> str:

@@ -198,6 +198,7 @@ class Worker:
             pooled, summary, baseline, f'["{combo.model}"."{combo.variant}"]', not_judged)
         return {"ok": True, "failures": failures, "not_judged": [*notes, *(not_judged or [])], "metrics": metrics,
                 "images": images, "steps": settings["steps"],
+                "references": str(baseline.folder) if references_dir and baseline.limits_folder else None,
                 "thresholds": dataclasses.asdict(baseline.thresholds), "settings": settings}
 
     def _unload_after(self, error: BaseException) -> None:

@@ -48,12 +48,15 @@ class TradeoffVerdict:
         return self.status == FAILED
 
 
-def check(run_records: Iterable[Record], thresholds_table: Mapping,
-          source: str = "thresholds.toml") -> list[TradeoffVerdict]:
+def check(run_records: Iterable[Record], thresholds_table: Mapping, source: str = "thresholds.toml",
+          quality_judged_by: Mapping[str, str] | None = None) -> list[TradeoffVerdict]:
     """The trade-off verdicts of one run's records against `thresholds_table` (a parsed thresholds.toml; `source`
     names it in messages), sorted by combo and kind: every quantized combo of the run, and every combo with a
     trade-off entry whose model's bf16 combo (same runtime) is in the run. A failed record is still a measurement
-    and is checked; an error or skipped record is not."""
+    and is checked; an error or skipped record is not.
+    `quality_judged_by`: combo id -> what judged its images instead (the PR pass's images at fewer steps than the
+    table's tiers and noise floor were measured at: their own references' similarity limits); that combo's quality
+    trade-off is not checked, saying so, while its memory and speed ratios (per step, whatever the steps) are."""
     from fluxgate.matrix import Combo
 
     by_combo = {record.combo: record for record in run_records if record.outcome != REMEASURE}
@@ -93,7 +96,10 @@ def check(run_records: Iterable[Record], thresholds_table: Mapping,
         else:
             verdicts.append(_check_memory(combo_id, quantized, bf16, entry, f"{key}.max_mem_ratio in {source}"))
             verdicts.append(_check_speed(combo_id, quantized, bf16, entry, key, source))
-        verdicts.append(_check_quality(combo_id, combo, quantized, entry, thresholds_table, key, source))
+        if combo_id in (quality_judged_by or {}):
+            verdict(QUALITY, NOT_CHECKED, f"not checked here: {quality_judged_by[combo_id]}")
+        else:
+            verdicts.append(_check_quality(combo_id, combo, quantized, entry, thresholds_table, key, source))
     return verdicts
 
 
@@ -191,7 +197,8 @@ def _check_quality(combo_id: str, combo, quantized: Record, entry: Mapping, tabl
                            f"tier's budget ([similarity.{tier}].min_ms_ssim in {source}; {key} measured it inside)")
 
 
-def check_run(run_records: list[Record], baselines_dir: Path) -> tuple[Path, list[TradeoffVerdict]] | None:
+def check_run(run_records: list[Record], baselines_dir: Path,
+              quality_judged_by: Mapping[str, str] | None = None) -> tuple[Path, list[TradeoffVerdict]] | None:
     """`check` of one run's records against its class's `baselines_dir/<class>/thresholds.toml`: the file and the
     verdicts; None when the run spans no single class, or the file is missing, unreadable or holds no trade-offs
     (the combos already failed naming a missing or broken file)."""
@@ -205,7 +212,7 @@ def check_run(run_records: list[Record], baselines_dir: Path) -> tuple[Path, lis
         return None
     if not table.get("tradeoffs"):
         return None
-    return path, check(run_records, table, source=str(path))
+    return path, check(run_records, table, source=str(path), quality_judged_by=quality_judged_by)
 
 
 def summary_lines(path: Path, verdicts: list[TradeoffVerdict]) -> list[str]:
@@ -218,18 +225,24 @@ def summary_lines(path: Path, verdicts: list[TradeoffVerdict]) -> list[str]:
              + (", ".join(f"{n} {status}" for status, n in counts.items() if n) or "none in this run")]
     lines += [f"CHECK {v.message}" for v in verdicts if v.status == CHANGED]
     lines += [f"FAIL {v.message}" for v in verdicts if v.failed]
-    lines += [f"NOT CHECKED {v.message}" for v in verdicts if v.status == NOT_CHECKED]
+    # one line per reason: a reason shared by several combos (a model judged elsewhere) names them together
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for v in verdicts:
+        if v.status == NOT_CHECKED:
+            reasons.setdefault((v.kind, v.message.removeprefix(f"{v.combo} {v.kind}: ")), []).append(v.combo)
+    lines += [f"NOT CHECKED {', '.join(combos)} {kind}: {reason}" for (kind, reason), combos in reasons.items()]
     return lines
 
 
-def check_stored(store, run_id: str, baselines_dir: Path) -> tuple[list[str], int, str | None]:
+def check_stored(store, run_id: str, baselines_dir: Path,
+                 quality_judged_by: Mapping[str, str] | None = None) -> tuple[list[str], int, str | None]:
     """`check_run` of run `run_id` read back from `store` (a HistoryStore): (its `summary_lines`, how many failed,
     None); ([], 0, None) when the run has nothing to check; ([], 0, "trade-offs against bf16 not checked (...)"),
     never an exception, when it cannot be read or checked (the run's end must still print its summary)."""
     from fluxgate.errors import FluxgateError
 
     try:
-        checked = check_run(store.load_run(run_id), baselines_dir)
+        checked = check_run(store.load_run(run_id), baselines_dir, quality_judged_by)
     except (OSError, ValueError, TypeError, FluxgateError) as error:
         return [], 0, f"trade-offs against bf16 not checked ({type(error).__name__}: {error})"
     if checked is None:
