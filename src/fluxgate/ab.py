@@ -258,6 +258,26 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
     return plan
 
 
+def start_sides(wanted: dict[str, tuple]) -> dict[str, Side]:
+    """Each side's worker (name -> (tree, python, config)), started at once: each imports torch and its tree's
+    fluxgate, some seconds each. Raises the first side's SideError, the others closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        futures = {name: pool.submit(Side, name, *arguments) for name, arguments in wanted.items()}
+    started, failed = {}, None
+    for name, future in futures.items():
+        try:
+            started[name] = future.result()
+        except SideError as error:
+            failed = failed or error
+    if failed is not None:
+        for side in started.values():
+            side.close()
+        raise failed
+    return started
+
+
 def judge_steps(options: argparse.Namespace, gpu_class: str, model: str) -> tuple[int | None, Path | None, str]:
     """How the candidate's case images of `model` are judged: (steps, references folder, a note). At the blocks'
     steps (--model-steps, else --steps) against --references-dir when its references of the class were made at them,
@@ -300,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--envs-dir", options.envs_dir)]
                                + ([("--summary-out", options.summary_out.parent)] if options.summary_out else []))
         trees, configs, pythons = prepare(options, site)
+        sides.update(start_sides({name: (trees[name], pythons[name], configs[name]) for name in (BASE, CANDIDATE)}))
         for name in (BASE, CANDIDATE):
-            sides[name] = Side(name, trees[name], pythons[name], configs[name])
             if sides[name].hello.get("hooks"):
                 print(f"{name} side: hooks {', '.join(sides[name].hello['hooks'])}", file=sys.stderr, flush=True)
         device_type = sides[BASE].hello["device"].split(":")[0]

@@ -38,14 +38,15 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
     which the whole image is judged; `judge_steps`: the steps of the candidate's case images (None: the model's
     own), against the references under `references_dir` (made at them) when given. Returns the result and each side's image settings. Raises SideError."""
     base = sides[BASE]
-    alternating, settings = False, {}
+    alternating, settings, cases = False, {}, {}
     phases = {"load_s": 0.0, "blocks_s": 0.0, "judge_s": 0.0, "release_s": 0.0}
 
     def load(side: str, phase: str | None = "load_s") -> None:
         started = time.monotonic()
         message = {"op": "load", "combo": combo.id, **({"steps": steps} if steps else {})}
         try:
-            settings[side] = sides[side].ask(message)["settings"]
+            answer = sides[side].ask(message)
+            settings[side], cases[side] = answer["settings"], answer.get("cases")
         finally:
             if phase:  # a load inside a block is the block's time
                 phases[phase] += time.monotonic() - started
@@ -61,20 +62,29 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
     print(f"  {combo.id}: loaded in {phases['load_s']:.1f} s" + (" (alternating)" if alternating else ""),
           file=sys.stderr, flush=True)
 
-    judging_s = [0.0]  # the candidate's judging to come: its cases' images at the model's steps, estimated
+    # Block k makes case k (in turn) on both sides, when both make any case on request (a base from before makes the
+    # first only): the candidate's block images are then its judged case images at the blocks' steps.
+    cycle = cases[BASE] if cases[BASE] and cases[BASE] == cases[CANDIDATE] else None
+    made = {BASE: 0, CANDIDATE: 0}
+    judging_s = [0.0]  # the candidate's judging to come: its cases' images the blocks did not make, estimated
 
     def image(side: str) -> dict:
+        message = {"op": "image", **({"case": made[side] % len(cycle)} if cycle else {})}
+        made[side] += 1
         if not alternating:
-            answer = sides[side].ask({"op": "image"})
+            answer = sides[side].ask(message)
         else:
             load(side, phase=None)
             try:
-                answer = sides[side].ask({"op": "image"})
+                answer = sides[side].ask(message)
             finally:
                 sides[side].ask({"op": "unload"})
         if side == CANDIDATE and baselines_dir is not None:
             whole = interleave.image_s(answer, judge_steps or image_steps)
-            judging_s[0] = len(settings[CANDIDATE].get("cases") or [None]) * (whole or 0.0)
+            count = len(settings[CANDIDATE].get("cases") or [None])
+            at_block_steps = cycle and judge_steps is not None and judge_steps == settings[CANDIDATE].get("steps")
+            left = max(0, count - made[side]) if at_block_steps else count
+            judging_s[0] = left * (whole or 0.0)
         return answer
 
     try:
@@ -119,9 +129,10 @@ def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path,
         result.limits_note = "not judged"
         return
     result.judged, result.limit_failures = judged, list(judged["failures"])
-    result.limits_note = (f"{len(judged['metrics'].get('cases') or [])} case image(s) at {judged['steps']} steps "
-                          f"against the BF16 references, fixed limits on every candidate image: "
-                          f"{time.monotonic() - started:.1f} s")
+    count, made = len(judged['metrics'].get('cases') or []), judged.get("made")
+    source = "" if made is None or made == count else f" ({count - made} from the blocks, {made} made to judge)"
+    result.limits_note = (f"{count} case image(s) at {judged['steps']} steps{source} against the BF16 references, "
+                          f"fixed limits on every candidate image: {time.monotonic() - started:.1f} s")
 
 
 def keep_images(result: interleave.ComboResult, writer) -> None:

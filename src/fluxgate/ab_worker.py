@@ -17,16 +17,21 @@ their `pytest_fluxgate_prepare_pipeline`, and answers:
             "environment": fingerprint (with what the side's `pytest_fluxgate_environment` hooks add),
             "hooks": ["module:attribute [origin]", ...]}
     {"op": "load", "combo": "flux1-dev[bf16]", "steps": N (optional: this combo's denoising steps, over the
-     config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None}
-    {"op": "image"}   -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB,
-                          "mem_kind", "e2e_s": s, "png": bytes}
+     config's)}  -> {"ok": True, "settings": {...}, "compile_s": s | None, "cases": [name...] (a side that makes
+                     any case on request; absent: the first case only, a tree from before)}
+    {"op": "image", "case": K (optional: the case number, 0-based, of the load's "cases"; default 0)}
+        -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB, "mem_kind",
+            "e2e_s": s, "png": bytes, "case": name}
     {"op": "judge", "baselines_dir": dir, "steps": N (optional; default: the model's own),
      "references_dir": dir (optional: references made at `steps`, with their similarity limits)}
         -> {"ok": True, "failures": [line...], "not_judged": [line...], "metrics": {ms_ssim, psnr_db, cases, ...},
-            "thresholds": {...}, "images": {name: png bytes}, "steps": N, "settings": {...}}
+            "thresholds": {...}, "images": {name: png bytes}, "steps": N, "references": dir | None,
+            "made": N (images made for judging), "settings": {...}}
         the loaded combo judged as a one-sided run judges it (`fluxgate.gate`): one image per case at `steps` against
         the stored BF16 references under `<references_dir or baselines_dir>/<gpu class>` (similarity limits and the
-        broken-image tripwire), and the fixed speed and memory limits of `<baselines_dir>/<gpu class>` on every image it made since its load (the blocks' and these), pooled
+        broken-image tripwire), and the fixed speed and memory limits of `<baselines_dir>/<gpu class>` on every image
+        it made since its load (the blocks' and these), pooled. At the blocks' own steps, each case's first block
+        image is the one judged: only the cases no block made are made (nothing is measured twice)
     {"op": "unload"}  -> {"ok": True, "teardown": {...} | None}
     {"op": "close"}   -> {"ok": True}, and the worker ends
 
@@ -108,35 +113,50 @@ class Worker:
         # (alternating loads reload it for each image): the fixed limits are judged on all of them
         self.made: list[tuple] = []
         self.made_for: str | None = None
+        # case name -> (image, non-finite latent values) of its first image at the blocks' steps, since the load
+        self.case_images: dict = {}
+        self.loaded_steps: int | None = None
+        self.last_result = None  # the newest block image's Measurement
 
     def load(self, combo_id: str, steps: int | None = None) -> dict:
         from fluxgate.matrix import Combo
 
         self.unload()
-        if combo_id != self.made_for:
-            self.made, self.made_for = [], combo_id
+        if combo_id != self.made_for:  # alternating loads reload the same combo for each image: kept across them
+            self.made, self.made_for, self.case_images = [], combo_id, {}
         self.runner.steps = steps or self.steps  # Runner.settings and call_kwargs read it at load
         combo = Combo.parse(combo_id)
         stack = contextlib.ExitStack()
         loaded = getattr(self.runner, "loaded", None) or (lambda combo: _Legacy(self.runner, combo))
         self.held = stack.enter_context(loaded(combo))
         self.stack = stack
-        return {"ok": True, "settings": self.runner.settings(combo.model_spec), "compile_s": self.held.compile_s}
+        settings = self.runner.settings(combo.model_spec)
+        if settings.get("steps") != self.loaded_steps:  # the blocks' case images are of one step count
+            self.case_images = {}
+        self.loaded_steps = settings.get("steps")
+        answer = {"ok": True, "settings": settings, "compile_s": self.held.compile_s}
+        if _takes_first(self.held):
+            answer["cases"] = [case.name for case in self.held.cases]
+        return answer
 
-    def image(self) -> dict:
+    def image(self, case: int = 0) -> dict:
         if self.held is None:
             raise RuntimeError("no combo loaded: send {'op': 'load'} first")
         try:
-            result = self.held.images(1)
+            result = self.held.images(1, first=case) if case else self.held.images(1)
         except BaseException as error:
             self._unload_after(error)
             raise
         self.made.append((list(result.step_times_s), result.run_wait_s, result.peak_mem_gib))
+        self.last_result = result
+        name = (getattr(result, "case_names", None) or [None])[0]
+        if name is not None and name not in self.case_images:
+            self.case_images[name] = (result.case_images[0], result.case_nonfinite[0])
         png = io.BytesIO()
         result.image.save(png, format="PNG")
         return {"ok": True, "step_times_s": list(result.step_times_s), "first_steps_s": result.first_steps_s,
                 "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
-                "e2e_s": result.e2e_s, "png": png.getvalue()}
+                "e2e_s": result.e2e_s, "png": png.getvalue(), "case": name}
 
     def judge(self, baselines_dir: str, steps: int | None = None, references_dir: str | None = None) -> dict:
         import dataclasses
@@ -172,17 +192,27 @@ class Worker:
                 settings = settings_at(None)
         if baseline is None:
             baseline = baselines.load(Path(baselines_dir), gpu_class, combo, settings, environment)
+        # at the blocks' steps, the blocks' first image of each case is its judged image; the rest are made now
+        names = [case.name for case in self.held.cases]
+        kept = self.case_images if settings["steps"] == self.loaded_steps and _takes_first(self.held) else {}
         try:
-            result = self.held.images(len(self.held.cases), steps=settings["steps"])
+            if kept:
+                made_now = [self.held.images(1, steps=settings["steps"], first=index)
+                            for index, name in enumerate(names) if name not in kept]
+            else:
+                made_now = [self.held.images(len(names), steps=settings["steps"])]
         except BaseException as error:
             self._unload_after(error)
             raise
-        made = [*self.made, (list(result.step_times_s), result.run_wait_s, result.peak_mem_gib)]
+        made = [*self.made, *((list(r.step_times_s), r.run_wait_s, r.peak_mem_gib) for r in made_now)]
+        case_images = {**kept, **{name: (image, nonfinite) for r in made_now
+                                  for name, image, nonfinite in zip(r.case_names, r.case_images, r.case_nonfinite)}}
         waits = [wait for _, wait, _ in made]
         pooled = dataclasses.replace(
-            result, step_times_s=[s for steps, _, _ in made for s in steps],
+            made_now[0] if made_now else self.last_result, step_times_s=[s for steps, _, _ in made for s in steps],
             run_wait_s=None if any(w is None for w in waits) else [s for w in waits for s in w],
             peak_mem_gib=max(peak for _, _, peak in made))
+        result = _Cases(names, [case_images[name][0] for name in names], [case_images[name][1] for name in names])
         images, metrics = {}, {}
 
         def keep(name: str, image) -> str:
@@ -197,7 +227,7 @@ class Worker:
         failures = [f"broken image: {problem}" for problem in broken] + gate.limit_failures(
             pooled, summary, baseline, f'["{combo.model}"."{combo.variant}"]', not_judged)
         return {"ok": True, "failures": failures, "not_judged": [*notes, *(not_judged or [])], "metrics": metrics,
-                "images": images, "steps": settings["steps"],
+                "images": images, "steps": settings["steps"], "made": sum(len(r.case_names) for r in made_now),
                 "references": str(baseline.folder) if references_dir and baseline.limits_folder else None,
                 "thresholds": dataclasses.asdict(baseline.thresholds), "settings": settings}
 
@@ -211,6 +241,23 @@ class Worker:
         if stack is not None:
             stack.close()
         return {"ok": True, "teardown": self.runner.last_teardown}
+
+
+def _takes_first(held) -> bool:
+    """Whether `held.images` makes any case on request (`first`): a tree from before makes the first case only."""
+    import inspect
+
+    try:
+        return "first" in inspect.signature(held.images).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Cases:
+    """The judged images, one per case in the fixture's order, as `gate.judge_cases` reads a Measurement's."""
+
+    def __init__(self, case_names: list, case_images: list, case_nonfinite: list):
+        self.case_names, self.case_images, self.case_nonfinite = case_names, case_images, case_nonfinite
 
 
 class _Legacy:
@@ -307,7 +354,7 @@ def serve(channel) -> None:
             if op == "load":
                 answer = worker.load(message["combo"], message.get("steps"))
             elif op == "image":
-                answer = worker.image()
+                answer = worker.image(int(message.get("case") or 0))
             elif op == "judge":
                 answer = worker.judge(message["baselines_dir"], message.get("steps"), message.get("references_dir"))
             elif op == "unload":

@@ -13,8 +13,8 @@ a sleep; "host" busy-waits on the host on both):
 - `stallK` (e.g. `stall5`): every K-th step of each image, by K times that: a periodic stall or sync;
 - `host`: every step, on the host before the step's end is marked: added host time, which only a host-bound combo
   (its GPU waits for launches) shows; a GPU-bound one hides it behind its queue;
-- `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict);
-  from the image after the one whose first step calibrates the combo;
+- `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict),
+  from the combo's first image on (its first step, ending, calibrates the combo: one wait for the device);
 - `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict).
 
 FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over the three above: several combos, each
@@ -116,6 +116,19 @@ def _step_s(clock) -> float:
     return state["first_step_s"] or 0.0
 
 
+def _first_step_now(clock) -> float:
+    """The combo's first step, ending now (the `first` shape's calibration: a warm-up cost is there from the combo's
+    first image, as a real one would be). Waits for the device once per combo."""
+    if clock.cuda:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        state["first_step_s"] = clock.marks[0].elapsed_time(end) / 1000
+    else:
+        state["first_step_s"] = time.perf_counter() - clock.marks[0]
+    return state["first_step_s"]
+
+
 def _slow_decode(vae) -> None:
     """Wrap the VAE's decode once: the VAE is shared by a model's precisions (`Runner._shared_components`), and a
     wrapper per load would stack their delays."""
@@ -143,8 +156,8 @@ def step_end(self, *args):
             if step >= 2:
                 _spin(DELAY_S, self.cuda)
         elif shape == "first":
-            if step == 1 and step_s:  # each later image's first step (its end event comes after the spin)
-                _spin(fraction * step_s * state["model_steps"], self.cuda)
+            if step == 1:  # every image's first step (its end event comes after the spin), the first one's too
+                _spin(fraction * (step_s or _first_step_now(self)) * state["model_steps"], self.cuda)
         elif step >= 2 and step % every == 0:
             _spin(every * fraction * step_s, self.cuda, host=shape == "host")
     return original_step_end(self, *args)

@@ -167,18 +167,18 @@ class Loaded:
             raise
         return self
 
-    def images(self, count: int = 1, steps: int | None = None) -> measure.Measurement:
-        """`count` timed images, one per case in the fixture's order (again from the first when `count` exceeds the
-        cases), steps pooled, peak memory counted from their start; `steps`: denoising steps of each (None: those it
-        was loaded with). Raises FixtureError for a user's file the pipeline fails with; out of memory surfaces on
-        leaving the block."""
+    def images(self, count: int = 1, steps: int | None = None, first: int = 0) -> measure.Measurement:
+        """`count` timed images, one per case in the fixture's order from case number `first` (0-based; again from
+        the first case after the last), steps pooled, peak memory counted from their start; `steps`: denoising steps
+        of each (None: those it was loaded with). Raises FixtureError for a user's file the pipeline fails with; out
+        of memory surfaces on leaving the block."""
         if self.pipe is None:
             raise RuntimeError(f"{self.combo.id}: images() outside `with runner.loaded(combo)`")
         runner = self.runner
-        calls = [self._calls[index % len(self._calls)] for index in range(count)]
+        calls = [self._calls[(first + index) % len(self._calls)] for index in range(count)]
         if steps is not None:
             calls = [({**kwargs, "num_inference_steps": steps}, seed) for kwargs, seed in calls]
-        names = [self.cases[index % len(self.cases)].name for index in range(count)]
+        names = [self.cases[(first + index) % len(self.cases)].name for index in range(count)]
         with self._user_file_errors():
             result = measure.measure_calls(self.pipe, calls, runner.device, runner.baseline_used_bytes,
                                            runner.telemetry_interval_s)
