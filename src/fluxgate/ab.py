@@ -260,11 +260,15 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
 
 def start_sides(wanted: dict[str, tuple]) -> dict[str, Side]:
     """Each side's worker (name -> (tree, python, config)), started at once: each imports torch and its tree's
-    fluxgate, some seconds each. Raises the first side's SideError, the others closed."""
+    fluxgate, some seconds each; meanwhile this process imports what compares the sides' images (torch,
+    torchmetrics: 15 s on a GPU host, once, which the first block would otherwise carry). Raises the first side's
+    SideError, the others closed."""
+    import importlib
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(wanted)) as pool:
+    with ThreadPoolExecutor(len(wanted) + 1) as pool:
         futures = {name: pool.submit(Side, name, *arguments) for name, arguments in wanted.items()}
+        pool.submit(importlib.import_module, "fluxgate.judging.similarity")
     started, failed = {}, None
     for name, future in futures.items():
         try:
