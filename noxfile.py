@@ -88,13 +88,14 @@ class SharedEnv:
         python, stamp = str(self.location / "bin" / "python"), self.location / "fluxgate-installed.txt"
         installs = self.installs()
         wanted = "\n".join(shlex.join(args) for args in installs) + "\n" + (ROOT / "pyproject.toml").read_text()
+        # run_install: these run with `nox --install-only` too (a runner image made ahead of its jobs)
         if not os.path.exists(python):
-            session.run(sys.executable, "-m", "venv", str(self.location), external=True)
+            session.run_install(sys.executable, "-m", "venv", str(self.location), external=True)
         elif stamp.is_file() and stamp.read_text() == wanted:
             return python
         stamp.unlink(missing_ok=True)  # a half-done install is redone next time
         for args in installs:
-            session.run(python, "-m", "pip", "install", "--quiet", *args, external=True)
+            session.run_install(python, "-m", "pip", "install", "--quiet", *args, external=True)
         stamp.write_text(wanted)
         return python
 
@@ -152,8 +153,8 @@ def _chromium(session: nox.Session) -> None:
         return
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
         apt = {"DEBIAN_FRONTEND": "noninteractive"}
-        session.run("apt-get", "update", "-qq", external=True, env=apt)
-        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env=apt)
+        session.run_install("apt-get", "update", "-qq", external=True, env=apt)
+        session.run_install("apt-get", "install", "-y", "-qq", "chromium", external=True, env=apt)
     else:
         session.warn("no Chromium, and no root to apt-get it: the dashboard's browser check will skip")
 
@@ -201,7 +202,10 @@ def perf_gpu(session: nox.Session) -> None:
     """The PR gate on a CUDA runner: the synthetic matrix, judged against baselines/<gpu-class> and history.
     Fails without CUDA (a runner that lost its driver must not pass PRs); `-- --allow-empty` makes that a skip."""
     probe = "import torch; print(torch.cuda.is_available())"
-    if TORCH_ENV.run(session, "-c", probe, silent=True).strip() != "True":
+    found = TORCH_ENV.run(session, "-c", probe, silent=True)
+    if found is None:  # `nox --install-only`: the environment is made, nothing runs
+        return
+    if found.strip() != "True":
         reason = "no CUDA device visible to torch: perf-gpu gates on a GPU runner (use `nox -s perf` on CPU)"
         if "--allow-empty" in session.posargs:
             session.skip(reason)

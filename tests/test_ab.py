@@ -276,7 +276,7 @@ class FakeSide:
             if self.held - {self.name}:
                 raise SideError(f"{self.name} side: OutOfMemory: ...", oom=True)
             self.held.add(self.name)
-            return {"ok": True, "settings": {"steps": 8}}
+            return {"ok": True, "settings": {"steps": 8}, "cases": ["fox", "harbour"]}
         if op == "unload":
             self.held.discard(self.name)
             return {"ok": True}
@@ -438,6 +438,40 @@ def test_the_injected_side_is_named_in_its_run_and_a_slow_combo_fails_the_summar
     assert summary.startswith("**A/B gate: FAILED (1 combo(s) SLOW or regressed: flux1-dev[bf16])**")
     assert "| `flux1-dev[bf16]` | SLOW | 1.5000 |" in summary
 
+
+
+def test_a_side_that_cannot_start_is_one_line_and_the_side_that_did_start_is_closed(monkeypatch):
+    from fluxgate import ab
+
+    closed = []
+
+    class Started:
+        def __init__(self, name, *args):
+            if name == "candidate":
+                raise RuntimeError("execnet: no such interpreter\n  (details)")
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    monkeypatch.setattr(ab, "Side", Started)
+    with pytest.raises(ab.SideError) as raised:
+        ab.start_sides({"base": (None, None, None), "candidate": (None, None, None)})
+    assert str(raised.value) == "candidate side: cannot start: RuntimeError: execnet: no such interpreter (details)"
+    assert closed == ["base"]
+
+
+def test_only_cases_judged_at_fewer_steps_than_their_model_s_leave_the_quality_trade_off_to_their_references():
+    from types import SimpleNamespace
+
+    from fluxgate import ab
+
+    results = [SimpleNamespace(combo="flux1-dev[fp8-scaled]", judged={"steps": 6, "references": "r/cpu"}),
+               SimpleNamespace(combo="flux1-dev[nvfp4]", judged={"steps": 8, "references": "r/cpu"}),  # its own 8
+               SimpleNamespace(combo="flux2-dev[nvfp4]", judged={"steps": 4, "references": None})]  # fell back
+    judged_by = ab._quality_judged_by(results, "tiny")
+    assert list(judged_by) == ["flux1-dev[fp8-scaled]"]
+    assert judged_by["flux1-dev[fp8-scaled]"].startswith("images at 6 steps (the model's own: 8), judged by the")
 
 def test_an_unknown_injected_shape_is_one_error_line(capsys):
     from fluxgate import ab

@@ -47,11 +47,13 @@ Both sides' records go to --history-dir (a folder or an fsspec URL) as two run f
 "ab_inject": <the injected slowdown, that side only>}; such runs never enter a history window
 (`fluxgate.judging.window.unfit_for_window`).
 
-With --limits on (the default) the same pass judges the candidate as a one-sided run judges it: after a combo's
-blocks, one image per case against the class's stored BF16 references (at the blocks' steps against
---references-dir's when they were made at them, as the PR workflow's are; else at the model's own steps against
---baselines-dir's), the class's fixed speed and memory limits under --baselines-dir on all its images, and at the
-end the trade-offs against BF16.
+With --limits on (the default) the same pass judges the candidate as a one-sided run judges it: one image per case
+against the class's stored BF16 references (at the blocks' steps against --references-dir's when they were made at
+them, as the PR workflow's are; else at the model's own steps against --baselines-dir's), the class's fixed speed
+and memory limits under --baselines-dir on all its images, and at the end the trade-offs against BF16 (a combo
+judged at fewer steps than its model's own leaves its quality trade-off to those references' similarity limits).
+Block k makes case k (in turn) on both sides, so at the blocks' steps the candidate's block images are its judged
+case images; only the cases no block reached are made after the blocks.
 
 Exit status: 0 no combo SLOW (steps or image), no memory or similarity regression, no fixed limit or trade-off
 missed; 1 one of those, or a combo that failed to measure or be judged (a combo left out by --total-budget-s does
@@ -261,24 +263,34 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
 def start_sides(wanted: dict[str, tuple]) -> dict[str, Side]:
     """Each side's worker (name -> (tree, python, config)), started at once: each imports torch and its tree's
     fluxgate, some seconds each; meanwhile this process imports what compares the sides' images (torch,
-    torchmetrics: 15 s on a GPU host, once, which the first block would otherwise carry). Raises the first side's
-    SideError, the others closed."""
+    torchmetrics: 15 s on a GPU host, once, which the first block would otherwise carry). Raises SideError (one
+    line, naming every side that failed) with every side that did start closed; KeyboardInterrupt likewise closes
+    them first."""
     import importlib
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(wanted) + 1) as pool:
         futures = {name: pool.submit(Side, name, *arguments) for name, arguments in wanted.items()}
         pool.submit(importlib.import_module, "fluxgate.judging.similarity")
-    started, failed = {}, None
-    for name, future in futures.items():
-        try:
-            started[name] = future.result()
-        except SideError as error:
-            failed = failed or error
-    if failed is not None:
+        started, failed = {}, []
+        for name, future in futures.items():
+            try:
+                started[name] = future.result()
+            except SideError as error:
+                failed.append(str(error))
+            except BaseException as error:  # noqa: BLE001 - any start failure is the side's one line
+                if not isinstance(error, Exception):
+                    failed.append(error)  # KeyboardInterrupt, SystemExit: re-raised once the others are closed
+                else:
+                    failed.append(f"{name} side: cannot start: {type(error).__name__}: "
+                                  + " ".join(str(error).split())[:300])
+    if failed:
         for side in started.values():
             side.close()
-        raise failed
+        interrupted = [error for error in failed if isinstance(error, BaseException)]
+        if interrupted:
+            raise interrupted[0]
+        raise SideError("; ".join(failed))
     return started
 
 
@@ -399,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides.values():
             side.close()
         shutil.rmtree(site, ignore_errors=True)
-    tradeoffs, traded_off = _tradeoffs(store, writers.get(CANDIDATE), options, _quality_judged_by(results))
+    tradeoffs, traded_off = _tradeoffs(store, writers.get(CANDIDATE), options,
+                                       _quality_judged_by(results, sides[BASE].hello["profile"]) if sides else {})
     wall_s = time.monotonic() - started
     for line in ab_table.table(results):
         print(line)
@@ -451,14 +464,20 @@ def _tradeoffs(store, writer, options, quality_judged_by: dict[str, str]) -> tup
     return ([problem] if problem else lines), failed
 
 
-def _quality_judged_by(results: list) -> dict[str, str]:
-    """Combos whose cases were judged at the blocks' steps against --references-dir (the worker's `judge` says which
-    folder it used): their quality trade-off (the class's tiers and noise floor, measured at the model's own steps)
-    is left to those references' similarity limits, measured at the same steps."""
-    return {result.combo: f"images at {result.judged['steps']} steps, judged by the similarity limits of the "
-                          f"references made at them ({result.judged['references']}); the trade-off's tier was "
-                          "measured at the model's own steps"
-            for result in results if (getattr(result, "judged", None) or {}).get("references")}
+def _quality_judged_by(results: list, profile: str) -> dict[str, str]:
+    """Combos whose cases were judged at fewer steps than their model's own, against --references-dir (the worker's
+    `judge` says which folder it used): their quality trade-off (the class's tiers and noise floor, measured at the
+    model's own steps) is left to those references' similarity limits, measured at the same steps."""
+    from fluxgate.matrix import Combo
+
+    judged_by = {}
+    for result in results:
+        judged = getattr(result, "judged", None) or {}
+        own = Combo.parse(result.combo).model_spec.settings(profile).steps
+        if judged.get("references") and judged.get("steps") != own:
+            judged_by[result.combo] = (f"images at {judged['steps']} steps (the model's own: {own}), judged by the "
+                                       f"similarity limits of the references made at them ({judged['references']})")
+    return judged_by
 
 
 def _describe(hello: dict) -> str:

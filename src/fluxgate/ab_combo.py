@@ -62,9 +62,10 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
     print(f"  {combo.id}: loaded in {phases['load_s']:.1f} s" + (" (alternating)" if alternating else ""),
           file=sys.stderr, flush=True)
 
-    # Block k makes case k (in turn) on both sides, when both make any case on request (a base from before makes the
-    # first only): the candidate's block images are then its judged case images at the blocks' steps.
-    cycle = cases[BASE] if cases[BASE] and cases[BASE] == cases[CANDIDATE] else None
+    # Block k makes case k (in turn) on both sides, when both said they make any case on request (a base from
+    # before makes the first only; alternating loads: the candidate has not said): the candidate's block images are
+    # then its judged case images at the blocks' steps.
+    cycle = cases.get(BASE) if cases.get(BASE) and cases.get(BASE) == cases.get(CANDIDATE) else None
     made = {BASE: 0, CANDIDATE: 0}
     judging_s = [0.0]  # the candidate's judging to come: its cases' images the blocks did not make, estimated
 
@@ -82,7 +83,8 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
         if side == CANDIDATE and baselines_dir is not None:
             whole = interleave.image_s(answer, judge_steps or image_steps)
             count = len(settings[CANDIDATE].get("cases") or [None])
-            at_block_steps = cycle and judge_steps is not None and judge_steps == settings[CANDIDATE].get("steps")
+            # the worker's rule (`ab_worker.Worker.judge`): block images are reused when judged at their steps
+            at_block_steps = cycle and (judge_steps or image_steps) == settings[CANDIDATE].get("steps")
             left = max(0, count - made[side]) if at_block_steps else count
             judging_s[0] = left * (whole or 0.0)
         return answer
@@ -116,8 +118,9 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
 def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path, steps: int | None,
            references_dir: Path | None = None) -> None:
     """The candidate, still loaded, judged as a one-sided run judges it (its worker's `judge`: one image per case at
-    `steps` (None: the model's own) against the stored BF16 references (under `references_dir` when given: made at
-    `steps`), the class's fixed speed and memory limits under `baselines_dir` on all its images): sets
+    `steps` (None: the model's own; at the blocks' steps, each case's first block image, the rest made now) against
+    the stored BF16 references (under `references_dir` when given: made at `steps`), the class's fixed speed and
+    memory limits under `baselines_dir` on all its images): sets
     the result's `limit_failures` and `judged`; a combo that cannot be judged (no baseline, stale references) gets
     one failure line naming why."""
     started = time.monotonic()

@@ -113,7 +113,8 @@ class Worker:
         # (alternating loads reload it for each image): the fixed limits are judged on all of them
         self.made: list[tuple] = []
         self.made_for: str | None = None
-        # case name -> (image, non-finite latent values) of its first image at the blocks' steps, since the load
+        # case name -> (image, non-finite latent values) of its first block image of the combo at its steps (kept
+        # across alternating reloads of it; dropped at another combo, other steps, or once judged)
         self.case_images: dict = {}
         self.loaded_steps: int | None = None
         self.last_result = None  # the newest block image's Measurement
@@ -226,6 +227,7 @@ class Worker:
         not_judged = [] if self.device.type != "cuda" else None  # a busy CPU's speed is not judged (gate.py)
         failures = [f"broken image: {problem}" for problem in broken] + gate.limit_failures(
             pooled, summary, baseline, f'["{combo.model}"."{combo.variant}"]', not_judged)
+        self.case_images, self.last_result = {}, None  # judged: the images went into the answer
         return {"ok": True, "failures": failures, "not_judged": [*notes, *(not_judged or [])], "metrics": metrics,
                 "images": images, "steps": settings["steps"], "made": sum(len(r.case_names) for r in made_now),
                 "references": str(baseline.folder) if references_dir and baseline.limits_folder else None,

@@ -14,7 +14,8 @@ a sleep; "host" busy-waits on the host on both):
 - `host`: every step, on the host before the step's end is marked: added host time, which only a host-bound combo
   (its GPU waits for launches) shows; a GPU-bound one hides it behind its queue;
 - `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict),
-  from the combo's first image on (its first step, ending, calibrates the combo: one wait for the device);
+  from the combo's first image on (its first step, ending, calibrates the combo: one wait for the device, so on CUDA
+  that image's second step starts on an empty queue: a few launch latencies on one candidate step of the combo);
 - `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict).
 
 FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over the three above: several combos, each
