@@ -298,12 +298,15 @@ def _timed_images(pipe, calls: list[tuple[dict, int]], device: torch.device, pro
     time) and up to 4 % faster for bf16 combos held at the 700 W power cap (the GPU starts the image below it).
     The step statistics, it/s and the history judge the steps after it.
     Python's garbage collector is off while they run (as `timeit` does), so no collection pass lands inside a
-    timed step of a launch-bound eager pipeline."""
+    timed step of a launch-bound eager pipeline. Only its young generations are collected before: a full pass over
+    a loaded pipeline's heap cost 0.33 s (tiny profile, 2-core CPU), paid by every image of an A/B block (its
+    worker makes one image a call), a fifth of a block there; the old generation is collected at the combo's
+    release (`memory.release`) and by Python's own thresholds between calls."""
     step_times, e2e, images, peaks = [], [], [], {"before_loop": 0, "denoise": 0}
     host: dict[str, list | None] = {"off_cpu_s": [], "run_wait_s": [], "host_step_times_s": [],
                                     "gpu_idle_at_end": [], "first_steps_s": [], "case_nonfinite": [],
                                     "step_windows": []}
-    gc.collect()
+    gc.collect(1)
     gc.disable()
     try:
         for call_kwargs, seed in calls:
