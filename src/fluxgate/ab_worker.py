@@ -21,7 +21,7 @@ their `pytest_fluxgate_prepare_pipeline`, and answers:
                      any case on request; absent: the first case only, a tree from before)}
     {"op": "image", "case": K (optional: the case number, 0-based, of the load's "cases"; default 0)}
         -> {"ok": True, "step_times_s": [s...], "first_steps_s", "run_wait_s", "peak_mem_gib": GiB, "mem_kind",
-            "e2e_s": s, "png": bytes, "case": name}
+            "e2e_s": s, "pixels": {"size": [width, height], "rgb": bytes (8-bit RGB rows)}, "case": name}
     {"op": "judge", "baselines_dir": dir, "steps": N (optional; default: the model's own),
      "references_dir": dir (optional: references made at `steps`, with their similarity limits)}
         -> {"ok": True, "failures": [line...], "not_judged": [line...], "metrics": {ms_ssim, psnr_db, cases, ...},
@@ -153,11 +153,10 @@ class Worker:
         name = (getattr(result, "case_names", None) or [None])[0]
         if name is not None and name not in self.case_images:
             self.case_images[name] = (result.case_images[0], result.case_nonfinite[0])
-        png = io.BytesIO()
-        result.image.save(png, format="PNG")
+        rgb = result.image.convert("RGB")
         return {"ok": True, "step_times_s": list(result.step_times_s), "first_steps_s": result.first_steps_s,
                 "run_wait_s": result.run_wait_s, "peak_mem_gib": result.peak_mem_gib, "mem_kind": result.mem_kind,
-                "e2e_s": result.e2e_s, "png": png.getvalue(), "case": name}
+                "e2e_s": result.e2e_s, "pixels": {"size": list(rgb.size), "rgb": rgb.tobytes()}, "case": name}
 
     def judge(self, baselines_dir: str, steps: int | None = None, references_dir: str | None = None) -> dict:
         import dataclasses
