@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fluxgate.errors import FluxgateError, HistoryError
@@ -96,6 +96,7 @@ AB_PATHS = sorted(set(_paths(json.loads(Path(str(AB_RUN).format(side="candidate"
 @given(mutations=st.lists(st.tuples(st.sampled_from(RECORD_PATHS + [("run",) + p for p in RUN_PATHS]
                                                     + [("ab-run",) + p for p in AB_PATHS]), JSON),
                           min_size=1, max_size=3))
+@example(mutations=[(("precision",), None)])  # found by this test: the decision report's chart label
 def test_mutated_records_never_crash_load_gate_report_card_or_dashboard(tmp_path_factory, mutations):
     folder = tmp_path_factory.mktemp("fuzz")
     history = folder / "history"

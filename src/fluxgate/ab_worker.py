@@ -103,6 +103,12 @@ class Worker:
 
             registered = [f"{target} [{origin}]" for origin, target in group_targets(HOOKS_GROUP)]
         self.runner = Runner(self.profile, self.device, source, inputs, **kwargs)
+        # What the candidate's judging imports (the image comparison, torchmetrics), imported by both sides alike: on
+        # a CPU a side's peak memory is its resident set, and these modules' ~60 MB in the candidate alone made an
+        # A/A's memory ratio 1.10 (z-image-turbo[fp8-scaled], tiny profile).
+        with contextlib.suppress(ImportError):  # a tree from before one-pass judging
+            __import__("fluxgate.gate")
+            __import__("fluxgate.judging.similarity")
         self.hello = {"ok": True, "fluxgate": self.fluxgate_file, "python": sys.executable, "device": str(self.device),
                       "gpu_class": gpu_class(self.device), "profile": self.profile, "environment": environment,
                       "hooks": registered}

@@ -111,10 +111,14 @@ class Row:
 
     @classmethod
     def from_record(cls, record: Record) -> "Row":
-        """A measured record's row; its metrics hold it_s, peak_mem_gib and e2e_s (seconds per image)."""
+        """A measured record's row; its metrics hold it_s, peak_mem_gib and e2e_s (seconds per image). A precision or
+        runtime the record lacks is the combo id's (a history file is anyone's to write)."""
         m = record.metrics
         energy = m.energy_j
-        return cls(record.combo, record.model, record.precision, record.runtime or "eager", str(record.gpu_class),
+        combo = Combo.parse(record.combo)
+        precision = record.precision if isinstance(record.precision, str) and record.precision else combo.precision
+        runtime = record.runtime if isinstance(record.runtime, str) and record.runtime else combo.runtime
+        return cls(record.combo, record.model, precision, runtime, str(record.gpu_class),
                    m.it_s, m.peak_mem_gib, m.ms_ssim, m.psnr_db, m.e2e_s,
                    None if energy is None else energy / (m.images or 1), m.compile_s, m.fallback,
                    record.outcome == PASSED, list(record.failures or []))
