@@ -272,25 +272,21 @@ def start_sides(wanted: dict[str, tuple]) -> dict[str, Side]:
     with ThreadPoolExecutor(len(wanted) + 1) as pool:
         futures = {name: pool.submit(Side, name, *arguments) for name, arguments in wanted.items()}
         pool.submit(importlib.import_module, "fluxgate.judging.similarity")
-        started, failed = {}, []
+        started, errors = {}, {}
         for name, future in futures.items():
             try:
                 started[name] = future.result()
-            except SideError as error:
-                failed.append(str(error))
-            except BaseException as error:  # noqa: BLE001 - any start failure is the side's one line
-                if not isinstance(error, Exception):
-                    failed.append(error)  # KeyboardInterrupt, SystemExit: re-raised once the others are closed
-                else:
-                    failed.append(f"{name} side: cannot start: {type(error).__name__}: "
-                                  + " ".join(str(error).split())[:300])
-    if failed:
+            except BaseException as error:  # noqa: BLE001 - every side is waited for, then the others closed
+                errors[name] = error
+    if errors:
         for side in started.values():
             side.close()
-        interrupted = [error for error in failed if isinstance(error, BaseException)]
-        if interrupted:
-            raise interrupted[0]
-        raise SideError("; ".join(failed))
+        for error in errors.values():
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
+                raise error
+        raise SideError("; ".join(str(error) if isinstance(error, SideError) else
+                                  f"{name} side: cannot start: {type(error).__name__}: "
+                                  + " ".join(str(error).split())[:300] for name, error in errors.items()))
     return started
 
 
