@@ -473,6 +473,15 @@ def test_only_cases_judged_at_fewer_steps_than_their_model_s_leave_the_quality_t
     assert list(judged_by) == ["flux1-dev[fp8-scaled]"]
     assert judged_by["flux1-dev[fp8-scaled]"].startswith("images at 6 steps (the model's own: 8), judged by the")
 
+
+def test_the_pr_comment_escapes_what_files_and_workers_wrote():
+    from fluxgate.showing import ab_table
+
+    text = ab_table.markdown([], [("flux1-dev[bf16]", "FixtureError: <img src=x onerror=alert(1)>")],
+                             tradeoffs=["FAIL flux1-dev[nvfp4] speed: <script>x</script> < min 0.9"])
+    assert "<img" not in text and "<script" not in text
+    assert "&lt;img src=x" in text and "&lt;script>x&lt;/script> < min 0.9" in text
+
 def test_an_unknown_injected_shape_is_one_error_line(capsys):
     from fluxgate import ab
 

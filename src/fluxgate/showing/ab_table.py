@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from fluxgate.showing.text import number
+from fluxgate.showing.text import md_text, number
 
 HEADER = ["combo", "verdict", "ratio", "interval", "image", "blocks", "seconds", "mem ratio", "MS-SSIM", "limits"]
 
@@ -69,7 +69,9 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
              tradeoffs: list[str] = (), traded_off: int = 0) -> str:
     """An A/B run as markdown (the PR comment's A/B section): a headline (`A/B gate: passed` or `A/B gate: FAILED
     (...)`), the sides, the table, each combo's verdict message and failures, errors, combos left out, the
-    trade-offs' lines (`tradeoff_checks.summary_lines`; `traded_off` of them failed), wall time."""
+    trade-offs' lines (`tradeoff_checks.summary_lines`; `traded_off` of them failed), wall time. Messages carry
+    text from files and workers (a PR's thresholds.toml, its fixtures' errors): each is escaped (`text.md_text`),
+    as the one-sided report's are."""
     failed = [result.combo for result in results if result.failed]
     problems = ([f"{len(failed)} combo(s) SLOW or regressed: {', '.join(failed)}"] if failed else []) + \
         ([f"{len(errors)} combo(s) not measured: {', '.join(combo for combo, _ in errors)}"] if errors else []) + \
@@ -99,16 +101,16 @@ def markdown(results, errors: list[tuple[str, str]] = (), left_out: list[str] = 
                      *result.failures, *(result.limit_failures or []),
                      *([result.contention] if result.contention else [])]:
             if result.verdict.outcome != "SAME" or note is not result.verdict.message:
-                notes.append(f"- `{result.combo}`: {note}")
+                notes.append(f"- `{result.combo}`: {md_text(note)}")
         if result.alternating_loads:
             notes.append(f"- `{result.combo}`: both sides did not fit in device memory at once: loads alternated")
-    notes += [f"- `{combo}`: ERROR: {error}" for combo, error in errors]
+    notes += [f"- `{combo}`: ERROR: {md_text(error)}" for combo, error in errors]
     if left_out:
         notes.append(f"- not measured (total time budget spent): {', '.join(f'`{c}`' for c in left_out)}")
     if notes:
         lines += [*notes, ""]
     if tradeoffs:
-        lines += [f"- {line}" for line in tradeoffs] + [""]
+        lines += [f"- {md_text(line)}" for line in tradeoffs] + [""]
     if wall_s is not None:
         timed = f", of which {timed_s:.0f} s inside timed steps of both sides" if timed_s is not None else ""
         lines.append(f"A/B wall time {wall_s:.0f} s{timed}.")
