@@ -263,9 +263,9 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
 def start_sides(wanted: dict[str, tuple]) -> dict[str, Side]:
     """Each side's worker (name -> (tree, python, config)), started at once: each imports torch and its tree's
     fluxgate, some seconds each; meanwhile this process imports what compares the sides' images (torch,
-    torchmetrics: the first block otherwise carried it, ~16 s over its images on the H100 host, 2.4 s on a 2-core CPU). Raises SideError (one
-    line, naming every side that failed) with every side that did start closed; KeyboardInterrupt likewise closes
-    them first."""
+    torchmetrics: the first block otherwise carried it, ~16 s over its images on the H100 host, 2.4 s on a 2-core
+    CPU). Raises SideError (one line, naming every side that failed) with every side that did start closed;
+    KeyboardInterrupt likewise closes them first."""
     import importlib
     from concurrent.futures import ThreadPoolExecutor
 
