@@ -300,6 +300,54 @@ def test_sides_that_do_not_fit_together_alternate_their_loads_and_say_so():
     assert any("loads alternated" in line for line in ab_table.table([result]))
 
 
+class BiasedSide:
+    """A side whose candidate images carry a side bias of each load's own (`biases`, one per load), as an H100's
+    loads of one combo do; logs loads and unloads."""
+
+    def __init__(self, name: str, log: list, biases: tuple[float, ...] = (0.0,)):
+        self.name, self.log, self.biases, self.loads = name, log, biases, 0
+
+    def ask(self, message: dict) -> dict:
+        op = message["op"]
+        self.log.append(f"{self.name}:{op}")
+        if op == "load":
+            self.loads += 1
+            return {"ok": True, "settings": {"steps": 8}}
+        if op == "unload":
+            return {"ok": True}
+        bias = self.biases[min(self.loads, len(self.biases)) - 1] if self.name == "candidate" else 0.0
+        wobble = 1 + 0.0003 * (len(self.log) % 3 - 1)
+        return {"ok": True, "step_times_s": [0.1 * (1 + bias) * wobble] * 5, "peak_mem_gib": 2.0,
+                "e2e_s": 0.6 * (1 + bias) * wobble, "png": None, "mem_kind": "RSS"}
+
+
+@pytest.mark.parametrize("biases, outcome", [((-0.008, 0.001), paired.UNKNOWN), ((0.012, 0.011), paired.SLOW),
+                                             ((0.04,), paired.SLOW), ((0.0,), paired.SAME)])
+def test_a_small_slow_or_fast_is_judged_again_on_a_second_load_of_both_sides(biases, outcome):
+    """A -0.8 % load (an H100 A/A run's FAST) followed by a +0.1 % one is UNKNOWN, not FAST; +1.2 % then +1.1 % is
+    SLOW on both; a 4 % shift, or SAME, needs no second load. The second load loads the candidate first, its blocks
+    are numbered on and recorded as load 2."""
+    from fluxgate import ab_combo
+    from fluxgate.matrix import Combo
+
+    log = []
+    sides = {"base": BiasedSide("base", log), "candidate": BiasedSide("candidate", log, biases)}
+    result, _ = ab_combo.measure_combo(Combo("flux1-dev", "fp8-scaled"), sides, paired.PairedPolicy(), 1e9,
+                                       interleave.Limits())
+    assert result.verdict.outcome == outcome and result.image_verdict.outcome == outcome, result.verdict.message
+    loads = [pair.load for pair in result.pairs]
+    if len(biases) == 2:
+        assert 1 in loads and 2 in loads and loads == sorted(loads)
+        assert result.verdict.blocks == len(result.pairs) and "two loads of both sides" in result.verdict.message
+        second = log.index("candidate:load", log.index("candidate:load") + 1)
+        assert log[second - 2:second + 2] == ["base:unload", "candidate:unload", "candidate:load", "base:load"]
+    else:
+        assert set(loads) == {1} and log.count("candidate:load") == 1
+    record = ab_combo.records(result, Combo("flux1-dev", "fp8-scaled"), {"profile": "synthetic", "gpu_class": "x"},
+                              "candidate", {}, paired.PairedPolicy(), False)
+    assert list(record.ab.loads) == loads
+
+
 # --- the whole run against fake sides: total budget, progress, steps per model, summary, wall time -----------------
 
 class SleepySide:

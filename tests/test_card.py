@@ -46,7 +46,7 @@ def test_a_fixed_limit_counts_too_and_the_markdown_states_the_counts():
 # --- the A/B rule's section (fluxgate.showing.ab_card) -------------------------------------------------------------
 
 def ab_run(run: int, ratios: list[float], combo="flux1-dev[fp8-scaled]", same_tree=True, inject=None,
-           contention=None) -> list[Record]:
+           contention=None, loads=()) -> list[Record]:
     """One recorded A/B run's two records of `combo`: base and candidate, block ratios as recorded."""
     from fluxgate.storing.record import Record as R
 
@@ -60,7 +60,7 @@ def ab_run(run: int, ratios: list[float], combo="flux1-dev[fp8-scaled]", same_tr
         records.append(R(combo=combo, run_id=f"ab{run}-{side}", gpu_class="nvidia-h200", profile="synthetic",
                          settings={}, outcome=PASSED, environment=env,
                          metrics=Metrics(step_times_s=steps, images=len(ratios)),
-                         ab=ABVerdict("UNKNOWN", ratios=tuple(ratios), contention=contention)))
+                         ab=ABVerdict("UNKNOWN", ratios=tuple(ratios), contention=contention, loads=loads)))
     return records
 
 
@@ -107,12 +107,29 @@ def test_a_side_biased_pool_is_a_false_alarm_and_only_a_a_runs_count():
 def test_each_simulated_comparison_is_one_recorded_run_so_a_run_bias_is_not_averaged_away():
     from fluxgate.showing import ab_card
 
-    rng = np.random.default_rng(5)  # two loads, each with its own steady side bias of 1.2 %, opposite signs
-    runs = ab_run(0, list(1.012 * np.exp(rng.normal(0, 0.001, 10)))) + \
-        ab_run(1, list(0.988 * np.exp(rng.normal(0, 0.001, 10))))
+    rng = np.random.default_rng(5)  # two loads, each with its own steady side bias of 3 %, opposite signs: more
+    runs = ab_run(0, list(1.03 * np.exp(rng.normal(0, 0.001, 10)))) + \
+        ab_run(1, list(0.97 * np.exp(rng.normal(0, 0.001, 10))))  # than a second load is asked to confirm
     (row,) = ab_card.build(runs, "nvidia-h200", simulations=200)
     assert row.false_alarms > 0.95  # pooled, the twenty blocks would average to 1.0 and look SAME
     assert 0.3 < row.outcomes[0.0]["SLOW"] < 0.7
+
+
+def test_a_small_load_bias_is_judged_again_on_another_load_as_a_live_run_s_second_load():
+    """One recorded run held two loads (`ab.loads`): +0.8 % (a FAST or SLOW on its own) and +0.05 %. Each is a run
+    of the card; a SLOW on the first is judged again on the second, as a live run does, and does not stand: no false
+    alarm; +2 % is SLOW on both loads."""
+    from fluxgate.showing import ab_card
+
+    rng = np.random.default_rng(6)
+    ratios = list(1.008 * np.exp(rng.normal(0, 0.0005, 6))) + list(1.0005 * np.exp(rng.normal(0, 0.0005, 6)))
+    records = ab_run(0, ratios, loads=(1,) * 6 + (2,) * 6)
+    (row,) = ab_card.build(records, "nvidia-h200", simulations=200)
+    assert (row.runs, row.recorded_runs) == (2, 2)  # two loads of one recorded run
+    assert row.false_alarms == 0 and row.outcomes[0.0].get("UNKNOWN", 0) > 0.3
+    assert row.detected(0.02) == 1.0
+    (alone,) = ab_card.build(ab_run(0, ratios[:6]), "nvidia-h200", simulations=200)
+    assert alone.false_alarms == 1.0  # with no other load to judge it on, the biased load's SLOW stands
 
 
 def test_disturbed_blocks_are_set_aside_in_the_simulation_as_in_a_live_run():

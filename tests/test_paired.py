@@ -197,3 +197,60 @@ def test_slowdowns_that_are_not_a_constant_shift_come_out_slow(shape):
         slow += verdict.outcome == SLOW
         assert verdict.outcome != SAME, (seed, verdict.message)
     assert slow >= 38
+
+
+# --- a second load of both sides -----------------------------------------------------------------------------------
+
+def _loaded(bias: float, effect: float, rng: random.Random, policy: PairedPolicy = PairedPolicy()):
+    """One load's verdict: its own side bias (steady over all its blocks) on top of `effect`, block noise 0.05 %
+    (what one H100 load of eager fp8 showed around its own mean)."""
+    ratios = []
+    while True:
+        ratios.append((1 + effect) * (1 + bias) * math.exp(rng.gauss(0.0, 0.0005)))
+        verdict = judge(ratios, policy)
+        if verdict is not None:
+            return verdict
+
+
+def test_a_small_slow_or_fast_needs_a_second_load_and_a_large_one_or_a_cpu_s_does_not():
+    from fluxgate.judging.paired import needs_second_load
+
+    verdict = judge([0.992, 0.9921, 0.9919])
+    assert verdict.outcome == FAST and needs_second_load(verdict, PairedPolicy())
+    assert not needs_second_load(judge([1.05, 1.051, 1.049]), PairedPolicy())  # 5 % is no load's bias
+    assert not needs_second_load(judge([1.002] * 5), PairedPolicy())  # SAME
+    assert not needs_second_load(judge([0.7, 0.71, 0.69], CPU_POLICY), CPU_POLICY)  # a CPU's offset is its process's
+
+
+def test_loads_that_agree_keep_the_verdict_and_one_that_does_not_makes_it_unknown():
+    from fluxgate.judging.paired import confirm
+
+    first, policy = judge([1.012, 1.0121, 1.0119]), PairedPolicy()
+    agreeing = confirm(first, judge([1.009, 1.0091, 1.0089]), policy)
+    assert agreeing.outcome == SLOW and agreeing.blocks == 6 and agreeing.ratio == pytest.approx(1.009, abs=1e-4)
+    assert "on two loads of both sides: first load +1.20% (SLOW, 3 blocks), second load +0.90%" in agreeing.message
+    refuted = confirm(first, judge([1.001, 1.0011, 1.0009]), policy)
+    assert refuted.outcome == UNKNOWN and refuted.blocks == 6 and "side bias a load can carry" in refuted.message
+    assert refuted.ratio == pytest.approx(math.sqrt(1.012 * 1.001), abs=1e-4)
+    untried = confirm(first, None, policy)
+    assert untried.outcome == SLOW and "not confirmed on a second load (no time left" in untried.message
+    large = judge([1.04, 1.041, 1.039])
+    assert confirm(large, judge([1.0, 1.001, 0.999]), policy) is large
+
+
+def test_a_second_load_stops_load_bias_alarms_and_keeps_two_percent_slow():
+    """Loads biased by 0.35 % (the H100's load-to-load spread of eager fp8, within ±0.05 % over each load's blocks):
+    one load alone calls several A/A comparisons FAST or SLOW; confirmed on a second load, hardly any; +2 % stays
+    SLOW every time."""
+    from fluxgate.judging.paired import confirm
+
+    policy, rng = PairedPolicy(), random.Random(7)
+
+    def comparison(effect: float, second: bool):
+        first = _loaded(rng.gauss(0.0, 0.0035), effect, rng)
+        return confirm(first, _loaded(rng.gauss(0.0, 0.0035), effect, rng), policy) if second else first
+
+    one = sum(comparison(0.0, False).outcome in (SLOW, FAST) for _ in range(400))
+    two = sum(comparison(0.0, True).outcome in (SLOW, FAST) for _ in range(400))
+    assert one >= 8 and two <= 1, (one, two)
+    assert all(comparison(0.02, True).outcome == SLOW for _ in range(200))

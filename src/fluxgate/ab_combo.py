@@ -13,9 +13,10 @@ from fluxgate.judging import interleave, paired
 from fluxgate.judging.interleave import BASE, CANDIDATE
 
 
-def _progress(combo: str):
-    """`on_block` for run_blocks: one stderr line per block."""
+def _progress(combo: str, offset: int = 0):
+    """`on_block` for run_blocks: one stderr line per block (numbered after `offset` earlier ones)."""
     def show(number: int, pair: interleave.Pair, seconds: float) -> None:
+        number += offset
         steps = {side: statistics.fmean(getattr(pair, side)["step_times_s"]) for side in (BASE, CANDIDATE)}
         images_s = sum(getattr(pair, side).get("e2e_s") or 0.0 for side in (BASE, CANDIDATE))
         image = f", image {pair.image_ratio:.4f}" if pair.image_ratio is not None else ""
@@ -92,9 +93,15 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
     try:
         if deadline is not None:
             budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
-        result = interleave.run_blocks(combo.id, image, policy, budget_s, limits, alternating_loads=alternating,
-                                       on_block=_progress(combo.id), image_steps=image_steps,
-                                       reserve_s=lambda: judging_s[0])
+        def blocks(seconds: float, number: int = 0) -> interleave.ComboResult:
+            return interleave.run_blocks(combo.id, image, policy, seconds, limits, alternating_loads=alternating,
+                                         on_block=_progress(combo.id, number), image_steps=image_steps,
+                                         reserve_s=lambda: judging_s[0])
+
+        result = blocks(budget_s)
+        if interleave.needs_second_load(result, policy) and not alternating:  # alternating: every image a new load
+            result = interleave.two_loads(result, _second_load(combo.id, result, sides, load, blocks, budget_s,
+                                                               deadline, policy), policy, limits)
         phases["blocks_s"] = result.seconds
         if baselines_dir is not None:
             started = time.monotonic()
@@ -113,6 +120,28 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
         for side in sides.values():
             side.ask({"op": "unload"})
         phases["release_s"] = time.monotonic() - started
+
+
+def _second_load(combo: str, first: interleave.ComboResult, sides: dict[str, Side], load, blocks, budget_s: float,
+                 deadline: float | None, policy) -> interleave.ComboResult | None:
+    """The blocks of a second load of both sides (the candidate loaded first this time), for a SLOW or FAST under the
+    policy's `confirm_below` (`paired.confirm`): as many seconds as the first load had, within `deadline`; None when
+    what is left would not hold the policy's fewest blocks."""
+    per_block = first.seconds / max(1, len(first.pairs))
+    seconds = budget_s if deadline is None else min(budget_s, deadline - time.monotonic())
+    shown = first.verdict if paired.needs_second_load(first.verdict, policy) else first.image_verdict
+    if seconds < per_block * (policy.min_blocks + 1):
+        print(f"  {combo}: {shown.outcome} at {shown.ratio - 1:+.2%} on one load; no time left to confirm it on a "
+              "second", file=sys.stderr, flush=True)
+        return None
+    print(f"  {combo}: {shown.outcome} at {shown.ratio - 1:+.2%} on one load, under the "
+          f"{policy.confirm_below:.1%} a load's own bias could explain: loading both sides again to confirm",
+          file=sys.stderr, flush=True)
+    for side in sides.values():
+        side.ask({"op": "unload"})
+    load(CANDIDATE)
+    load(BASE)
+    return blocks(seconds, len(first.pairs))
 
 
 def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path, steps: int | None,
@@ -179,7 +208,8 @@ def records(result: interleave.ComboResult, combo, hello: dict, side: str, setti
                    tuple("".join(s[0] for s in p.order) for p in result.pairs),
                    tuple([number, pair.set_aside] for number, pair in enumerate(result.pairs, 1) if pair.set_aside),
                    result.seconds, result.alternating_loads, result.contention, policy.min_effect, policy.equivalence,
-                   host_synchronous, *_image_fields(result.image_verdict), result.min_ms_ssim)
+                   host_synchronous, *_image_fields(result.image_verdict), result.min_ms_ssim,
+                   loads=tuple(pair.load for pair in result.pairs))
     failed = side == CANDIDATE and result.failed
     slow = [v.message for v in (verdict, result.image_verdict) if v is not None and v.outcome == paired.SLOW]
     judged = result.judged if side == CANDIDATE else {}

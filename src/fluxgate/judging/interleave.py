@@ -71,6 +71,7 @@ class Pair:
     ms_ssim: float | None
     set_aside: str | None = None
     image_ratio: float | None = None
+    load: int = 1  # which load of both sides made it (`two_loads`)
 
 
 @dataclass
@@ -172,6 +173,31 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         image_verdict = replace(image_verdict, message="image " + image_verdict.message.replace(
             "step time", "image time") + whole.note())
     return summarize(combo, verdict, pairs, clock() - started, limits, alternating_loads, images, image_verdict)
+
+
+def needs_second_load(result: ComboResult, policy: paired.PairedPolicy) -> bool:
+    """The steps' or the whole image's verdict is a SLOW or FAST that a second load of both sides must confirm
+    (`paired.needs_second_load`)."""
+    return any(paired.needs_second_load(verdict, policy) for verdict in (result.verdict, result.image_verdict))
+
+
+def two_loads(first: ComboResult, second: ComboResult | None, policy: paired.PairedPolicy,
+              limits: Limits = Limits()) -> ComboResult:
+    """One result of a combo measured on two loads of both sides (`second` None: a second load was due but there was
+    no time for it): each verdict `paired.confirm`ed by the second load's, the pairs of both (each marked with its
+    load), their time, and the memory and similarity summaries of all of them. The images are the newest load's."""
+    if second is None:
+        return replace(first, verdict=paired.confirm(first.verdict, None, policy),
+                       image_verdict=first.image_verdict and paired.confirm(first.image_verdict, None, policy))
+    for pair in second.pairs:
+        pair.load = 2
+    image_verdict = first.image_verdict if second.image_verdict is None else \
+        second.image_verdict if first.image_verdict is None else \
+        paired.confirm(first.image_verdict, second.image_verdict, policy)
+    combined = summarize(first.combo, paired.confirm(first.verdict, second.verdict, policy),
+                         first.pairs + second.pairs, first.seconds + second.seconds, limits, first.alternating_loads,
+                         second.images or first.images, image_verdict)
+    return combined
 
 
 def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seconds: float, limits: Limits,

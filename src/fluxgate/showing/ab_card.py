@@ -10,7 +10,9 @@ steps), and whether the rule sets it aside as disturbed
 recorded run and takes its blocks in a random order (without replacement: a live run on that load), then draws from
 the same run again up to the policy's `max_blocks`, judging after each block with the real rule (`paired.Blocks`,
 `paired.judge`; the class's policy: CUDA's, or the CPU's for `cpu`; host-synchronous combos
-`paired.host_synchronous`). A time budget is not simulated.
+`paired.host_synchronous`). Each load of both sides is a run here (a combo judged again on a second load recorded
+two); a SLOW or FAST under the rule's `confirm_below` is judged again on another recorded load, as a live run's second
+load judges it (`paired.confirm`). A time budget is not simulated.
 
 - A/A: the drawn ratios as recorded (a side bias the recorded blocks show is the rule's to answer for). A false
   alarm is SLOW or FAST.
@@ -135,10 +137,22 @@ def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPoli
     for combo, base, candidate in _ab_pairs(records, gpu_class):
         if not is_a_a(base.env, candidate.env) or (candidate.ab is not None and candidate.ab.contention):
             continue
-        blocks = combo_blocks(base, candidate, policy)
-        if blocks:
-            runs.setdefault(combo, []).append(blocks)
+        for load in _loads(combo_blocks(base, candidate, policy), candidate.ab):
+            runs.setdefault(combo, []).append(load)
     return runs
+
+
+def _loads(blocks: list[Block], ab) -> list[list[Block]]:
+    """A combo's blocks cut into its loads of both sides (`ABVerdict.loads`: a SLOW or FAST judged again on a second
+    load): each load carries its own side bias, so each is a run of its own here. One load when the record names
+    none, or names another count of blocks."""
+    loads = list(getattr(ab, "loads", None) or ())
+    if len(loads) != len(blocks):
+        return [blocks] if blocks else []
+    cut: dict[int, list[Block]] = {}
+    for load, block in zip(loads, blocks):
+        cut.setdefault(load, []).append(block)
+    return [cut[load] for load in sorted(cut)]
 
 
 def partition(runs: Sequence[Sequence[Block]]) -> tuple[list[list[Block]], list[list[Block]]]:
@@ -163,23 +177,37 @@ def simulate(runs: Sequence[Sequence[Block]], policy: paired.PairedPolicy, effec
     times 1 + effect, set aside or judged as a live run would (`paired.Blocks`), judged after each by `paired.judge`.
     So every simulated comparison is a live run on that load: its side bias and spread, its blocks in another order
     (pooling runs would average each load's bias away; drawing a dozen blocks with replacement from the start repeats
-    a few and looks surer than any real run). `runs` may also be plain ratios (one run, no disturbances)."""
+    a few and looks surer than any real run). A SLOW or FAST that a live run would judge again on a second load
+(`paired.needs_second_load`) is confirmed on another usable run, as that load (`paired.confirm`); with no other run
+it stands. `runs` may also be plain ratios (one run, no disturbances)."""
     pools = usable(runs)
     if not pools:
         return {}, math.nan
     counts: dict[str, int] = {}
     used = 0
     for _ in range(simulations):
-        pool, blocks = rng.choice(pools), paired.Blocks(policy)
-        order = rng.sample(pool, len(pool))
-        verdict = None
-        while verdict is None:
-            ratio, disturbed = order.pop() if order else rng.choice(pool)
-            blocks.add(ratio * (1 + effect), disturbed)
-            verdict = blocks.judge()
+        first = rng.randrange(len(pools))
+        verdict = _one_load(pools[first], policy, effect, rng)
+        if paired.needs_second_load(verdict, policy):  # a live run's second load: another recorded load, if any
+            others = [pool for number, pool in enumerate(pools) if number != first]
+            verdict = paired.confirm(verdict, _one_load(rng.choice(others), policy, effect, rng) if others else None,
+                                     policy)
         counts[verdict.outcome] = counts.get(verdict.outcome, 0) + 1
         used += verdict.blocks
     return {outcome: n / simulations for outcome, n in counts.items()}, used / simulations
+
+
+def _one_load(pool: Sequence[Block], policy: paired.PairedPolicy, effect: float, rng: random.Random
+              ) -> paired.PairedVerdict:
+    """One simulated load's verdict (`simulate`): the pool's blocks in a random order, then drawn again."""
+    blocks = paired.Blocks(policy)
+    order = rng.sample(list(pool), len(pool))
+    verdict = None
+    while verdict is None:
+        ratio, disturbed = order.pop() if order else rng.choice(pool)
+        blocks.add(ratio * (1 + effect), disturbed)
+        verdict = blocks.judge()
+    return verdict
 
 
 def policy_of(gpu_class: str) -> paired.PairedPolicy:

@@ -93,6 +93,8 @@ AB: Spec = {
     "seconds": NUMBER, "alternating_loads": BOOL, "contention": STR, "min_effect": NUMBER, "equivalence": NUMBER,
     "host_synchronous": BOOL, "image_outcome": _one_of(AB_OUTCOMES), "image_ratio": NUMBER, "image_low": NUMBER,
     "image_high": NUMBER, "image_message": STR, "ms_ssim": NUMBER,
+    "loads": _list_of(Kind("a load number (1 or more)", lambda value: isinstance(value, int) and
+                           not isinstance(value, bool) and value >= 1), "a list of load numbers"),
 }
 OUTCOMES = ("passed", "failed", "error", "skipped", "remeasure")
 RECORD: Spec = {

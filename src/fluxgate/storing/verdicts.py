@@ -80,7 +80,8 @@ class ABVerdict(_Stored):
     """One combo of an A/B run: the paired verdict (SAME / SLOW / FAST / UNKNOWN) with the policy it was judged by.
     `ratio` (candidate / base mean step time), `low`..`high` its interval, `ratios` one per block, `orders` each
     block's side order ("bc"), `set_aside` [block number, why] pairs, `seconds` the time the blocks took; `image_*`
-    the same for the whole image at the model's steps (`judging.interleave.image_s`; absent in runs before it)."""
+    the same for the whole image at the model's steps (`judging.interleave.image_s`; absent in runs before it);
+    `loads` each block's load of both sides (absent in runs before 2026-12-07 22:00 UTC: all one load)."""
 
     outcome: str
     ratio: float | None = None
@@ -104,6 +105,7 @@ class ABVerdict(_Stored):
     image_high: float | None = None
     image_message: str | None = None
     ms_ssim: float | None = None  # the lowest MS-SSIM of the candidate's images against the base's (same seed)
+    loads: Sequence[int] = ()  # each block's load of both sides: 1, or 2 for a second load (`paired.confirm`)
     extra: Mapping[str, Any] = field(default_factory=dict)
     present: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
