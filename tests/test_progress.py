@@ -67,11 +67,14 @@ def test_a_repeating_library_warning_is_kept_once():
     logger.addHandler(handler)
     try:
         for _ in range(3):
-            logger.warning("There are modules in AutoencoderKL that should be kept in float32: [] (test copy)")
+            logger.warning("There are modules in AutoencoderKL that should be kept in float32: ['norm'] (test copy)")
+            logger.warning("There are modules in ZImageTransformer2DModel that should be kept in float32: []. "
+                           "Casting directly (test copy)")
         logger.warning("another message (test copy)")
     finally:
         logger.removeHandler(handler)
-    assert seen == ["There are modules in AutoencoderKL that should be kept in float32: [] (test copy)",
+    # once each; the note that names no module not at all
+    assert seen == ["There are modules in AutoencoderKL that should be kept in float32: ['norm'] (test copy)",
                     "another message (test copy)"]
 
 

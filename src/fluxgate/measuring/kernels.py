@@ -116,8 +116,11 @@ def _profiled_counts(transformer, calls, device) -> tuple[dict[str, int], dict[s
     """(CPU-side op name -> calls, CUDA kernel name -> launches, method, host syncs inside the step) over the step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        with profile(activities=activities) as prof:
-            _run_step(transformer, calls, device)
+        with warnings.catch_warnings():  # torch 2.11's note on every CUDA profile: this one has a single cycle
+            warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle",
+                                    category=UserWarning)
+            with profile(activities=activities) as prof:
+                _run_step(transformer, calls, device)
     except RuntimeError:  # e.g. the profiler cannot start in this process; count dispatched aten ops instead
         with _OpCounter() as counter:
             _run_step(transformer, calls, device)

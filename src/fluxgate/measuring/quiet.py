@@ -19,8 +19,14 @@ REPEATING_LOGGERS = ("diffusers.models.modeling_utils", "transformers.utils.impo
 KINETO_SILENT = "6"
 
 
+# diffusers' casting note naming no module at all ("... should be kept in float32: []. Casting directly ..."): it
+# says nothing, in every process that builds a Z-Image transformer (each side of an A/B run).
+EMPTY_NOTE = "should be kept in float32: []"
+
+
 class OncePerProcess(logging.Filter):
-    """Passes each distinct message of a logger once; later copies are dropped before any handler sees them."""
+    """Passes each distinct message of a logger once, and none that names an empty list of modules (`EMPTY_NOTE`);
+    later copies are dropped before any handler sees them."""
 
     def __init__(self):
         super().__init__()
@@ -28,7 +34,7 @@ class OncePerProcess(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message in self.seen:
+        if message in self.seen or EMPTY_NOTE in message:
             return False
         self.seen.add(message)
         return True
