@@ -15,7 +15,10 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,14 +102,26 @@ class SharedEnv:
         stamp.write_text(wanted)
         return python
 
-    def run(self, session: nox.Session, *args: str, **kwargs) -> str | bool:
-        """`python ARGS` in this virtualenv, with ENV and its bin first on PATH (for tools started by name)."""
-        python = self.python(session)
+    def _env(self, python: str) -> dict[str, str]:
+        """ENV, and this virtualenv's bin first on PATH (for tools started by name)."""
         env = dict(ENV)
         if python != "python":
             env.update(VIRTUAL_ENV=str(self.location),
                        PATH=os.pathsep.join([str(self.location / "bin"), os.environ.get("PATH", "")]))
-        return session.run(python, *args, env=env, external=True, **kwargs)
+        return env
+
+    def run(self, session: nox.Session, *args: str, **kwargs) -> str | bool:
+        """`python ARGS` in this virtualenv, with `_env`."""
+        python = self.python(session)
+        return session.run(python, *args, env=self._env(python), external=True, **kwargs)
+
+    def start(self, session: nox.Session, *args: str, log: Path) -> subprocess.Popen:
+        """`python ARGS` as `run` runs it, started in the background with its output into `log`."""
+        python = self.python(session)
+        session.log(f"{shlex.join(['python', *args])} (in the background, into {log})")
+        with open(log, "wb") as out:
+            return subprocess.Popen([shutil.which(python, path=self._env(python).get("PATH")) or python, *args],
+                                    env={**os.environ, **self._env(python)}, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:
@@ -172,21 +187,58 @@ TEST_PHASES = (
 )
 
 
+# The tiny matrix runs beside the timing tests, its output printed after theirs (~45 s of a ~12-minute session on
+# CI's 2 cores): the timing tests hold beside one busy loop per core (tests/timing_support.py), which the tiny
+# matrix's one process is at most, and the matrix judges its CPU speed limits as not judged where its steps show
+# host contention (`fluxgate.stats.contention_note`), so neither changes the other's verdicts.
+BESIDE = ("timing tests", "tiny matrix on CPU")
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait()
+
+
 @shared_session
 def tests(session: nox.Session) -> None:
-    """CPU unit and integration tests (on two cores), the timing tests, then the tiny matrix on CPU against
-    baselines/cpu (what CI runs). Every phase runs; the session fails at the end if one failed."""
-    TORCH_ENV.python(session)
-    _chromium(session)
-    failed = []
+    """CPU unit and integration tests (on two cores), the timing tests with the tiny matrix on CPU against
+    baselines/cpu beside them (what CI runs). Every phase runs; the session fails at the end if one failed."""
+    apt = threading.Thread(target=_chromium, args=(session,))  # Debian's download beside pip's unpacking
+    apt.start()
+    try:
+        TORCH_ENV.python(session)
+    finally:
+        apt.join()
+    if TORCH_ENV.run(session, "-c", "", silent=True) is None:  # `nox --install-only`: made, nothing runs
+        return
+    failed, numbers = [], {phase: number for number, (phase, _) in enumerate(TEST_PHASES, 1)}
     for number, (phase, args) in enumerate(TEST_PHASES, 1):
+        if phase == BESIDE[1]:
+            continue  # started with BESIDE[0]
+        beside, log = None, Path(tempfile.mkdtemp(prefix="fluxgate-tests-")) / "tiny-matrix.log"
+        if phase == BESIDE[0]:
+            session.log(f"phase {numbers[BESIDE[1]]}/{len(TEST_PHASES)}: {BESIDE[1]}, beside phase {number} (its "
+                        "output follows that phase's)")
+            beside = TORCH_ENV.start(session, "-m", "pytest", *dict(TEST_PHASES)[BESIDE[1]], *session.posargs,
+                                     log=log)
         session.log(f"phase {number}/{len(TEST_PHASES)}: {phase}")
         try:
             TORCH_ENV.run(session, "-m", "pytest", *args, *session.posargs)
         except CommandFailed as failure:
             if failure.return_code is None:  # the command could not start: nothing further can run either
+                _stop(beside)
                 raise
             failed.append(f"{phase} (pytest exit code {failure.return_code})")
+        except BaseException:  # interrupted: the background phase goes too
+            _stop(beside)
+            raise
+        if beside is not None:
+            code = beside.wait()
+            session.log(f"phase {numbers[BESIDE[1]]}/{len(TEST_PHASES)}: {BESIDE[1]}: its output")
+            print(log.read_text(errors="replace"), end="", flush=True)
+            if code:
+                failed.append(f"{BESIDE[1]} (pytest exit code {code})")
     if failed:
         session.error(f"failed: {'; '.join(failed)}")
 

@@ -70,9 +70,11 @@ def test_the_example_tiny_matrix_runs_from_its_folder_and_passes_against_its_bas
     # torchao 0.18 quantizes float8 only for CUDA compute capability 8.9+ (MI300+, XPU): a skip naming why
     assert "tests/test_matrix.py::sdxl-base[torchao-fp8-row] SKIPPED" in done.output
     assert re.search(r"precision torchao-fp8-row cannot run on cpu: .*CUDA compute capability 8\.9", done.output)
-    # judged (not written) against the example's own baselines, the BF16 image equal to its reference
+    # judged (not written) against the example's own baselines, the BF16 image its reference's: bit for bit on the
+    # CPU that made it, within float rounding on another (this VM's CPU made it at MS-SSIM 0.9998, 50 dB)
     assert f"(baselines: {team['folder'] / 'baselines' / 'cpu'})" in done.output
-    assert re.search(r"sdxl-base\[bf16\]\s+PASS\s.*\s1\.0000\s+inf\s", done.output)
+    row = re.search(r"sdxl-base\[bf16\]\s+PASS\s+\S+\s+\S+\s+\S+\s+(\d\.\d{4})\s+(inf|\d+\.\d+)\s", done.output)
+    assert row and float(row[1]) >= 0.999 and float(row[2]) >= 40, done.output[-3000:]
     history = sorted((team["folder"] / ".fluxgate" / "history").glob("*.json"))
     run = json.loads(history[-1].read_text())
     # the packaged hook's environment field, declared comparable
