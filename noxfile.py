@@ -175,9 +175,9 @@ def _chromium(session: nox.Session) -> None:
 
 
 # `nox -s tests`, phase by phase: every phase runs, and the session fails at the end if any did. The timing tests
-# (`-m timing`: they judge measured speed) run alone, after the rest has run on two cores through pytest-xdist, whole
-# files per worker (module fixtures such as test_faults' runs are made once; tests/conftest.py puts the
-# subprocess-heavy files first).
+# (`-m timing`: they judge measured speed) run after the rest, with only the tiny matrix beside them (BESIDE). The
+# rest runs on two cores through pytest-xdist, whole files per worker (module fixtures such as test_faults' runs are
+# made once; tests/conftest.py puts the subprocess-heavy files first).
 TEST_PHASES = (
     ("unit and integration tests", ("tests", "-m", "not timing", "-n", "2", "--dist", "loadfile")),
     ("timing tests", ("tests", "-m", "timing")),
@@ -204,19 +204,37 @@ def _stop(process: subprocess.Popen | None) -> None:
 def tests(session: nox.Session) -> None:
     """CPU unit and integration tests (on two cores), the timing tests with the tiny matrix on CPU against
     baselines/cpu beside them (what CI runs). Every phase runs; the session fails at the end if one failed."""
-    apt = threading.Thread(target=_chromium, args=(session,))  # Debian's download beside pip's unpacking
+    failures: list[BaseException] = []
+
+    def chromium() -> None:
+        try:
+            _chromium(session)
+        except BaseException as error:  # raised in this session below, as if run in turn
+            failures.append(error)
+
+    apt = threading.Thread(target=chromium)  # Debian's download beside pip's unpacking
     apt.start()
     try:
         TORCH_ENV.python(session)
     finally:
         apt.join()
+    if failures:
+        raise failures[0]
     if TORCH_ENV.run(session, "-c", "", silent=True) is None:  # `nox --install-only`: made, nothing runs
         return
+    with tempfile.TemporaryDirectory(prefix="fluxgate-tests-") as folder:
+        failed = _test_phases(session, Path(folder))
+    if failed:
+        session.error(f"failed: {'; '.join(failed)}")
+
+
+def _test_phases(session: nox.Session, logs: Path) -> list[str]:
+    """Run TEST_PHASES (BESIDE[1] in the background beside BESIDE[0], its output into `logs`); the failed ones."""
     failed, numbers = [], {phase: number for number, (phase, _) in enumerate(TEST_PHASES, 1)}
     for number, (phase, args) in enumerate(TEST_PHASES, 1):
         if phase == BESIDE[1]:
             continue  # started with BESIDE[0]
-        beside, log = None, Path(tempfile.mkdtemp(prefix="fluxgate-tests-")) / "tiny-matrix.log"
+        beside, log = None, logs / "tiny-matrix.log"
         if phase == BESIDE[0]:
             session.log(f"phase {numbers[BESIDE[1]]}/{len(TEST_PHASES)}: {BESIDE[1]}, beside phase {number} (its "
                         "output follows that phase's)")
@@ -239,8 +257,7 @@ def tests(session: nox.Session) -> None:
             print(log.read_text(errors="replace"), end="", flush=True)
             if code:
                 failed.append(f"{BESIDE[1]} (pytest exit code {code})")
-    if failed:
-        session.error(f"failed: {'; '.join(failed)}")
+    return failed
 
 
 @shared_session

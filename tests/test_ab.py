@@ -348,6 +348,29 @@ def test_a_small_slow_or_fast_is_judged_again_on_a_second_load_of_both_sides(bia
     assert list(record.ab.loads) == loads
 
 
+def test_a_second_load_that_fails_leaves_the_first_verdict_standing_unconfirmed():
+    """The candidate's worker cannot load the combo again (out of memory with the candidate loaded first): the
+    first load's FAST stands, saying it was not confirmed; the combo is not an error."""
+    from fluxgate import ab_combo
+    from fluxgate.ab_sides import SideError
+    from fluxgate.matrix import Combo
+
+    class Refusing(BiasedSide):
+        def ask(self, message):
+            if message["op"] == "load" and self.loads == 1:
+                self.loads += 1
+                self.log.append("candidate:load")
+                raise SideError("candidate side: OutOfMemory: ...", oom=True)
+            return super().ask(message)
+
+    log = []
+    sides = {"base": BiasedSide("base", log), "candidate": Refusing("candidate", log, (-0.008, -0.008, -0.008))}
+    result, _ = ab_combo.measure_combo(Combo("flux1-dev", "fp8-scaled"), sides, paired.PairedPolicy(), 1e9,
+                                       interleave.Limits())
+    assert result.verdict.outcome == paired.FAST and "not confirmed on a second load" in result.verdict.message
+    assert {pair.load for pair in result.pairs} == {1} and log.count("candidate:load") == 3  # again for judging
+
+
 # --- the whole run against fake sides: total budget, progress, steps per model, summary, wall time -----------------
 
 class SleepySide:

@@ -130,6 +130,13 @@ def test_a_small_load_bias_is_judged_again_on_another_load_as_a_live_run_s_secon
     assert row.detected(0.02) == 1.0
     (alone,) = ab_card.build(ab_run(0, ratios[:6]), "nvidia-h200", simulations=200)
     assert alone.false_alarms == 1.0  # with no other load to judge it on, the biased load's SLOW stands
+    # a block without usable steps is dropped after its load is known: the loads stay apart
+    base, candidate = ab_run(0, ratios, loads=(1,) * 6 + (2,) * 6)
+    steps = list(candidate.metrics.step_times_s)
+    steps[7 * 2] = 0.0  # block 3 of load 1
+    candidate = replace(candidate, metrics=replace(candidate.metrics, step_times_s=steps))
+    loads = ab_card.combo_loads(base, candidate)
+    assert [len(load) for load in loads] == [5, 6] and min(r for r, _ in loads[1]) < 1.002 < max(r for r, _ in loads[0])
 
 
 def test_disturbed_blocks_are_set_aside_in_the_simulation_as_in_a_live_run():

@@ -233,9 +233,24 @@ def test_loads_that_agree_keep_the_verdict_and_one_that_does_not_makes_it_unknow
     assert refuted.outcome == UNKNOWN and refuted.blocks == 6 and "side bias a load can carry" in refuted.message
     assert refuted.ratio == pytest.approx(math.sqrt(1.012 * 1.001), abs=1e-4)
     untried = confirm(first, None, policy)
-    assert untried.outcome == SLOW and "not confirmed on a second load (no time left" in untried.message
+    assert untried.outcome == SLOW and "not confirmed on a second load (none was made)" in untried.message
     large = judge([1.04, 1.041, 1.039])
     assert confirm(large, judge([1.0, 1.001, 0.999]), policy) is large
+    image = confirm(first, judge([1.001, 1.0011, 1.0009]), policy, "image time")
+    assert image.message.startswith("UNKNOWN: candidate/base image time")
+    empty = confirm(first, judge([], out_of_budget=True), policy)  # a second load without a block
+    assert empty.outcome == UNKNOWN and empty.ratio == first.ratio and "nan" not in empty.message
+
+
+def test_a_host_synchronous_combo_confirms_up_to_twice_its_effect_and_a_cpu_never():
+    from fluxgate.judging.paired import HOST_SYNC_EFFECT, confirm, host_synchronous, needs_second_load
+
+    policy = host_synchronous(PairedPolicy())
+    assert policy.confirm_below == 2 * HOST_SYNC_EFFECT
+    fast = judge([0.955, 0.9551, 0.9549], policy)  # -4.5 %: a host-synchronous load's bias reached -3.7 %
+    assert fast.outcome == FAST and needs_second_load(fast, policy)
+    assert confirm(fast, judge([0.99, 0.991, 0.989], policy), policy).outcome == UNKNOWN
+    assert host_synchronous(CPU_POLICY).confirm_below == 0.0
 
 
 def test_a_second_load_stops_load_bias_alarms_and_keeps_two_percent_slow():

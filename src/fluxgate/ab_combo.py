@@ -100,8 +100,9 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
 
         result = blocks(budget_s)
         if interleave.needs_second_load(result, policy) and not alternating:  # alternating: every image a new load
-            result = interleave.two_loads(result, _second_load(combo.id, result, sides, load, blocks, budget_s,
-                                                               deadline, policy), policy, limits)
+            second = _second_load(combo.id, result, sides, load, blocks, budget_s, deadline, policy,
+                                  phases["load_s"], judging_s[0])
+            result = interleave.two_loads(result, second, policy, limits)
         phases["blocks_s"] = result.seconds
         if baselines_dir is not None:
             started = time.monotonic()
@@ -123,25 +124,39 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
 
 
 def _second_load(combo: str, first: interleave.ComboResult, sides: dict[str, Side], load, blocks, budget_s: float,
-                 deadline: float | None, policy) -> interleave.ComboResult | None:
+                 deadline: float | None, policy, reload_s: float, reserve_s: float) -> interleave.ComboResult | None:
     """The blocks of a second load of both sides (the candidate loaded first this time), for a SLOW or FAST under the
-    policy's `confirm_below` (`paired.confirm`): as many seconds as the first load had, within `deadline`; None when
-    what is left would not hold the policy's fewest blocks."""
+    policy's `confirm_below` (`paired.confirm`): up to `budget_s` seconds of blocks again, within `deadline` after
+    the reload (estimated as `reload_s`, the first loads' time) and the candidate's judging (`reserve_s`, estimated);
+    None when that would not hold the policy's fewest blocks, or when a side fails to load or image again (said in a
+    line; the first load's verdict then stands unconfirmed, the candidate loaded again for its judging if it can
+    be)."""
     per_block = first.seconds / max(1, len(first.pairs))
-    seconds = budget_s if deadline is None else min(budget_s, deadline - time.monotonic())
+    left = budget_s if deadline is None else min(budget_s, deadline - time.monotonic() - reload_s - reserve_s)
     shown = first.verdict if paired.needs_second_load(first.verdict, policy) else first.image_verdict
-    if seconds < per_block * (policy.min_blocks + 1):
+    if left < per_block * (policy.min_blocks + 1):
         print(f"  {combo}: {shown.outcome} at {shown.ratio - 1:+.2%} on one load; no time left to confirm it on a "
               "second", file=sys.stderr, flush=True)
         return None
     print(f"  {combo}: {shown.outcome} at {shown.ratio - 1:+.2%} on one load, under the "
           f"{policy.confirm_below:.1%} a load's own bias could explain: loading both sides again to confirm",
           file=sys.stderr, flush=True)
-    for side in sides.values():
-        side.ask({"op": "unload"})
-    load(CANDIDATE)
-    load(BASE)
-    return blocks(seconds, len(first.pairs))
+    try:
+        for side in sides.values():
+            side.ask({"op": "unload"})
+        load(CANDIDATE)
+        load(BASE)
+        seconds = budget_s if deadline is None else min(budget_s, deadline - time.monotonic() - reserve_s)
+        return blocks(max(0.0, seconds), len(first.pairs))
+    except SideError as error:
+        print(f"  {combo}: the second load failed ({error}); the first load's verdict stands unconfirmed",
+              file=sys.stderr, flush=True)
+        try:
+            sides[BASE].ask({"op": "unload"})
+            load(CANDIDATE)  # for the candidate's judging; a side that died fails it there, saying so
+        except SideError:
+            pass
+        return None
 
 
 def _judge(result: interleave.ComboResult, candidate: Side, baselines_dir: Path, steps: int | None,

@@ -191,9 +191,11 @@ def two_loads(first: ComboResult, second: ComboResult | None, policy: paired.Pai
                        image_verdict=first.image_verdict and paired.confirm(first.image_verdict, None, policy))
     for pair in second.pairs:
         pair.load = 2
-    image_verdict = first.image_verdict if second.image_verdict is None else \
-        second.image_verdict if first.image_verdict is None else \
-        paired.confirm(first.image_verdict, second.image_verdict, policy)
+    image_verdict = None
+    if first.image_verdict is not None:  # the second load's blocks time images as the first's did
+        image_verdict = paired.confirm(first.image_verdict, second.image_verdict, policy, "image time")
+        if image_verdict.outcome == paired.UNKNOWN and image_verdict is not first.image_verdict:
+            image_verdict = replace(image_verdict, message="image " + image_verdict.message)
     combined = summarize(first.combo, paired.confirm(first.verdict, second.verdict, policy),
                          first.pairs + second.pairs, first.seconds + second.seconds, limits, first.alternating_loads,
                          second.images or first.images, image_verdict)

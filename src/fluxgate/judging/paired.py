@@ -66,7 +66,7 @@ class PairedPolicy:
     # steps, a periodic sync) or "median" (a noisy host's preempted steps do not).
     statistic: str = "mean"
     # A SLOW or FAST verdict whose shift is under this stands only when a second load of both sides shows it too
-    # (`confirm`; 0: never). Each load of a combo carries its own side bias, steady over all its blocks, so one load's
+    # (`confirm`; 0: never; combos whose loads alternate load for every image, so their blocks span loads already). Each load of a combo carries its own side bias, steady over all its blocks, so one load's
     # interval cannot see it: on an H100 (20261207T211207Z-d610c3 to -213305Z-e6a216, identical trees)
     # z-image-turbo[fp8-scaled]'s loads sat at -0.79, -0.40, -0.38, -0.26, -0.16, +0.08 and +0.39 %, each within
     # ±0.05 % over its own blocks, and flux1-dev[fp8-scaled]'s at -0.42, -0.35, -0.13, +0.15 and +0.26 %: about 0.35 %
@@ -95,9 +95,12 @@ HOST_SYNC_EFFECT = 0.04
 
 
 def host_synchronous(policy: PairedPolicy) -> PairedPolicy:
-    """`policy` for a host-synchronous combo: SLOW / FAST from a HOST_SYNC_EFFECT shift, SAME within ± that."""
+    """`policy` for a host-synchronous combo: SLOW / FAST from a HOST_SYNC_EFFECT shift, SAME within ± that; a SLOW
+    or FAST under twice that judged again on a second load (where the policy confirms at all): its loads' own biases
+    reached 3.7 %."""
     return replace(policy, min_effect=max(policy.min_effect, HOST_SYNC_EFFECT),
-                   equivalence=max(policy.equivalence, HOST_SYNC_EFFECT))
+                   equivalence=max(policy.equivalence, HOST_SYNC_EFFECT),
+                   confirm_below=max(policy.confirm_below, 2 * HOST_SYNC_EFFECT) if policy.confirm_below else 0.0)
 
 
 def policy_for(device_type: str) -> PairedPolicy:
@@ -271,28 +274,31 @@ def needs_second_load(verdict: PairedVerdict | None, policy: PairedPolicy) -> bo
     return verdict is not None and verdict.outcome in (SLOW, FAST) and abs(verdict.ratio - 1) < policy.confirm_below
 
 
-def confirm(first: PairedVerdict, second: PairedVerdict | None, policy: PairedPolicy) -> PairedVerdict:
-    """`first` (one load's verdict) after `second`, the same comparison on a second load of both sides (None: there
-    was no time for one). Unchanged unless `needs_second_load(first)`. Agreeing loads keep the outcome, shown with the
-    load of the smaller shift (its ratio and interval) and both loads' blocks; a second load that does not show it is
-    UNKNOWN (the shift is within the side bias one load can carry), at the two loads' geometric mean ratio; without
-    a second load the verdict stands, saying it was not confirmed."""
+def confirm(first: PairedVerdict, second: PairedVerdict | None, policy: PairedPolicy,
+            measure: str = "step time") -> PairedVerdict:
+    """`first` (one load's verdict) after `second`, the same comparison on a second load of both sides (None: none
+    was made: no time left, or a side failed). Unchanged unless `needs_second_load(first)`. Agreeing loads keep the
+    outcome, shown with the load of the smaller shift (its ratio and interval) and both loads' blocks; a second load
+    that does not show it is UNKNOWN (the shift is within the side bias one load can carry), at the two loads'
+    geometric mean ratio (the first's where the second measured none), its message naming `measure` ("step time",
+    "image time"); without a second load the verdict stands, saying it was not confirmed."""
     if not needs_second_load(first, policy):
         return first
     if second is None:
-        return replace(first, message=f"{first.message}; not confirmed on a second load (no time left for one)")
+        return replace(first, message=f"{first.message}; not confirmed on a second load (none was made)")
+    shift = f"{second.ratio - 1:+.2%}" if math.isfinite(second.ratio) else "no ratio"
     loads = (f"first load {first.ratio - 1:+.2%} ({first.outcome}, {first.blocks} blocks), second load "
-             f"{second.ratio - 1:+.2%} ({second.outcome}, {second.blocks} blocks)")
+             f"{shift} ({second.outcome}, {second.blocks} blocks)")
     if second.outcome == first.outcome:
         kept = min((first, second), key=lambda verdict: abs(verdict.ratio - 1))
         return replace(kept, blocks=first.blocks + second.blocks,
                        message=f"{kept.message}; on two loads of both sides: {loads}")
-    ratio = math.sqrt(first.ratio * second.ratio)
+    ratio = math.sqrt(first.ratio * second.ratio) if math.isfinite(second.ratio) else first.ratio
     lows = [v.low for v in (first, second) if math.isfinite(v.low)]
     highs = [v.high for v in (first, second) if math.isfinite(v.high)]
     low, high = min(lows, default=math.nan), max(highs, default=math.nan)
     return PairedVerdict(UNKNOWN, ratio, low, high, first.blocks + second.blocks,
-                         f"UNKNOWN: candidate/base step time {ratio:.4f} ({ratio - 1:+.2%}) over two loads of both "
+                         f"UNKNOWN: candidate/base {measure} {ratio:.4f} ({ratio - 1:+.2%}) over two loads of both "
                          f"sides: {loads}; a shift under {policy.confirm_below:.1%} that one load shows and another "
                          "does not is the side bias a load can carry")
 

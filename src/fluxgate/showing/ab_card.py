@@ -96,12 +96,30 @@ def combo_blocks(base: Record, candidate: Record, policy: paired.PairedPolicy = 
     """Every block of one combo of an A/B run, in order, set-aside ones included: (ratio, `paired.disturbance`)
     from the two sides' per-image step times (block i is image i of each side); when they cannot be split, the
     recorded `ab.ratios` without disturbances."""
+    return [block for load in combo_loads(base, candidate, policy) for block in load]
+
+
+def combo_loads(base: Record, candidate: Record, policy: paired.PairedPolicy = paired.PairedPolicy()
+                ) -> list[list[Block]]:
+    """`combo_blocks` cut into the run's loads of both sides (`ABVerdict.loads`: a SLOW or FAST judged again on a
+    second load), each load's blocks in order: each load carries its own side bias. One load when the record names
+    none, or names another count of blocks than it recorded."""
     bases, candidates = _images(base), _images(candidate)
     if bases and len(bases) == len(candidates):
-        return [(paired.block_ratio(b, c, policy.statistic), paired.disturbance(b, c, policy))
-                for b, c in zip(bases, candidates) if min(b) > 0 and min(c) > 0]
-    recorded = candidate.ab.ratios if candidate.ab is not None else ()
-    return [(float(r), None) for r in recorded if r and math.isfinite(r) and r > 0]
+        blocks = [(paired.block_ratio(b, c, policy.statistic), paired.disturbance(b, c, policy))
+                  if min(b) > 0 and min(c) > 0 else None for b, c in zip(bases, candidates)]
+    else:
+        recorded = candidate.ab.ratios if candidate.ab is not None else ()
+        blocks = [(float(r), None) if isinstance(r, (int, float)) and math.isfinite(r) and r > 0 else None
+                  for r in recorded]
+    loads = list(getattr(candidate.ab, "loads", None) or ())
+    if len(loads) != len(blocks):
+        loads = [1] * len(blocks)
+    cut: dict[int, list[Block]] = {}
+    for load, block in zip(loads, blocks):
+        if block is not None:  # a block without usable steps, after its load is known
+            cut.setdefault(load, []).append(block)
+    return [cut[load] for load in sorted(cut)]
 
 
 def block_ratios(base: Record, candidate: Record) -> list[float]:
@@ -130,29 +148,16 @@ def _ab_pairs(records: Iterable[Record], gpu_class: str) -> list[tuple[str, Reco
 
 def aa_runs(records: Iterable[Record], gpu_class: str, policy: paired.PairedPolicy | None = None
             ) -> dict[str, list[list[Block]]]:
-    """combo -> the blocks of each of the class's A/A A/B runs of it (`combo_blocks`), from history records (both
-    sides' run files among them). Runs under host contention are left out."""
+    """combo -> the blocks of each load of each of the class's A/A A/B runs of it (`combo_loads`), from history
+    records (both sides' run files among them). Runs under host contention are left out."""
     policy = policy or policy_of(gpu_class)
     runs: dict[str, list[list[Block]]] = {}
     for combo, base, candidate in _ab_pairs(records, gpu_class):
         if not is_a_a(base.env, candidate.env) or (candidate.ab is not None and candidate.ab.contention):
             continue
-        for load in _loads(combo_blocks(base, candidate, policy), candidate.ab):
+        for load in combo_loads(base, candidate, policy):  # each load its own run: its own side bias
             runs.setdefault(combo, []).append(load)
     return runs
-
-
-def _loads(blocks: list[Block], ab) -> list[list[Block]]:
-    """A combo's blocks cut into its loads of both sides (`ABVerdict.loads`: a SLOW or FAST judged again on a second
-    load): each load carries its own side bias, so each is a run of its own here. One load when the record names
-    none, or names another count of blocks."""
-    loads = list(getattr(ab, "loads", None) or ())
-    if len(loads) != len(blocks):
-        return [blocks] if blocks else []
-    cut: dict[int, list[Block]] = {}
-    for load, block in zip(loads, blocks):
-        cut.setdefault(load, []).append(block)
-    return [cut[load] for load in sorted(cut)]
 
 
 def partition(runs: Sequence[Sequence[Block]]) -> tuple[list[list[Block]], list[list[Block]]]:
@@ -316,12 +321,15 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
              f"injected; up to {runs} usable runs per combo: of {MIN_RUN_BLOCKS}+ blocks, or {MIN_BLOCKS}+ where "
              f"none is that long): {simulations} sequential comparisons per combo, each picking one usable run and "
              "taking its blocks' candidate/base ratios in a random order, without replacement, then drawing from "
-             "the same run again up to the rule's block limit; judged after each block by the A/B rule "
+             "the same run again up to the rule's block limit (a run here is one load of both sides: a run that "
+             "judged a combo again on a second load counts as two); judged after each block by the A/B rule "
              f"(`judging.paired`: ±{policy.equivalence:.1%} equivalence, {policy.min_effect:.2%} effect, "
              f"{policy.confidence:.1%} per look, {policy.min_blocks}-{policy.max_blocks} judged blocks, up to "
              f"{policy.max_disturbed} disturbed blocks set aside unless they keep to one side"
              + (f"; host-synchronous combos at ±{paired.host_synchronous(policy).min_effect:.0%}" if synchronous
-                else "") + "; no time budget). A false alarm is SLOW or "
+                else "") + f"; a SLOW or FAST under {policy.confirm_below:.1%} judged again on another recorded "
+             "load, as a live run's second load judges it, standing only if that agrees; no time budget). A false "
+             "alarm is SLOW or "
              "FAST on the ratios as recorded; detection is SLOW with every ratio stretched by the effect. Each cell: "
              "the share of the simulated comparisons (the mean blocks they judged). Each simulated comparison is a "
              "live run on one recorded load (its side bias and spread); recorded runs cannot show a spread they did "
