@@ -20,6 +20,8 @@ from fluxgate.showing import ab_card, card, dashboard, decision, figures, publis
 from fluxgate.storing.local import LocalFolderStore
 from fluxgate.storing.names import contained
 
+pytestmark = pytest.mark.slow  # hypothesis through every reader: ~50 s
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "baselines" / "cpu" / "runs" / "20261130T104623Z-568428.json"
 PAYLOAD = "<img src=x onerror=alert(1)>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fluxgate import defaults
@@ -11,6 +12,8 @@ from fluxgate.judging import similarity
 from fluxgate.matrix import Combo
 from fluxgate.measuring.runner import Inputs, Runner
 from fluxgate.weights.tiny import TinySource
+
+pytestmark = pytest.mark.slow  # torch.compile on the CPU: ~30-40 s
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,8 @@ from PIL import Image
 
 from fluxgate.judging import tripwire
 
+pytestmark = pytest.mark.slow  # every committed reference image against noise: ~40 s
+
 BASELINES = Path(__file__).resolve().parents[1] / "baselines"
 REAL = sorted([*BASELINES.glob("*/*.png"), *BASELINES.glob("*/*/*.png")])  # flat, or one folder per model
 
