@@ -27,6 +27,7 @@ class Runner:
                  telemetry_interval_s: float = 0.1, cases: int | None = None, model_steps: dict | None = None,
                  prepare_pipeline: Callable[[Any, Combo], None] | None = None):
         quiet.quiet_libraries()
+        memory.freeze_imports()
         self.prepare_pipeline = prepare_pipeline or (lambda pipe, combo: None)  # the hook before warm-up and timing
         self.profile, self.device, self.source, self.inputs = profile, device, source, inputs
         self.case_count = cases  # images per combo; None: the profile's (`ImageSettings.cases`)
