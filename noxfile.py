@@ -120,8 +120,8 @@ class SharedEnv:
         python = self.python(session)
         session.log(f"{shlex.join(['python', *args])} (in the background, into {log})")
         with open(log, "wb") as out:
-            return subprocess.Popen([shutil.which(python, path=self._env(python).get("PATH")) or python, *args],
-                                    env={**os.environ, **self._env(python)}, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen([python, *args], env={**os.environ, **self._env(python)}, stdout=out,
+                                    stderr=subprocess.STDOUT)
 
 
 def _pure_python_wheel(env: SharedEnv, extra: str) -> list[str]:

@@ -31,10 +31,10 @@ Memory (candidate/base peak GiB) and similarity
 Each side is measured with the same options; each reads its own tree's fixtures/prompts.toml (else fluxgate's
 packaged prompts) unless --prompts names one for both. --steps sets the denoising steps of every image on both sides
 (fewer than the model's default: more blocks in the same time; the verdict is on per-step times, so it keeps its
-meaning). --budget-s bounds each combo's blocks on one load (a SLOW or FAST under 2.5 % gets a second load of both sides with
-up to that again), --total-budget-s the whole run: each combo gets at most its share of what is left, second load
-included (combos whose share is gone are listed as not measured). Progress goes to stderr, one line per combo
-and per block; the run ends with its wall time and the seconds inside timed steps (the figure to put next to a
+meaning). --budget-s bounds each combo's blocks on one load (a SLOW or FAST under 2.5 % gets a second load of both
+sides with up to that again), --total-budget-s the whole run: each combo gets at most its share of what is left,
+second load included (combos whose share is gone are listed as not measured). Progress goes to stderr, one line per
+combo and per block; the run ends with its wall time and the seconds inside timed steps (the figure to put next to a
 one-sided run's).
 
 --own-envs makes (or reuses) one virtualenv per side under --envs-dir (`venv-base`, `venv-candidate`): `python -m

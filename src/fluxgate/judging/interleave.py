@@ -196,10 +196,9 @@ def two_loads(first: ComboResult, second: ComboResult | None, policy: paired.Pai
         image_verdict = paired.confirm(first.image_verdict, second.image_verdict, policy, "image time")
         if image_verdict.outcome == paired.UNKNOWN and image_verdict is not first.image_verdict:
             image_verdict = replace(image_verdict, message="image " + image_verdict.message)
-    combined = summarize(first.combo, paired.confirm(first.verdict, second.verdict, policy),
-                         first.pairs + second.pairs, first.seconds + second.seconds, limits, first.alternating_loads,
-                         second.images or first.images, image_verdict)
-    return combined
+    return summarize(first.combo, paired.confirm(first.verdict, second.verdict, policy),
+                     first.pairs + second.pairs, first.seconds + second.seconds, limits, first.alternating_loads,
+                     second.images or first.images, image_verdict)
 
 
 def summarize(combo: str, verdict: paired.PairedVerdict, pairs: list[Pair], seconds: float, limits: Limits,

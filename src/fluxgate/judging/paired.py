@@ -66,8 +66,9 @@ class PairedPolicy:
     # steps, a periodic sync) or "median" (a noisy host's preempted steps do not).
     statistic: str = "mean"
     # A SLOW or FAST verdict whose shift is under this stands only when a second load of both sides shows it too
-    # (`confirm`; 0: never; combos whose loads alternate load for every image, so their blocks span loads already). Each load of a combo carries its own side bias, steady over all its blocks, so one load's
-    # interval cannot see it: on an H100 (20261207T211207Z-d610c3 to -213305Z-e6a216, identical trees)
+    # (`confirm`; 0: never; combos whose loads alternate load for every image, so their blocks span loads already).
+    # Each load of a combo carries its own side bias, steady over all its blocks, so one load's interval cannot see
+    # it: on an H100 (20261207T211207Z-d610c3 to -213305Z-e6a216, identical trees)
     # z-image-turbo[fp8-scaled]'s loads sat at -0.79, -0.40, -0.38, -0.26, -0.16, +0.08 and +0.39 %, each within
     # ±0.05 % over its own blocks, and flux1-dev[fp8-scaled]'s at -0.42, -0.35, -0.13, +0.15 and +0.26 %: about 0.35 %
     # from load to load, and the -0.79 % load was an A/A FAST. 2.5 % is seven such deviations: a larger shift is no

@@ -183,8 +183,8 @@ def simulate(runs: Sequence[Sequence[Block]], policy: paired.PairedPolicy, effec
     So every simulated comparison is a live run on that load: its side bias and spread, its blocks in another order
     (pooling runs would average each load's bias away; drawing a dozen blocks with replacement from the start repeats
     a few and looks surer than any real run). A SLOW or FAST that a live run would judge again on a second load
-(`paired.needs_second_load`) is confirmed on another usable run, as that load (`paired.confirm`); with no other run
-it stands. `runs` may also be plain ratios (one run, no disturbances)."""
+    (`paired.needs_second_load`) is confirmed on another usable run, as that load (`paired.confirm`); with no other
+    run it stands. `runs` may also be plain ratios (one run, no disturbances)."""
     pools = usable(runs)
     if not pools:
         return {}, math.nan
