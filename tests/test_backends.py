@@ -168,6 +168,29 @@ def test_comfy_backend_image_stays_inside_the_8bit_tier_against_bf16(comfy_tiny_
     assert similarity.ms_ssim >= limit["min_ms_ssim"] and similarity.psnr_db >= limit["min_psnr_db"], similarity
 
 
+@pytest.mark.parametrize("input_scale", [1.0, 2.0 ** -7])
+def test_a_comfy_layer_quantizes_its_input_with_the_static_scale_as_comfyui_does(input_scale):
+    """ComfyUI's forward: x / input_scale, clamped to +-448, cast to e4m3 (no amax), times the weight's one scale.
+    At 2^-7 the clamp cuts the inputs (|x| up to ~16 -> 2048): a layer that ignored the scale would be far off."""
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+
+    generator = torch.Generator().manual_seed(3)
+    weight, inputs = torch.randn(32, 64, generator=generator), torch.randn(2, 5, 64, generator=generator) * 4
+    layer = BFLFP8RLinear(64, 32, bias=False, compute_dtype=torch.bfloat16)
+    w_scale = weight.abs().amax() / 448
+    layer.weight.data = (weight / w_scale).to(torch.float8_e4m3fn)
+    layer.weight_scale = w_scale.expand(32).contiguous()
+    layer.register_buffer("input_scale", torch.tensor(input_scale))
+    comfy = fp8_comfy.ComfyFP8Linear.from_fp8r(layer, torch.bfloat16)
+    assert float(comfy.input_scale) == input_scale
+    inputs = inputs.to(torch.bfloat16)
+    x_q = (inputs.float().reshape(-1, 64) / input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * input_scale
+    expected = (x_q @ (layer.weight.float() * w_scale).T).reshape(2, 5, 32)
+    error = float((comfy(inputs).float() - expected).abs().max())
+    assert error < 0.005 * float(expected.abs().max()), error  # bf16's rounding of the output
+
+
 def test_the_registry_holds_the_comfy_backend_with_its_origin():
     assert BACKENDS["fp8-scaled@comfy"].backend == "comfy" and BACKENDS.origin("fp8-scaled@comfy") == "fluxgate"
 

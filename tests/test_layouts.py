@@ -47,13 +47,34 @@ def test_one_scale_per_tensor_fp8_becomes_per_row_fp8r_with_the_same_values(tmp_
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     scale = weight.abs().max() / 448
     comfy = {"l.weight": (weight / scale).to(torch.float8_e4m3fn), "l.weight_scale": scale.reshape(()),
-             "l.input_scale": torch.tensor(1.0), "l.comfy_quant": comfy_marker("float8_e4m3fn"),
+             "l.input_scale": torch.tensor(0.25), "l.comfy_quant": comfy_marker("float8_e4m3fn"),
              "l.bias": torch.zeros(32, dtype=torch.bfloat16)}
     adapted, changed = layouts.fp8_scales_to_fp8r(comfy, tmp_path / "x.safetensors")
-    assert changed == 1 and set(adapted) == {"l.weight", "l.weight_scale", "l.bias"}
+    assert changed == 1 and set(adapted) == {"l.weight", "l.weight_scale", "l.input_scale", "l.bias"}
     assert adapted["l.weight_scale"].shape == (32,)
+    assert adapted["l.input_scale"].shape == () and float(adapted["l.input_scale"]) == 0.25  # ComfyUI's static scale
     restored = dequantize_fp8r(adapted["l.weight"], adapted["l.weight_scale"]).float()
     assert float((restored - weight).norm() / weight.norm()) < 0.04  # e4m3's own rounding (~0.026)
+    legacy = {"l.weight": comfy["l.weight"], "l.scale_weight": scale.reshape(1), "l.scale_input": torch.tensor([0.5]),
+              "scaled_fp8": torch.empty(2, dtype=torch.float8_e4m3fn)}
+    adapted, _ = layouts.fp8_scales_to_fp8r(legacy, tmp_path / "x.safetensors")  # convert_old_quants' renaming
+    assert set(adapted) == {"l.weight", "l.weight_scale", "l.input_scale"} and float(adapted["l.input_scale"]) == 0.5
+
+
+@pytest.mark.parametrize("value, problem", [
+    (torch.tensor([1.0, 2.0]), r"l.input_scale has shape \[2\]; a static activation scale is one number"),
+    (torch.tensor(float("nan")), "l.input_scale is nan; a static activation scale is a finite number above 0"),
+    (torch.tensor(-1.0), "l.input_scale is -1.0; a static activation scale is a finite number above 0"),
+    (torch.tensor(0.0), "l.input_scale is 0.0; a static activation scale is a finite number above 0"),
+])
+def test_a_static_activation_scale_that_is_not_one_positive_number_is_refused_naming_it(tmp_path, value, problem):
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(torch.float8_e4m3fn)
+    with pytest.raises(FixtureError, match=f"x.safetensors: {problem}"):
+        layouts.fp8_scales_to_fp8r({"l.weight": weight, "l.weight_scale": torch.tensor(0.1), "l.input_scale": value},
+                                   tmp_path / "x.safetensors")
+    with pytest.raises(FixtureError, match="l.input_scale is an activation scale without an e4m3 `l.weight`"):
+        layouts.fp8_scales_to_fp8r({"l.weight": torch.zeros(32, 64), "l.input_scale": torch.tensor(1.0)},
+                                   tmp_path / "x.safetensors")
 
 
 @pytest.fixture(scope="module")

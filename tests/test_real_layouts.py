@@ -215,3 +215,28 @@ def test_every_layout_loads_under_every_key_prefix(root, pipelines, layout, pref
     assert ("left out" in origin["path"]) == full
     mine, theirs = loaded.state_dict(), reference.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_comfy_fp8_files_static_input_scales_reach_each_layer_and_the_comfy_backend(root, pipelines, monkeypatch):
+    """ComfyUI quantizes each fp8 linear's input with the file's `input_scale` (legacy `scale_input`): after
+    diffusers' key conversion (FLUX.2's fused qkv split in three) every fp8r layer holds its file layer's number,
+    and the comfy backend's layers quantize with it."""
+    scales: dict[str, float] = {}
+
+    def with_input_scale(layer: str, weight: torch.Tensor) -> dict:
+        scales[layer] = 0.5 + len(scales) / 64  # a different number per file layer
+        return {**S.comfy_fp8(layer, weight), f"{layer}.input_scale": torch.tensor(scales[layer])}
+
+    monkeypatch.setitem(S.COMFY_FORMAT, with_input_scale, "float8_e4m3fn")
+    loaded, origin = S.load_real(_safetensors(with_input_scale, "tensors")(root, "comfy-fp8-input-scales"),
+                                 "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+    assert f"{len(scales)} static input_scale kept" in origin["path"]
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+
+    held = {name: float(module.input_scale) for name, module in loaded.named_modules()
+            if isinstance(module, BFLFP8RLinear)}
+    assert len(held) >= len(scales) and set(held.values()) == set(scales.values()), (held, scales)
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    fp8_comfy.to_comfy(loaded)
+    assert {name: float(module.input_scale) for name, module in loaded.named_modules()
+            if isinstance(module, fp8_comfy.ComfyFP8Linear)} == held

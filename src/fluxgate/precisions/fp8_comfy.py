@@ -13,7 +13,8 @@ Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight,
 `transform` swaps each such layer for a `ComfyFP8Linear`. A ComfyUI per-tensor file, as the real profile loads it
 (`weights.layouts`: the scalar repeated per row), keeps its exact numbers; per-row scales that differ (BFL fp8r,
 the tiny and synthetic profiles' files) are re-quantized to one scale per tensor (amax / 448), which adds one
-rounding. The real profile's loader drops `input_scale` today, so its combos quantize inputs at 1.0.
+rounding. A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
+(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0.
 
 Where it runs: CUDA devices with FP8 tensor cores (compute capability 8.9+, comfy-kitchen's
 `TensorCoreFP8Layout.MIN_SM_VERSION`) and CPUs (comfy-kitchen's eager backend; torch's CPU `scaled_mm` computes
@@ -50,8 +51,8 @@ class ComfyFP8Linear(torch.nn.Module):
     @classmethod
     def from_fp8r(cls, layer: torch.nn.Module, compute_dtype: torch.dtype) -> "ComfyFP8Linear":
         """From a loaded `BFLFP8RLinear` (e4m3 `weight` `[N, K]`, fp32 `weight_scale` `[N]`): its weight as is when
-        every row has one scale, else re-quantized to one scale per tensor. Its `input_scale`, if a loader kept
-        one, else 1.0."""
+        every row has one scale, else re-quantized to one scale per tensor. Its `input_scale` (the file's static
+        activation scale, `fp8_scaled.keep_fp8r_input_scales`), else 1.0."""
         weight, row_scale = layer.weight.detach(), layer.weight_scale.detach().float()
         if bool((row_scale == row_scale[0]).all()):
             params = TensorCoreFP8Layout.Params(scale=row_scale[0].clone(), orig_dtype=compute_dtype,

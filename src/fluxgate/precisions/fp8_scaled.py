@@ -3,12 +3,18 @@
 Layout (diffusers `quantizers/bfl/utils.py`, `quantize_fp8r`): a quantized linear's `weight` is float8_e4m3fn
 `[N, K]` with an fp32 per-row `weight_scale` `[N]` (row amax / 448); everything else is bfloat16. `BFLFP8RLinear` runs
 `torch._scaled_mm` on CUDA compute capability 8.9+ and dequantizes to bf16 elsewhere.
+
+A file's static activation scale (`<layer>.input_scale`, fp32 `[]`: ComfyUI's, ModelOpt's FP8 export) is read by
+diffusers' BFL quantizer but kept only on NVFP4 layers (diffusers 0.42 `BFLQuantizer.create_quantized_param`);
+`keep_fp8r_input_scales` keeps it on each `BFLFP8RLinear` too, as the buffer `input_scale`, which its own forward
+never reads (it scales each input row at run time) and the `comfy` backend quantizes inputs with.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import BFLQuantizationConfig
+from diffusers.quantizers.bfl.bfl_quantizer import BFLQuantizer
 from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
 
 from fluxgate.precisions.spec import FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer
@@ -28,6 +34,27 @@ def _packed_shapes(layer: torch.nn.Linear) -> dict[str, tuple[int, ...]]:
     # diffusers puts fp8r tensors in place as they are, whatever their shape: checked by the loader
     return {"weight": (layer.out_features, layer.in_features), "weight_scale": (layer.out_features,)}
 
+
+def keep_fp8r_input_scales() -> None:
+    """Wrap diffusers' `BFLQuantizer.create_quantized_param` (once per process) so that an fp8r parameter's static
+    activation scale lands on its `BFLFP8RLinear` as the buffer `input_scale` (fp32 `[]`, on the layer's device);
+    NVFP4 layers and files without one are loaded exactly as diffusers loads them."""
+    create = BFLQuantizer.create_quantized_param
+    if getattr(create, "keeps_fp8r_input_scale", False):
+        return
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
+        create(self, model, param_value, param_name, target_device, *args, **kwargs)
+        input_scale = getattr(param_value, "input_scale", None)
+        module = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+        if input_scale is not None and isinstance(module, BFLFP8RLinear):
+            module.register_buffer("input_scale", input_scale.float().reshape(()).to(target_device))
+
+    create_quantized_param.keeps_fp8r_input_scale = True
+    BFLQuantizer.create_quantized_param = create_quantized_param
+
+
+keep_fp8r_input_scales()
 
 FORMAT = PrecisionFormat(write=safetensors_writer(fp8r_tensors),
                          quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),

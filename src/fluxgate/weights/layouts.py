@@ -9,8 +9,11 @@ of what was changed. Each adapter is the smallest mapping for its layout (`fluxg
   or a scalar `weight_scale`) -> diffusers' BFL fp8r layout, whose `weight_scale` is per row `[N]`: the scalar is
   repeated for every row (exact: the same number). convert_to_quant's row-wise fp8 (`comfy-rowwise-fp8`:
   `weight_scale` [N] marked `float8_e4m3fn_rowwise`; `comfy-scaled-fp8-rowwise`: legacy `scale_weight` [N] beside
-  `scaled_fp8`) already holds fp8r's numbers: renamed to `weight_scale`, markers dropped. `input_scale` / `scale_input` (static activation scaling) has no
-  counterpart in fp8r and is dropped; ComfyUI's `comfy_quant` markers are dropped.
+  `scaled_fp8`) already holds fp8r's numbers: renamed to `weight_scale`, markers dropped. A static activation scale
+  (`input_scale`, legacy `scale_input`: one fp32 number, ComfyUI's `convert_old_quants` renames the one to the other)
+  is kept as `input_scale` `[]`: diffusers' `BFLFP8RLinear` does not use it (it scales each input row at run time),
+  the `comfy` backend quantizes inputs with it as ComfyUI does (`precisions.fp8_scaled.keep_fp8r_input_scales`).
+  ComfyUI's `comfy_quant` markers are dropped.
 - `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads), for the layers the header's
   `_quantization_metadata` or `comfy_quant` tensors mark (`identify.comfy_layers`, as ComfyUI's `convert_old_quants`):
   the two E2M1 values of each byte swapped (comfy-kitchen packs the first value in the HIGH nibble, ModelOpt in the
@@ -87,12 +90,17 @@ def comfy_nvfp4_to_modelopt(state_dict: dict, layers, path: Path) -> tuple[dict,
 
 def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
     """e4m3 weights with one fp32 scale per tensor or per row (`scale_weight` or `weight_scale`, `[]`, `[1]` or
-    `[N]`) -> fp8r's `weight_scale` `[N]` fp32 (a scalar repeated per row); static activation scales and ComfyUI
-    markers dropped. Returns it and the linears changed. Raises FixtureError naming the tensor for a scale of
-    another shape or without an e4m3 weight."""
+    `[N]`) -> fp8r's `weight_scale` `[N]` fp32 (a scalar repeated per row); a static activation scale (`input_scale`
+    or `scale_input`, `[]` or `[1]`) -> `input_scale` `[]` fp32; ComfyUI markers dropped. Returns it and the linears
+    changed. Raises FixtureError naming the tensor for a scale of another shape, without an e4m3 weight, or (an
+    activation scale) not a finite number above 0."""
     out, changed = {}, 0
     for key, value in state_dict.items():
-        if key == "scaled_fp8" or key.endswith((".comfy_quant", ".scale_input", ".input_scale")):
+        if key == "scaled_fp8" or key.endswith(".comfy_quant"):
+            continue
+        if key.endswith((".scale_input", ".input_scale")):
+            layer = key.rsplit(".", 1)[0]
+            out[f"{layer}.input_scale"] = _activation_scale(key, value, state_dict.get(f"{layer}.weight"), path)
             continue
         if key.endswith((".scale_weight", ".weight_scale")):
             layer = key.rsplit(".", 1)[0]
@@ -108,6 +116,19 @@ def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
             continue
         out[key] = value
     return out, changed
+
+
+def _activation_scale(key: str, value: torch.Tensor, weight: torch.Tensor | None, path: Path) -> torch.Tensor:
+    """A linear's static activation scale as fp32 `[]` (`fp8_scales_to_fp8r`); FixtureError naming the tensor
+    when it is not one finite number above 0 or has no e4m3 weight beside it."""
+    if weight is None or weight.dtype != torch.float8_e4m3fn:
+        raise FixtureError(f"{path}: {key} is an activation scale without an e4m3 `{key.rsplit('.', 1)[0]}.weight`")
+    if value.numel() != 1:
+        raise FixtureError(f"{path}: {key} has shape {list(value.shape)}; a static activation scale is one number")
+    scale = value.float().reshape(())
+    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
+        raise FixtureError(f"{path}: {key} is {float(scale)}; a static activation scale is a finite number above 0")
+    return scale
 
 
 PAD_TOKENS = ("x_pad_token", "cap_pad_token")  # Z-Image's `[1, dim]` parameters (diffusers and Tongyi keys alike)
@@ -183,6 +204,9 @@ def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
     if identity.layout in SCALED_FP8:
         state_dict, count = fp8_scales_to_fp8r(state_dict, path)
         changes.append(f"{identity.layout} -> fp8r: {count} scales as per-row weight_scale")
+        kept = sum(key.endswith(".input_scale") for key in state_dict)
+        if kept:
+            changes.append(f"{kept} static input_scale kept (the comfy backend quantizes inputs with them)")
     elif identity.layout == "comfy-nvfp4":
         header, metadata = read_safetensors_header(path)
         layers, _ = comfy_layers(path, header, metadata, identity.prefix)
