@@ -156,6 +156,9 @@ def test_comfy_backend_runs_its_fp8_gemm_on_every_quantized_linear(comfy_tiny_im
     assert path.label == FP8_TENSORWISE_GEMM and path.fallback is False
     assert path.quantized_kinds == {"ComfyFP8Linear": path.quantized_linears} and path.quantized_linears > 0
     assert origin["transform"] == "fp8-scaled -> fp8-scaled@comfy (fluxgate.precisions.fp8_comfy:FORMAT)"
+    import comfy_kitchen  # ComfyUI's default: Triton is opt-in (--enable-triton-backend), CUDA kernels need CUDA 13+
+
+    assert comfy_kitchen.list_backends()["triton"]["disabled"] is True
 
 
 def test_comfy_backend_image_stays_inside_the_8bit_tier_against_bf16(comfy_tiny_images):

@@ -18,8 +18,9 @@ rounding. A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) rea
 
 Where it runs: CUDA devices with FP8 tensor cores (compute capability 8.9+, comfy-kitchen's
 `TensorCoreFP8Layout.MIN_SM_VERSION`) and CPUs (comfy-kitchen's eager backend; torch's CPU `scaled_mm` computes
-the FP8 GEMM in software: a correctness path, not a fast one). comfy-kitchen's CUDA backend is disabled unless
-torch is built for CUDA 13+, as ComfyUI does; its eager backend then quantizes.
+the FP8 GEMM in software: a correctness path, not a fast one). As in ComfyUI by default, comfy-kitchen's CUDA
+backend is disabled unless torch is built for CUDA 13+ and its Triton backend is off; its eager backend then
+quantizes.
 """
 
 from __future__ import annotations
@@ -73,16 +74,19 @@ class ComfyFP8Linear(torch.nn.Module):
         return output.reshape(*inputs.shape[:-1], self.out_features)
 
 
-def _disable_cuda_backend_below_cuda13() -> None:
-    """ComfyUI's rule (comfy/quant_ops.py): comfy-kitchen's CUDA kernels only with a torch built for CUDA 13+."""
+def _comfyui_backends() -> None:
+    """comfy-kitchen's backends as ComfyUI sets them by default (comfy/quant_ops.py): its CUDA kernels only with a
+    torch built for CUDA 13+, its Triton backend off ("an opt-in override, off by default on every platform",
+    `--enable-triton-backend`); the eager backend serves what is left."""
     cuda = torch.version.cuda
     if cuda is None or tuple(int(part) for part in cuda.split(".")[:2]) < (13,):
         comfy_kitchen.registry.disable("cuda")
+    comfy_kitchen.registry.disable("triton")
 
 
 def to_comfy(transformer: torch.nn.Module) -> torch.nn.Module:
     """Swap every fp8-scaled linear of `transformer` for a `ComfyFP8Linear`, in place."""
-    _disable_cuda_backend_below_cuda13()
+    _comfyui_backends()
     return swap_layers(transformer, FP8R.quantized, lambda layer: ComfyFP8Linear.from_fp8r(layer, DTYPE))
 
 
