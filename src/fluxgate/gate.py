@@ -17,7 +17,7 @@ from typing import Callable
 from PIL import Image
 
 from fluxgate.errors import FluxgateError, SkipCombo
-from fluxgate.judging import baselines, similarity, spread, tripwire
+from fluxgate.judging import baselines, compile_time, similarity, spread, tripwire
 from fluxgate.matrix import Combo
 from fluxgate import stats
 from fluxgate.measuring import flops
@@ -80,6 +80,9 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
         not_judged.append(f"{missed}: not judged, {contention}")
     elif missed:
         failures.append(missed + (f"; {contention}, not necessarily the code" if contention else ""))
+    slow_compile = compile_time.failure(result.compile_s, t.max_compile_s, where)
+    if slow_compile:
+        failures.append(slow_compile)
     if result.peak_mem_gib > t.max_peak_mem_gib:
         failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
                         f"{t.max_peak_mem_gib:.3f} GiB ({where})")
@@ -212,7 +215,7 @@ class Gate:
                     outcome.not_judged = not_judged
             else:
                 self.measured[combo] = baselines.Measured(combo, result.it_s, result.peak_mem_gib, sim.ms_ssim,
-                                                          sim.to_json()["psnr_db"])
+                                                          sim.to_json()["psnr_db"], result.compile_s)
             outcome.metrics["phases_s"]["judge_s"] = time.perf_counter() - judging
         except SkipCombo as skip:
             outcome.skipped = str(skip)

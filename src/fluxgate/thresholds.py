@@ -4,7 +4,9 @@
 - quality: each model's BF16 noise floor and each combo's similarity limits from it and its tier
   (`fluxgate.judging.noise`);
 - tradeoffs: each quantized combo's peak-memory and speed ratio to bf16 of the same run and its quality tier
-  (`fluxgate.judging.tradeoffs`).
+  (`fluxgate.judging.tradeoffs`);
+- compile: each compiled combo's compile-time bound from the slowest compile of its runs
+  (`fluxgate.judging.compile_time`).
 
 Each part is derived on its own: one that cannot be derived prints a one-line error and the others are still printed
 (and written with --write); the exit status is then 2.
@@ -18,10 +20,10 @@ import tomllib
 from pathlib import Path
 
 from fluxgate.errors import FluxgateError
-from fluxgate.judging import noise, spread, tradeoffs
+from fluxgate.judging import compile_time, noise, spread, tradeoffs
 from fluxgate.storing.fsstore import load_paths
 
-PARTS = ("speed", "quality", "tradeoffs")
+PARTS = ("speed", "quality", "tradeoffs", "compile")
 _ERRORS = (ValueError, KeyError, OSError, FluxgateError)
 
 
@@ -68,7 +70,22 @@ def _tradeoffs(records, gpu_class: str, table: dict, text: str, source: str) -> 
     return tradeoffs.apply_text(text, found), lines
 
 
-DERIVE = {"speed": _speed, "quality": _quality, "tradeoffs": _tradeoffs}
+def _compile(records, gpu_class: str, table: dict, text: str, source: str) -> tuple[str, list[str]]:
+    from fluxgate.matrix import Combo
+
+    limits = compile_time.derive(records, gpu_class, table.get("margins"))
+    unlisted = sorted(c for c in limits if not isinstance(
+        (table.get(Combo.parse(c).model) or {}).get(Combo.parse(c).variant), dict))
+    limits = {c: limit for c, limit in limits.items() if c not in unlisted}
+    lines = ["compile-time bounds (from the slowest compile of the runs):"]
+    lines += [f"  {limit.combo}: max {limit.max_compile_s:.1f} s ({limit.derivation})" for limit in limits.values()]
+    lines += [f"  {combo}: no entry in {source}: no bound written (write its baselines first)" for combo in unlisted]
+    if not limits and not unlisted:
+        lines.append(f"  no run of {gpu_class} recorded a compile time (--runtimes compile or all): none derived")
+    return compile_time.apply_text(text, limits, source), lines
+
+
+DERIVE = {"speed": _speed, "quality": _quality, "tradeoffs": _tradeoffs, "compile": _compile}
 
 
 def _parts(value: str) -> list[str]:
@@ -85,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="parts: speed = min it/s per combo from the spread of the runs (needs 3 runs on 2 GPUs per combo); "
                "quality = each model's bf16 noise floor ([noise_floor.<model>]) and every combo's min_ms_ssim / "
                "min_psnr_db from it and its tier; tradeoffs = [tradeoffs.<model>.<variant>]: peak memory and p10 "
-               "speed of each quantized combo against bf16 of the same run, and its quality tier. A part that cannot "
+               "speed of each quantized combo against bf16 of the same run, and its quality tier; compile = each "
+               "compiled combo's max_compile_s from the slowest compile of its runs. A part that cannot "
                "be derived prints one error line; the others are still printed and written; exit status 2.")
     parser.add_argument("runs", nargs="+",
                         help="history run files (<run_id>.json) or folders of them (paths or URLs), from several "

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fluxgate.errors import BaselineError
 from fluxgate.files import atomic_write
+from fluxgate.judging import compile_time
 from fluxgate.matrix import Combo
 
 THRESHOLDS_FILE = "thresholds.toml"
@@ -38,8 +39,9 @@ WRITE_HINT = ("measure and write them on this GPU class with `pytest <your matri
 # while other processes load both cores), and process RSS moves +-25 % with the pytest plugins and allocator state,
 # so on CPU speed is a smoke check (fails below a quarter of the measured rate) and memory fails near doubling.
 # GPU classes are judged tightly.
-DEFAULT_MARGINS = {"cpu": {"speed": 0.75, "memory": 0.75, "ms_ssim": 0.005, "psnr_db": 1.0},
-                   "gpu": {"speed": 0.1, "memory": 0.05, "ms_ssim": 0.005, "psnr_db": 1.0}}
+_COMPILE = {"compile": compile_time.MARGIN, "compile_slack_s": compile_time.SLACK_S}  # compile time's own bound
+DEFAULT_MARGINS = {"cpu": {"speed": 0.75, "memory": 0.75, "ms_ssim": 0.005, "psnr_db": 1.0, **_COMPILE},
+                   "gpu": {"speed": 0.1, "memory": 0.05, "ms_ssim": 0.005, "psnr_db": 1.0, **_COMPILE}}
 # Similarity floors per precision tier, against the BF16 reference image. Measured on the tiny profile (CPU):
 # fp8-scaled 0.998-0.999 / 40-44 dB, gguf-q8_0 0.9996+ / 45-48 dB, nvfp4 0.983-0.993 / 30-34 dB, while zeroing
 # the quantized blocks gives 0.64-0.89 / 17-22 dB and 30 % weight noise 0.87-0.95.
@@ -65,6 +67,7 @@ class Thresholds:
     min_psnr_db: float
     speed_statistic: str = "median"  # which it/s min_it_s bounds: "median" or "p10" step time (`fluxgate.judging.spread`)
     measured_ms_ssim: float | None = None  # the combo's MS-SSIM when its baseline was made (the tripwire's collapse check)
+    max_compile_s: float | None = None  # a compiled combo's compile-time bound (`fluxgate.judging.compile_time`)
 
 
 LIMITS = ("min_it_s", "max_peak_mem_gib", "min_ms_ssim", "min_psnr_db")
@@ -165,10 +168,11 @@ def read_thresholds(root: Path, gpu_class: str, combo: Combo) -> Thresholds:
         raise BaselineError(f"{path}: no entry [\"{combo.model}\".\"{combo.variant}\"]; {WRITE_HINT}"
                             + (f" -- --runtimes {combo.runtime}" if combo.runtime != "eager" else ""))
     try:
-        measured = entry.get("measured_ms_ssim")
+        measured, max_compile = entry.get("measured_ms_ssim"), entry.get("max_compile_s")
         thresholds = Thresholds(**{name: finite_number(entry[name], name) for name in LIMITS},
                                 speed_statistic=str(entry.get("speed_statistic", "median")),
-                                measured_ms_ssim=None if measured is None else finite_number(measured, "measured_ms_ssim"))
+                                measured_ms_ssim=None if measured is None else finite_number(measured, "measured_ms_ssim"),
+                                max_compile_s=None if max_compile is None else finite_number(max_compile, "max_compile_s"))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs finite numeric "
                             f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None
@@ -266,6 +270,7 @@ class Measured:
     peak_mem_gib: float
     ms_ssim: float
     psnr_db: float | None
+    compile_s: float | None = None  # compiled combos: seconds spent compiling
 
 
 def _floor(tier_floor: float, measured: float | None, margin: float) -> tuple[float, bool]:
@@ -291,6 +296,9 @@ def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> di
         "measured_peak_mem_gib": round(measured.peak_mem_gib, 4),
         "measured_ms_ssim": round(measured.ms_ssim, 6),
         "measured_psnr_db": None if measured.psnr_db is None else round(measured.psnr_db, 3),
+        "max_compile_s": None if measured.compile_s is None else compile_time.bound(
+            measured.compile_s, margins["compile"], margins["compile_slack_s"]),
+        "measured_compile_s": None if measured.compile_s is None else round(measured.compile_s, 2),
     }
 
 
@@ -328,7 +336,8 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
               "# min_it_s = measured_it_s * (1 - margins.speed); max_peak_mem_gib = measured * (1 + margins.memory);\n"
               "# similarity floors come from [similarity.<tier>] of the combo's precision, except where the measured\n"
               "# value is already below the tier (below_tier = true): there the floor is measured - margins.ms_ssim\n"
-              "# (or psnr_db), a regression gate. Edit with care.\n")
+              "# (or psnr_db), a regression gate. Compiled combos: max_compile_s = max(measured_compile_s *\n"
+              "# (1 + margins.compile), measured_compile_s + margins.compile_slack_s). Edit with care.\n")
     atomic_write(path, lambda tmp: tmp.write_text(header + tomli_w.dumps(table)))
     atomic_write(prov_path, lambda tmp: tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n"))
     return folder, below_tier
