@@ -72,6 +72,10 @@ def test_a_static_activation_scale_that_is_not_one_positive_number_is_refused_na
     with pytest.raises(FixtureError, match=f"x.safetensors: {problem}"):
         layouts.fp8_scales_to_fp8r({"l.weight": weight, "l.weight_scale": torch.tensor(0.1), "l.input_scale": value},
                                    tmp_path / "x.safetensors")
+    with pytest.raises(FixtureError, match="l has both scale_input and input_scale"):
+        layouts.fp8_scales_to_fp8r({"l.weight": weight, "l.weight_scale": torch.tensor(0.1),
+                                    "l.input_scale": torch.tensor(1.0), "l.scale_input": torch.tensor(1.0)},
+                                   tmp_path / "x.safetensors")
     with pytest.raises(FixtureError, match="l.input_scale is an activation scale without an e4m3 `l.weight`"):
         layouts.fp8_scales_to_fp8r({"l.weight": torch.zeros(32, 64), "l.input_scale": torch.tensor(1.0)},
                                    tmp_path / "x.safetensors")

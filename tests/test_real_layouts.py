@@ -236,7 +236,24 @@ def test_a_comfy_fp8_files_static_input_scales_reach_each_layer_and_the_comfy_ba
     held = {name: float(module.input_scale) for name, module in loaded.named_modules()
             if isinstance(module, BFLFP8RLinear)}
     assert len(held) >= len(scales) and set(held.values()) == set(scales.values()), (held, scales)
+    for i in (0, 1):  # a fused qkv's one number on each of its three diffusers layers, the text stream's its own
+        for fused, names in ((f"double_blocks.{i}.img_attn.qkv", ("to_q", "to_k", "to_v")),
+                             (f"double_blocks.{i}.txt_attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            assert [held[f"transformer_blocks.{i}.attn.{name}"] for name in names] == [scales[fused]] * 3
     fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
     fp8_comfy.to_comfy(loaded)
     assert {name: float(module.input_scale) for name, module in loaded.named_modules()
             if isinstance(module, fp8_comfy.ComfyFP8Linear)} == held
+
+
+def test_a_bfl_fp8r_file_with_a_hostile_input_scale_is_refused_naming_the_layer(root, pipelines):
+    """A `bfl-fp8` file goes to diffusers without an adapter: its activation scales are checked as it loads."""
+    from fluxgate.errors import FixtureError
+
+    def negative_scale(layer: str, weight: torch.Tensor) -> dict:
+        return {**S.fp8r(layer, weight), f"{layer}.input_scale": torch.tensor(-3.0)}
+
+    path = _safetensors(negative_scale)(root, "fp8r-negative-input-scale")
+    with pytest.raises(FixtureError, match=r"fp8r-negative-input-scale.safetensors: cannot load as fp8-scaled \(.*"
+                                           r"input_scale is -3.0; a static activation scale is a finite number above 0"):
+        S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan": ("fluxgate.scan", "identify every checkpoint under a folder and write the models file of the slots they fill"),
     "publish": ("fluxgate.publish", "a run's report from history: summary.md (the PR comment), trends, image grids"),
     "card": ("fluxgate.card", "the detection card of a GPU class from recorded runs"),
-    "thresholds": ("fluxgate.thresholds", "derive a GPU class's limits (speed, quality, trade-offs) from recorded runs"),
+    "thresholds": ("fluxgate.thresholds", "derive a GPU class's limits (speed, quality, trade-offs, compile time) from recorded runs"),
     "dashboard": ("fluxgate.dashboard", "the history as a static site"),
     "list": ("fluxgate.cli", "the registered models, precisions, history rules and hooks, and who registered each"),
 }

@@ -81,8 +81,12 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
     elif missed:
         failures.append(missed + (f"; {contention}, not necessarily the code" if contention else ""))
     slow_compile = compile_time.failure(result.compile_s, t.max_compile_s, where)
-    if slow_compile:
-        failures.append(slow_compile)
+    compile_contention = slow_compile and stats.contention_note(result.step_times_s, result.run_wait_s)
+    if compile_contention and not_judged is not None:  # compiling is host work: a busy CPU slows it too
+        not_judged.append(f"{slow_compile}: not judged, {compile_contention}")
+    elif slow_compile:
+        failures.append(slow_compile + (f"; {compile_contention}, not necessarily the code"
+                                        if compile_contention else ""))
     if result.peak_mem_gib > t.max_peak_mem_gib:
         failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
                         f"{t.max_peak_mem_gib:.3f} GiB ({where})")

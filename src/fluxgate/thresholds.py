@@ -1,4 +1,4 @@
-"""`python -m fluxgate.thresholds`: a GPU class's limits derived from recorded runs, in three parts.
+"""`python -m fluxgate.thresholds`: a GPU class's limits derived from recorded runs, in four parts.
 
 - speed: each combo's min it/s from the spread of its runs on several GPUs (`fluxgate.judging.spread`);
 - quality: each model's BF16 noise floor and each combo's similarity limits from it and its tier
@@ -36,15 +36,20 @@ def _speed(records, gpu_class: str, table: dict, text: str, source: str) -> tupl
     return spread.apply_text(text, limits, source), lines
 
 
-def _quality(records, gpu_class: str, table: dict, text: str, source: str) -> tuple[str, list[str]]:
-    floors = noise.derive_floors(records, gpu_class)
-    limits = noise.derive_limits(floors, table, records, gpu_class)
-    # A combo the file has no entry for (e.g. one compile run, made with --write-baselines elsewhere) gets no limit.
+def _listed(limits: dict, table: dict) -> tuple[dict, list[str]]:
+    """(the limits of combos the thresholds `table` has an entry for, the other combo ids): a combo without one
+    (e.g. one compile run, made with --write-baselines elsewhere) gets no limit."""
     from fluxgate.matrix import Combo
 
     unlisted = sorted(c for c in limits if not isinstance(
         (table.get(Combo.parse(c).model) or {}).get(Combo.parse(c).variant), dict))
-    limits = {c: limit for c, limit in limits.items() if c not in unlisted}
+    return {c: limit for c, limit in limits.items() if c not in unlisted}, unlisted
+
+
+def _quality(records, gpu_class: str, table: dict, text: str, source: str) -> tuple[str, list[str]]:
+    floors = noise.derive_floors(records, gpu_class)
+    limits = noise.derive_limits(floors, table, records, gpu_class)
+    limits, unlisted = _listed(limits, table)
     lines = ["noise floors (each model's bf16 records against its reference image):"]
     lines += [f"  {floor.model}: {floor.derivation}" for floor in floors.values()]
     lines.append(f"similarity limits (tier budget + K x noise floor, K = {noise.K:g}):")
@@ -71,12 +76,7 @@ def _tradeoffs(records, gpu_class: str, table: dict, text: str, source: str) -> 
 
 
 def _compile(records, gpu_class: str, table: dict, text: str, source: str) -> tuple[str, list[str]]:
-    from fluxgate.matrix import Combo
-
-    limits = compile_time.derive(records, gpu_class, table.get("margins"))
-    unlisted = sorted(c for c in limits if not isinstance(
-        (table.get(Combo.parse(c).model) or {}).get(Combo.parse(c).variant), dict))
-    limits = {c: limit for c, limit in limits.items() if c not in unlisted}
+    limits, unlisted = _listed(compile_time.derive(records, gpu_class, table.get("margins")), table)
     lines = ["compile-time bounds (from the slowest compile of the runs):"]
     lines += [f"  {limit.combo}: max {limit.max_compile_s:.1f} s ({limit.derivation})" for limit in limits.values()]
     lines += [f"  {combo}: no entry in {source}: no bound written (write its baselines first)" for combo in unlisted]

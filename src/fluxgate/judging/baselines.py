@@ -176,6 +176,9 @@ def read_thresholds(root: Path, gpu_class: str, combo: Combo) -> Thresholds:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] needs finite numeric "
                             f"{', '.join(LIMITS)} ({type(error).__name__}: {error})") from None
+    if thresholds.max_compile_s is not None and thresholds.max_compile_s <= 0:
+        raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] max_compile_s "
+                            f"{thresholds.max_compile_s}: a compile-time bound is a number of seconds above 0")
     if thresholds.speed_statistic not in SPEED_STATISTICS:
         raise BaselineError(f"{path}: [\"{combo.model}\".\"{combo.variant}\"] speed_statistic "
                             f"{thresholds.speed_statistic!r}: expected one of {', '.join(SPEED_STATISTICS)}")
@@ -297,7 +300,7 @@ def derive(measured: Measured, tier: str, margins: dict, similarity: dict) -> di
         "measured_ms_ssim": round(measured.ms_ssim, 6),
         "measured_psnr_db": None if measured.psnr_db is None else round(measured.psnr_db, 3),
         "max_compile_s": None if measured.compile_s is None else compile_time.bound(
-            measured.compile_s, margins["compile"], margins["compile_slack_s"]),
+            measured.compile_s, *compile_time.margins(margins)),
         "measured_compile_s": None if measured.compile_s is None else round(measured.compile_s, 2),
     }
 
@@ -314,6 +317,10 @@ def write(root: Path, gpu_class: str, measured: list[Measured], images: dict[str
     path = folder / THRESHOLDS_FILE
     table = _read_toml(path) if path.exists() else {}
     margins, similarity = margins_of(table, gpu_class), similarity_tiers(table)
+    try:
+        compile_time.margins(margins)
+    except ValueError as error:
+        raise BaselineError(f"{path}: {error}") from None
     table["margins"], table["similarity"] = margins, similarity
     below_tier = []
     for m in measured:

@@ -6,8 +6,9 @@ Layout (diffusers `quantizers/bfl/utils.py`, `quantize_fp8r`): a quantized linea
 
 A file's static activation scale (`<layer>.input_scale`, fp32 `[]`: ComfyUI's, ModelOpt's FP8 export) is read by
 diffusers' BFL quantizer but kept only on NVFP4 layers (diffusers 0.42 `BFLQuantizer.create_quantized_param`);
-`keep_fp8r_input_scales` keeps it on each `BFLFP8RLinear` too, as the buffer `input_scale`, which its own forward
-never reads (it scales each input row at run time) and the `comfy` backend quantizes inputs with.
+`keep_fp8r_input_scales`, installed when this module is imported, keeps it on each `BFLFP8RLinear` too, as the
+buffer `input_scale`, which its own forward never reads (it scales each input row at run time) and the `comfy`
+backend quantizes inputs with. The wrapper changes nothing else of diffusers' loading in the process.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 from diffusers import BFLQuantizationConfig
 from diffusers.quantizers.bfl.bfl_quantizer import BFLQuantizer
 from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
+from diffusers.utils import get_module_from_name
 
-from fluxgate.precisions.spec import FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer
+from fluxgate.precisions.spec import (FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer,
+                                     static_activation_scale)
 
 FP8_GEMM = "fp8 GEMM per-row, fast accum (diffusers BFLFP8RLinear _scaled_mm)"
 
@@ -38,7 +41,8 @@ def _packed_shapes(layer: torch.nn.Linear) -> dict[str, tuple[int, ...]]:
 def keep_fp8r_input_scales() -> None:
     """Wrap diffusers' `BFLQuantizer.create_quantized_param` (once per process) so that an fp8r parameter's static
     activation scale lands on its `BFLFP8RLinear` as the buffer `input_scale` (fp32 `[]`, on the layer's device);
-    NVFP4 layers and files without one are loaded exactly as diffusers loads them."""
+    NVFP4 layers and files without one are loaded exactly as diffusers loads them. The loader then raises
+    ValueError naming the layer for a scale that is not one finite number above 0 (`spec.static_activation_scale`)."""
     create = BFLQuantizer.create_quantized_param
     if getattr(create, "keeps_fp8r_input_scale", False):
         return
@@ -46,9 +50,10 @@ def keep_fp8r_input_scales() -> None:
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         create(self, model, param_value, param_name, target_device, *args, **kwargs)
         input_scale = getattr(param_value, "input_scale", None)
-        module = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+        module, _ = get_module_from_name(model, param_name)
         if input_scale is not None and isinstance(module, BFLFP8RLinear):
-            module.register_buffer("input_scale", input_scale.float().reshape(()).to(target_device))
+            scale = static_activation_scale(f"{param_name.removesuffix('.weight')}.input_scale", input_scale)
+            module.register_buffer("input_scale", scale.to(target_device))
 
     create_quantized_param.keeps_fp8r_input_scale = True
     BFLQuantizer.create_quantized_param = create_quantized_param

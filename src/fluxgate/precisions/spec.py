@@ -105,6 +105,17 @@ def require_finite(key: str, value: torch.Tensor) -> None:
         raise FixtureError(f"{key}: {bad[1]} of {bad[2]} values are NaN or infinite; a checkpoint cannot hold them")
 
 
+def static_activation_scale(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A linear's static activation scale (`input_scale`: inputs are divided by it before the cast to fp8) as fp32
+    `[]`. Raises ValueError naming `key` when it is not one finite number above 0."""
+    if value.numel() != 1:
+        raise ValueError(f"{key} has shape {list(value.shape)}; a static activation scale is one number")
+    scale = value.detach().float().reshape(())
+    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
+        raise ValueError(f"{key} is {float(scale)}; a static activation scale is a finite number above 0")
+    return scale
+
+
 def safetensors_writer(layout: Layout | None) -> Writer:
     """A writer of safetensors files that puts each linear weight to quantize into `layout` and every other tensor in
     bf16 (`layout` None: everything bf16). Raises FixtureError for a tensor holding NaN or infinite values."""

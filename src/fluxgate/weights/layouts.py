@@ -43,6 +43,7 @@ from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import read_safetensors_header
 from fluxgate.weights.formats import comfy_layers
 from fluxgate.weights.identify import Identity
+from fluxgate.precisions.spec import static_activation_scale
 
 NVFP4_BLOCK = 16
 
@@ -100,6 +101,9 @@ def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
             continue
         if key.endswith((".scale_input", ".input_scale")):
             layer = key.rsplit(".", 1)[0]
+            if f"{layer}.scale_input" in state_dict and f"{layer}.input_scale" in state_dict:
+                raise FixtureError(f"{path}: {layer} has both scale_input and input_scale; which one ComfyUI would "
+                                   "use is not defined")
             out[f"{layer}.input_scale"] = _activation_scale(key, value, state_dict.get(f"{layer}.weight"), path)
             continue
         if key.endswith((".scale_weight", ".weight_scale")):
@@ -119,16 +123,14 @@ def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
 
 
 def _activation_scale(key: str, value: torch.Tensor, weight: torch.Tensor | None, path: Path) -> torch.Tensor:
-    """A linear's static activation scale as fp32 `[]` (`fp8_scales_to_fp8r`); FixtureError naming the tensor
-    when it is not one finite number above 0 or has no e4m3 weight beside it."""
+    """A linear's static activation scale as fp32 `[]` (`fp8_scales_to_fp8r`, `spec.static_activation_scale`);
+    FixtureError naming the tensor when it is not one finite number above 0 or has no e4m3 weight beside it."""
     if weight is None or weight.dtype != torch.float8_e4m3fn:
         raise FixtureError(f"{path}: {key} is an activation scale without an e4m3 `{key.rsplit('.', 1)[0]}.weight`")
-    if value.numel() != 1:
-        raise FixtureError(f"{path}: {key} has shape {list(value.shape)}; a static activation scale is one number")
-    scale = value.float().reshape(())
-    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
-        raise FixtureError(f"{path}: {key} is {float(scale)}; a static activation scale is a finite number above 0")
-    return scale
+    try:
+        return static_activation_scale(key, value)
+    except ValueError as error:
+        raise FixtureError(f"{path}: {error}") from None
 
 
 PAD_TOKENS = ("x_pad_token", "cap_pad_token")  # Z-Image's `[1, dim]` parameters (diffusers and Tongyi keys alike)
