@@ -14,7 +14,9 @@ Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight,
 (`weights.layouts`: the scalar repeated per row), keeps its exact numbers; per-row scales that differ (BFL fp8r,
 the tiny and synthetic profiles' files) are re-quantized to one scale per tensor (amax / 448), which adds one
 rounding. A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
-(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0.
+(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0. Not
+told apart yet: files ComfyUI runs dequantized, in full precision (a two-element legacy `scaled_fp8` marker, or
+`full_precision_matrix_mult` in a layer's `comfy_quant`); this backend sends them through the FP8 GEMM too.
 
 Where it runs: CUDA devices with FP8 tensor cores (compute capability 8.9+, comfy-kitchen's
 `TensorCoreFP8Layout.MIN_SM_VERSION`) and CPUs (comfy-kitchen's eager backend; torch's CPU `scaled_mm` computes
@@ -75,7 +77,8 @@ class ComfyFP8Linear(torch.nn.Module):
 
 
 def _comfyui_backends() -> None:
-    """comfy-kitchen's backends as ComfyUI sets them by default (comfy/quant_ops.py): its CUDA kernels only with a
+    """comfy-kitchen's backends as ComfyUI sets them by default (comfy/quant_ops.py at Comfy-Org/ComfyUI 0271a469;
+    later versions may differ, e.g. on ROCm): its CUDA kernels only with a
     torch built for CUDA 13+, its Triton backend off ("an opt-in override, off by default on every platform",
     `--enable-triton-backend`); the eager backend serves what is left."""
     cuda = torch.version.cuda
