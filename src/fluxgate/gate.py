@@ -69,24 +69,23 @@ def limit_failures(result: Measurement, sim: similarity.Summary, baseline: basel
     of the combo's cases (`similarity.summarise`), the line naming its worst case. A speed limit missed while the
     steps waited for a CPU (host contention) goes to `not_judged` instead when it is given (a CPU run reports it so:
     a busy laptop's speed says nothing of the code; the GPU gate measures it again), else it fails naming the
-    contention."""
+    contention; a compile time over its bound likewise."""
     t = baseline.thresholds
     where = f"{baseline.limits_file} {entry}"
     if baseline.cases and sim.cases < baseline.cases:  # limits derived over more cases: judge each case instead
         sim = sim.worst()
     failures = []
-    missed, contention = speed_failure(result, baseline, entry)
-    if missed and contention and not_judged is not None:
-        not_judged.append(f"{missed}: not judged, {contention}")
-    elif missed:
-        failures.append(missed + (f"; {contention}, not necessarily the code" if contention else ""))
-    slow_compile = compile_time.failure(result.compile_s, t.max_compile_s, where)
-    compile_contention = slow_compile and stats.contention_note(result.step_times_s, result.run_wait_s)
-    if compile_contention and not_judged is not None:  # compiling is host work: a busy CPU slows it too
-        not_judged.append(f"{slow_compile}: not judged, {compile_contention}")
-    elif slow_compile:
-        failures.append(slow_compile + (f"; {compile_contention}, not necessarily the code"
-                                        if compile_contention else ""))
+
+    def host_timed(missed: str | None, contention: str | None) -> None:
+        """A missed limit on host-bound time: not judged under contention when `not_judged` is given, else failed."""
+        if missed and contention and not_judged is not None:
+            not_judged.append(f"{missed}: not judged, {contention}")
+        elif missed:
+            failures.append(missed + (f"; {contention}, not necessarily the code" if contention else ""))
+
+    host_timed(*speed_failure(result, baseline, entry))
+    slow_compile = compile_time.failure(result.compile_s, t.max_compile_s, where)  # compiling is host work too
+    host_timed(slow_compile, slow_compile and stats.contention_note(result.step_times_s, result.run_wait_s))
     if result.peak_mem_gib > t.max_peak_mem_gib:
         failures.append(f"memory: peak {result.peak_mem_gib:.3f} GiB ({result.mem_kind}) > max "
                         f"{t.max_peak_mem_gib:.3f} GiB ({where})")

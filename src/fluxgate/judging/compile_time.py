@@ -1,10 +1,11 @@
 """Compile time's own bound: a compiled combo's `compile_s` (seconds spent compiling before the timed images, the
 first one-step call less a second one: `fluxgate.measuring.runtimes`) must stay under `max_compile_s` of its entry.
 
-Compile time is not speed: it is paid once per combo (compiled code is dropped after each: `fluxgate.measuring.
-runtimes`), it depends on inductor's on-disk cache (FLUX.1-dev bf16 on an H100: 21 s cold, 4 s warm) and it moves with the torch version
-by design. What a PR must not do is make it several times longer (torchao's fp8 compiled for 200 s where diffusers'
-fp8r compiled for 14 s, docs/methodology.md). So the bound is loose, and derived from the slowest compile seen:
+Compile time is not speed: it is paid once per combo (compiled code is dropped after each:
+`fluxgate.measuring.runtimes`), it depends on inductor's on-disk cache (FLUX.1-dev bf16 on an H100: 21 s cold, 4 s
+warm) and it moves with the torch version by design. What a PR must not do is make it several times longer
+(torchao's fp8 compiled for 200 s where diffusers' fp8r compiled for 14 s, docs/methodology.md). So the bound is
+loose, and derived from the slowest compile seen:
 
     max_compile_s = max(worst * (1 + margins.compile), worst + margins.compile_slack_s)
 

@@ -78,9 +78,9 @@ class ComfyFP8Linear(torch.nn.Module):
 
 def _comfyui_backends() -> None:
     """comfy-kitchen's backends as ComfyUI sets them by default (comfy/quant_ops.py at Comfy-Org/ComfyUI 0271a469;
-    later versions may differ, e.g. on ROCm): its CUDA kernels only with a
-    torch built for CUDA 13+, its Triton backend off ("an opt-in override, off by default on every platform",
-    `--enable-triton-backend`); the eager backend serves what is left."""
+    later versions may differ, e.g. on ROCm): its CUDA kernels only with a torch built for CUDA 13+, its Triton
+    backend off ("an opt-in override, off by default on every platform", `--enable-triton-backend`); the eager
+    backend serves what is left."""
     cuda = torch.version.cuda
     if cuda is None or tuple(int(part) for part in cuda.split(".")[:2]) < (13,):
         comfy_kitchen.registry.disable("cuda")
