@@ -124,9 +124,9 @@ def is_block_linear(key: str, value: torch.Tensor) -> bool:
 
 # --- one quantized linear in each layout ---------------------------------------------------------------------------
 
-def comfy_marker(fmt: str) -> torch.Tensor:
-    """ComfyUI's `<layer>.comfy_quant` tensor: the JSON {"format": fmt} as uint8 bytes."""
-    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+def comfy_marker(fmt: str, **config) -> torch.Tensor:
+    """ComfyUI's `<layer>.comfy_quant` tensor: the JSON {"format": fmt, **config} as uint8 bytes."""
+    return torch.tensor(list(json.dumps({"format": fmt, **config}).encode()), dtype=torch.uint8)
 
 
 def tiled(scales: torch.Tensor) -> torch.Tensor:
@@ -178,9 +178,11 @@ def legacy_rowwise_fp8(layer: str, weight: torch.Tensor) -> dict:
     return {f"{layer}.weight": q, f"{layer}.scale_weight": scale}
 
 
-def with_scaled_fp8_marker(tensors: dict) -> dict:
-    """ComfyUI's legacy whole-file marker (comfy/utils.py `convert_old_quants`): an empty e4m3 `scaled_fp8`."""
-    return {**tensors, "scaled_fp8": torch.empty(2, dtype=torch.float8_e4m3fn)}
+def with_scaled_fp8_marker(tensors: dict, elements: int = 2) -> dict:
+    """ComfyUI's legacy whole-file marker (comfy/utils.py `convert_old_quants`): an e4m3 `scaled_fp8` of 2 elements
+    as convert_to_quant and most third-party converters write it (ComfyUI then runs every layer in full precision),
+    or of none as ComfyUI's own ModelSave writes it (FP8 GEMMs)."""
+    return {**tensors, "scaled_fp8": torch.zeros(elements, dtype=torch.float8_e4m3fn)}
 
 
 def fp8r_twin(layer: str, weight: torch.Tensor) -> dict:

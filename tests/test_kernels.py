@@ -157,3 +157,36 @@ def test_a_combo_is_labelled_by_its_own_fast_gemm_where_another_precision_matche
 def test_a_shared_fast_gemm_op_is_counted_once_so_a_partial_fallback_shows(team_fp8):
     path = path_of(fp8_layer(ScaledMMLinear), fp8_layer(BFLFP8RLinear), precision="team-fp8")
     assert path.fallback is True and path.label == "team fp8 GEMM; dequantize fallback in 1 of 2 calls"
+
+
+def _comfy_layers(*full_precision: bool) -> list[torch.nn.Module]:
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    layers = []
+    for full in full_precision:
+        layer = fp8_layer(BFLFP8RLinear)
+        layer.weight_scale.data = layer.weight_scale.data.amax().expand(32).contiguous()  # one scale per tensor
+        layer.full_precision_matrix_mult = full
+        layers.append(fp8_comfy.ComfyFP8Linear.from_fp8r(layer, torch.bfloat16))
+    return layers
+
+
+def test_layers_the_file_runs_in_full_precision_are_counted_apart_not_as_a_fallback():
+    """ComfyUI's `full_precision_matrix_mult`: the layer's bf16 GEMM is what the file asks for; the other layers'
+    FP8 GEMM is still required of them."""
+    from fluxgate.precisions.fp8_comfy import FP8_TENSORWISE_GEMM
+
+    both = path_of(*_comfy_layers(True, False))
+    assert (both.fallback, both.full_precision_linears, both.quantized_linear_calls) == (False, 1, 1)
+    assert both.label == (f"{FP8_TENSORWISE_GEMM}; 1 of 2 quantized linears dequantized -> bf16 GEMM as the file asks "
+                          "(full_precision_matrix_mult)")
+    assert path_of(*_comfy_layers(True, True)).label == ("bf16 GEMM (2 quantized linears dequantized as the file "
+                                                         "asks: full_precision_matrix_mult)")
+    assert path_of(*_comfy_layers(True, True)).fallback is False
+
+
+def test_a_full_precision_comfy_layer_computes_with_its_dequantized_weight_and_unquantized_input():
+    """ComfyUI's `forward_comfy_cast_weights`: weight dequantized to bf16, a bf16 GEMM on the input as it is."""
+    (layer,) = _comfy_layers(True)
+    inputs = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16) * 600  # past e4m3
+    expected = torch.nn.functional.linear(inputs, layer.weight.dequantize().to(torch.bfloat16))
+    assert torch.equal(layer(inputs), expected)

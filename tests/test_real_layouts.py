@@ -257,3 +257,74 @@ def test_a_bfl_fp8r_file_with_a_hostile_input_scale_is_refused_naming_the_layer(
     with pytest.raises(FixtureError, match=r"fp8r-negative-input-scale.safetensors: cannot load as fp8-scaled \(.*"
                                            r"input_scale is -3.0; a static activation scale is a finite number above 0"):
         S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+
+
+@pytest.mark.parametrize("marking", ["tensors", "metadata"])
+def test_layers_comfyui_runs_in_full_precision_are_told_apart_and_the_comfy_backend_runs_them_so(root, pipelines,
+                                                                                                   marking):
+    """A layer whose ComfyUI config says `full_precision_matrix_mult` is the same bytes as its relatives' but ComfyUI
+    runs it dequantized (a bf16 GEMM, inputs not quantized): identify counts it, its mark reaches each diffusers layer
+    it maps to (FLUX.2's fused qkv split in three), and only those comfy layers dequantize."""
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+
+    from fluxgate.weights.identify import identify
+
+    full = {"double_blocks.0.img_attn.qkv", "single_blocks.1.linear2"}
+    tensors, metadata = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, marking)
+    for layer in full:
+        if marking == "tensors":
+            tensors[f"{layer}.comfy_quant"] = S.comfy_marker("float8_e4m3fn", full_precision_matrix_mult=True)
+    if marking == "metadata":
+        import json
+
+        listed = json.loads(metadata["_quantization_metadata"])
+        for layer in full:
+            listed["layers"][layer]["full_precision_matrix_mult"] = True
+        metadata = {"_quantization_metadata": json.dumps(listed)}
+    path = S.write_safetensors(root / f"comfy-fp8-full-precision-{marking}.safetensors", tensors, metadata)
+    found = identify(path)
+    assert (found.precision, found.layout, found.full_precision_layers) == ("fp8-scaled", "comfy-mixed-fp8", 2)
+    assert "2 layers full_precision_matrix_mult: ComfyUI runs them dequantized" in found.detail
+
+    loaded, origin = S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+    assert "2 layers marked full_precision_matrix_mult" in origin["path"]
+    marked = {name for name, module in loaded.named_modules()
+              if isinstance(module, BFLFP8RLinear) and getattr(module, "full_precision_matrix_mult", False)}
+    assert marked == {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                      "transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.attn.to_out"}, marked
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    fp8_comfy.to_comfy(loaded)
+    assert {name for name, module in loaded.named_modules()
+            if isinstance(module, fp8_comfy.ComfyFP8Linear) and module.runs_full_precision} == marked
+
+
+@pytest.mark.parametrize("elements, full", [(2, True), (0, False)])
+def test_a_legacy_scaled_fp8_marker_of_two_elements_runs_every_layer_in_full_precision(root, elements, full):
+    """comfy/utils.py `convert_old_quants`: a `scaled_fp8` of two elements (convert_to_quant and most converters)
+    marks every scaled layer full precision; an empty one (ComfyUI's own ModelSave) marks none."""
+    from fluxgate.weights.identify import identify
+
+    tensors, _ = S.quantized_tensors(_original("flux2-dev"), S.legacy_scaled_fp8)
+    path = S.write_safetensors(root / f"legacy-scaled-fp8-{elements}.safetensors",
+                               S.with_scaled_fp8_marker(tensors, elements))
+    found = identify(path)
+    layers = sum(key.endswith(".scale_weight") for key in tensors)
+    assert (found.layout, found.full_precision_layers) == ("comfy-scaled-fp8", layers if full else 0)
+    assert ("full_precision_matrix_mult" in found.detail) == full
+
+
+@pytest.mark.parametrize("config, problem", [
+    ('{"format": "float8_e4m3fn", "full_precision_matrix_mult": "yes"}',
+     r'full_precision_matrix_mult "yes"; ComfyUI\'s is true or false'),
+    ('"float8_e4m3fn"', "ComfyUI quantization config is str, not a JSON object"),
+])
+def test_a_comfy_layer_config_of_the_wrong_kind_is_refused_naming_the_file_and_layer(root, config, problem):
+    from fluxgate.errors import FixtureError
+    from fluxgate.weights.identify import identify
+
+    tensors, _ = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, "tensors")
+    tensors["double_blocks.0.img_attn.qkv.comfy_quant"] = torch.tensor(list(config.encode()), dtype=torch.uint8)
+    path = S.write_safetensors(root / "comfy-fp8-bad-config.safetensors", tensors)
+    with pytest.raises(FixtureError, match=r"comfy-fp8-bad-config.safetensors: double_blocks.0.img_attn.qkv"
+                                           rf".*{problem}"):
+        identify(path)

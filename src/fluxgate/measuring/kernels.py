@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fluxgate.measuring.flops import TransformerCall, capture_transformer_calls
 from fluxgate.models import denoiser_of
 from fluxgate.precisions import PRECISIONS, backend_specs, installed
+from fluxgate.precisions.spec import FULL_PRECISION_KEY
 
 GEMM_OPS = ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")
 # Substrings of CUDA GEMM kernel names: cuBLAS (`sm90_xmma_gemm_*`, `nvjet_*`), CUTLASS (torch's row-wise fp8
@@ -53,7 +54,9 @@ class KernelPath:
     fallback: bool  # quantized weights ran (some or all of) their GEMMs as dequantize -> bf16 GEMM
     op_counts: dict[str, int]  # GEMM-family aten ops (and FP4 ops) -> calls in the step
     quantized_linears: int  # quantized linear modules in the transformer
-    quantized_linear_calls: int = 0  # their forward calls in the step
+    quantized_linear_calls: int = 0  # their forward calls in the step (full-precision ones not counted)
+    full_precision_linears: int = 0  # quantized linears that run a bf16 GEMM by the file's choice (ComfyUI's
+    #  `full_precision_matrix_mult`, a layer's `runs_full_precision`): neither a fast GEMM nor a fallback
     quantized_kinds: dict[str, int] = field(default_factory=dict)  # module class -> count
     gpu_gemm_kernels: dict[str, int] = field(default_factory=dict)  # CUDA GEMM kernel name -> launches (CUDA only)
     method: str = "profiler"  # "profiler", or "dispatch" when torch.profiler failed and aten ops were counted
@@ -167,13 +170,15 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     formats = [spec.implementation for spec in specs]
     fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
     quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]
+    full_precision = [module for module in quantized if getattr(module, "runs_full_precision", False)]
     quantized_calls = 0
 
     def count_call(module, args):
         nonlocal quantized_calls
         quantized_calls += 1
 
-    handles = [module.register_forward_pre_hook(count_call) for module in quantized]
+    handles = [module.register_forward_pre_hook(count_call) for module in quantized
+               if not getattr(module, "runs_full_precision", False)]
     try:
         cpu_ops, kernels, method, syncs = _profiled_counts(transformer, calls, device)
     finally:
@@ -188,9 +193,16 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     # (FlashInfer's FP4 GEMM where it is no torch op).
     fast_calls = {gemm.label: sum(c for n, c in op_counts.items() if gemm.matches(n))
                   or sum(c for n, c in gemm_kernels.items() if gemm.matches(n)) for gemm in fast_gemms}
-    label, fallback = _classify(precision_name, len(quantized), quantized_calls, fast_calls)
+    label, fallback = _classify(precision_name, len(quantized) - len(full_precision), quantized_calls, fast_calls)
+    if full_precision:
+        label = (f"{BF16_GEMM} ({len(full_precision)} quantized linears dequantized as the file asks: "
+                 f"{FULL_PRECISION_KEY})" if len(full_precision) == len(quantized) else
+                 f"{label}; {len(full_precision)} of {len(quantized)} quantized linears dequantized -> {BF16_GEMM} as "
+                 f"the file asks ({FULL_PRECISION_KEY})")
+        fallback = fallback and len(full_precision) < len(quantized)
     return KernelPath(precision=precision_name, label=label, fallback=fallback, op_counts=op_counts,
                       quantized_linears=len(quantized), quantized_linear_calls=quantized_calls,
+                      full_precision_linears=len(full_precision),
                       quantized_kinds=dict(Counter(type(module).__name__ for module in quantized)),
                       gpu_gemm_kernels=gemm_kernels, method=method, host_syncs_per_step=syncs,
                       cupti_teardown=profiler_teardown() if device.type == "cuda" and method == "profiler" else None)

@@ -14,9 +14,11 @@ Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight,
 (`weights.layouts`: the scalar repeated per row), keeps its exact numbers; per-row scales that differ (BFL fp8r,
 the tiny and synthetic profiles' files) are re-quantized to one scale per tensor (amax / 448), which adds one
 rounding. A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
-(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0. Not
-told apart yet: files ComfyUI runs dequantized, in full precision (a two-element legacy `scaled_fp8` marker, or
-`full_precision_matrix_mult` in a layer's `comfy_quant`); this backend sends them through the FP8 GEMM too.
+(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0. A layer
+ComfyUI runs in full precision (`full_precision_matrix_mult` in its ComfyUI config, or every layer of a legacy file
+whose `scaled_fp8` marker has two elements; `fp8_scaled.keep_full_precision_marks`) keeps its fp8 weight and, each
+call, dequantizes it to bf16 for a bf16 GEMM (ComfyUI's `forward_comfy_cast_weights`): its inputs are not quantized,
+and the kernel path counts it apart from the FP8 GEMM's layers, not as a fallback.
 
 Where it runs: CUDA devices with FP8 tensor cores (compute capability 8.9+, comfy-kitchen's
 `TensorCoreFP8Layout.MIN_SM_VERSION`) and CPUs (comfy-kitchen's eager backend; torch's CPU `scaled_mm` computes
@@ -32,7 +34,7 @@ import comfy_kitchen
 from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout
 
 from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
-from fluxgate.precisions.spec import DTYPE, FastGemm, PrecisionFormat, swap_layers
+from fluxgate.precisions.spec import DTYPE, FULL_PRECISION_KEY, FastGemm, PrecisionFormat, swap_layers
 
 LAYOUT = "TensorCoreFP8Layout"  # comfy-kitchen's registered name of its per-tensor FP8 layout
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -44,12 +46,19 @@ class ComfyFP8Linear(torch.nn.Module):
     """A linear over a comfy-kitchen FP8 `QuantizedTensor` weight `[N, K]` (one fp32 scale) and a static fp32
     `input_scale` (a scalar): ComfyUI's mixed-precision forward (module docstring)."""
 
-    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, input_scale: torch.Tensor):
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                 full_precision_matrix_mult: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
         self.register_buffer("input_scale", input_scale)
+        self.full_precision_matrix_mult = full_precision_matrix_mult  # dequantize -> bf16 GEMM, as the file asks
+
+    @property
+    def runs_full_precision(self) -> bool:
+        """Whether this layer runs a bf16 GEMM by the file's choice (`measuring.kernels`: not a fallback)."""
+        return self.full_precision_matrix_mult
 
     @classmethod
     def from_fp8r(cls, layer: torch.nn.Module, compute_dtype: torch.dtype) -> "ComfyFP8Linear":
@@ -67,9 +76,12 @@ class ComfyFP8Linear(torch.nn.Module):
             quantized = QuantizedTensor.from_float(values.to(compute_dtype), LAYOUT, scale=scale)
         input_scale = getattr(layer, "input_scale", None)
         input_scale = torch.ones((), device=weight.device) if input_scale is None else input_scale.detach()
-        return cls(quantized, layer.bias, input_scale.float().reshape(()))
+        return cls(quantized, layer.bias, input_scale.float().reshape(()),
+                   bool(getattr(layer, FULL_PRECISION_KEY, False)))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.full_precision_matrix_mult:
+            return torch.nn.functional.linear(inputs, self.weight.dequantize().to(inputs.dtype), self.bias)
         flat = inputs.reshape(-1, self.in_features)
         quantized = QuantizedTensor.from_float(flat, LAYOUT, scale=self.input_scale)
         output = torch.nn.functional.linear(quantized, self.weight, self.bias)

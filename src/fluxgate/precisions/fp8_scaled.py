@@ -8,7 +8,10 @@ A file's static activation scale (`<layer>.input_scale`, fp32 `[]`: ComfyUI's, M
 diffusers' BFL quantizer but kept only on NVFP4 layers (diffusers 0.42 `BFLQuantizer.create_quantized_param`);
 `keep_fp8r_input_scales`, installed when this module is imported, keeps it on each `BFLFP8RLinear` too, as the
 buffer `input_scale`, which its own forward never reads (it scales each input row at run time) and the `comfy`
-backend quantizes inputs with. The wrapper changes nothing else of diffusers' loading in the process.
+backend quantizes inputs with. Likewise `keep_full_precision_marks` moves a layer's `<layer>.full_precision_matrix_mult`
+mark (the adapter's, `weights.layouts`, for a layer ComfyUI runs dequantized) onto its `BFLFP8RLinear` as the attribute
+`full_precision_matrix_mult`, through diffusers' key mapping (a fused qkv's mark lands on its q, k and v), which the
+`comfy` backend honours. The wrappers change nothing else of diffusers' loading in the process.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from __future__ import annotations
 import torch
 from diffusers import BFLQuantizationConfig
 from diffusers.quantizers.bfl.bfl_quantizer import BFLQuantizer
-from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
+from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLQuantizedParameter, quantize_fp8r
 from diffusers.utils import get_module_from_name
 
-from fluxgate.precisions.spec import (FastGemm, PrecisionFormat, StateDict, require_finite, safetensors_writer,
-                                     static_activation_scale)
+from fluxgate.precisions.spec import (FULL_PRECISION_KEY, FastGemm, PrecisionFormat, StateDict, require_finite,
+                                     safetensors_writer, static_activation_scale)
 
 FP8_GEMM = "fp8 GEMM per-row, fast accum (diffusers BFLFP8RLinear _scaled_mm)"
 
@@ -59,7 +62,64 @@ def keep_fp8r_input_scales() -> None:
     BFLQuantizer.create_quantized_param = create_quantized_param
 
 
+def keep_full_precision_marks() -> None:
+    """Wrap diffusers' BFL loading (once per process) so a `<layer>.full_precision_matrix_mult` mark (bool `[]`, True)
+    sets `full_precision_matrix_mult = True` on the loaded `BFLFP8RLinear`: `BFLQuantizer.maybe_update_state_dict`
+    takes the marks out and puts them on the layers' `BFLQuantizedParameter`, `BFLQuantizedParameter._like` keeps them
+    through diffusers' key mapping (split, chunk), `create_quantized_param` sets the layer's attribute. Raises
+    ValueError naming the key for a mark that is not a true bool scalar or marks no fp8r weight, and (as diffusers
+    does for differing scales) NotImplementedError when weights with different marks are concatenated."""
+    update = BFLQuantizer.maybe_update_state_dict
+    if getattr(update, "keeps_full_precision_marks", False):
+        return
+    create, like = BFLQuantizer.create_quantized_param, BFLQuantizedParameter._like
+    torch_function = BFLQuantizedParameter.__torch_function__.__func__
+    suffix = f".{FULL_PRECISION_KEY}"
+
+    def maybe_update_state_dict(self, state_dict):
+        marks = [key for key in state_dict if key.endswith(suffix)]
+        for key in marks:
+            value = state_dict.pop(key)
+            if not (isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1
+                    and bool(value)):
+                raise ValueError(f"{key} is not a true bool scalar; a full-precision mark is one")
+        state_dict = update(self, state_dict)
+        for key in marks:
+            weight = state_dict.get(key.removesuffix(suffix) + ".weight")
+            if not isinstance(weight, BFLQuantizedParameter) or weight.quant_type != "fp8r":
+                raise ValueError(f"{key} marks no fp8r weight; only fp8 layers run in full precision")
+            setattr(weight, FULL_PRECISION_KEY, True)
+        return state_dict
+
+    def _like(self, data, weight_scale):
+        made = like(self, data, weight_scale)
+        setattr(made, FULL_PRECISION_KEY, getattr(self, FULL_PRECISION_KEY, False))
+        return made
+
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.cat, torch.concat, torch.concatenate) and args:
+            marks = {getattr(t, FULL_PRECISION_KEY, False) for t in args[0] if isinstance(t, BFLQuantizedParameter)}
+            if len(marks) > 1:
+                raise NotImplementedError("quantized weights marked full_precision_matrix_mult cannot be "
+                                          "concatenated with unmarked ones")
+        return torch_function(cls, func, types, args, kwargs)
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
+        create(self, model, param_value, param_name, target_device, *args, **kwargs)
+        module, _ = get_module_from_name(model, param_name)
+        if getattr(param_value, FULL_PRECISION_KEY, False) and isinstance(module, BFLFP8RLinear):
+            setattr(module, FULL_PRECISION_KEY, True)
+
+    maybe_update_state_dict.keeps_full_precision_marks = True
+    create_quantized_param.keeps_fp8r_input_scale = getattr(create, "keeps_fp8r_input_scale", False)
+    BFLQuantizer.maybe_update_state_dict = maybe_update_state_dict
+    BFLQuantizer.create_quantized_param = create_quantized_param
+    BFLQuantizedParameter._like = _like
+    BFLQuantizedParameter.__torch_function__ = classmethod(__torch_function__)
+
+
 keep_fp8r_input_scales()
+keep_full_precision_marks()
 
 FORMAT = PrecisionFormat(write=safetensors_writer(fp8r_tensors),
                          quantization_config=lambda dtype: BFLQuantizationConfig(compute_dtype=dtype),

@@ -105,6 +105,11 @@ def require_finite(key: str, value: torch.Tensor) -> None:
         raise FixtureError(f"{key}: {bad[1]} of {bad[2]} values are NaN or infinite; a checkpoint cannot hold them")
 
 
+# The state-dict key (after `<layer>.`) and layer attribute naming a linear ComfyUI runs in full precision: its fp8
+# weight dequantized to the compute dtype for a bf16 GEMM (ComfyUI comfy/ops.py `mixed_precision_ops`).
+FULL_PRECISION_KEY = "full_precision_matrix_mult"
+
+
 def static_activation_scale(key: str, value: torch.Tensor) -> torch.Tensor:
     """A linear's static activation scale (`input_scale`: inputs are divided by it before the cast to fp8) as fp32
     `[]`. Raises ValueError naming `key` when it is not one finite number above 0."""

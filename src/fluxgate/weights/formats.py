@@ -36,15 +36,17 @@ def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple
     them. A listed layer is the model's when `<prefix><layer>.weight` is a tensor of the file; names in the metadata
     may carry the prefix (or another of PREFIXES) or not. Raises FixtureError naming the file for a marker that is not
     ComfyUI's JSON, and for markers that name no tensor of the file (its layers could not be told from ModelOpt's)."""
-    listed: dict[str, str] = {}
+    configs, marked_by = comfy_layer_configs(path, header, metadata, prefix)
+    return {layer: str(conf.get("format")) for layer, conf in configs.items()}, marked_by
+
+
+def comfy_layer_configs(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, dict], str]:
+    """`comfy_layers` with each layer's whole ComfyUI config (`{"format": ..., "full_precision_matrix_mult": ...}`,
+    comfy/ops.py `mixed_precision_ops.Linear._load_from_state_dict`); the header's config wins over a comfy_quant
+    tensor's for the same layer, as in ComfyUI (`convert_old_quants` writes the header's over the tensors).
+    Raises FixtureError as `comfy_layers` does, and for a config that is not a JSON object."""
+    listed: dict[str, dict] = {}
     sources = []
-    if "_quantization_metadata" in metadata:
-        try:
-            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
-            listed.update({name: str((conf or {}).get("format")) for name, conf in layers.items()})
-        except (ValueError, AttributeError) as error:
-            raise FixtureError(f"{path}: unreadable _quantization_metadata ({error})") from None
-        sources.append("_quantization_metadata")
     markers = [key for key in header if key.endswith(".comfy_quant")]
     if markers:
         from safetensors import safe_open
@@ -56,21 +58,56 @@ def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple
                     raise FixtureError(f"{path}: {key} is a comfy_quant marker of {end - begin} bytes; ComfyUI's are "
                                        f"a short JSON object (fluxgate reads at most {MAX_MARKER_BYTES})")
                 try:
-                    listed[key.removesuffix(".comfy_quant")] = str(json.loads(bytes(handle.get_tensor(key).tolist()))
-                                                                   .get("format"))
-                except (ValueError, AttributeError) as error:
+                    conf = json.loads(bytes(handle.get_tensor(key).tolist()))
+                except (ValueError, AttributeError, TypeError) as error:
                     raise FixtureError(f"{path}: {key} is not ComfyUI's JSON marker ({error})") from None
+                listed[key.removesuffix(".comfy_quant")] = _layer_config(path, key, conf)
         sources.append("comfy_quant tensors")
+    if "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+            listed.update({name: _layer_config(path, name, conf) for name, conf in layers.items()})
+        except (ValueError, AttributeError) as error:
+            raise FixtureError(f"{path}: unreadable _quantization_metadata ({error})") from None
+        sources.insert(0, "_quantization_metadata")
     own = {}
-    for name, fmt in listed.items():
+    for name, conf in listed.items():
         bare = [name.removeprefix(p) for p in (prefix, *PREFIXES) if name.startswith(p)] + [name]
         layer = next((b for b in bare if f"{prefix}{b}.weight" in header), None)
         if layer is not None:
-            own[layer] = fmt
+            own[layer] = conf
     if listed and not own and not any(f"{name}.weight" in header for name in listed):  # others: a VAE's, an encoder's
         raise FixtureError(f"{path}: its {' and '.join(sources)} list {len(listed)} quantized layers, e.g. "
                            f"'{next(iter(listed))}', but name none of its tensors")
     return own, " and ".join(sources)
+
+
+def _layer_config(path: Path, name: str, conf) -> dict:
+    """One layer's ComfyUI quantization config as a dict; FixtureError naming the file and layer when it is not a JSON
+    object, or its `full_precision_matrix_mult` is not true or false."""
+    if conf is None:
+        return {}
+    if not isinstance(conf, dict):
+        raise FixtureError(f"{path}: {name}'s ComfyUI quantization config is {type(conf).__name__}, not a JSON object")
+    if not isinstance(conf.get("full_precision_matrix_mult", False), bool):
+        raise FixtureError(f"{path}: {name} has full_precision_matrix_mult "
+                           f"{json.dumps(conf['full_precision_matrix_mult'])[:40]}; ComfyUI's is true or false")
+    return conf
+
+
+def full_precision_layers(path: Path, header: dict, metadata: dict, prefix: str) -> set[str]:
+    """The model's fp8 linears ComfyUI runs in full precision (the weight dequantized to the compute dtype, a bf16
+    GEMM; comfy/ops.py `mixed_precision_ops.Linear.forward` -> `forward_comfy_cast_weights`): those whose ComfyUI config
+    says `full_precision_matrix_mult: true`, and every `scale_weight` layer of a legacy file whose `scaled_fp8` marker
+    has two elements (comfy/utils.py `convert_old_quants`). Names without `prefix`. Raises FixtureError as
+    `comfy_layer_configs`."""
+    configs, _ = comfy_layer_configs(path, header, metadata, prefix)
+    found = {layer for layer, conf in configs.items() if conf.get("full_precision_matrix_mult") is True}
+    marker = header.get(f"{prefix}scaled_fp8")
+    if "_quantization_metadata" not in metadata and marker is not None and math.prod(marker.get("shape", ())) == 2:
+        found |= {key[len(prefix):].removesuffix(".scale_weight") for key in header
+                  if key.startswith(prefix) and key.endswith(".scale_weight")}
+    return found
 
 
 def foreign_quantization(model: dict[str, dict], metadata: dict) -> tuple[str, str] | None:

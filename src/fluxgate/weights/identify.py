@@ -26,6 +26,10 @@ and the few small marker tensors only (never the weights). The layouts it tells 
   `lumina2`).
 - `diffusers-folder`: a diffusers model folder (`config.json` + one or more safetensors shards, an index json).
 
+An fp8 file's layers that ComfyUI runs in full precision (`full_precision_matrix_mult` in their ComfyUI config, or
+every layer of a legacy file whose `scaled_fp8` marker has two elements) are counted in `detail`: the same bytes as
+their relatives, served through a bf16 GEMM there (`formats.full_precision_layers`).
+
 Key prefixes (`model.diffusion_model.` of ComfyUI checkpoints and ModelSave files, `diffusion_model.`, `model.`) are
 found and reported, never part of the answer about the model; a full ComfyUI checkpoint's other tensors (VAE, text
 encoders) are left out of it, as ComfyUI-GGUF's tools/convert.py `strip_prefix` does.
@@ -51,6 +55,7 @@ from fluxgate.weights.formats import (
     COMFY_FORMATS,
     comfy_layers,
     fp8_scales,
+    full_precision_layers,
     foreign_quantization,
     json_object,
     legacy_scaled_fp8,
@@ -75,7 +80,7 @@ class Identity:
     `tensor_types`: tensor count per dtype or GGUF type (the model's tensors only); `detail`: a short human
     description; `member`: the family member (`members`: "flux1-dev", "flux1-schnell", "flux2-klein", ...), None
     when the contents leave several `candidates`; `evidence`: what told the member; `structure`: block counts and
-    widths (`blocks.structure`)."""
+    widths (`blocks.structure`); `full_precision_layers`: its fp8 layers ComfyUI runs in full precision (module docs)."""
 
     path: str
     family: str | None
@@ -88,6 +93,7 @@ class Identity:
     candidates: tuple[str, ...] = ()
     evidence: str = ""
     structure: dict = field(default_factory=dict)
+    full_precision_layers: int = 0  # fp8 layers ComfyUI runs dequantized (`full_precision_matrix_mult`)
 
     def what(self) -> str:
         """The member, else the family and the members its contents cannot tell apart."""
@@ -177,8 +183,12 @@ def _safetensors(path: Path) -> Identity:
 
     def identity(precision, layout, detail=""):
         left_out = f"{ignored} tensors outside '{prefix}' (VAE, text encoders) left out" if ignored else ""
-        notes = "; ".join(note for note in (detail, left_out) if note)
-        return _with_member(Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes), found)
+        full = full_precision_layers(path, header, metadata, prefix) if precision == "fp8-scaled" else set()
+        dequantized = (f"{len(full)} layers full_precision_matrix_mult: ComfyUI runs them dequantized, a bf16 GEMM"
+                       if full else "")
+        notes = "; ".join(note for note in (detail, dequantized, left_out) if note)
+        return _with_member(Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes,
+                                     full_precision_layers=len(full)), found)
 
     foreign = foreign_quantization(model, metadata)
     if foreign:

@@ -13,7 +13,9 @@ of what was changed. Each adapter is the smallest mapping for its layout (`fluxg
   (`input_scale`, legacy `scale_input`: one fp32 number, ComfyUI's `convert_old_quants` renames the one to the other)
   is kept as `input_scale` `[]`: diffusers' `BFLFP8RLinear` does not use it (it scales each input row at run time),
   the `comfy` backend quantizes inputs with it as ComfyUI does (`precisions.fp8_scaled.keep_fp8r_input_scales`).
-  ComfyUI's `comfy_quant` markers are dropped.
+  A layer ComfyUI runs in full precision (`full_precision_matrix_mult`, a two-element legacy `scaled_fp8`) is marked
+  by a bool tensor `<layer>.full_precision_matrix_mult`, which reaches the loaded layer the same way; the `comfy`
+  backend then dequantizes it for a bf16 GEMM, as ComfyUI does. ComfyUI's `comfy_quant` markers are dropped.
 - `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads), for the layers the header's
   `_quantization_metadata` or `comfy_quant` tensors mark (`identify.comfy_layers`, as ComfyUI's `convert_old_quants`):
   the two E2M1 values of each byte swapped (comfy-kitchen packs the first value in the HIGH nibble, ModelOpt in the
@@ -41,9 +43,9 @@ import torch
 
 from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import read_safetensors_header
-from fluxgate.weights.formats import comfy_layers
+from fluxgate.weights.formats import comfy_layers, full_precision_layers
 from fluxgate.weights.identify import Identity
-from fluxgate.precisions.spec import static_activation_scale
+from fluxgate.precisions.spec import FULL_PRECISION_KEY, static_activation_scale
 
 NVFP4_BLOCK = 16
 
@@ -89,13 +91,18 @@ def comfy_nvfp4_to_modelopt(state_dict: dict, layers, path: Path) -> tuple[dict,
     return out, missing_input_scale
 
 
-def fp8_scales_to_fp8r(state_dict: dict, path: Path) -> tuple[dict, int]:
+def fp8_scales_to_fp8r(state_dict: dict, path: Path, full_precision: set[str] = frozenset()) -> tuple[dict, int]:
     """e4m3 weights with one fp32 scale per tensor or per row (`scale_weight` or `weight_scale`, `[]`, `[1]` or
     `[N]`) -> fp8r's `weight_scale` `[N]` fp32 (a scalar repeated per row); a static activation scale (`input_scale`
-    or `scale_input`, `[]` or `[1]`) -> `input_scale` `[]` fp32; ComfyUI markers dropped. Returns it and the linears
-    changed. Raises FixtureError naming the tensor for a scale of another shape, without an e4m3 weight, or (an
-    activation scale) not a finite number above 0."""
+    or `scale_input`, `[]` or `[1]`) -> `input_scale` `[]` fp32; each layer of `full_precision` (the ones ComfyUI
+    runs dequantized, `formats.full_precision_layers`) marked by a bool `[]` tensor `<layer>.FULL_PRECISION_KEY`
+    (`precisions.fp8_scaled.keep_fp8r_input_scales` moves it onto the loaded layer); ComfyUI markers dropped. Returns
+    it and the linears changed. Raises FixtureError naming the tensor for a scale of another shape, without an e4m3
+    weight, or (an activation scale) not a finite number above 0."""
     out, changed = {}, 0
+    for layer in full_precision:
+        if f"{layer}.weight" in state_dict:
+            out[f"{layer}.{FULL_PRECISION_KEY}"] = torch.ones((), dtype=torch.bool)
     for key, value in state_dict.items():
         if key == "scaled_fp8" or key.endswith(".comfy_quant"):
             continue
@@ -204,8 +211,13 @@ def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
         state_dict, notes = gguf_plain_tensors(state_dict)
         changes += notes
     if identity.layout in SCALED_FP8:
-        state_dict, count = fp8_scales_to_fp8r(state_dict, path)
+        header, metadata = read_safetensors_header(path)
+        full = full_precision_layers(path, header, metadata, identity.prefix)
+        state_dict, count = fp8_scales_to_fp8r(state_dict, path, full)
         changes.append(f"{identity.layout} -> fp8r: {count} scales as per-row weight_scale")
+        if full:
+            changes.append(f"{len(full)} layers marked full_precision_matrix_mult (the comfy backend runs them "
+                           "dequantized, as ComfyUI does)")
         kept = sum(key.endswith(".input_scale") for key in state_dict)
         if kept:
             changes.append(f"{kept} static input_scale kept (the comfy backend quantizes inputs with them)")
