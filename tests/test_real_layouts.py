@@ -328,3 +328,18 @@ def test_a_comfy_layer_config_of_the_wrong_kind_is_refused_naming_the_file_and_l
     with pytest.raises(FixtureError, match=r"comfy-fp8-bad-config.safetensors: double_blocks.0.img_attn.qkv"
                                            rf".*{problem}"):
         identify(path)
+
+
+@pytest.mark.parametrize("mark, problem", [(torch.tensor(1.0), "is not a true bool scalar"),
+                                           (torch.ones(2, dtype=torch.bool), "is not a true bool scalar")])
+def test_a_file_carrying_a_malformed_full_precision_mark_is_refused_naming_it(root, pipelines, mark, problem):
+    """The mark is the adapter's; a file that carries one itself gets it checked as it loads."""
+    from fluxgate.errors import FixtureError
+
+    def marked(layer: str, weight: torch.Tensor) -> dict:
+        return {**S.fp8r(layer, weight), f"{layer}.full_precision_matrix_mult": mark.clone()}
+
+    path = _safetensors(marked)(root, f"fp8r-bad-mark-{mark.numel()}")
+    with pytest.raises(FixtureError, match=rf"fp8r-bad-mark-{mark.numel()}.safetensors: cannot load as fp8-scaled "
+                                           rf"\(.*full_precision_matrix_mult {problem}"):
+        S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
