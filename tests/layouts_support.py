@@ -361,8 +361,8 @@ def weight_errors(module: torch.nn.Module, ref: dict[str, torch.Tensor]) -> dict
             for key, w in effective_weights(module).items()}
 
 
-def image(model: str, transformer: torch.nn.Module) -> np.ndarray:
-    """A 2-step 128 px image of the tiny pipeline around `transformer` (bf16 components, fixed seed)."""
+def image(model: str, transformer: torch.nn.Module, size: int = 128, steps: int = 2) -> np.ndarray:
+    """A `steps`-step `size` px image of the tiny pipeline around `transformer` (bf16 components, fixed seed)."""
     spec = MODELS[model]
     components = spec.builder.tiny_components(SEED)
     for component in components.values():
@@ -371,7 +371,8 @@ def image(model: str, transformer: torch.nn.Module) -> np.ndarray:
     pipe = spec.builder.pipeline_class(transformer=transformer, **components)
     pipe.set_progress_bar_config(disable=True)
     settings = spec.tiny
-    out = pipe(prompt="a red fox", height=128, width=128, num_inference_steps=2, guidance_scale=settings.guidance_scale,
+    out = pipe(prompt="a red fox", height=size, width=size, num_inference_steps=steps,
+               guidance_scale=settings.guidance_scale,
                generator=torch.Generator().manual_seed(SEED), output_type="np",
                **{k: v for k, v in settings.extra.items() if k == "max_sequence_length"})
     return out.images[0]

@@ -343,3 +343,29 @@ def test_a_file_carrying_a_malformed_full_precision_mark_is_refused_naming_it(ro
     with pytest.raises(FixtureError, match=rf"fp8r-bad-mark-{mark.numel()}.safetensors: cannot load as fp8-scaled "
                                            rf"\(.*full_precision_matrix_mult {problem}"):
         S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+
+
+@pytest.mark.parametrize("write", [
+    _safetensors(S.comfy_fp8, "tensors"),  # Comfy-Org *_fp8mixed (shared case comfy_fp8mixed_flux2)
+    _safetensors(S.legacy_scaled_fp8, None, "flux2-dev", lambda t: S.with_scaled_fp8_marker(t, 0)),  # ComfyUI save
+    _safetensors(S.legacy_scaled_fp8, None, "flux2-dev", S.with_scaled_fp8_marker),  # converters: full precision
+], ids=["comfy-fp8mixed", "comfy-scaled-fp8", "comfy-scaled-fp8-full-precision"])
+def test_the_comfy_backend_runs_comfyuis_fp8_layouts_inside_the_8bit_tier(root, pipelines, write):
+    """Issue 29's acceptance on the tiny profile: ComfyUI's own fp8 layouts, loaded as they are and run through
+    comfy-kitchen as ComfyUI runs them, make an image inside the 8-bit tier of this class against BF16."""
+    import tomllib
+
+    from fluxgate.judging.similarity import compare
+
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    from PIL import Image
+
+    loaded, _ = S.load_real(write(root, f"comfy-tier-{id(write)}"), "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+    fp8_comfy.to_comfy(loaded)
+    assert any(isinstance(module, fp8_comfy.ComfyFP8Linear) for module in loaded.modules())
+    bf16 = MODELS["flux2-dev"].tiny_transformer(S.SEED).to(torch.bfloat16)
+    images = [Image.fromarray((S.image("flux2-dev", t, 256, 4) * 255).round().astype(np.uint8)) for t in (loaded, bf16)]
+    limits = tomllib.loads((Path(__file__).parents[1] / "baselines/cpu/thresholds.toml").read_text())
+    limit = limits["flux2-dev"]["fp8-scaled"]
+    similarity = compare(*images)
+    assert similarity.ms_ssim >= limit["min_ms_ssim"] and similarity.psnr_db >= limit["min_psnr_db"], similarity
