@@ -284,7 +284,7 @@ def test_layers_comfyui_runs_in_full_precision_are_told_apart_and_the_comfy_back
     path = S.write_safetensors(root / f"comfy-fp8-full-precision-{marking}.safetensors", tensors, metadata)
     found = identify(path)
     assert (found.precision, found.layout, found.full_precision_layers) == ("fp8-scaled", "comfy-mixed-fp8", 2)
-    assert "2 layers full_precision_matrix_mult: ComfyUI runs them dequantized" in found.detail
+    assert "2 layers full precision (full_precision_matrix_mult): ComfyUI runs them dequantized" in found.detail
 
     loaded, origin = S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
     assert "2 layers marked full_precision_matrix_mult" in origin["path"]
@@ -310,12 +310,12 @@ def test_a_legacy_scaled_fp8_marker_of_two_elements_runs_every_layer_in_full_pre
     found = identify(path)
     layers = sum(key.endswith(".scale_weight") for key in tensors)
     assert (found.layout, found.full_precision_layers) == ("comfy-scaled-fp8", layers if full else 0)
-    assert ("full_precision_matrix_mult" in found.detail) == full
+    assert (f"{layers} layers full precision (two-element scaled_fp8)" in found.detail) == full
 
 
 @pytest.mark.parametrize("config, problem", [
     ('{"format": "float8_e4m3fn", "full_precision_matrix_mult": "yes"}',
-     r'full_precision_matrix_mult "yes"; ComfyUI\'s is true or false'),
+     r'full_precision_matrix_mult "yes"; ComfyUI reads it as true or false'),
     ('"float8_e4m3fn"', "ComfyUI quantization config is str, not a JSON object"),
 ])
 def test_a_comfy_layer_config_of_the_wrong_kind_is_refused_naming_the_file_and_layer(root, config, problem):
@@ -330,25 +330,29 @@ def test_a_comfy_layer_config_of_the_wrong_kind_is_refused_naming_the_file_and_l
         identify(path)
 
 
-@pytest.mark.parametrize("mark, problem", [(torch.tensor(1.0), "is not a true bool scalar"),
-                                           (torch.ones(2, dtype=torch.bool), "is not a true bool scalar")])
-def test_a_file_carrying_a_malformed_full_precision_mark_is_refused_naming_it(root, pipelines, mark, problem):
-    """The mark is the adapter's; a file that carries one itself gets it checked as it loads."""
+@pytest.mark.parametrize("mark", [torch.tensor(True), torch.tensor(1.0)], ids=["bool", "float"])
+def test_a_files_own_tensor_under_the_full_precision_marks_name_is_refused_naming_it(root, pipelines, mark):
+    """Which layers run in full precision is read from a file's ComfyUI markers; a tensor the file names like the
+    adapter's mark (which is no tensor) is refused, never taken as one."""
     from fluxgate.errors import FixtureError
 
     def marked(layer: str, weight: torch.Tensor) -> dict:
         return {**S.fp8r(layer, weight), f"{layer}.full_precision_matrix_mult": mark.clone()}
 
-    path = _safetensors(marked)(root, f"fp8r-bad-mark-{mark.numel()}")
-    with pytest.raises(FixtureError, match=rf"fp8r-bad-mark-{mark.numel()}.safetensors: cannot load as fp8-scaled "
-                                           rf"\(.*full_precision_matrix_mult {problem}"):
+    path = _safetensors(marked)(root, f"fp8r-own-mark-{mark.dtype}")
+    with pytest.raises(FixtureError, match=rf"fp8r-own-mark-{mark.dtype}.safetensors: cannot load as fp8-scaled "
+                                           r"\(.*full_precision_matrix_mult is a tensor of the file under the name of "
+                                           r"fluxgate's full-precision mark"):
         S.load_real(path, "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
+
+
+FULL_PRECISION_CONVERTER = _safetensors(S.legacy_scaled_fp8, None, "flux2-dev", S.with_scaled_fp8_marker)
 
 
 @pytest.mark.parametrize("write", [
     _safetensors(S.comfy_fp8, "tensors"),  # Comfy-Org *_fp8mixed (shared case comfy_fp8mixed_flux2)
     _safetensors(S.legacy_scaled_fp8, None, "flux2-dev", lambda t: S.with_scaled_fp8_marker(t, 0)),  # ComfyUI save
-    _safetensors(S.legacy_scaled_fp8, None, "flux2-dev", S.with_scaled_fp8_marker),  # converters: full precision
+    FULL_PRECISION_CONVERTER,  # convert_to_quant and most converters: every layer in full precision
 ], ids=["comfy-fp8mixed", "comfy-scaled-fp8", "comfy-scaled-fp8-full-precision"])
 def test_the_comfy_backend_runs_comfyuis_fp8_layouts_inside_the_8bit_tier(root, pipelines, write):
     """Issue 29's acceptance on the tiny profile: ComfyUI's own fp8 layouts, loaded as they are and run through
@@ -362,10 +366,66 @@ def test_the_comfy_backend_runs_comfyuis_fp8_layouts_inside_the_8bit_tier(root, 
 
     loaded, _ = S.load_real(write(root, f"comfy-tier-{id(write)}"), "flux2-dev", "fp8-scaled", pipelines("flux2-dev"))
     fp8_comfy.to_comfy(loaded)
-    assert any(isinstance(module, fp8_comfy.ComfyFP8Linear) for module in loaded.modules())
+    layers = [module for module in loaded.modules() if isinstance(module, fp8_comfy.ComfyFP8Linear)]
+    full = [layer.runs_full_precision for layer in layers]
+    assert layers and full == [write is FULL_PRECISION_CONVERTER] * len(layers)
     bf16 = MODELS["flux2-dev"].tiny_transformer(S.SEED).to(torch.bfloat16)
     images = [Image.fromarray((S.image("flux2-dev", t, 256, 4) * 255).round().astype(np.uint8)) for t in (loaded, bf16)]
     limits = tomllib.loads((Path(__file__).parents[1] / "baselines/cpu/thresholds.toml").read_text())
     limit = limits["flux2-dev"]["fp8-scaled"]
     similarity = compare(*images)
     assert similarity.ms_ssim >= limit["min_ms_ssim"] and similarity.psnr_db >= limit["min_psnr_db"], similarity
+
+
+def _full_precision(root: Path, name: str, tensors: dict, metadata: dict | None = None) -> set[str]:
+    """The layers `formats.full_precision_layers` finds in the file these tensors make (identify counts as many)."""
+    from fluxgate.weights.formats import full_precision_layers
+    from fluxgate.weights.headers import read_safetensors_header
+    from fluxgate.weights.identify import identify
+
+    path = S.write_safetensors(root / f"{name}.safetensors", tensors, metadata)
+    found = identify(path)
+    layers = full_precision_layers(path, *read_safetensors_header(path), found.prefix)
+    assert found.full_precision_layers == len(layers)
+    return layers
+
+
+def test_full_precision_layers_follow_comfyuis_precedence_prefixes_and_e4m3_weights_only(root):
+    """comfy/utils.py `convert_old_quants`: the header's config wins over a layer's comfy_quant tensor; a legacy
+    marker decides for every scale_weight layer over its tensor; names under a checkpoint prefix count as the
+    model's; a config on a weight that is not e4m3 marks nothing."""
+    import json
+
+    qkv, proj = "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj"
+    tensors, metadata = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, "metadata")
+    tensors[f"{qkv}.comfy_quant"] = S.comfy_marker("float8_e4m3fn", full_precision_matrix_mult=True)
+    listed = json.loads(metadata["_quantization_metadata"])
+    listed["layers"][proj]["full_precision_matrix_mult"] = 1  # a number, read by truthiness as ComfyUI does
+    assert _full_precision(root, "fp-header-wins", tensors, {"_quantization_metadata": json.dumps(listed)}) == {proj}
+
+    prefixed, _ = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, "tensors", prefix="model.diffusion_model.")
+    prefixed[f"model.diffusion_model.{qkv}.comfy_quant"] = S.comfy_marker("float8_e4m3fn",
+                                                                          full_precision_matrix_mult=True)
+    assert _full_precision(root, "fp-prefixed", prefixed) == {qkv}
+
+    legacy, _ = S.quantized_tensors(_original("flux2-dev"), S.legacy_scaled_fp8)
+    legacy[f"{qkv}.comfy_quant"] = S.comfy_marker("float8_e4m3fn", full_precision_matrix_mult=True)
+    assert _full_precision(root, "fp-legacy-empty", S.with_scaled_fp8_marker(legacy, 0)) == set()
+
+    plain, _ = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, "tensors")
+    plain[f"{qkv}.weight"] = _original("flux2-dev")[f"{qkv}.weight"].contiguous()  # left in bf16
+    plain[f"{qkv}.comfy_quant"] = S.comfy_marker("float8_e4m3fn", full_precision_matrix_mult=True)
+    assert _full_precision(root, "fp-bf16-weight", plain) == set()
+
+
+def test_a_comfy_quant_marker_that_is_not_1d_uint8_is_refused_before_it_is_read(root):
+    """A scalar int64 `comfy_quant` of value 10**11 would make `bytes()` allocate 100 GB."""
+    from fluxgate.errors import FixtureError
+    from fluxgate.weights.identify import identify
+
+    tensors, _ = S.quantized_tensors(_original("flux2-dev"), S.comfy_fp8, "tensors")
+    tensors["double_blocks.0.img_attn.qkv.comfy_quant"] = torch.tensor(10 ** 11)
+    path = S.write_safetensors(root / "comfy-int64-marker.safetensors", tensors)
+    with pytest.raises(FixtureError, match=r"comfy-int64-marker.safetensors: double_blocks.0.img_attn.qkv.comfy_quant "
+                                           r"is a I64 tensor of shape \[\]; a comfy_quant marker is 1-D uint8"):
+        identify(path)

@@ -63,8 +63,10 @@ class ComfyFP8Linear(torch.nn.Module):
     @classmethod
     def from_fp8r(cls, layer: torch.nn.Module, compute_dtype: torch.dtype) -> "ComfyFP8Linear":
         """From a loaded `BFLFP8RLinear` (e4m3 `weight` `[N, K]`, fp32 `weight_scale` `[N]`): its weight as is when
-        every row has one scale, else re-quantized to one scale per tensor. Its `input_scale` (the file's static
-        activation scale, `fp8_scaled.keep_fp8r_input_scales`), else 1.0."""
+        every row has one scale, else re-quantized to one scale per tensor (a full-precision layer too: its bf16 GEMM
+        then sees that one more rounding). Its `input_scale` (the file's static activation scale,
+        `fp8_scaled.keep_fp8r_input_scales`), else 1.0; its `full_precision_matrix_mult` mark
+        (`fp8_scaled.keep_full_precision_marks`), else False."""
         weight, row_scale = layer.weight.detach(), layer.weight_scale.detach().float()
         if bool((row_scale == row_scale[0]).all()):
             params = TensorCoreFP8Layout.Params(scale=row_scale[0].clone(), orig_dtype=compute_dtype,

@@ -8,10 +8,10 @@ A file's static activation scale (`<layer>.input_scale`, fp32 `[]`: ComfyUI's, M
 diffusers' BFL quantizer but kept only on NVFP4 layers (diffusers 0.42 `BFLQuantizer.create_quantized_param`);
 `keep_fp8r_input_scales`, installed when this module is imported, keeps it on each `BFLFP8RLinear` too, as the
 buffer `input_scale`, which its own forward never reads (it scales each input row at run time) and the `comfy`
-backend quantizes inputs with. Likewise `keep_full_precision_marks` moves a layer's `<layer>.full_precision_matrix_mult`
-mark (the adapter's, `weights.layouts`, for a layer ComfyUI runs dequantized) onto its `BFLFP8RLinear` as the attribute
-`full_precision_matrix_mult`, through diffusers' key mapping (a fused qkv's mark lands on its q, k and v), which the
-`comfy` backend honours. The wrappers change nothing else of diffusers' loading in the process.
+backend quantizes inputs with. Likewise `keep_full_precision_marks` moves the adapter's full-precision mark
+(`weights.layouts`: a layer ComfyUI runs dequantized; a mark no file can carry) onto its `BFLFP8RLinear` as the
+attribute `full_precision_matrix_mult`, through diffusers' key mapping (a fused qkv's mark lands on its q, k and v),
+which the `comfy` backend honours. The wrappers change nothing else of diffusers' loading in the process.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from diffusers.quantizers.bfl.bfl_quantizer import BFLQuantizer
 from diffusers.quantizers.bfl.utils import BFLFP8RLinear, BFLQuantizedParameter, quantize_fp8r
 from diffusers.utils import get_module_from_name
 
-from fluxgate.precisions.spec import (FULL_PRECISION_KEY, FastGemm, PrecisionFormat, StateDict, require_finite,
-                                     safetensors_writer, static_activation_scale)
+from fluxgate.precisions.spec import (FULL_PRECISION_KEY, FULL_PRECISION_MARK, FastGemm, PrecisionFormat, StateDict,
+                                     require_finite, safetensors_writer, static_activation_scale)
 
 FP8_GEMM = "fp8 GEMM per-row, fast accum (diffusers BFLFP8RLinear _scaled_mm)"
 
@@ -63,12 +63,14 @@ def keep_fp8r_input_scales() -> None:
 
 
 def keep_full_precision_marks() -> None:
-    """Wrap diffusers' BFL loading (once per process) so a `<layer>.full_precision_matrix_mult` mark (bool `[]`, True)
-    sets `full_precision_matrix_mult = True` on the loaded `BFLFP8RLinear`: `BFLQuantizer.maybe_update_state_dict`
-    takes the marks out and puts them on the layers' `BFLQuantizedParameter`, `BFLQuantizedParameter._like` keeps them
-    through diffusers' key mapping (split, chunk), `create_quantized_param` sets the layer's attribute. Raises
-    ValueError naming the key for a mark that is not a true bool scalar or marks no fp8r weight, and (as diffusers
-    does for differing scales) NotImplementedError when weights with different marks are concatenated."""
+    """Wrap diffusers' BFL loading (once per process) so a `<layer>.full_precision_matrix_mult` key holding
+    `spec.FULL_PRECISION_MARK` (the adapter's) sets `full_precision_matrix_mult = True` on the loaded `BFLFP8RLinear`:
+    `BFLQuantizer.maybe_update_state_dict` takes the marks out and puts them on the layers' `BFLQuantizedParameter`,
+    `BFLQuantizedParameter._like` keeps them through diffusers' key mapping (split, chunk), `create_quantized_param`
+    sets the layer's attribute. Raises ValueError naming the key for anything else under that name (a file's own
+    tensor: which layers ComfyUI runs in full precision is read from its ComfyUI markers, never from a key a file
+    names) or a mark on no fp8r weight, and (as diffusers does for differing scales) NotImplementedError with their
+    shapes when weights with different marks are concatenated."""
     update = BFLQuantizer.maybe_update_state_dict
     if getattr(update, "keeps_full_precision_marks", False):
         return
@@ -79,10 +81,9 @@ def keep_full_precision_marks() -> None:
     def maybe_update_state_dict(self, state_dict):
         marks = [key for key in state_dict if key.endswith(suffix)]
         for key in marks:
-            value = state_dict.pop(key)
-            if not (isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1
-                    and bool(value)):
-                raise ValueError(f"{key} is not a true bool scalar; a full-precision mark is one")
+            if state_dict.pop(key) is not FULL_PRECISION_MARK:
+                raise ValueError(f"{key} is a tensor of the file under the name of fluxgate's full-precision mark; "
+                                 "which layers run in full precision is read from the file's ComfyUI markers")
         state_dict = update(self, state_dict)
         for key in marks:
             weight = state_dict.get(key.removesuffix(suffix) + ".weight")
@@ -100,8 +101,9 @@ def keep_full_precision_marks() -> None:
         if func in (torch.cat, torch.concat, torch.concatenate) and args:
             marks = {getattr(t, FULL_PRECISION_KEY, False) for t in args[0] if isinstance(t, BFLQuantizedParameter)}
             if len(marks) > 1:
-                raise NotImplementedError("quantized weights marked full_precision_matrix_mult cannot be "
-                                          "concatenated with unmarked ones")
+                raise NotImplementedError(f"{len(args[0])} quantized weights of shapes "
+                                          f"{[list(t.shape) for t in args[0]]} joined into one layer: some are marked "
+                                          "full_precision_matrix_mult, some not; ComfyUI runs them apart")
         return torch_function(cls, func, types, args, kwargs)
 
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):

@@ -110,6 +110,18 @@ def require_finite(key: str, value: torch.Tensor) -> None:
 FULL_PRECISION_KEY = "full_precision_matrix_mult"
 
 
+class FullPrecisionMark:
+    """The value of a `<layer>.full_precision_matrix_mult` key in an adapted state dict (`weights.layouts`): not a
+    tensor, so no file can carry one; the loader (`fp8_scaled.keep_full_precision_marks`) refuses anything else under
+    that name."""
+
+    def __repr__(self) -> str:
+        return "FULL_PRECISION_MARK"
+
+
+FULL_PRECISION_MARK = FullPrecisionMark()
+
+
 def static_activation_scale(key: str, value: torch.Tensor) -> torch.Tensor:
     """A linear's static activation scale (`input_scale`: inputs are divided by it before the cast to fp8) as fp32
     `[]`. Raises ValueError naming `key` when it is not one finite number above 0."""

@@ -54,6 +54,9 @@ def comfy_layer_configs(path: Path, header: dict, metadata: dict, prefix: str) -
         with safe_open(str(path), framework="pt") as handle:
             for key in markers:
                 begin, end = header[key]["data_offsets"]
+                if header[key].get("dtype") != "U8" or len(header[key].get("shape", ())) != 1:
+                    raise FixtureError(f"{path}: {key} is a {header[key].get('dtype')} tensor of shape "
+                                       f"{header[key].get('shape')}; a comfy_quant marker is 1-D uint8 (JSON bytes)")
                 if end - begin > MAX_MARKER_BYTES:
                     raise FixtureError(f"{path}: {key} is a comfy_quant marker of {end - begin} bytes; ComfyUI's are "
                                        f"a short JSON object (fluxgate reads at most {MAX_MARKER_BYTES})")
@@ -83,31 +86,42 @@ def comfy_layer_configs(path: Path, header: dict, metadata: dict, prefix: str) -
 
 
 def _layer_config(path: Path, name: str, conf) -> dict:
-    """One layer's ComfyUI quantization config as a dict; FixtureError naming the file and layer when it is not a JSON
-    object, or its `full_precision_matrix_mult` is not true or false."""
+    """One layer's ComfyUI quantization config as a dict, its `full_precision_matrix_mult` read as ComfyUI reads it
+    (true, false, null or a number: truthiness). FixtureError naming the file and layer when the config is not a JSON
+    object, or that flag is a string, list or object (ComfyUI would take "false" for true)."""
     if conf is None:
         return {}
     if not isinstance(conf, dict):
         raise FixtureError(f"{path}: {name}'s ComfyUI quantization config is {type(conf).__name__}, not a JSON object")
-    if not isinstance(conf.get("full_precision_matrix_mult", False), bool):
-        raise FixtureError(f"{path}: {name} has full_precision_matrix_mult "
-                           f"{json.dumps(conf['full_precision_matrix_mult'])[:40]}; ComfyUI's is true or false")
-    return conf
+    flag = conf.get("full_precision_matrix_mult")
+    if not (flag is None or isinstance(flag, (bool, int, float))):
+        raise FixtureError(f"{path}: {name} has full_precision_matrix_mult {json.dumps(flag)[:40]}; ComfyUI reads "
+                           "it as true or false")
+    return {**conf, "full_precision_matrix_mult": bool(flag)}
 
 
 def full_precision_layers(path: Path, header: dict, metadata: dict, prefix: str) -> set[str]:
-    """The model's fp8 linears ComfyUI runs in full precision (the weight dequantized to the compute dtype, a bf16
-    GEMM; comfy/ops.py `mixed_precision_ops.Linear.forward` -> `forward_comfy_cast_weights`): those whose ComfyUI config
-    says `full_precision_matrix_mult: true`, and every `scale_weight` layer of a legacy file whose `scaled_fp8` marker
-    has two elements (comfy/utils.py `convert_old_quants`). Names without `prefix`. Raises FixtureError as
-    `comfy_layer_configs`."""
+    """The model's e4m3 linears ComfyUI runs in full precision (the weight dequantized to the compute dtype, a bf16
+    GEMM; comfy/ops.py `mixed_precision_ops.Linear.forward` -> `forward_comfy_cast_weights`), names without `prefix`.
+    As comfy/utils.py `convert_old_quants` decides it: in a legacy file (a `scaled_fp8` marker, no
+    `_quantization_metadata`) every `scale_weight` layer is full precision when the marker has two elements and is
+    not when it has any other count, whatever a `comfy_quant` tensor of that layer says; elsewhere each layer whose
+    ComfyUI config says `full_precision_matrix_mult`. Layers whose weight is not e4m3 are left out (ComfyUI runs
+    nothing quantized there). Raises FixtureError as `comfy_layer_configs`."""
     configs, _ = comfy_layer_configs(path, header, metadata, prefix)
-    found = {layer for layer, conf in configs.items() if conf.get("full_precision_matrix_mult") is True}
-    marker = header.get(f"{prefix}scaled_fp8")
-    if "_quantization_metadata" not in metadata and marker is not None and math.prod(marker.get("shape", ())) == 2:
-        found |= {key[len(prefix):].removesuffix(".scale_weight") for key in header
+    found = {layer for layer, conf in configs.items() if conf.get("full_precision_matrix_mult")}
+    if "_quantization_metadata" not in metadata and f"{prefix}scaled_fp8" in header:
+        legacy = {key[len(prefix):].removesuffix(".scale_weight") for key in header
                   if key.startswith(prefix) and key.endswith(".scale_weight")}
-    return found
+        found = (found | legacy) if legacy_full_precision(header, metadata, prefix) else found - legacy
+    return {layer for layer in found if header.get(f"{prefix}{layer}.weight", {}).get("dtype") == "F8_E4M3"}
+
+
+def legacy_full_precision(header: dict, metadata: dict, prefix: str) -> bool:
+    """Whether a legacy `scaled_fp8` marker of two elements makes ComfyUI run every scaled layer in full precision."""
+    marker = header.get(f"{prefix}scaled_fp8")
+    return "_quantization_metadata" not in metadata and marker is not None and \
+        math.prod(marker.get("shape", ())) == 2
 
 
 def foreign_quantization(model: dict[str, dict], metadata: dict) -> tuple[str, str] | None:

@@ -56,6 +56,7 @@ from fluxgate.weights.formats import (
     comfy_layers,
     fp8_scales,
     full_precision_layers,
+    legacy_full_precision,
     foreign_quantization,
     json_object,
     legacy_scaled_fp8,
@@ -80,7 +81,8 @@ class Identity:
     `tensor_types`: tensor count per dtype or GGUF type (the model's tensors only); `detail`: a short human
     description; `member`: the family member (`members`: "flux1-dev", "flux1-schnell", "flux2-klein", ...), None
     when the contents leave several `candidates`; `evidence`: what told the member; `structure`: block counts and
-    widths (`blocks.structure`); `full_precision_layers`: its fp8 layers ComfyUI runs in full precision (module docs)."""
+    widths (`blocks.structure`); `full_precision_layers`: its fp8 layers ComfyUI runs in full precision (module
+    docs)."""
 
     path: str
     family: str | None
@@ -184,8 +186,10 @@ def _safetensors(path: Path) -> Identity:
     def identity(precision, layout, detail=""):
         left_out = f"{ignored} tensors outside '{prefix}' (VAE, text encoders) left out" if ignored else ""
         full = full_precision_layers(path, header, metadata, prefix) if precision == "fp8-scaled" else set()
-        dequantized = (f"{len(full)} layers full_precision_matrix_mult: ComfyUI runs them dequantized, a bf16 GEMM"
-                       if full else "")
+        why = "two-element scaled_fp8" if legacy_full_precision(header, metadata, prefix) else \
+            "full_precision_matrix_mult"
+        dequantized = f"{len(full)} layers full precision ({why}): ComfyUI runs them dequantized, a bf16 GEMM" \
+            if full else ""
         notes = "; ".join(note for note in (detail, dequantized, left_out) if note)
         return _with_member(Identity(str(path), family, precision, layout, prefix, dict(dtypes), notes,
                                      full_precision_layers=len(full)), found)

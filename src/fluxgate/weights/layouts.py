@@ -14,7 +14,7 @@ of what was changed. Each adapter is the smallest mapping for its layout (`fluxg
   is kept as `input_scale` `[]`: diffusers' `BFLFP8RLinear` does not use it (it scales each input row at run time),
   the `comfy` backend quantizes inputs with it as ComfyUI does (`precisions.fp8_scaled.keep_fp8r_input_scales`).
   A layer ComfyUI runs in full precision (`full_precision_matrix_mult`, a two-element legacy `scaled_fp8`) is marked
-  by a bool tensor `<layer>.full_precision_matrix_mult`, which reaches the loaded layer the same way; the `comfy`
+  by `<layer>.full_precision_matrix_mult` (a mark no file can carry), which reaches the loaded layer; the `comfy`
   backend then dequantizes it for a bf16 GEMM, as ComfyUI does. ComfyUI's `comfy_quant` markers are dropped.
 - `comfy-nvfp4` -> ModelOpt NVFP4 (what diffusers' BFL nvfp4 quantizer reads), for the layers the header's
   `_quantization_metadata` or `comfy_quant` tensors mark (`identify.comfy_layers`, as ComfyUI's `convert_old_quants`):
@@ -45,7 +45,7 @@ from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import read_safetensors_header
 from fluxgate.weights.formats import comfy_layers, full_precision_layers
 from fluxgate.weights.identify import Identity
-from fluxgate.precisions.spec import FULL_PRECISION_KEY, static_activation_scale
+from fluxgate.precisions.spec import FULL_PRECISION_KEY, FULL_PRECISION_MARK, static_activation_scale
 
 NVFP4_BLOCK = 16
 
@@ -95,14 +95,15 @@ def fp8_scales_to_fp8r(state_dict: dict, path: Path, full_precision: set[str] = 
     """e4m3 weights with one fp32 scale per tensor or per row (`scale_weight` or `weight_scale`, `[]`, `[1]` or
     `[N]`) -> fp8r's `weight_scale` `[N]` fp32 (a scalar repeated per row); a static activation scale (`input_scale`
     or `scale_input`, `[]` or `[1]`) -> `input_scale` `[]` fp32; each layer of `full_precision` (the ones ComfyUI
-    runs dequantized, `formats.full_precision_layers`) marked by a bool `[]` tensor `<layer>.FULL_PRECISION_KEY`
-    (`precisions.fp8_scaled.keep_fp8r_input_scales` moves it onto the loaded layer); ComfyUI markers dropped. Returns
+    runs dequantized, `formats.full_precision_layers`) marked `<layer>.full_precision_matrix_mult`:
+    `spec.FULL_PRECISION_MARK`, not a tensor (`precisions.fp8_scaled.keep_full_precision_marks` moves it onto the
+    loaded layer); ComfyUI markers dropped. Returns
     it and the linears changed. Raises FixtureError naming the tensor for a scale of another shape, without an e4m3
     weight, or (an activation scale) not a finite number above 0."""
     out, changed = {}, 0
     for layer in full_precision:
         if f"{layer}.weight" in state_dict:
-            out[f"{layer}.{FULL_PRECISION_KEY}"] = torch.ones((), dtype=torch.bool)
+            out[f"{layer}.{FULL_PRECISION_KEY}"] = FULL_PRECISION_MARK
     for key, value in state_dict.items():
         if key == "scaled_fp8" or key.endswith(".comfy_quant"):
             continue
