@@ -39,8 +39,12 @@ def test_backends_keep_apart_in_baseline_keys_history_windows_and_the_reference(
 
 
 def test_a_backend_runs_the_precisions_file_through_its_own_format_in_the_precisions_tier():
-    spec = Combo.parse(COMFY).precision_spec
-    assert (spec.name, spec.tier, spec.backend, spec.file_precision) == ("fp8-scaled", "8bit", "comfy", "fp8-scaled")
+    torchao = Combo.parse("flux1-dev[fp8-scaled@torchao]").precision_spec
+    assert (torchao.name, torchao.tier, torchao.backend, torchao.file_precision) == ("fp8-scaled", "8bit", "torchao",
+                                                                                    "fp8-scaled")
+    spec = Combo.parse(COMFY).precision_spec  # its own file: ComfyUI's per-tensor numbers
+    assert (spec.name, spec.tier, spec.backend, spec.file_precision, spec.file_name) == (
+        "fp8-scaled", "8bit", "comfy", None, "fp8-scaled@comfy")
     assert spec.format == "fluxgate.precisions.fp8_comfy:FORMAT" and "comfy_kitchen" in spec.requires
     assert resolved("fp8-scaled") is PRECISIONS["fp8-scaled"] and backends_of("fp8-scaled") == ["diffusers", "comfy", "torchao"]
 
@@ -155,7 +159,8 @@ def test_comfy_backend_runs_its_fp8_gemm_on_every_quantized_linear(comfy_tiny_im
     _, origin, path = comfy_tiny_images
     assert path.label == FP8_TENSORWISE_GEMM and path.fallback is False
     assert path.quantized_kinds == {"ComfyFP8Linear": path.quantized_linears} and path.quantized_linears > 0
-    assert origin["transform"] == "fp8-scaled -> fp8-scaled@comfy (fluxgate.precisions.fp8_comfy:FORMAT)"
+    assert origin["transform"] == "its own fp8-scaled file -> fp8-scaled@comfy (fluxgate.precisions.fp8_comfy:FORMAT)"
+    assert origin["file"].endswith("transformer-fp8-scaled@comfy.safetensors")
     import comfy_kitchen  # ComfyUI's default: Triton is opt-in (--enable-triton-backend), CUDA kernels need CUDA 13+
 
     assert comfy_kitchen.list_backends()["triton"]["disabled"] is True
@@ -244,3 +249,28 @@ def test_nvfp4_converted_to_fp8_at_load_runs_fp8_layers_and_stays_in_the_4bit_ti
     against_bf16 = compare(images[NVFP4_FP8], images["flux1-dev[bf16]"])
     assert against_bf16.ms_ssim >= limit["min_ms_ssim"] and against_bf16.psnr_db >= limit["min_psnr_db"], against_bf16
     assert compare(images[NVFP4_FP8], images["flux1-dev[nvfp4]"]).ms_ssim > 0.99  # E4M3's rounding of NVFP4 values
+
+
+def test_the_comfy_backends_own_file_holds_comfyuis_per_tensor_numbers_rounded_once():
+    """The generated profiles' @comfy file is quantized once per tensor from bf16 by comfy-kitchen, as ComfyUI's
+    files are; the layer it loads into keeps those numbers exactly (no re-quantization of per-row numbers)."""
+    fp8_comfy = pytest.importorskip("fluxgate.precisions.fp8_comfy", exc_type=ImportError)
+    from comfy_kitchen.tensor import TensorCoreFP8Layout
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear, quantize_fp8r
+
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    tensors = fp8_comfy.per_tensor_fp8r_tensors("x", weight)
+    scale = tensors["x.weight_scale"]
+    assert scale.shape == (96,) and bool((scale == scale[0]).all())
+    layer = BFLFP8RLinear(64, 96, bias=False, compute_dtype=torch.bfloat16)
+    layer.weight.data, layer.weight_scale = tensors["x.weight"], tensors["x.weight_scale"]
+    comfy = fp8_comfy.ComfyFP8Linear.from_fp8r(layer, torch.bfloat16)
+    held_q, held_scale = TensorCoreFP8Layout.get_plain_tensors(comfy.weight)
+    qdata, params = TensorCoreFP8Layout.quantize(weight, scale="recalculate")
+    assert torch.equal(held_q.float(), qdata.float()) and torch.equal(held_scale, params.scale.float())
+    held = comfy.weight.dequantize().float()
+    q, row_scale = quantize_fp8r(weight)  # the fp8-scaled file's per-row numbers, re-quantized per tensor
+    layer.weight.data, layer.weight_scale = q, row_scale
+    twice = fp8_comfy.ComfyFP8Linear.from_fp8r(layer, torch.bfloat16).weight.dequantize().float()
+    error = lambda w: float((w - weight.float()).norm() / weight.float().norm())  # noqa: E731
+    assert error(held) < 0.8 * error(twice), (error(held), error(twice))

@@ -55,6 +55,7 @@ class PrecisionSpec:
     requires: tuple[str, ...] = ()
     description: str = ""
     backend: str = "diffusers"
+    file_name: str = ""  # the name the generated profiles keep its file under ("": `name`)
 
     def __post_init__(self):
         if self.tier not in TIERS:
@@ -88,16 +89,21 @@ class PrecisionSpec:
 
     def with_backend(self, backend: BackendSpec) -> PrecisionSpec:
         """This precision run by `backend`: its file loaded through this spec (`file_precision`), then `backend`'s
-        format's `transform`; the tier stays, the packages add up."""
-        return replace(self, format=backend.format, file_precision=self.name, backend=backend.backend,
+        format's `transform`; or, for a backend with its own file (`BackendSpec.own_file`), that file (kept as
+        `<precision>@<backend>`) loaded by the backend's format, then its `transform`. The tier stays, the packages
+        add up."""
+        own = {"file_precision": None, "file_name": backend.name} if backend.own_file else \
+            {"file_precision": self.name}
+        return replace(self, format=backend.format, backend=backend.backend, **own,
                        requires=tuple(dict.fromkeys(self.requires + backend.requires)),
                        description=backend.description)
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend that runs `precision`'s file other than its default: the file loaded by the precision's own format,
-    then `format`'s (`module:attribute` of a `PrecisionFormat`) `transform` swaps the quantized layers for its own.
+    """A backend that runs `precision`'s file other than its default: the file loaded by the precision's own format
+    (or, `own_file`, by `format` itself), then `format`'s (`module:attribute` of a `PrecisionFormat`) `transform` swaps
+    the quantized layers for its own.
     Registered by `name`, `<precision>@<backend>` (what combo ids show: `flux1-dev[fp8-scaled@comfy]`)."""
 
     precision: str
@@ -105,6 +111,10 @@ class BackendSpec:
     format: str
     requires: tuple[str, ...] = ()
     description: str = ""
+    # The generated profiles (tiny, synthetic) write this backend its own file, through its format's `write` and
+    # `layout`, where its users' files hold other numbers than the precision's own (ComfyUI's fp8 files: one scale
+    # per tensor, where BFL's have one per row); the real profile loads the precision's slot file either way.
+    own_file: bool = False
 
     def __post_init__(self):
         if not self.backend or any(mark in self.backend for mark in "@[]") or self.backend.endswith("-compile"):

@@ -20,7 +20,8 @@ PRECISIONS = (
 BACKENDS = (
     BackendSpec("fp8-scaled", "comfy", format="fluxgate.precisions.fp8_comfy:FORMAT", requires=("comfy_kitchen",),
                 description="ComfyUI's mixed-precision fp8 path through comfy-kitchen: per-tensor weight scale, static "
-                            "input scale (1.0 when the file has none), scaled_mm_v2 without fast accumulation"),
+                            "input scale (1.0 when the file has none), scaled_mm_v2 without fast accumulation",
+                own_file=True),
     BackendSpec("fp8-scaled", "torchao", format="fluxgate.precisions.fp8_torchao:FORMAT", requires=("torchao",),
                 description="diffusers users' fp8 through torchao: per-row weight scale, each input quantized per "
                             "row (dynamic), _scaled_mm with fast accumulation"),

@@ -11,9 +11,11 @@ that GEMM raises; the kernel path shows it.
 
 Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight, per-row scale `[N]`) and
 `transform` swaps each such layer for a `ComfyFP8Linear`. A ComfyUI per-tensor file, as the real profile loads it
-(`weights.layouts`: the scalar repeated per row), keeps its exact numbers; per-row scales that differ (BFL fp8r,
-the tiny and synthetic profiles' files) are re-quantized to one scale per tensor (amax / 448), which adds one
-rounding. A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
+(`weights.layouts`: the scalar repeated per row), keeps its exact numbers. The tiny and synthetic profiles write this
+backend its own such file (`per_tensor_fp8r_tensors`, quantized once from bf16 by comfy-kitchen, as ComfyUI's users'
+files are), not the per-row fp8-scaled one: re-quantizing per-row numbers to one scale per tensor would add a second
+rounding (on 3072-wide random weights, relative error 0.037 against 0.026 for either scheme alone). A user's per-row
+file (BFL fp8r) in the real profile's slot is still re-quantized that way (amax / 448). A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
 (`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0. A layer
 ComfyUI runs in full precision (`full_precision_matrix_mult` in its ComfyUI config, or every layer of a legacy file
 whose `scaled_fp8` marker has two elements; `fp8_scaled.keep_full_precision_marks`) keeps its fp8 weight and, each
@@ -34,7 +36,8 @@ import comfy_kitchen
 from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout
 
 from fluxgate.precisions.fp8_scaled import FORMAT as FP8R
-from fluxgate.precisions.spec import DTYPE, FULL_PRECISION_KEY, FastGemm, PrecisionFormat, swap_layers
+from fluxgate.precisions.spec import (DTYPE, FULL_PRECISION_KEY, FastGemm, PrecisionFormat, StateDict, require_finite,
+                                     safetensors_writer, swap_layers)
 
 LAYOUT = "TensorCoreFP8Layout"  # comfy-kitchen's registered name of its per-tensor FP8 layout
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -119,5 +122,22 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-FORMAT = PrecisionFormat(transform=to_comfy, quantized_layer=ComfyFP8Linear, unavailable=unavailable,
+def per_tensor_fp8r_tensors(prefix: str, weight: torch.Tensor) -> StateDict:
+    """One linear as a ComfyUI fp8 file holds it, quantized once from `weight` `[N, K]` by comfy-kitchen
+    (`TensorCoreFP8Layout.quantize` with `scale="recalculate"`, what ComfyUI's `set_weight` does: one fp32 scale per
+    tensor, amax / 448, e4m3 values), in diffusers' fp8r layout as `weights.layouts` reads a ComfyUI file (the scale
+    repeated per row: e4m3 `weight` `[N, K]`, fp32 `weight_scale` `[N]`). Raises FixtureError for NaN or infinite
+    values."""
+    require_finite(f"{prefix}.weight", weight)
+    _comfyui_backends()
+    qdata, params = TensorCoreFP8Layout.quantize(weight, scale="recalculate")
+    scale = params.scale.float().reshape(()).expand(weight.shape[0]).contiguous()
+    return {f"{prefix}.weight": qdata, f"{prefix}.weight_scale": scale}
+
+
+# Its own file in the generated profiles (`BackendSpec.own_file`): ComfyUI's per-tensor numbers, loaded by diffusers'
+# BFL fp8r loader like the fp8-scaled file, then swapped for ComfyFP8Linear (which keeps them exactly).
+FORMAT = PrecisionFormat(write=safetensors_writer(per_tensor_fp8r_tensors), layout=per_tensor_fp8r_tensors,
+                         quantization_config=FP8R.quantization_config, transform=to_comfy,
+                         quantized_layer=ComfyFP8Linear, unavailable=unavailable,
                          fast_gemm=FastGemm(FP8_TENSORWISE_GEMM, lambda name: name in GEMM_OPS))

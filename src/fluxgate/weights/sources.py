@@ -43,7 +43,8 @@ class Source(Protocol):
 def load_denoiser(source: Source, combo: Combo, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The combo's denoiser from `source`, in the combo's precision, and its origin. A file format comes from the source
     as it is; a load-then-transform backend (`PrecisionSpec.file_precision`; a combo's non-default backend is one) loads
-    that precision's denoiser and then applies its format's `transform` (the origin says so). Raises SkipCombo when
+    that precision's denoiser and then applies its format's `transform` (the origin says so); a backend with its own
+    file (`BackendSpec.own_file`) loads that file from the source, then its `transform`. Raises SkipCombo when
     the precision's (or backend's) Python package is missing or its format says this device cannot run it (the reason
     names the package or the device), and what the source raises."""
     from dataclasses import replace
@@ -58,13 +59,17 @@ def load_denoiser(source: Source, combo: Combo, device: torch.device) -> tuple[t
     if reason:
         raise SkipCombo(f"{combo.id}: {what} cannot run on {device}: {reason}")
     if spec.file_precision is None:
-        return source.transformer(combo, device)
-    # the file's precision by its own default backend (itself a file format or a load-then-transform one)
-    denoiser, origin = load_denoiser(source, replace(combo, precision=spec.file_precision, backend=""), device)
+        denoiser, origin = source.transformer(combo, device)
+        if spec.transform is None:
+            return denoiser, origin
+        loaded = f"its own {spec.name} file"  # a backend with its own file (`BackendSpec.own_file`)
+    else:  # the file's precision by its own default backend (itself a file format or a load-then-transform one)
+        denoiser, origin = load_denoiser(source, replace(combo, precision=spec.file_precision, backend=""), device)
+        loaded = spec.file_precision
     transformed = spec.transform(denoiser)
     denoiser = denoiser if transformed is None else transformed
     name = combo.variant.removesuffix(combo.runtime_spec.suffix)
-    return denoiser, {**origin, "transform": f"{spec.file_precision} -> {name} ({spec.format})"}
+    return denoiser, {**origin, "transform": f"{loaded} -> {name} ({spec.format})"}
 
 
 def for_profile(profile: str, cache_dir: Path, seed: int, models_file: Path) -> Source:

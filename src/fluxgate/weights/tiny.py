@@ -135,7 +135,7 @@ def ensure(model: ModelSpec, precision: PrecisionSpec, seed: int, cache_dir: Pat
     if precision.name == "bf16":
         return Checkpoint(source, folder, source_sha, source_reused)
 
-    path = folder / f"transformer-{precision.name}{precision.suffix}"
+    path = folder / f"transformer-{precision.file_name or precision.name}{precision.suffix}"
     sha = _cached(path)
     if sha is not None:
         return Checkpoint(path, folder, sha, True)
