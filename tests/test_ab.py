@@ -195,6 +195,25 @@ def test_time_outside_the_loop_is_judged_on_the_whole_image_at_the_model_s_steps
         assert result.image_verdict.message.startswith("image SLOW: candidate/base image time")
 
 
+def test_a_slowdown_on_one_case_is_slow_by_case_from_the_cases_the_workers_name():
+    """Each side's worker names the case its image made (block k: case k % 4 on both sides); a candidate 8 % slower
+    on one of four cases (+2 % on the mean) is SLOW with the cases weighted alike, where the blocks alone read the
+    case-to-case spread as noise."""
+    made = {"base": 0, "candidate": 0}
+
+    def image(side: str) -> dict:
+        case = made[side] % 4
+        made[side] += 1
+        wobble = (1.0, 1.0004, 0.9996)[made[side] % 3]
+        step = 0.1 * wobble * (1.08 if side == "candidate" and case == 0 else 1.0)
+        return {"first_steps_s": [step], "step_times_s": [step] * 5, "peak_mem_gib": 2.0, "png": None,
+                "case": f"case{case}"}
+
+    result = interleave.run_blocks("m[bf16]", image, paired.PairedPolicy(), budget_s=1e9)
+    assert result.verdict.outcome == paired.SLOW and "4 cases weighted alike" in result.verdict.message, \
+        result.verdict.message
+
+
 def test_memory_and_similarity_regressions_fail_the_same_pairs():
     pair = interleave.Pair(("base", "candidate"), {}, {}, 1.0, 1.2, 0.90)
     verdict = paired.PairedVerdict(paired.SAME, 1.0, 0.99, 1.01, 3, "SAME")

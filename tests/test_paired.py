@@ -171,14 +171,20 @@ def test_a_host_synchronous_combo_is_judged_at_its_own_wider_effect():
 
 def _shaped(shape: str, steps: int, step_s: float, effect: float) -> list[float]:
     """One candidate image's steps after its first with a slowdown of mean `effect` in `shape`: every step alike, a
-    stall on every fifth step, a sync every other step."""
+    stall on every fifth step, a sync every other step, a drift from none to twice the effect across the image (a
+    clock that sags as the GPU heats), the second half of the steps only."""
     if shape == "constant":
         return [step_s * (1 + effect)] * steps
+    if shape == "drift across the image":
+        return [step_s * (1 + 2 * effect * k / (steps - 1)) for k in range(steps)]
+    if shape == "second half only":
+        return [step_s * (1 + 2 * effect) if k >= steps // 2 else step_s for k in range(steps)]
     every = 5 if shape == "stall every 5th step" else 2
     return [step_s * (1 + every * effect) if k % every == every - 1 else step_s for k in range(steps)]
 
 
-@pytest.mark.parametrize("shape", ["constant", "stall every 5th step", "sync every other step"])
+@pytest.mark.parametrize("shape", ["constant", "stall every 5th step", "sync every other step",
+                                   "drift across the image", "second half only"])
 def test_slowdowns_that_are_not_a_constant_shift_come_out_slow(shape):
     """+2 % of the steps' time in any shape is SLOW, with each side's disturbed blocks (a stall spreads the
     candidate's steps) set aside as a live run sets them aside: a pattern that keeps to the candidate's side is
@@ -197,6 +203,45 @@ def test_slowdowns_that_are_not_a_constant_shift_come_out_slow(shape):
         slow += verdict.outcome == SLOW
         assert verdict.outcome != SAME, (seed, verdict.message)
     assert slow >= 38
+
+
+def _by_case(effects: list[float], seed: int, noise: float = 0.001):
+    """A sequential comparison whose block k makes case k % len(effects) on both sides, that case slowed by its own
+    effect, as `interleave.run_blocks` passes the case: its verdict."""
+    from fluxgate.judging.paired import Blocks
+
+    rng, blocks, verdict = random.Random(seed), Blocks(PairedPolicy()), None
+    while verdict is None:
+        case = len(blocks.ratios) % len(effects)
+        blocks.add((1 + effects[case]) * math.exp(rng.gauss(0.0, noise)), None, f"case{case}")
+        verdict = blocks.judge()
+    return verdict
+
+
+def test_a_slowdown_on_one_case_of_four_is_slow_by_case_where_the_blocks_interval_stays_unknown():
+    """A step cache that skips fewer steps for one prompt: +8 % on one case of four, +2 % on the mean. The blocks'
+    interval reads the case-to-case spread as noise (UNKNOWN at 20 blocks); each case weighted alike, it is SLOW."""
+    verdicts = [_by_case([0.08, 0.0, 0.0, 0.0], seed) for seed in range(40)]
+    assert all(v.outcome == SLOW and "4 cases weighted alike" in v.message for v in verdicts), \
+        [v.message for v in verdicts if v.outcome != SLOW][:2]
+    assert max(v.blocks for v in verdicts) <= 12
+    without_cases = [_sequential_blocks([0.08, 0.0, 0.0, 0.0], seed) for seed in range(10)]
+    assert all(v.outcome == UNKNOWN for v in without_cases)
+
+
+def _sequential_blocks(effects: list[float], seed: int, noise: float = 0.001):
+    rng, ratios = random.Random(seed), []
+    while True:
+        ratios.append((1 + effects[len(ratios) % len(effects)]) * math.exp(rng.gauss(0.0, noise)))
+        verdict = judge(ratios, PairedPolicy())
+        if verdict is not None:
+            return verdict
+
+
+def test_cases_that_sit_apart_on_identical_trees_make_no_alarm_by_case():
+    """An A/A run whose cases carry steady offsets of their own (+-0.4 %, mean 0) is never SLOW or FAST by case."""
+    outcomes = {_by_case([0.004, -0.004, 0.003, -0.003], seed).outcome for seed in range(40)}
+    assert outcomes <= {SAME, UNKNOWN}, outcomes
 
 
 # --- a second load of both sides -----------------------------------------------------------------------------------

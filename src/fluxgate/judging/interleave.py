@@ -147,9 +147,9 @@ def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPo
         image_ratio = seconds[1] / seconds[0] if None not in seconds and seconds[0] > 0 else None
         similar = ms_ssim(images[CANDIDATE], images[BASE]) if images[BASE] and images[CANDIDATE] else None
         disturbed = paired.disturbance(base["step_times_s"], candidate["step_times_s"], policy)
-        judged = blocks.add(ratio, disturbed)
+        judged = blocks.add(ratio, disturbed, candidate.get("case"))  # the case both sides made (by-case interval)
         if image_ratio is not None:  # a block without e2e_s counts for the steps only
-            whole.add(image_ratio, disturbed)
+            whole.add(image_ratio, disturbed, candidate.get("case"))
         pairs.append(Pair(order, base, candidate, ratio, candidate["peak_mem_gib"] / base["peak_mem_gib"], similar,
                           None if judged else str(disturbed), image_ratio))
         now = clock()

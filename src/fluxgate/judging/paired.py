@@ -20,6 +20,13 @@ so that up to `max_blocks` looks keep the overall error small — and
 
 Until `min_blocks` blocks, or while no outcome is clear, `judge` returns None: measure another block.
 
+Block k makes the same case (prompt) on both sides, cycling through the combo's cases, so a slowdown that comes on
+some cases only (a step cache that skips fewer steps for some prompts) gives the blocks a spread by case that the
+blocks' interval reads as noise: +8 % on one case of four is +2 % on the mean, and stays UNKNOWN there at 20 blocks.
+Where the blocks' interval says neither SLOW nor FAST, the same rules are applied to the **by-case** interval (each
+case's mean log ratio weighted alike, its variance from the blocks within each case: `by_case_interval`), once every
+case made has 2+ blocks; SAME is decided on the blocks alone.
+
 A **load** (both sides' pipelines built and placed on the device once) carries a side bias of its own, steady over all
 its blocks, which one load's interval cannot see: SLOW and FAST verdicts with a shift under `confirm_below` are judged
 again on a second load of both sides and stand only if it agrees (`confirm`).
@@ -182,18 +189,24 @@ class Blocks:
     ratios: list[float] = field(default_factory=list)
     set_aside: list[tuple[float, Disturbance]] = field(default_factory=list)
     restored: bool = False
+    strata: list = field(default_factory=list)  # the case each judged block made (None: not known), as `ratios`
+    set_aside_strata: list = field(default_factory=list)
 
-    def add(self, ratio: float, disturbed: Disturbance | None = None) -> bool:
-        """Take one block; False when it is set aside (disturbed, room left), True when it is judged (with every block
-        set aside before it, when this one makes them lopsided)."""
+    def add(self, ratio: float, disturbed: Disturbance | None = None, stratum=None) -> bool:
+        """Take one block (`stratum`: the case it made, for `judge`'s by-case interval; None: not known); False when it
+        is set aside (disturbed, room left), True when it is judged (with every block set aside before it, when this
+        one makes them lopsided)."""
         if not disturbed or self.restored or len(self.set_aside) >= self.policy.max_disturbed:
             self.ratios.append(ratio)
+            self.strata.append(stratum)
             return True
         self.set_aside.append((ratio, disturbed))
+        self.set_aside_strata.append(stratum)
         sides = [d.side for _, d in self.set_aside]
         if abs(sides.count("base") - sides.count("candidate")) >= self.policy.lopsided:
             self.restored = True
             self.ratios.extend(r for r, _ in self.set_aside)
+            self.strata.extend(self.set_aside_strata)
             return True
         return False
 
@@ -202,10 +215,11 @@ class Blocks:
         included, to say SAME as well. Setting blocks aside may keep a burst from making SLOW or FAST or from hiding
         a slowdown, but never turns blocks that are unclear (or SLOW, or FAST) with them into SAME: until more blocks
         settle it this answers None, and UNKNOWN when no more can be measured (`out_of_budget` or `max_blocks`)."""
-        verdict = judge(self.ratios, self.policy, out_of_budget)
+        verdict = judge(self.ratios, self.policy, out_of_budget, self.strata)
         if verdict is None or verdict.outcome != SAME or not self.set_aside or self.restored:
             return verdict
-        every = judge(self.ratios + [ratio for ratio, _ in self.set_aside], self.policy, out_of_budget=True)
+        every = judge(self.ratios + [ratio for ratio, _ in self.set_aside], self.policy, out_of_budget=True,
+                      strata=self.strata + self.set_aside_strata)
         if every.outcome == SAME:
             return verdict
         if len(self.ratios) < self.policy.max_blocks and not out_of_budget:
@@ -245,10 +259,34 @@ def interval(ratios: Sequence[float], confidence: float) -> tuple[float, float, 
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of_budget: bool = False
-          ) -> PairedVerdict | None:
+def by_case_interval(ratios: Sequence[float], strata: Sequence, confidence: float
+                     ) -> tuple[float, float, float, int] | None:
+    """(geometric mean, low, high, cases) of the ratios with each case (`strata`: the case each block made) weighted
+    alike: the mean over cases of each case's mean log ratio, its variance the sum of each case's variance of its
+    mean over the number of cases squared, a Student-t interval at n - cases degrees of freedom. None unless every
+    block's case is known, 2+ cases were made and each of them holds 2+ blocks (a case left out would move the
+    mean)."""
+    if len(strata) != len(ratios) or any(stratum is None for stratum in strata):
+        return None
+    groups: dict = {}
+    for ratio, stratum in zip(ratios, strata):
+        groups.setdefault(stratum, []).append(math.log(ratio))
+    n = len(ratios)
+    if len(groups) < 2 or any(len(logs) < 2 for logs in groups.values()):
+        return None
+    mean = statistics.fmean(statistics.fmean(logs) for logs in groups.values())
+    variance = sum(statistics.variance(logs) / len(logs) for logs in groups.values()) / len(groups) ** 2
+    half = t_quantile(confidence, n - len(groups)) * math.sqrt(variance)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(groups)
+
+
+def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of_budget: bool = False,
+          strata: Sequence | None = None) -> PairedVerdict | None:
     """The verdict after these blocks' ratios, or None when another block should be measured. `out_of_budget`: no
-    more blocks can be measured (time budget spent), so an unclear comparison is UNKNOWN now."""
+    more blocks can be measured (time budget spent), so an unclear comparison is UNKNOWN now. `strata` (the case
+    each block made): where the blocks' interval alone says neither SLOW nor FAST, the by-case interval
+    (`by_case_interval`) may: a slowdown that comes on some cases only (a step cache that skips fewer steps on some
+    prompts) spreads the blocks case by case, while each case keeps to its own ratio."""
     n = len(ratios)
     if n < max(2, policy.min_blocks):
         if out_of_budget:
@@ -262,6 +300,16 @@ def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of
         return PairedVerdict(SLOW, ratio, low, high, n, f"SLOW: {shown}")
     if high < 1 and ratio <= 1 - policy.min_effect:
         return PairedVerdict(FAST, ratio, low, high, n, f"FAST: {shown}")
+    by_case = by_case_interval(ratios, strata, policy.confidence) if strata is not None else None
+    if by_case is not None:
+        case_ratio, case_low, case_high, cases = by_case
+        case_shown = (f"candidate/base step time {case_ratio:.4f} ({case_ratio - 1:+.2%}) with {cases} cases weighted "
+                      f"alike, {policy.confidence:.1%} interval {case_low:.4f}-{case_high:.4f}, {n} blocks; over the "
+                      f"blocks {ratio:.4f}, interval {low:.4f}-{high:.4f} (the cases differ)")
+        if case_low > 1 and case_ratio >= 1 + policy.min_effect:
+            return PairedVerdict(SLOW, case_ratio, case_low, case_high, n, f"SLOW: {case_shown}")
+        if case_high < 1 and case_ratio <= 1 - policy.min_effect:
+            return PairedVerdict(FAST, case_ratio, case_low, case_high, n, f"FAST: {case_shown}")
     if low > 1 - policy.equivalence and high < 1 + policy.equivalence:
         return PairedVerdict(SAME, ratio, low, high, n, f"SAME: {shown} (inside ±{policy.equivalence:.1%})")
     if n < policy.max_blocks and not out_of_budget:
