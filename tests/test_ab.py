@@ -594,17 +594,18 @@ torch.set_num_threads(1)
 from pathlib import Path
 inputs = Inputs.from_file(defaults.input_file("prompts", Path(sys.argv[2])))
 found = {}
-for shape in ("steps", "stall2", "first", "decode"):
+for shape in ("steps", "stall2", "first", "decode", "case1"):
     os.environ.update(FLUXGATE_SLOW_COMBO="flux1-dev[bf16]", FLUXGATE_SLOW_FRACTION="3", FLUXGATE_SLOW_SHAPE=shape)
     sys.modules.pop("slow_combo", None)
-    runner.Runner.loaded, measure._StepClock.step_end = ORIGINAL = globals().get("ORIGINAL") or (
-        runner.Runner.loaded, measure._StepClock.step_end)
+    runner.Runner.loaded, measure._StepClock.step_end, runner.Loaded.images = ORIGINAL = globals().get("ORIGINAL") or (
+        runner.Runner.loaded, measure._StepClock.step_end, runner.Loaded.images)
     injector = importlib.import_module("slow_combo")
     run = Runner("tiny", torch.device("cpu"), TinySource(Path(sys.argv[1]), inputs.seed), inputs)
     with run.loaded(Combo("flux1-dev", "bf16")) as held:
         result = held.images(2)
     found[shape] = {"first_steps_s": result.first_steps_s, "step_times_s": result.step_times_s, "e2e_s": result.e2e_s,
-                    "delay_s": 3 * injector.state["first_step_s"], "model_steps": injector.state["model_steps"]}
+                    "delay_s": 3 * injector.state["first_step_s"], "model_steps": injector.state["model_steps"],
+                    "cases": len(held.cases)}
 print(json.dumps(found))
 """
 
@@ -612,8 +613,9 @@ print(json.dumps(found))
 def test_each_injected_shape_lands_where_it_says(cache):
     """The injector's shapes on the tiny profile, a delay of 3x the loop's estimate: `steps` on every step after the
     first, `stall2` on every second step (twice as much), `first` on each image's first step only (the whole loop's
-    worth, the calibrating first image's too), `decode` outside the loop (its steps untouched). Lower
-    bounds, and upper bounds of 3x a step: a sleep lasts at least its time."""
+    worth, the calibrating first image's too), `decode` outside the loop (its steps untouched), `case1` on the steps
+    of the second case's image only (cases times as much). Lower bounds, and upper bounds of 3x a step: a sleep
+    lasts at least its time."""
     done = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, str(cache), str(ROOT)], capture_output=True,
                           text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
                           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests" / "injectors")])})
@@ -628,6 +630,10 @@ def test_each_injected_shape_lands_where_it_says(cache):
             per_image = len(steps) // 2
             slowed = [steps[i * per_image + k] for i in range(2) for k in range(per_image) if (k + 2) % 2 == 0]
             assert slowed and all(s >= 2 * got["delay_s"] for s in slowed), (shape, got)
+        elif shape == "case1":  # images of cases 0 and 1: the second one's steps only, by cases x the delay
+            steps, per_image = got["step_times_s"], len(got["step_times_s"]) // 2
+            assert all(s >= got["cases"] * got["delay_s"] for s in steps[per_image:]), (shape, got)
+            assert all(s < got["delay_s"] for s in steps[:per_image]), (shape, got)
         elif shape == "first":
             # the combo's first timed image's first step calibrates as it ends, and is slowed, as each one after is
             assert all(loop_s <= first for first in got["first_steps_s"]), (shape, got)
@@ -749,9 +755,12 @@ def test_inject_slow_takes_a_list_each_combo_once_and_the_card_finds_each_combos
     from fluxgate.showing import ab_card
 
     options = ab._options(["--base-tree", ".", "--inject-slow",
-                           "flux1-dev[bf16]:0.02:stall5, flux2-dev[fp8-scaled]:0.03:host"])
-    assert options.inject_slow == [("flux1-dev[bf16]", 0.02, "stall5"), ("flux2-dev[fp8-scaled]", 0.03, "host")]
+                           "flux1-dev[bf16]:0.02:stall5, flux2-dev[fp8-scaled]:0.03:host, "
+                           "z-image-turbo[bf16]:0.02:case2"])
+    assert options.inject_slow == [("flux1-dev[bf16]", 0.02, "stall5"), ("flux2-dev[fp8-scaled]", 0.03, "host"),
+                                   ("z-image-turbo[bf16]", 0.02, "case2")]
     for bad in ("flux1-dev[bf16]:0.02,flux1-dev[bf16]:0.03", "*:0.02,flux1-dev[bf16]:0.02", "flux1-dev[bf16]:0.02:odd",
+                "flux1-dev[bf16]:0.02:case", "flux1-dev[bf16]:0.02:case01", "flux1-dev[bf16]:0.02:stall1",
                 "flux1-dev[bf16]", "flux1-dev[bf16]:0.02,", "flux1-dev[bf16]:nan", "flux1-dev[bf16]:-1"):
         with pytest.raises(SystemExit):
             ab._options(["--base-tree", ".", "--inject-slow", bad])

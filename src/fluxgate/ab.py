@@ -84,7 +84,8 @@ from fluxgate.judging.interleave import BASE, CANDIDATE
 from fluxgate.showing.text import counted
 
 DEFAULT_BUDGET_S = 600.0
-INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK: tests/injectors/slow_combo.py
+INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK, caseN: tests/injectors/slow_combo.py
+INJECTED_PATTERNS = r"stall([2-9]|[1-9][0-9]+)|case(0|[1-9][0-9]*)"
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
 SHARED = ("models", "precisions", "runtimes", "backends", "device", "profile", "prompts", "models_file",
           "fixture_cache", "steps", "model_steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
@@ -173,8 +174,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE][,...]",
                         help="tests: slow COMBO (`*`: every combo) on the candidate side by FRACTION of its denoising "
                              "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), host (host "
-                             "time per step), first (each image's first step), decode (the VAE decode); a comma-"
-                             "separated list slows several combos, each its own way (the candidate tree's "
+                             "time per step), first (each image's first step), decode (the VAE decode), caseN "
+                             "(every step of the N-th case's images only, 0-based: a slowdown on some prompts); a "
+                             "comma-separated list slows several combos, each its own way (the candidate tree's "
                              "tests/injectors/slow_combo.py)")
     options = parser.parse_args(argv)
     options.baselines_dir = Path(options.baselines_dir).resolve() if options.baselines_dir else \
@@ -249,9 +251,9 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
         if len(fields) not in (2, 3):
             raise ValueError(f"--inject-slow {part!r}: want COMBO:FRACTION[:SHAPE]")
         combo, fraction, shape = (fields + ["steps"])[:3]
-        if not (shape in INJECTED_SHAPES or re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape)):
+        if not (shape in INJECTED_SHAPES or re.fullmatch(INJECTED_PATTERNS, shape)):
             raise ValueError(f"--inject-slow {part!r}: SHAPE {shape!r} is none of {', '.join(INJECTED_SHAPES)}, "
-                             "stallK (K >= 2)")
+                             "stallK (K >= 2), caseN (N >= 0)")
         if not (0 <= float(fraction) < 10):  # also refuses nan
             raise ValueError(f"--inject-slow {part!r}: FRACTION {fraction} is not a fraction of the loop (0 to 10)")
         plan.append((combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape))

@@ -16,7 +16,10 @@ a sleep; "host" busy-waits on the host on both):
 - `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict),
   from the combo's first image on (its first step, ending, calibrates the combo: one wait for the device, so on CUDA
   that image's second step starts on an empty queue: a few launch latencies on one candidate step of the combo);
-- `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict).
+- `decode`: each image's VAE decode, by the fraction of the whole loop: time outside the loop (the image verdict);
+- `caseN` (e.g. `case0`): every step of the images of the combo's N-th case (0-based, the fixture's order) only, by
+  the number of cases times the fraction: a slowdown on some prompts (a step cache that skips fewer steps for them),
+  the same mean over a cycle of the cases. Images made several cases to a call count through them in order.
 
 FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over the three above: several combos, each
 with its own fraction and shape (`fluxgate ab --inject-slow` with a comma-separated list).
@@ -40,9 +43,11 @@ SHAPES = ("steps", "host", "first", "decode")
 
 
 def _entry(fraction, shape: str) -> tuple[float, str, int]:
-    if shape not in SHAPES and not (shape.startswith("stall") and shape[5:].isdigit() and int(shape[5:]) >= 2):
-        raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)} or stallK (K >= 2)")
-    return float(fraction), shape, int(shape[5:]) if shape.startswith("stall") else 1
+    stall = shape.startswith("stall") and shape[5:].isdigit() and int(shape[5:]) >= 2
+    case = shape.startswith("case") and shape[4:].isdigit()
+    if shape not in SHAPES and not stall and not case:
+        raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)}, stallK (K >= 2) or caseN")
+    return float(fraction), shape, int(shape[5:]) if stall else int(shape[4:]) if case else 1
 
 
 # combo id (or "*") -> (fraction, shape, every K-th step). FLUXGATE_SLOW_PLAN (JSON, {combo: [fraction, shape]}):
@@ -54,8 +59,9 @@ else:
     PLAN = {os.environ["FLUXGATE_SLOW_COMBO"]: _entry(os.environ.get("FLUXGATE_SLOW_FRACTION", "0"),
                                                       os.environ.get("FLUXGATE_SLOW_SHAPE", "steps"))}
 state = {"active": False, "first_step_s": None, "calibrated_for": None, "model_steps": 1, "step": 0,
-         "fraction": 0.0, "shape": "steps", "every": 1}
+         "fraction": 0.0, "shape": "steps", "every": 1, "cases": None, "image": -1}
 original_loaded, original_step_end = runner.Runner.loaded, measure._StepClock.step_end
+original_images = runner.Loaded.images
 
 
 class _Slowed:
@@ -88,6 +94,17 @@ class _Slowed:
 
 def loaded(self, combo):
     return _Slowed(original_loaded(self, combo), combo, combo.model_spec.settings(self.profile).steps)
+
+
+def images(self, count: int = 1, steps=None, first: int = 0):
+    """`Loaded.images`, telling `step_end` which case each image of the call makes (the `caseN` shape): numbers of
+    the fixture's cases, in order from `first`; warm-up images (made outside it) are no case."""
+    state["cases"] = [((first + index) % len(self.cases), len(self.cases)) for index in range(count)]
+    state["image"] = -1
+    try:
+        return original_images(self, count, steps, first)
+    finally:
+        state["cases"] = None
 
 
 def _spin(seconds: float, cuda: bool, host: bool = False) -> None:
@@ -159,9 +176,15 @@ def step_end(self, *args):
         elif shape == "first":
             if step == 1:  # every image's first step (its end event comes after the spin), the first one's too
                 _spin(fraction * (step_s or _first_step_now(self)) * state["model_steps"], self.cuda)
+        elif shape.startswith("case"):
+            if step == 1:
+                state["image"] += 1
+            cases = state["cases"]
+            if step >= 2 and cases and state["image"] < len(cases) and cases[state["image"]][0] == every:
+                _spin(cases[state["image"]][1] * fraction * step_s, self.cuda)
         elif step >= 2 and step % every == 0:
             _spin(every * fraction * step_s, self.cuda, host=shape == "host")
     return original_step_end(self, *args)
 
 
-runner.Runner.loaded, measure._StepClock.step_end = loaded, step_end
+runner.Runner.loaded, measure._StepClock.step_end, runner.Loaded.images = loaded, step_end, images
