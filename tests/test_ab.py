@@ -204,14 +204,15 @@ def test_a_slowdown_on_one_case_is_slow_by_case_from_the_cases_the_workers_name(
     def image(side: str) -> dict:
         case = made[side] % 4
         made[side] += 1
-        wobble = (1.0, 1.0004, 0.9996)[made[side] % 3]
+        wobble = (1.0, 1.0004, 0.9996, 1.0002, 0.9998)[sum(made.values()) % 5]  # each side's images their own
         step = 0.1 * wobble * (1.08 if side == "candidate" and case == 0 else 1.0)
         return {"first_steps_s": [step], "step_times_s": [step] * 5, "peak_mem_gib": 2.0, "png": None,
                 "case": f"case{case}"}
 
-    result = interleave.run_blocks("m[bf16]", image, paired.PairedPolicy(), budget_s=1e9)
+    result = interleave.run_blocks("m[bf16]", image, paired.PairedPolicy(), budget_s=1e9, cases=4)
     assert result.verdict.outcome == paired.SLOW and "4 cases weighted alike" in result.verdict.message, \
         result.verdict.message
+    assert result.verdict.by_case == 4
 
 
 def test_memory_and_similarity_regressions_fail_the_same_pairs():

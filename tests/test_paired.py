@@ -210,7 +210,7 @@ def _by_case(effects: list[float], seed: int, noise: float = 0.001):
     effect, as `interleave.run_blocks` passes the case: its verdict."""
     from fluxgate.judging.paired import Blocks
 
-    rng, blocks, verdict = random.Random(seed), Blocks(PairedPolicy()), None
+    rng, blocks, verdict = random.Random(seed), Blocks(PairedPolicy(), cases=len(effects)), None
     while verdict is None:
         case = len(blocks.ratios) % len(effects)
         blocks.add((1 + effects[case]) * math.exp(rng.gauss(0.0, noise)), None, f"case{case}")
@@ -236,6 +236,38 @@ def _sequential_blocks(effects: list[float], seed: int, noise: float = 0.001):
         verdict = judge(ratios, PairedPolicy())
         if verdict is not None:
             return verdict
+
+
+@pytest.mark.parametrize("slowed", [1, 2, 3])
+def test_no_same_before_every_case_was_made(slowed):
+    """With four cases a SAME after three blocks would not have seen the fourth: a slowdown there must not pass."""
+    effects = [0.0, 0.0, 0.0, 0.0]
+    effects[slowed] = 0.08
+    for seed in range(40):
+        verdict = _by_case(effects, seed, noise=0.0003)
+        assert verdict.outcome != SAME, verdict.message
+
+
+def test_the_by_case_interval_holds_its_confidence_when_cases_differ_in_spread_and_count():
+    """Welch-Satterthwaite degrees of freedom: one case ten times noisier than the others, or 3/3/2/2 blocks, and a
+    99 % interval still misses 1 in about 100 (with n - cases it missed 8.5 % for the noisy case)."""
+    from fluxgate.judging.paired import by_case_interval
+
+    def misses(noises, counts, simulations=2000):
+        rng, missed = random.Random(1), 0
+        for _ in range(simulations):
+            ratios, strata = [], []
+            for case, (noise, count) in enumerate(zip(noises, counts)):
+                ratios += [math.exp(rng.gauss(0.0, noise)) for _ in range(count)]
+                strata += [case] * count
+            _, low, high, _ = by_case_interval(ratios, strata, 0.99)
+            missed += not low <= 1 <= high
+        return missed / simulations
+
+    assert misses([0.01, 0.001, 0.001, 0.001], [2, 2, 2, 2]) < 0.025
+    assert misses([0.001] * 4, [3, 3, 2, 2]) < 0.02
+    assert by_case_interval([1.01, 1.01, 1.0, 1.0], ["a", "a", "b", "b"], 0.99) is None  # no spread within a case
+    assert by_case_interval([1.01, 1.02, 1.0, 1.001], ["a", "a", "b", "b"], 0.99, cases=3) is None  # one not made
 
 
 def test_cases_that_sit_apart_on_identical_trees_make_no_alarm_by_case():

@@ -96,7 +96,7 @@ def measure_combo(combo, sides: dict[str, Side], policy, budget_s: float, limits
         def blocks(seconds: float, number: int = 0) -> interleave.ComboResult:
             return interleave.run_blocks(combo.id, image, policy, seconds, limits, alternating_loads=alternating,
                                          on_block=_progress(combo.id, number), image_steps=image_steps,
-                                         reserve_s=lambda: judging_s[0])
+                                         reserve_s=lambda: judging_s[0], cases=len(cycle) if cycle else None)
 
         result = blocks(budget_s)
         if interleave.needs_second_load(result, policy) and not alternating:  # alternating: every image a new load

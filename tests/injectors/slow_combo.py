@@ -21,8 +21,9 @@ a sleep; "host" busy-waits on the host on both):
   the number of cases times the fraction: a slowdown on some prompts (a step cache that skips fewer steps for them),
   the same mean over a cycle of the cases. Images made several cases to a call count through them in order.
 
-FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over the three above: several combos, each
-with its own fraction and shape (`fluxgate ab --inject-slow` with a comma-separated list).
+FLUXGATE_SLOW_PLAN (JSON `{"flux1-dev[bf16]": [0.02, "stall5"], ...}`), over FLUXGATE_SLOW_COMBO and its FRACTION
+and SHAPE: several combos, each with its own fraction and shape (`fluxgate ab --inject-slow` with a comma-separated
+list). A `caseN` beyond the combo's cases is a ValueError when its images are made.
 
 FLUXGATE_SLOW_MARK: a file created when the combo's first slowed step starts (a test that interrupts the combo
 mid-measurement waits for it).
@@ -30,6 +31,7 @@ mid-measurement waits for it).
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -43,14 +45,14 @@ SHAPES = ("steps", "host", "first", "decode")
 
 
 def _entry(fraction, shape: str) -> tuple[float, str, int]:
-    stall = shape.startswith("stall") and shape[5:].isdigit() and int(shape[5:]) >= 2
-    case = shape.startswith("case") and shape[4:].isdigit()
+    stall = re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape) is not None
+    case = re.fullmatch(r"case(0|[1-9][0-9]*)", shape) is not None
     if shape not in SHAPES and not stall and not case:
         raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)}, stallK (K >= 2) or caseN")
     return float(fraction), shape, int(shape[5:]) if stall else int(shape[4:]) if case else 1
 
 
-# combo id (or "*") -> (fraction, shape, every K-th step). FLUXGATE_SLOW_PLAN (JSON, {combo: [fraction, shape]}):
+# combo id (or "*") -> (fraction, shape, every K-th step or the case N). FLUXGATE_SLOW_PLAN (JSON, {combo: [fraction, shape]}):
 # several combos, each its own shape (one A/B run carrying every shape); else FLUXGATE_SLOW_COMBO with the
 # FRACTION and SHAPE above.
 if os.environ.get("FLUXGATE_SLOW_PLAN"):
@@ -99,6 +101,10 @@ def loaded(self, combo):
 def images(self, count: int = 1, steps=None, first: int = 0):
     """`Loaded.images`, telling `step_end` which case each image of the call makes (the `caseN` shape): numbers of
     the fixture's cases, in order from `first`; warm-up images (made outside it) are no case."""
+    shape = state["shape"] if state["active"] else ""
+    if shape.startswith("case") and state["every"] >= len(self.cases):
+        raise ValueError(f"slow_combo shape {shape}: {self.combo.id} has {len(self.cases)} cases (0 to "
+                         f"{len(self.cases) - 1})")
     state["cases"] = [((first + index) % len(self.cases), len(self.cases)) for index in range(count)]
     state["image"] = -1
     try:

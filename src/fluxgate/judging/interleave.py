@@ -124,16 +124,19 @@ def ms_ssim(candidate: dict, base: dict) -> float | None:
 def run_blocks(combo: str, image: Callable[[str], dict], policy: paired.PairedPolicy, budget_s: float,
                limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
                alternating_loads: bool = False, on_block: Callable[[int, Pair, float], None] | None = None,
-               image_steps: int | None = None, reserve_s: Callable[[], float] = lambda: 0.0) -> ComboResult:
+               image_steps: int | None = None, reserve_s: Callable[[], float] = lambda: 0.0,
+               cases: int | None = None) -> ComboResult:
     """Blocks until `paired.judge` decides on both the steps and the whole image (`image_s` at `image_steps`, the
     model's own steps; None: the steps each image made): SAME/SLOW/FAST when clear, UNKNOWN at `policy.max_blocks`
     judged blocks or when the next block would end past `budget_s` seconds from the start (estimated from the slowest
-    block so far; `reserve_s()`: seconds of the budget kept for what follows the blocks). Disturbed blocks (`paired.disturbance`) are set aside, up to
+    block so far; `reserve_s()`: seconds of the budget kept for what follows the blocks; `cases`: how many cases the
+    blocks cycle through, each answer naming its `case`, for the by-case interval and no SAME before every case was
+    made, `paired.judge`). Disturbed blocks (`paired.disturbance`) are set aside, up to
     the policy's `max_disturbed` and unless they keep to one side (`paired.Blocks`), for both verdicts alike; the
     verdict's message says how many. `on_block(number, pair, seconds so far)` is called after each block (progress).
     Propagates what `image` raises."""
     started, pairs, slowest = clock(), [], 0.0
-    blocks, whole = paired.Blocks(policy), paired.Blocks(policy)
+    blocks, whole = paired.Blocks(policy, cases=cases), paired.Blocks(policy, cases=cases)
     images: dict = {}
     verdict = image_verdict = None  # each kept once decided: more blocks for the other never undo it
     while True:

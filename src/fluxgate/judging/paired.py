@@ -25,7 +25,8 @@ some cases only (a step cache that skips fewer steps for some prompts) gives the
 blocks' interval reads as noise: +8 % on one case of four is +2 % on the mean, and stays UNKNOWN there at 20 blocks.
 Where the blocks' interval says neither SLOW nor FAST, the same rules are applied to the **by-case** interval (each
 case's mean log ratio weighted alike, its variance from the blocks within each case: `by_case_interval`), once every
-case made has 2+ blocks; SAME is decided on the blocks alone.
+case made has 2+ blocks; SAME is decided on the blocks alone, and (where the number of cases is known) only once
+every case was made: a slowdown may sit on the one not made yet.
 
 A **load** (both sides' pipelines built and placed on the device once) carries a side bias of its own, steady over all
 its blocks, which one load's interval cannot see: SLOW and FAST verdicts with a shift under `confirm_below` are judged
@@ -126,6 +127,7 @@ class PairedVerdict:
     high: float
     blocks: int
     message: str
+    by_case: int = 0  # the number of cases weighted alike when the by-case interval decided it, else 0
 
 
 def block_ratio(base_step_times_s: Sequence[float], candidate_step_times_s: Sequence[float],
@@ -191,6 +193,7 @@ class Blocks:
     restored: bool = False
     strata: list = field(default_factory=list)  # the case each judged block made (None: not known), as `ratios`
     set_aside_strata: list = field(default_factory=list)
+    cases: int | None = None  # how many cases the blocks cycle through (None: not known)
 
     def add(self, ratio: float, disturbed: Disturbance | None = None, stratum=None) -> bool:
         """Take one block (`stratum`: the case it made, for `judge`'s by-case interval; None: not known); False when it
@@ -215,11 +218,11 @@ class Blocks:
         included, to say SAME as well. Setting blocks aside may keep a burst from making SLOW or FAST or from hiding
         a slowdown, but never turns blocks that are unclear (or SLOW, or FAST) with them into SAME: until more blocks
         settle it this answers None, and UNKNOWN when no more can be measured (`out_of_budget` or `max_blocks`)."""
-        verdict = judge(self.ratios, self.policy, out_of_budget, self.strata)
+        verdict = judge(self.ratios, self.policy, out_of_budget, self.strata, self.cases)
         if verdict is None or verdict.outcome != SAME or not self.set_aside or self.restored:
             return verdict
         every = judge(self.ratios + [ratio for ratio, _ in self.set_aside], self.policy, out_of_budget=True,
-                      strata=self.strata + self.set_aside_strata)
+                      strata=self.strata + self.set_aside_strata, cases=self.cases)
         if every.outcome == SAME:
             return verdict
         if len(self.ratios) < self.policy.max_blocks and not out_of_budget:
@@ -259,34 +262,38 @@ def interval(ratios: Sequence[float], confidence: float) -> tuple[float, float, 
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def by_case_interval(ratios: Sequence[float], strata: Sequence, confidence: float
+def by_case_interval(ratios: Sequence[float], strata: Sequence, confidence: float, cases: int | None = None
                      ) -> tuple[float, float, float, int] | None:
     """(geometric mean, low, high, cases) of the ratios with each case (`strata`: the case each block made) weighted
     alike: the mean over cases of each case's mean log ratio, its variance the sum of each case's variance of its
-    mean over the number of cases squared, a Student-t interval at n - cases degrees of freedom. None unless every
-    block's case is known, 2+ cases were made and each of them holds 2+ blocks (a case left out would move the
-    mean)."""
+    mean over the number of cases squared, a Student-t interval at the Welch-Satterthwaite degrees of freedom (the
+    cases' spreads and block counts may differ). None unless every block's case is known, 2+ cases were made (all
+    `cases` of them, where given) and each holds 2+ blocks (a case left out would move the mean), and the blocks
+    within the cases vary at all."""
     if len(strata) != len(ratios) or any(stratum is None for stratum in strata):
         return None
     groups: dict = {}
     for ratio, stratum in zip(ratios, strata):
         groups.setdefault(stratum, []).append(math.log(ratio))
-    n = len(ratios)
-    if len(groups) < 2 or any(len(logs) < 2 for logs in groups.values()):
+    if len(groups) < max(2, cases or 0) or any(len(logs) < 2 for logs in groups.values()):
         return None
     mean = statistics.fmean(statistics.fmean(logs) for logs in groups.values())
-    variance = sum(statistics.variance(logs) / len(logs) for logs in groups.values()) / len(groups) ** 2
-    half = t_quantile(confidence, n - len(groups)) * math.sqrt(variance)
+    parts = [statistics.variance(logs) / len(logs) for logs in groups.values()]  # each case mean's variance
+    if sum(parts) <= 0:
+        return None
+    df = sum(parts) ** 2 / sum(part ** 2 / (len(logs) - 1) for part, logs in zip(parts, groups.values()))
+    half = t_quantile(confidence, max(1, int(df))) * math.sqrt(sum(parts)) / len(groups)
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(groups)
 
 
 def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of_budget: bool = False,
-          strata: Sequence | None = None) -> PairedVerdict | None:
+          strata: Sequence | None = None, cases: int | None = None) -> PairedVerdict | None:
     """The verdict after these blocks' ratios, or None when another block should be measured. `out_of_budget`: no
     more blocks can be measured (time budget spent), so an unclear comparison is UNKNOWN now. `strata` (the case
     each block made): where the blocks' interval alone says neither SLOW nor FAST, the by-case interval
     (`by_case_interval`) may: a slowdown that comes on some cases only (a step cache that skips fewer steps on some
-    prompts) spreads the blocks case by case, while each case keeps to its own ratio."""
+    prompts) spreads the blocks case by case, while each case keeps to its own ratio. `cases` (how many the blocks
+    cycle through): no SAME before each of them was made, since a slowdown may sit on the one not made yet."""
     n = len(ratios)
     if n < max(2, policy.min_blocks):
         if out_of_budget:
@@ -300,17 +307,18 @@ def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of
         return PairedVerdict(SLOW, ratio, low, high, n, f"SLOW: {shown}")
     if high < 1 and ratio <= 1 - policy.min_effect:
         return PairedVerdict(FAST, ratio, low, high, n, f"FAST: {shown}")
-    by_case = by_case_interval(ratios, strata, policy.confidence) if strata is not None else None
+    by_case = by_case_interval(ratios, strata, policy.confidence, cases) if strata is not None else None
     if by_case is not None:
         case_ratio, case_low, case_high, cases = by_case
         case_shown = (f"candidate/base step time {case_ratio:.4f} ({case_ratio - 1:+.2%}) with {cases} cases weighted "
                       f"alike, {policy.confidence:.1%} interval {case_low:.4f}-{case_high:.4f}, {n} blocks; over the "
                       f"blocks {ratio:.4f}, interval {low:.4f}-{high:.4f} (the cases differ)")
         if case_low > 1 and case_ratio >= 1 + policy.min_effect:
-            return PairedVerdict(SLOW, case_ratio, case_low, case_high, n, f"SLOW: {case_shown}")
+            return PairedVerdict(SLOW, case_ratio, case_low, case_high, n, f"SLOW: {case_shown}", cases)
         if case_high < 1 and case_ratio <= 1 - policy.min_effect:
-            return PairedVerdict(FAST, case_ratio, case_low, case_high, n, f"FAST: {case_shown}")
-    if low > 1 - policy.equivalence and high < 1 + policy.equivalence:
+            return PairedVerdict(FAST, case_ratio, case_low, case_high, n, f"FAST: {case_shown}", cases)
+    every_case = not cases or strata is None or len({stratum for stratum in strata if stratum is not None}) >= cases
+    if every_case and low > 1 - policy.equivalence and high < 1 + policy.equivalence:
         return PairedVerdict(SAME, ratio, low, high, n, f"SAME: {shown} (inside ±{policy.equivalence:.1%})")
     if n < policy.max_blocks and not out_of_budget:
         return None
@@ -336,8 +344,8 @@ def confirm(first: PairedVerdict, second: PairedVerdict | None, policy: PairedPo
     if second is None:
         return replace(first, message=f"{first.message}; not confirmed on a second load (none was made)")
     shift = f"{second.ratio - 1:+.2%}" if math.isfinite(second.ratio) else "no ratio"
-    loads = (f"first load {first.ratio - 1:+.2%} ({first.outcome}, {first.blocks} blocks), second load "
-             f"{shift} ({second.outcome}, {second.blocks} blocks)")
+    loads = (f"first load {first.ratio - 1:+.2%} ({first.outcome}{_by(first)}, {first.blocks} blocks), second load "
+             f"{shift} ({second.outcome}{_by(second)}, {second.blocks} blocks)")
     if second.outcome == first.outcome:
         kept = min((first, second), key=lambda verdict: abs(verdict.ratio - 1))
         return replace(kept, blocks=first.blocks + second.blocks,
@@ -350,6 +358,12 @@ def confirm(first: PairedVerdict, second: PairedVerdict | None, policy: PairedPo
                          f"UNKNOWN: candidate/base {measure} {ratio:.4f} ({ratio - 1:+.2%}) over two loads of both "
                          f"sides: {loads}; a shift under {policy.confirm_below:.1%} that one load shows and another "
                          "does not is the side bias a load can carry")
+
+
+def _by(verdict: PairedVerdict) -> str:
+    """` by case, N cases` for a verdict the by-case interval decided (its ratio weights the cases alike), else
+    empty."""
+    return f" by case, {verdict.by_case} cases" if verdict.by_case else ""
 
 
 def _settles(ratios: Sequence[float], policy: PairedPolicy) -> str:
