@@ -334,7 +334,11 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
              "the share of the simulated comparisons (the mean blocks they judged). Each simulated comparison is a "
              "live run on one recorded load (its side bias and spread); recorded runs cannot show a spread they did "
              f"not have, and rows whose longest run is under {policy.max_blocks} blocks are marked: their later "
-             "draws repeat blocks; runs too short to draw from are named in the row.", ""]
+             "draws repeat blocks; runs too short to draw from are named in the row. The resampled blocks carry no "
+             "case, so the rule's by-case part is not in these figures (a SLOW or FAST from the by-case interval "
+             "where the blocks' one is unclear; no SAME before every case was made, a fourth block for Z-Image's "
+             "four cases); replayed block by block over the recorded loads it changed no SLOW or FAST "
+             "(docs/methodology.md).", ""]
     if measured:
         alarms = statistics.fmean(card.false_alarms for card in measured)
         worst = max(measured, key=lambda card: card.false_alarms)
