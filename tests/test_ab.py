@@ -638,7 +638,8 @@ def test_each_injected_shape_lands_where_it_says(cache):
         elif shape == "first":
             # the combo's first timed image's first step calibrates as it ends, and is slowed, as each one after is
             assert all(loop_s <= first for first in got["first_steps_s"]), (shape, got)
-            assert sum(got["step_times_s"]) < loop_s, (shape, got)
+            assert max(got["step_times_s"]) < loop_s, (shape, got)  # no later step carries the delay (a sum of
+            # the steps was over it once on a busy 2-core machine: each step took twice the calibrating first)
         else:
             assert got["e2e_s"] >= loop_s + sum(got["step_times_s"]) / 2, (shape, got)
             assert max(got["first_steps_s"] + got["step_times_s"]) < loop_s, (shape, got)
