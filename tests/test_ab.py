@@ -99,6 +99,18 @@ def test_the_slow_combo_injector_on_the_candidate_side_is_slow_for_that_combo_on
     assert failed == {"flux1-dev[bf16]": "passed", "flux1-dev[nvfp4]": "failed"}
 
 
+@pytest.mark.timing
+def test_a_slowdown_on_one_case_is_slow_by_case_end_to_end(tmp_path, cache):
+    """The live chain: the injector slows the second of the tiny FLUX.1's three cases only (`case1`), each side's
+    worker names the case it made, `fluxgate ab` passes how many cases the blocks cycle through, and the by-case
+    interval calls it: the blocks alone swing between the slowed case and the others."""
+    done = run_ab("--base-tree", str(ROOT), "--precisions", "bf16", "--inject-slow", "flux1-dev[bf16]:1.5:case1",
+                  *TINY, *ROOM, history=tmp_path, cache=cache)
+    assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    (record,) = runs(tmp_path)["candidate"]["records"]
+    assert record["ab"]["outcome"] == "SLOW" and "3 cases weighted alike" in record["ab"]["message"], record["ab"]
+
+
 @pytest.mark.parametrize("base, expected", [(["--base-tree", "no-such-tree"], "base side: "),
                                             (["--base", "no-such-ref"], "base side: --base 'no-such-ref' names no "
                                                                         "commit of the repository at ")])
