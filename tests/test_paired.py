@@ -350,3 +350,35 @@ def test_a_second_load_stops_load_bias_alarms_and_keeps_two_percent_slow():
     two = sum(comparison(0.0, True).outcome in (SLOW, FAST) for _ in range(400))
     assert one >= 8 and two <= 1, (one, two)
     assert all(comparison(0.02, True).outcome == SLOW for _ in range(200))
+
+
+def test_the_by_case_rule_changes_no_slow_or_fast_of_the_recorded_gpu_runs():
+    """docs/methodology.md's replay, kept: every recorded GPU A/B load of 3+ blocks and 2+ cases (baselines/*/runs),
+    judged block by block as recorded, with each block's case (block number mod the combo's cases) and without: the
+    SLOW and FAST verdicts are the same ones."""
+    import json
+    from pathlib import Path
+
+    from fluxgate.judging.paired import host_synchronous
+
+    def sequential(ratios, policy, cases=None):
+        for n in range(1, len(ratios) + 1):
+            strata = [k % cases for k in range(n)] if cases else None
+            verdict = judge(ratios[:n], policy, n == len(ratios), strata, cases)
+            if verdict is not None:
+                return verdict
+
+    replayed = 0
+    for path in sorted(Path(__file__).parents[1].glob("baselines/nvidia-*/runs/*-candidate.json")):
+        for record in json.loads(path.read_text())["records"]:
+            ab, cases = record.get("ab") or {}, len((record.get("settings") or {}).get("cases") or [])
+            ratios = [r for r in ab.get("ratios") or [] if isinstance(r, float) and r > 0]
+            if len(ratios) < 3 or cases < 2:
+                continue
+            policy = host_synchronous(PairedPolicy()) if ab.get("host_synchronous") else PairedPolicy()
+            plain, by_case = sequential(ratios, policy), sequential(ratios, policy, cases)
+            replayed += 1
+            decided = {plain.outcome, by_case.outcome} & {SLOW, FAST}
+            assert not decided or plain.outcome == by_case.outcome, (path.name, record["combo"], plain.message,
+                                                                     by_case.message)
+    assert replayed >= 100
