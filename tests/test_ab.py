@@ -591,7 +591,8 @@ def test_an_unknown_injected_shape_is_one_error_line(capsys):
     with pytest.raises(SystemExit) as stopped:
         ab.main(["--base-tree", str(ROOT), "--inject-slow", "flux1-dev[bf16]:0.02:wobble"])
     assert stopped.value.code == 2
-    assert "SHAPE 'wobble' is none of steps, host, first, decode, stallK (K >= 2)" in capsys.readouterr().err
+    assert ("SHAPE 'wobble' is none of steps, host, first, decode, stallK or rstallK (K >= 2), caseN (N >= 0)"
+            in capsys.readouterr().err)
 
 
 SHAPES_SCRIPT = r"""
@@ -607,7 +608,7 @@ torch.set_num_threads(1)
 from pathlib import Path
 inputs = Inputs.from_file(defaults.input_file("prompts", Path(sys.argv[2])))
 found = {}
-for shape in ("steps", "stall2", "first", "decode", "case1"):
+for shape in ("steps", "stall2", "first", "decode", "case1", "rstall2"):
     os.environ.update(FLUXGATE_SLOW_COMBO="flux1-dev[bf16]", FLUXGATE_SLOW_FRACTION="3", FLUXGATE_SLOW_SHAPE=shape)
     sys.modules.pop("slow_combo", None)
     runner.Runner.loaded, measure._StepClock.step_end, runner.Loaded.images = ORIGINAL = globals().get("ORIGINAL") or (
@@ -627,8 +628,8 @@ def test_each_injected_shape_lands_where_it_says(cache):
     """The injector's shapes on the tiny profile, a delay of 3x the loop's estimate: `steps` on every step after the
     first, `stall2` on every second step (twice as much), `first` on each image's first step only (the whole loop's
     worth, the calibrating first image's too), `decode` outside the loop (its steps untouched), `case1` on the steps
-    of the second case's image only (cases times as much). Lower bounds, and upper bounds of 3x a step: a sleep
-    lasts at least its time."""
+    of the second case's image only (cases times as much), `rstall2` on some steps and not others (twice as much).
+    Lower bounds, and upper bounds of 3x a step: a sleep lasts at least its time."""
     done = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, str(cache), str(ROOT)], capture_output=True,
                           text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
                           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests" / "injectors")])})
@@ -643,6 +644,9 @@ def test_each_injected_shape_lands_where_it_says(cache):
             per_image = len(steps) // 2
             slowed = [steps[i * per_image + k] for i in range(2) for k in range(per_image) if (k + 2) % 2 == 0]
             assert slowed and all(s >= 2 * got["delay_s"] for s in slowed), (shape, got)
+        elif shape == "rstall2":  # each step after the first with probability 1/2, by 2 x the delay (seeded)
+            steps = got["step_times_s"]
+            assert any(s >= 2 * got["delay_s"] for s in steps) and any(s < got["delay_s"] for s in steps), (shape, got)
         elif shape == "case1":  # images of cases 0 and 1: the second one's steps only, by cases x the delay
             steps, per_image = got["step_times_s"], len(got["step_times_s"]) // 2
             assert all(s >= got["cases"] * got["delay_s"] for s in steps[per_image:]), (shape, got)
@@ -770,11 +774,13 @@ def test_inject_slow_takes_a_list_each_combo_once_and_the_card_finds_each_combos
 
     options = ab._options(["--base-tree", ".", "--inject-slow",
                            "flux1-dev[bf16]:0.02:stall5, flux2-dev[fp8-scaled]:0.03:host, "
-                           "z-image-turbo[bf16]:0.02:case2"])
+                           "z-image-turbo[bf16]:0.02:case2, flux1-kontext-dev[bf16]:0.02:rstall10"])
     assert options.inject_slow == [("flux1-dev[bf16]", 0.02, "stall5"), ("flux2-dev[fp8-scaled]", 0.03, "host"),
-                                   ("z-image-turbo[bf16]", 0.02, "case2")]
+                                   ("z-image-turbo[bf16]", 0.02, "case2"),
+                                   ("flux1-kontext-dev[bf16]", 0.02, "rstall10")]
     for bad in ("flux1-dev[bf16]:0.02,flux1-dev[bf16]:0.03", "*:0.02,flux1-dev[bf16]:0.02", "flux1-dev[bf16]:0.02:odd",
                 "flux1-dev[bf16]:0.02:case", "flux1-dev[bf16]:0.02:case01", "flux1-dev[bf16]:0.02:stall1",
+                "flux1-dev[bf16]:0.02:rstall1", "flux1-dev[bf16]:0.02:rstall",
                 "flux1-dev[bf16]", "flux1-dev[bf16]:0.02,", "flux1-dev[bf16]:nan", "flux1-dev[bf16]:-1"):
         with pytest.raises(SystemExit):
             ab._options(["--base-tree", ".", "--inject-slow", bad])

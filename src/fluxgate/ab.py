@@ -85,7 +85,7 @@ from fluxgate.showing.text import counted
 
 DEFAULT_BUDGET_S = 600.0
 INJECTED_SHAPES = ("steps", "host", "first", "decode")  # and stallK, caseN: tests/injectors/slow_combo.py
-INJECTED_PATTERNS = r"stall([2-9]|[1-9][0-9]+)|case(0|[1-9][0-9]*)"
+INJECTED_PATTERNS = r"r?stall([2-9]|[1-9][0-9]+)|case(0|[1-9][0-9]*)"
 # Options whose meaning is the pytest run's (`fluxgate.options`), with the defaults and help an A/B run gives them.
 SHARED = ("models", "precisions", "runtimes", "backends", "device", "profile", "prompts", "models_file",
           "fixture_cache", "steps", "model_steps", "warmup_steps", "cpu_threads", "history_dir", "baselines_dir")
@@ -173,7 +173,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
                         help="also write the result as markdown here (the PR comment's A/B section)")
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE][,...]",
                         help="tests: slow COMBO (`*`: every combo) on the candidate side by FRACTION of its denoising "
-                             "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), host (host "
+                             "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), rstallK "
+                             "(each step with probability 1/K), host (host "
                              "time per step), first (each image's first step), decode (the VAE decode), caseN "
                              "(every step of the N-th case's images only, 0-based: a slowdown on some prompts); a "
                              "comma-separated list slows several combos, each its own way (the candidate tree's "
@@ -253,7 +254,7 @@ def _injections(text: str) -> list[tuple[str, float, str]]:
         combo, fraction, shape = (fields + ["steps"])[:3]
         if not (shape in INJECTED_SHAPES or re.fullmatch(INJECTED_PATTERNS, shape)):
             raise ValueError(f"--inject-slow {part!r}: SHAPE {shape!r} is none of {', '.join(INJECTED_SHAPES)}, "
-                             "stallK (K >= 2), caseN (N >= 0)")
+                             "stallK or rstallK (K >= 2), caseN (N >= 0)")
         if not (0 <= float(fraction) < 10):  # also refuses nan
             raise ValueError(f"--inject-slow {part!r}: FRACTION {fraction} is not a fraction of the loop (0 to 10)")
         plan.append((combo if combo == "*" else matrix.Combo.parse(combo).id, float(fraction), shape))

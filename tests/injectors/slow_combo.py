@@ -11,6 +11,8 @@ a sleep; "host" busy-waits on the host on both):
 
 - `steps` (default): every step, by the fraction of a step: a constant shift;
 - `stallK` (e.g. `stall5`): every K-th step of each image, by K times that: a periodic stall or sync;
+- `rstallK` (e.g. `rstall10`): each step with probability 1/K (a generator seeded by the combo id: the same stalls on
+  every run), by K times that: a stall at random, as a collector or an allocator makes one;
 - `host`: every step, on the host before the step's end is marked: added host time, which only a host-bound combo
   (its GPU waits for launches) shows; a GPU-bound one hides it behind its queue;
 - `first`: each image's first step, by the fraction of the whole loop: a new warm-up cost (the A/B's image verdict),
@@ -31,6 +33,7 @@ mid-measurement waits for it).
 
 import json
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -45,16 +48,17 @@ SHAPES = ("steps", "host", "first", "decode")
 
 
 def _entry(fraction, shape: str) -> tuple[float, str, int]:
-    stall = re.fullmatch(r"stall([2-9]|[1-9][0-9]+)", shape) is not None
-    case = re.fullmatch(r"case(0|[1-9][0-9]*)", shape) is not None
+    stall = re.fullmatch(r"r?stall([2-9]|[1-9][0-9]+)", shape)
+    case = re.fullmatch(r"case(0|[1-9][0-9]*)", shape)
     if shape not in SHAPES and not stall and not case:
-        raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)}, stallK (K >= 2) or caseN")
-    return float(fraction), shape, int(shape[5:]) if stall else int(shape[4:]) if case else 1
+        raise ValueError(f"slow_combo shape {shape!r}: want one of {', '.join(SHAPES)}, stallK or rstallK (K >= 2) "
+                         "or caseN")
+    return float(fraction), shape, int((stall or case).group(1)) if stall or case else 1
 
 
-# combo id (or "*") -> (fraction, shape, every K-th step or the case N). FLUXGATE_SLOW_PLAN (JSON, {combo: [fraction, shape]}):
-# several combos, each its own shape (one A/B run carrying every shape); else FLUXGATE_SLOW_COMBO with the
-# FRACTION and SHAPE above.
+# combo id (or "*") -> (fraction, shape, K of stallK / rstallK or N of caseN, else 1). FLUXGATE_SLOW_PLAN (JSON,
+# {combo: [fraction, shape]}): several combos, each its own shape (one A/B run carrying every shape); else
+# FLUXGATE_SLOW_COMBO with the FRACTION and SHAPE above.
 if os.environ.get("FLUXGATE_SLOW_PLAN"):
     PLAN = {combo: _entry(*entry) for combo, entry in json.loads(os.environ["FLUXGATE_SLOW_PLAN"]).items()}
 else:
@@ -169,6 +173,13 @@ def _slow_decode(vae) -> None:
     vae.decode = slowed
 
 
+def _random() -> random.Random:
+    """The `rstallK` shape's generator, seeded by the combo id (the same stalls on every run of it)."""
+    if state.get("random_for") != state["calibrated_for"]:
+        state["random"], state["random_for"] = random.Random(str(state["calibrated_for"])), state["calibrated_for"]
+    return state["random"]
+
+
 def step_end(self, *args):
     step = len(self.marks)  # the number of the step ending now (the loop's start is the first mark)
     if state["active"]:
@@ -182,6 +193,9 @@ def step_end(self, *args):
         elif shape == "first":
             if step == 1:  # every image's first step (its end event comes after the spin), the first one's too
                 _spin(fraction * (step_s or _first_step_now(self)) * state["model_steps"], self.cuda)
+        elif shape.startswith("rstall"):
+            if step >= 2 and _random().random() < 1 / every:
+                _spin(every * fraction * step_s, self.cuda, host=False)
         elif shape.startswith("case"):
             if step == 1:
                 state["image"] += 1

@@ -380,6 +380,7 @@ def markdown(cards: list[AbComboCard], gpu_class: str, policy: paired.PairedPoli
                   "A/B runs on the GPU with the candidate slowed by the stated fraction of its denoising loop "
                   "(estimated from its first step) in the stated shape (`--inject-slow`, "
                   "tests/injectors/slow_combo.py: steps = a GPU-side delay on every step, stallK = on every K-th step, "
+                  "rstallK = on each step with probability 1/K, "
                   "host = host time on every step, first = on each image's first step, decode = in the VAE decode, "
                   "caseN = on every step of the N-th case's images only), "
                   "judged live by the same rule: the check of the resampled detection above (which stretches every "
