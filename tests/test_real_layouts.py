@@ -379,13 +379,15 @@ def test_the_comfy_backend_runs_comfyuis_fp8_layouts_inside_the_8bit_tier(root, 
 
 def _full_precision(root: Path, name: str, tensors: dict, metadata: dict | None = None) -> set[str]:
     """The layers `formats.full_precision_layers` finds in the file these tensors make (identify counts as many)."""
-    from fluxgate.weights.formats import full_precision_layers
+    from fluxgate.weights.formats import comfy_layer_configs, full_precision_layers
     from fluxgate.weights.headers import read_safetensors_header
     from fluxgate.weights.identify import identify
 
     path = S.write_safetensors(root / f"{name}.safetensors", tensors, metadata)
     found = identify(path)
-    layers = full_precision_layers(path, *read_safetensors_header(path), found.prefix)
+    header, metadata = read_safetensors_header(path)
+    configs, _ = comfy_layer_configs(path, header, metadata, found.prefix)
+    layers = full_precision_layers(configs, header, metadata, found.prefix)
     assert found.full_precision_layers == len(layers)
     return layers
 

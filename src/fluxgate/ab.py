@@ -174,8 +174,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inject-slow", metavar="COMBO:FRACTION[:SHAPE][,...]",
                         help="tests: slow COMBO (`*`: every combo) on the candidate side by FRACTION of its denoising "
                              "loop, in SHAPE: steps (every step, the default), stallK (every K-th step), rstallK "
-                             "(each step with probability 1/K), host (host "
-                             "time per step), first (each image's first step), decode (the VAE decode), caseN "
+                             "(each step with probability 1/K), host (host time per step), first (each image's "
+                             "first step), decode (the VAE decode), caseN "
                              "(every step of the N-th case's images only, 0-based: a slowdown on some prompts); a "
                              "comma-separated list slows several combos, each its own way (the candidate tree's "
                              "tests/injectors/slow_combo.py)")

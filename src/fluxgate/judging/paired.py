@@ -309,14 +309,14 @@ def judge(ratios: Sequence[float], policy: PairedPolicy = PairedPolicy(), out_of
         return PairedVerdict(FAST, ratio, low, high, n, f"FAST: {shown}")
     by_case = by_case_interval(ratios, strata, policy.confidence, cases) if strata is not None else None
     if by_case is not None:
-        case_ratio, case_low, case_high, cases = by_case
-        case_shown = (f"candidate/base step time {case_ratio:.4f} ({case_ratio - 1:+.2%}) with {cases} cases weighted "
-                      f"alike, {policy.confidence:.1%} interval {case_low:.4f}-{case_high:.4f}, {n} blocks; over the "
-                      f"blocks {ratio:.4f}, interval {low:.4f}-{high:.4f} (the cases differ)")
+        case_ratio, case_low, case_high, weighted = by_case
+        case_shown = (f"candidate/base step time {case_ratio:.4f} ({case_ratio - 1:+.2%}) with {weighted} cases "
+                      f"weighted alike, {policy.confidence:.1%} interval {case_low:.4f}-{case_high:.4f}, {n} blocks; "
+                      f"over the blocks {ratio:.4f}, interval {low:.4f}-{high:.4f} (the cases differ)")
         if case_low > 1 and case_ratio >= 1 + policy.min_effect:
-            return PairedVerdict(SLOW, case_ratio, case_low, case_high, n, f"SLOW: {case_shown}", cases)
+            return PairedVerdict(SLOW, case_ratio, case_low, case_high, n, f"SLOW: {case_shown}", weighted)
         if case_high < 1 and case_ratio <= 1 - policy.min_effect:
-            return PairedVerdict(FAST, case_ratio, case_low, case_high, n, f"FAST: {case_shown}", cases)
+            return PairedVerdict(FAST, case_ratio, case_low, case_high, n, f"FAST: {case_shown}", weighted)
     every_case = not cases or strata is None or len({stratum for stratum in strata if stratum is not None}) >= cases
     if every_case and low > 1 - policy.equivalence and high < 1 + policy.equivalence:
         return PairedVerdict(SAME, ratio, low, high, n, f"SAME: {shown} (inside ±{policy.equivalence:.1%})")

@@ -171,14 +171,14 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     fast_gemms = [form.fast_gemm for form in formats if form.fast_gemm is not None]
     quantized = [module for module in transformer.modules() if any(form.quantized(module) for form in formats)]
     full_precision = [module for module in quantized if getattr(module, "runs_full_precision", False)]
+    promised = [module for module in quantized if module not in full_precision]  # a fast GEMM is asked of these
     quantized_calls = 0
 
     def count_call(module, args):
         nonlocal quantized_calls
         quantized_calls += 1
 
-    handles = [module.register_forward_pre_hook(count_call) for module in quantized
-               if not getattr(module, "runs_full_precision", False)]
+    handles = [module.register_forward_pre_hook(count_call) for module in promised]
     try:
         cpu_ops, kernels, method, syncs = _profiled_counts(transformer, calls, device)
     finally:
@@ -193,7 +193,7 @@ def kernel_path(pipe, call_kwargs: dict, precision_name: str, *,
     # (FlashInfer's FP4 GEMM where it is no torch op).
     fast_calls = {gemm.label: sum(c for n, c in op_counts.items() if gemm.matches(n))
                   or sum(c for n, c in gemm_kernels.items() if gemm.matches(n)) for gemm in fast_gemms}
-    label, fallback = _classify(precision_name, len(quantized) - len(full_precision), quantized_calls, fast_calls)
+    label, fallback = _classify(precision_name, len(promised), quantized_calls, fast_calls)
     if full_precision:
         label = (f"{BF16_GEMM} ({len(full_precision)} quantized linears dequantized as the file asks: "
                  f"{FULL_PRECISION_KEY})" if len(full_precision) == len(quantized) else

@@ -15,8 +15,9 @@ Here the file is loaded as `fp8-scaled` (diffusers' `BFLFP8RLinear`: fp8 weight,
 backend its own such file (`per_tensor_fp8r_tensors`, quantized once from bf16 by comfy-kitchen, as ComfyUI's users'
 files are), not the per-row fp8-scaled one: re-quantizing per-row numbers to one scale per tensor would add a second
 rounding (on 3072-wide random weights, relative error 0.037 against 0.026 for either scheme alone). A user's per-row
-file (BFL fp8r) in the real profile's slot is still re-quantized that way (amax / 448). A file's static `input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer
-(`fp8_scaled.keep_fp8r_input_scales`) and quantizes the inputs here, as in ComfyUI; without one it is 1.0. A layer
+file (BFL fp8r) in the real profile's slot is still re-quantized that way (amax / 448). A file's static
+`input_scale` (ComfyUI's, or legacy `scale_input`) reaches the loaded layer (`fp8_scaled.keep_fp8r_input_scales`)
+and quantizes the inputs here, as in ComfyUI; without one it is 1.0. A layer
 ComfyUI runs in full precision (`full_precision_matrix_mult` in its ComfyUI config, or every layer of a legacy file
 whose `scaled_fp8` marker has two elements; `fp8_scaled.keep_full_precision_marks`) keeps its fp8 weight and, each
 call, dequantizes it to bf16 for a bf16 GEMM (ComfyUI's `forward_comfy_cast_weights`): its inputs are not quantized,

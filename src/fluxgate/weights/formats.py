@@ -37,7 +37,12 @@ def comfy_layers(path: Path, header: dict, metadata: dict, prefix: str) -> tuple
     may carry the prefix (or another of PREFIXES) or not. Raises FixtureError naming the file for a marker that is not
     ComfyUI's JSON, and for markers that name no tensor of the file (its layers could not be told from ModelOpt's)."""
     configs, marked_by = comfy_layer_configs(path, header, metadata, prefix)
-    return {layer: str(conf.get("format")) for layer, conf in configs.items()}, marked_by
+    return layer_formats(configs), marked_by
+
+
+def layer_formats(configs: dict[str, dict]) -> dict[str, str]:
+    """{layer: format} of the layer configs `comfy_layer_configs` reads."""
+    return {layer: str(conf.get("format")) for layer, conf in configs.items()}
 
 
 def comfy_layer_configs(path: Path, header: dict, metadata: dict, prefix: str) -> tuple[dict[str, dict], str]:
@@ -100,15 +105,14 @@ def _layer_config(path: Path, name: str, conf) -> dict:
     return {**conf, "full_precision_matrix_mult": bool(flag)}
 
 
-def full_precision_layers(path: Path, header: dict, metadata: dict, prefix: str) -> set[str]:
+def full_precision_layers(configs: dict[str, dict], header: dict, metadata: dict, prefix: str) -> set[str]:
     """The model's e4m3 linears ComfyUI runs in full precision (the weight dequantized to the compute dtype, a bf16
     GEMM; comfy/ops.py `mixed_precision_ops.Linear.forward` -> `forward_comfy_cast_weights`), names without `prefix`.
     As comfy/utils.py `convert_old_quants` decides it: in a legacy file (a `scaled_fp8` marker, no
     `_quantization_metadata`) every `scale_weight` layer is full precision when the marker has two elements and is
     not when it has any other count, whatever a `comfy_quant` tensor of that layer says; elsewhere each layer whose
     ComfyUI config says `full_precision_matrix_mult`. Layers whose weight is not e4m3 are left out (ComfyUI runs
-    nothing quantized there). Raises FixtureError as `comfy_layer_configs`."""
-    configs, _ = comfy_layer_configs(path, header, metadata, prefix)
+    nothing quantized there). `configs`: the file's layer configs (`comfy_layer_configs`, read once by the caller)."""
     found = {layer for layer, conf in configs.items() if conf.get("full_precision_matrix_mult")}
     if "_quantization_metadata" not in metadata and f"{prefix}scaled_fp8" in header:
         legacy = {key[len(prefix):].removesuffix(".scale_weight") for key in header

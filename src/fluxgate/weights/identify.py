@@ -53,8 +53,9 @@ from fluxgate.weights.headers import (
 from fluxgate.weights.formats import (
     PREFIXES,
     COMFY_FORMATS,
-    comfy_layers,
+    comfy_layer_configs,
     fp8_scales,
+    layer_formats,
     full_precision_layers,
     legacy_full_precision,
     foreign_quantization,
@@ -185,7 +186,8 @@ def _safetensors(path: Path) -> Identity:
 
     def identity(precision, layout, detail=""):
         left_out = f"{ignored} tensors outside '{prefix}' (VAE, text encoders) left out" if ignored else ""
-        full = full_precision_layers(path, header, metadata, prefix) if precision == "fp8-scaled" else set()
+        # every fp8-scaled answer comes after `configs` is read below
+        full = full_precision_layers(configs, header, metadata, prefix) if precision == "fp8-scaled" else set()
         why = "two-element scaled_fp8" if legacy_full_precision(header, metadata, prefix) else \
             "full_precision_matrix_mult"
         dequantized = f"{len(full)} layers full precision ({why}): ComfyUI runs them dequantized, a bf16 GEMM" \
@@ -197,7 +199,8 @@ def _safetensors(path: Path) -> Identity:
     foreign = foreign_quantization(model, metadata)
     if foreign:
         return identity(None, *foreign)
-    layers, marked_by = comfy_layers(path, header, metadata, prefix)
+    configs, marked_by = comfy_layer_configs(path, header, metadata, prefix)
+    layers = layer_formats(configs)
     if layers:
         formats = Counter(layers.values())
         if len(formats) == 1 and next(iter(formats)) in COMFY_FORMATS:

@@ -43,7 +43,7 @@ import torch
 
 from fluxgate.errors import FixtureError
 from fluxgate.weights.headers import read_safetensors_header
-from fluxgate.weights.formats import comfy_layers, full_precision_layers
+from fluxgate.weights.formats import comfy_layer_configs, comfy_layers, full_precision_layers
 from fluxgate.weights.identify import Identity
 from fluxgate.precisions.spec import FULL_PRECISION_KEY, FULL_PRECISION_MARK, static_activation_scale
 
@@ -213,7 +213,8 @@ def _adapted(identity: Identity, path: Path) -> tuple[dict, str]:
         changes += notes
     if identity.layout in SCALED_FP8:
         header, metadata = read_safetensors_header(path)
-        full = full_precision_layers(path, header, metadata, identity.prefix)
+        configs, _ = comfy_layer_configs(path, header, metadata, identity.prefix)
+        full = full_precision_layers(configs, header, metadata, identity.prefix)
         state_dict, count = fp8_scales_to_fp8r(state_dict, path, full)
         changes.append(f"{identity.layout} -> fp8r: {count} scales as per-row weight_scale")
         if full:
